@@ -1,0 +1,91 @@
+"""Apply: swap modules according to a plan, and the helpers that depend on the swapped model.
+
+`sparsify_(model, plan)` replaces each planned projection by `RSparseLinear.from_linear` (or the
+MLP activation by `ThresholdedActivation` for CATS) in place; nothing else in the model changes.
+`dense_view(model)` temporarily swaps every sparse module back to its dense twin (same weight
+storage): the decode protocol prefills prompts through it. `measure_sparsity` counts the kept
+channels the plan really gets on some text: the realised model-level byte sparsity.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import RSparseError
+from .families import get_act, locate, set_module
+from .linear import RSparseLinear, ThresholdedActivation
+from .plan import Plan, fingerprint
+
+SPARSE_TYPES = (RSparseLinear, ThresholdedActivation)
+
+
+def sparse_modules(model) -> dict:
+    out = {k: m for k, m in locate(model).items() if isinstance(m, SPARSE_TYPES)}
+    for b in range(len({k.split(".")[0] for k in locate(model)})):
+        act = get_act(model, b)
+        if isinstance(act, SPARSE_TYPES):
+            out[f"{b}.act"] = act
+    return out
+
+
+def sparsify_(model, plan: Plan, check: bool = True):
+    """Swap the planned modules of `model` in place; returns the model."""
+    if sparse_modules(model):
+        raise RSparseError("model is already sparsified; load a fresh copy")
+    if check and plan.fingerprint != fingerprint(model):
+        raise RSparseError(f"plan was calibrated for another model ({plan.model_id}); its weight fingerprint does not match")
+    projs = locate(model)
+    for key, lp in plan.layers.items():
+        block, p = key.split(".")
+        if p == "act":
+            set_module(model, key, ThresholdedActivation(get_act(model, int(block)), lp.tau))
+            continue
+        U, A = plan.factors.get(key, (None, None))
+        if lp.rank and U is None:
+            raise RSparseError(f"plan gives {key} rank {lp.rank} but carries no factors for it")
+        set_module(model, key, RSparseLinear.from_linear(projs[key], lp.tau, lp.score, U, A))
+    return model
+
+
+@contextlib.contextmanager
+def dense_view(model):
+    """Within the block, every sparse module is replaced by its dense equivalent."""
+    swapped = {k: m for k, m in sparse_modules(model).items()}
+    for k, m in swapped.items():
+        set_module(model, k, m.dense())
+    try:
+        yield model
+    finally:
+        for k, m in swapped.items():
+            set_module(model, k, m)
+
+
+@torch.inference_mode()
+def measure_sparsity(model, windows: torch.Tensor, shapes: dict) -> dict:
+    """Realised kept fractions on `windows` and the model-level byte sparsity they give."""
+    mods = sparse_modules(model)
+    kept = {k: [0.0, 0] for k in mods}
+
+    def hook_for(key):
+        def hook(mod, args):
+            mask = mod.keep_mask(args[0])
+            kept[key][0] += mask.float().sum().item()
+            kept[key][1] += mask.numel()
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(hook_for(k)) for k, m in mods.items()]
+    try:
+        for w in windows:
+            model(w[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    from .plan import LayerPlan, expected_sparsity
+
+    layers = {}
+    for k, m in mods.items():
+        frac = kept[k][0] / max(kept[k][1], 1)
+        layers[k] = LayerPlan(tau=float(m.tau), keep=frac, rank=getattr(m, "rank", 0))
+    return {"sparsity": expected_sparsity(layers, shapes), "keep": {k: v.keep for k, v in layers.items()}}

@@ -1,0 +1,61 @@
+"""Byte budgets: how much of each projection's weight is read per decoded token.
+
+All counts are in weight elements (bytes / element size; every stored tensor shares the model
+dtype). A projection W (out x in) that keeps a fraction kappa of its input channels and carries
+rank-r factors reads, per token,
+    bytes(kappa, r) = kappa * in * out + r * (in + out)
+(a kept channel is one column of W; the factors U (out x r) and A (r x in) are read whole).
+Model-level sparsity is 1 - sum(bytes) / sum(in * out) over all seven projections of all blocks,
+with each projection's true shape, so grouped-query k/v (fewer outputs) weigh less than q.
+
+A layer with target sparsity s and split alpha has budget B = (1 - s) * in * out: a share alpha
+goes to kept channels, the rest to rank, r = floor((1 - alpha) * B / (in + out)). What the floor
+leaves over goes back to kept channels, so the budget is met exactly and never exceeded.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import RSparseError
+
+
+def check_sparsity(s: float, what: str = "sparsity") -> float:
+    s = float(s)
+    if not (0.0 <= s < 1.0) or math.isnan(s):
+        raise RSparseError(f"{what} must be in [0, 1), got {s}")
+    return s
+
+
+def check_alpha(a: float) -> float:
+    a = float(a)
+    if not (0.0 <= a <= 1.0) or math.isnan(a):
+        raise RSparseError(f"alpha must be in [0, 1], got {a}")
+    return a
+
+
+@dataclass(frozen=True)
+class Allocation:
+    keep: float  # expected fraction of input channels kept (kappa)
+    rank: int
+
+    def elements(self, out_f: int, in_f: int) -> float:
+        return self.keep * in_f * out_f + self.rank * (in_f + out_f)
+
+
+def allocate(out_f: int, in_f: int, sparsity: float, alpha: float) -> Allocation:
+    """(kappa, r) for a layer of shape (out, in) at byte sparsity `sparsity` and split `alpha`."""
+    check_sparsity(sparsity)
+    check_alpha(alpha)
+    budget = (1.0 - sparsity) * in_f * out_f
+    rank = min(int(math.floor((1.0 - alpha) * budget / (in_f + out_f) + 1e-9)), min(in_f, out_f))
+    keep = (budget - rank * (in_f + out_f)) / (in_f * out_f)
+    return Allocation(keep=min(1.0, max(0.0, keep)), rank=rank)
+
+
+def model_sparsity(allocs: dict, shapes: dict) -> float:
+    """1 - bytes read / dense bytes, over the projections in `shapes` ({key: (out, in)});
+    projections absent from `allocs` count as dense."""
+    dense = sum(o * i for o, i in shapes.values())
+    read = sum(allocs[k].elements(o, i) if k in allocs else o * i for k, (o, i) in shapes.items())
+    return 1.0 - read / dense

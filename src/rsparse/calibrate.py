@@ -1,0 +1,221 @@
+"""Observe: calibration statistics, streamed block by block.
+
+The calibration windows are embedded once, then pushed through one decoder block at a time
+(inputs captured at block 0, outputs of block i become inputs of block i+1), so only one block's
+activations exist at a time. For every projection p of the block we collect:
+- log-binned histograms of the channel scores |x_j| ("abs") and |x_j| * ||W[:, j]|| ("wnorm")
+  over all calibration tokens: a threshold tau for any kept fraction is a histogram quantile;
+- error tables on a token sample: for kept fraction kappa (grid KEEPS) and rank r (grid RANKS),
+  the relative output error ||W x_notS - U_r A_r x_notS||^2 / ||W x||^2 with plain SVD factors.
+  With W = U S V^T, ||(W - U_r A_r) z||^2 = sum_{i >= r} s_i^2 (v_i^T z)^2, so one product Z V
+  per kappa gives the error of every rank at once;
+- a sensitivity weight: the block-output error caused by sparsifying p alone at a probe setting
+  (half the channels, r = 0), divided by p's own relative output error there. It puts the seven
+  projections of a block on one scale for the allocation search (see `plan`);
+- for CATS, the histogram of |act(gate x)|.
+`Stats` holds all of it (plus the token sample, kept in memory for activation-aware factors).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .families import PROJECTIONS, blocks, get_act, locate
+from .linear import column_norms
+
+SCORES = ("abs", "wnorm")
+KEEPS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
+RANKS = (0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class Histogram:
+    """Counts of non-negative float32 values binned by their top 16 bits (sign, exponent and 7
+    mantissa bits): log-spaced bins 0.8% wide covering every float, from an integer shift and a
+    bincount (3x faster than log10 + histc, which matters at 64k tokens x 210 projections)."""
+
+    _SHIFT, _NKEYS = 16, 1 << 15
+
+    def __init__(self):
+        self.counts = torch.zeros(self._NKEYS, dtype=torch.float64)
+
+    def add(self, values: torch.Tensor) -> None:
+        keys = values.detach().float().abs().contiguous().view(torch.int32) >> self._SHIFT
+        self.counts += torch.bincount(keys.reshape(-1), minlength=self._NKEYS).double()
+
+    @classmethod
+    def _edge(cls, key: int) -> float:
+        return torch.tensor([key << cls._SHIFT], dtype=torch.int32).view(torch.float32).item()
+
+    def quantile(self, q: float) -> float:
+        """Value below which a fraction q of the observations lie (linear inside a bin)."""
+        if q <= 0.0:
+            return -math.inf
+        if q >= 1.0:
+            return math.inf
+        cum = torch.cumsum(self.counts, 0)
+        target = q * cum[-1].item()
+        i = min(int(torch.searchsorted(cum, torch.tensor(target, dtype=torch.float64)).item()), self._NKEYS - 2)
+        below = cum[i - 1].item() if i > 0 else 0.0
+        frac = min(max((target - below) / max(self.counts[i].item(), 1e-30), 0.0), 1.0)
+        lo, hi = self._edge(i), self._edge(i + 1)
+        return lo + frac * (hi - lo)
+
+    def fraction_above(self, tau: float) -> float:
+        """Fraction of observations > tau (bin-resolution estimate)."""
+        if tau < 0:
+            return 1.0
+        key = int(torch.tensor([tau], dtype=torch.float32).view(torch.int32).item()) >> self._SHIFT
+        return float(self.counts[key + 1 :].sum() / self.counts.sum())
+
+
+@dataclass
+class ProjStats:
+    shape: tuple  # (out, in)
+    hist: dict = field(default_factory=lambda: {s: Histogram() for s in SCORES})
+    err: dict = field(default_factory=dict)  # score -> tensor [len(KEEPS), len(ranks)]
+    ranks: tuple = ()
+    sample: list = field(default_factory=list)  # token rows (float32), for aware factors
+    weight: float = 1.0  # block-output error per unit of relative output error (sensitivity)
+
+
+@dataclass
+class Stats:
+    proj: dict  # "i.p" -> ProjStats
+    act: dict  # "i.act" -> Histogram
+    tokens: int
+    config: dict
+
+
+def _input_hook(store: ProjStats, col: torch.Tensor, every: int):
+    def hook(_mod, args):
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        store.hist["abs"].add(x.abs())
+        store.hist["wnorm"].add(x.abs() * col)
+        store.sample.append(x[::every].clone())
+
+    return hook
+
+
+def _act_hook(hist: Histogram):
+    def hook(_mod, _args, out):
+        hist.add(out.detach().abs())
+
+    return hook
+
+
+def error_table(W: torch.Tensor, X: torch.Tensor, hist: Histogram, col: torch.Tensor, ranks) -> torch.Tensor:
+    """[len(KEEPS), len(ranks)] relative output errors of (kappa, r) on token rows X (see module doc)."""
+    # float32 is plenty for an error estimate; the factors themselves come from a float64 SVD
+    W = W.float()
+    _, s, vh = torch.linalg.svd(W, full_matrices=False)
+    X = X.float()
+    total = (X @ W.T).pow(2).sum().double().clamp_min(1e-30)
+    scores = X.abs() * col.float()
+    out = torch.empty(len(KEEPS), len(ranks), dtype=torch.float64)
+    for a, keep in enumerate(KEEPS):
+        tau = hist.quantile(1.0 - keep) if keep < 1.0 else -math.inf
+        Z = torch.where(scores > tau, 0.0, X)
+        energy = ((Z @ vh.T).pow(2).sum(0) * s.pow(2)).double()  # per singular direction
+        tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[r] = sum_{i>=r}
+        tail = torch.cat([tail, tail.new_zeros(1)])
+        out[a] = torch.stack([tail[min(r, len(s))] for r in ranks]) / total
+    return out.float()
+
+
+def layer_out(layer, hs, kw):
+    out = layer(hs, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+_PROBE_KEEP = 0.5
+
+
+def _sensitivities(model, b: int, layer, probe, stats: dict) -> None:
+    """Set stats[p].weight = block-output error / own relative error, p sparsified alone."""
+    from .families import set_module
+    from .linear import RSparseLinear
+
+    hs, kw = probe
+    ref = layer_out(layer, hs, kw)
+    denom = ref.double().pow(2).sum().clamp_min(1e-30)
+    projs = locate(model)
+    for p, st in stats.items():
+        key = f"{b}.{p}"
+        lin = projs[key]
+        tau = st.hist["abs"].quantile(1.0 - _PROBE_KEEP)
+        set_module(model, key, RSparseLinear.from_linear(lin, tau, "abs"))
+        try:
+            out = layer_out(layer, hs, kw)
+        finally:
+            set_module(model, key, lin)
+        block_err = ((out.double() - ref.double()).pow(2).sum() / denom).item()
+        X, W = st.sample[0], lin.weight.float()
+        own = (torch.where(X.abs() > tau, 0.0, X) @ W.T).pow(2).sum() / (X @ W.T).pow(2).sum().clamp_min(1e-30)
+        st.weight = block_err / max(own.item(), 1e-30)
+
+
+@torch.inference_mode()
+def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 768, scores=SCORES,
+            progress: bool = True) -> Stats:
+    """Calibration statistics of `model` on token `windows` ([n, L])."""
+    layers = blocks(model)
+    projs = locate(model)
+    n_tok = windows.numel()
+    every = max(1, n_tok // sample_tokens)
+
+    # Capture what block 0 receives (hidden states and the keyword arguments the model passes:
+    # causal mask, rotary embeddings), then stop the forward pass.
+    captured = []
+
+    class _Stop(Exception):
+        pass
+
+    def grab(_mod, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Stop
+
+    h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for i in range(0, len(windows), batch):
+            try:
+                model(windows[i : i + batch], use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+
+    # a probe batch (one window) on which each projection's effect on its block output is measured
+    probe = (captured[0][0][:1].clone(), captured[0][1])
+    proj_stats, act_stats = {}, {}
+    for b, layer in enumerate(tqdm(layers, desc="calibrate", disable=not progress, leave=False)):
+        hooks = []
+        for p in PROJECTIONS:
+            key = f"{b}.{p}"
+            W = projs[key].weight
+            st = ProjStats(shape=tuple(W.shape))
+            proj_stats[key] = st
+            hooks.append(projs[key].register_forward_pre_hook(_input_hook(st, column_norms(W), every)))
+        act_stats[f"{b}.act"] = Histogram()
+        hooks.append(get_act(model, b).register_forward_hook(_act_hook(act_stats[f"{b}.act"])))
+        try:
+            for j, (hs, kw) in enumerate(captured):
+                captured[j] = (layer_out(layer, hs, kw), kw)
+        finally:
+            for hk in hooks:
+                hk.remove()
+        for p in PROJECTIONS:
+            st = proj_stats[f"{b}.{p}"]
+            st.sample = [torch.cat(st.sample)]
+            W = projs[f"{b}.{p}"].weight
+            st.ranks = tuple(r for r in RANKS if r <= min(W.shape))
+            col = column_norms(W)
+            for score in scores:  # error tables are the costly part: only the scores asked for
+                c = col if score == "wnorm" else torch.ones_like(col)
+                st.err[score] = error_table(W, st.sample[0], st.hist[score], c, st.ranks)
+        _sensitivities(model, b, layer, probe, {p: proj_stats[f"{b}.{p}"] for p in PROJECTIONS})
+        probe = (layer_out(layer, probe[0], probe[1]), probe[1])
+    config = {"windows": list(windows.shape), "sample_every": every, "scores": list(scores)}
+    return Stats(proj=proj_stats, act=act_stats, tokens=n_tok, config=config)

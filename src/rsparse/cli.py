@@ -1,0 +1,213 @@
+"""Command line: `rsparse eval | calibrate | run | generate | fetch`.
+
+User errors (RSparseError, bad arguments) print one line and exit with status 2. With --json the
+last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import RSparseError
+
+DEFAULT_TASKS = "winogrande,piqa,sciq,openbookqa,hellaswag,boolq,arc_easy,arc_challenge"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage first otherwise)
+        print(f"rsparse: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _add_model(p):
+    p.add_argument("--model", default="smollm2-135m", help="bundled name, HF model directory or .gguf file")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+
+
+def _add_method(p, default_method="rsparse"):
+    p.add_argument("--method", default=default_method, choices=["dense", "rsparse", "teal", "cats"])
+    p.add_argument("--sparsity", type=float, default=0.5, help="model-level byte sparsity in [0, 1)")
+    p.add_argument("--allocation", default="auto", help="rsparse: auto|uniform; teal: uniform|greedy")
+    p.add_argument("--alpha", type=float, default=0.95, help="uniform rsparse: channel share of each budget")
+    p.add_argument("--score", default="abs", choices=["abs", "wnorm", "auto"])
+    p.add_argument("--factors", default="aware", choices=["aware", "plain"])
+    p.add_argument("--calib-text", default="wiki", help="calibration text: wiki (bundled) or a file")
+    p.add_argument("--calib-tokens", type=int, default=65536)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _positive(name, v):
+    if v is not None and v < 1:
+        raise RSparseError(f"{name} must be at least 1, got {v}")
+
+
+def _config(args):
+    from .plan import RSparseConfig
+
+    return RSparseConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation,
+                         alpha=args.alpha, score=args.score, factors=args.factors)
+
+
+def _sparsified(args, model, tok, progress=True):
+    """Apply --plan DIR, or calibrate --method on the fly; returns the plan (None for dense)."""
+    from . import artifact
+    from .apply import sparsify_
+    from .pipeline import calibrate
+
+    if getattr(args, "plan", None):
+        plan = artifact.load(args.plan)
+        sparsify_(model, plan)
+        return plan
+    config = _config(args)
+    if config.method == "dense":
+        return None
+    _positive("--calib-tokens", args.calib_tokens)
+    plan = calibrate(model, tok, config, source=args.calib_text, tokens=args.calib_tokens, seed=args.seed, progress=progress)
+    sparsify_(model, plan)
+    return plan
+
+
+def cmd_eval(args):
+    from . import data, evaluate
+    from .apply import measure_sparsity
+    from .models import load
+
+    _positive("--limit", args.limit)
+    _positive("--windows", args.windows)
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else []
+    for t in tasks:
+        if t not in evaluate.TASKS:
+            raise RSparseError(f"unknown task {t!r}; known tasks: {', '.join(evaluate.TASKS)}")
+    source = args.text or args.dataset
+    if not getattr(args, "plan", None):
+        _config(args)  # a bad --sparsity or --allocation fails before the model loads
+    model, tok = load(args.model, args.dtype)
+    # windows first: a bad text fails before minutes of calibration
+    win = data.token_windows(tok, source, "eval", args.length, n=args.windows) if source else None
+    plan = _sparsified(args, model, tok)
+    res = {"model": args.model, "method": plan.config["method"] if plan else "dense",
+           "sparsity_target": plan.config["sparsity"] if plan else 0.0}
+    if plan:
+        res["plan"] = {k: plan.config[k] for k in ("allocation", "alpha", "score", "factors")}
+        res["sparsity_expected"] = round(plan.expected_sparsity(), 5)
+    if win is not None:
+        if plan:
+            res["sparsity_realized"] = round(measure_sparsity(model, win[: min(4, len(win))], plan.shapes)["sparsity"], 5)
+        r = evaluate.perplexity(model, win, protocol=args.protocol)
+        res.update(text=source, ppl=r["ppl"], tokens=r["tokens"], ppl_protocol=r["protocol"], window=args.length)
+        print(f"perplexity on {source}: {r['ppl']:.3f} over {r['tokens']} tokens ({r['protocol']} tokens sparse)")
+    if tasks:
+        res["tasks"] = evaluate.zero_shot(model, tok, tasks, limit=args.limit, protocol=args.task_protocol)
+        res["task_protocol"], res["limit"] = args.task_protocol, args.limit
+        for t, r in res["tasks"].items():
+            print(f"{t:14s} acc={r['acc']:.4f} acc_norm={r['acc_norm']:.4f}" + (f" n={r['n']}" if "n" in r else ""))
+    if args.json:
+        print(json.dumps(res))
+
+
+def cmd_calibrate(args):
+    from .artifact import save
+    from .models import load
+    from .plan import summarize
+
+    _config(args)
+    model, tok = load(args.model, args.dtype)
+    t0 = time.time()
+    plan = _sparsified(args, model, tok)
+    if plan is None:
+        raise RSparseError("--method dense has nothing to calibrate")
+    save(plan, args.out)
+    print(summarize(plan))
+    print(f"plan written to {args.out} in {time.time() - t0:.0f}s")
+
+
+def cmd_generate(args):
+    from .generate import stream
+    from .models import load
+
+    model, tok = load(args.model, args.dtype)
+    if args.plan:
+        from .pipeline import load_sparsified
+
+        load_sparsified(model, args.plan)
+    _positive("--max-new-tokens", args.max_new_tokens)
+    for piece in stream(model, tok, args.prompt, args.max_new_tokens):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_run(args):
+    from .run import main_job
+
+    main_job(args)
+
+
+def cmd_fetch(args):
+    from .assets import ASSETS, fetch
+    from .models import load
+
+    for name in ASSETS:
+        print(f"{name}: {fetch(name)}")
+    load("smollm2-135m")
+
+
+def build_parser():
+    p = _Parser(prog="rsparse", description="Rank-aware activation sparsity (R-Sparse) for faster LLM decoding")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a dense or sparsified model")
+    _add_model(e)
+    _add_method(e, default_method="dense")
+    e.add_argument("--plan", help="a plan directory from `rsparse calibrate` (skips calibration)")
+    e.add_argument("--text", help="UTF-8 text file to measure perplexity on")
+    e.add_argument("--dataset", help="wiki (bundled, eval split), lambada (bundled), wikitext2, c4")
+    e.add_argument("--length", type=int, default=1024, help="perplexity window length")
+    e.add_argument("--windows", type=int, help="use only the first N windows")
+    e.add_argument("--protocol", default="all", choices=["all", "decode"], help="perplexity protocol")
+    e.add_argument("--tasks", default="", help=f"comma list or 'all' ({DEFAULT_TASKS})")
+    e.add_argument("--task-protocol", default="decode", choices=["all", "decode"])
+    e.add_argument("--limit", type=int, help="documents per task")
+    e.add_argument("--json", action="store_true", help="end with one JSON line")
+    e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("calibrate", help="calibrate a plan and write it to a directory")
+    _add_model(c)
+    _add_method(c)
+    c.add_argument("--out", required=True)
+    c.set_defaults(fn=cmd_calibrate)
+
+    g = sub.add_parser("generate", help="stream text from a (sparsified) model")
+    _add_model(g)
+    g.add_argument("--plan")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("prompt")
+    g.set_defaults(fn=cmd_generate)
+
+    r = sub.add_parser("run", help="the main job: calibrate R-Sparse at 50%% and compare with dense and TEAL")
+    r.add_argument("--model", default="smollm2-135m")
+    r.add_argument("--sparsity", type=float, default=0.5)
+    r.add_argument("--windows", type=int, default=8)
+    r.add_argument("--limit", type=int, default=100)
+    r.add_argument("--calib-tokens", type=int, default=32768)
+    r.set_defaults(fn=cmd_run)
+
+    f = sub.add_parser("fetch", help="fetch and verify every bundled asset now (otherwise done on first use)")
+    f.set_defaults(fn=cmd_fetch)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if getattr(args, "tasks", None) == "all":
+        args.tasks = DEFAULT_TASKS
+    try:
+        args.fn(args)
+    except RSparseError as e:
+        print(f"rsparse: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rsparse: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,98 @@
+"""Model-family table: where the decoder blocks and the seven projections live.
+
+Every stage (calibration, plans, module swap, kernels) finds layers through `locate(model)` and
+nothing else, so supporting a new Llama-like family is one row in `FAMILIES`. Names are relative
+to the decoder block. `act` is the MLP activation module (CATS thresholds its output).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from .errors import RSparseError
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Family:
+    blocks: str  # attribute path of the ModuleList of decoder blocks
+    proj: dict  # short name -> path inside a block
+    act: str  # path of the MLP activation module inside a block
+    norm: str = "model.norm"
+
+
+_LLAMA = Family(
+    blocks="model.layers",
+    proj={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    },
+    act="mlp.act_fn",
+)
+
+# model_type (from the HF config) -> family. Llama-style gated-MLP decoders share one layout.
+FAMILIES = {name: _LLAMA for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "granite")}
+
+
+def _get(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def family_of(model: nn.Module) -> Family:
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    fam = FAMILIES.get(mtype)
+    if fam is None:
+        raise RSparseError(
+            f"unsupported architecture {mtype!r}: rsparse knows {sorted(FAMILIES)} "
+            "(decoder blocks at model.layers with q/k/v/o_proj and gate/up/down_proj)"
+        )
+    return fam
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    fam = family_of(model)
+    layers = _get(model, fam.blocks)
+    if not isinstance(layers, nn.ModuleList):
+        raise RSparseError(f"model of type {model.config.model_type!r} has no decoder blocks at {fam.blocks!r}")
+    return layers
+
+
+def locate(model: nn.Module) -> dict[str, nn.Module]:
+    """Return {"<block>.<proj>": module} for every projection, e.g. "3.gate"; checks all exist."""
+    fam = family_of(model)
+    out = {}
+    for i, block in enumerate(blocks(model)):
+        for short, path in fam.proj.items():
+            mod = _get(block, path)
+            if mod is None:
+                raise RSparseError(f"block {i} has no projection {path!r} ({short}); the model layout is not Llama-like")
+            out[f"{i}.{short}"] = mod
+    return out
+
+
+def set_module(model: nn.Module, key: str, new: nn.Module) -> nn.Module:
+    """Replace the module at a `locate` key ("3.gate") or an activation key ("3.act"); returns the old one."""
+    fam = family_of(model)
+    i, short = key.split(".")
+    path = fam.act if short == "act" else fam.proj[short]
+    parent_path, _, attr = path.rpartition(".")
+    parent = _get(blocks(model)[int(i)], parent_path)
+    old = getattr(parent, attr)
+    setattr(parent, attr, new)
+    return old
+
+
+def get_act(model: nn.Module, i: int) -> nn.Module:
+    return _get(blocks(model)[i], family_of(model).act)

@@ -1,0 +1,33 @@
+"""Greedy text generation with a KV cache: the prompt is prefilled dense (decode protocol), each
+new token runs through the sparse modules, and text is yielded as it is produced."""
+from __future__ import annotations
+
+import torch
+
+from .apply import dense_view
+from .evaluate import _cache_of, _with_cache
+
+
+@torch.inference_mode()
+def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None):
+    with dense_view(model):
+        out = model(prompt_ids[None], use_cache=True)
+    for _ in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax())
+        yield nxt
+        if nxt == eos_id:
+            return
+        out = _with_cache(model, torch.tensor([[nxt]]), _cache_of(out))
+
+
+def stream(model, tokenizer, prompt: str, max_new_tokens: int = 64):
+    ids = torch.tensor(tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id])
+    new, shown = [], ""
+    for tok in generate_ids(model, ids, max_new_tokens, tokenizer.eos_token_id):
+        if tok == tokenizer.eos_token_id:
+            break
+        new.append(tok)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for multi-byte characters to complete
+            yield text[len(shown):]
+            shown = text

@@ -1,0 +1,111 @@
+"""RSparseLinear: a linear layer that computes large input channels exactly and the rest through
+a low-rank factorisation of the same weight.
+
+For an input row x (in features) and weight W (out x in):
+    score_j = |x_j| * c_j                    (c_j = ||W[:, j]||_2 for score "wnorm", 1 for "abs")
+    S       = {j : score_j > tau}             (kept channels, decided per token)
+    y       = W[:, S] x_S + U (A x_notS) + b  (U: out x r, A = S_r V_r^T: r x in)
+With r = 0 this is TEAL-style thresholding; with tau = -inf it is the dense layer, bit for bit.
+`rsparse_linear_ref` is the eager oracle every fast backend (Triton, CPU) is tested against; the
+module holds W in its original (out, in) layout so `dense()` can share the storage for prefill.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def channel_scores(x: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
+    return x.abs() * col_scale
+
+
+def rsparse_linear_ref(x, weight, bias, tau, col_scale, U, A):
+    """Eager reference. x: (..., in); returns (..., out) in x's dtype."""
+    keep = channel_scores(x, col_scale) > tau
+    y = F.linear(torch.where(keep, x, torch.zeros((), dtype=x.dtype)), weight, bias)
+    if A.shape[0] > 0:
+        y = y + F.linear(F.linear(torch.where(keep, torch.zeros((), dtype=x.dtype), x), A), U)
+    return y
+
+
+class RSparseLinear(nn.Module):
+    """Sparse-plus-low-rank replacement of an nn.Linear for decoding (see module docstring)."""
+
+    def __init__(self, weight: nn.Parameter, bias, tau: float, col_scale: torch.Tensor, U: torch.Tensor, A: torch.Tensor):
+        super().__init__()
+        out_f, in_f = weight.shape
+        if U.shape != (out_f, A.shape[0]) or A.shape[1] != in_f or col_scale.shape != (in_f,):
+            raise ValueError(f"factor shapes U{tuple(U.shape)} A{tuple(A.shape)} c{tuple(col_scale.shape)} do not fit W{tuple(weight.shape)}")
+        self.in_features, self.out_features = in_f, out_f
+        self.weight = weight  # shared with the dense layer it replaces, never copied
+        self.bias = bias
+        self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32))
+        self.register_buffer("col_scale", col_scale.to(weight.dtype))
+        self.register_buffer("U", U.to(weight.dtype).contiguous())
+        self.register_buffer("A", A.to(weight.dtype).contiguous())
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, tau: float, score: str = "abs", U=None, A=None) -> "RSparseLinear":
+        """Wrap `linear` with threshold `tau`; `U`, `A` are the rank-r factors (None: r = 0)."""
+        W = linear.weight
+        col_scale = torch.ones(W.shape[1], dtype=W.dtype) if score == "abs" else column_norms(W).to(W.dtype)
+        if U is None:
+            U, A = W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
+        return cls(linear.weight, linear.bias, tau, col_scale, U, A)
+
+    def forward(self, x):
+        return rsparse_linear_ref(x, self.weight, self.bias, self.tau.to(x.dtype), self.col_scale, self.U, self.A)
+
+    def keep_mask(self, x):
+        return channel_scores(x, self.col_scale) > self.tau.to(x.dtype)
+
+    def dense(self) -> nn.Linear:
+        """The dense layer this module replaced, sharing its weight and bias storage."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, tau={self.tau.item():.4g}"
+
+
+class ThresholdedActivation(nn.Module):
+    """CATS: act(g) with entries of magnitude <= tau set to zero (MLP only)."""
+
+    def __init__(self, act: nn.Module, tau: float):
+        super().__init__()
+        self.act = act
+        self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32))
+
+    def forward(self, g):
+        a = self.act(g)
+        return torch.where(a.abs() > self.tau.to(a.dtype), a, torch.zeros((), dtype=a.dtype))
+
+    def keep_mask(self, g):
+        return self.act(g).abs() > self.tau.to(g.dtype)
+
+    def dense(self) -> nn.Module:
+        return self.act
+
+
+def column_norms(W: torch.Tensor) -> torch.Tensor:
+    return W.double().norm(dim=0).float()
+
+
+def svd_factors(W: torch.Tensor, rank: int, whiten: torch.Tensor | None = None):
+    """Rank-r factors (U_r, S_r V_r^T) from a float64 SVD of W, or of W L for a whitening L
+    (C = L L^T the second moment of the inputs the factors will see): then A = S_r V_r^T L^-1,
+    which minimises E||W z - U A z||^2 over z ~ C instead of ||W - U A||_F."""
+    W64 = W.double()
+    if whiten is None:
+        u, s, vh = torch.linalg.svd(W64, full_matrices=False)
+        return u[:, :rank].contiguous(), (s[:rank, None] * vh[:rank]).contiguous()
+    L = whiten.double()
+    u, s, vh = torch.linalg.svd(W64 @ L, full_matrices=False)
+    A = torch.linalg.solve_triangular(L, (s[:rank, None] * vh[:rank]), upper=False, left=False)
+    return u[:, :rank].contiguous(), A.contiguous()

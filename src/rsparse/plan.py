@@ -1,0 +1,235 @@
+"""Decide: turn calibration statistics into a plan (per-projection threshold, rank, score).
+
+Methods (`RSparseConfig.method`):
+- "rsparse": kept channels + rank-r factors. allocation "uniform": every projection gets the
+  model sparsity s and split alpha (the paper's recipe). allocation "auto" (default): inside
+  each block, choose every projection's kept fraction kappa, rank r and channel score to minimise
+  the block's sensitivity-weighted relative output errors (calibration error tables) under the
+  block's byte budget (`_lagrangian`). Rank is spent only where it buys more than channels.
+- "teal": |x| thresholding, r = 0; allocation "uniform" (kappa = 1 - s everywhere) or "greedy"
+  (the same block-wise search restricted to r = 0 and score "abs": TEAL's block-wise greedy
+  allocation, solved exactly on error tables instead of step by step).
+- "cats": threshold |SiLU(gate x)| at channel sparsity s in the MLP only; its true model-level
+  sparsity is lower (gate is read whole) and is what the plan reports.
+- "dense": no change.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .budget import allocate, check_alpha, check_sparsity
+from .calibrate import KEEPS, SCORES, Stats
+from .errors import RSparseError
+from .families import locate
+from .linear import column_norms, svd_factors
+
+METHODS = ("dense", "rsparse", "teal", "cats")
+ALLOCATIONS = {"rsparse": ("auto", "uniform"), "teal": ("uniform", "greedy"), "cats": ("uniform",), "dense": ("uniform",)}
+_FINE = np.linspace(0.0, 1.0, 201)  # kept-fraction grid for the search
+
+
+@dataclass
+class RSparseConfig:
+    method: str = "rsparse"
+    sparsity: float = 0.5
+    allocation: str = "auto"
+    alpha: float = 0.95  # uniform rsparse only: share of each layer's budget spent on kept channels
+    score: str = "abs"  # uniform allocations; "auto" lets the search pick per projection
+    factors: str = "aware"  # "plain": SVD of W; "aware": SVD of W C^1/2 (C: dropped-channel moments)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise RSparseError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.allocation not in ALLOCATIONS[self.method]:
+            allowed = ALLOCATIONS[self.method]
+            if self.method != "rsparse" and self.allocation == "auto":
+                self.allocation = allowed[0]
+            else:
+                raise RSparseError(f"allocation {self.allocation!r} is not available for {self.method}; use {allowed}")
+        check_sparsity(self.sparsity)
+        check_alpha(self.alpha)
+        if self.score not in SCORES + ("auto",):
+            raise RSparseError(f"unknown score {self.score!r}; use abs, wnorm or auto")
+        if self.factors not in ("plain", "aware"):
+            raise RSparseError(f"unknown factors {self.factors!r}; use plain or aware")
+
+
+@dataclass
+class LayerPlan:
+    tau: float
+    keep: float  # expected kept-channel fraction (calibration)
+    rank: int = 0
+    score: str = "abs"
+
+
+@dataclass
+class Plan:
+    config: dict
+    model_id: str
+    fingerprint: str
+    shapes: dict  # every projection "i.p" -> [out, in]
+    layers: dict  # "i.p" (or "i.act" for cats) -> LayerPlan
+    calibration: dict = field(default_factory=dict)
+    factors: dict = field(default_factory=dict)  # "i.p" -> (U, A); saved beside the JSON
+
+    def expected_sparsity(self) -> float:
+        return expected_sparsity(self.layers, self.shapes)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("factors")
+        d["expected_sparsity"] = self.expected_sparsity()
+        return d
+
+
+def expected_sparsity(layers: dict, shapes: dict) -> float:
+    """Model-level byte sparsity of a plan, from its expected kept fractions and ranks."""
+    dense = sum(o * i for o, i in shapes.values())
+    read = 0.0
+    for key, (o, i) in shapes.items():
+        b, p = key.split(".")
+        if key in layers:
+            lp = layers[key]
+            read += lp.keep * o * i + lp.rank * (o + i)
+        elif p in ("up", "down") and f"{b}.act" in layers:  # cats: up rows / down columns skipped
+            read += layers[f"{b}.act"].keep * o * i
+        else:
+            read += o * i
+    return 1.0 - read / dense
+
+
+def shapes_of(model) -> dict:
+    return {k: list(m.weight.shape) for k, m in locate(model).items()}
+
+
+def fingerprint(model) -> str:
+    """Identity of the projection weights, equal for float32 and bfloat16 copies of one model."""
+    h = hashlib.sha256()
+    for key, mod in locate(model).items():
+        h.update(key.encode())
+        h.update(mod.weight.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _options(st, shape, scores, max_rank):
+    """All (error, bytes, (keep, rank, score)) choices of one projection, kappa on a fine grid."""
+    o, i = shape
+    ranks = [r for r in st.ranks if max_rank is None or r <= max_rank]
+    keeps = np.array((0.0,) + KEEPS)
+    errs, cost, meta = [], [], []
+    for score in scores:
+        tab = st.err[score].double()[:, : len(ranks)].numpy()
+        tab = np.concatenate([np.maximum(2 * tab[0] - tab[1], tab[0])[None], tab])  # kappa = 0: extrapolate
+        for ri, r in enumerate(ranks):
+            errs.append(np.interp(_FINE, keeps, tab[:, ri]) * st.weight)
+            cost.append(_FINE * o * i + r * (o + i))
+            meta.extend((float(k), r, score) for k in _FINE)
+    return np.concatenate(errs), np.concatenate(cost), meta
+
+
+def _lagrangian(stats: Stats, shapes: dict, sparsity: float, scores, max_rank: int | None) -> dict:
+    """Per block, the (keep, rank, score) of each projection that minimises the block's summed,
+    sensitivity-weighted relative errors under the block's byte budget (1 - s) x its dense bytes:
+    each projection takes argmin err + lambda * bytes, lambda bisected until the budget holds.
+    Blocks share the model sparsity uniformly, as in TEAL's block-wise greedy allocation."""
+    by_block: dict[str, list] = {}
+    for key in stats.proj:
+        by_block.setdefault(key.split(".")[0], []).append(key)
+    picks = {}
+    for keys in by_block.values():
+        opts = {k: _options(stats.proj[k], shapes[k], scores, max_rank) for k in keys}
+        budget = (1.0 - sparsity) * sum(shapes[k][0] * shapes[k][1] for k in keys)
+
+        def solve(lam):
+            pick, total = {}, 0.0
+            for k, (e, c, meta) in opts.items():
+                j = int(np.argmin(e + lam * c))
+                pick[k] = meta[j]
+                total += float(c[j])
+            return pick, total
+
+        lo, hi = 0.0, 1e-12
+        while solve(hi)[1] > budget:
+            lo, hi = hi, hi * 4
+            if hi > 1e6:
+                raise RSparseError(f"sparsity {sparsity} cannot be met with the available options")
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if solve(mid)[1] <= budget else (mid, hi)
+        picks.update(solve(hi)[0])
+    return picks
+
+
+def _aware_whitening(sample: torch.Tensor, keep_mask_fn) -> torch.Tensor:
+    """Cholesky factor of the second moment of the dropped part of the sample rows."""
+    Z = torch.where(keep_mask_fn(sample), 0.0, sample).double()
+    C = Z.T @ Z / max(len(Z), 1)
+    eps = 1e-6 * C.diagonal().mean().clamp_min(1e-12) + 1e-12
+    return torch.linalg.cholesky(C + eps * torch.eye(len(C), dtype=C.dtype))
+
+
+def build_plan(model, stats: Stats, config: RSparseConfig) -> Plan:
+    """The decide step: statistics + config -> Plan (with factors for ranked projections)."""
+    shapes = shapes_of(model)
+    s = config.sparsity
+    layers = {}
+    if config.method == "cats":
+        for key, hist in stats.act.items():
+            layers[key] = LayerPlan(tau=hist.quantile(s), keep=1.0 - s)
+    elif config.method in ("teal", "rsparse") and s > 0:
+        if config.method == "teal" and config.allocation == "greedy":
+            picks = _lagrangian(stats, shapes, s, ("abs",), max_rank=0)
+        elif config.method == "rsparse" and config.allocation == "auto":
+            scores = SCORES if config.score == "auto" else (config.score,)
+            missing = [sc for sc in scores if sc not in stats.config.get("scores", SCORES)]
+            if missing:
+                raise RSparseError(f"calibration statistics lack error tables for score {missing[0]!r}")
+            picks = _lagrangian(stats, shapes, s, scores, max_rank=None)
+        else:
+            alpha = 1.0 if config.method == "teal" else config.alpha
+            score = "abs" if config.method == "teal" else ("abs" if config.score == "auto" else config.score)
+            picks = {}
+            for key, (o, i) in shapes.items():
+                a = allocate(o, i, s, alpha)
+                picks[key] = (a.keep, a.rank, score)
+        for key, (keep, rank, score) in picks.items():
+            if keep >= 1.0 and rank == 0:
+                continue  # dense: leave the nn.Linear untouched
+            tau = stats.proj[key].hist[score].quantile(1.0 - keep)
+            layers[key] = LayerPlan(tau=tau, keep=keep, rank=rank, score=score)
+    plan = Plan(
+        config=asdict(config),
+        model_id=getattr(model, "rsparse_model_id", "unknown"),
+        fingerprint=fingerprint(model),
+        shapes=shapes,
+        layers=layers,
+        calibration=dict(stats.config, tokens=stats.tokens),
+    )
+    projs = locate(model)
+    for key, lp in layers.items():
+        if lp.rank == 0:
+            continue
+        W = projs[key].weight
+        whiten = None
+        if config.factors == "aware":
+            col = column_norms(W) if lp.score == "wnorm" else torch.ones(W.shape[1])
+            whiten = _aware_whitening(stats.proj[key].sample[0], lambda x: x.abs() * col > lp.tau)
+        U, A = svd_factors(W, lp.rank, whiten)
+        plan.factors[key] = (U.to(W.dtype), A.to(W.dtype))
+    return plan
+
+
+def summarize(plan: Plan) -> str:
+    lines = [f"method={plan.config['method']} target={plan.config['sparsity']:.2f} expected={plan.expected_sparsity():.4f}"]
+    by_proj = {}
+    for key, lp in plan.layers.items():
+        by_proj.setdefault(key.split(".")[1], []).append(lp)
+    for p, lps in by_proj.items():
+        keep = sum(lp.keep for lp in lps) / len(lps)
+        rank = sum(lp.rank for lp in lps) / len(lps)
+        lines.append(f"  {p:5s} n={len(lps):3d} mean keep={keep:.3f} mean rank={rank:.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""The main job (`rsparse run`): on the bundled model, calibrate R-Sparse and TEAL at one
+sparsity from a single calibration pass, then print dense / TEAL / R-Sparse perplexity on two
+texts, a few zero-shot accuracies and a generated sample from the sparse model. The plans are
+saved under the cache directory, so a second run skips calibration."""
+from __future__ import annotations
+
+import json
+import time
+
+from . import artifact, data, evaluate
+from .apply import measure_sparsity, sparsify_
+from .assets import cache_dir
+from .errors import RSparseError
+from .generate import stream
+from .models import load
+from .pipeline import observe
+from .plan import RSparseConfig, build_plan, fingerprint
+
+TASKS = ("piqa", "arc_easy", "winogrande")
+PROMPT = "The most important thing to know about the history of the printing press is"
+
+
+def main_job(args):
+    t0 = time.time()
+    model, tok = load(args.model)
+    fp = fingerprint(model)
+    configs = {
+        "dense": RSparseConfig(method="dense", sparsity=0.0),
+        "teal": RSparseConfig(method="teal", sparsity=args.sparsity, allocation="uniform"),
+        "rsparse": RSparseConfig(method="rsparse", sparsity=args.sparsity),
+    }
+    plans, stats = {}, None
+    for name, cfg in configs.items():
+        d = cache_dir() / "plans" / f"{fp[:16]}-{name}-{args.sparsity:.2f}-{args.calib_tokens}"
+        try:
+            plans[name] = artifact.load(d)
+            continue
+        except RSparseError:
+            pass
+        if cfg.method != "dense" and stats is None:
+            print(f"calibrating on {args.calib_tokens} tokens of Wikipedia (once; cached afterwards)")
+            stats = observe(model, tok, tokens=args.calib_tokens)
+        plans[name] = build_plan(model, stats, cfg) if stats else build_plan(model, _empty(), cfg)
+        artifact.save(plans[name], d)
+
+    texts = {"wiki": data.token_windows(tok, "wiki", "eval", 1024, n=args.windows),
+             "lambada": data.token_windows(tok, "lambada", "eval", 1024, n=args.windows)}
+    rows = []
+    for name, plan in plans.items():
+        m, _ = load(args.model)
+        sparsify_(m, plan)
+        row = {"method": name, "target": plan.config["sparsity"],
+               "realized": measure_sparsity(m, texts["wiki"][:2], plan.shapes)["sparsity"] if plan.layers else 0.0}
+        for t, w in texts.items():
+            row[f"ppl_{t}"] = evaluate.perplexity(m, w)["ppl"]
+        tasks = evaluate.zero_shot(m, tok, TASKS, limit=args.limit)
+        row.update({t: tasks[t]["acc"] for t in TASKS})
+        rows.append(row)
+        if name == "rsparse":
+            sparse_model = m
+    head = f"{'method':8s} {'target':>6s} {'real':>6s} {'ppl wiki':>9s} {'ppl lambada':>11s} " + " ".join(f"{t:>10s}" for t in TASKS)
+    print(f"\nSmolLM2-135M, {args.windows} windows x 1024 tokens per text (every token sparse); "
+          f"tasks: first {args.limit} documents, acc, prompts dense and continuations sparse")
+    print(head)
+    for r in rows:
+        print(f"{r['method']:8s} {r['target']:6.2f} {r['realized']:6.3f} {r['ppl_wiki']:9.3f} {r['ppl_lambada']:11.3f} "
+              + " ".join(f"{r[t]:10.3f}" for t in TASKS))
+    print(f"\nR-Sparse at {args.sparsity:.0%} (greedy): {PROMPT}", end="")
+    for piece in stream(sparse_model, tok, PROMPT, 48):
+        print(piece, end="", flush=True)
+    print(f"\n\ndone in {time.time() - t0:.0f}s")
+    print(json.dumps({"rows": rows}))
+
+
+def _empty():
+    from .calibrate import Stats
+
+    return Stats(proj={}, act={}, tokens=0, config={})

@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """A loader for fresh copies of the bundled model (sparsify_ changes a model in place)."""
+    from rsparse.models import load
+
+    load("smollm2-135m")  # first call converts the GGUF once; later loads take ~1 s
+    return lambda: load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_stats(smol):
+    """Calibration statistics from 4 windows x 1024 tokens (256 sampled for error tables) of the Wikipedia calibration split."""
+    from rsparse.pipeline import observe
+
+    model, tok = smol()
+    torch.manual_seed(0)
+    return observe(model, tok, tokens=4096, length=1024, seed=0, sample_tokens=256, progress=False)

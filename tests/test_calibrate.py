@@ -1,0 +1,83 @@
+"""Calibration statistics: histogram quantiles, error tables, thresholds on a real model."""
+import math
+
+import pytest
+import torch
+
+from rsparse import data
+from rsparse.calibrate import KEEPS, Histogram, error_table
+from rsparse.linear import svd_factors
+
+
+def test_histogram_quantiles_match_sorting():
+    x = torch.randn(200_000).abs() * torch.rand(200_000) * 7
+    h = Histogram()
+    h.add(x[:100_000])
+    h.add(x[100_000:])
+    for q in (0.05, 0.3, 0.5, 0.77, 0.99):
+        tau = h.quantile(q)
+        assert abs((x <= tau).double().mean().item() - q) < 2e-3
+        assert abs(h.fraction_above(tau) - (1 - q)) < 1e-2
+    assert h.quantile(0.0) == -math.inf and h.quantile(1.0) == math.inf
+
+
+def test_error_table_matches_brute_force():
+    torch.manual_seed(0)
+    W = torch.randn(20, 12, dtype=torch.float64)
+    X = torch.randn(300, 12, dtype=torch.float64) * torch.linspace(0.1, 3, 12, dtype=torch.float64)
+    h = Histogram()
+    h.add(X.abs())
+    ranks = (0, 1, 3, 12)
+    tab = error_table(W, X, h, torch.ones(12), ranks)
+    total = (X @ W.T).pow(2).sum()
+    for a, keep in enumerate(KEEPS):
+        tau = h.quantile(1 - keep) if keep < 1 else -math.inf
+        Z = torch.where(X.abs() > tau, 0.0, X)
+        for ri, r in enumerate(ranks):
+            U, A = svd_factors(W, r)
+            brute = ((Z @ (W - U @ A).T).pow(2).sum() / total).item()
+            assert abs(tab[a, ri].item() - brute) < 1e-5 + 1e-4 * brute
+
+
+def _held_back_kept(model, tok, stats, keys, sparsities, n=4, tol=0.02):
+    """Kept fraction on windows the calibration did not see, for thresholds from `stats`."""
+    from rsparse.families import locate
+
+    held = data.token_windows(tok, "wiki", "calib", 1024, n=n, seed=123)
+    projs = locate(model)
+    seen = {k: [] for k in keys}
+    hooks = [projs[k].register_forward_pre_hook(lambda m, a, k=k: seen[k].append(a[0].detach().abs())) for k in keys]
+    with torch.inference_mode():
+        for w in held:
+            model(w[None])
+    for h in hooks:
+        h.remove()
+    for k in keys:
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[k]])
+        for s in sparsities:
+            tau = stats.proj[k].hist["abs"].quantile(s)
+            kept = (x > tau).double().mean().item()
+            assert abs(kept - (1 - s)) <= tol, (k, s, kept)
+
+
+def test_thresholds_hit_target_on_held_back_tokens(smol, smol_stats):
+    """Fast check on 4k calibration tokens (looser: +-3 points)."""
+    model, tok = smol()
+    _held_back_kept(model, tok, smol_stats, ["0.q", "7.gate", "15.down", "29.o", "11.k"], (0.4, 0.5, 0.7), tol=0.03)
+
+
+@pytest.mark.slow
+def test_default_calibration_hits_target_within_2_points(smol):
+    """The default 64k calibration tokens: every projection within +-2 points on held-back text."""
+    from rsparse.calibrate import collect
+    from rsparse.pipeline import calibration_windows
+
+    model, tok = smol()
+    stats = collect(model, calibration_windows(tok), sample_tokens=64, scores=(), progress=False)
+    keys = [f"{b}.{p}" for b in (0, 9, 19, 29) for p in ("q", "k", "o", "gate", "down")]
+    _held_back_kept(model, tok, stats, keys, (0.4, 0.5, 0.6, 0.7), n=8)
+
+
+def test_sensitivity_weights_are_positive_and_finite(smol_stats):
+    w = [st.weight for st in smol_stats.proj.values()]
+    assert len(w) == 30 * 7 and all(0 < x < math.inf for x in w)

@@ -1,0 +1,41 @@
+"""The command line end to end: calibrate -> eval --plan -> generate, and one-line errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "rsparse", *args], capture_output=True, text=True, timeout=900)
+
+
+def test_calibrate_eval_generate(tmp_path):
+    out = tmp_path / "plan"
+    r = run("calibrate", "--sparsity", "0.5", "--calib-tokens", "1024", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (out / "plan.json").is_file() and not list(out.glob(".*"))  # no temporary files left
+    r = run("eval", "--plan", str(out), "--dataset", "wiki", "--windows", "1", "--length", "256",
+            "--tasks", "piqa", "--limit", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["method"] == "rsparse" and res["tokens"] == 255 and 1 < res["ppl"] < 1000
+    assert abs(res["sparsity_expected"] - 0.5) < 0.01 and set(res["tasks"]["piqa"]) == {"acc", "acc_norm", "n"}
+    r = run("generate", "--plan", str(out), "--max-new-tokens", "5", "Hello")
+    assert r.returncode == 0 and r.stdout.strip()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["eval", "--model", "nope"], "unknown model"),
+    (["eval", "--tasks", "piqa,foo"], "unknown task 'foo'"),
+    (["eval", "--text", "/no/such/file.txt"], "neither a file"),
+    (["eval", "--method", "teal", "--sparsity", "1.2"], "sparsity must be in [0, 1)"),
+    (["eval", "--plan", "/no/such/dir", "--dataset", "wiki"], "no plan.json"),
+    (["calibrate", "--method", "dense", "--out", "/tmp/x"], "nothing to calibrate"),
+    (["eval", "--windows", "0", "--dataset", "wiki"], "at least 1"),
+])
+def test_bad_input_one_line_exit_2(args, msg):
+    r = run(*args)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and msg in lines[0], r.stderr

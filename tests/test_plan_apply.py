@@ -1,0 +1,116 @@
+"""Plans: budgets, exact dense at sparsity 0, artifacts round trip, bad input."""
+import json
+
+import pytest
+import torch
+
+from rsparse import artifact
+from rsparse.apply import dense_view, measure_sparsity, sparse_modules, sparsify_
+from rsparse.errors import RSparseError
+from rsparse.linear import RSparseLinear
+from rsparse.plan import RSparseConfig, build_plan, expected_sparsity
+
+IDS = torch.tensor([[504, 3458, 282, 260, 1345, 28, 2151, 30, 378, 4563, 314, 253, 1530, 1127]])
+
+
+def _logits(model):
+    with torch.inference_mode():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("cfg", [
+    RSparseConfig(method="teal", allocation="uniform"), RSparseConfig(method="teal", allocation="greedy"),
+    RSparseConfig(method="rsparse", allocation="uniform", alpha=0.9), RSparseConfig(method="rsparse"),
+    RSparseConfig(method="rsparse", sparsity=0.7, score="auto", factors="plain"),
+])
+def test_plans_meet_budget(smol, smol_stats, cfg):
+    model, _ = smol()
+    plan = build_plan(model, smol_stats, cfg)
+    # budget holds in expectation for the whole model and for every block (uniform per block)
+    assert plan.expected_sparsity() >= cfg.sparsity - 1e-9
+    for b in range(30):
+        keys = [k for k in plan.shapes if k.startswith(f"{b}.")]
+        sub = {k: plan.layers[k] for k in keys if k in plan.layers}
+        assert expected_sparsity(sub, {k: plan.shapes[k] for k in keys}) >= cfg.sparsity - 1e-9
+    for key, lp in plan.layers.items():
+        if lp.rank:
+            U, A = plan.factors[key]
+            assert U.shape == (plan.shapes[key][0], lp.rank) and A.shape == (lp.rank, plan.shapes[key][1])
+
+
+def test_cats_reports_true_model_sparsity(smol, smol_stats):
+    model, _ = smol()
+    plan = build_plan(model, smol_stats, RSparseConfig(method="cats", sparsity=0.5))
+    shapes = plan.shapes
+    up_down = sum(o * i for k, (o, i) in shapes.items() if k.split(".")[1] in ("up", "down"))
+    assert plan.expected_sparsity() == pytest.approx(0.5 * up_down / sum(o * i for o, i in shapes.values()))
+
+
+def test_sparsity_zero_is_exactly_dense(smol, smol_stats):
+    model, _ = smol()
+    ref = _logits(model)
+    for cfg in (RSparseConfig(method="rsparse", sparsity=0.0), RSparseConfig(method="teal", sparsity=0.0)):
+        m, _ = smol()
+        sparsify_(m, build_plan(m, smol_stats, cfg))
+        assert torch.equal(_logits(m), ref)
+
+
+def test_sparse_model_differs_and_dense_view_restores(smol, smol_stats):
+    model, _ = smol()
+    ref = _logits(model)
+    plan = build_plan(model, smol_stats, RSparseConfig(sparsity=0.5))
+    sparsify_(model, plan)
+    assert any(isinstance(m, RSparseLinear) and m.rank > 0 for m in sparse_modules(model).values())
+    out = _logits(model)
+    assert not torch.allclose(out, ref)
+    with dense_view(model):
+        assert torch.equal(_logits(model), ref)
+    assert torch.equal(_logits(model), out)
+    real = measure_sparsity(model, IDS, plan.shapes)["sparsity"]
+    assert 0.35 < real < 0.65
+
+
+def test_artifact_round_trip_and_bad_input(smol, smol_stats, tmp_path):
+    model, _ = smol()
+    plan = build_plan(model, smol_stats, RSparseConfig(sparsity=0.6))
+    d = artifact.save(plan, tmp_path / "plan")
+    sparsify_(model, plan)
+    m2, _ = smol()
+    sparsify_(m2, artifact.load(d))
+    assert torch.equal(_logits(model), _logits(m2))
+    # the artifact is smaller than the dense model
+    size = sum(f.stat().st_size for f in d.iterdir())
+    dense_bytes = sum(p.numel() * p.element_size() for p in m2.parameters())
+    assert size < dense_bytes
+
+    with pytest.raises(RSparseError, match="already sparsified"):
+        sparsify_(m2, plan)
+    other, _ = smol()
+    with torch.no_grad():
+        other.model.layers[3].mlp.up_proj.weight[0, 0] += 1.0
+    with pytest.raises(RSparseError, match="another model"):
+        sparsify_(other, artifact.load(d))
+
+    f = d / "factors.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RSparseError, match="truncated"):
+        artifact.load(d)
+    f.write_bytes(data)
+    meta = json.loads((d / "plan.json").read_text())
+    (d / "plan.json").write_text(json.dumps(meta)[:-20])
+    with pytest.raises(RSparseError, match="corrupt"):
+        artifact.load(d)
+    meta["config"]["sparsity"] = 1.2
+    (d / "plan.json").write_text(json.dumps(meta))
+    with pytest.raises(RSparseError, match="sparsity"):
+        artifact.load(d)
+    with pytest.raises(RSparseError, match="no plan.json"):
+        artifact.load(tmp_path)
+
+
+@pytest.mark.parametrize("kw,match", [({"sparsity": 1.0}, "sparsity"), ({"method": "magic"}, "method"),
+                                      ({"method": "teal", "allocation": "evo"}, "allocation"), ({"alpha": 2}, "alpha")])
+def test_bad_config(kw, match):
+    with pytest.raises(RSparseError, match=match):
+        RSparseConfig(**kw)
