@@ -1,0 +1,143 @@
+"""Kernel-level GPU benchmark: dense cuBLAS vs a TEAL-style masked split-K kernel vs ours, per
+projection shape of 7-8B models, bf16, batch 1 (ours also at batch 2/4/8 and with a rank term).
+
+Weights are random N(0, 1/in), activations Laplace-distributed (heavy-tailed, like real hidden
+states); tau is set so that the requested fraction of channels is dropped. Each timed call cycles
+through 4 weight copies inside one CUDA graph (triton.testing.do_bench_cudagraph) so weights come
+from HBM, not L2; medians are reported. Every configuration is first checked against the eager
+float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels.json if OUT is set.
+`--tune` first grid-searches launch configurations of both kernels per shape.
+"""
+import json
+import os
+import statistics
+import sys
+
+import torch
+import triton
+import triton.testing
+
+from rsparse.budget import allocate
+from rsparse.kernels.triton_gemv import rsparse_gemv, teal_gemv
+from rsparse.linear import rsparse_linear_ref
+
+TUNE = "--tune" in sys.argv  # grid-search launch configurations first (about 8 minutes)
+# best TEAL-style configurations found by --tune on an H200 (2026-11-28); ours use triton_gemv.config_for
+TEAL_BEST = {(4096, 4096): dict(split_k=32, block_n=64), (1024, 4096): dict(split_k=32, block_n=64),
+             (14336, 4096): dict(split_k=32, block_n=128), (4096, 14336): dict(split_k=32, block_n=64),
+             (11008, 4096): dict(split_k=32, block_n=128), (4096, 11008): dict(split_k=32, block_n=64)}
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]  # (out, in)
+COPIES = 4
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")  # 2 GiB: far beyond L2
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), rep=300, return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+OURS_GRID = [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=3, fused=True)
+             for c in (256, 512) for k in (32, 64) for n in (64, 128, 256) for w in (4, 8)]
+TEAL_GRID = [dict(split_k=sk, block_n=n, block_k=32, warps=w) for sk in (8, 16, 32) for n in (64, 128, 256) for w in (4, 8)]
+
+
+def tune(Wts, x, tau, ones):
+    """Best launch configuration of ours and of the TEAL-style kernel for one shape (s=0.5, B=1)."""
+    from rsparse.kernels import triton_gemv as tg
+
+    empty_at = torch.empty(Wts[0].shape[0], 0, device="cuda", dtype=x.dtype)
+    empty_u = torch.empty(Wts[0].shape[1], 0, device="cuda", dtype=x.dtype)
+    ours = {}
+    for i, cfg in enumerate(OURS_GRID):
+        try:
+            ours[i] = bench(lambda: [tg._launch(x, Wt, empty_at, empty_u, ones, tau, None, cfg) for Wt in Wts])
+        except Exception as e:  # a config that does not compile (resources) is skipped
+            print("skip", cfg, type(e).__name__)
+    teal = {}
+    for i, cfg in enumerate(TEAL_GRID):
+        teal[i] = bench(lambda: [teal_gemv(x[0], Wt, tau, **cfg) for Wt in Wts])
+    bo, bt = min(ours, key=ours.get), min(teal, key=teal.get)
+    return OURS_GRID[bo], ours[bo], TEAL_GRID[bt], teal[bt], ours
+
+
+def bench(fn):
+    return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median") / COPIES * 1e3  # us per call
+
+
+def main():
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows, checks, tuned = [], [], []
+    for out_f, in_f in SHAPES:
+        Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
+        Wts = [W.t().contiguous() for W in Ws]
+        x1 = torch.distributions.Laplace(0.0, 1.0).sample((8, in_f)).to("cuda", dt)
+        ones = torch.ones(in_f, device="cuda", dtype=dt)
+        dense_us = bench(lambda: [torch.nn.functional.linear(x1[:1], W) for W in Ws])
+        tcfg = TEAL_BEST.get((out_f, in_f), {})
+        if TUNE:
+            tau50 = torch.quantile(x1[0].float().abs(), 0.5).reshape(())
+            ocfg, ous, tcfg, tus, _ = tune(Wts, x1[:1], tau50, ones)
+            tuned.append({"out": out_f, "in": in_f, "ours_cfg": ocfg, "ours_us": ous, "teal_cfg": tcfg, "teal_us": tus,
+                          "dense_us": dense_us})
+            print("tuned", tuned[-1], flush=True)
+        for s in (0.5, 0.7):
+            for alpha in (1.0, 0.95):
+                al = allocate(out_f, in_f, s, alpha)
+                R = al.rank
+                tau = torch.quantile(x1[0].float().abs(), 1 - al.keep).reshape(())
+                Us = [torch.randn(out_f, R, device="cuda").to(dt) / 8 for _ in range(COPIES)]
+                Ats = [torch.randn(in_f, R, device="cuda").to(dt) / 8 for _ in range(COPIES)]
+                for B in ((1, 2, 4, 8) if alpha == 1.0 and s == 0.5 else (1,)):
+                    x = x1[:B]
+                    ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), Us[0].float(), Ats[0].t().float())
+                    y = rsparse_gemv(x, Wts[0], Ats[0], Us[0], ones, tau)
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    checks.append(err)
+                    assert torch.isfinite(y).all() and err < 1e-2, (out_f, in_f, s, alpha, B, err)
+                    ours = bench(lambda: [rsparse_gemv(x, Wt, At, U, ones, tau) for Wt, At, U in zip(Wts, Ats, Us)])
+                    kept_any = (x.float().abs() > tau).any(0).float().mean().item()
+                    dropped_any = (x.float().abs() <= tau).any(0).float().mean().item()
+                    must = 2 * (kept_any * in_f * out_f + R * (out_f + dropped_any * in_f))
+                    row = {"out": out_f, "in": in_f, "sparsity": s, "alpha": alpha, "rank": R, "batch": B,
+                           "kept": kept_any, "dense_us": dense_us, "ours_us": ours, "rel_err": err,
+                           "ours_bw_frac": must / (ours * 1e-6) / bw, "speedup_vs_dense": dense_us / ours}
+                    if B == 1 and R == 0:
+                        yt = teal_gemv(x[0], Wts[0], tau, **tcfg)
+                        errt = ((yt.float() - ref[0]).norm() / ref.norm()).item()
+                        assert errt < 1e-2, errt
+                        teal = bench(lambda: [teal_gemv(x[0], Wt, tau, **tcfg) for Wt in Wts])
+                        row.update(teal_us=teal, speedup_vs_teal=teal / ours, teal_bw_frac=must / (teal * 1e-6) / bw)
+                    rows.append(row)
+                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+
+    # the op is registered with torch.library.triton_op: a reduce-overhead compile captures it
+    Wt, x = Wts[0], x1[:1]
+    tau = torch.quantile(x.float().abs(), 0.5).reshape(())
+    empty_at, empty_u = torch.empty(Wt.shape[0], 0, device="cuda", dtype=dt), torch.empty(Wt.shape[1], 0, device="cuda", dtype=dt)
+    f = torch.compile(lambda x: torch.ops.rsparse.rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau) * 2, mode="reduce-overhead")
+    for _ in range(3):
+        yc = f(x)
+    ye = rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau) * 2
+    compiled_ok = bool(torch.equal(yc, ye))
+
+    print(f"\n{'shape (out x in)':18s} {'s':>4s} {'a':>5s} {'r':>4s} {'B':>2s} {'dense us':>9s} {'teal us':>8s} {'ours us':>8s} "
+          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s}")
+    for r in rows:
+        print(f"{r['out']:>6d} x {r['in']:<8d} {r['sparsity']:4.2f} {r['alpha']:5.2f} {r['rank']:4d} {r['batch']:2d} {r['dense_us']:9.2f} "
+              f"{r.get('teal_us', float('nan')):8.2f} {r['ours_us']:8.2f} {r['speedup_vs_dense']:8.2f} "
+              f"{r.get('speedup_vs_teal', float('nan')):7.2f} {r['ours_bw_frac']:8.1%} {r.get('teal_bw_frac', float('nan')):8.1%}")
+    summary = {"copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "max_rel_err": max(checks),
+               "median_speedup_vs_teal_b1_s50": statistics.median(r["speedup_vs_teal"] for r in rows if "speedup_vs_teal" in r and r["sparsity"] == 0.5),
+               "rows": rows}
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_kernels.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Quality sweep on the bundled model: perplexity vs model-level sparsity for dense, TEAL
+(uniform, greedy), CATS and R-Sparse (the paper's uniform recipe and our default plan), the
+levers tried at 50%, and the 8 zero-shot tasks at 50% (decode protocol).
+
+One calibration pass (64k Wikipedia calibration tokens, both channel scores) feeds every plan.
+Perplexity: every token sparse, non-overlapping 1024-token windows of the Wikipedia evaluation
+split and of LAMBADA passages (fiction, another genre). Results are appended to
+benchmarks/results/quality.json after each configuration (rerunning resumes), then a table is
+printed and the plot docs/ppl_vs_sparsity.png is drawn.
+
+    python benchmarks/quality.py [--wiki-windows 24] [--lambada-windows 12] [--limit 200]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+import rsparse
+from rsparse import data, evaluate
+from rsparse.apply import measure_sparsity
+from rsparse.plan import RSparseConfig, build_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "quality.json"
+
+SWEEP = {
+    "teal-uniform": dict(method="teal", allocation="uniform"),
+    "teal-greedy": dict(method="teal", allocation="greedy"),
+    "cats": dict(method="cats"),
+    "rsparse-paper": dict(method="rsparse", allocation="uniform", alpha=0.95, factors="plain"),
+    "rsparse": dict(method="rsparse"),  # the default plan
+}
+LEVERS = {  # at 50% only
+    "rsparse-uniform-aware-a0.95": dict(method="rsparse", allocation="uniform", alpha=0.95, factors="aware"),
+    "rsparse-uniform-aware-a0.9": dict(method="rsparse", allocation="uniform", alpha=0.9, factors="aware"),
+    "rsparse-uniform-wnorm-a1": dict(method="rsparse", allocation="uniform", alpha=1.0, score="wnorm"),
+    "rsparse-auto-plain": dict(method="rsparse", factors="plain"),
+    "rsparse-auto-score-auto": dict(method="rsparse", score="auto"),
+}
+TASK_METHODS = ("dense", "teal-uniform", "teal-greedy", "cats", "rsparse-paper", "rsparse")
+
+
+def _save(results):
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, OUT)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--wiki-windows", type=int, default=24)
+    ap.add_argument("--lambada-windows", type=int, default=12)
+    ap.add_argument("--limit", type=int, default=200)
+    ap.add_argument("--calib-tokens", type=int, default=65536)
+    ap.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
+    args = ap.parse_args()
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": []}
+    results["setup"] = vars(args)
+    done = {(r["name"], r["target"], r["kind"]) for r in results["rows"]}
+
+    model, tok = rsparse.load()
+    texts = {"wiki": data.token_windows(tok, "wiki", "eval", 1024, n=args.wiki_windows),
+             "lambada": data.token_windows(tok, "lambada", "eval", 1024, n=args.lambada_windows)}
+    t0 = time.time()
+    stats = rsparse.observe(model, tok, tokens=args.calib_tokens)
+    results["calibration_seconds"] = round(time.time() - t0, 1)
+
+    jobs = [("dense", {"method": "dense"}, 0.0, "ppl")]
+    for s in map(float, args.sparsities.split(",")):
+        jobs += [(n, kw, s, "ppl") for n, kw in SWEEP.items()]
+    jobs += [(n, kw, 0.5, "ppl") for n, kw in LEVERS.items()]
+    jobs += [(n, ({"method": "dense"} if n == "dense" else SWEEP[n]), 0.5 if n != "dense" else 0.0, "tasks") for n in TASK_METHODS]
+
+    for name, kw, s, kind in jobs:
+        if (name, s, kind) in done:
+            continue
+        m, _ = rsparse.load()
+        cfg = RSparseConfig(sparsity=s, **kw)
+        t = time.time()
+        plan = build_plan(m, stats, cfg)
+        rsparse.sparsify_(m, plan)
+        row = {"name": name, "target": s, "kind": kind, "config": plan.config,
+               "expected": plan.expected_sparsity(), "plan_seconds": round(time.time() - t, 1)}
+        row["realized"] = measure_sparsity(m, texts["wiki"][:4], plan.shapes)["sparsity"] if plan.layers else 0.0
+        if kind == "ppl":
+            for tname, w in texts.items():
+                r = evaluate.perplexity(m, w)
+                row[f"ppl_{tname}"], row[f"tokens_{tname}"] = r["ppl"], r["tokens"]
+        else:
+            row["tasks"] = evaluate.zero_shot(m, tok, limit=args.limit, protocol="decode")
+        row["seconds"] = round(time.time() - t, 1)
+        results["rows"].append(row)
+        _save(results)
+        print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
+
+    report(results)
+
+
+def report(results):
+    rows = results["rows"]
+    ppl = [r for r in rows if r["kind"] == "ppl"]
+    dense = next(r for r in ppl if r["name"] == "dense")
+    print(f"\n{'method':30s} {'target':>6s} {'expect':>6s} {'real':>6s} {'ppl wiki':>9s} {'Δ':>6s} {'ppl lamb':>9s} {'Δ':>6s}")
+    for r in sorted(ppl, key=lambda r: (r["target"], r["name"])):
+        print(f"{r['name']:30s} {r['target']:6.2f} {r['expected']:6.3f} {r['realized']:6.3f} {r['ppl_wiki']:9.3f} "
+              f"{r['ppl_wiki'] - dense['ppl_wiki']:6.2f} {r['ppl_lambada']:9.3f} {r['ppl_lambada'] - dense['ppl_lambada']:6.2f}")
+    task_rows = [r for r in rows if r["kind"] == "tasks"]
+    if task_rows:
+        names = [t for t in evaluate.TASKS]
+        print(f"\n{'method (tasks, acc)':22s} " + " ".join(f"{t[:9]:>9s}" for t in names) + f" {'avg':>6s} {'avg_norm':>8s}")
+        for r in task_rows:
+            print(f"{r['name']:22s} " + " ".join(f"{r['tasks'][t]['acc']:9.3f}" for t in names)
+                  + f" {r['tasks']['average']['acc']:6.3f} {r['tasks']['average']['acc_norm']:8.3f}")
+    plot(results)
+    best = {r["name"]: r["ppl_wiki"] for r in ppl if r["target"] == 0.5}
+    print(json.dumps({"dense_ppl_wiki": dense["ppl_wiki"], "ppl_wiki_at_50": best}))
+
+
+def plot(results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r["kind"] == "ppl"]
+    dense = next(r for r in rows if r["name"] == "dense")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, text in zip(axes, ("wiki", "lambada")):
+        for name in SWEEP:
+            pts = sorted((r["realized"], r[f"ppl_{text}"]) for r in rows if r["name"] == name)
+            if pts:
+                ax.plot([0.0] + [p[0] for p in pts], [dense[f"ppl_{text}"]] + [p[1] for p in pts], marker="o", label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("realised model-level sparsity (fraction of weight bytes not read)")
+        ax.set_ylabel("perplexity (every token sparse)")
+        ax.set_title(f"SmolLM2-135M, {text} ({dense['tokens_' + text]} tokens)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = ROOT / "docs" / "ppl_vs_sparsity.png"
+    fig.savefig(out.with_suffix(".tmp.png"), dpi=110)
+    os.replace(out.with_suffix(".tmp.png"), out)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

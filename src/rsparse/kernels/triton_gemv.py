@@ -1,0 +1,197 @@
+"""Triton decode kernels for RSparseLinear (rows <= 8), checked against `rsparse_linear_ref`.
+
+Layout: the module stores Wt = W^T (in, out) so a kept input channel j is one contiguous row
+Wt[j, :], and At = A^T (in, r) so a dropped channel reads r contiguous values. Three launches:
+1. `_select`: per chunk of CHUNK input channels, threshold score_j = |x_j| c_j > tau for every row,
+   write the indices of channels kept by any row (compacted) and their count, and the chunk's
+   partial low-rank input zpart[chunk] = x_dropped @ At[chunk] (At rows read only where dropped).
+2. `_gather_gemv`: grid (out tiles, chunks); loops over the chunk's kept indices only (every load
+   is useful: no predicated-off rows in flight) and writes a float32 partial ypart[chunk].
+3. `_epilogue`: y = sum_chunks ypart + (sum_chunks zpart) @ U^T + b, cast to the model dtype.
+Partials instead of atomics: deterministic, no zero-fill launches, and bf16/fp16 never need
+atomics. For batch > 1 the gathered rows are the union of the rows' kept channels and each row
+multiplies only its own kept entries, so results equal the per-row oracle.
+The TEAL-style baseline (`teal_gemv`: masked loads of Wt rows, split-K fp32 atomics) is here too,
+so benchmarks compare against the public design measured the same way.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+CHUNK = 256
+BB = 16  # rows padded to the smallest tl.dot M; decode batches are 1..8
+
+
+@triton.jit
+def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R,
+            CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr):
+    chunk = tl.program_id(0)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    rows = tl.arange(0, BB)
+    valid = (rows[:, None] < B) & (offs[None, :] < IN)
+    x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
+    c = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
+    tau = tl.load(tau_ptr)
+    keep = (tl.abs(x.to(tl.float32)) * c.to(tl.float32)[None, :] > tau) & valid
+    keep_any = tl.max(keep.to(tl.int32), axis=0)
+    pos = tl.cumsum(keep_any, axis=0) - 1
+    tl.store(idx_ptr + chunk * CHUNK + pos, offs, mask=keep_any > 0)
+    tl.store(cnt_ptr + chunk, tl.sum(keep_any, axis=0))
+    if HAS_R:
+        xd = tl.where(keep, 0.0, x)
+        drop_any = tl.max((valid & ~keep).to(tl.int32), axis=0) > 0
+        for r0 in range(0, R, RB):
+            rr = r0 + tl.arange(0, RB)
+            at = tl.load(at_ptr + offs[:, None] * R + rr[None, :], mask=drop_any[:, None] & (rr[None, :] < R), other=0.0)
+            z = tl.dot(xd.to(at.dtype), at, input_precision="ieee")
+            tl.store(zpart_ptr + chunk * BB * R + rows[:, None] * R + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < R))
+
+
+@triton.jit
+def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, IN, OUT,
+                 CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, chunk = tl.program_id(0), tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BB)
+    cnt = tl.load(cnt_ptr + chunk)
+    tau = tl.load(tau_ptr)
+    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, cnt, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < cnt
+        j = tl.load(idx_ptr + chunk * CHUNK + kk, mask=km, other=0)
+        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
+        cj = tl.load(c_ptr + j, mask=km, other=0.0)
+        xv = tl.where(tl.abs(xv.to(tl.float32)) * cj.to(tl.float32)[None, :] > tau, xv, 0.0)
+        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * OUT + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
+        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
+    tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
+
+
+@triton.jit
+def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT,
+                       CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_select`'s compaction done inside each program (x chunk re-read from L2, indices through a
+    private scratch row and a CTA barrier): one launch fewer, for the r = 0 path."""
+    pid_n, chunk = tl.program_id(0), tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    rows = tl.arange(0, BB)
+    valid = (rows[:, None] < B) & (offs[None, :] < IN)
+    tau = tl.load(tau_ptr)
+    xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
+    cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
+    keep_any = tl.max(((tl.abs(xc.to(tl.float32)) * cc.to(tl.float32)[None, :] > tau) & valid).to(tl.int32), axis=0)
+    pos = tl.cumsum(keep_any, axis=0) - 1
+    cnt = tl.sum(keep_any, axis=0)
+    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
+    tl.store(base + pos, offs, mask=keep_any > 0)
+    tl.debug_barrier()
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, cnt, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < cnt
+        j = tl.load(base + kk, mask=km, other=0)
+        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
+        cj = tl.load(c_ptr + j, mask=km, other=0.0)
+        xv = tl.where(tl.abs(xv.to(tl.float32)) * cj.to(tl.float32)[None, :] > tau, xv, 0.0)
+        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * OUT + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
+        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
+    tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
+
+
+@triton.jit
+def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, R, NCHUNK,
+              BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BB)
+    m = (rows[:, None] < B) & (n[None, :] < OUT)
+    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+    for ch in range(0, NCHUNK):
+        acc += tl.load(ypart_ptr + ch * BB * OUT + rows[:, None] * OUT + n[None, :], mask=m, other=0.0)
+    if HAS_R:
+        for r0 in range(0, R, RB):
+            rr = r0 + tl.arange(0, RB)
+            zm = (rows[:, None] < B) & (rr[None, :] < R)
+            z = tl.zeros((BB, RB), dtype=tl.float32)
+            for ch in range(0, NCHUNK):
+                z += tl.load(zpart_ptr + ch * BB * R + rows[:, None] * R + rr[None, :], mask=zm, other=0.0)
+            u = tl.load(u_ptr + n[None, :] * R + rr[:, None], mask=(rr[:, None] < R) & (n[None, :] < OUT), other=0.0)
+            acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + n, mask=n < OUT, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * OUT + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m)
+
+
+# Launch configuration, from a grid search on an H200 at 50%, batch 1 (docs/perf-gpu.md): 512-channel
+# chunks everywhere; 256-wide output tiles once there are enough of them (out >= 8192).
+CONFIG = {"chunk": 512, "block_k": 32, "block_n": 128, "warps": 4, "stages": 3, "fused": True}
+
+
+def config_for(out_f: int, rank: int = 0) -> dict:
+    cfg = dict(CONFIG, block_n=256 if out_f >= 8192 else CONFIG["block_n"])
+    if rank:  # the rank path's _select holds a (chunk x 64) tile of At: 256-channel chunks measured faster
+        cfg["chunk"] = 256
+    return cfg
+
+
+def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None):
+    B, IN = x.shape
+    OUT, R = wt.shape[1], at.shape[1]
+    ch, bn = cfg["chunk"], cfg["block_n"]
+    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
+    ypart = torch.empty(nchunk * BB * OUT, dtype=torch.float32, device=x.device)
+    zpart = torch.empty(max(nchunk * BB * R, 1), dtype=torch.float32, device=x.device)
+    y = torch.empty(B, OUT, dtype=x.dtype, device=x.device) if out is None else out
+    rb = 32 if R <= 32 else 64
+    meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    if cfg["fused"] and R == 0:
+        scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
+        torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, **meta)
+    else:
+        idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
+        cnt = torch.empty(nchunk, dtype=torch.int32, device=x.device)
+        torch.library.wrap_triton(_select)[(nchunk,)](x, col_scale, tau, at, idx, cnt, zpart, B, IN, R,
+                                                      CHUNK=ch, BB=BB, RB=rb, HAS_R=R > 0)
+        torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, **meta)
+    torch.library.wrap_triton(_epilogue)[(ntile,)](
+        ypart, zpart, u, bias if bias is not None else y, y, B, OUT, R, nchunk,
+        BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0, HAS_BIAS=bias is not None)
+    return y
+
+
+@torch.library.triton_op("rsparse::rsparse_gemv", mutates_args={})
+def rsparse_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
+                 tau: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows."""
+    return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1]))
+
+
+@triton.jit
+def _teal_kernel(x_ptr, tau_ptr, wt_ptr, y_ptr, IN, OUT, K_PER,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tau = tl.load(tau_ptr)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(pid_k * K_PER, tl.minimum((pid_k + 1) * K_PER, IN), BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + kk, mask=kk < IN, other=0.0).to(tl.float32)
+        keep = (tl.abs(xv) > tau) & (kk < IN)
+        w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * OUT + n[None, :], mask=keep[:, None] & (n[None, :] < OUT), other=0.0)
+        acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
+    tl.atomic_add(y_ptr + n, acc, mask=n < OUT)
+
+
+def teal_gemv(x: torch.Tensor, wt: torch.Tensor, tau: torch.Tensor, split_k: int = 8, block_n: int = 128,
+              block_k: int = 32, warps: int = 4) -> torch.Tensor:
+    """TEAL-style baseline for one row: |x| > tau, masked row loads, split-K fp32 atomics."""
+    IN, OUT = wt.shape
+    y = torch.zeros(OUT, dtype=torch.float32, device=x.device)
+    k_per = triton.cdiv(triton.cdiv(IN, split_k), block_k) * block_k
+    _teal_kernel[(triton.cdiv(OUT, block_n), triton.cdiv(IN, k_per))](
+        x, tau, wt, y, IN, OUT, k_per, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
+    return y.to(x.dtype)
