@@ -105,14 +105,6 @@ def main():
                     row = {"out": out_f, "in": in_f, "sparsity": s, "alpha": alpha, "rank": R, "batch": B,
                            "kept": kept_any, "dense_us": dense_us, "ours_us": ours, "rel_err": err,
                            "ours_bw_frac": must / (ours * 1e-6) / bw, "speedup_vs_dense": dense_us / ours}
-                    if R == 0:
-                        from rsparse.kernels import triton_gemv as tg
-
-                        scfg = dict(tg.config_for(out_f), fused="single")
-                        ys = tg._launch(x, Wts[0], Ats[0], Us[0], ones, tau, None, scfg)
-                        assert ((ys.float() - ref).norm() / ref.norm()).item() < 1e-2
-                        single = bench(lambda: [tg._launch(x, Wt, At, U, ones, tau, None, scfg) for Wt, At, U in zip(Wts, Ats, Us)])
-                        row.update(single_us=single, single_bw_frac=must / (single * 1e-6) / bw, single_speedup_vs_dense=dense_us / single)
                     if B == 1 and R == 0:
                         yt = teal_gemv(x[0], Wts[0], tau, **tcfg)
                         errt = ((yt.float() - ref[0]).norm() / ref.norm()).item()
@@ -131,24 +123,14 @@ def main():
         yc = f(x)
     ye = rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau) * 2
     compiled_ok = bool(torch.equal(yc, ye))
-    from rsparse.kernels import triton_gemv as tg
-
-    tg.CONFIG["fused"] = "single"  # the one-launch path under torch.compile + CUDA graphs
-    torch._dynamo.reset()
-    f = torch.compile(lambda x: torch.ops.rsparse.rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau) * 2, mode="reduce-overhead")
-    for _ in range(3):
-        yc = f(x)
-    compiled_single_ok = bool(torch.equal(yc, ye))
-    tg.CONFIG["fused"] = True
 
     print(f"\n{'shape (out x in)':18s} {'s':>4s} {'a':>5s} {'r':>4s} {'B':>2s} {'dense us':>9s} {'teal us':>8s} {'ours us':>8s} "
-          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s} {'1-pass us':>9s} {'x dense':>7s} {'BW 1-pass':>9s}")
+          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s}")
     for r in rows:
         print(f"{r['out']:>6d} x {r['in']:<8d} {r['sparsity']:4.2f} {r['alpha']:5.2f} {r['rank']:4d} {r['batch']:2d} {r['dense_us']:9.2f} "
               f"{r.get('teal_us', float('nan')):8.2f} {r['ours_us']:8.2f} {r['speedup_vs_dense']:8.2f} "
-              f"{r.get('speedup_vs_teal', float('nan')):7.2f} {r['ours_bw_frac']:8.1%} {r.get('teal_bw_frac', float('nan')):8.1%} "
-              f"{r.get('single_us', float('nan')):9.2f} {r.get('single_speedup_vs_dense', float('nan')):7.2f} {r.get('single_bw_frac', float('nan')):9.1%}")
-    summary = {"copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "compiled_single_ok": compiled_single_ok, "max_rel_err": max(checks),
+              f"{r.get('speedup_vs_teal', float('nan')):7.2f} {r['ours_bw_frac']:8.1%} {r.get('teal_bw_frac', float('nan')):8.1%}")
+    summary = {"copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "max_rel_err": max(checks),
                "median_speedup_vs_teal_b1_s50": statistics.median(r["speedup_vs_teal"] for r in rows if "speedup_vs_teal" in r and r["sparsity"] == 0.5),
                "rows": rows}
     if os.environ.get("OUT"):

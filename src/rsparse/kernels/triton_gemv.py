@@ -103,52 +103,6 @@ def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B,
 
 
 @triton.jit
-def _single_pass(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, cnt_ptr, b_ptr, y_ptr, B, IN, OUT,
-                 CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_BIAS: tl.constexpr):
-    """r = 0 in one launch: `_fused_gather_gemv`, then the last program to finish an output tile
-    (per-tile arrival counter, acq_rel atomics) sums the tile's partials, adds the bias, writes y
-    and resets the counter to zero for the next call."""
-    pid_n, chunk = tl.program_id(0), tl.program_id(1)
-    nchunk = tl.num_programs(1)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    rows = tl.arange(0, BB)
-    valid = (rows[:, None] < B) & (offs[None, :] < IN)
-    tau = tl.load(tau_ptr)
-    xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
-    cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
-    keep_any = tl.max(((tl.abs(xc.to(tl.float32)) * cc.to(tl.float32)[None, :] > tau) & valid).to(tl.int32), axis=0)
-    pos = tl.cumsum(keep_any, axis=0) - 1
-    cnt = tl.sum(keep_any, axis=0)
-    base = scratch_ptr + (pid_n * nchunk + chunk) * CHUNK
-    tl.store(base + pos, offs, mask=keep_any > 0)
-    tl.debug_barrier()
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m = (rows[:, None] < B) & (n[None, :] < OUT)
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, cnt, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < cnt
-        j = tl.load(base + kk, mask=km, other=0)
-        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
-        cj = tl.load(c_ptr + j, mask=km, other=0.0)
-        xv = tl.where(tl.abs(xv.to(tl.float32)) * cj.to(tl.float32)[None, :] > tau, xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * OUT + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
-        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
-    tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=m)
-    tl.debug_barrier()  # every thread's partial is stored before the arrival is published
-    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-    if arrived == nchunk - 1:
-        tot = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-        for ch in range(0, nchunk):
-            tot += tl.load(ypart_ptr + ch * BB * OUT + rows[:, None] * OUT + n[None, :], mask=m, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            tot += tl.load(b_ptr + n, mask=n < OUT, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * OUT + n[None, :], tot.to(y_ptr.dtype.element_ty), mask=m)
-        tl.atomic_xchg(cnt_ptr + pid_n, 0)
-
-
-@triton.jit
 def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, R, NCHUNK,
               BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -184,20 +138,6 @@ def config_for(out_f: int, rank: int = 0) -> dict:
     return cfg
 
 
-_COUNTERS: dict = {}
-
-
-def _counters(n: int, device) -> torch.Tensor:
-    """Per-output-tile arrival counters of `_single_pass`: zero between calls (the last program of a
-    tile resets its counter), so one buffer per device is allocated once and reused."""
-    if torch.compiler.is_compiling():  # traced graphs get a fresh zeroed buffer (a memset node)
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    key = (str(device), n)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None):
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
@@ -208,13 +148,6 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None):
     y = torch.empty(B, OUT, dtype=x.dtype, device=x.device) if out is None else out
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    if cfg["fused"] == "single" and R == 0:
-        counters = _counters(ntile, x.device)
-        scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-        torch.library.wrap_triton(_single_pass)[(ntile, nchunk)](
-            x, col_scale, tau, wt, scratch, ypart, counters, bias if bias is not None else y, y, B, IN, OUT,
-            HAS_BIAS=bias is not None, **meta)
-        return y
     if cfg["fused"] and R == 0:
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, **meta)
