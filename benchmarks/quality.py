@@ -58,9 +58,14 @@ def main():
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--calib-tokens", type=int, default=65536)
     ap.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
+    ap.add_argument("--report", action="store_true", help="only print the tables (markdown) from quality.json")
     args = ap.parse_args()
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": []}
-    results["setup"] = vars(args)
+    if args.report:
+        print(markdown(results))
+        plot(results)
+        return
+    results["setup"] = {k: v for k, v in vars(args).items() if k != "report"}
     done = {(r["name"], r["target"], r["kind"]) for r in results["rows"]}
 
     model, tok = rsparse.load()
@@ -119,6 +124,27 @@ def report(results):
     plot(results)
     best = {r["name"]: r["ppl_wiki"] for r in ppl if r["target"] == 0.5}
     print(json.dumps({"dense_ppl_wiki": dense["ppl_wiki"], "ppl_wiki_at_50": best}))
+
+
+def markdown(results) -> str:
+    """The tables of docs/results.md, generated from quality.json (no hand transcription)."""
+    rows = results["rows"]
+    ppl = [r for r in rows if r["kind"] == "ppl"]
+    dense = next(r for r in ppl if r["name"] == "dense")
+    out = ["| method | target | expected | realised (wiki) | ppl wiki | Δ wiki | ppl lambada | Δ lambada |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(ppl, key=lambda r: (r["target"], r["name"])):
+        out.append(f"| {r['name']} | {r['target']:.2f} | {r['expected']:.3f} | {r['realized']:.3f} | {r['ppl_wiki']:.2f} | "
+                   f"{r['ppl_wiki'] - dense['ppl_wiki']:+.2f} | {r['ppl_lambada']:.2f} | {r['ppl_lambada'] - dense['ppl_lambada']:+.2f} |")
+    task_rows = [r for r in rows if r["kind"] == "tasks"]
+    if task_rows:
+        out += ["", "| method | " + " | ".join(evaluate.TASKS) + " | average acc | average acc_norm |",
+                "|---" * (len(evaluate.TASKS) + 3) + "|"]
+        for r in task_rows:
+            cells = " | ".join(f"{r['tasks'][t]['acc']:.3f} / {r['tasks'][t]['acc_norm']:.3f}" for t in evaluate.TASKS)
+            out.append(f"| {r['name']} ({r['target']:.0%}, real {r['realized']:.3f}) | {cells} | "
+                       f"{r['tasks']['average']['acc']:.3f} | {r['tasks']['average']['acc_norm']:.3f} |")
+    return "\n".join(out)
 
 
 def plot(results):

@@ -189,8 +189,8 @@ def build_parser():
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--sparsity", type=float, default=0.5)
     r.add_argument("--windows", type=int, default=8)
-    r.add_argument("--limit", type=int, default=100)
-    r.add_argument("--calib-tokens", type=int, default=32768)
+    r.add_argument("--limit", type=int, default=50)
+    r.add_argument("--calib-tokens", type=int, default=16384)
     r.set_defaults(fn=cmd_run)
 
     f = sub.add_parser("fetch", help="fetch and verify every bundled asset now (otherwise done on first use)")

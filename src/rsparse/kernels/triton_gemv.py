@@ -50,6 +50,24 @@ def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R
 
 
 @triton.jit
+def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT,
+                 BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum over the `cnt` kept channels listed at idx_base of x[:, j] * Wt[j, n] (float32 tile);
+    each row keeps only its own kept entries of the union."""
+    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, cnt, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < cnt
+        j = tl.load(idx_base + kk, mask=km, other=0)
+        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
+        cj = tl.load(c_ptr + j, mask=km, other=0.0)
+        xv = tl.where(tl.abs(xv.to(tl.float32)) * cj.to(tl.float32)[None, :] > tau, xv, 0.0)
+        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * OUT + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
+        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, IN, OUT,
                  CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
@@ -57,16 +75,7 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
     rows = tl.arange(0, BB)
     cnt = tl.load(cnt_ptr + chunk)
     tau = tl.load(tau_ptr)
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, cnt, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < cnt
-        j = tl.load(idx_ptr + chunk * CHUNK + kk, mask=km, other=0)
-        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
-        cj = tl.load(c_ptr + j, mask=km, other=0.0)
-        xv = tl.where(tl.abs(xv.to(tl.float32)) * cj.to(tl.float32)[None, :] > tau, xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * OUT + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
-        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
+    acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_ptr + chunk * CHUNK, cnt, rows, n, B, IN, OUT, BB, BLOCK_K, BLOCK_N)
     tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
 
@@ -89,16 +98,7 @@ def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B,
     tl.store(base + pos, offs, mask=keep_any > 0)
     tl.debug_barrier()
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, cnt, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < cnt
-        j = tl.load(base + kk, mask=km, other=0)
-        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
-        cj = tl.load(c_ptr + j, mask=km, other=0.0)
-        xv = tl.where(tl.abs(xv.to(tl.float32)) * cj.to(tl.float32)[None, :] > tau, xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * OUT + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
-        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
+    acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, BB, BLOCK_K, BLOCK_N)
     tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
 
