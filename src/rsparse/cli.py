@@ -144,6 +144,14 @@ def cmd_run(args):
     main_job(args)
 
 
+def cmd_bench(args):
+    from .bench import run_bench
+
+    _positive("--tokens", args.tokens)
+    _positive("--repeats", args.repeats)
+    run_bench(args)
+
+
 def cmd_fetch(args):
     from .assets import ASSETS, fetch
     from .models import load
@@ -192,6 +200,16 @@ def build_parser():
     r.add_argument("--limit", type=int, default=50)
     r.add_argument("--calib-tokens", type=int, default=16384)
     r.set_defaults(fn=cmd_run)
+
+    b = sub.add_parser("bench", help="decode tokens/s of dense vs sparsified model (static KV cache, batch 1)")
+    _add_model(b)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
+    b.add_argument("--tokens", type=int, default=32, help="decoded tokens per repeat")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--calib-tokens", type=int, default=8192)
+    b.add_argument("--out", help="write the results JSON here")
+    b.set_defaults(fn=cmd_bench)
 
     f = sub.add_parser("fetch", help="fetch and verify every bundled asset now (otherwise done on first use)")
     f.set_defaults(fn=cmd_fetch)

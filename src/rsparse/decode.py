@@ -1,0 +1,80 @@
+"""A lean decode loop for Llama-family models: static KV cache, one token per step, no framework
+overhead beyond the projections themselves, so that decode speed reflects the bytes each layer reads.
+
+Math per block (pre-norm Llama): h += o(attn(rope(q(n1 h)), rope(k(n1 h)), v(n1 h))); h += mlp(n2 h).
+The projections and the MLP are the model's own modules, called as modules, so a sparsified model
+(RSparseLinear or a faster backend swapped in by `sparsify_`) decodes sparse with no change here.
+The cache is [layers, 2, batch, kv_heads, max_len, head_dim]; attention uses SDPA with GQA.
+Prompts are prefilled through `dense_view` (prefill is compute-bound: it stays dense).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .apply import dense_view
+from .families import blocks
+
+
+def _rope(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class StaticDecoder:
+    def __init__(self, model, max_len: int = 512, batch: int = 1):
+        cfg = model.config
+        self.model, self.layers = model, blocks(model)
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        p = next(model.parameters())
+        self.cache = torch.zeros(len(self.layers), 2, batch, self.kv_heads, max_len, self.head_dim, dtype=p.dtype, device=p.device)
+        self.max_len, self.pos = max_len, 0
+
+    def _block(self, i, layer, h, cos, sin):
+        B, T, _ = h.shape
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        end = self.pos + T
+        self.cache[i, 0, :, :, self.pos:end] = k
+        self.cache[i, 1, :, :, self.pos:end] = v
+        o = F.scaled_dot_product_attention(q, self.cache[i, 0, :, :, :end], self.cache[i, 1, :, :, :end],
+                                           is_causal=T > 1 and self.pos == 0, enable_gqa=True)
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position for ids [batch, T] appended at the current position."""
+        B, T = ids.shape
+        if T > 1 and self.pos > 0:
+            raise ValueError("multi-token input is supported only as a prefill at position 0")
+        if self.pos + T > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} positions; {self.pos + T} needed")
+        inner = self.model.model
+        h = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(h, torch.arange(self.pos, self.pos + T, device=ids.device)[None])
+        cos, sin = cos[:, None], sin[:, None]
+        for i, layer in enumerate(self.layers):
+            h = self._block(i, layer, h, cos, sin)
+        self.pos += T
+        return self.model.lm_head(inner.norm(h[:, -1]))
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        self.pos = 0
+        with dense_view(self.model):
+            return self.forward(ids)
+
+    def greedy(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        logits = self.prefill(prompt)
+        out = []
+        for _ in range(new_tokens):
+            tok = logits.argmax(-1, keepdim=True)
+            out.append(tok)
+            logits = self.forward(tok)
+        return torch.cat(out, 1)
