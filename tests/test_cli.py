@@ -39,3 +39,11 @@ def test_bad_input_one_line_exit_2(args, msg):
     assert r.returncode == 2
     lines = [line for line in r.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+def test_empty_text_file_one_line_exit_2(tmp_path):
+    f = tmp_path / "empty.txt"
+    f.write_text("", encoding="utf-8")
+    r = run("eval", "--text", str(f))
+    lines = [line for line in r.stderr.strip().splitlines() if line]
+    assert r.returncode == 2 and len(lines) == 1 and "empty" in lines[0], r.stderr
