@@ -22,6 +22,7 @@ def _logits(model):
     RSparseConfig(method="teal", allocation="uniform"), RSparseConfig(method="teal", allocation="greedy"),
     RSparseConfig(method="rsparse", allocation="uniform", alpha=0.9), RSparseConfig(method="rsparse"),
     RSparseConfig(method="rsparse", sparsity=0.7, score="auto", factors="plain"),
+    RSparseConfig(method="rsparse", allocation="uniform"),  # alpha from the grid
 ])
 def test_plans_meet_budget(smol, smol_stats, cfg):
     model, _ = smol()

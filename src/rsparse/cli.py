@@ -30,7 +30,8 @@ def _add_method(p, default_method="rsparse"):
     p.add_argument("--method", default=default_method, choices=["dense", "rsparse", "teal", "cats"])
     p.add_argument("--sparsity", type=float, default=0.5, help="model-level byte sparsity in [0, 1)")
     p.add_argument("--allocation", default="auto", help="rsparse: auto|uniform; teal: uniform|greedy")
-    p.add_argument("--alpha", type=float, default=0.95, help="uniform rsparse: channel share of each budget")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="uniform rsparse: channel share of each layer's budget (default: best of a small grid on calibration data)")
     p.add_argument("--score", default="abs", choices=["abs", "wnorm", "auto"])
     p.add_argument("--factors", default="aware", choices=["aware", "plain"])
     p.add_argument("--calib-text", default="wiki", help="calibration text: wiki (bundled) or a file")

@@ -29,7 +29,8 @@ from .linear import column_norms, svd_factors
 
 METHODS = ("dense", "rsparse", "teal", "cats")
 ALLOCATIONS = {"rsparse": ("auto", "uniform"), "teal": ("uniform", "greedy"), "cats": ("uniform",), "dense": ("uniform",)}
-_FINE = np.linspace(0.0, 1.0, 201)  # kept-fraction grid for the search
+_FINE = np.linspace(0.0, 1.0, 201)
+ALPHA_GRID = (1.0, 0.975, 0.95, 0.9, 0.8)  # kept-fraction grid for the search
 
 
 @dataclass
@@ -37,7 +38,7 @@ class RSparseConfig:
     method: str = "rsparse"
     sparsity: float = 0.5
     allocation: str = "auto"
-    alpha: float = 0.95  # uniform rsparse only: share of each layer's budget spent on kept channels
+    alpha: float | None = None  # uniform rsparse: channel share of each budget; None: best of ALPHA_GRID
     score: str = "abs"  # uniform allocations; "auto" lets the search pick per projection
     factors: str = "aware"  # "plain": SVD of W; "aware": SVD of W C^1/2 (C: dropped-channel moments)
 
@@ -51,7 +52,8 @@ class RSparseConfig:
             else:
                 raise RSparseError(f"allocation {self.allocation!r} is not available for {self.method}; use {allowed}")
         check_sparsity(self.sparsity)
-        check_alpha(self.alpha)
+        if self.alpha is not None:
+            check_alpha(self.alpha)
         if self.score not in SCORES + ("auto",):
             raise RSparseError(f"unknown score {self.score!r}; use abs, wnorm or auto")
         if self.factors not in ("plain", "aware"):
@@ -115,6 +117,12 @@ def fingerprint(model) -> str:
     return h.hexdigest()
 
 
+def _table(st, score) -> np.ndarray:
+    """Error table with a kappa = 0 row prepended (linear extrapolation, never below kappa = 0.05)."""
+    tab = st.err[score].double().numpy()
+    return np.concatenate([np.maximum(2 * tab[0] - tab[1], tab[0])[None], tab])
+
+
 def _options(st, shape, scores, max_rank):
     """All (error, bytes, (keep, rank, score)) choices of one projection, kappa on a fine grid."""
     o, i = shape
@@ -122,8 +130,7 @@ def _options(st, shape, scores, max_rank):
     keeps = np.array((0.0,) + KEEPS)
     errs, cost, meta = [], [], []
     for score in scores:
-        tab = st.err[score].double()[:, : len(ranks)].numpy()
-        tab = np.concatenate([np.maximum(2 * tab[0] - tab[1], tab[0])[None], tab])  # kappa = 0: extrapolate
+        tab = _table(st, score)[:, : len(ranks)]
         for ri, r in enumerate(ranks):
             errs.append(np.interp(_FINE, keeps, tab[:, ri]) * st.weight)
             cost.append(_FINE * o * i + r * (o + i))
@@ -164,6 +171,26 @@ def _lagrangian(stats: Stats, shapes: dict, sparsity: float, scores, max_rank: i
     return picks
 
 
+def _uniform(shapes: dict, s: float, alpha: float, score: str) -> dict:
+    picks = {}
+    for key, (o, i) in shapes.items():
+        a = allocate(o, i, s, alpha)
+        picks[key] = (a.keep, a.rank, score)
+    return picks
+
+
+def _uniform_error(stats: Stats, shapes: dict, s: float, alpha: float, score: str) -> float:
+    """Sum of sensitivity-weighted relative errors of a uniform plan, read off the error tables."""
+    total = 0.0
+    keeps = np.array((0.0,) + KEEPS)
+    for key, (keep, rank, _) in _uniform(shapes, s, alpha, score).items():
+        st = stats.proj[key]
+        tab = _table(st, score)
+        r_idx = max(i for i, r in enumerate(st.ranks) if r <= rank)  # nearest tabulated rank below
+        total += st.weight * float(np.interp(keep, keeps, tab[:, r_idx]))
+    return total
+
+
 def _aware_whitening(sample: torch.Tensor, keep_mask_fn) -> torch.Tensor:
     """Cholesky factor of the second moment of the dropped part of the sample rows."""
     Z = torch.where(keep_mask_fn(sample), 0.0, sample).double()
@@ -176,7 +203,7 @@ def build_plan(model, stats: Stats, config: RSparseConfig) -> Plan:
     """The decide step: statistics + config -> Plan (with factors for ranked projections)."""
     shapes = shapes_of(model)
     s = config.sparsity
-    layers = {}
+    layers, chosen_alpha = {}, None
     if config.method == "cats":
         for key, hist in stats.act.items():
             layers[key] = LayerPlan(tau=hist.quantile(s), keep=1.0 - s)
@@ -190,12 +217,11 @@ def build_plan(model, stats: Stats, config: RSparseConfig) -> Plan:
                 raise RSparseError(f"calibration statistics lack error tables for score {missing[0]!r}")
             picks = _lagrangian(stats, shapes, s, scores, max_rank=None)
         else:
-            alpha = 1.0 if config.method == "teal" else config.alpha
             score = "abs" if config.method == "teal" else ("abs" if config.score == "auto" else config.score)
-            picks = {}
-            for key, (o, i) in shapes.items():
-                a = allocate(o, i, s, alpha)
-                picks[key] = (a.keep, a.rank, score)
+            alpha = 1.0 if config.method == "teal" else config.alpha
+            if alpha is None:  # the alpha of the grid with the least weighted calibration error
+                alpha = chosen_alpha = min(ALPHA_GRID, key=lambda a: _uniform_error(stats, shapes, s, a, score))
+            picks = _uniform(shapes, s, alpha, score)
         for key, (keep, rank, score) in picks.items():
             if keep >= 1.0 and rank == 0:
                 continue  # dense: leave the nn.Linear untouched
@@ -209,6 +235,8 @@ def build_plan(model, stats: Stats, config: RSparseConfig) -> Plan:
         layers=layers,
         calibration=dict(stats.config, tokens=stats.tokens),
     )
+    if chosen_alpha is not None:
+        plan.calibration["alpha_chosen"] = chosen_alpha
     projs = locate(model)
     for key, lp in layers.items():
         if lp.rank == 0:
