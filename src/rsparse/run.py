@@ -18,7 +18,7 @@ from .pipeline import observe
 from .plan import RSparseConfig, build_plan, fingerprint
 
 TASKS = ("piqa", "arc_easy", "winogrande")
-PROMPT = "The most important thing to know about the history of the printing press is"
+PROMPT = "Photosynthesis is the process by which plants"
 
 
 def main_job(args):
