@@ -29,8 +29,9 @@ from .linear import column_norms, svd_factors
 
 METHODS = ("dense", "rsparse", "teal", "cats")
 ALLOCATIONS = {"rsparse": ("auto", "uniform"), "teal": ("uniform", "greedy"), "cats": ("uniform",), "dense": ("uniform",)}
-_FINE = np.linspace(0.0, 1.0, 201)
-ALPHA_GRID = (1.0, 0.975, 0.95, 0.9, 0.8)  # kept-fraction grid for the search
+_FINE = np.linspace(0.0, 1.0, 201)  # kept-fraction grid for the search
+_KEEPS0 = np.array((0.0,) + KEEPS)  # rows of `_table`
+ALPHA_GRID = (1.0, 0.975, 0.95, 0.9, 0.8)  # uniform plans: alphas tried when none is given
 
 
 @dataclass
@@ -127,12 +128,11 @@ def _options(st, shape, scores, max_rank):
     """All (error, bytes, (keep, rank, score)) choices of one projection, kappa on a fine grid."""
     o, i = shape
     ranks = [r for r in st.ranks if max_rank is None or r <= max_rank]
-    keeps = np.array((0.0,) + KEEPS)
     errs, cost, meta = [], [], []
     for score in scores:
         tab = _table(st, score)[:, : len(ranks)]
         for ri, r in enumerate(ranks):
-            errs.append(np.interp(_FINE, keeps, tab[:, ri]) * st.weight)
+            errs.append(np.interp(_FINE, _KEEPS0, tab[:, ri]) * st.weight)
             cost.append(_FINE * o * i + r * (o + i))
             meta.extend((float(k), r, score) for k in _FINE)
     return np.concatenate(errs), np.concatenate(cost), meta
@@ -182,12 +182,11 @@ def _uniform(shapes: dict, s: float, alpha: float, score: str) -> dict:
 def _uniform_error(stats: Stats, shapes: dict, s: float, alpha: float, score: str) -> float:
     """Sum of sensitivity-weighted relative errors of a uniform plan, read off the error tables."""
     total = 0.0
-    keeps = np.array((0.0,) + KEEPS)
     for key, (keep, rank, _) in _uniform(shapes, s, alpha, score).items():
         st = stats.proj[key]
         tab = _table(st, score)
         r_idx = max(i for i, r in enumerate(st.ranks) if r <= rank)  # nearest tabulated rank below
-        total += st.weight * float(np.interp(keep, keeps, tab[:, r_idx]))
+        total += st.weight * float(np.interp(keep, _KEEPS0, tab[:, r_idx]))
     return total
 
 

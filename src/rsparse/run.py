@@ -14,8 +14,8 @@ from .assets import cache_dir
 from .errors import RSparseError
 from .generate import stream
 from .models import load
-from .pipeline import observe
-from .plan import RSparseConfig, build_plan, fingerprint
+from .pipeline import calibrate, observe
+from .plan import RSparseConfig, fingerprint
 
 TASKS = ("piqa", "arc_easy", "winogrande")
 PROMPT = "Photosynthesis is the process by which plants"
@@ -41,7 +41,7 @@ def main_job(args):
         if cfg.method != "dense" and stats is None:
             print(f"calibrating on {args.calib_tokens} tokens of Wikipedia (once; cached afterwards)")
             stats = observe(model, tok, tokens=args.calib_tokens, scores=("abs",))
-        plans[name] = build_plan(model, stats, cfg) if stats else build_plan(model, _empty(), cfg)
+        plans[name] = calibrate(model, tok, cfg, stats=stats)  # dense needs no statistics
         artifact.save(plans[name], d)
 
     texts = {"wiki": data.token_windows(tok, "wiki", "eval", 1024, n=args.windows),
@@ -72,8 +72,3 @@ def main_job(args):
     print(f"\n\ndone in {time.time() - t0:.0f}s")
     print(json.dumps({"rows": rows}))
 
-
-def _empty():
-    from .calibrate import Stats
-
-    return Stats(proj={}, act={}, tokens=0, config={})
