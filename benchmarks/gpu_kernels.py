@@ -6,7 +6,8 @@ states); tau is set so that the requested fraction of channels is dropped. Each 
 through 4 weight copies inside one CUDA graph (triton.testing.do_bench_cudagraph) so weights come
 from HBM, not L2; medians are reported. Every configuration is first checked against the eager
 float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels.json if OUT is set.
-`--tune` first grid-searches launch configurations of both kernels per shape.
+`--tune` first grid-searches launch configurations of both kernels per shape; `--variants` compares
+the v4 FMA kernel's configurations with v2 and writes the best per shape (gpu_kernels_v4.json).
 """
 import json
 import os
@@ -61,8 +62,71 @@ def tune(Wts, x, tau, ones):
     return OURS_GRID[bo], ours[bo], TEAL_GRID[bt], teal[bt], ours
 
 
-def bench(fn):
-    return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median") / COPIES * 1e3  # us per call
+def bench(fn, rep=300):
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / COPIES * 1e3  # us per call
+
+
+FMA_GRID = [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=3, fused=True, fma=True)
+            for c in (512, 1024) for k in (16, 32, 64) for n in (128, 256, 512) for w in (4, 8)]
+
+
+def variants(bw):
+    """v4 (FMA gather, no tl.dot) against v2 (the tl.dot kernel) and the TEAL-style kernel, 50%, r = 0:
+    grid over FMA_GRID per shape at batch 1, then the winners at batch 2/4/8. Writes the best
+    configuration per shape to $OUT/gpu_kernels_v4.json for gpu_decode.py --tuned."""
+    from rsparse.kernels import triton_gemv as tg
+
+    dt = torch.bfloat16
+    best, rows = {}, []
+    for out_f, in_f in SHAPES:
+        Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
+        Wts = [W.t().contiguous() for W in Ws]
+        x8 = torch.distributions.Laplace(0.0, 1.0).sample((8, in_f)).to("cuda", dt)
+        ones = torch.ones(in_f, device="cuda", dtype=dt)
+        tau = torch.quantile(x8[0].float().abs(), 0.5).reshape(())
+        at, u = torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(out_f, 0, device="cuda", dtype=dt)
+        dense_us = bench(lambda: [torch.nn.functional.linear(x8[:1], W) for W in Ws])
+        teal_us = bench(lambda: [teal_gemv(x8[0], Wt, tau, **TEAL_BEST.get((out_f, in_f), {})) for Wt in Wts])
+        v2 = tg.config_for(out_f, 0)
+        cands = [v2] + FMA_GRID
+        times = {}
+        for i, cfg in enumerate(cands):
+            try:
+                y = tg._launch(x8[:1], Wts[0], at, u, ones, tau, None, cfg)
+                ref = rsparse_linear_ref(x8[:1].float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                if not (err < 1e-2):
+                    print("wrong", cfg, err, flush=True)
+                    continue
+                times[i] = bench(lambda: [tg._launch(x8[:1], Wt, at, u, ones, tau, None, cfg) for Wt in Wts], rep=100)
+            except Exception as e:
+                print("skip", cfg, type(e).__name__, str(e)[:120], flush=True)
+        order = sorted(times, key=times.get)
+        bi = order[0]
+        best[f"{out_f}x{in_f}"] = cands[bi]
+        must = 2 * 0.5 * in_f * out_f
+        for B in (1, 2, 4, 8):
+            x = x8[:B]
+            kept = (x.float().abs() > tau).any(0).float().mean().item()
+            t_best = bench(lambda: [tg._launch(x, Wt, at, u, ones, tau, None, cands[bi]) for Wt in Wts])
+            t_v2 = bench(lambda: [tg._launch(x, Wt, at, u, ones, tau, None, v2) for Wt in Wts])
+            must_b = 2 * kept * in_f * out_f
+            row = {"out": out_f, "in": in_f, "batch": B, "kept_union": kept, "dense_us": dense_us, "teal_us": teal_us if B == 1 else None,
+                   "v2_us": t_v2, "best_us": t_best, "best_cfg": cands[bi], "best_is_fma": bool(cands[bi].get("fma")),
+                   "best_bw_frac": must_b / (t_best * 1e-6) / bw, "v2_bw_frac": must_b / (t_v2 * 1e-6) / bw,
+                   "speedup_vs_dense": dense_us / t_best, "speedup_vs_teal": teal_us / t_best if B == 1 else None,
+                   "top5": [(cands[i], times[i]) for i in order[:5]]}
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "top5"), flush=True)
+    print(f"\n{'out x in':14s} {'B':>2s} {'dense':>7s} {'teal':>7s} {'v2':>7s} {'best':>7s} {'fma?':>5s} {'x dense':>8s} {'x teal':>7s} {'BW best':>8s}")
+    for r in rows:
+        print(f"{r['out']:>5d} x {r['in']:<6d} {r['batch']:2d} {r['dense_us']:7.2f} {r['teal_us'] or float('nan'):7.2f} {r['v2_us']:7.2f} "
+              f"{r['best_us']:7.2f} {str(r['best_is_fma']):>5s} {r['speedup_vs_dense']:8.2f} {r['speedup_vs_teal'] or float('nan'):7.2f} {r['best_bw_frac']:8.1%}")
+    result = {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows}
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_kernels_v4.json"), "w") as fh:
+            json.dump(result, fh, indent=1)
+    print(json.dumps({"best": best, "bw_b1": {f"{r['out']}x{r['in']}": round(r["best_bw_frac"], 3) for r in rows if r["batch"] == 1}}))
 
 
 def main():
@@ -70,6 +134,8 @@ def main():
     dt = torch.bfloat16
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    if "--variants" in sys.argv:
+        return variants(bw)
     rows, checks, tuned = [], [], []
     for out_f, in_f in SHAPES:
         Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]

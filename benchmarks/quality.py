@@ -85,9 +85,7 @@ def main():
         m, _ = rsparse.load()
         cfg = RSparseConfig(sparsity=s, **kw)
         if stats is None and cfg.method != "dense":  # one calibration pass, only once it is needed
-            t0 = time.time()
-            stats = rsparse.observe(model, tok, tokens=args.calib_tokens)
-            results["calibration_seconds"] = round(time.time() - t0, 1)
+            stats = cached_stats(model, tok, args.calib_tokens, results)
         t = time.time()
         plan = build_plan(m, stats, cfg) if stats else rsparse.calibrate(m, tok, cfg)
         rsparse.sparsify_(m, plan)
@@ -106,6 +104,22 @@ def main():
         print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
 
     report(results)
+
+
+def cached_stats(model, tok, tokens, results):
+    """One calibration per (model, token count), kept in the rsparse cache across runs (not in git)."""
+    from rsparse.assets import cache_dir
+
+    path = cache_dir() / "stats" / f"{model.rsparse_model_id}-{tokens}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)
+    t0 = time.time()
+    stats = rsparse.observe(model, tok, tokens=tokens)
+    results["calibration_seconds"] = round(time.time() - t0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(stats, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return stats
 
 
 def report(results):

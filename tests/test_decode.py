@@ -24,3 +24,23 @@ def test_sparse_decode_matches_hf_path(smol, smol_stats):
     ours = StaticDecoder(model, max_len=64).greedy(ids[None], 24)[0].tolist()
     ref = list(generate_ids(model, ids, 24))
     assert ours == ref
+
+
+def test_graph_step_matches_static_decoder(smol, smol_stats):
+    """The static-shape step (tensor position, masked full-cache attention) gives the logits of the
+    slicing decoder, dense and sparse, at batch 2."""
+    from rsparse.decode import GraphDecoder
+
+    model, tok = smol()
+    sparsify_(model, build_plan(model, smol_stats, RSparseConfig(sparsity=0.5)))
+    ids = torch.tensor([tok("The river flows", add_special_tokens=False)["input_ids"],
+                        tok("Stars are made of", add_special_tokens=False)["input_ids"][:3]])
+    ref, ours = StaticDecoder(model, max_len=16, batch=2), GraphDecoder(model, max_len=16, batch=2)
+    a, b = ref.prefill(ids), ours.prefill(ids)
+    for _ in range(5):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+        nxt = a.argmax(-1, keepdim=True)
+        b = ours.step(nxt, torch.tensor([ours.pos]))
+        ours.pos += 1
+        a = ref.forward(nxt)
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

@@ -35,30 +35,42 @@ def sparsify_(model, plan: Plan, check: bool = True):
         raise RSparseError("model is already sparsified; load a fresh copy")
     if check and plan.fingerprint != fingerprint(model):
         raise RSparseError(f"plan was calibrated for another model ({plan.model_id}); its weight fingerprint does not match")
-    projs = locate(model)
-    for key, lp in plan.layers.items():
+    for key, mod in modules_for(model, plan.layers, plan.factors).items():
+        set_module(model, key, mod)
+    return model
+
+
+def modules_for(model, layers: dict, factors: dict) -> dict:
+    """{key: sparse module} for planned layers ("i.p" projections, "i.act" for CATS)."""
+    projs, out = locate(model), {}
+    for key, lp in layers.items():
         block, p = key.split(".")
         if p == "act":
-            set_module(model, key, ThresholdedActivation(get_act(model, int(block)), lp.tau))
+            out[key] = ThresholdedActivation(get_act(model, int(block)), lp.tau)
             continue
-        U, A = plan.factors.get(key, (None, None))
+        U, A = factors.get(key, (None, None))
         if lp.rank and U is None:
             raise RSparseError(f"plan gives {key} rank {lp.rank} but carries no factors for it")
-        set_module(model, key, RSparseLinear.from_linear(projs[key], lp.tau, lp.score, U, A))
-    return model
+        out[key] = RSparseLinear.from_linear(projs[key], lp.tau, lp.score, U, A)
+    return out
+
+
+@contextlib.contextmanager
+def swapped(model, modules: dict):
+    """Within the block, the modules at the given keys are replaced; the old ones come back after."""
+    old = {k: set_module(model, k, m) for k, m in modules.items()}
+    try:
+        yield model
+    finally:
+        for k, m in old.items():
+            set_module(model, k, m)
 
 
 @contextlib.contextmanager
 def dense_view(model):
     """Within the block, every sparse module is replaced by its dense equivalent."""
-    swapped = {k: m for k, m in sparse_modules(model).items()}
-    for k, m in swapped.items():
-        set_module(model, k, m.dense())
-    try:
+    with swapped(model, {k: m.dense() for k, m in sparse_modules(model).items()}):
         yield model
-    finally:
-        for k, m in swapped.items():
-            set_module(model, k, m)
 
 
 @torch.inference_mode()

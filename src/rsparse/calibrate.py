@@ -158,16 +158,9 @@ def _sensitivities(model, b: int, layer, probe, stats: dict) -> None:
 
 
 @torch.inference_mode()
-def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 768, scores=SCORES,
-            progress: bool = True) -> Stats:
-    """Calibration statistics of `model` on token `windows` ([n, L])."""
-    layers = blocks(model)
-    projs = locate(model)
-    n_tok = windows.numel()
-    every = max(1, n_tok // sample_tokens)
-
-    # Capture what block 0 receives (hidden states and the keyword arguments the model passes:
-    # causal mask, rotary embeddings), then stop the forward pass.
+def block_inputs(model, windows: torch.Tensor, batch: int = 4) -> list:
+    """[(hidden states, keyword arguments)] that block 0 receives for each batch of `windows`
+    (the kwargs carry the causal mask and rotary embeddings); the forward stops there."""
     captured = []
 
     class _Stop(Exception):
@@ -177,7 +170,7 @@ def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 7
         captured.append((args[0] if args else kwargs["hidden_states"], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _Stop
 
-    h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    h = blocks(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for i in range(0, len(windows), batch):
             try:
@@ -186,6 +179,19 @@ def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 7
                 pass
     finally:
         h.remove()
+    return captured
+
+
+@torch.inference_mode()
+def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 768, scores=SCORES,
+            progress: bool = True) -> Stats:
+    """Calibration statistics of `model` on token `windows` ([n, L])."""
+    layers = blocks(model)
+    projs = locate(model)
+    n_tok = windows.numel()
+    every = max(1, n_tok // sample_tokens)
+
+    captured = block_inputs(model, windows, batch)
 
     # a probe batch (one window) on which each projection's effect on its block output is measured
     probe = (captured[0][0][:1].clone(), captured[0][1])

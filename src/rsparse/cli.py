@@ -113,15 +113,38 @@ def cmd_calibrate(args):
     from .models import load
     from .plan import summarize
 
-    _config(args)
-    model, tok = load(args.model, args.dtype)
-    t0 = time.time()
-    plan = _sparsified(args, model, tok)
-    if plan is None:
+    config = _config(args)
+    if config.method == "dense":
         raise RSparseError("--method dense has nothing to calibrate")
-    save(plan, args.out)
+    t0 = time.time()
+    if args.search == "evo":
+        from .pipeline import search_plan
+        from .search import SearchConfig
+
+        scfg = SearchConfig(population=args.population, generations=args.generations, groups=args.groups,
+                            fitness_tokens=args.fitness_tokens, val_tokens=args.val_tokens, seed=args.seed,
+                            budget_minutes=args.budget_minutes)
+        model, tok = load(args.model, args.dtype)
+        plan = search_plan(model, tok, config, scfg, args.out, source=args.calib_text, tokens=args.calib_tokens, seed=args.seed)
+        s = plan.calibration["search"]
+        print(f"search: {s['evaluations']} evaluations in {s['seconds']:.0f}s; KL fit {s['seed_fit_kl']:.4f} -> {s['fit_kl']:.4f}, "
+              f"validation {s['seed_val_kl']:.4f} -> {s['val_kl']:.4f} (seed = default plan)")
+        for name, kl in s.get("baselines", {}).items():
+            print(f"  {name:16s} KL fit {kl['fit']:.4f} validation {kl['val']:.4f}")
+    else:
+        model, tok = load(args.model, args.dtype)
+        plan = _sparsified(args, model, tok)
+        save(plan, args.out)
     print(summarize(plan))
     print(f"plan written to {args.out} in {time.time() - t0:.0f}s")
+
+
+def cmd_plot_plan(args):
+    from .artifact import load
+    from .plotting import plot_plan
+
+    out = plot_plan(load(args.plan), args.out or f"{args.plan.rstrip('/')}/plan.png")
+    print(f"heatmap written to {out}")
 
 
 def cmd_generate(args):
@@ -185,7 +208,20 @@ def build_parser():
     _add_model(c)
     _add_method(c)
     c.add_argument("--out", required=True)
+    c.add_argument("--search", default="none", choices=["none", "evo"],
+                   help="evo: evolutionary per-layer allocation (resumable: rerun with the same --out)")
+    c.add_argument("--population", type=int, default=16)
+    c.add_argument("--generations", type=int, default=4, help="generations per block group")
+    c.add_argument("--groups", type=int, default=5, help="consecutive block groups searched one after another")
+    c.add_argument("--fitness-tokens", type=int, default=2048)
+    c.add_argument("--val-tokens", type=int, default=2048)
+    c.add_argument("--budget-minutes", type=float, default=None, help="stop the search after this many minutes")
     c.set_defaults(fn=cmd_calibrate)
+
+    pp = sub.add_parser("plot-plan", help="heatmap (PNG) of a plan's per-layer sparsity and alpha")
+    pp.add_argument("plan")
+    pp.add_argument("--out", help="PNG path (default: PLAN/plan.png)")
+    pp.set_defaults(fn=cmd_plot_plan)
 
     g = sub.add_parser("generate", help="stream text from a (sparsified) model")
     _add_model(g)

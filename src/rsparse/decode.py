@@ -32,21 +32,30 @@ class StaticDecoder:
         self.cache = torch.zeros(len(self.layers), 2, batch, self.kv_heads, max_len, self.head_dim, dtype=p.dtype, device=p.device)
         self.max_len, self.pos = max_len, 0
 
-    def _block(self, i, layer, h, cos, sin):
+    def _qkv(self, layer, h, cos, sin):
         B, T, _ = h.shape
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q = attn.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    @staticmethod
+    def _rest(layer, h, o):
+        B, _, T, _ = o.shape
+        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _block(self, i, layer, h, cos, sin):
+        q, k, v = self._qkv(layer, h, cos, sin)
+        T = h.shape[1]
         end = self.pos + T
         self.cache[i, 0, :, :, self.pos:end] = k
         self.cache[i, 1, :, :, self.pos:end] = v
         o = F.scaled_dot_product_attention(q, self.cache[i, 0, :, :, :end], self.cache[i, 1, :, :, :end],
                                            is_causal=T > 1 and self.pos == 0, enable_gqa=True)
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return self._rest(layer, h, o)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -78,3 +87,24 @@ class StaticDecoder:
             out.append(tok)
             logits = self.forward(tok)
         return torch.cat(out, 1)
+
+
+class GraphDecoder(StaticDecoder):
+    """A decode step with static shapes, for CUDA graphs and torch.compile(mode="reduce-overhead"):
+    the position is a 1-element tensor, K/V are written with index_copy_, and attention reads the
+    whole cache under a mask (positions > pos masked), so every step replays the same kernels."""
+
+    def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits for ids [batch, 1] at position `pos` (long tensor [1]); `prefill` first."""
+        inner = self.model.model
+        h = inner.embed_tokens(ids)
+        cos, sin = inner.rotary_emb(h, pos[None])
+        cos, sin = cos[:, None], sin[:, None]
+        mask = (torch.arange(self.max_len, device=ids.device) <= pos)[None, None, None, :]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, h, cos, sin)
+            self.cache[i, 0].index_copy_(2, pos, k)
+            self.cache[i, 1].index_copy_(2, pos, v)
+            o = F.scaled_dot_product_attention(q, self.cache[i, 0], self.cache[i, 1], attn_mask=mask, enable_gqa=True)
+            h = self._rest(layer, h, o)
+        return self.model.lm_head(inner.norm(h[:, -1]))

@@ -67,7 +67,9 @@ class RSparseLinear(nn.Module):
     def dense(self) -> nn.Linear:
         """The dense layer this module replaced, sharing its weight and bias storage."""
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        lin.weight, lin.bias = self.weight, self.bias
+        w = self.weight  # a backend may store W^T: the view is wrapped, never copied
+        lin.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
+        lin.bias = self.bias
         return lin
 
     def extra_repr(self) -> str:
@@ -97,15 +99,21 @@ def column_norms(W: torch.Tensor) -> torch.Tensor:
     return W.double().norm(dim=0).float()
 
 
-def svd_factors(W: torch.Tensor, rank: int, whiten: torch.Tensor | None = None):
-    """Rank-r factors (U_r, S_r V_r^T) from a float64 SVD of W, or of W L for a whitening L
-    (C = L L^T the second moment of the inputs the factors will see): then A = S_r V_r^T L^-1,
-    which minimises E||W z - U A z||^2 over z ~ C instead of ||W - U A||_F."""
+def svd_basis(W: torch.Tensor, whiten: torch.Tensor | None = None):
+    """Float64 (U, A) with W = U A (A = S V^T) from an SVD of W, or of W L for a whitening L
+    (C = L L^T the second moment of the inputs the factors will see): then A = S V^T L^-1, and
+    the first r columns of U / rows of A minimise E||W z - U_r A_r z||^2 over z ~ C instead of
+    ||W - U_r A_r||_F. Truncating one basis gives the factors of every rank."""
     W64 = W.double()
     if whiten is None:
         u, s, vh = torch.linalg.svd(W64, full_matrices=False)
-        return u[:, :rank].contiguous(), (s[:rank, None] * vh[:rank]).contiguous()
+        return u, s[:, None] * vh
     L = whiten.double()
     u, s, vh = torch.linalg.svd(W64 @ L, full_matrices=False)
-    A = torch.linalg.solve_triangular(L, (s[:rank, None] * vh[:rank]), upper=False, left=False)
-    return u[:, :rank].contiguous(), A.contiguous()
+    return u, torch.linalg.solve_triangular(L, s[:, None] * vh, upper=False, left=False)
+
+
+def svd_factors(W: torch.Tensor, rank: int, whiten: torch.Tensor | None = None):
+    """Rank-r factors (U_r, A_r) of `svd_basis`."""
+    u, a = svd_basis(W, whiten)
+    return u[:, :rank].contiguous(), a[:rank].contiguous()

@@ -51,3 +51,107 @@ def save_plan(plan: Plan, directory):
 def load_sparsified(model, directory):
     """Restore a saved plan onto `model` (checked against its weights) without recalibration."""
     return sparsify_(model, artifact.load(directory))
+
+
+def search_windows(tokenizer, stats: Stats, cfg, source: str = "wiki") -> dict:
+    """Fitness and validation windows from the calibration text, disjoint from the windows the
+    statistics were collected on (the next windows of the same seeded order) and from the
+    evaluation split."""
+    n_stats, length = stats.config["windows"]
+    need = -(-(cfg.fitness_tokens + cfg.val_tokens) // length)
+    allw = calibration_windows(tokenizer, source, (n_stats + need) * length, length, stats.config.get("seed", 0))
+    extra = allw[n_stats:]
+    w = extra.reshape(-1, cfg.window) if length % cfg.window == 0 else extra[:, : cfg.window]
+    n_fit = max(1, cfg.fitness_tokens // cfg.window)
+    n_val = max(1, cfg.val_tokens // cfg.window)
+    if len(w) < n_fit + n_val:
+        raise RSparseError(f"--window {cfg.window} leaves {len(w)} windows; {n_fit} + {n_val} are needed")
+    return {"fit": w[:n_fit], "val": w[n_fit : n_fit + n_val]}
+
+
+def search_plan(model, tokenizer, config: RSparseConfig, search_config, directory, stats: Stats | None = None,
+                baselines: bool = True, progress=print, **observe_kw) -> Plan:
+    """Evolutionary per-layer allocation (see `search`), written to `directory` as a plan
+    artifact; the search state beside it makes a rerun resume where it stopped."""
+    import json
+    from collections import OrderedDict
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .apply import modules_for
+    from .fitness import Fitness
+    from .plan import SCORES, config_picks, factor_basis, factors_of, fingerprint, layers_from_picks, shapes_of
+    from .search import Search, Space
+
+    if config.method not in ("rsparse", "teal") or config.sparsity <= 0:
+        raise RSparseError("the search allocates rsparse or teal plans at a sparsity > 0")
+    stats = stats or observe(model, tokenizer, progress=progress is not None, **observe_kw)
+    shapes = shapes_of(model)
+    teal = config.method == "teal"
+    scores = ("abs",) if teal else (SCORES if config.score == "auto" else (config.score,))
+    space = Space(stats, shapes, config.sparsity, scores, 0 if teal else None)
+    fitness = Fitness(model, search_windows(tokenizer, stats, search_config, stats.config.get("source", "wiki")))
+    cache: OrderedDict = OrderedDict()
+
+    def basis(key, W, lp):  # SVD bases are reused across candidates (LRU, ~5 MB each)
+        ck = (key, lp.keep, lp.score, lp.tau)
+        if ck not in cache:
+            cache[ck] = tuple(t.to(W.dtype) for t in factor_basis(W, stats.proj[key], lp, config.factors))
+            if len(cache) > 256:
+                cache.popitem(last=False)
+        cache.move_to_end(ck)
+        return cache[ck]
+
+    def modules(picks):
+        layers = layers_from_picks(stats, picks)
+        return modules_for(model, layers, factors_of(model, stats, layers, config.factors, basis))
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / "evaluations.jsonl"
+
+    def evaluate(picks, start, split):
+        r = fitness(modules(picks), split)
+        with open(log, "a") as f:
+            f.write(json.dumps({"split": split, "start": start, **r}) + "\n")
+        return r["kl"]
+
+    identity = {"model": fingerprint(model), "method": config.method, "scores": list(scores), "factors": config.factors,
+                "calibration": {k: stats.config.get(k) for k in ("windows", "seed", "source")}}
+    state = Search(space, search_config, directory, evaluate, lambda picks, a, b: fitness.advance(modules(picks), b),
+                   identity, progress=progress or (lambda *_: None)).run()
+    out_cfg = replace(config, allocation="evo")
+    plan = build_plan(model, stats, out_cfg, picks=space.decode(state["incumbent"]), basis=basis)
+    plan.calibration["search"] = {"config": search_config.identity(), "seconds": round(state["seconds"], 1),
+                                  "evaluations": state["evaluations"], "fit_kl": state["incumbent_fit"],
+                                  "val_kl": state["incumbent_val"], "seed_fit_kl": state["seed_fit"],
+                                  "seed_val_kl": state["seed_val"], "stopped": state.get("stopped")}
+    if baselines:
+        plan.calibration["search"]["baselines"] = _baselines(directory, fitness, modules, stats, shapes, config)
+    artifact.save(plan, directory)
+    return plan
+
+
+def _baselines(directory, fitness, modules, stats, shapes, config) -> dict:
+    """KL of the standard allocations on the same fitness / validation windows (from block 0),
+    cached in DIR/baselines.json."""
+    import json
+    from pathlib import Path
+
+    from .plan import config_picks
+
+    path = Path(directory) / "baselines.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    fitness.reset()
+    out = {}
+    variants = {"teal-uniform": dict(method="teal", allocation="uniform"),
+                "teal-greedy": dict(method="teal", allocation="greedy"),
+                "rsparse-uniform": dict(method="rsparse", allocation="uniform"),
+                "rsparse-auto": dict(method="rsparse", allocation="auto")}
+    for name, kw in variants.items():
+        picks, _ = config_picks(stats, shapes, RSparseConfig(sparsity=config.sparsity, **kw))
+        mods = modules(picks)
+        out[name] = {split: fitness(mods, split)["kl"] for split in ("fit", "val")}
+    artifact._write_atomic(path, lambda p: Path(p).write_text(json.dumps(out, indent=1)))
+    return out

@@ -25,10 +25,10 @@ from .budget import allocate, check_alpha, check_sparsity
 from .calibrate import KEEPS, SCORES, Stats
 from .errors import RSparseError
 from .families import locate
-from .linear import column_norms, svd_factors
+from .linear import column_norms, svd_basis
 
 METHODS = ("dense", "rsparse", "teal", "cats")
-ALLOCATIONS = {"rsparse": ("auto", "uniform"), "teal": ("uniform", "greedy"), "cats": ("uniform",), "dense": ("uniform",)}
+ALLOCATIONS = {"rsparse": ("auto", "uniform", "evo"), "teal": ("uniform", "greedy", "evo"), "cats": ("uniform",), "dense": ("uniform",)}
 _FINE = np.linspace(0.0, 1.0, 201)  # kept-fraction grid for the search
 _KEEPS0 = np.array((0.0,) + KEEPS)  # rows of `_table`
 ALPHA_GRID = (1.0, 0.975, 0.95, 0.9, 0.8)  # uniform plans: alphas tried when none is given
@@ -124,8 +124,9 @@ def _table(st, score) -> np.ndarray:
     return np.concatenate([np.maximum(2 * tab[0] - tab[1], tab[0])[None], tab])
 
 
-def _options(st, shape, scores, max_rank):
-    """All (error, bytes, (keep, rank, score)) choices of one projection, kappa on a fine grid."""
+def projection_options(st, shape, scores, max_rank):
+    """All (error, bytes, (keep, rank, score)) choices of one projection, kappa on a fine grid;
+    errors are sensitivity-weighted (st.weight)."""
     o, i = shape
     ranks = [r for r in st.ranks if max_rank is None or r <= max_rank]
     errs, cost, meta = [], [], []
@@ -138,37 +139,81 @@ def _options(st, shape, scores, max_rank):
     return np.concatenate(errs), np.concatenate(cost), meta
 
 
-def _lagrangian(stats: Stats, shapes: dict, sparsity: float, scores, max_rank: int | None) -> dict:
-    """Per block, the (keep, rank, score) of each projection that minimises the block's summed,
-    sensitivity-weighted relative errors under the block's byte budget (1 - s) x its dense bytes:
-    each projection takes argmin err + lambda * bytes, lambda bisected until the budget holds.
-    Blocks share the model sparsity uniformly, as in TEAL's block-wise greedy allocation."""
-    by_block: dict[str, list] = {}
-    for key in stats.proj:
-        by_block.setdefault(key.split(".")[0], []).append(key)
+def solve_block(opts: dict, budget: float, mult: dict | None = None) -> dict:
+    """Lagrangian allocation inside one block: each projection k takes argmin mult_k * err + lambda
+    * bytes, lambda bisected until the block's bytes fit `budget` (never above it). `mult` scales a
+    projection's errors (1 by default; the search tunes it)."""
+    mult = mult or {}
+
+    def solve(lam):
+        pick, total = {}, 0.0
+        for k, (e, c, meta) in opts.items():
+            j = int(np.argmin(mult.get(k, 1.0) * e + lam * c))
+            pick[k] = meta[j]
+            total += float(c[j])
+        return pick, total
+
+    lo, hi = 0.0, 1e-12
+    while solve(hi)[1] > budget:
+        lo, hi = hi, hi * 4
+        if hi > 1e6:
+            raise RSparseError(f"a block budget of {budget:.0f} elements cannot be met with the available options")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if solve(mid)[1] <= budget else (mid, hi)
+    return _fill(opts, mult, *solve(hi), budget)
+
+
+def _fill(opts: dict, mult: dict, pick: dict, total: float, budget: float) -> dict:
+    """Spend what the Lagrangian left of the budget (its solutions jump between hull vertices):
+    repeatedly take the single-projection upgrade that fits and removes the most error per byte."""
+    idx = {k: opts[k][2].index(pick[k]) for k in opts}
+    while True:
+        best = None
+        for k, (e, c, meta) in opts.items():
+            j0 = idx[k]
+            extra = c - c[j0]
+            gain = mult.get(k, 1.0) * (e[j0] - e)
+            ok = (extra > 0) & (extra <= budget - total) & (gain > 0)
+            if ok.any():
+                ratio = np.where(ok, gain / np.where(ok, extra, 1.0), -np.inf)
+                j = int(np.argmax(ratio))
+                if best is None or ratio[j] > best[0]:
+                    best = (ratio[j], k, j)
+        if best is None:
+            return {k: opts[k][2][j] for k, j in idx.items()}
+        _, k, j = best
+        total += float(opts[k][1][j] - opts[k][1][idx[k]])
+        idx[k] = j
+
+
+def block_keys(keys) -> dict:
+    """{block index: [projection keys]} in model order."""
+    out: dict[int, list] = {}
+    for key in keys:
+        out.setdefault(int(key.split(".")[0]), []).append(key)
+    return out
+
+
+def block_picks(stats: Stats, shapes: dict, block_sparsity: dict, scores, max_rank: int | None,
+                mult: dict | None = None, options: dict | None = None) -> dict:
+    """(keep, rank, score) of every projection of the blocks in `block_sparsity` ({block: s_b}):
+    block b reads at most (1 - s_b) x its dense bytes, split among its projections by
+    `solve_block`. `options` may carry precomputed `projection_options` (the search reuses them)."""
     picks = {}
-    for keys in by_block.values():
-        opts = {k: _options(stats.proj[k], shapes[k], scores, max_rank) for k in keys}
-        budget = (1.0 - sparsity) * sum(shapes[k][0] * shapes[k][1] for k in keys)
-
-        def solve(lam):
-            pick, total = {}, 0.0
-            for k, (e, c, meta) in opts.items():
-                j = int(np.argmin(e + lam * c))
-                pick[k] = meta[j]
-                total += float(c[j])
-            return pick, total
-
-        lo, hi = 0.0, 1e-12
-        while solve(hi)[1] > budget:
-            lo, hi = hi, hi * 4
-            if hi > 1e6:
-                raise RSparseError(f"sparsity {sparsity} cannot be met with the available options")
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if solve(mid)[1] <= budget else (mid, hi)
-        picks.update(solve(hi)[0])
+    for b, keys in block_keys(stats.proj).items():
+        if b not in block_sparsity:
+            continue
+        opts = {k: options[k] if options else projection_options(stats.proj[k], shapes[k], scores, max_rank) for k in keys}
+        budget = (1.0 - block_sparsity[b]) * sum(shapes[k][0] * shapes[k][1] for k in keys)
+        picks.update(solve_block(opts, budget, mult))
     return picks
+
+
+def _lagrangian(stats: Stats, shapes: dict, sparsity: float, scores, max_rank: int | None) -> dict:
+    """Blocks share the model sparsity uniformly, as in TEAL's block-wise greedy allocation;
+    inside each block the allocation minimises the summed sensitivity-weighted relative errors."""
+    return block_picks(stats, shapes, {b: sparsity for b in block_keys(stats.proj)}, scores, max_rank)
 
 
 def _uniform(shapes: dict, s: float, alpha: float, score: str) -> dict:
@@ -198,34 +243,73 @@ def _aware_whitening(sample: torch.Tensor, keep_mask_fn) -> torch.Tensor:
     return torch.linalg.cholesky(C + eps * torch.eye(len(C), dtype=C.dtype))
 
 
-def build_plan(model, stats: Stats, config: RSparseConfig) -> Plan:
-    """The decide step: statistics + config -> Plan (with factors for ranked projections)."""
-    shapes = shapes_of(model)
+def config_picks(stats: Stats, shapes: dict, config: RSparseConfig) -> tuple[dict, float | None]:
+    """(keep, rank, score) per projection for a teal/rsparse config, and the alpha a uniform
+    R-Sparse plan chose from ALPHA_GRID (None otherwise)."""
     s = config.sparsity
+    if config.allocation == "evo":
+        raise RSparseError("evo allocations come from the search: rsparse calibrate --search evo (rsparse.search_plan)")
+    if config.method == "teal" and config.allocation == "greedy":
+        return _lagrangian(stats, shapes, s, ("abs",), max_rank=0), None
+    if config.method == "rsparse" and config.allocation == "auto":
+        scores = SCORES if config.score == "auto" else (config.score,)
+        missing = [sc for sc in scores if sc not in stats.config.get("scores", SCORES)]
+        if missing:
+            raise RSparseError(f"calibration statistics lack error tables for score {missing[0]!r}")
+        return _lagrangian(stats, shapes, s, scores, max_rank=None), None
+    score = "abs" if config.method == "teal" else ("abs" if config.score == "auto" else config.score)
+    alpha, chosen = (1.0 if config.method == "teal" else config.alpha), None
+    if alpha is None:  # the alpha of the grid with the least weighted calibration error
+        alpha = chosen = min(ALPHA_GRID, key=lambda a: _uniform_error(stats, shapes, s, a, score))
+    return _uniform(shapes, s, alpha, score), chosen
+
+
+def layers_from_picks(stats: Stats, picks: dict) -> dict:
+    """LayerPlans (threshold from the score histogram) of the non-dense picks."""
+    layers = {}
+    for key, (keep, rank, score) in picks.items():
+        if keep >= 1.0 and rank == 0:
+            continue  # dense: leave the nn.Linear untouched
+        layers[key] = LayerPlan(tau=stats.proj[key].hist[score].quantile(1.0 - keep), keep=keep, rank=rank, score=score)
+    return layers
+
+
+def factor_basis(W: torch.Tensor, st, lp: LayerPlan, kind: str):
+    """Full-rank (U, A) whose first r columns / rows are the rank-r factors of `lp` (see
+    `linear.svd_basis`); "aware" whitens with the moments of the channels `lp` drops."""
+    whiten = None
+    if kind == "aware":
+        col = column_norms(W) if lp.score == "wnorm" else torch.ones(W.shape[1])
+        whiten = _aware_whitening(st.sample[0], lambda x: x.abs() * col > lp.tau)
+    return svd_basis(W, whiten)
+
+
+def factors_of(model, stats: Stats, layers: dict, kind: str, basis=None) -> dict:
+    """{key: (U_r, A_r)} in the model dtype for every ranked layer; `basis(key, W, lp)` may be a
+    cache around `factor_basis` (the search reuses bases across candidates)."""
+    projs = locate(model)
+    out = {}
+    for key, lp in layers.items():
+        if lp.rank == 0:
+            continue
+        W = projs[key].weight
+        U, A = basis(key, W, lp) if basis else factor_basis(W, stats.proj[key], lp, kind)
+        out[key] = (U[:, : lp.rank].to(W.dtype).contiguous(), A[: lp.rank].to(W.dtype).contiguous())
+    return out
+
+
+def build_plan(model, stats: Stats, config: RSparseConfig, picks: dict | None = None, basis=None) -> Plan:
+    """The decide step: statistics + config -> Plan (with factors for ranked projections).
+    `picks` overrides the allocation (the search passes the one it found)."""
+    shapes = shapes_of(model)
     layers, chosen_alpha = {}, None
     if config.method == "cats":
         for key, hist in stats.act.items():
-            layers[key] = LayerPlan(tau=hist.quantile(s), keep=1.0 - s)
-    elif config.method in ("teal", "rsparse") and s > 0:
-        if config.method == "teal" and config.allocation == "greedy":
-            picks = _lagrangian(stats, shapes, s, ("abs",), max_rank=0)
-        elif config.method == "rsparse" and config.allocation == "auto":
-            scores = SCORES if config.score == "auto" else (config.score,)
-            missing = [sc for sc in scores if sc not in stats.config.get("scores", SCORES)]
-            if missing:
-                raise RSparseError(f"calibration statistics lack error tables for score {missing[0]!r}")
-            picks = _lagrangian(stats, shapes, s, scores, max_rank=None)
-        else:
-            score = "abs" if config.method == "teal" else ("abs" if config.score == "auto" else config.score)
-            alpha = 1.0 if config.method == "teal" else config.alpha
-            if alpha is None:  # the alpha of the grid with the least weighted calibration error
-                alpha = chosen_alpha = min(ALPHA_GRID, key=lambda a: _uniform_error(stats, shapes, s, a, score))
-            picks = _uniform(shapes, s, alpha, score)
-        for key, (keep, rank, score) in picks.items():
-            if keep >= 1.0 and rank == 0:
-                continue  # dense: leave the nn.Linear untouched
-            tau = stats.proj[key].hist[score].quantile(1.0 - keep)
-            layers[key] = LayerPlan(tau=tau, keep=keep, rank=rank, score=score)
+            layers[key] = LayerPlan(tau=hist.quantile(config.sparsity), keep=1.0 - config.sparsity)
+    elif config.method in ("teal", "rsparse") and config.sparsity > 0:
+        if picks is None:
+            picks, chosen_alpha = config_picks(stats, shapes, config)
+        layers = layers_from_picks(stats, picks)
     plan = Plan(
         config=asdict(config),
         model_id=getattr(model, "rsparse_model_id", "unknown"),
@@ -236,17 +320,7 @@ def build_plan(model, stats: Stats, config: RSparseConfig) -> Plan:
     )
     if chosen_alpha is not None:
         plan.calibration["alpha_chosen"] = chosen_alpha
-    projs = locate(model)
-    for key, lp in layers.items():
-        if lp.rank == 0:
-            continue
-        W = projs[key].weight
-        whiten = None
-        if config.factors == "aware":
-            col = column_norms(W) if lp.score == "wnorm" else torch.ones(W.shape[1])
-            whiten = _aware_whitening(stats.proj[key].sample[0], lambda x: x.abs() * col > lp.tau)
-        U, A = svd_factors(W, lp.rank, whiten)
-        plan.factors[key] = (U.to(W.dtype), A.to(W.dtype))
+    plan.factors = factors_of(model, stats, layers, config.factors, basis)
     return plan
 
 

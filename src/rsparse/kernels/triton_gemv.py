@@ -103,6 +103,40 @@ def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B,
 
 
 @triton.jit
+def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT,
+                     CHUNK: tl.constexpr, BB: tl.constexpr, YB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """v4: `_fused_gather_gemv` with CUDA-core FMAs instead of tl.dot. For 1..8 rows a tl.dot pads
+    the rows to 16 and stages every weight tile through shared memory for the MMA; here a weight
+    tile goes from global memory to registers once and is reduced over the kept channels there
+    ([BB, BLOCK_K, BLOCK_N] products, BB = rows padded to a power of two)."""
+    pid_n, chunk = tl.program_id(0), tl.program_id(1)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    rows = tl.arange(0, BB)
+    valid = (rows[:, None] < B) & (offs[None, :] < IN)
+    tau = tl.load(tau_ptr)
+    xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
+    cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
+    keep_any = tl.max(((tl.abs(xc.to(tl.float32)) * cc.to(tl.float32)[None, :] > tau) & valid).to(tl.int32), axis=0)
+    pos = tl.cumsum(keep_any, axis=0) - 1
+    cnt = tl.sum(keep_any, axis=0)
+    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
+    tl.store(base + pos, offs, mask=keep_any > 0)
+    tl.debug_barrier()
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, cnt, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < cnt
+        j = tl.load(base + kk, mask=km, other=0)
+        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0).to(tl.float32)
+        cj = tl.load(c_ptr + j, mask=km, other=0.0).to(tl.float32)
+        xv = tl.where(tl.abs(xv) * cj[None, :] > tau, xv, 0.0)
+        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * OUT + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
+        acc += tl.sum(xv[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    tl.store(ypart_ptr + chunk * YB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
+
+
+@triton.jit
 def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, R, NCHUNK,
               BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -131,7 +165,19 @@ def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, R, NCHUNK,
 CONFIG = {"chunk": 512, "block_k": 32, "block_n": 128, "warps": 4, "stages": 3, "fused": True}
 
 
-def config_for(out_f: int, rank: int = 0) -> dict:
+TUNED: dict = {}  # (out, in) -> configuration measured best for that shape (r = 0), see load_tuned
+
+
+def load_tuned(best: dict) -> None:
+    """Install per-shape configurations {"OUTxIN": cfg} (from benchmarks/gpu_kernels.py --variants)."""
+    for shape, cfg in best.items():
+        o, i = map(int, shape.split("x"))
+        TUNED[(o, i)] = dict(cfg)
+
+
+def config_for(out_f: int, rank: int = 0, in_f: int | None = None) -> dict:
+    if rank == 0 and (out_f, in_f) in TUNED:
+        return dict(TUNED[(out_f, in_f)])
     cfg = dict(CONFIG, block_n=256 if out_f >= 8192 else CONFIG["block_n"])
     if rank:  # the rank path's _select holds a (chunk x 64) tile of At: 256-channel chunks measured faster
         cfg["chunk"] = 256
@@ -148,7 +194,12 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None):
     y = torch.empty(B, OUT, dtype=x.dtype, device=x.device) if out is None else out
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    if cfg["fused"] and R == 0:
+    if cfg.get("fma") and R == 0:
+        bb = triton.next_power_of_2(B)
+        scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
+        torch.library.wrap_triton(_fma_gather_gemv)[(ntile, nchunk)](
+            x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, **dict(meta, BB=bb, YB=BB, BLOCK_K=max(1, cfg["block_k"] // bb)))
+    elif cfg["fused"] and R == 0:
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, **meta)
     else:
@@ -167,7 +218,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None):
 def rsparse_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                  tau: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows."""
-    return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1]))
+    return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1], wt.shape[0]))
 
 
 @triton.jit

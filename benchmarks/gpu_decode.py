@@ -1,0 +1,239 @@
+"""End-to-end GPU decode: dense cuBLAS vs R-Sparse Triton kernels on Llama-architecture models with
+random bf16 weights (Llama-3-8B and Llama-2-7B shapes), static KV cache, one decode step captured in a
+CUDA graph (`decode.GraphDecoder`), batch 1/2/4/8, sparsity 40-70%.
+
+Thresholds come from the model's own forward passes (|x| at every projection input over a prefill
+of random tokens; per-projection quantile for a uniform plan at the target byte sparsity, r = 0),
+so the kept fractions are what these activations give. Dense and sparse steps are replayed
+alternately (median of repeats, each repeat = `STEPS` replays timed with CUDA events). A
+torch.compile(mode="reduce-overhead") step is timed too at batch 1 (it fuses the elementwise ops
+the manual graph runs one by one). Bandwidth: bytes that must be read per token (projection bytes
+x realised kept fraction, lm_head, norms, the whole KV cache) / time / measured copy bandwidth.
+
+    PYTHONPATH=src python3 benchmarks/gpu_decode.py [--models llama3-8b] [--tuned FILE]
+Prints a table, ends with one JSON line, writes $OUT/gpu_decode.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from rsparse.apply import swapped
+from rsparse.decode import GraphDecoder
+from rsparse.families import locate
+from rsparse.kernels import triton_gemv as tg
+from rsparse.kernels.module import TritonRSparseLinear
+from rsparse.linear import RSparseLinear
+
+MODELS = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+}
+SPARSITIES = (0.4, 0.5, 0.6, 0.7)
+BATCHES = (1, 2, 4, 8)
+MAX_LEN, STEPS, REPEATS = 512, 32, 7
+
+
+def build(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(LlamaConfig(**MODELS[name])).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model
+
+
+@torch.inference_mode()
+def input_samples(model, tokens=1024):
+    """|x| rows at every projection input over a prefill of random tokens (a subsample of rows)."""
+    projs, samples, hooks = locate(model), {}, []
+    for key, mod in projs.items():
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, key=key: samples.setdefault(key, a[0].reshape(-1, a[0].shape[-1])[::4].float().abs())))
+    ids = torch.randint(0, model.config.vocab_size, (4, tokens // 4), device="cuda")
+    try:
+        model(ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return samples
+
+
+def copy_bandwidth():
+    import triton.testing
+
+    a = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), rep=300, return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def capture(dec, B):
+    ids = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([MAX_LEN // 2], device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.inference_mode():
+        for _ in range(3):
+            dec.step(ids, pos)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(g):
+        out = dec.step(ids, pos)
+    return g, out
+
+
+def time_graph(g):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    start.record()
+    for _ in range(STEPS):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / STEPS * 1e-3  # s per token step
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="llama3-8b,llama2-7b")
+    ap.add_argument("--tuned", help="JSON of per-shape kernel configurations from gpu_kernels.py --variants")
+    ap.add_argument("--compile", action="store_true", default=True)
+    ap.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
+    args = ap.parse_args()
+    t_start = time.time()
+    if args.tuned and os.path.exists(args.tuned):
+        tg.load_tuned(json.load(open(args.tuned))["best"])
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  tuned shapes: {sorted(tg.TUNED)}", flush=True)
+    rows, compiled, checks = [], [], []
+    for name in args.models.split(","):
+        if time.time() - t_start > args.time_limit:
+            break
+        torch.manual_seed(0)
+        model = build(name)
+        projs = locate(model)
+        samples = input_samples(model)
+        taus = {k: torch.zeros((), device="cuda") for k in projs}
+        sparse = {k: TritonRSparseLinear(RSparseLinear.from_linear(projs[k], 0.0)) for k in projs}
+        for k, m in sparse.items():
+            m.tau = taus[k]  # one tensor per projection, updated in place per sparsity (graphs see it)
+        lin_bytes = {k: m.weight.numel() * 2 for k, m in projs.items()}
+        other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                          if "proj" not in n and "embed_tokens" not in n)
+        for B in BATCHES:
+            if time.time() - t_start > args.time_limit:
+                break
+            dec = GraphDecoder(model, max_len=MAX_LEN, batch=B)
+            kv_bytes = dec.cache.numel() * dec.cache.element_size()
+            g_dense, _ = capture(dec, B)
+            with swapped(model, sparse):
+                g_sparse, out_sparse = capture(dec, B)
+            if B == 1:
+                checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples))
+            for s in SPARSITIES:
+                kept = {}
+                for k, x in samples.items():
+                    taus[k].fill_(torch.quantile(x.reshape(-1), s).item())
+                    xb = x[: x.shape[0] // B * B].reshape(-1, B, x.shape[1])  # B rows at a time: union of kept channels
+                    kept[k] = (xb > taus[k]).any(1).float().mean().item()
+                d, sp = [], []
+                for _ in range(REPEATS):
+                    d.append(time_graph(g_dense))
+                    sp.append(time_graph(g_sparse))
+                td, ts = statistics.median(d), statistics.median(sp)
+                dense_read = sum(lin_bytes.values()) + other_bytes + kv_bytes
+                sparse_read = sum(lin_bytes[k] * kept[k] for k in projs) + other_bytes + kv_bytes
+                row = {"model": name, "batch": B, "sparsity": s, "dense_tok_s": B / td, "sparse_tok_s": B / ts,
+                       "speedup": td / ts, "dense_ms": td * 1e3, "sparse_ms": ts * 1e3,
+                       "kept_union": sum(lin_bytes[k] * kept[k] for k in projs) / sum(lin_bytes.values()),
+                       "dense_bw_frac": dense_read / td / bw, "sparse_bw_frac": sparse_read / ts / bw,
+                       "bound_speedup": dense_read / sparse_read}
+                rows.append(row)
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            del g_dense, g_sparse
+            if args.compile and B == 1 and time.time() - t_start < args.time_limit:
+                compiled.append(compiled_step(name, model, sparse, taus, samples, dec))
+            del dec
+            torch.cuda.empty_cache()
+        del model, sparse, samples
+        torch.cuda.empty_cache()
+
+    print(f"\n{'model':10s} {'B':>2s} {'s':>4s} {'dense tok/s':>11s} {'sparse tok/s':>12s} {'speedup':>8s} {'bound':>6s} "
+          f"{'BW dense':>9s} {'BW sparse':>9s} {'kept':>5s}")
+    for r in rows:
+        print(f"{r['model']:10s} {r['batch']:2d} {r['sparsity']:4.2f} {r['dense_tok_s']:11.1f} {r['sparse_tok_s']:12.1f} "
+              f"{r['speedup']:8.2f} {r['bound_speedup']:6.2f} {r['dense_bw_frac']:9.1%} {r['sparse_bw_frac']:9.1%} {r['kept_union']:5.2f}")
+    for c in compiled:
+        print("compiled:", json.dumps(c))
+    summary = {"checks": checks, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
+               "tuned": {f"{o}x{i}": c for (o, i), c in tg.TUNED.items()}, "compiled": compiled, "rows": rows,
+               "seconds": time.time() - t_start}
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_decode.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+    key = [r for r in rows if r["model"] == "llama3-8b" and r["batch"] == 1 and r["sparsity"] == 0.5]
+    print(json.dumps({"llama3_8b_b1_s50_speedup": key[0]["speedup"] if key else None,
+                      "dense_tok_s": key[0]["dense_tok_s"] if key else None,
+                      "sparse_tok_s": key[0]["sparse_tok_s"] if key else None, "compiled": compiled}))
+
+
+@torch.inference_mode()
+def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples):
+    """The graph-captured Triton step vs the same step on eager RSparseLinear oracles, at 50%."""
+    for k, x in samples.items():
+        taus[k].fill_(torch.quantile(x.reshape(-1), 0.5).item())
+    g_sparse.replay()
+    got = out_sparse.float().clone()
+    oracle = {k: RSparseLinear.from_linear(projs[k], taus[k].item()) for k in projs}
+    ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    with swapped(model, oracle):
+        ref = dec.step(ids, torch.tensor([MAX_LEN // 2], device="cuda")).float()
+    out = {"model": name, "cosine": torch.nn.functional.cosine_similarity(got, ref).min().item(),
+           "rel_err": ((got - ref).norm() / ref.norm()).item(), "argmax_equal": bool(torch.equal(got.argmax(-1), ref.argmax(-1)))}
+    print("check:", out, flush=True)
+    return out
+
+
+def compiled_step(name, model, sparse, taus, samples, dec):
+    """torch.compile(mode="reduce-overhead") of the same step, batch 1, dense and sparse at 50%."""
+    out = {"model": name, "sparsity": 0.5}
+    for k, x in samples.items():
+        taus[k].fill_(torch.quantile(x.reshape(-1), 0.5).item())
+    ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([MAX_LEN // 2], device="cuda")
+    try:
+        for label, mods in (("dense", {}), ("sparse", sparse)):
+            torch._dynamo.reset()
+            with swapped(model, mods), torch.inference_mode():
+                step = torch.compile(dec.step, mode="reduce-overhead")
+                t0 = time.time()
+                for _ in range(3):
+                    step(ids, pos)
+                torch.cuda.synchronize()
+                out[f"{label}_compile_s"] = time.time() - t0
+                times = []
+                for _ in range(REPEATS):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    for _ in range(STEPS):
+                        step(ids, pos)
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t) / STEPS)
+                out[f"{label}_tok_s"] = 1 / statistics.median(times)
+        out["speedup"] = out["sparse_tok_s"] / out["dense_tok_s"]
+    except Exception as e:  # report, do not lose the table
+        out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    print("compiled:", out, flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

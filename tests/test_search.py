@@ -1,0 +1,194 @@
+"""The evolutionary allocation search: budget, determinism, resume, and a real run on the bundled model."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rsparse.calibrate import KEEPS, RANKS, ProjStats, Stats
+from rsparse.errors import RSparseError
+from rsparse.families import PROJECTIONS
+from rsparse.search import S_MAX, Search, SearchConfig, Space
+
+
+def synthetic_stats(rng, n_blocks, hidden, inter, kv):
+    """Stats with monotone random error tables for Llama-like shapes (no model needed)."""
+    shapes, proj = {}, {}
+    dims = {"q": (hidden, hidden), "k": (kv, hidden), "v": (kv, hidden), "o": (hidden, hidden),
+            "gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+    keeps = torch.tensor(KEEPS, dtype=torch.float64)
+    for b in range(n_blocks):
+        for p in PROJECTIONS:
+            key, shape = f"{b}.{p}", dims[p]
+            ranks = tuple(r for r in RANKS if r <= min(shape))
+            rho = float(rng.uniform(2, 60))
+            r = torch.tensor(ranks, dtype=torch.float64)
+            err = (1 - keeps[:, None]) ** float(rng.uniform(1.2, 3)) * torch.exp(-r[None] / rho)
+            proj[key] = ProjStats(shape=shape, err={"abs": err.float()}, ranks=ranks, weight=float(rng.uniform(0.2, 5)))
+            shapes[key] = list(shape)
+    return Stats(proj=proj, act={}, tokens=0, config={}), shapes
+
+
+def truth(space, rng):
+    """A hidden fitness: the tables re-weighted by factors the statistics do not know."""
+    hidden = {k: float(w) for k, w in zip(space.keys, rng.uniform(0.1, 10, len(space.keys)))}
+
+    def f(picks):
+        tot = 0.0
+        for k, (keep, rank, _) in picks.items():
+            st_ = space.stats.proj[k]
+            tab = st_.err["abs"].double().numpy()
+            ri = st_.ranks.index(rank) if rank in st_.ranks else 0
+            tot += hidden[k] * float(np.interp(keep, KEEPS, tab[:, ri]))
+        return tot
+
+    return f
+
+
+def make(tmp_path, seed=0, n_blocks=6, sparsity=0.5, cfg=None, name="run", shapes=(64, 160, 16)):
+    rng = np.random.default_rng(123)
+    stats, shp = synthetic_stats(rng, n_blocks, *shapes)
+    space = Space(stats, shp, sparsity, ("abs",), None)
+    f = truth(space, rng)
+    fixed = {}
+
+    def evaluate(picks, start, split):  # blocks < start follow the incumbent handed over by advance()
+        full = {**{k: v for k, v in fixed.items() if int(k.split(".")[0]) < start}, **picks}
+        assert len(full) == len(space.keys)
+        return f(full) * (1.0 if split == "fit" else 1.01)
+
+    def advance(picks, a, b):
+        fixed.update(picks)
+
+    cfg = cfg or SearchConfig(population=6, generations=3, groups=3, seed=seed)
+    return space, Search(space, cfg, tmp_path / name, evaluate, advance, progress=lambda *_: None), f
+
+
+def test_search_improves_on_seed_and_keeps_the_budget(tmp_path):
+    space, search, f = make(tmp_path)
+    decoded = []
+    orig = space.decode
+
+    def spy(genome, blocks=None):
+        decoded.append(json.dumps(genome))
+        return orig(genome, blocks)
+
+    space.decode = spy
+    state = search.run()
+    budget = (1 - space.sparsity) * space.dense.sum()
+    assert len(set(decoded)) > 20
+    for g in set(decoded):  # every candidate the search produced, whole-model budget
+        read = space.read_elements(orig(json.loads(g)))
+        assert read <= budget * (1 + 1e-9)
+        assert read >= budget * 0.99  # no budget left on the table
+        assert all(0 <= s <= S_MAX for s in json.loads(g)["s"])
+    seed_fit = f(orig(space.seed()))
+    assert state["seed_fit"] == pytest.approx(seed_fit)
+    assert state["incumbent_fit"] < 0.97 * seed_fit  # the hidden weights are learnable
+    assert (tmp_path / "run" / "search.log").read_text().count("\n") == len(state["history"])
+
+
+def test_same_seed_same_plan_other_seed_other_path(tmp_path):
+    a = make(tmp_path, name="a")[1].run()
+    b = make(tmp_path, name="b")[1].run()
+    c = make(tmp_path, seed=7, name="c", cfg=SearchConfig(population=6, generations=3, groups=3, seed=7))[1].run()
+    assert a["incumbent"] == b["incumbent"] and a["history"] == [dict(h, seconds=a["history"][i].get("seconds")) if "seconds" in h else h for i, h in enumerate(b["history"])]
+    assert c["incumbent"] != a["incumbent"]
+
+
+@pytest.mark.parametrize("stop_after", [3, 11, 25])
+def test_resume_after_interrupt_gives_the_same_plan(tmp_path, stop_after):
+    ref = make(tmp_path, name="ref")[1].run()
+    space, search, f = make(tmp_path, name="cut")
+    calls = {"n": 0}
+    inner = search.evaluate
+
+    def flaky(picks, start, split):
+        calls["n"] += 1
+        if calls["n"] == stop_after:
+            raise KeyboardInterrupt
+        return inner(picks, start, split)
+
+    search.evaluate = flaky
+    with pytest.raises(KeyboardInterrupt):
+        search.run()
+    state_file = tmp_path / "cut" / "search_state.json"
+    json.loads(state_file.read_text())  # never half-written
+    resumed = make(tmp_path, name="cut")[1].run()  # a fresh process: new evaluator, state from disk
+    assert resumed["incumbent"] == ref["incumbent"]
+    assert resumed["incumbent_fit"] == ref["incumbent_fit"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    make(tmp_path, name="x")[1].run()
+    with pytest.raises(RSparseError, match="other settings"):
+        make(tmp_path, name="x", cfg=SearchConfig(population=5, generations=3, groups=3))[1].run()
+    (tmp_path / "x" / "search_state.json").write_text("{not json")
+    with pytest.raises(RSparseError, match="corrupt search state"):
+        make(tmp_path, name="x")[1].run()
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), n_blocks=st.integers(1, 5), hidden=st.integers(8, 96), ratio=st.integers(1, 4),
+       groups=st.integers(1, 4), s=st.floats(0.05, 0.95))
+def test_budget_property_random_shapes(seed, n_blocks, hidden, ratio, groups, s):
+    """Random shapes (GQA-like k/v, odd sizes), sparsities and mutation streams: every genome the
+    operators produce decodes to a plan that meets the model budget."""
+    rng = np.random.default_rng(seed)
+    stats, shp = synthetic_stats(rng, n_blocks, hidden, hidden * ratio + 3, max(1, hidden // ratio))
+    space = Space(stats, shp, s, ("abs",), None)
+    search = Search(space, SearchConfig(population=4, groups=groups, seed=seed), "/tmp/unused-search", lambda *a: 0.0)
+    budget = (1 - s) * space.dense.sum()
+    g = space.seed()
+    for _ in range(12):
+        group = search.groups[int(rng.integers(len(search.groups)))]
+        free = np.array([b >= group[0] for b in space.blocks], dtype=np.float64)
+        other = search._mutate(rng, g, group, free)
+        g = search._mutate(rng, search._crossover(rng, g, other, group), group, free)
+        read = space.read_elements(space.decode(g))
+        assert read <= budget * (1 + 1e-9) + 1e-6
+        assert math.isclose(float(((1 - np.array(g["s"])) * space.dense).sum()), budget, rel_tol=1e-9)
+
+
+def test_search_config_rejects_bad_values():
+    with pytest.raises(RSparseError, match="population"):
+        SearchConfig(population=1)
+    with pytest.raises(RSparseError, match="budget-minutes"):
+        SearchConfig(budget_minutes=0)
+
+
+def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):
+    """A tiny real search: the artifact loads, meets the budget, and the KL the cached block-wise
+    evaluator recorded equals the KL of a plain forward pass of the sparsified model."""
+    import torch.nn.functional as F
+
+    from rsparse import artifact
+    from rsparse.apply import sparsify_
+    from rsparse.pipeline import search_plan, search_windows
+    from rsparse.plan import RSparseConfig
+    from rsparse.plotting import plan_grid, plot_plan
+
+    model, tok = smol()
+    cfg = SearchConfig(population=3, generations=1, groups=2, fitness_tokens=128, val_tokens=128, window=64, seed=3)
+    plan = search_plan(model, tok, RSparseConfig(sparsity=0.5), cfg, tmp_path / "p", stats=smol_stats, baselines=False, progress=None)
+    info = plan.calibration["search"]
+    assert info["fit_kl"] <= info["seed_fit_kl"] and info["val_kl"] <= info["seed_val_kl"]
+    loaded = artifact.load(tmp_path / "p")
+    assert loaded.config["allocation"] == "evo"
+    assert 0.5 - 1e-9 <= loaded.expected_sparsity() <= 0.505
+
+    w = search_windows(tok, smol_stats, cfg)["fit"]
+    sparse, _ = smol()
+    sparsify_(sparse, loaded)
+    with torch.inference_mode():
+        ref = F.log_softmax(model(w).logits.double(), -1)
+        got = F.log_softmax(sparse(w).logits.double(), -1)
+    kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+    assert kl == pytest.approx(info["fit_kl"], rel=2e-3)
+
+    s, a = plan_grid(loaded)
+    assert s.shape == (7, 30) and ((a > 0) & (a <= 1)).all()
+    assert plot_plan(loaded, tmp_path / "heat.png").stat().st_size > 1000
