@@ -48,7 +48,7 @@ def build(name):
             model = LlamaForCausalLM(LlamaConfig(**MODELS[name])).eval()
     finally:
         torch.set_default_dtype(torch.float32)
-    return model
+    return model.to(torch.bfloat16)
 
 
 @torch.inference_mode()

@@ -66,11 +66,15 @@ def bench(fn, rep=300):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / COPIES * 1e3  # us per call
 
 
-FMA_GRID = [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=3, fused=True, fma=True)
-            for c in (512, 1024) for k in (16, 32, 64) for n in (128, 256, 512) for w in (4, 8)]
+GRIDS = {  # --variants fma|dot
+    "fma": [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=3, fused=True, fma=True)
+            for c in (512, 1024) for k in (16, 32, 64) for n in (128, 256, 512) for w in (4, 8)],
+    "dot": [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=st, fused=True)
+            for c in (512, 1024) for k in (32, 64) for n in (128, 256) for w in (4, 8) for st in (3, 4, 5)],
+}
 
 
-def variants(bw):
+def variants(bw, grid):
     """v4 (FMA gather, no tl.dot) against v2 (the tl.dot kernel) and the TEAL-style kernel, 50%, r = 0:
     grid over FMA_GRID per shape at batch 1, then the winners at batch 2/4/8. Writes the best
     configuration per shape to $OUT/gpu_kernels_v4.json for gpu_decode.py --tuned."""
@@ -88,7 +92,7 @@ def variants(bw):
         dense_us = bench(lambda: [torch.nn.functional.linear(x8[:1], W) for W in Ws])
         teal_us = bench(lambda: [teal_gemv(x8[0], Wt, tau, **TEAL_BEST.get((out_f, in_f), {})) for Wt in Wts])
         v2 = tg.config_for(out_f, 0)
-        cands = [v2] + FMA_GRID
+        cands = [v2] + [c for c in grid if c != v2]
         times = {}
         for i, cfg in enumerate(cands):
             try:
@@ -124,7 +128,8 @@ def variants(bw):
               f"{r['best_us']:7.2f} {str(r['best_is_fma']):>5s} {r['speedup_vs_dense']:8.2f} {r['speedup_vs_teal'] or float('nan'):7.2f} {r['best_bw_frac']:8.1%}")
     result = {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows}
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gpu_kernels_v4.json"), "w") as fh:
+        name = "gpu_kernels_v4.json" if grid is GRIDS["fma"] else "gpu_kernels_v5_stages.json"
+        with open(os.path.join(os.environ["OUT"], name), "w") as fh:
             json.dump(result, fh, indent=1)
     print(json.dumps({"best": best, "bw_b1": {f"{r['out']}x{r['in']}": round(r["best_bw_frac"], 3) for r in rows if r["batch"] == 1}}))
 
@@ -135,7 +140,7 @@ def main():
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s")
     if "--variants" in sys.argv:
-        return variants(bw)
+        return variants(bw, GRIDS[sys.argv[sys.argv.index("--variants") + 1]])
     rows, checks, tuned = [], [], []
     for out_f, in_f in SHAPES:
         Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]

@@ -23,7 +23,7 @@ class TritonRSparseLinear(RSparseLinear):
         nn.Module.__init__(self)
         self.in_features, self.out_features = m.in_features, m.out_features
         self.wt = nn.Parameter(m.weight.detach().t().contiguous(), requires_grad=False)
-        self.bias = m.bias
+        self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().clone(), requires_grad=False)
         self.register_buffer("tau", m.tau.clone())
         self.register_buffer("col_scale", m.col_scale.clone())
         self.register_buffer("U", m.U.clone())

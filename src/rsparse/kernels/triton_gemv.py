@@ -165,7 +165,16 @@ def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, R, NCHUNK,
 CONFIG = {"chunk": 512, "block_k": 32, "block_n": 128, "warps": 4, "stages": 3, "fused": True}
 
 
-TUNED: dict = {}  # (out, in) -> configuration measured best for that shape (r = 0), see load_tuned
+# (out, in) -> configuration measured best for that shape at r = 0 (H200, bf16, batch 1, 50%:
+# benchmarks/results/gpu_kernels_v5_stages.json); other shapes use config_for's rule
+TUNED: dict = {
+    (4096, 4096): dict(chunk=512, block_k=64, block_n=128, warps=4, stages=3, fused=True),
+    (1024, 4096): dict(chunk=512, block_k=64, block_n=128, warps=4, stages=4, fused=True),
+    (14336, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
+    (4096, 14336): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
+    (11008, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
+    (4096, 11008): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
+}
 
 
 def load_tuned(best: dict) -> None:
