@@ -55,8 +55,13 @@ def build(name):
 def input_samples(model, tokens=1024):
     """|x| rows at every projection input over a prefill of random tokens (a subsample of rows)."""
     projs, samples, hooks = locate(model), {}, []
+    def hook_for(key):
+        def hook(_mod, args):  # returns None: the module's input is left alone
+            samples[key] = args[0].reshape(-1, args[0].shape[-1])[::4].float().abs()
+        return hook
+
     for key, mod in projs.items():
-        hooks.append(mod.register_forward_pre_hook(lambda m, a, key=key: samples.setdefault(key, a[0].reshape(-1, a[0].shape[-1])[::4].float().abs())))
+        hooks.append(mod.register_forward_pre_hook(hook_for(key)))
     ids = torch.randint(0, model.config.vocab_size, (4, tokens // 4), device="cuda")
     try:
         model(ids, use_cache=False)
@@ -87,6 +92,7 @@ def capture(dec, B):
     g = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(g):
         out = dec.step(ids, pos)
+    g.static = (ids, pos, out)  # the graph reads and writes these addresses: keep them alive
     return g, out
 
 
@@ -137,7 +143,7 @@ def main():
             with swapped(model, sparse):
                 g_sparse, out_sparse = capture(dec, B)
             if B == 1:
-                checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples))
+                checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse))
             for s in SPARSITIES:
                 kept = {}
                 for k, x in samples.items():
@@ -186,7 +192,7 @@ def main():
 
 
 @torch.inference_mode()
-def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples):
+def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse):
     """The graph-captured Triton step vs the same step on eager RSparseLinear oracles, at 50%."""
     for k, x in samples.items():
         taus[k].fill_(torch.quantile(x.reshape(-1), 0.5).item())
@@ -194,10 +200,20 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     got = out_sparse.float().clone()
     oracle = {k: RSparseLinear.from_linear(projs[k], taus[k].item()) for k in projs}
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([MAX_LEN // 2], device="cuda")
     with swapped(model, oracle):
-        ref = dec.step(ids, torch.tensor([MAX_LEN // 2], device="cuda")).float()
+        ref = dec.step(ids, pos).float()
+    with swapped(model, sparse):
+        eager = dec.step(ids, pos).float()
+    # per projection, on this model's own hidden states: first projection of block 0 and the last down
+    per = {}
+    for k in ("0.q", "0.down", f"{len(dec.layers) - 1}.down"):
+        x = samples[k][:1].to(torch.bfloat16) * torch.sign(torch.randn_like(samples[k][:1])).to(torch.bfloat16)
+        a, b = sparse[k](x).float(), oracle[k](x).float()
+        per[k] = ((a - b).norm() / b.norm()).item()
     out = {"model": name, "cosine": torch.nn.functional.cosine_similarity(got, ref).min().item(),
-           "rel_err": ((got - ref).norm() / ref.norm()).item(), "argmax_equal": bool(torch.equal(got.argmax(-1), ref.argmax(-1)))}
+           "rel_err": ((got - ref).norm() / ref.norm()).item(), "argmax_equal": bool(torch.equal(got.argmax(-1), ref.argmax(-1))),
+           "graph_vs_eager_triton_rel_err": ((got - eager).norm() / eager.norm()).item(), "per_projection_rel_err": per}
     print("check:", out, flush=True)
     return out
 

@@ -94,6 +94,11 @@ class GraphDecoder(StaticDecoder):
     the position is a 1-element tensor, K/V are written with index_copy_, and attention reads the
     whole cache under a mask (positions > pos masked), so every step replays the same kernels."""
 
+    def __init__(self, model, max_len: int = 512, batch: int = 1):
+        super().__init__(model, max_len, batch)
+        # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
+        torch._dynamo.mark_static_address(self.cache)
+
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits for ids [batch, 1] at position `pos` (long tensor [1]); `prefill` first."""
         inner = self.model.model

@@ -17,12 +17,14 @@ import torch.nn.functional as F
 
 
 def channel_scores(x: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
-    return x.abs() * col_scale
+    """|x_j| c_j in float32 whatever the model dtype: the product of two bf16/fp16 values is exact in
+    float32, so every backend (eager, Triton, C++) takes the same keep decisions against a float32 tau."""
+    return x.float().abs() * col_scale.float()
 
 
 def rsparse_linear_ref(x, weight, bias, tau, col_scale, U, A):
     """Eager reference. x: (..., in); returns (..., out) in x's dtype."""
-    keep = channel_scores(x, col_scale) > tau
+    keep = channel_scores(x, col_scale) > tau.float()
     y = F.linear(torch.where(keep, x, torch.zeros((), dtype=x.dtype)), weight, bias)
     if A.shape[0] > 0:
         y = y + F.linear(F.linear(torch.where(keep, torch.zeros((), dtype=x.dtype), x), A), U)
@@ -40,7 +42,7 @@ class RSparseLinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.weight = weight  # shared with the dense layer it replaces, never copied
         self.bias = bias
-        self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32))
+        self.register_buffer("tau", torch.tensor(float(tau), dtype=torch.float32, device=weight.device))
         self.register_buffer("col_scale", col_scale.to(weight.dtype))
         self.register_buffer("U", U.to(weight.dtype).contiguous())
         self.register_buffer("A", A.to(weight.dtype).contiguous())
@@ -53,16 +55,16 @@ class RSparseLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, tau: float, score: str = "abs", U=None, A=None) -> "RSparseLinear":
         """Wrap `linear` with threshold `tau`; `U`, `A` are the rank-r factors (None: r = 0)."""
         W = linear.weight
-        col_scale = torch.ones(W.shape[1], dtype=W.dtype) if score == "abs" else column_norms(W).to(W.dtype)
+        col_scale = torch.ones(W.shape[1], dtype=W.dtype, device=W.device) if score == "abs" else column_norms(W).to(W.dtype)
         if U is None:
             U, A = W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
         return cls(linear.weight, linear.bias, tau, col_scale, U, A)
 
     def forward(self, x):
-        return rsparse_linear_ref(x, self.weight, self.bias, self.tau.to(x.dtype), self.col_scale, self.U, self.A)
+        return rsparse_linear_ref(x, self.weight, self.bias, self.tau, self.col_scale, self.U, self.A)
 
     def keep_mask(self, x):
-        return channel_scores(x, self.col_scale) > self.tau.to(x.dtype)
+        return channel_scores(x, self.col_scale) > self.tau
 
     def dense(self) -> nn.Linear:
         """The dense layer this module replaced, sharing its weight and bias storage."""

@@ -147,7 +147,7 @@ class CpuRSparseLinear(RSparseLinear):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > MAX_ROWS:
             return rsparse_linear_ref(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                                      self.tau.to(x.dtype), self.col_scale.to(x.dtype), self.U.to(x.dtype), self.A.to(x.dtype))
+                                      self.tau, self.col_scale, self.U.to(x.dtype), self.A.to(x.dtype))
         y = _EXT.rsparse_gemv_cpu(rows, self.wt, self.at, self.U, self.col_scale, float(self.tau), self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -40,7 +40,7 @@ class TritonRSparseLinear(RSparseLinear):
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > MAX_ROWS:
-            return rsparse_linear_ref(x, self.weight, self.bias, self.tau.to(x.dtype), self.col_scale, self.U, self.A)
+            return rsparse_linear_ref(x, self.weight, self.bias, self.tau, self.col_scale, self.U, self.A)
         y = torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
