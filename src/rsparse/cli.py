@@ -245,7 +245,9 @@ def build_parser():
     b.add_argument("--tokens", type=int, default=32, help="decoded tokens per repeat")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--calib-tokens", type=int, default=8192)
-    b.add_argument("--out", help="write the results JSON here")
+    b.add_argument("--backend", default="cpp", help="cpp (C++ kernel, built on first use) or oracle (eager reference)")
+    b.add_argument("--memory", action="store_true", help="also measure peak resident memory (subprocesses)")
+    b.add_argument("--out", help="write the results JSON here (implies --memory)")
     b.set_defaults(fn=cmd_bench)
 
     f = sub.add_parser("fetch", help="fetch and verify every bundled asset now (otherwise done on first use)")

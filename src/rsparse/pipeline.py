@@ -93,10 +93,17 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     fitness = Fitness(model, search_windows(tokenizer, stats, search_config, stats.config.get("source", "wiki")))
     cache: OrderedDict = OrderedDict()
 
-    def basis(key, W, lp):  # SVD bases are reused across candidates (LRU, ~5 MB each)
-        ck = (key, lp.keep, lp.score, lp.tau)
+    def basis(key, W, lp):
+        """SVD bases reused across candidates (LRU, ~5 MB each). Activation-aware factors whiten with
+        the moments of the channels dropped at the kept fraction rounded to 0.05: every candidate
+        would otherwise need its own SVDs (one per ranked projection, ~0.3 s each); searched plans
+        are built with the same rounding, so the fitness is the final plan's."""
+        kq = min(1.0, max(0.05, round(lp.keep * 20) / 20))
+        ck = (key, kq, lp.score)
         if ck not in cache:
-            cache[ck] = tuple(t.to(W.dtype) for t in factor_basis(W, stats.proj[key], lp, config.factors))
+            tau = stats.proj[key].hist[lp.score].quantile(1.0 - kq)
+            lq = replace(lp, keep=kq, tau=tau)
+            cache[ck] = tuple(t.to(W.dtype) for t in factor_basis(W, stats.proj[key], lq, config.factors))
             if len(cache) > 256:
                 cache.popitem(last=False)
         cache.move_to_end(ck)

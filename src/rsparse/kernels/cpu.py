@@ -81,21 +81,23 @@ static void run(const float* x, const float* c, float tau, const T* wt, const T*
   }
 }
 
-torch::Tensor rsparse_gemv_cpu(torch::Tensor x, torch::Tensor wt, torch::Tensor at, torch::Tensor u,
-                               torch::Tensor c, double tau, c10::optional<torch::Tensor> bias) {
+// writes every element of out (float32, B x OUT)
+void rsparse_gemv_cpu(torch::Tensor x, torch::Tensor wt, torch::Tensor at, torch::Tensor u,
+                      torch::Tensor c, double tau, c10::optional<torch::Tensor> bias, torch::Tensor out) {
   auto xf = x.to(torch::kFloat32).contiguous();
   auto cf = c.to(torch::kFloat32).contiguous();
   const int64_t B = xf.size(0), IN = xf.size(1), OUT = wt.size(1), R = at.size(1);
-  auto y = torch::empty({B, OUT}, xf.options());
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat32 && out.size(0) == B && out.size(1) == OUT, "bad out");
+  TORCH_CHECK(wt.is_contiguous() && at.is_contiguous() && u.is_contiguous(), "weights must be contiguous");
   if (wt.scalar_type() == torch::kBFloat16) {
     using T = c10::BFloat16;
     run<T>(xf.data_ptr<float>(), cf.data_ptr<float>(), (float)tau, wt.data_ptr<T>(), at.data_ptr<T>(), u.data_ptr<T>(),
-           bias.has_value() ? bias->data_ptr<T>() : nullptr, y.data_ptr<float>(), B, IN, OUT, R);
+           bias.has_value() ? bias->data_ptr<T>() : nullptr, out.data_ptr<float>(), B, IN, OUT, R);
   } else {
+    TORCH_CHECK(wt.scalar_type() == torch::kFloat32, "weights must be float32 or bfloat16");
     run<float>(xf.data_ptr<float>(), cf.data_ptr<float>(), (float)tau, wt.data_ptr<float>(), at.data_ptr<float>(),
-               u.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>(), B, IN, OUT, R);
+               u.data_ptr<float>(), bias.has_value() ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), B, IN, OUT, R);
   }
-  return y.to(x.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("rsparse_gemv_cpu", &rsparse_gemv_cpu); }
@@ -148,8 +150,9 @@ class CpuRSparseLinear(RSparseLinear):
         if rows.shape[0] > MAX_ROWS:
             return rsparse_linear_ref(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
                                       self.tau, self.col_scale, self.U.to(x.dtype), self.A.to(x.dtype))
-        y = _EXT.rsparse_gemv_cpu(rows, self.wt, self.at, self.U, self.col_scale, float(self.tau), self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        y = torch.empty(rows.shape[0], self.out_features, dtype=torch.float32)
+        _EXT.rsparse_gemv_cpu(rows, self.wt, self.at, self.U, self.col_scale, float(self.tau), self.bias, y)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 def to_cpu_backend_(model, dtype: torch.dtype | None = None) -> dict:
