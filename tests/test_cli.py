@@ -23,6 +23,24 @@ def test_calibrate_eval_generate(tmp_path):
     assert abs(res["sparsity_expected"] - 0.5) < 0.01 and set(res["tasks"]["piqa"]) == {"acc", "acc_norm", "n"}
     r = run("generate", "--plan", str(out), "--max-new-tokens", "5", "Hello")
     assert r.returncode == 0 and r.stdout.strip()
+    r = run("plot-plan", str(out), "--out", str(tmp_path / "heat.png"))
+    assert r.returncode == 0 and (tmp_path / "heat.png").stat().st_size > 1000, r.stderr
+
+
+def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
+    out = tmp_path / "evo"
+    args = ["calibrate", "--search", "evo", "--sparsity", "0.5", "--calib-tokens", "1024", "--population", "2",
+            "--generations", "1", "--groups", "1", "--fitness-tokens", "512", "--val-tokens", "512", "--no-baselines",
+            "--out", str(out)]
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert (out / "plan.json").is_file() and (out / "search.log").is_file()
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["config"]["allocation"] == "evo" and abs(plan["expected_sparsity"] - 0.5) < 0.005
+    r = run(*args)  # finished search: the same plan again, no new evaluations
+    assert r.returncode == 0 and json.loads((out / "plan.json").read_text())["layers"] == plan["layers"]
+    r = run(*[a if a != "2" else "3" for a in args])
+    assert r.returncode == 2 and "other settings" in r.stderr
 
 
 @pytest.mark.parametrize("args,msg", [
@@ -33,6 +51,9 @@ def test_calibrate_eval_generate(tmp_path):
     (["eval", "--plan", "/no/such/dir", "--dataset", "wiki"], "no plan.json"),
     (["calibrate", "--method", "dense", "--out", "/tmp/x"], "nothing to calibrate"),
     (["eval", "--windows", "0", "--dataset", "wiki"], "at least 1"),
+    (["calibrate", "--search", "evo", "--population", "1", "--out", "/tmp/x"], "population must be at least 2"),
+    (["plot-plan", "/no/such/dir"], "no plan.json"),
+    (["bench", "--device", "cuda"], "measures --device cpu"),
 ])
 def test_bad_input_one_line_exit_2(args, msg):
     r = run(*args)

@@ -125,7 +125,8 @@ def cmd_calibrate(args):
                             fitness_tokens=args.fitness_tokens, val_tokens=args.val_tokens, seed=args.seed,
                             budget_minutes=args.budget_minutes)
         model, tok = load(args.model, args.dtype)
-        plan = search_plan(model, tok, config, scfg, args.out, source=args.calib_text, tokens=args.calib_tokens, seed=args.seed)
+        plan = search_plan(model, tok, config, scfg, args.out, baselines=not args.no_baselines,
+                           source=args.calib_text, tokens=args.calib_tokens, seed=args.seed)
         s = plan.calibration["search"]
         print(f"search: {s['evaluations']} evaluations in {s['seconds']:.0f}s; KL fit {s['seed_fit_kl']:.4f} -> {s['fit_kl']:.4f}, "
               f"validation {s['seed_val_kl']:.4f} -> {s['val_kl']:.4f} (seed = default plan)")
@@ -216,6 +217,7 @@ def build_parser():
     c.add_argument("--fitness-tokens", type=int, default=2048)
     c.add_argument("--val-tokens", type=int, default=2048)
     c.add_argument("--budget-minutes", type=float, default=None, help="stop the search after this many minutes")
+    c.add_argument("--no-baselines", action="store_true", help="skip the KL of the standard allocations on the same windows")
     c.set_defaults(fn=cmd_calibrate)
 
     pp = sub.add_parser("plot-plan", help="heatmap (PNG) of a plan's per-layer sparsity and alpha")

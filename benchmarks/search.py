@@ -1,0 +1,78 @@
+"""Searched R-Sparse plans on the bundled model, evaluated like every other row of quality.json.
+
+For each sparsity: `search_plan` with default settings (group-wise evolutionary search, KL fitness on
+calibration windows the statistics never saw, validation guard), from the same cached 64k-token
+calibration as benchmarks/quality.py; then perplexity on the same Wikipedia-eval and LAMBADA windows,
+optionally the 8 tasks (decode protocol). Rows "rsparse-evo" are appended to quality.json; the KL of
+the standard allocations on the same fitness/validation windows comes from the search itself.
+
+    python benchmarks/search.py [--sparsities 0.5,0.7] [--budget-minutes 25] [--tasks-at 0.5] [--limit 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import rsparse
+from rsparse import data, evaluate
+from rsparse.apply import measure_sparsity
+from rsparse.assets import cache_dir
+from rsparse.plan import RSparseConfig
+from rsparse.search import SearchConfig
+
+from quality import OUT, _save, cached_stats, report  # noqa: E402  (benchmarks/ is the script's directory)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sparsities", default="0.5,0.7")
+    ap.add_argument("--budget-minutes", type=float, default=None)
+    ap.add_argument("--tasks-at", default="0.5", help="sparsities whose searched plan also gets the 8 tasks")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--method", default="rsparse", choices=["rsparse", "teal"])
+    args = ap.parse_args()
+    results = json.loads(OUT.read_text())
+    setup = results["setup"]
+    model, tok = rsparse.load()
+    stats = cached_stats(model, tok, setup["calib_tokens"], results)
+    texts = {"wiki": data.token_windows(tok, "wiki", "eval", 1024, n=setup["wiki_windows"]),
+             "lambada": data.token_windows(tok, "lambada", "eval", 1024, n=setup["lambada_windows"])}
+    name = f"{args.method}-evo"
+    task_at = {float(s) for s in args.tasks_at.split(",") if s}
+    for s in map(float, args.sparsities.split(",")):
+        directory = cache_dir() / "search" / f"{model.rsparse_model_id}-{name}-{s}"
+        t0 = time.time()
+        m, _ = rsparse.load()
+        plan = rsparse.search_plan(m, tok, RSparseConfig(method=args.method, sparsity=s),
+                                   SearchConfig(budget_minutes=args.budget_minutes), directory, stats=stats)
+        search_s = time.time() - t0
+        rsparse.sparsify_(m, plan)
+        kinds = ["ppl"] + (["tasks"] if s in task_at else [])
+        for kind in kinds:
+            if any(r["name"] == name and r["target"] == s and r["kind"] == kind for r in results["rows"]):
+                continue
+            t = time.time()
+            row = {"name": name, "target": s, "kind": kind, "config": plan.config, "expected": plan.expected_sparsity(),
+                   "search": plan.calibration["search"], "search_wall_seconds": round(search_s, 1)}
+            row["realized"] = measure_sparsity(m, texts["wiki"][:4], plan.shapes)["sparsity"]
+            if kind == "ppl":
+                for tname, w in texts.items():
+                    r = evaluate.perplexity(m, w)
+                    row[f"ppl_{tname}"], row[f"tokens_{tname}"] = r["ppl"], r["tokens"]
+            else:
+                row["tasks"] = evaluate.zero_shot(m, tok, limit=args.limit, protocol="decode")
+            row["seconds"] = round(time.time() - t, 1)
+            results["rows"].append(row)
+            _save(results)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("config", "search")}), flush=True)
+        print(json.dumps({"sparsity": s, "search": plan.calibration["search"]}), flush=True)
+    report(results)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
