@@ -190,5 +190,5 @@ def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):
     assert kl == pytest.approx(info["fit_kl"], rel=2e-3)
 
     s, a = plan_grid(loaded)
-    assert s.shape == (7, 30) and ((a > 0) & (a <= 1)).all()
+    assert s.shape == (7, 30) and ((a >= 0) & (a <= 1)).all() and (s >= 0).all()
     assert plot_plan(loaded, tmp_path / "heat.png").stat().st_size > 1000
