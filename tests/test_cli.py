@@ -31,6 +31,7 @@ def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
     out = tmp_path / "evo"
     args = ["calibrate", "--search", "evo", "--sparsity", "0.5", "--calib-tokens", "1024", "--population", "2",
             "--generations", "1", "--groups", "1", "--fitness-tokens", "512", "--val-tokens", "512", "--no-baselines",
+            "--factors", "plain",
             "--out", str(out)]
     r = run(*args)
     assert r.returncode == 0, r.stderr

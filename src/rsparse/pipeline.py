@@ -85,6 +85,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
 
     if config.method not in ("rsparse", "teal") or config.sparsity <= 0:
         raise RSparseError("the search allocates rsparse or teal plans at a sparsity > 0")
+    _refuse_other_search(directory, search_config, config)  # before minutes of calibration, not after
     stats = stats or observe(model, tokenizer, progress=progress is not None, **observe_kw)
     shapes = shapes_of(model)
     teal = config.method == "teal"
@@ -99,7 +100,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
         would otherwise need its own SVDs (one per ranked projection, ~0.3 s each); searched plans
         are built with the same rounding, so the fitness is the final plan's."""
         kq = min(1.0, max(0.05, round(lp.keep * 20) / 20))
-        ck = (key, kq, lp.score)
+        ck = (key, kq, lp.score) if config.factors == "aware" else (key,)  # plain bases ignore the kept set
         if ck not in cache:
             tau = stats.proj[key].hist[lp.score].quantile(1.0 - kq)
             lq = replace(lp, keep=kq, tau=tau)
@@ -137,6 +138,24 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
         plan.calibration["search"]["baselines"] = _baselines(directory, fitness, modules, stats, shapes, config)
     artifact.save(plan, directory)
     return plan
+
+
+def _refuse_other_search(directory, search_config, config) -> None:
+    import json
+    from pathlib import Path
+
+    from .search import STATE
+
+    path = Path(directory) / STATE
+    if not path.is_file():
+        return
+    try:
+        ident = json.loads(path.read_text()).get("identity", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return  # Search reports a corrupt state itself
+    if (ident.get("search") != search_config.identity() or ident.get("sparsity") != config.sparsity
+            or ident.get("method") != config.method or ident.get("factors") != config.factors):
+        raise RSparseError(f"{directory} holds a search with other settings; use another directory or delete {STATE}")
 
 
 def _baselines(directory, fitness, modules, stats, shapes, config) -> dict:
