@@ -29,9 +29,9 @@ def test_calibrate_eval_generate(tmp_path):
 
 def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
     out = tmp_path / "evo"
-    args = ["calibrate", "--search", "evo", "--sparsity", "0.5", "--calib-tokens", "1024", "--population", "2",
+    # TEAL's space (rank 0): the CLI path without minutes of SVDs; the rank path is tested in test_search.py
+    args = ["calibrate", "--search", "evo", "--method", "teal", "--sparsity", "0.5", "--calib-tokens", "1024", "--population", "2",
             "--generations", "1", "--groups", "1", "--fitness-tokens", "512", "--val-tokens", "512", "--no-baselines",
-            "--factors", "plain",
             "--out", str(out)]
     r = run(*args)
     assert r.returncode == 0, r.stderr

@@ -77,8 +77,13 @@ def test_artifact_round_trip_and_bad_input(smol, smol_stats, tmp_path):
     d = artifact.save(plan, tmp_path / "plan")
     sparsify_(model, plan)
     m2, _ = smol()
-    sparsify_(m2, artifact.load(d))
-    assert torch.equal(_logits(model), _logits(m2))
+    loaded = artifact.load(d)
+    assert loaded.layers == plan.layers and loaded.factors.keys() == plan.factors.keys()
+    for k, (U, A) in plan.factors.items():  # bit-identical buffers
+        assert torch.equal(loaded.factors[k][0], U) and torch.equal(loaded.factors[k][1], A)
+    sparsify_(m2, loaded)
+    # same buffers, same math; BLAS may round differently on differently aligned (loaded) storage
+    torch.testing.assert_close(_logits(model), _logits(m2), rtol=1e-5, atol=1e-4)
     # the artifact is smaller than the dense model
     size = sum(f.stat().st_size for f in d.iterdir())
     dense_bytes = sum(p.numel() * p.element_size() for p in m2.parameters())
@@ -111,7 +116,7 @@ def test_artifact_round_trip_and_bad_input(smol, smol_stats, tmp_path):
 
 
 @pytest.mark.parametrize("kw,match", [({"sparsity": 1.0}, "sparsity"), ({"method": "magic"}, "method"),
-                                      ({"method": "teal", "allocation": "evo"}, "allocation"), ({"alpha": 2}, "alpha")])
+                                      ({"method": "cats", "allocation": "greedy"}, "allocation"), ({"alpha": 2}, "alpha")])
 def test_bad_config(kw, match):
     with pytest.raises(RSparseError, match=match):
         RSparseConfig(**kw)

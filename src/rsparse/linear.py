@@ -16,15 +16,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _score_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def channel_scores(x: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
-    """|x_j| c_j in float32 whatever the model dtype: the product of two bf16/fp16 values is exact in
-    float32, so every backend (eager, Triton, C++) takes the same keep decisions against a float32 tau."""
-    return x.float().abs() * col_scale.float()
+    """|x_j| c_j in at least float32 whatever the model dtype: the product of two bf16/fp16 values is
+    exact in float32, so every backend (eager, Triton, C++) takes the same keep decisions against tau."""
+    dt = _score_dtype(x)
+    return x.to(dt).abs() * col_scale.to(dt)
 
 
 def rsparse_linear_ref(x, weight, bias, tau, col_scale, U, A):
     """Eager reference. x: (..., in); returns (..., out) in x's dtype."""
-    keep = channel_scores(x, col_scale) > tau.float()
+    keep = channel_scores(x, col_scale) > tau.to(_score_dtype(x))
     y = F.linear(torch.where(keep, x, torch.zeros((), dtype=x.dtype)), weight, bias)
     if A.shape[0] > 0:
         y = y + F.linear(F.linear(torch.where(keep, torch.zeros((), dtype=x.dtype), x), A), U)
@@ -64,7 +69,7 @@ class RSparseLinear(nn.Module):
         return rsparse_linear_ref(x, self.weight, self.bias, self.tau, self.col_scale, self.U, self.A)
 
     def keep_mask(self, x):
-        return channel_scores(x, self.col_scale) > self.tau
+        return channel_scores(x, self.col_scale) > self.tau.to(_score_dtype(x))
 
     def dense(self) -> nn.Linear:
         """The dense layer this module replaced, sharing its weight and bias storage."""
