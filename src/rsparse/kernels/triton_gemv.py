@@ -80,23 +80,30 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
 
 
 @triton.jit
+def _compact_chunk(x_ptr, c_ptr, tau, scratch_ptr, pid_n, chunk, rows, B, IN, CHUNK: tl.constexpr):
+    """Indices of the chunk's channels kept by any row, written to this program's private scratch
+    row (x chunk re-read from L2, CTA barrier before use); returns (scratch row, count)."""
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    valid = (rows[:, None] < B) & (offs[None, :] < IN)
+    xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
+    cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
+    keep_any = tl.max(((tl.abs(xc.to(tl.float32)) * cc.to(tl.float32)[None, :] > tau) & valid).to(tl.int32), axis=0)
+    pos = tl.cumsum(keep_any, axis=0) - 1
+    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
+    tl.store(base + pos, offs, mask=keep_any > 0)
+    tl.debug_barrier()
+    return base, tl.sum(keep_any, axis=0)
+
+
+@triton.jit
 def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT,
                        CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """`_select`'s compaction done inside each program (x chunk re-read from L2, indices through a
     private scratch row and a CTA barrier): one launch fewer, for the r = 0 path."""
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
     rows = tl.arange(0, BB)
-    valid = (rows[:, None] < B) & (offs[None, :] < IN)
     tau = tl.load(tau_ptr)
-    xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
-    cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
-    keep_any = tl.max(((tl.abs(xc.to(tl.float32)) * cc.to(tl.float32)[None, :] > tau) & valid).to(tl.int32), axis=0)
-    pos = tl.cumsum(keep_any, axis=0) - 1
-    cnt = tl.sum(keep_any, axis=0)
-    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
-    tl.store(base + pos, offs, mask=keep_any > 0)
-    tl.debug_barrier()
+    base, cnt = _compact_chunk(x_ptr, c_ptr, tau, scratch_ptr, pid_n, chunk, rows, B, IN, CHUNK)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, BB, BLOCK_K, BLOCK_N)
     tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
@@ -110,18 +117,9 @@ def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, I
     tile goes from global memory to registers once and is reduced over the kept channels there
     ([BB, BLOCK_K, BLOCK_N] products, BB = rows padded to a power of two)."""
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
     rows = tl.arange(0, BB)
-    valid = (rows[:, None] < B) & (offs[None, :] < IN)
     tau = tl.load(tau_ptr)
-    xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
-    cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
-    keep_any = tl.max(((tl.abs(xc.to(tl.float32)) * cc.to(tl.float32)[None, :] > tau) & valid).to(tl.int32), axis=0)
-    pos = tl.cumsum(keep_any, axis=0) - 1
-    cnt = tl.sum(keep_any, axis=0)
-    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
-    tl.store(base + pos, offs, mask=keep_any > 0)
-    tl.debug_barrier()
+    base, cnt = _compact_chunk(x_ptr, c_ptr, tau, scratch_ptr, pid_n, chunk, rows, B, IN, CHUNK)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, cnt, BLOCK_K):
