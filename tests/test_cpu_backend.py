@@ -1,34 +1,58 @@
 """The C++ CPU decode kernel against a float64 oracle on the same buffers: odd shapes, float32 and
-bfloat16 storage, 1..8 rows, ranks 0 and r, sparsity 0..0.95, outputs poisoned with NaN."""
+bfloat16 storage, 1..8 rows, ranks 0 and r, sparsity 0..0.95, groups of members sharing an input,
+outputs poisoned with NaN; the fused decoder path against the per-module one."""
 import pytest
 import torch
 
-from rsparse.kernels.cpu import CpuRSparseLinear, extension
+from rsparse.kernels.cpu import CpuGroup, CpuRSparseLinear, extension
 from rsparse.linear import RSparseLinear, rsparse_linear_ref, svd_factors
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,IN,OUT,R,sparsity,bias", [
-    (1, 300, 70, 0, 0.5, False), (1, 576, 192, 3, 0.95, True), (3, 513, 130, 0, 0.0, True),
-    (8, 257, 65, 37, 0.7, False), (5, 1100, 96, 0, 0.4, True), (2, 129, 600, 9, 0.6, False), (1, 64, 1, 2, 0.3, True),
-])
-def test_cpu_kernel_matches_float64_oracle(dtype, B, IN, OUT, R, sparsity, bias):
-    torch.manual_seed(B * 1000 + IN + OUT + R)
-    ext = extension()
-    x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN))
+def _member(IN, OUT, R, x, sparsity, bias, dtype):
     wt = (torch.randn(IN, OUT) / IN**0.5).to(dtype)
-    at, u = (torch.randn(IN, R) / 4).to(dtype), (torch.randn(OUT, R) / 4).to(dtype)
+    at, ut = (torch.randn(IN, R) / 4).to(dtype), (torch.randn(R, OUT) / 4).to(dtype)
     c = torch.rand(IN) + 0.5
     scores = (x.abs() * c).reshape(-1).sort().values
     k = min(int(sparsity * len(scores)), len(scores) - 2)
     tau = float((scores[k] + scores[k + 1]) / 2) if sparsity > 0 else -1.0  # no score on the threshold
     b = torch.randn(OUT).to(dtype) if bias else None
-    out = torch.full((B, OUT), float("nan"))
-    ext.rsparse_gemv_cpu(x, wt.contiguous(), at.contiguous(), u.contiguous(), c, tau, b, out)
     ref = rsparse_linear_ref(x.double(), wt.double().T, None if b is None else b.double(), torch.tensor(tau), c.double(),
-                             u.double(), at.double().T)
-    assert torch.isfinite(out).all(), "output element left unwritten"
-    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+                             ut.double().T, at.double().T)
+    return (wt, at, ut, c, torch.tensor(tau), torch.empty(0) if b is None else b), ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,IN,members", [
+    (1, 300, [(70, 0, 0.5, False)]), (1, 576, [(192, 3, 0.95, True)]), (3, 513, [(130, 0, 0.0, True)]),
+    (8, 257, [(65, 37, 0.7, False), (9, 0, 0.2, True), (100, 5, 0.99, False)]), (5, 1100, [(96, 0, 0.4, True)]),
+    (2, 129, [(600, 9, 0.6, False), (17, 129, 0.5, True)]), (1, 64, [(1, 2, 0.3, True)]),
+    (1, 576, [(576, 0, 0.5, False), (192, 16, 0.5, False), (192, 0, 0.6, True)]),
+])
+def test_cpu_group_matches_float64_oracle(dtype, B, IN, members):
+    torch.manual_seed(B * 1000 + IN + len(members))
+    x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN))
+    built = [_member(IN, OUT, R, x, s, bias, dtype) for OUT, R, s, bias in members]
+    g = extension().Group(*[[b[0][i] for b in built] for i in range(6)])
+    for _ in range(2):  # a second call reuses the group's scratch buffers
+        out = g.run(x)
+        assert out.shape == (B, sum(m[0] for m in members)) and torch.isfinite(out).all()
+        for got, (_, ref) in zip(out.split([m[0] for m in members], dim=1), built):
+            assert ((got.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item() < 1e-5
+        x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN))
+        built = [(b[0], rsparse_linear_ref(x.double(), b[0][0].double().T, None if b[0][5].numel() == 0 else b[0][5].double(),
+                                           b[0][4], b[0][3].double(), b[0][2].double().T, b[0][1].double().T)) for b in built]
+
+
+def test_cpu_group_rejects_bad_buffers():
+    ext = extension()
+    wt, at, ut, c, tau = torch.randn(10, 4), torch.randn(10, 2), torch.randn(2, 4), torch.ones(10), torch.tensor(0.5)
+    with pytest.raises(RuntimeError, match="Ut must be"):
+        ext.Group([wt], [at], [torch.randn(4, 2)], [c], [tau], [torch.empty(0)])
+    with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
+        ext.Group([wt, wt.bfloat16()], [at, at], [ut, ut], [c, c], [tau, tau], [torch.empty(0)] * 2)
+    g = ext.Group([wt], [at], [ut], [c], [tau], [torch.empty(0)])
+    with pytest.raises(RuntimeError, match="10 features"):
+        g.run(torch.randn(1, 11))
 
 
 def test_cpu_module_equals_rsparse_linear_and_falls_back_for_prefill():
@@ -43,3 +67,32 @@ def test_cpu_module_equals_rsparse_linear_and_falls_back_for_prefill():
             y, ref = fast(x), ref_mod(x)
             assert y.shape == ref.shape and ((y - ref).norm() / ref.norm()).item() < 1e-5
     assert fast.dense().weight.data_ptr() == fast.wt.data_ptr()  # prefill reads the same storage
+    group = CpuGroup([fast, CpuRSparseLinear(RSparseLinear.from_linear(torch.nn.Linear(200, 7), 0.1))])
+    x = torch.randn(1, 1, 200)
+    a, b = group(x)
+    assert torch.equal(a, fast(x)) and b.shape == (1, 1, 7)  # same arithmetic as the member alone
+
+
+def test_fused_decoder_equals_per_module(smol, smol_stats):
+    """q/k/v and gate/up groups give the decoder the members' outputs bit for bit; prefill is dense."""
+    from rsparse.apply import sparsify_
+    from rsparse.decode import StaticDecoder
+    from rsparse.families import attached_groups
+    from rsparse.kernels.cpu import to_cpu_backend_
+    from rsparse.plan import RSparseConfig, build_plan
+
+    model, tok = smol()
+    plan = build_plan(model, smol_stats, RSparseConfig(sparsity=0.5))
+    sparsify_(model, plan)
+    to_cpu_backend_(model)
+    assert len(attached_groups(model)) == 2 * model.config.num_hidden_layers
+    ids = torch.tensor([tok("The river flows into", add_special_tokens=False)["input_ids"]])
+    fused = StaticDecoder(model, 32).greedy(ids, 8)
+    plain, _ = smol()
+    sparsify_(plain, plan)
+    to_cpu_backend_(plain, fuse=False)
+    assert not attached_groups(plain)
+    a, b = StaticDecoder(model, 32), StaticDecoder(plain, 32)
+    assert torch.equal(a.prefill(ids), b.prefill(ids))
+    for t in fused[0]:
+        assert torch.equal(a.forward(t.view(1, 1)), b.forward(t.view(1, 1)))

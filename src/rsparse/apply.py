@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from .errors import RSparseError
-from .families import get_act, locate, set_module
+from .families import attached_groups, get_act, locate, set_group, set_module
 from .linear import RSparseLinear, ThresholdedActivation
 from .plan import Plan, fingerprint
 
@@ -68,9 +68,17 @@ def swapped(model, modules: dict):
 
 @contextlib.contextmanager
 def dense_view(model):
-    """Within the block, every sparse module is replaced by its dense equivalent."""
-    with swapped(model, {k: m.dense() for k, m in sparse_modules(model).items()}):
-        yield model
+    """Within the block, every sparse module is replaced by its dense equivalent and fused groups
+    (which hold the sparse members) are detached."""
+    groups = attached_groups(model)
+    for i, name in groups:
+        set_group(model, i, name, None)
+    try:
+        with swapped(model, {k: m.dense() for k, m in sparse_modules(model).items()}):
+            yield model
+    finally:
+        for (i, name), m in groups.items():
+            set_group(model, i, name, m)
 
 
 @torch.inference_mode()

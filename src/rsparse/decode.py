@@ -4,6 +4,8 @@ overhead beyond the projections themselves, so that decode speed reflects the by
 Math per block (pre-norm Llama): h += o(attn(rope(q(n1 h)), rope(k(n1 h)), v(n1 h))); h += mlp(n2 h).
 The projections and the MLP are the model's own modules, called as modules, so a sparsified model
 (RSparseLinear or a faster backend swapped in by `sparsify_`) decodes sparse with no change here.
+Where a backend attached a fused module for projections that share an input (`families.groups`:
+q/k/v, gate/up), the decoder calls it once instead of the members.
 The cache is [layers, 2, batch, kv_heads, max_len, head_dim]; attention uses SDPA with GQA.
 Prompts are prefilled through `dense_view` (prefill is compute-bound: it stays dense).
 """
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .apply import dense_view
-from .families import blocks
+from .families import blocks, family_of, get_group
 
 
 def _rope(x, cos, sin):
@@ -25,7 +27,7 @@ def _rope(x, cos, sin):
 class StaticDecoder:
     def __init__(self, model, max_len: int = 512, batch: int = 1):
         cfg = model.config
-        self.model, self.layers = model, blocks(model)
+        self.model, self.layers, self.family = model, blocks(model), family_of(model)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
@@ -36,16 +38,22 @@ class StaticDecoder:
         B, T, _ = h.shape
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        fused = get_group(self.family, layer, "qkv")
+        q, k, v = fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         return _rope(q, cos, sin), _rope(k, cos, sin), v
 
-    @staticmethod
-    def _rest(layer, h, o):
+    def _rest(self, layer, h, o):
         B, _, T, _ = o.shape
         h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        mlp, x = layer.mlp, layer.post_attention_layernorm(h)
+        fused = get_group(self.family, layer, "gate_up")
+        if fused is None:
+            return h + mlp(x)
+        g, u = fused(x)
+        return h + mlp.down_proj(mlp.act_fn(g) * u)
 
     def _block(self, i, layer, h, cos, sin):
         q, k, v = self._qkv(layer, h, cos, sin)

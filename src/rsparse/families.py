@@ -3,6 +3,8 @@
 Every stage (calibration, plans, module swap, kernels) finds layers through `locate(model)` and
 nothing else, so supporting a new Llama-like family is one row in `FAMILIES`. Names are relative
 to the decoder block. `act` is the MLP activation module (CATS thresholds its output).
+`groups` names the projections that read the same input (q/k/v; gate/up) and where a backend may
+attach one fused module for them (`set_group`); decoders call it instead of the members when present.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ class Family:
     proj: dict  # short name -> path inside a block
     act: str  # path of the MLP activation module inside a block
     norm: str = "model.norm"
+    # group name -> (member projections, attribute path of the fused module inside a block)
+    groups: tuple = (("qkv", ("q", "k", "v"), "self_attn.rsparse_qkv"), ("gate_up", ("gate", "up"), "mlp.rsparse_gate_up"))
 
 
 _LLAMA = Family(
@@ -96,3 +100,32 @@ def set_module(model: nn.Module, key: str, new: nn.Module) -> nn.Module:
 
 def get_act(model: nn.Module, i: int) -> nn.Module:
     return _get(blocks(model)[i], family_of(model).act)
+
+
+def get_group(family: Family, block: nn.Module, name: str):
+    """The fused module attached for group `name` in `block`, or None."""
+    return _get(block, next(path for n, _, path in family.groups if n == name))
+
+
+def set_group(model: nn.Module, i: int, name: str, module) -> None:
+    """Attach (module) or detach (None) the fused module of group `name` in block i."""
+    path = next(path for n, _, path in family_of(model).groups if n == name)
+    parent_path, _, attr = path.rpartition(".")
+    parent = _get(blocks(model)[i], parent_path)
+    if module is None:
+        if hasattr(parent, attr):
+            delattr(parent, attr)
+    else:
+        setattr(parent, attr, module)
+
+
+def attached_groups(model: nn.Module) -> dict:
+    """{(block, group name): fused module} for every group attached in `model`."""
+    fam = family_of(model)
+    out = {}
+    for i, block in enumerate(blocks(model)):
+        for name, _, _ in fam.groups:
+            m = get_group(fam, block, name)
+            if m is not None:
+                out[(i, name)] = m
+    return out

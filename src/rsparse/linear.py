@@ -83,6 +83,44 @@ class RSparseLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, tau={self.tau.item():.4g}"
 
 
+MAX_DECODE_ROWS = 8  # inputs with more rows (prefill, all-token evaluation) run the oracle
+
+
+class TransposedRSparseLinear(RSparseLinear):
+    """Base of the fast backends: the same module, W stored as Wt = W^T (in, out) so a kept channel
+    is one contiguous row, and A as At = A^T (in, r). Only Wt is stored: `weight` is its view, so
+    `dense()` (prefill) reads the same storage. A subclass stores U in its kernel's layout (`U`
+    property) and runs 1..MAX_DECODE_ROWS rows in `decode_rows(rows) -> (rows, out)`."""
+
+    def __init__(self, m: RSparseLinear, dtype: torch.dtype | None = None):
+        nn.Module.__init__(self)
+        dt = dtype or m.weight.dtype
+        self.in_features, self.out_features = m.in_features, m.out_features
+        self.wt = nn.Parameter(m.weight.detach().t().to(dt).contiguous(), requires_grad=False)
+        self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().to(dt).clone(), requires_grad=False)
+        self.register_buffer("tau", m.tau.clone())
+        self.register_buffer("col_scale", m.col_scale.clone())
+        self.register_buffer("at", m.A.t().to(dt).contiguous())
+
+    @property
+    def weight(self):
+        return self.wt.t()
+
+    @property
+    def A(self):
+        return self.at.t()
+
+    def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > MAX_DECODE_ROWS:
+            return rsparse_linear_ref(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                                      self.tau, self.col_scale, self.U.to(x.dtype), self.A.to(x.dtype))
+        return self.decode_rows(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
 class ThresholdedActivation(nn.Module):
     """CATS: act(g) with entries of magnitude <= tau set to zero (MLP only)."""
 
