@@ -14,6 +14,7 @@ x realised kept fraction, lm_head, norms, the whole KV cache) / time / measured 
 Prints a table, ends with one JSON line, writes $OUT/gpu_decode.json.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -23,9 +24,9 @@ import torch
 
 from rsparse.apply import swapped
 from rsparse.decode import GraphDecoder
-from rsparse.families import locate
+from rsparse.families import family_of, locate, set_group
 from rsparse.kernels import triton_gemv as tg
-from rsparse.kernels.module import TritonRSparseLinear
+from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
 from rsparse.linear import RSparseLinear
 
 MODELS = {
@@ -71,6 +72,28 @@ def input_samples(model, tokens=1024):
     return samples
 
 
+def make_groups(model, sparse):
+    """q|k|v and gate|up TritonGroups over the sparse modules (members become views of them)."""
+    out = {}
+    for i in range(model.config.num_hidden_layers):
+        for name, members, _ in family_of(model).groups:
+            mods = [sparse[f"{i}.{p}"] for p in members]
+            if TritonGroup.fits(mods):
+                out[(i, name)] = TritonGroup(mods)
+    return out
+
+
+@contextlib.contextmanager
+def attached(model, groups):
+    for (i, name), g in groups.items():
+        set_group(model, i, name, g)
+    try:
+        yield
+    finally:
+        for i, name in groups:
+            set_group(model, i, name, None)
+
+
 def copy_bandwidth():
     import triton.testing
 
@@ -111,9 +134,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama3-8b,llama2-7b")
     ap.add_argument("--tuned", help="JSON of per-shape kernel configurations from gpu_kernels.py --variants")
-    ap.add_argument("--compile", action="store_true", default=True)
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--no-fused", dest="fused", action="store_false", help="skip the q|k|v, gate|up fused-group rows")
+    ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
+    ap.add_argument("--profile", action="store_true", help="only: per-kernel GPU time of one dense and one sparse step")
     args = ap.parse_args()
+    if args.profile:
+        return profile(args.models.split(",")[0])
     t_start = time.time()
     if args.tuned and os.path.exists(args.tuned):
         tg.load_tuned(json.load(open(args.tuned))["best"])
@@ -127,14 +155,13 @@ def main():
         model = build(name)
         projs = locate(model)
         samples = input_samples(model)
-        taus = {k: torch.zeros((), device="cuda") for k in projs}
         sparse = {k: TritonRSparseLinear(RSparseLinear.from_linear(projs[k], 0.0)) for k in projs}
-        for k, m in sparse.items():
-            m.tau = taus[k]  # one tensor per projection, updated in place per sparsity (graphs see it)
+        groups = make_groups(model, sparse) if args.fused else {}
+        taus = {k: m.tau for k, m in sparse.items()}  # updated in place per sparsity (graphs see them; group views too)
         lin_bytes = {k: m.weight.numel() * 2 for k, m in projs.items()}
         other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                           if "proj" not in n and "embed_tokens" not in n)
-        for B in BATCHES:
+        for B in [int(b) for b in args.batches.split(",")]:
             if time.time() - t_start > args.time_limit:
                 break
             dec = GraphDecoder(model, max_len=MAX_LEN, batch=B)
@@ -142,19 +169,31 @@ def main():
             g_dense, _ = capture(dec, B)
             with swapped(model, sparse):
                 g_sparse, out_sparse = capture(dec, B)
+                if groups:
+                    with attached(model, groups):
+                        g_fused, out_fused = capture(dec, B)
             if B == 1:
                 checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse))
+                if groups:
+                    g_fused.replay()
+                    g_sparse.replay()
+                    checks[-1]["fused_vs_unfused_rel_err"] = ((out_fused.float() - out_sparse.float()).norm()
+                                                              / out_sparse.float().norm()).item()
+                    print("fused vs unfused step:", checks[-1]["fused_vs_unfused_rel_err"], flush=True)
             for s in SPARSITIES:
                 kept = {}
                 for k, x in samples.items():
                     taus[k].fill_(torch.quantile(x.reshape(-1), s).item())
                     xb = x[: x.shape[0] // B * B].reshape(-1, B, x.shape[1])  # B rows at a time: union of kept channels
                     kept[k] = (xb > taus[k]).any(1).float().mean().item()
-                d, sp = [], []
+                d, sp, fu = [], [], []
                 for _ in range(REPEATS):
                     d.append(time_graph(g_dense))
                     sp.append(time_graph(g_sparse))
+                    if groups:
+                        fu.append(time_graph(g_fused))
                 td, ts = statistics.median(d), statistics.median(sp)
+                tf = statistics.median(fu) if groups else None
                 dense_read = sum(lin_bytes.values()) + other_bytes + kv_bytes
                 sparse_read = sum(lin_bytes[k] * kept[k] for k in projs) + other_bytes + kv_bytes
                 row = {"model": name, "batch": B, "sparsity": s, "dense_tok_s": B / td, "sparse_tok_s": B / ts,
@@ -162,21 +201,27 @@ def main():
                        "kept_union": sum(lin_bytes[k] * kept[k] for k in projs) / sum(lin_bytes.values()),
                        "dense_bw_frac": dense_read / td / bw, "sparse_bw_frac": sparse_read / ts / bw,
                        "bound_speedup": dense_read / sparse_read}
+                if tf is not None:
+                    row.update(fused_tok_s=B / tf, fused_speedup=td / tf, fused_bw_frac=sparse_read / tf / bw)
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             del g_dense, g_sparse
+            if groups:
+                del g_fused
             if args.compile and B == 1 and time.time() - t_start < args.time_limit:
-                compiled.append(compiled_step(name, model, sparse, taus, samples, dec))
+                compiled.append(compiled_step(name, model, sparse, taus, samples, dec, groups))
             del dec
             torch.cuda.empty_cache()
         del model, sparse, samples
         torch.cuda.empty_cache()
 
-    print(f"\n{'model':10s} {'B':>2s} {'s':>4s} {'dense tok/s':>11s} {'sparse tok/s':>12s} {'speedup':>8s} {'bound':>6s} "
-          f"{'BW dense':>9s} {'BW sparse':>9s} {'kept':>5s}")
+    print(f"\n{'model':10s} {'B':>2s} {'s':>4s} {'dense tok/s':>11s} {'sparse tok/s':>12s} {'speedup':>8s} {'fused tok/s':>11s} "
+          f"{'fused x':>8s} {'bound':>6s} {'BW dense':>9s} {'BW sparse':>9s} {'BW fused':>9s} {'kept':>5s}")
     for r in rows:
         print(f"{r['model']:10s} {r['batch']:2d} {r['sparsity']:4.2f} {r['dense_tok_s']:11.1f} {r['sparse_tok_s']:12.1f} "
-              f"{r['speedup']:8.2f} {r['bound_speedup']:6.2f} {r['dense_bw_frac']:9.1%} {r['sparse_bw_frac']:9.1%} {r['kept_union']:5.2f}")
+              f"{r['speedup']:8.2f} {r.get('fused_tok_s', float('nan')):11.1f} {r.get('fused_speedup', float('nan')):8.2f} "
+              f"{r['bound_speedup']:6.2f} {r['dense_bw_frac']:9.1%} {r['sparse_bw_frac']:9.1%} {r.get('fused_bw_frac', float('nan')):9.1%} "
+              f"{r['kept_union']:5.2f}")
     for c in compiled:
         print("compiled:", json.dumps(c))
     summary = {"checks": checks, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
@@ -187,6 +232,7 @@ def main():
             json.dump(summary, fh, indent=1)
     key = [r for r in rows if r["model"] == "llama3-8b" and r["batch"] == 1 and r["sparsity"] == 0.5]
     print(json.dumps({"llama3_8b_b1_s50_speedup": key[0]["speedup"] if key else None,
+                      "llama3_8b_b1_s50_fused_speedup": key[0].get("fused_speedup") if key else None,
                       "dense_tok_s": key[0]["dense_tok_s"] if key else None,
                       "sparse_tok_s": key[0]["sparse_tok_s"] if key else None, "compiled": compiled}))
 
@@ -218,7 +264,7 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     return out
 
 
-def compiled_step(name, model, sparse, taus, samples, dec):
+def compiled_step(name, model, sparse, taus, samples, dec, groups=None):
     """torch.compile(mode="reduce-overhead") of the same step, batch 1, dense and sparse at 50%."""
     out = {"model": name, "sparsity": 0.5}
     for k, x in samples.items():
@@ -226,9 +272,11 @@ def compiled_step(name, model, sparse, taus, samples, dec):
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
     try:
-        for label, mods in (("dense", {}), ("sparse", sparse)):
+        for label, mods, grp in (("dense", {}, {}), ("sparse", sparse, {}), ("fused", sparse, groups or {})):
+            if label == "fused" and not grp:
+                continue
             torch._dynamo.reset()
-            with swapped(model, mods), torch.inference_mode():
+            with swapped(model, mods), attached(model, grp), torch.inference_mode():
                 step = torch.compile(dec.step, mode="reduce-overhead")
                 t0 = time.time()
                 for _ in range(3):
@@ -245,10 +293,60 @@ def compiled_step(name, model, sparse, taus, samples, dec):
                     times.append((time.perf_counter() - t) / STEPS)
                 out[f"{label}_tok_s"] = 1 / statistics.median(times)
         out["speedup"] = out["sparse_tok_s"] / out["dense_tok_s"]
+        if "fused_tok_s" in out:
+            out["fused_speedup"] = out["fused_tok_s"] / out["dense_tok_s"]
     except Exception as e:  # report, do not lose the table
         out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     print("compiled:", out, flush=True)
     return out
+
+
+@torch.inference_mode()
+def profile(name, sparsity=0.5, steps=5):
+    """Where a decode step's GPU time goes: kernels grouped by name, dense and sparse, batch 1, eager
+    step (the same kernels a graph replays, without the launch gaps), plus the graph-replay time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    model = build(name)
+    projs = locate(model)
+    samples = input_samples(model)
+    sparse = {k: TritonRSparseLinear(RSparseLinear.from_linear(projs[k], torch.quantile(x.reshape(-1), sparsity).item()))
+              for k, x in samples.items()}
+    dec = GraphDecoder(model, max_len=MAX_LEN, batch=1)
+    ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([MAX_LEN // 2], device="cuda")
+    result = {}
+    for label, mods in (("dense", {}), ("sparse", sparse)):
+        with swapped(model, mods):
+            for _ in range(3):
+                dec.step(ids, pos)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    dec.step(ids, pos)
+                torch.cuda.synchronize()
+            g, _ = capture(dec, 1)
+            graph_ms = statistics.median(time_graph(g) for _ in range(REPEATS)) * 1e3
+            del g
+        kernels = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                k = kernels.setdefault(e.name[:90], [0.0, 0])
+                k[0] += e.device_time / steps
+                k[1] += 1 / steps
+        total = sum(v[0] for v in kernels.values())
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+        result[label] = {"graph_ms": graph_ms, "kernel_ms": total / 1e3, "kernels_per_step": sum(v[1] for v in kernels.values()),
+                         "top": [{"name": n, "us": v[0], "count": v[1]} for n, v in top]}
+        print(f"\n{label}: graph replay {graph_ms:.3f} ms/step; kernels {total / 1e3:.3f} ms in {result[label]['kernels_per_step']:.0f} launches")
+        for n, v in top:
+            print(f"  {v[0]:9.1f} us  {v[1]:6.0f}x  {n}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_profile.json"), "w") as fh:
+            json.dump(result, fh, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ through 4 weight copies inside one CUDA graph (triton.testing.do_bench_cudagraph
 from HBM, not L2; medians are reported. Every configuration is first checked against the eager
 float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels.json if OUT is set.
 `--tune` first grid-searches launch configurations of both kernels per shape; `--variants` compares
-the v4 FMA kernel's configurations with v2 and writes the best per shape (gpu_kernels_v4.json).
+the v4 FMA kernel's configurations with v2 and writes the best per shape (gpu_kernels_v4.json);
+`--groups` times q|k|v and gate|up fused into one launch pair against the members one by one.
 """
 import json
 import os
@@ -60,6 +61,16 @@ def tune(Wts, x, tau, ones):
         teal[i] = bench(lambda: [teal_gemv(x[0], Wt, tau, **cfg) for Wt in Wts])
     bo, bt = min(ours, key=ours.get), min(teal, key=teal.get)
     return OURS_GRID[bo], ours[bo], TEAL_GRID[bt], teal[bt], ours
+
+
+def _print_row(row: dict, skip=("top5",)) -> None:
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k not in skip), flush=True)
+
+
+def _write(name: str, result: dict) -> None:
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], name), "w") as fh:
+            json.dump(result, fh, indent=1)
 
 
 def bench(fn, rep=300):
@@ -121,17 +132,71 @@ def variants(bw, grid):
                    "speedup_vs_dense": dense_us / t_best, "speedup_vs_teal": teal_us / t_best if B == 1 else None,
                    "top5": [(cands[i], times[i]) for i in order[:5]]}
             rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "top5"), flush=True)
+            _print_row(row)
     print(f"\n{'out x in':14s} {'B':>2s} {'dense':>7s} {'teal':>7s} {'v2':>7s} {'best':>7s} {'fma?':>5s} {'x dense':>8s} {'x teal':>7s} {'BW best':>8s}")
     for r in rows:
         print(f"{r['out']:>5d} x {r['in']:<6d} {r['batch']:2d} {r['dense_us']:7.2f} {r['teal_us'] or float('nan'):7.2f} {r['v2_us']:7.2f} "
               f"{r['best_us']:7.2f} {str(r['best_is_fma']):>5s} {r['speedup_vs_dense']:8.2f} {r['speedup_vs_teal'] or float('nan'):7.2f} {r['best_bw_frac']:8.1%}")
-    result = {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows}
-    if os.environ.get("OUT"):
-        name = "gpu_kernels_v4.json" if grid is GRIDS["fma"] else "gpu_kernels_v5_stages.json"
-        with open(os.path.join(os.environ["OUT"], name), "w") as fh:
-            json.dump(result, fh, indent=1)
+    _write("gpu_kernels_v4.json" if grid is GRIDS["fma"] else "gpu_kernels_v5_stages.json",
+           {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows})
     print(json.dumps({"best": best, "bw_b1": {f"{r['out']}x{r['in']}": round(r["best_bw_frac"], 3) for r in rows if r["batch"] == 1}}))
+
+
+GROUPS = {"llama3 qkv": ((4096, 1024, 1024), 4096), "llama3 gate|up": ((14336, 14336), 4096),
+          "llama2 qkv": ((4096, 4096, 4096), 4096), "llama2 gate|up": ((11008, 11008), 4096)}
+GROUP_GRID = [dict(chunk=c, block_k=64, block_n=n, warps=4, stages=st, fused=True)
+              for c in (512, 1024) for n in (128, 256) for st in (3, 4)]
+
+
+def groups(bw):
+    """Projections that share an input, 50%, batch 1: the members one launch pair each (as the decoder
+    runs them unfused) vs one fused launch pair over [Wt_0 | Wt_1 | ...] (`rsparse_group_gemv`), each
+    member with its own threshold; dense cuBLAS on the concatenated weight for reference. The fused
+    configurations are swept (members must start on output tiles); the best per shape goes to
+    $OUT/gpu_groups.json ("best", the format of gpu_decode.py --tuned)."""
+    from rsparse.kernels import triton_gemv as tg
+
+    dt = torch.bfloat16
+    rows, best = [], {}
+    for name, (outs, in_f) in GROUPS.items():
+        total = sum(outs)
+        Wts = [[(torch.randn(in_f, o, device="cuda") / in_f**0.5).to(dt) for o in outs] for _ in range(COPIES)]
+        cats = [torch.cat(w, 1).contiguous() for w in Wts]
+        x = torch.distributions.Laplace(0.0, 1.0).sample((1, in_f)).to("cuda", dt)
+        cs = torch.ones(len(outs), in_f, device="cuda", dtype=dt)
+        taus = torch.stack([torch.quantile(x.float().abs(), q) for q in (0.5, 0.45, 0.55)[:len(outs)]])
+        empty_at = [torch.empty(in_f, 0, device="cuda", dtype=dt)]
+        dense_us = bench(lambda: [x @ c for c in cats])
+        sep_us = bench(lambda: [rsparse_gemv(x, w, empty_at[0], torch.empty(w.shape[1], 0, device="cuda", dtype=dt), cs[i], taus[i])
+                                for ws in Wts for i, w in enumerate(ws)])
+        seg = [sum(outs[:i + 1]) for i in range(len(outs))] + [total] * 2
+        ref = torch.cat([rsparse_linear_ref(x.float(), w.t().float(), None, taus[i], cs[i].float(),
+                                            torch.zeros(w.shape[1], 0, device="cuda"), torch.zeros(0, in_f, device="cuda"))
+                         for i, w in enumerate(Wts[0])], 1)
+        times = {}
+        for i, cfg in enumerate(GROUP_GRID):
+            if any(o % cfg["block_n"] for o in outs[:-1]):
+                continue
+            y = tg._launch(x, cats[0], empty_at[0], cats[0].new_empty(total, 0), cs, taus, None, cfg, segments=(seg[0], seg[1]))
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            assert err < 1e-2, (name, cfg, err)
+            times[i] = bench(lambda: [tg._launch(x, c, empty_at[0], c.new_empty(total, 0), cs, taus, None, cfg, segments=(seg[0], seg[1]))
+                                      for c in cats], rep=100)
+        bi = min(times, key=times.get)
+        best[f"{total}x{in_f}"] = GROUP_GRID[bi]
+        kept = sum(o * (x.float().abs() > t).float().mean().item() for o, t in zip(outs, taus))
+        must = 2 * kept * in_f
+        row = {"group": name, "outs": outs, "in": in_f, "dense_concat_us": dense_us, "separate_us": sep_us, "fused_us": times[bi],
+               "fused_cfg": GROUP_GRID[bi], "fused_vs_separate": sep_us / times[bi], "fused_vs_dense": dense_us / times[bi],
+               "fused_bw_frac": must / (times[bi] * 1e-6) / bw, "separate_bw_frac": must / (sep_us * 1e-6) / bw, "rel_err": err}
+        rows.append(row)
+        _print_row(row)
+    print(f"\n{'group':16s} {'dense':>7s} {'separate':>9s} {'fused':>7s} {'x sep':>6s} {'x dense':>8s} {'BW fused':>9s} {'BW sep':>7s}")
+    for r in rows:
+        print(f"{r['group']:16s} {r['dense_concat_us']:7.2f} {r['separate_us']:9.2f} {r['fused_us']:7.2f} {r['fused_vs_separate']:6.2f} "
+              f"{r['fused_vs_dense']:8.2f} {r['fused_bw_frac']:9.1%} {r['separate_bw_frac']:7.1%}")
+    _write("gpu_groups.json", {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows})
+    print(json.dumps({"best": best, "fused_vs_separate": {r["group"]: round(r["fused_vs_separate"], 3) for r in rows}}))
 
 
 def main():
@@ -141,6 +206,8 @@ def main():
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s")
     if "--variants" in sys.argv:
         return variants(bw, GRIDS[sys.argv[sys.argv.index("--variants") + 1]])
+    if "--groups" in sys.argv:
+        return groups(bw)
     rows, checks, tuned = [], [], []
     for out_f, in_f in SHAPES:
         Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
@@ -183,7 +250,7 @@ def main():
                         teal = bench(lambda: [teal_gemv(x[0], Wt, tau, **tcfg) for Wt in Wts])
                         row.update(teal_us=teal, speedup_vs_teal=teal / ours, teal_bw_frac=must / (teal * 1e-6) / bw)
                     rows.append(row)
-                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+                    _print_row(row)
 
     # the op is registered with torch.library.triton_op: a reduce-overhead compile captures it
     Wt, x = Wts[0], x1[:1]
@@ -204,9 +271,7 @@ def main():
     summary = {"copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "max_rel_err": max(checks),
                "median_speedup_vs_teal_b1_s50": statistics.median(r["speedup_vs_teal"] for r in rows if "speedup_vs_teal" in r and r["sparsity"] == 0.5),
                "rows": rows}
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gpu_kernels.json"), "w") as fh:
-            json.dump(summary, fh, indent=1)
+    _write("gpu_kernels.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
 
 

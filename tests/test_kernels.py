@@ -82,3 +82,94 @@ def test_triton_module_matches_rsparse_linear():
         assert y.shape == ref.shape
         assert ((y - ref).norm() / ref.norm()).item() < 1e-5
     assert fast.dense().weight.data_ptr() == fast.wt.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,IN,outs", [(1, 300, (64, 32, 32)), (3, 513, (96, 65)), (8, 129, (32, 32, 7)), (2, 77, (50,))])
+def test_group_kernel_matches_members_oracles(dtype, B, IN, outs):
+    """q|k|v-like members side by side, each with its own tau and scales, one launch pair: every
+    member's output equals its own oracle; the members' Wt are column slices (row stride > out)."""
+    torch.manual_seed(B + IN + len(outs))
+    x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).to(dtype)
+    cases = [_case(B, IN, o, 0, s, dtype, bias=(B % 2 == 1)) for o, s in zip(outs, (0.5, 0.8, 0.3))]
+    Ws = [c[1] for c in cases]
+    cs = torch.stack([c[4] for c in cases])
+    taus = torch.stack([(x.double().abs() * c[4].double()).reshape(-1).quantile(q).float() + 1e-4 for c, q in zip(cases, (0.5, 0.8, 0.3))])
+    wt = torch.cat([W.T for W in Ws], 1).contiguous()
+    bias = torch.cat([c[6] for c in cases]) if B % 2 == 1 else None
+    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, fma=False)
+    seg = [sum(outs[:i + 1]) for i in range(len(outs))] + [sum(outs)] * 2
+    out = torch.full((B, sum(outs)), float("nan"), dtype=dtype)
+    dev = [t.to(DEV) if t is not None else None for t in (x, wt, wt.new_empty(IN, 0), wt.new_empty(sum(outs), 0), cs, taus, bias)]
+    y = tg._launch(*dev, cfg, out=out.to(DEV), segments=(seg[0], seg[1])).cpu()
+    assert torch.isfinite(y).all(), "output element left unwritten"
+    start = 0
+    for i, (W, o) in enumerate(zip(Ws, outs)):
+        b = None if bias is None else bias[start:start + o].double()
+        ref = rsparse_linear_ref(x.double(), W.double(), b, taus[i].double(), cs[i].double(),
+                                 torch.zeros(o, 0, dtype=torch.float64), torch.zeros(0, IN, dtype=torch.float64))
+        got = y[:, start:start + o].double()
+        assert ((got - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+        # a member alone, on its column slice of the shared storage (row stride = sum of outs)
+        alone = tg._launch(dev[0], dev[1][:, start:start + o], dev[2], dev[3][:o], dev[4][i], dev[5][i],
+                           None if dev[6] is None else dev[6][start:start + o], cfg).cpu()
+        assert ((alone.double() - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+        start += o
+
+
+def test_triton_group_module_shares_storage_and_matches_members():
+    from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
+    from rsparse.linear import RSparseLinear
+
+    torch.manual_seed(2)
+    lins = [torch.nn.Linear(200, o, bias=False) for o in (128, 128, 256)]
+    refs = [RSparseLinear.from_linear(lin, t, "wnorm") for lin, t in zip(lins, (0.3, 0.6, 0.1))]
+    mods = [TritonRSparseLinear(r).to(DEV) for r in refs]
+    assert TritonGroup.fits(mods)
+    g = TritonGroup(mods)
+    assert all(m.wt.data_ptr() >= g.wt.data_ptr() and m.wt.stride(0) == 512 for m in mods)  # views, no copies
+    mods[1].tau.fill_(0.7)  # a member's threshold moves the group's
+    refs[1].tau.fill_(0.7)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 200))
+    with torch.no_grad():
+        ys = g(x.to(DEV))
+        for y, m, r in zip(ys, mods, refs):
+            ref = r(x)
+            assert y.shape == ref.shape and ((y.cpu() - ref).norm() / ref.norm()).item() < 1e-5
+            assert ((m(x.to(DEV)).cpu() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_fused_groups_in_decoder_match_per_module_steps():
+    """to_triton_ on a tiny Llama attaches q|k|v and gate|up groups; the decoder's steps through them
+    give the per-module Triton steps' logits, and prefill (dense_view) detaches them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rsparse.apply import modules_for
+    from rsparse.decode import StaticDecoder
+    from rsparse.families import attached_groups, set_module
+    from rsparse.kernels.module import to_triton_
+    from rsparse.plan import LayerPlan
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    models = []
+    for fuse in (True, False):
+        torch.manual_seed(3)
+        m = LlamaForCausalLM(cfg).eval().to(DEV)
+        layers = {f"{i}.{p}": LayerPlan(tau=0.05 * (1 + j), keep=0.5, rank=0)
+                  for i in range(2) for j, p in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
+        for key, mod in modules_for(m, layers, {}).items():
+            set_module(m, key, mod)
+        to_triton_(m, fuse=fuse)
+        models.append(m)
+    assert len(attached_groups(models[0])) == 4 and not attached_groups(models[1])
+    ids = torch.randint(0, 97, (1, 5), device=DEV)
+    a, b = StaticDecoder(models[0], 16), StaticDecoder(models[1], 16)
+    with torch.no_grad():
+        la, lb = a.prefill(ids), b.prefill(ids)
+        assert torch.equal(la, lb)
+        for t in range(4):
+            tok = la.argmax(-1, keepdim=True)
+            la, lb = a.forward(tok), b.forward(tok)
+            assert torch.allclose(la, lb, atol=1e-4, rtol=1e-4), t

@@ -192,3 +192,23 @@ def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):
     s, a = plan_grid(loaded)
     assert s.shape == (7, 30) and ((a >= 0) & (a <= 1)).all() and (s >= 0).all()
     assert plot_plan(loaded, tmp_path / "heat.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("sparsity,min_keep", [(0.7, 0.1), (0.5, 0.2)])
+def test_min_keep_floor_holds_for_every_candidate(sparsity, min_keep):
+    """With a keep floor, the seed and mutated genomes decode to plans that keep at least min_keep of
+    every projection and still meet the budget; without it the tables starve some projection."""
+    rng = np.random.default_rng(7)
+    stats, shp = synthetic_stats(rng, 4, 64, 160, 16)
+    free = Space(stats, shp, sparsity, ("abs",), None)
+    floored = Space(stats, shp, sparsity, ("abs",), None, min_keep=min_keep)
+    assert min(k for k, _, _ in free.decode(free.seed()).values()) < min_keep
+    target = (1 - sparsity) * sum(a * b for a, b in shp.values())
+    for _ in range(20):
+        g = {"s": list(np.clip(sparsity + rng.normal(0, 0.05, 4), 0, S_MAX)), "w": list(rng.normal(0, 1, len(floored.keys)))}
+        g["s"] = floored.repair(np.array(g["s"]), np.ones(4)).tolist()
+        picks = floored.decode(g)
+        assert min(k for k, _, _ in picks.values()) >= min_keep - 1e-9
+        assert floored.read_elements(picks) <= target * (1 + 1e-9)
+    with pytest.raises(RSparseError, match="min_keep"):
+        SearchConfig(min_keep=1.0)

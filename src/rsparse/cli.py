@@ -123,7 +123,7 @@ def cmd_calibrate(args):
 
         scfg = SearchConfig(population=args.population, generations=args.generations, groups=args.groups,
                             fitness_tokens=args.fitness_tokens, val_tokens=args.val_tokens, seed=args.seed,
-                            budget_minutes=args.budget_minutes)
+                            budget_minutes=args.budget_minutes, min_keep=args.min_keep)
         model, tok = load(args.model, args.dtype)
         plan = search_plan(model, tok, config, scfg, args.out, baselines=not args.no_baselines,
                            source=args.calib_text, tokens=args.calib_tokens, seed=args.seed)
@@ -217,6 +217,8 @@ def build_parser():
     c.add_argument("--fitness-tokens", type=int, default=2048)
     c.add_argument("--val-tokens", type=int, default=2048)
     c.add_argument("--budget-minutes", type=float, default=None, help="stop the search after this many minutes")
+    c.add_argument("--min-keep", type=float, default=0.0,
+                   help="search: no projection keeps fewer than this fraction of its channels (try 0.1 at 70%%)")
     c.add_argument("--no-baselines", action="store_true", help="skip the KL of the standard allocations on the same windows")
     c.set_defaults(fn=cmd_calibrate)
 

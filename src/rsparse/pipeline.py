@@ -90,7 +90,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     shapes = shapes_of(model)
     teal = config.method == "teal"
     scores = ("abs",) if teal else (SCORES if config.score == "auto" else (config.score,))
-    space = Space(stats, shapes, config.sparsity, scores, 0 if teal else None)
+    space = Space(stats, shapes, config.sparsity, scores, 0 if teal else None, search_config.min_keep)
     fitness = Fitness(model, search_windows(tokenizer, stats, search_config, stats.config.get("source", "wiki")))
     cache: OrderedDict = OrderedDict()
 

@@ -63,6 +63,11 @@ class SearchConfig:
     sigma_w: float = 0.5  # mutation of a log error weight
     p_s: float = 0.3  # per-gene mutation probabilities
     p_w: float = 0.15
+    # no projection keeps fewer than this fraction of its input channels. At high sparsity the error
+    # tables favour starving a few projections (keep ~ 0.02); their thresholds sit in the extreme tail
+    # of the calibration scores and keep many more channels on other text, so such plans overshoot
+    # the budget and collapse (docs/results.md, 70%). A floor keeps every threshold in the bulk.
+    min_keep: float = 0.0
 
     def __post_init__(self):
         for name in ("population", "generations", "groups", "fitness_tokens", "val_tokens", "window"):
@@ -70,6 +75,8 @@ class SearchConfig:
                 raise RSparseError(f"search {name} must be at least 1, got {getattr(self, name)}")
         if self.population < 2:
             raise RSparseError(f"search population must be at least 2, got {self.population}")
+        if not 0.0 <= self.min_keep < 1.0:
+            raise RSparseError(f"search min_keep must be in [0, 1), got {self.min_keep}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise RSparseError(f"--budget-minutes must be positive, got {self.budget_minutes}")
 
@@ -81,13 +88,13 @@ class SearchConfig:
 class Space:
     """Genomes (s per block, w per projection) of one model, budget and option set."""
 
-    def __init__(self, stats, shapes: dict, sparsity: float, scores, max_rank):
+    def __init__(self, stats, shapes: dict, sparsity: float, scores, max_rank, min_keep: float = 0.0):
         self.stats, self.shapes, self.sparsity = stats, shapes, sparsity
         self.keys = list(stats.proj)
         self.by_block = block_keys(self.keys)
         self.blocks = sorted(self.by_block)
         self.dense = np.array([sum(shapes[k][0] * shapes[k][1] for k in self.by_block[b]) for b in self.blocks], dtype=np.float64)
-        self.options = {k: projection_options(stats.proj[k], shapes[k], scores, max_rank) for k in self.keys}
+        self.options = {k: _floor(projection_options(stats.proj[k], shapes[k], scores, max_rank), min_keep) for k in self.keys}
 
     def seed(self) -> dict:
         return {"s": [self.sparsity] * len(self.blocks), "w": [0.0] * len(self.keys)}
@@ -118,6 +125,15 @@ class Space:
 
     def read_elements(self, picks: dict) -> float:
         return sum(keep * self.shapes[k][0] * self.shapes[k][1] + r * sum(self.shapes[k]) for k, (keep, r, _) in picks.items())
+
+
+def _floor(options, min_keep: float):
+    """The options of one projection that keep at least `min_keep` of its channels."""
+    if min_keep <= 0:
+        return options
+    errs, cost, meta = options
+    ok = np.array([m[0] >= min_keep - 1e-9 for m in meta])
+    return errs[ok], cost[ok], [m for m, o in zip(meta, ok) if o]
 
 
 def _groups(blocks: list, n: int) -> list:

@@ -4,13 +4,15 @@ Layout (`TransposedRSparseLinear`): Wt = W^T (in, out) so a kept input channel i
 row, At = A^T (in, r) so a dropped channel reads r contiguous values, and here U (out, r). Only Wt
 is stored, so prefill (`dense()`, used by `dense_view`) runs a dense cuBLAS matmul on the same
 storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`; more rows (all-tokens
-evaluation) run the eager oracle on the same buffers.
+evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up in one
+launch pair (`rsparse::rsparse_group_gemv`) for the decoder.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
-from ..linear import RSparseLinear, TransposedRSparseLinear
+from ..linear import MAX_DECODE_ROWS, RSparseLinear, TransposedRSparseLinear
 from . import triton_gemv  # noqa: F401  (registers torch.ops.rsparse.rsparse_gemv)
 
 
@@ -23,8 +25,71 @@ class TritonRSparseLinear(TransposedRSparseLinear):
         return torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.bias)
 
 
-def to_triton_(model) -> dict:
-    """Swap every RSparseLinear of `model` for its Triton twin in place; returns {key: module}."""
+class TritonGroup(nn.Module):
+    """Projections that read the same input (q|k|v, gate|up; r = 0) as one launch pair. The members'
+    Wt become column views of the group's (in, sum out) storage and their tau / col_scale views of the
+    group's (P,) / (P, in) buffers: nothing is stored twice, and updating a member's tau in place
+    updates the group. Inputs of more than MAX_DECODE_ROWS rows run the members (oracle path)."""
+
+    def __init__(self, members: list):
+        super().__init__()
+        if not 1 <= len(members) <= 3 or any(m.rank for m in members):
+            raise ValueError("a Triton group takes 1 to 3 members of rank 0")
+        self._members = tuple(members)
+        self.in_features = members[0].in_features
+        self.wt = nn.Parameter(torch.cat([m.wt for m in members], 1).contiguous(), requires_grad=False)
+        self.register_buffer("tau", torch.stack([m.tau.float() for m in members]))
+        self.register_buffer("col_scale", torch.stack([m.col_scale for m in members]))
+        has_bias = any(m.bias is not None for m in members)
+        self.bias = None if not has_bias else nn.Parameter(torch.cat(
+            [m.bias if m.bias is not None else m.wt.new_zeros(m.out_features) for m in members]), requires_grad=False)
+        self.split = [m.out_features for m in members]
+        start = 0
+        for i, m in enumerate(members):
+            n = m.out_features
+            m.wt = nn.Parameter(self.wt[:, start:start + n], requires_grad=False)
+            m.tau, m.col_scale = self.tau[i], self.col_scale[i]
+            if has_bias:
+                m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
+            start += n
+        bounds = [sum(self.split[:i + 1]) for i in range(len(members))] + [sum(self.split)] * 2
+        self.seg1, self.seg2 = bounds[0], bounds[1]
+
+    @staticmethod
+    def fits(members: list) -> bool:
+        """Members start on the fused launch's output tiles (and have no rank term)."""
+        if not 1 <= len(members) <= 3 or any(m.rank for m in members):
+            return False
+        outs = [m.out_features for m in members]
+        bounds = [sum(outs[:i + 1]) for i in range(len(outs))] + [sum(outs)] * 2
+        return triton_gemv.group_block_n(bounds[0], bounds[1], sum(outs), members[0].in_features) is not None
+
+    def forward(self, x):
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > MAX_DECODE_ROWS:
+            return tuple(m(x) for m in self._members)
+        y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.col_scale, self.tau, self.seg1, self.seg2, self.bias)
+        return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split(self.split, dim=-1))
+
+
+def attach_groups_(model, modules: dict) -> dict:
+    """Attach a TritonGroup per block for q/k/v and gate/up where all members are Triton modules in
+    `modules` ({key: module}) that fit; returns {(block, group): TritonGroup}."""
+    from ..families import family_of, set_group
+
+    out = {}
+    for i in sorted({int(k.split(".")[0]) for k in modules}):
+        for name, members, _ in family_of(model).groups:
+            mods = [modules.get(f"{i}.{p}") for p in members]
+            if all(isinstance(m, TritonRSparseLinear) for m in mods) and TritonGroup.fits(mods):
+                out[(i, name)] = TritonGroup(mods)
+                set_group(model, i, name, out[(i, name)])
+    return out
+
+
+def to_triton_(model, fuse: bool = True) -> dict:
+    """Swap every RSparseLinear of `model` for its Triton twin in place and, with `fuse`, attach the
+    q/k/v and gate/up groups that fit; returns {key: module}."""
     from ..apply import sparse_modules
     from ..families import set_module
 
@@ -33,4 +98,6 @@ def to_triton_(model) -> dict:
         if type(m) is RSparseLinear:
             out[key] = TritonRSparseLinear(m)
             set_module(model, key, out[key])
+    if fuse:
+        attach_groups_(model, out)
     return out

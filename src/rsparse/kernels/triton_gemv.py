@@ -9,7 +9,8 @@ Wt[j, :], and At = A^T (in, r) so a dropped channel reads r contiguous values. T
    is useful: no predicated-off rows in flight) and writes a float32 partial ypart[chunk].
 3. `_epilogue`: y = sum_chunks ypart + (sum_chunks zpart) @ U^T + b, cast to the model dtype.
 Partials instead of atomics: deterministic, no zero-fill launches, and bf16/fp16 never need
-atomics. For batch > 1 the gathered rows are the union of the rows' kept channels and each row
+atomics. Wt may be a column slice of a wider matrix (row stride LDW): projections that read the same
+input (q|k|v, gate|up) are stored side by side and run as one launch pair (`rsparse_group_gemv`). For batch > 1 the gathered rows are the union of the rows' kept channels and each row
 multiplies only its own kept entries, so results equal the per-row oracle.
 The TEAL-style baseline (`teal_gemv`: masked loads of Wt rows, split-K fp32 atomics) is here too,
 so benchmarks compare against the public design measured the same way.
@@ -50,7 +51,7 @@ def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R
 
 
 @triton.jit
-def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT,
+def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, LDW,
                  BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """sum over the `cnt` kept channels listed at idx_base of x[:, j] * Wt[j, n] (float32 tile);
     each row keeps only its own kept entries of the union."""
@@ -62,20 +63,20 @@ def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT,
         xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
         cj = tl.load(c_ptr + j, mask=km, other=0.0)
         xv = tl.where(tl.abs(xv.to(tl.float32)) * cj.to(tl.float32)[None, :] > tau, xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * OUT + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
+        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
         acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
     return acc
 
 
 @triton.jit
-def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, IN, OUT,
+def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, IN, OUT, LDW,
                  CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     cnt = tl.load(cnt_ptr + chunk)
     tau = tl.load(tau_ptr)
-    acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_ptr + chunk * CHUNK, cnt, rows, n, B, IN, OUT, BB, BLOCK_K, BLOCK_N)
+    acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_ptr + chunk * CHUNK, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
     tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
 
@@ -96,21 +97,27 @@ def _compact_chunk(x_ptr, c_ptr, tau, scratch_ptr, pid_n, chunk, rows, B, IN, CH
 
 
 @triton.jit
-def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT,
+def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT, LDW, SEG1, SEG2,
                        CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """`_select`'s compaction done inside each program (x chunk re-read from L2, indices through a
-    private scratch row and a CTA barrier): one launch fewer, for the r = 0 path."""
+    private scratch row and a CTA barrier): one launch fewer, for the r = 0 path. Also serves a group
+    of up to 3 projections reading the same x with Wt side by side (q|k|v, gate|up): output columns
+    [0, SEG1) use threshold/scales 0, [SEG1, SEG2) 1, [SEG2, OUT) 2 (c is (P, IN), tau (P,)); member
+    boundaries are multiples of BLOCK_N, so a program's tile belongs to one member."""
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BB)
-    tau = tl.load(tau_ptr)
-    base, cnt = _compact_chunk(x_ptr, c_ptr, tau, scratch_ptr, pid_n, chunk, rows, B, IN, CHUNK)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, BB, BLOCK_K, BLOCK_N)
+    n0 = pid_n * BLOCK_N
+    p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+    tau = tl.load(tau_ptr + p)
+    cp = c_ptr + p * IN
+    base, cnt = _compact_chunk(x_ptr, cp, tau, scratch_ptr, pid_n, chunk, rows, B, IN, CHUNK)
+    n = n0 + tl.arange(0, BLOCK_N)
+    acc = _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
     tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
 
 @triton.jit
-def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT,
+def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT, LDW,
                      CHUNK: tl.constexpr, BB: tl.constexpr, YB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """v4: `_fused_gather_gemv` with CUDA-core FMAs instead of tl.dot. For 1..8 rows a tl.dot pads
     the rows to 16 and stages every weight tile through shared memory for the MMA; here a weight
@@ -129,7 +136,7 @@ def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, I
         xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0).to(tl.float32)
         cj = tl.load(c_ptr + j, mask=km, other=0.0).to(tl.float32)
         xv = tl.where(tl.abs(xv) * cj[None, :] > tau, xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * OUT + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
+        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
         acc += tl.sum(xv[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     tl.store(ypart_ptr + chunk * YB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
@@ -191,9 +198,12 @@ def config_for(out_f: int, rank: int = 0, in_f: int | None = None) -> dict:
     return cfg
 
 
-def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None):
+def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None):
+    """segments: column boundaries (SEG1, SEG2) of a fused group (r = 0, fused path only)."""
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
+    LDW = wt.stride(0)
+    seg1, seg2 = segments if segments is not None else (OUT, OUT)
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
     ypart = torch.empty(nchunk * BB * OUT, dtype=torch.float32, device=x.device)
@@ -201,20 +211,23 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None):
     y = torch.empty(B, OUT, dtype=x.dtype, device=x.device) if out is None else out
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    if segments is not None and not (cfg["fused"] and R == 0 and not cfg.get("fma")):
+        raise ValueError("a fused group runs on the fused r = 0 kernel only")
     if cfg.get("fma") and R == 0:
         bb = triton.next_power_of_2(B)
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_fma_gather_gemv)[(ntile, nchunk)](
-            x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, **dict(meta, BB=bb, YB=BB, BLOCK_K=max(1, cfg["block_k"] // bb)))
+            x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW, **dict(meta, BB=bb, YB=BB, BLOCK_K=max(1, cfg["block_k"] // bb)))
     elif cfg["fused"] and R == 0:
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-        torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, **meta)
+        torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW,
+                                                                       seg1, seg2, **meta)
     else:
         idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
         cnt = torch.empty(nchunk, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_select)[(nchunk,)](x, col_scale, tau, at, idx, cnt, zpart, B, IN, R,
                                                       CHUNK=ch, BB=BB, RB=rb, HAS_R=R > 0)
-        torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, **meta)
+        torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, LDW, **meta)
     torch.library.wrap_triton(_epilogue)[(ntile,)](
         ypart, zpart, u, bias if bias is not None else y, y, B, OUT, R, nchunk,
         BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0, HAS_BIAS=bias is not None)
@@ -226,6 +239,29 @@ def rsparse_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.T
                  tau: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows."""
     return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1], wt.shape[0]))
+
+
+def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int) -> int | None:
+    """Output tile width of a fused group's launch: the shape's configured width, halved (down to 16)
+    until every inner member boundary falls on a tile boundary; None if none does."""
+    bn = config_for(out_total, 0, in_f)["block_n"]
+    inner = [b for b in (seg1, seg2) if b < out_total]
+    while bn > 16 and any(b % bn for b in inner):
+        bn //= 2
+    return None if any(b % bn for b in inner) else bn
+
+
+@torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={})
+def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, tau: torch.Tensor,
+                       seg1: int, seg2: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Up to 3 r = 0 projections of the same x in one launch pair: wt = [Wt_0 | Wt_1 | Wt_2] (in, out),
+    col_scale (P, in), tau (P,), member boundaries seg1 <= seg2 (see `group_block_n`)."""
+    OUT, IN = wt.shape[1], wt.shape[0]
+    bn = group_block_n(seg1, seg2, OUT, IN)
+    if bn is None:
+        raise ValueError(f"group members at columns {seg1}, {seg2} do not start on output tiles")
+    cfg = dict(config_for(OUT, 0, IN), block_n=bn)
+    return _launch(x, wt, wt.new_empty(IN, 0), wt.new_empty(OUT, 0), col_scale, tau, bias, cfg, segments=(seg1, seg2))
 
 
 @triton.jit
