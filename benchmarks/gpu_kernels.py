@@ -82,12 +82,15 @@ GRIDS = {  # --variants fma|dot
             for c in (512, 1024) for k in (16, 32, 64) for n in (128, 256, 512) for w in (4, 8)],
     "dot": [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=st, fused=True)
             for c in (512, 1024) for k in (32, 64) for n in (128, 256) for w in (4, 8) for st in (3, 4, 5)],
+    # more, shorter programs: is the tail of the last wave (448 programs on 132 SMs) the limiter?
+    "waves": [dict(chunk=c, block_k=64, block_n=n, warps=4, stages=st, fused=True)
+              for c in (256, 512, 1024, 2048) for n in (64, 128) for st in (3, 4)],
 }
 
 
 def variants(bw, grid):
     """v4 (FMA gather, no tl.dot) against v2 (the tl.dot kernel) and the TEAL-style kernel, 50%, r = 0:
-    grid over FMA_GRID per shape at batch 1, then the winners at batch 2/4/8. Writes the best
+    grid over the chosen GRIDS entry per shape at batch 1, then the winners at batch 2/4/8. Writes the best
     configuration per shape to $OUT/gpu_kernels_v4.json for gpu_decode.py --tuned."""
     from rsparse.kernels import triton_gemv as tg
 
@@ -137,7 +140,7 @@ def variants(bw, grid):
     for r in rows:
         print(f"{r['out']:>5d} x {r['in']:<6d} {r['batch']:2d} {r['dense_us']:7.2f} {r['teal_us'] or float('nan'):7.2f} {r['v2_us']:7.2f} "
               f"{r['best_us']:7.2f} {str(r['best_is_fma']):>5s} {r['speedup_vs_dense']:8.2f} {r['speedup_vs_teal'] or float('nan'):7.2f} {r['best_bw_frac']:8.1%}")
-    _write("gpu_kernels_v4.json" if grid is GRIDS["fma"] else "gpu_kernels_v5_stages.json",
+    _write({id(GRIDS["fma"]): "gpu_kernels_v4.json", id(GRIDS["dot"]): "gpu_kernels_v5_stages.json"}.get(id(grid), "gpu_kernels_v6_waves.json"),
            {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows})
     print(json.dumps({"best": best, "bw_b1": {f"{r['out']}x{r['in']}": round(r["best_bw_frac"], 3) for r in rows if r["batch"] == 1}}))
 

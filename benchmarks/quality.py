@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--calib-tokens", type=int, default=65536)
     ap.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
+    ap.add_argument("--task-sparsities", default="0.5", help="sparsities of the 8-task rows")
     ap.add_argument("--report", action="store_true", help="only print the tables (markdown) from quality.json")
     args = ap.parse_args()
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": []}
@@ -77,7 +78,8 @@ def main():
     for s in map(float, args.sparsities.split(",")):
         jobs += [(n, kw, s, "ppl") for n, kw in SWEEP.items()]
     jobs += [(n, kw, 0.5, "ppl") for n, kw in LEVERS.items()]
-    jobs += [(n, ({"method": "dense"} if n == "dense" else SWEEP[n]), 0.5 if n != "dense" else 0.0, "tasks") for n in TASK_METHODS]
+    for s in map(float, args.task_sparsities.split(",")):
+        jobs += [(n, ({"method": "dense"} if n == "dense" else SWEEP[n]), s if n != "dense" else 0.0, "tasks") for n in TASK_METHODS]
 
     for name, kw, s, kind in jobs:
         if (name, s, kind) in done:
@@ -91,19 +93,26 @@ def main():
         rsparse.sparsify_(m, plan)
         row = {"name": name, "target": s, "kind": kind, "config": plan.config,
                "expected": plan.expected_sparsity(), "plan_seconds": round(time.time() - t, 1)}
-        row["realized"] = measure_sparsity(m, texts["wiki"][:4], plan.shapes)["sparsity"] if plan.layers else 0.0
-        if kind == "ppl":
-            for tname, w in texts.items():
-                r = evaluate.perplexity(m, w)
-                row[f"ppl_{tname}"], row[f"tokens_{tname}"] = r["ppl"], r["tokens"]
-        else:
-            row["tasks"] = evaluate.zero_shot(m, tok, limit=args.limit, protocol="decode")
+        row.update(evaluate_row(m, tok, plan, texts, kind, args.limit))
         row["seconds"] = round(time.time() - t, 1)
         results["rows"].append(row)
         _save(results)
         print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
 
     report(results)
+
+
+def evaluate_row(m, tok, plan, texts: dict, kind: str, limit: int) -> dict:
+    """The measured fields of one row for a sparsified model: realised sparsity on 4 Wikipedia windows,
+    then perplexity on every text (kind "ppl") or the 8 tasks, decode protocol (kind "tasks")."""
+    row = {"realized": measure_sparsity(m, texts["wiki"][:4], plan.shapes)["sparsity"] if plan.layers else 0.0}
+    if kind == "ppl":
+        for tname, w in texts.items():
+            r = evaluate.perplexity(m, w)
+            row[f"ppl_{tname}"], row[f"tokens_{tname}"] = r["ppl"], r["tokens"]
+    else:
+        row["tasks"] = evaluate.zero_shot(m, tok, limit=limit, protocol="decode")
+    return row
 
 
 def cached_stats(model, tok, tokens, results):

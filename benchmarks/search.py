@@ -19,13 +19,12 @@ from pathlib import Path
 import torch
 
 import rsparse
-from rsparse import data, evaluate
-from rsparse.apply import measure_sparsity
+from rsparse import data
 from rsparse.assets import cache_dir
 from rsparse.plan import RSparseConfig
 from rsparse.search import SearchConfig
 
-from quality import OUT, _save, cached_stats, report  # noqa: E402  (benchmarks/ is the script's directory)
+from quality import OUT, _save, cached_stats, evaluate_row, report  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def main():
@@ -60,13 +59,7 @@ def main():
             t = time.time()
             row = {"name": name, "target": s, "kind": kind, "config": plan.config, "expected": plan.expected_sparsity(),
                    "search": plan.calibration["search"], "search_wall_seconds": round(search_s, 1)}
-            row["realized"] = measure_sparsity(m, texts["wiki"][:4], plan.shapes)["sparsity"]
-            if kind == "ppl":
-                for tname, w in texts.items():
-                    r = evaluate.perplexity(m, w)
-                    row[f"ppl_{tname}"], row[f"tokens_{tname}"] = r["ppl"], r["tokens"]
-            else:
-                row["tasks"] = evaluate.zero_shot(m, tok, limit=args.limit, protocol="decode")
+            row.update(evaluate_row(m, tok, plan, texts, kind, args.limit))
             row["seconds"] = round(time.time() - t, 1)
             results["rows"].append(row)
             _save(results)

@@ -44,3 +44,24 @@ def test_graph_step_matches_static_decoder(smol, smol_stats):
         ours.pos += 1
         a = ref.forward(nxt)
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_fastest_dense_layouts_keep_the_model_and_agreement_of_a_model_with_itself(smol):
+    """The dense baseline's layout choices (transposed weights, fused q/k/v and gate/up matmuls,
+    re-applied from a recorded choice) decode the same tokens as the plain model; `agreement`
+    scores a model against itself as identical."""
+    from rsparse.bench import agreement, fastest_dense_
+    from rsparse.families import attached_groups
+
+    model, tok = smol()
+    plain, _ = smol()
+    choice = fastest_dense_(model)
+    again, _ = smol()
+    fastest_dense_(again, choice=choice)
+    assert bool(attached_groups(model)) == any(choice[g].startswith("fused") for g in ("qkv", "gate_up"))
+    ids = torch.tensor([tok("The history of the printing press begins", add_special_tokens=False)["input_ids"]])
+    ref = StaticDecoder(plain, 64).greedy(ids, 12)
+    assert torch.equal(StaticDecoder(model, 64).greedy(ids, 12), ref)
+    assert torch.equal(StaticDecoder(again, 64).greedy(ids, 12), ref)
+    a = agreement({"self": plain}, plain, ids[:, :12].repeat(1, 2), ids, greedy_steps=4)
+    assert a["self"]["mean_kl"] < 1e-9 and a["self"]["top1_agreement"] == 1.0 and a["self"]["greedy_equal_tokens"] == 4

@@ -16,6 +16,7 @@ Prints a table, ends with one JSON line; --out writes the results JSON.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -114,51 +115,60 @@ def _time_calls(fns, x, repeats=5):
     return statistics.median(ts)
 
 
-def fastest_dense_(model, only_head: bool = False) -> dict:
+def fastest_dense_(model, only_head: bool = False, choice: dict | None = None) -> dict:
     """Give each projection type (and the lm_head) the faster dense layout, then each group of
     projections sharing an input (q/k/v, gate/up) the fastest of: separate, one fused matmul in
-    either layout; in place; returns the choices."""
+    either layout; in place; returns the choices. With `choice` (a previous result), apply it
+    without timing, block by block (peak-memory runs: no alternative is ever built)."""
     from .families import family_of, locate, set_group, set_module
 
     groups: dict[str, list] = {}
+    # applying a recorded choice: members of a fused group go straight into it (no transposed copy first)
+    fused = {p for g, members, _ in family_of(model).groups if choice and choice.get(g, "separate") != "separate" for p in members}
     if not only_head:
         for key, m in locate(model).items():
-            if type(m) is torch.nn.Linear:
+            if type(m) is torch.nn.Linear and key.split(".")[1] not in fused:
                 groups.setdefault(key.split(".")[1], []).append((key, m))
     head = model.get_output_embeddings()
-    choice = {}
+    out = {}
     for name, items in list(groups.items()) + [("lm_head", [("lm_head", head)])]:
         mods = [m for _, m in items]
-        x = torch.randn(1, 1, mods[0].in_features, dtype=mods[0].weight.dtype)
-        alt = [TransposedLinear(m) for m in mods]
-        use_t = _time_calls(alt, x) < _time_calls(mods, x)
-        choice[name] = "x @ W^T" if use_t else "F.linear"
-        if use_t:
-            for (key, _), new in zip(items, alt):
+        if choice is None:
+            x = torch.randn(1, 1, mods[0].in_features, dtype=mods[0].weight.dtype)
+            out[name] = "x @ W^T" if _time_calls([TransposedLinear(m) for m in mods], x) < _time_calls(mods, x) else "F.linear"
+        else:
+            out[name] = choice[name]
+        if out[name] == "x @ W^T":
+            for key, m in items:
                 if key == "lm_head":
-                    model.lm_head = new
+                    model.lm_head = TransposedLinear(m)
                 else:
-                    set_module(model, key, new)
+                    set_module(model, key, TransposedLinear(m))
+    if choice:
+        out.update({k: v for k, v in choice.items() if k not in out and (k == "lm_head" or not only_head)})
     if only_head:
-        return choice
+        return out
     projs = locate(model)
     n_blocks = len({k.split(".")[0] for k in projs})
+    layouts = {"fused F.linear": False, "fused x @ W^T": True}
     for gname, members, _ in family_of(model).groups:
         mods = [[projs[f"{i}.{p}"] for p in members] for i in range(n_blocks)]
-        x = torch.randn(1, 1, mods[0][0].weight.shape[1], dtype=mods[0][0].weight.dtype)
-        options = {"separate": _time_calls([m for ms in mods for m in ms], x)}
-        fused = {}
-        for layout, transposed in (("fused F.linear", False), ("fused x @ W^T", True)):
-            fused[layout] = [DenseGroup(ms, transposed) for ms in mods]
-            options[layout] = _time_calls(fused[layout], x)
-        best = min(options, key=options.get)
-        choice[gname] = best
-        if best != "separate":
-            for i, g in enumerate(fused[best]):
+        if choice is None:
+            x = torch.randn(1, 1, mods[0][0].weight.shape[1], dtype=mods[0][0].weight.dtype)
+            options = {"separate": _time_calls([m for ms in mods for m in ms], x)}
+            for layout, transposed in layouts.items():
+                options[layout] = _time_calls([DenseGroup(ms, transposed) for ms in mods], x)
+            out[gname] = min(options, key=options.get)
+        else:
+            out[gname] = choice[gname]
+        if out[gname] != "separate":
+            for i, ms in enumerate(mods):
+                g = DenseGroup(ms, layouts[out[gname]])
                 for p, view in zip(members, g.members()):
                     set_module(model, f"{i}.{p}", view)
                 set_group(model, i, gname, g)
-    return choice
+    gc.collect()
+    return out
 
 
 def sparse_model(name, dtype, plan, backend):
@@ -271,8 +281,8 @@ def run_bench(args):
 
             with tempfile.TemporaryDirectory() as d:
                 save(plan, d)
-                row["dense_peak_mb"] = peak_rss_mb([args.model, args.dtype, "dense", "-", args.backend])
-                row["sparse_peak_mb"] = peak_rss_mb([args.model, args.dtype, "sparse", d, args.backend])
+                row["dense_peak_mb"] = peak_rss_mb([args.model, args.dtype, "dense", "-", args.backend, json.dumps(layout)])
+                row["sparse_peak_mb"] = peak_rss_mb([args.model, args.dtype, "sparse", d, args.backend, json.dumps(layout)])
     result = {"model": args.model, "dtype": args.dtype, "threads": torch.get_num_threads(), "backend": args.backend,
               "dense_layouts": layout,
               "tokens": args.tokens, "repeats": args.repeats, "rows": rows}
@@ -287,16 +297,16 @@ def run_bench(args):
                       "sparsity": mid["sparsity"], "backend": args.backend, "dtype": args.dtype, "rows": rows}))
 
 
-def _rss_child(model_name, dtype, kind, plan_dir, backend):
+def _rss_child(model_name, dtype, kind, plan_dir, backend, layout):
     from .artifact import load as load_plan
 
     if kind == "dense":
         model, tok = load(model_name, dtype)
-        fastest_dense_(model)
+        fastest_dense_(model, choice=json.loads(layout))
     else:
         _, tok = load(model_name, "float32")
         model = sparse_model(model_name, dtype, load_plan(plan_dir), backend)
-        fastest_dense_(model, only_head=True)
+        fastest_dense_(model, only_head=True, choice=json.loads(layout))
     prompt = torch.tensor([tok(PROMPT, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         StaticDecoder(model, 64).greedy(prompt, 16)
@@ -306,4 +316,4 @@ def _rss_child(model_name, dtype, kind, plan_dir, backend):
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "_rss":
-    _rss_child(*sys.argv[2:7])
+    _rss_child(*sys.argv[2:8])

@@ -179,6 +179,11 @@ TUNED: dict = {
     (4096, 14336): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
     (11008, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
     (4096, 11008): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
+    # fused groups (q|k|v, gate|up) of Llama-3-8B / Llama-2-7B: benchmarks/results/gpu_groups.json
+    (6144, 4096): dict(chunk=512, block_k=64, block_n=128, warps=4, stages=3, fused=True),
+    (28672, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
+    (12288, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
+    (22016, 4096): dict(chunk=1024, block_k=64, block_n=256, warps=4, stages=4, fused=True),
 }
 
 
