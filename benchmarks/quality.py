@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=65536)
     ap.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
     ap.add_argument("--task-sparsities", default="0.5", help="sparsities of the 8-task rows")
+    ap.add_argument("--task-methods", default=",".join(TASK_METHODS), help="methods of the 8-task rows")
     ap.add_argument("--report", action="store_true", help="only print the tables (markdown) from quality.json")
     args = ap.parse_args()
     results = json.loads(OUT.read_text()) if OUT.is_file() else {"rows": []}
@@ -79,7 +80,8 @@ def main():
         jobs += [(n, kw, s, "ppl") for n, kw in SWEEP.items()]
     jobs += [(n, kw, 0.5, "ppl") for n, kw in LEVERS.items()]
     for s in map(float, args.task_sparsities.split(",")):
-        jobs += [(n, ({"method": "dense"} if n == "dense" else SWEEP[n]), s if n != "dense" else 0.0, "tasks") for n in TASK_METHODS]
+        jobs += [(n, ({"method": "dense"} if n == "dense" else SWEEP[n]), s if n != "dense" else 0.0, "tasks")
+                 for n in args.task_methods.split(",")]
 
     for name, kw, s, kind in jobs:
         if (name, s, kind) in done:
