@@ -25,9 +25,9 @@ import torch
 
 from rsparse.apply import swapped
 from rsparse.decode import GraphDecoder
-from rsparse.families import family_of, locate, set_group
+from rsparse.families import locate, set_group
 from rsparse.kernels import triton_gemv as tg
-from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
+from rsparse.kernels.module import TritonRSparseLinear, triton_groups
 from rsparse.linear import RSparseLinear
 
 MODELS = {
@@ -71,17 +71,6 @@ def input_samples(model, tokens=1024):
         for h in hooks:
             h.remove()
     return samples
-
-
-def make_groups(model, sparse):
-    """q|k|v and gate|up TritonGroups over the sparse modules (members become views of them)."""
-    out = {}
-    for i in range(model.config.num_hidden_layers):
-        for name, members, _ in family_of(model).groups:
-            mods = [sparse[f"{i}.{p}"] for p in members]
-            if TritonGroup.fits(mods):
-                out[(i, name)] = TritonGroup(mods)
-    return out
 
 
 @contextlib.contextmanager
@@ -157,7 +146,7 @@ def main():
         projs = locate(model)
         samples = input_samples(model)
         sparse = {k: TritonRSparseLinear(RSparseLinear.from_linear(projs[k], 0.0)) for k in projs}
-        groups = make_groups(model, sparse) if args.fused else {}
+        groups = triton_groups(model, sparse) if args.fused else {}  # built, attached per capture
         taus = {k: m.tau for k, m in sparse.items()}  # updated in place per sparsity (graphs see them; group views too)
         lin_bytes = {k: m.weight.numel() * 2 for k, m in projs.items()}
         other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()

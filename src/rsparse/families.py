@@ -119,6 +119,18 @@ def set_group(model: nn.Module, i: int, name: str, module) -> None:
         setattr(parent, attr, module)
 
 
+def group_members(model: nn.Module, modules: dict) -> dict:
+    """{(block, group name): [members]} for every block whose group members are all in `modules`
+    ({"i.p": module}), in block order; backends build their fused module from each list."""
+    out = {}
+    for i in sorted({int(k.split(".")[0]) for k in modules}):
+        for name, members, _ in family_of(model).groups:
+            mods = [modules.get(f"{i}.{p}") for p in members]
+            if all(m is not None for m in mods):
+                out[(i, name)] = mods
+    return out
+
+
 def attached_groups(model: nn.Module) -> dict:
     """{(block, group name): fused module} for every group attached in `model`."""
     fam = family_of(model)

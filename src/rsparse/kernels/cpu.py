@@ -197,8 +197,7 @@ class CpuRSparseLinear(TransposedRSparseLinear):
         if dt not in (torch.float32, torch.bfloat16):
             raise RSparseError(f"the CPU backend stores float32 or bfloat16 weights, not {dt}")
         super().__init__(m, dt)
-        self.col_scale = self.col_scale.float()
-        self.tau = self.tau.float()
+        self.col_scale = self.col_scale.float()  # the kernel reads float32 scales (tau is float32 already)
         self.register_buffer("ut", m.U.t().to(dt).contiguous())
         self._g = _group([self])
 
@@ -232,7 +231,7 @@ def to_cpu_backend_(model, dtype: torch.dtype | None = None, fuse: bool = True) 
     """Swap every RSparseLinear of `model` for the C++ backend in place and, with `fuse`, attach one
     CpuGroup per block for q/k/v and gate/up when all members are sparse; returns {key: module}."""
     from ..apply import sparse_modules
-    from ..families import family_of, set_group, set_module
+    from ..families import group_members, set_group, set_module
 
     out = {}
     for key, m in sparse_modules(model).items():
@@ -240,10 +239,6 @@ def to_cpu_backend_(model, dtype: torch.dtype | None = None, fuse: bool = True) 
             out[key] = CpuRSparseLinear(m, dtype)
             set_module(model, key, out[key])
     if fuse:
-        blocks = sorted({int(k.split(".")[0]) for k in out})
-        for i in blocks:
-            for name, members, _ in family_of(model).groups:
-                mods = [out.get(f"{i}.{p}") for p in members]
-                if all(mods):
-                    set_group(model, i, name, CpuGroup(mods))
+        for (i, name), mods in group_members(model, out).items():
+            set_group(model, i, name, CpuGroup(mods))
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..families import group_members
 from ..linear import MAX_DECODE_ROWS, RSparseLinear, TransposedRSparseLinear
 from . import triton_gemv  # noqa: F401  (registers torch.ops.rsparse.rsparse_gemv)
 
@@ -52,8 +53,13 @@ class TritonGroup(nn.Module):
             if has_bias:
                 m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
             start += n
-        bounds = [sum(self.split[:i + 1]) for i in range(len(members))] + [sum(self.split)] * 2
-        self.seg1, self.seg2 = bounds[0], bounds[1]
+        self.seg1, self.seg2 = self._segments(self.split)
+
+    @staticmethod
+    def _segments(outs: list) -> tuple:
+        """Column boundaries (SEG1, SEG2) of the members' outputs side by side (the total past the last)."""
+        bounds = [sum(outs[:i + 1]) for i in range(len(outs))] + [sum(outs)] * 2
+        return bounds[0], bounds[1]
 
     @staticmethod
     def fits(members: list) -> bool:
@@ -61,8 +67,7 @@ class TritonGroup(nn.Module):
         if not 1 <= len(members) <= 3 or any(m.rank for m in members):
             return False
         outs = [m.out_features for m in members]
-        bounds = [sum(outs[:i + 1]) for i in range(len(outs))] + [sum(outs)] * 2
-        return triton_gemv.group_block_n(bounds[0], bounds[1], sum(outs), members[0].in_features) is not None
+        return triton_gemv.group_block_n(*TritonGroup._segments(outs), sum(outs), members[0].in_features) is not None
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
@@ -72,26 +77,18 @@ class TritonGroup(nn.Module):
         return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split(self.split, dim=-1))
 
 
-def attach_groups_(model, modules: dict) -> dict:
-    """Attach a TritonGroup per block for q/k/v and gate/up where all members are Triton modules in
-    `modules` ({key: module}) that fit; returns {(block, group): TritonGroup}."""
-    from ..families import family_of, set_group
-
-    out = {}
-    for i in sorted({int(k.split(".")[0]) for k in modules}):
-        for name, members, _ in family_of(model).groups:
-            mods = [modules.get(f"{i}.{p}") for p in members]
-            if all(isinstance(m, TritonRSparseLinear) for m in mods) and TritonGroup.fits(mods):
-                out[(i, name)] = TritonGroup(mods)
-                set_group(model, i, name, out[(i, name)])
-    return out
+def triton_groups(model, modules: dict) -> dict:
+    """{(block, group): TritonGroup} for q/k/v and gate/up where all members are Triton modules in
+    `modules` ({key: module}) that fit; built (members become views), not attached."""
+    return {key: TritonGroup(mods) for key, mods in group_members(model, modules).items()
+            if all(isinstance(m, TritonRSparseLinear) for m in mods) and TritonGroup.fits(mods)}
 
 
 def to_triton_(model, fuse: bool = True) -> dict:
     """Swap every RSparseLinear of `model` for its Triton twin in place and, with `fuse`, attach the
     q/k/v and gate/up groups that fit; returns {key: module}."""
     from ..apply import sparse_modules
-    from ..families import set_module
+    from ..families import set_group, set_module
 
     out = {}
     for key, m in sparse_modules(model).items():
@@ -99,5 +96,6 @@ def to_triton_(model, fuse: bool = True) -> dict:
             out[key] = TritonRSparseLinear(m)
             set_module(model, key, out[key])
     if fuse:
-        attach_groups_(model, out)
+        for (i, name), g in triton_groups(model, out).items():
+            set_group(model, i, name, g)
     return out

@@ -9,9 +9,10 @@ Wt[j, :], and At = A^T (in, r) so a dropped channel reads r contiguous values. T
    is useful: no predicated-off rows in flight) and writes a float32 partial ypart[chunk].
 3. `_epilogue`: y = sum_chunks ypart + (sum_chunks zpart) @ U^T + b, cast to the model dtype.
 Partials instead of atomics: deterministic, no zero-fill launches, and bf16/fp16 never need
-atomics. Wt may be a column slice of a wider matrix (row stride LDW): projections that read the same
-input (q|k|v, gate|up) are stored side by side and run as one launch pair (`rsparse_group_gemv`). For batch > 1 the gathered rows are the union of the rows' kept channels and each row
-multiplies only its own kept entries, so results equal the per-row oracle.
+atomics. For batch > 1 the gathered rows are the union of the rows' kept channels and each row
+multiplies only its own kept entries, so results equal the per-row oracle. Wt may be a column slice
+of a wider matrix (row stride LDW): projections that read the same input (q|k|v, gate|up) are
+stored side by side and run as one launch pair (`rsparse_group_gemv`).
 The TEAL-style baseline (`teal_gemv`: masked loads of Wt rows, split-K fp32 atomics) is here too,
 so benchmarks compare against the public design measured the same way.
 """
