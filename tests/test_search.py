@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from rsparse.calibrate import KEEPS, RANKS, ProjStats, Stats
 from rsparse.errors import RSparseError
 from rsparse.families import PROJECTIONS
-from rsparse.search import S_MAX, Search, SearchConfig, Space
+from rsparse.search import S_MAX, Search, SearchConfig, Space, refuse_other, search_identity
 
 
 def synthetic_stats(rng, n_blocks, hidden, inter, kv):
@@ -158,6 +158,20 @@ def test_search_config_rejects_bad_values():
         SearchConfig(population=1)
     with pytest.raises(RSparseError, match="budget-minutes"):
         SearchConfig(budget_minutes=0)
+    with pytest.raises(RSparseError, match="fitness must be"):
+        SearchConfig(fitness="ppl")
+
+
+def test_partial_identity_refused_before_any_work(tmp_path):
+    """The CLI checks a directory's search before calibrating, from the settings it knows then."""
+    make(tmp_path, name="x")[1].run()
+    cfg = SearchConfig(population=6, generations=3, groups=3, seed=0)
+    refuse_other(tmp_path / "x", search_identity(cfg, 0.5))  # the same search: resumable
+    refuse_other(tmp_path / "none", search_identity(cfg, 0.6))  # no state: nothing to refuse
+    for other in (search_identity(cfg, 0.6), search_identity(SearchConfig(population=6, generations=3, groups=3, fitness="ce"), 0.5),
+                  search_identity(cfg, 0.5, method="teal")):
+        with pytest.raises(RSparseError, match="other settings"):
+            refuse_other(tmp_path / "x", other)
 
 
 def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):
@@ -175,7 +189,7 @@ def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):
     cfg = SearchConfig(population=3, generations=1, groups=2, fitness_tokens=128, val_tokens=128, window=64, seed=3)
     plan = search_plan(model, tok, RSparseConfig(sparsity=0.5), cfg, tmp_path / "p", stats=smol_stats, baselines=False, progress=None)
     info = plan.calibration["search"]
-    assert info["fit_kl"] <= info["seed_fit_kl"] and info["val_kl"] <= info["seed_val_kl"]
+    assert info["fitness"] == "kl" and info["fit"] <= info["seed_fit"] and info["val"] <= info["seed_val"]
     loaded = artifact.load(tmp_path / "p")
     assert loaded.config["allocation"] == "evo"
     assert 0.5 - 1e-9 <= loaded.expected_sparsity() <= 0.505
@@ -187,7 +201,7 @@ def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):
         ref = F.log_softmax(model(w).logits.double(), -1)
         got = F.log_softmax(sparse(w).logits.double(), -1)
     kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
-    assert kl == pytest.approx(info["fit_kl"], rel=2e-3)
+    assert kl == pytest.approx(info["fit"], rel=2e-3)
 
     s, a = plan_grid(loaded)
     assert s.shape == (7, 30) and ((a >= 0) & (a <= 1)).all() and (s >= 0).all()

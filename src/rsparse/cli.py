@@ -123,15 +123,16 @@ def cmd_calibrate(args):
 
         scfg = SearchConfig(population=args.population, generations=args.generations, groups=args.groups,
                             fitness_tokens=args.fitness_tokens, val_tokens=args.val_tokens, seed=args.seed,
-                            budget_minutes=args.budget_minutes, min_keep=args.min_keep)
+                            budget_minutes=args.budget_minutes, min_keep=args.min_keep, fitness=args.fitness)
         model, tok = load(args.model, args.dtype)
         plan = search_plan(model, tok, config, scfg, args.out, baselines=not args.no_baselines,
                            source=args.calib_text, tokens=args.calib_tokens, seed=args.seed)
         s = plan.calibration["search"]
-        print(f"search: {s['evaluations']} evaluations in {s['seconds']:.0f}s; KL fit {s['seed_fit_kl']:.4f} -> {s['fit_kl']:.4f}, "
-              f"validation {s['seed_val_kl']:.4f} -> {s['val_kl']:.4f} (seed = default plan)")
-        for name, kl in s.get("baselines", {}).items():
-            print(f"  {name:16s} KL fit {kl['fit']:.4f} validation {kl['val']:.4f}")
+        f = s["fitness"].upper()
+        print(f"search: {s['evaluations']} evaluations in {s['seconds']:.0f}s; {f} fit {s['seed_fit']:.4f} -> {s['fit']:.4f}, "
+              f"validation {s['seed_val']:.4f} -> {s['val']:.4f} (seed = default plan)")
+        for name, v in s.get("baselines", {}).items():
+            print(f"  {name:16s} {f} fit {v['fit']:.4f} validation {v['val']:.4f}")
     else:
         model, tok = load(args.model, args.dtype)
         plan = _sparsified(args, model, tok)
@@ -219,7 +220,9 @@ def build_parser():
     c.add_argument("--budget-minutes", type=float, default=None, help="stop the search after this many minutes")
     c.add_argument("--min-keep", type=float, default=0.0,
                    help="search: no projection keeps fewer than this fraction of its channels (try 0.1 at 70%%)")
-    c.add_argument("--no-baselines", action="store_true", help="skip the KL of the standard allocations on the same windows")
+    c.add_argument("--fitness", default="kl", choices=["kl", "ce"],
+                   help="search objective on calibration windows: KL to the dense model or cross-entropy (log perplexity)")
+    c.add_argument("--no-baselines", action="store_true", help="skip the fitness of the standard allocations on the same windows")
     c.set_defaults(fn=cmd_calibrate)
 
     pp = sub.add_parser("plot-plan", help="heatmap (PNG) of a plan's per-layer sparsity and alpha")

@@ -81,15 +81,16 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     from .apply import modules_for
     from .fitness import Fitness
     from .plan import SCORES, config_picks, factor_basis, factors_of, fingerprint, layers_from_picks, shapes_of
-    from .search import Search, Space
+    from .search import Search, Space, refuse_other, search_identity
 
     if config.method not in ("rsparse", "teal") or config.sparsity <= 0:
         raise RSparseError("the search allocates rsparse or teal plans at a sparsity > 0")
-    _refuse_other_search(directory, search_config, config)  # before minutes of calibration, not after
-    stats = stats or observe(model, tokenizer, progress=progress is not None, **observe_kw)
-    shapes = shapes_of(model)
     teal = config.method == "teal"
     scores = ("abs",) if teal else (SCORES if config.score == "auto" else (config.score,))
+    identity = {"model": fingerprint(model), "method": config.method, "scores": list(scores), "factors": config.factors}
+    refuse_other(directory, search_identity(search_config, config.sparsity, **identity))  # before minutes of calibration
+    stats = stats or observe(model, tokenizer, progress=progress is not None, **observe_kw)
+    shapes = shapes_of(model)
     space = Space(stats, shapes, config.sparsity, scores, 0 if teal else None, search_config.min_keep)
     fitness = Fitness(model, search_windows(tokenizer, stats, search_config, stats.config.get("source", "wiki")))
     cache: OrderedDict = OrderedDict()
@@ -122,44 +123,26 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
         r = fitness(modules(picks), split)
         with open(log, "a") as f:
             f.write(json.dumps({"split": split, "start": start, **r}) + "\n")
-        return r["kl"]
+        return r[search_config.fitness]
 
-    identity = {"model": fingerprint(model), "method": config.method, "scores": list(scores), "factors": config.factors,
-                "calibration": {k: stats.config.get(k) for k in ("windows", "seed", "source")}}
+    identity["calibration"] = {k: stats.config.get(k) for k in ("windows", "seed", "source")}
     state = Search(space, search_config, directory, evaluate, lambda picks, a, b: fitness.advance(modules(picks), b),
                    identity, progress=progress or (lambda *_: None)).run()
     out_cfg = replace(config, allocation="evo")
     plan = build_plan(model, stats, out_cfg, picks=space.decode(state["incumbent"]), basis=basis)
     plan.calibration["search"] = {"config": search_config.identity(), "seconds": round(state["seconds"], 1),
-                                  "evaluations": state["evaluations"], "fit_kl": state["incumbent_fit"],
-                                  "val_kl": state["incumbent_val"], "seed_fit_kl": state["seed_fit"],
-                                  "seed_val_kl": state["seed_val"], "stopped": state.get("stopped")}
+                                  "evaluations": state["evaluations"], "fitness": search_config.fitness,
+                                  "fit": state["incumbent_fit"], "val": state["incumbent_val"],
+                                  "seed_fit": state["seed_fit"], "seed_val": state["seed_val"], "stopped": state.get("stopped")}
     if baselines:
-        plan.calibration["search"]["baselines"] = _baselines(directory, fitness, modules, stats, shapes, config)
+        plan.calibration["search"]["baselines"] = _baselines(directory, fitness, modules, stats, shapes, config,
+                                                             search_config.fitness)
     artifact.save(plan, directory)
     return plan
 
 
-def _refuse_other_search(directory, search_config, config) -> None:
-    import json
-    from pathlib import Path
-
-    from .search import STATE
-
-    path = Path(directory) / STATE
-    if not path.is_file():
-        return
-    try:
-        ident = json.loads(path.read_text()).get("identity", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return  # Search reports a corrupt state itself
-    if (ident.get("search") != search_config.identity() or ident.get("sparsity") != config.sparsity
-            or ident.get("method") != config.method or ident.get("factors") != config.factors):
-        raise RSparseError(f"{directory} holds a search with other settings; use another directory or delete {STATE}")
-
-
-def _baselines(directory, fitness, modules, stats, shapes, config) -> dict:
-    """KL of the standard allocations on the same fitness / validation windows (from block 0),
+def _baselines(directory, fitness, modules, stats, shapes, config, measure: str) -> dict:
+    """Fitness (`measure`) of the standard allocations on the same fitness / validation windows (from block 0),
     cached in DIR/baselines.json."""
     import json
     from pathlib import Path
@@ -178,6 +161,6 @@ def _baselines(directory, fitness, modules, stats, shapes, config) -> dict:
     for name, kw in variants.items():
         picks, _ = config_picks(stats, shapes, RSparseConfig(sparsity=config.sparsity, **kw))
         mods = modules(picks)
-        out[name] = {split: fitness(mods, split)["kl"] for split in ("fit", "val")}
+        out[name] = {split: fitness(mods, split)[measure] for split in ("fit", "val")}
     artifact._write_atomic(path, lambda p: Path(p).write_text(json.dumps(out, indent=1)))
     return out

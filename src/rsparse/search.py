@@ -68,6 +68,10 @@ class SearchConfig:
     # of the calibration scores and keep many more channels on other text, so such plans overshoot
     # the budget and collapse (docs/results.md, 70%). A floor keeps every threshold in the bulk.
     min_keep: float = 0.0
+    # what a candidate minimises on the calibration windows: "kl" to the dense model's next-token
+    # distributions, or "ce", cross-entropy on the true next tokens (log perplexity, the paper's).
+    # benchmarks/fitness_rank.py measures which ranks plans like evaluation perplexity does.
+    fitness: str = "kl"
 
     def __post_init__(self):
         for name in ("population", "generations", "groups", "fitness_tokens", "val_tokens", "window"):
@@ -77,6 +81,8 @@ class SearchConfig:
             raise RSparseError(f"search population must be at least 2, got {self.population}")
         if not 0.0 <= self.min_keep < 1.0:
             raise RSparseError(f"search min_keep must be in [0, 1), got {self.min_keep}")
+        if self.fitness not in ("kl", "ce"):
+            raise RSparseError(f"search fitness must be 'kl' or 'ce', got {self.fitness!r}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise RSparseError(f"--budget-minutes must be positive, got {self.budget_minutes}")
 
@@ -148,6 +154,31 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def search_identity(config: SearchConfig, sparsity: float, **extra) -> dict:
+    """What a directory's search is: a rerun resumes it only if this is equal."""
+    return {"search": config.identity(), "sparsity": sparsity, **extra}
+
+
+def read_state(directory):
+    """The saved search state of `directory`, or None if there is none."""
+    path = Path(directory) / STATE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RSparseError(f"{path}: corrupt search state ({e}); delete it to start over") from None
+
+
+def refuse_other(directory, identity: dict, state=None) -> None:
+    """Refuse to resume a search whose saved identity differs on any key of `identity` (a partial
+    identity lets the CLI refuse before minutes of calibration, when no Search exists yet)."""
+    state = read_state(directory) if state is None else state
+    saved = state.get("identity") if isinstance(state, dict) else None
+    if state is not None and (not isinstance(saved, dict) or any(saved.get(k) != v for k, v in identity.items())):
+        raise RSparseError(f"{directory} holds a search with other settings; use another directory or delete {STATE}")
+
+
 def _picks_key(picks: dict) -> str:
     return hashlib.sha1(json.dumps(sorted(picks.items())).encode()).hexdigest()
 
@@ -161,21 +192,15 @@ class Search:
                  identity: dict | None = None, progress=print):
         self.space, self.cfg, self.dir = space, config, Path(directory)
         self.evaluate, self.advance, self.progress = evaluate, advance, progress
-        self.identity = {"search": config.identity(), "sparsity": space.sparsity, **(identity or {})}
+        self.identity = search_identity(config, space.sparsity, **(identity or {}))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.groups = _groups(space.blocks, config.groups)
 
     # ----- state -----
     def _load(self):
-        path = self.dir / STATE
-        if not path.is_file():
-            return None
-        try:
-            state = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RSparseError(f"{path}: corrupt search state ({e}); delete it to start over") from None
-        if state.get("identity") != self.identity:
-            raise RSparseError(f"{self.dir} holds a search with other settings; use another directory or delete {STATE}")
+        state = read_state(self.dir)
+        if state is not None:
+            refuse_other(self.dir, self.identity, state)
         return state
 
     def _save(self, state):
