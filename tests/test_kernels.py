@@ -117,6 +117,33 @@ def test_group_kernel_matches_members_oracles(dtype, B, IN, outs):
         start += o
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,IN,half", [(1, 300, 96), (3, 513, 64), (8, 129, 160)])
+def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half):
+    """gate|up side by side, SiLU(gate) * up in the epilogue: equals the float64 oracle of the two
+    members followed by the activation; (B, half) output poisoned; the registered op agrees."""
+    torch.manual_seed(B * IN + half)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).to(dtype)
+    cases = [_case(B, IN, half, 0, s, dtype, bias=(B % 2 == 1)) for s in (0.5, 0.7)]
+    cs = torch.stack([c[4] for c in cases])
+    taus = torch.stack([(x.double().abs() * c[4].double()).reshape(-1).quantile(q).float() + 1e-4 for c, q in zip(cases, (0.5, 0.7))])
+    wt = torch.cat([c[1].T for c in cases], 1).contiguous()
+    bias = torch.cat([c[6] for c in cases]) if B % 2 == 1 else None
+    ref_g, ref_u = (rsparse_linear_ref(x.double(), c[1].double(), None if bias is None else bias[i * half:(i + 1) * half].double(),
+                                       taus[i].double(), cs[i].double(), torch.zeros(half, 0, dtype=torch.float64),
+                                       torch.zeros(0, IN, dtype=torch.float64)) for i, c in enumerate(cases))
+    ref = torch.nn.functional.silu(ref_g) * ref_u
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, fma=False)
+    dev = [t.to(DEV) if t is not None else None for t in (x, wt, wt.new_empty(IN, 0), wt.new_empty(2 * half, 0), cs, taus, bias)]
+    out = torch.full((B, half), float("nan"), dtype=dtype).to(DEV)
+    y = tg._launch(*dev, cfg, out=out, segments=(half, 2 * half), glu=True).cpu()
+    assert torch.isfinite(y).all(), "output element left unwritten"
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+    op = torch.ops.rsparse.rsparse_glu_gemv(dev[0], dev[1], dev[4], dev[5], dev[6]).cpu()
+    assert op.shape == (B, half) and ((op.double() - ref).norm() / ref.norm()).item() < tol
+
+
 def test_triton_group_module_shares_storage_and_matches_members():
     from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
     from rsparse.linear import RSparseLinear
@@ -137,6 +164,13 @@ def test_triton_group_module_shares_storage_and_matches_members():
             ref = r(x)
             assert y.shape == ref.shape and ((y.cpu() - ref).norm() / ref.norm()).item() < 1e-5
             assert ((m(x.to(DEV)).cpu() - ref).norm() / ref.norm()).item() < 1e-5
+    pair = TritonGroup(mods[:2])  # gate|up-like: SiLU(a) * b from the epilogue, for decode and prefill rows
+    for shape in [(1, 1, 200), (2, 9, 200)]:
+        x = torch.distributions.Laplace(0.0, 1.0).sample(shape)
+        with torch.no_grad():
+            ref = torch.nn.functional.silu(refs[0](x)) * refs[1](x)
+            y = pair.silu_mul(x.to(DEV)).cpu()
+        assert y.shape == ref.shape and ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_fused_groups_in_decoder_match_per_module_steps():

@@ -5,7 +5,9 @@ Math per block (pre-norm Llama): h += o(attn(rope(q(n1 h)), rope(k(n1 h)), v(n1 
 The projections and the MLP are the model's own modules, called as modules, so a sparsified model
 (RSparseLinear or a faster backend swapped in by `sparsify_`) decodes sparse with no change here.
 Where a backend attached a fused module for projections that share an input (`families.groups`:
-q/k/v, gate/up), the decoder calls it once instead of the members.
+q/k/v, gate/up), the decoder calls it once instead of the members; a gate|up group that offers
+`silu_mul` computes the SiLU MLP's SiLU(gate) * up itself (only when the model's activation is
+SiLU and no sparse activation, e.g. CATS, replaced it).
 The cache is [layers, 2, batch, kv_heads, max_len, head_dim]; attention uses SDPA with GQA.
 Prompts are prefilled through `dense_view` (prefill is compute-bound: it stays dense).
 """
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from .apply import dense_view
 from .families import blocks, family_of, get_group
+from .linear import ThresholdedActivation
 
 
 def _rope(x, cos, sin):
@@ -33,6 +36,7 @@ class StaticDecoder:
         p = next(model.parameters())
         self.cache = torch.zeros(len(self.layers), 2, batch, self.kv_heads, max_len, self.head_dim, dtype=p.dtype, device=p.device)
         self.max_len, self.pos = max_len, 0
+        self.silu = getattr(cfg, "hidden_act", None) == "silu"
 
     def _qkv(self, layer, h, cos, sin):
         B, T, _ = h.shape
@@ -52,6 +56,8 @@ class StaticDecoder:
         fused = get_group(self.family, layer, "gate_up")
         if fused is None:
             return h + mlp(x)
+        if self.silu and hasattr(fused, "silu_mul") and not isinstance(mlp.act_fn, ThresholdedActivation):
+            return h + mlp.down_proj(fused.silu_mul(x))
         g, u = fused(x)
         return h + mlp.down_proj(mlp.act_fn(g) * u)
 

@@ -5,7 +5,8 @@ row, At = A^T (in, r) so a dropped channel reads r contiguous values, and here U
 is stored, so prefill (`dense()`, used by `dense_view`) runs a dense cuBLAS matmul on the same
 storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`; more rows (all-tokens
 evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up in one
-launch pair (`rsparse::rsparse_group_gemv`) for the decoder.
+launch pair (`rsparse::rsparse_group_gemv`) for the decoder, and gate|up's SiLU(gate) * up with the
+activation in the epilogue (`rsparse::rsparse_glu_gemv`).
 """
 from __future__ import annotations
 
@@ -75,6 +76,16 @@ class TritonGroup(nn.Module):
             return tuple(m(x) for m in self._members)
         y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.col_scale, self.tau, self.seg1, self.seg2, self.bias)
         return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split(self.split, dim=-1))
+
+    def silu_mul(self, x):
+        """SiLU(gate(x)) * up(x) of a gate|up group in one launch pair (the activation runs in the
+        kernel's epilogue); more than MAX_DECODE_ROWS rows run the members."""
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] > MAX_DECODE_ROWS or len(self.split) != 2 or self.split[0] != self.split[1]:
+            g, u = self(x)
+            return torch.nn.functional.silu(g) * u
+        y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.col_scale, self.tau, self.bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def triton_groups(model, modules: dict) -> dict:

@@ -7,7 +7,8 @@ Wt[j, :], and At = A^T (in, r) so a dropped channel reads r contiguous values. T
    partial low-rank input zpart[chunk] = x_dropped @ At[chunk] (At rows read only where dropped).
 2. `_gather_gemv`: grid (out tiles, chunks); loops over the chunk's kept indices only (every load
    is useful: no predicated-off rows in flight) and writes a float32 partial ypart[chunk].
-3. `_epilogue`: y = sum_chunks ypart + (sum_chunks zpart) @ U^T + b, cast to the model dtype.
+3. `_epilogue`: y = sum_chunks ypart + (sum_chunks zpart) @ U^T + b, cast to the model dtype
+   (`_glu_epilogue` for a gate|up group: SiLU(gate) * up, the MLP activation, in the same pass).
 Partials instead of atomics: deterministic, no zero-fill launches, and bf16/fp16 never need
 atomics. For batch > 1 the gathered rows are the union of the rows' kept channels and each row
 multiplies only its own kept entries, so results equal the per-row oracle. Wt may be a column slice
@@ -143,15 +144,21 @@ def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, I
 
 
 @triton.jit
+def _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB: tl.constexpr, BLOCK_N: tl.constexpr):
+    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+    for ch in range(0, NCHUNK):
+        acc += tl.load(ypart_ptr + ch * BB * OUT + rows[:, None] * OUT + n[None, :], mask=m, other=0.0)
+    return acc
+
+
+@triton.jit
 def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, R, NCHUNK,
               BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr):
     pid_n = tl.program_id(0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     m = (rows[:, None] < B) & (n[None, :] < OUT)
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for ch in range(0, NCHUNK):
-        acc += tl.load(ypart_ptr + ch * BB * OUT + rows[:, None] * OUT + n[None, :], mask=m, other=0.0)
+    acc = _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
     if HAS_R:
         for r0 in range(0, R, RB):
             rr = r0 + tl.arange(0, RB)
@@ -164,6 +171,29 @@ def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, R, NCHUNK,
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n < OUT, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * OUT + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _glu_epilogue(ypart_ptr, b_ptr, y_ptr, B, OUT, HALF, NCHUNK,
+                  BB: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = SiLU(gate) * up for a gate|up group (gate columns [0, HALF), up [HALF, OUT)): the MLP's
+    activation in the epilogue, so the group writes (B, HALF) once instead of (B, OUT) and two
+    elementwise launches. Rounded like the unfused module path (each member's output, then SiLU,
+    then the product, in the model dtype), so both paths agree to the last bit almost always."""
+    pid_n = tl.program_id(0)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BB)
+    m = (rows[:, None] < B) & (n[None, :] < HALF)
+    g = _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
+    u = _sum_partials(ypart_ptr + HALF, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
+    if HAS_BIAS:
+        g += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
+        u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
+    dt = y_ptr.dtype.element_ty
+    g = g.to(dt).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    y = a * u.to(dt).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * HALF + n[None, :], y.to(dt), mask=m)
 
 
 # Launch configuration, from a grid search on an H200 at 50%, batch 1 (docs/perf-gpu.md): 512-channel
@@ -204,8 +234,9 @@ def config_for(out_f: int, rank: int = 0, in_f: int | None = None) -> dict:
     return cfg
 
 
-def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None):
-    """segments: column boundaries (SEG1, SEG2) of a fused group (r = 0, fused path only)."""
+def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False):
+    """segments: column boundaries (SEG1, SEG2) of a fused group (r = 0, fused path only); glu: the
+    group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2)."""
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     LDW = wt.stride(0)
@@ -214,7 +245,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None):
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
     ypart = torch.empty(nchunk * BB * OUT, dtype=torch.float32, device=x.device)
     zpart = torch.empty(max(nchunk * BB * R, 1), dtype=torch.float32, device=x.device)
-    y = torch.empty(B, OUT, dtype=x.dtype, device=x.device) if out is None else out
+    y = torch.empty(B, OUT // 2 if glu else OUT, dtype=x.dtype, device=x.device) if out is None else out
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
     if segments is not None and not (cfg["fused"] and R == 0 and not cfg.get("fma")):
@@ -234,6 +265,10 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None):
         torch.library.wrap_triton(_select)[(nchunk,)](x, col_scale, tau, at, idx, cnt, zpart, B, IN, R,
                                                       CHUNK=ch, BB=BB, RB=rb, HAS_R=R > 0)
         torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, LDW, **meta)
+    if glu:
+        torch.library.wrap_triton(_glu_epilogue)[(triton.cdiv(OUT // 2, bn),)](
+            ypart, bias if bias is not None else y, y, B, OUT, OUT // 2, nchunk, BB=BB, BLOCK_N=bn, HAS_BIAS=bias is not None)
+        return y
     torch.library.wrap_triton(_epilogue)[(ntile,)](
         ypart, zpart, u, bias if bias is not None else y, y, B, OUT, R, nchunk,
         BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0, HAS_BIAS=bias is not None)
@@ -257,17 +292,34 @@ def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int) -> int | None
     return None if any(b % bn for b in inner) else bn
 
 
+def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor) -> dict:
+    bn = group_block_n(seg1, seg2, wt.shape[1], wt.shape[0])
+    if bn is None:
+        raise ValueError(f"group members at columns {seg1}, {seg2} do not start on output tiles")
+    return dict(config_for(wt.shape[1], 0, wt.shape[0]), block_n=bn)
+
+
 @torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={})
 def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, tau: torch.Tensor,
                        seg1: int, seg2: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Up to 3 r = 0 projections of the same x in one launch pair: wt = [Wt_0 | Wt_1 | Wt_2] (in, out),
     col_scale (P, in), tau (P,), member boundaries seg1 <= seg2 (see `group_block_n`)."""
-    OUT, IN = wt.shape[1], wt.shape[0]
-    bn = group_block_n(seg1, seg2, OUT, IN)
-    if bn is None:
-        raise ValueError(f"group members at columns {seg1}, {seg2} do not start on output tiles")
-    cfg = dict(config_for(OUT, 0, IN), block_n=bn)
-    return _launch(x, wt, wt.new_empty(IN, 0), wt.new_empty(OUT, 0), col_scale, tau, bias, cfg, segments=(seg1, seg2))
+    IN, OUT = wt.shape
+    return _launch(x, wt, wt.new_empty(IN, 0), wt.new_empty(OUT, 0), col_scale, tau, bias, _group_cfg(seg1, seg2, wt),
+                   segments=(seg1, seg2))
+
+
+@torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={})
+def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, tau: torch.Tensor,
+                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SiLU(gate(x)) * up(x) for a gate|up group of two r = 0 members of equal width:
+    wt = [Wt_gate | Wt_up] (in, 2 I), col_scale (2, in), tau (2,); returns (rows, I)."""
+    IN, OUT = wt.shape
+    if OUT % 2:
+        raise ValueError(f"a gate|up group has two members of equal width, got {OUT} columns in all")
+    half = OUT // 2
+    return _launch(x, wt, wt.new_empty(IN, 0), wt.new_empty(OUT, 0), col_scale, tau, bias, _group_cfg(half, OUT, wt),
+                   segments=(half, OUT), glu=True)
 
 
 @triton.jit
