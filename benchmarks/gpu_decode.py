@@ -22,6 +22,7 @@ import statistics
 import time
 
 import torch
+import torch._dynamo
 
 from rsparse.apply import swapped
 from rsparse.decode import GraphDecoder
@@ -93,18 +94,20 @@ def copy_bandwidth():
     return 2 * a.numel() / (ms * 1e-3)
 
 
-def capture(dec, B):
-    ids = torch.zeros(B, 1, dtype=torch.long, device="cuda")
+def capture(step, B):
+    """One decode step (`step(ids, pos)`, eager or compiled) captured in a CUDA graph. Rows decode
+    different tokens: identical rows would have identical kept sets and hide the union's cost."""
+    ids = torch.arange(1, B + 1, dtype=torch.long, device="cuda")[:, None] * 7919
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s), torch.inference_mode():
         for _ in range(3):
-            dec.step(ids, pos)
+            step(ids, pos)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.inference_mode(), torch.cuda.graph(g):
-        out = dec.step(ids, pos)
+        out = step(ids, pos)
     g.static = (ids, pos, out)  # the graph reads and writes these addresses: keep them alive
     return g, out
 
@@ -132,6 +135,10 @@ def main():
     args = ap.parse_args()
     if args.profile:
         return profile(args.models.split(",")[0])
+    torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     t_start = time.time()
     if args.tuned and os.path.exists(args.tuned):
         tg.load_tuned(json.load(open(args.tuned))["best"])
@@ -155,13 +162,26 @@ def main():
             if time.time() - t_start > args.time_limit:
                 break
             dec = GraphDecoder(model, max_len=MAX_LEN, batch=B)
-            kv_bytes = dec.cache.numel() * dec.cache.element_size()
-            g_dense, _ = capture(dec, B)
+            kv_bytes = sum(t.numel() * t.element_size() for t in dec.k_cache + dec.v_cache)
+            g_dense, _ = capture(dec.step, B)
             with swapped(model, sparse):
-                g_sparse, out_sparse = capture(dec, B)
+                g_sparse, out_sparse = capture(dec.step, B)
                 if groups:
                     with attached(model, groups):
-                        g_fused, out_fused = capture(dec, B)
+                        g_fused, out_fused = capture(dec.step, B)
+                        if B == 1:  # the same groups without SiLU(gate)*up in the epilogue: what that fusion gives
+                            dec.silu = False
+                            g_noglu, _ = capture(dec.step, B)
+                            dec.silu = True
+            # the same steps compiled by inductor (default mode: fused elementwise kernels) and captured
+            # in our graphs; no dynamo reset in between, so both compiled steps' kernels stay loaded
+            comp, label_c = {}, "fused" if groups else "sparse"
+            if args.compile and time.time() - t_start < args.time_limit:
+                for label, mods, grp in (("dense", {}, {}), (label_c, sparse, groups)):
+                    with swapped(model, mods), attached(model, grp):
+                        t0 = time.time()
+                        comp[label] = capture(torch.compile(dec.step), B)[0]
+                        print(f"compiled {label} step (B={B}) in {time.time() - t0:.0f}s", flush=True)
             if B == 1:
                 checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse))
                 if groups:
@@ -176,12 +196,16 @@ def main():
                     taus[k].fill_(torch.quantile(x.reshape(-1), s).item())
                     xb = x[: x.shape[0] // B * B].reshape(-1, B, x.shape[1])  # B rows at a time: union of kept channels
                     kept[k] = (xb > taus[k]).any(1).float().mean().item()
-                d, sp, fu = [], [], []
+                d, sp, fu, ng, ct = [], [], [], [], {}
                 for _ in range(REPEATS):
                     d.append(time_graph(g_dense))
                     sp.append(time_graph(g_sparse))
                     if groups:
                         fu.append(time_graph(g_fused))
+                    if groups and B == 1:
+                        ng.append(time_graph(g_noglu))
+                    for label, g in comp.items():
+                        ct.setdefault(label, []).append(time_graph(g))
                 td, ts = statistics.median(d), statistics.median(sp)
                 tf = statistics.median(fu) if groups else None
                 dense_read = sum(lin_bytes.values()) + other_bytes + kv_bytes
@@ -193,13 +217,22 @@ def main():
                        "bound_speedup": dense_read / sparse_read}
                 if tf is not None:
                     row.update(fused_tok_s=B / tf, fused_speedup=td / tf, fused_bw_frac=sparse_read / tf / bw)
+                if ng:
+                    row["fused_no_glu_tok_s"] = B / statistics.median(ng)
+                if len(ct) == 2:
+                    tcd, tcs = statistics.median(ct["dense"]), statistics.median(ct[label_c])
+                    row.update(dense_compiled_tok_s=B / tcd, compiled_tok_s=B / tcs, compiled_speedup=tcd / tcs,
+                               dense_compiled_bw_frac=dense_read / tcd / bw, compiled_bw_frac=sparse_read / tcs / bw)
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             del g_dense, g_sparse
             if groups:
                 del g_fused
+            if groups and B == 1:
+                del g_noglu
+            del comp
             if args.compile and B == 1 and time.time() - t_start < args.time_limit:
-                compiled.append(compiled_step(name, model, sparse, taus, samples, dec, groups))
+                compiled.append(compiled_step(name, model, sparse, taus, samples, dec, groups, t_start + args.time_limit))
             del dec
             torch.cuda.empty_cache()
         del model, sparse, samples
@@ -212,6 +245,12 @@ def main():
               f"{r['speedup']:8.2f} {r.get('fused_tok_s', float('nan')):11.1f} {r.get('fused_speedup', float('nan')):8.2f} "
               f"{r['bound_speedup']:6.2f} {r['dense_bw_frac']:9.1%} {r['sparse_bw_frac']:9.1%} {r.get('fused_bw_frac', float('nan')):9.1%} "
               f"{r['kept_union']:5.2f}")
+    print(f"\ncompiled (inductor default mode, captured in a CUDA graph):\n{'model':10s} {'B':>2s} {'s':>4s} {'dense tok/s':>11s} "
+          f"{'sparse tok/s':>12s} {'speedup':>8s} {'BW dense':>9s} {'BW sparse':>9s}")
+    for r in rows:
+        if "compiled_speedup" in r:
+            print(f"{r['model']:10s} {r['batch']:2d} {r['sparsity']:4.2f} {r['dense_compiled_tok_s']:11.1f} {r['compiled_tok_s']:12.1f} "
+                  f"{r['compiled_speedup']:8.2f} {r['dense_compiled_bw_frac']:9.1%} {r['compiled_bw_frac']:9.1%}")
     for c in compiled:
         print("compiled:", json.dumps(c))
     summary = {"checks": checks, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
@@ -221,7 +260,8 @@ def main():
         with open(os.path.join(os.environ["OUT"], "gpu_decode.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
     key = [r for r in rows if r["model"] == "llama3-8b" and r["batch"] == 1 and r["sparsity"] == 0.5]
-    print(json.dumps({"llama3_8b_b1_s50_speedup": key[0]["speedup"] if key else None,
+    print(json.dumps({"llama3_8b_b1_s50_compiled_speedup": key[0].get("compiled_speedup") if key else None,
+                      "llama3_8b_b1_s50_speedup": key[0]["speedup"] if key else None,
                       "llama3_8b_b1_s50_fused_speedup": key[0].get("fused_speedup") if key else None,
                       "dense_tok_s": key[0]["dense_tok_s"] if key else None,
                       "sparse_tok_s": key[0]["sparse_tok_s"] if key else None, "compiled": compiled}))
@@ -267,17 +307,21 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     return out
 
 
-def compiled_step(name, model, sparse, taus, samples, dec, groups=None):
-    """torch.compile(mode="reduce-overhead") of the same step, batch 1, dense and sparse at 50%."""
+def compiled_step(name, model, sparse, taus, samples, dec, groups=None, deadline=float("inf")):
+    """torch.compile(mode="reduce-overhead") of the same step, batch 1, 50%, dense and sparse (fused groups
+    if built): inductor's own CUDA graphs capture the triton_ops, entered from Python every step (guards
+    and bookkeeping on the CPU per token; `*_enqueue_ms` is that CPU time)."""
     out = {"model": name, "sparsity": 0.5}
     for k, x in samples.items():
         taus[k].fill_(torch.quantile(x.reshape(-1), 0.5).item())
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
-    try:
-        for label, mods, grp in (("dense", {}, {}), ("sparse", sparse, {}), ("fused", sparse, groups or {})):
-            if (label == "fused" and not grp) or (label == "sparse" and groups):  # compile time: the faster sparse path
-                continue
+    label_s = "fused" if groups else "sparse"
+    for label, mods, grp in (("dense", {}, {}), (label_s, sparse, groups or {})):
+        if time.time() > deadline:
+            out[f"{label}_skipped"] = "time limit"
+            continue
+        try:
             torch._dynamo.reset()
             with swapped(model, mods), attached(model, grp), torch.inference_mode():
                 step = torch.compile(dec.step, mode="reduce-overhead")
@@ -286,29 +330,30 @@ def compiled_step(name, model, sparse, taus, samples, dec, groups=None):
                     step(ids, pos)
                 torch.cuda.synchronize()
                 out[f"{label}_compile_s"] = time.time() - t0
-                times = []
+                times, enqueue = [], []
                 for _ in range(REPEATS):
                     torch.cuda.synchronize()
                     t = time.perf_counter()
                     for _ in range(STEPS):
                         step(ids, pos)
+                    enqueue.append((time.perf_counter() - t) / STEPS)
                     torch.cuda.synchronize()
                     times.append((time.perf_counter() - t) / STEPS)
                 out[f"{label}_tok_s"] = 1 / statistics.median(times)
-        if "sparse_tok_s" in out:
-            out["speedup"] = out["sparse_tok_s"] / out["dense_tok_s"]
-        if "fused_tok_s" in out:
-            out["fused_speedup"] = out["fused_tok_s"] / out["dense_tok_s"]
-    except Exception as e:  # report, do not lose the table
-        out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                out[f"{label}_enqueue_ms"] = statistics.median(enqueue) * 1e3
+        except Exception as e:  # report, do not lose the table
+            out[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if f"{label_s}_tok_s" in out and "dense_tok_s" in out:
+        out[f"{label_s}_speedup"] = out[f"{label_s}_tok_s"] / out["dense_tok_s"]
     print("compiled:", out, flush=True)
     return out
 
 
 @torch.inference_mode()
 def profile(name, sparsity=0.5, steps=5):
-    """Where a decode step's GPU time goes: kernels grouped by name, dense and sparse, batch 1, eager
-    step (the same kernels a graph replays, without the launch gaps), plus the graph-replay time."""
+    """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
+    same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
+    mode), dense and sparse (fused groups), plus each one's CUDA-graph replay time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -321,17 +366,28 @@ def profile(name, sparsity=0.5, steps=5):
     dec = GraphDecoder(model, max_len=MAX_LEN, batch=1)
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
+    groups = triton_groups(model, sparse)
     result = {}
-    for label, mods in (("dense", {}), ("sparse", sparse)):
-        with swapped(model, mods):
+    try:  # does dynamo see the dense step as one graph?
+        ex = torch._dynamo.explain(dec.step)(ids, pos)
+        result["explain"] = {"graphs": ex.graph_count, "breaks": ex.graph_break_count,
+                             "reasons": [str(b.reason)[:160] for b in ex.break_reasons[:8]]}
+    except Exception as e:
+        result["explain"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    print("explain:", result["explain"], flush=True)
+    for label, mods, grp, compiled in (("dense", {}, {}, False), ("fused", sparse, groups, False),
+                                       ("dense-compiled", {}, {}, True), ("fused-compiled", sparse, groups, True)):
+        torch._dynamo.reset()
+        with swapped(model, mods), attached(model, grp):
+            step = torch.compile(dec.step) if compiled else dec.step
             for _ in range(3):
-                dec.step(ids, pos)
+                step(ids, pos)
             torch.cuda.synchronize()
             with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(steps):
-                    dec.step(ids, pos)
+                    step(ids, pos)
                 torch.cuda.synchronize()
-            g, _ = capture(dec, 1)
+            g, _ = capture(step, 1)
             graph_ms = statistics.median(time_graph(g) for _ in range(REPEATS)) * 1e3
             del g
         kernels = {}

@@ -8,7 +8,9 @@ Where a backend attached a fused module for projections that share an input (`fa
 q/k/v, gate/up), the decoder calls it once instead of the members; a gate|up group that offers
 `silu_mul` computes the SiLU MLP's SiLU(gate) * up itself (only when the model's activation is
 SiLU and no sparse activation, e.g. CATS, replaced it).
-The cache is [layers, 2, batch, kv_heads, max_len, head_dim]; attention uses SDPA with GQA.
+The cache is one K and one V tensor per layer, [batch, kv_heads, max_len, head_dim] each (not views
+of one big tensor: torch.compile turns an in-place write into a view of a graph input into a copy
+of the whole base tensor, 32 x 33 MB per step on Llama-3-8B shapes); attention uses SDPA with GQA.
 Prompts are prefilled through `dense_view` (prefill is compute-bound: it stays dense).
 """
 from __future__ import annotations
@@ -34,7 +36,9 @@ class StaticDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
-        self.cache = torch.zeros(len(self.layers), 2, batch, self.kv_heads, max_len, self.head_dim, dtype=p.dtype, device=p.device)
+        shape = (batch, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.max_len, self.pos = max_len, 0
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
 
@@ -65,9 +69,9 @@ class StaticDecoder:
         q, k, v = self._qkv(layer, h, cos, sin)
         T = h.shape[1]
         end = self.pos + T
-        self.cache[i, 0, :, :, self.pos:end] = k
-        self.cache[i, 1, :, :, self.pos:end] = v
-        o = F.scaled_dot_product_attention(q, self.cache[i, 0, :, :, :end], self.cache[i, 1, :, :, :end],
+        self.k_cache[i][:, :, self.pos:end] = k
+        self.v_cache[i][:, :, self.pos:end] = v
+        o = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end],
                                            is_causal=T > 1 and self.pos == 0, enable_gqa=True)
         return self._rest(layer, h, o)
 
@@ -111,7 +115,8 @@ class GraphDecoder(StaticDecoder):
     def __init__(self, model, max_len: int = 512, batch: int = 1):
         super().__init__(model, max_len, batch)
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
-        torch._dynamo.mark_static_address(self.cache)
+        for t in self.k_cache + self.v_cache:
+            torch._dynamo.mark_static_address(t)
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits for ids [batch, 1] at position `pos` (long tensor [1]); `prefill` first."""
@@ -122,8 +127,8 @@ class GraphDecoder(StaticDecoder):
         mask = (torch.arange(self.max_len, device=ids.device) <= pos)[None, None, None, :]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
-            self.cache[i, 0].index_copy_(2, pos, k)
-            self.cache[i, 1].index_copy_(2, pos, v)
-            o = F.scaled_dot_product_attention(q, self.cache[i, 0], self.cache[i, 1], attn_mask=mask, enable_gqa=True)
+            self.k_cache[i].index_copy_(2, pos, k)
+            self.v_cache[i].index_copy_(2, pos, v)
+            o = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask, enable_gqa=True)
             h = self._rest(layer, h, o)
         return self.model.lm_head(inner.norm(h[:, -1]))
