@@ -102,7 +102,7 @@ def main():
                 continue
             t0 = time.time()
             mods = modules_for(model, layers, factors)
-            row = {"name": name, "target": s}
+            row = {"name": name, "target": s, "windows": {"wiki": args.wiki_windows, "lambada": args.lambada_windows}}
             for split in ("fit", "val"):
                 r = fitness(mods, split)
                 row[f"kl_{split}"], row[f"ce_{split}"] = r["kl"], r["ce"]

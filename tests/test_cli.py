@@ -42,6 +42,8 @@ def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
     assert r.returncode == 0 and json.loads((out / "plan.json").read_text())["layers"] == plan["layers"]
     r = run(*[a if a != "2" else "3" for a in args])
     assert r.returncode == 2 and "other settings" in r.stderr
+    r = run(*args, "--fitness", "ce")  # another objective is another search: refused before calibrating
+    assert r.returncode == 2 and "other settings" in r.stderr
 
 
 @pytest.mark.parametrize("args,msg", [

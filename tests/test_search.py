@@ -226,3 +226,32 @@ def test_min_keep_floor_holds_for_every_candidate(sparsity, min_keep):
         assert floored.read_elements(picks) <= target * (1 + 1e-9)
     with pytest.raises(RSparseError, match="min_keep"):
         SearchConfig(min_keep=1.0)
+
+
+def test_fitness_kl_and_ce_equal_a_plain_forward_pass(smol, smol_stats):
+    """Fitness (cached block inputs, hidden states advanced past fixed blocks) gives the KL to the dense
+    model and the cross-entropy that a plain float64 evaluation of the swapped model's logits gives."""
+    import torch.nn.functional as F
+
+    from rsparse.apply import modules_for, swapped
+    from rsparse.fitness import Fitness
+    from rsparse.pipeline import search_windows
+    from rsparse.plan import RSparseConfig, config_picks, layers_from_picks, shapes_of
+
+    model, tok = smol()
+    w = search_windows(tok, smol_stats, SearchConfig(fitness_tokens=128, val_tokens=128, window=64))["fit"]
+    picks, _ = config_picks(smol_stats, shapes_of(model), RSparseConfig(method="teal", allocation="uniform", sparsity=0.6))
+    mods = modules_for(model, layers_from_picks(smol_stats, picks), {})
+    fit = Fitness(model, {"fit": w}, batch=1)
+    with torch.inference_mode():
+        ref = F.log_softmax(model(w).logits.double(), -1)
+        with swapped(model, mods):
+            got = F.log_softmax(model(w).logits.double(), -1)
+    kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
+    ce = -got[:, :-1].gather(-1, w[:, 1:, None]).mean().item()
+    r = fit(mods)
+    assert r["kl"] == pytest.approx(kl, rel=2e-3) and r["ce"] == pytest.approx(ce, rel=1e-4)
+    early = {k: m for k, m in mods.items() if int(k.split(".")[0]) < 10}
+    fit.advance(early, 10)  # blocks 0-9 fixed: the rest is run from cached hidden states
+    r2 = fit({k: m for k, m in mods.items() if int(k.split(".")[0]) >= 10})
+    assert r2["kl"] == pytest.approx(kl, rel=2e-3) and r2["ce"] == pytest.approx(ce, rel=1e-4)
