@@ -87,8 +87,9 @@ class SearchConfig:
             raise RSparseError(f"--budget-minutes must be positive, got {self.budget_minutes}")
 
     def identity(self) -> dict:
-        """The settings a resumed search must share (the time budget may change between runs)."""
-        return {k: v for k, v in asdict(self).items() if k != "budget_minutes"}
+        """The settings a resumed search must share (the time budget may change between runs). The
+        default fitness is left out so that searches saved before the option existed still resume."""
+        return {k: v for k, v in asdict(self).items() if k != "budget_minutes" and not (k == "fitness" and v == "kl")}
 
 
 class Space:
