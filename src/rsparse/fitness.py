@@ -4,10 +4,11 @@ the evaluation text.
 
     KL = mean over tokens t of  sum_v p_dense(v | <t) * (log p_dense(v | <t) - log p_sparse(v | <t))
 
-KL to the dense model, not perplexity, is the search objective: it is zero for the dense model,
-it compares whole distributions (not one sampled target token per position), so candidates are
-ranked with less noise on few tokens; cross-entropy on the true next tokens is computed from the
-same logits and reported beside it (the search log shows how well the two rank candidates alike).
+Both are computed from the same logits; `SearchConfig.fitness` picks the one the search minimises.
+KL to the dense model is the default: it is zero for the dense model and compares whole
+distributions (not one sampled target token per position); cross-entropy on the true next tokens
+(log perplexity, the paper's fitness) is the alternative. benchmarks/fitness_rank.py measures how
+each ranks plans against perplexity on evaluation text.
 
 Cost control: the inputs of block 0 are captured once, and the hidden states entering block
 `start` under the incumbent plan are cached (`advance`), so a candidate that differs only from
