@@ -55,8 +55,10 @@ def main():
         rsparse.sparsify_(m, plan)
         kinds = ["ppl"] + (["tasks"] if s in task_at else [])
         for kind in kinds:
-            if any(r["name"] == name and r["target"] == s and r["kind"] == kind for r in results["rows"]):
-                continue
+            old = [r for r in results["rows"] if r["name"] == name and r["target"] == s and r["kind"] == kind]
+            if old and old[0].get("search", {}).get("evaluations") == plan.calibration["search"]["evaluations"]:
+                continue  # this plan is evaluated already; a resumed search that went further replaces its row
+            results["rows"] = [r for r in results["rows"] if not any(r is o for o in old)]
             t = time.time()
             row = {"name": name, "target": s, "kind": kind, "config": plan.config, "expected": plan.expected_sparsity(),
                    "search": plan.calibration["search"], "search_wall_seconds": round(search_s, 1)}
