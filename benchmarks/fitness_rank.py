@@ -48,6 +48,12 @@ def spearman(a, b) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def concordance(a, b) -> float:
+    """Fraction of pairs of plans that a and b put in the same order."""
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    return sum((a[i] - a[j]) * (b[i] - b[j]) > 0 for i, j in pairs) / max(len(pairs), 1)
+
+
 def candidates(model, stats, shapes, s: float, n_random: int, rng) -> dict:
     """{name: (layers, factors)} of the allocations compared at sparsity s."""
     def from_picks(picks):
@@ -127,11 +133,22 @@ def report(results) -> None:
         for r in rows:
             print(f"{r['name']:42s} {s:4.2f} {r['kl_fit']:7.3f} {r['kl_val']:7.3f} {r['ce_fit']:7.3f} {r['realized']:6.3f} "
                   f"{r['ppl_wiki']:9.2f} {r['ppl_lambada']:9.2f}")
-        corr = {f"{f}_{split}~{t}": round(spearman([r[f"{f}_{split}"] for r in rows], [math.log(r[f"ppl_{t}"]) for r in rows]), 3)
-                for f in ("kl", "ce") for split in ("fit", "val") for t in ("wiki", "lambada")}
-        corr["kl_fit~ce_fit"] = round(spearman([r["kl_fit"] for r in rows], [r["ce_fit"] for r in rows]), 3)
-        summary[f"{s:g}"] = {"plans": len(rows), "spearman": corr}
-        print(f"  Spearman at {s:g} over {len(rows)} plans: " + ", ".join(f"{k} {v:+.2f}" for k, v in corr.items()))
+        seen, distinct = set(), []  # an allocation reached two ways (rsparse-uniform = teal-uniform at 50%) counts once
+        for r in rows:
+            if (r["kl_fit"], r["ce_fit"]) not in seen:
+                seen.add((r["kl_fit"], r["ce_fit"]))
+                distinct.append(r)
+        rows = distinct
+        if len(rows) < 3:
+            continue
+        pairs = {f"{f}_{split}~{t}": ([r[f"{f}_{split}"] for r in rows], [math.log(r[f"ppl_{t}"]) for r in rows])
+                 for f in ("kl", "ce") for split in ("fit", "val") for t in ("wiki", "lambada")}
+        pairs["kl_fit~ce_fit"] = ([r["kl_fit"] for r in rows], [r["ce_fit"] for r in rows])
+        corr = {k: round(spearman(a, b), 3) for k, (a, b) in pairs.items()}
+        same = {k: round(concordance(a, b), 3) for k, (a, b) in pairs.items()}
+        summary[f"{s:g}"] = {"plans": len(rows), "spearman": corr, "pairs_in_same_order": same}
+        print(f"  at {s:g} over {len(rows)} plans, Spearman (pairs in the same order): "
+              + ", ".join(f"{k} {v:+.2f} ({same[k]:.2f})" for k, v in corr.items()))
     print(json.dumps({"fitness_rank": summary}))
 
 
