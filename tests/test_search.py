@@ -172,6 +172,16 @@ def test_partial_identity_refused_before_any_work(tmp_path):
                   search_identity(cfg, 0.5, method="teal")):
         with pytest.raises(RSparseError, match="other settings"):
             refuse_other(tmp_path / "x", other)
+    # a state saved before a setting existed resumes when that setting is at its default, not otherwise
+    import json as _json
+    path = tmp_path / "x" / "search_state.json"
+    state = _json.loads(path.read_text())
+    for k in ("min_keep", "fitness"):
+        del state["identity"]["search"][k]
+    path.write_text(_json.dumps(state))
+    refuse_other(tmp_path / "x", search_identity(cfg, 0.5))
+    with pytest.raises(RSparseError, match="other settings"):
+        refuse_other(tmp_path / "x", search_identity(SearchConfig(population=6, generations=3, groups=3, min_keep=0.1), 0.5))
 
 
 def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):

@@ -87,9 +87,8 @@ class SearchConfig:
             raise RSparseError(f"--budget-minutes must be positive, got {self.budget_minutes}")
 
     def identity(self) -> dict:
-        """The settings a resumed search must share (the time budget may change between runs). The
-        default fitness is left out so that searches saved before the option existed still resume."""
-        return {k: v for k, v in asdict(self).items() if k != "budget_minutes" and not (k == "fitness" and v == "kl")}
+        """The settings a resumed search must share (the time budget may change between runs)."""
+        return {k: v for k, v in asdict(self).items() if k != "budget_minutes"}
 
 
 class Space:
@@ -176,6 +175,9 @@ def refuse_other(directory, identity: dict, state=None) -> None:
     identity lets the CLI refuse before minutes of calibration, when no Search exists yet)."""
     state = read_state(directory) if state is None else state
     saved = state.get("identity") if isinstance(state, dict) else None
+    if isinstance(saved, dict) and isinstance(saved.get("search"), dict):
+        # settings added after this state was written (min_keep, fitness) take their defaults
+        saved = dict(saved, search={**SearchConfig().identity(), **saved["search"]})
     if state is not None and (not isinstance(saved, dict) or any(saved.get(k) != v for k, v in identity.items())):
         raise RSparseError(f"{directory} holds a search with other settings; use another directory or delete {STATE}")
 
