@@ -45,6 +45,7 @@ from .errors import RSparseError
 from .plan import block_keys, block_picks, projection_options
 
 S_MAX = 0.98  # a block keeps at least 2% of its bytes
+LEGACY = {"min_keep": 0.0, "fitness": "kl"}  # SearchConfig fields added later: their value in older saved searches
 STATE = "search_state.json"
 LOG = "search.log"
 
@@ -176,8 +177,8 @@ def refuse_other(directory, identity: dict, state=None) -> None:
     state = read_state(directory) if state is None else state
     saved = state.get("identity") if isinstance(state, dict) else None
     if isinstance(saved, dict) and isinstance(saved.get("search"), dict):
-        # settings added after this state was written (min_keep, fitness) take their defaults
-        saved = dict(saved, search={**SearchConfig().identity(), **saved["search"]})
+        # settings added after this state was written had, in effect, these values (even if a default changes later)
+        saved = dict(saved, search={**LEGACY, **saved["search"]})
     if state is not None and (not isinstance(saved, dict) or any(saved.get(k) != v for k, v in identity.items())):
         raise RSparseError(f"{directory} holds a search with other settings; use another directory or delete {STATE}")
 
