@@ -7,13 +7,12 @@ rounded down to 0.05 (since session 4), on the search's fitness windows.
 """
 import argparse
 import json
-import math
 from dataclasses import replace
 
 import rsparse
 from rsparse.apply import modules_for
 from rsparse.fitness import Fitness
-from rsparse.pipeline import search_windows
+from rsparse.pipeline import basis_keep, search_windows
 from rsparse.plan import RSparseConfig, config_picks, factor_basis, factors_of, layers_from_picks, shapes_of
 from rsparse.search import SearchConfig
 
@@ -21,7 +20,7 @@ from quality import OUT as QUALITY, cached_stats  # noqa: E402  (benchmarks/ is 
 
 ROUNDINGS = {"exact": None,
              "nearest, >= 0.05 (before)": lambda k: min(1.0, max(0.05, round(k * 20) / 20)),
-             "down (now)": lambda k: min(1.0, max(0.0, math.floor(k * 20 + 1e-9) / 20))}
+             "down (now)": basis_keep}
 
 
 def main():

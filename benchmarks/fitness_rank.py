@@ -30,17 +30,13 @@ from rsparse.apply import measure_sparsity, modules_for, swapped
 from rsparse.assets import cache_dir
 from rsparse.errors import RSparseError
 from rsparse.fitness import Fitness
-from rsparse.pipeline import search_windows
+from rsparse.pipeline import BASELINES, search_windows
 from rsparse.plan import RSparseConfig, config_picks, factors_of, layers_from_picks, shapes_of
 from rsparse.search import SearchConfig, Space
 
 from quality import OUT as QUALITY, cached_stats  # noqa: E402  (benchmarks/ is the script's directory)
 
 RESULT = QUALITY.parent / "fitness_rank.json"
-STANDARD = {"teal-uniform": dict(method="teal", allocation="uniform"),
-            "teal-greedy": dict(method="teal", allocation="greedy"),
-            "rsparse-uniform": dict(method="rsparse", allocation="uniform"),
-            "rsparse-auto": dict(method="rsparse", allocation="auto")}
 
 
 def spearman(a, b) -> float:
@@ -60,7 +56,7 @@ def candidates(model, stats, shapes, s: float, n_random: int, rng) -> dict:
         layers = layers_from_picks(stats, picks)
         return layers, factors_of(model, stats, layers, "aware")
 
-    out = {name: from_picks(config_picks(stats, shapes, RSparseConfig(sparsity=s, **kw))[0]) for name, kw in STANDARD.items()}
+    out = {name: from_picks(config_picks(stats, shapes, RSparseConfig(sparsity=s, **kw))[0]) for name, kw in BASELINES.items()}
     for floor in (0.0, 0.1):
         space = Space(stats, shapes, s, ("abs",), None, floor)  # the default plan's score
         if floor:

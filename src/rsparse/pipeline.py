@@ -105,7 +105,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
         whitened set contains every dropped channel: rounding a keep of 0.02 up to 0.05 (as before
         session 4) left the largest dropped channels out of the factors' objective, and such a plan's
         KL at 70% was 6.8 where the same allocation with exact factors has 2.5."""
-        kq = min(1.0, max(0.0, math.floor(lp.keep * 20 + 1e-9) / 20))
+        kq = basis_keep(lp.keep)
         ck = (key, kq, lp.score) if config.factors == "aware" else (key,)  # plain bases ignore the kept set
         if ck not in cache:
             tau = stats.proj[key].hist[lp.score].quantile(1.0 - kq)
@@ -146,6 +146,18 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     return plan
 
 
+def basis_keep(keep: float) -> float:
+    """The kept fraction the search's basis cache whitens at: `keep` rounded down to 0.05."""
+    return min(1.0, max(0.0, math.floor(keep * 20 + 1e-9) / 20))
+
+
+# the standard allocations a search is compared with (RSparseConfig fields besides the sparsity)
+BASELINES = {"teal-uniform": dict(method="teal", allocation="uniform"),
+             "teal-greedy": dict(method="teal", allocation="greedy"),
+             "rsparse-uniform": dict(method="rsparse", allocation="uniform"),
+             "rsparse-auto": dict(method="rsparse", allocation="auto")}
+
+
 def _baselines(directory, fitness, modules, stats, shapes, config, measure: str) -> dict:
     """Fitness (`measure`) of the standard allocations on the same fitness / validation windows (from block 0),
     cached in DIR/baselines.json."""
@@ -159,11 +171,7 @@ def _baselines(directory, fitness, modules, stats, shapes, config, measure: str)
         return json.loads(path.read_text())
     fitness.reset()
     out = {}
-    variants = {"teal-uniform": dict(method="teal", allocation="uniform"),
-                "teal-greedy": dict(method="teal", allocation="greedy"),
-                "rsparse-uniform": dict(method="rsparse", allocation="uniform"),
-                "rsparse-auto": dict(method="rsparse", allocation="auto")}
-    for name, kw in variants.items():
+    for name, kw in BASELINES.items():
         picks, _ = config_picks(stats, shapes, RSparseConfig(sparsity=config.sparsity, **kw))
         mods = modules(picks)
         out[name] = {split: fitness(mods, split)[measure] for split in ("fit", "val")}
