@@ -78,6 +78,13 @@ def candidates(model, stats, shapes, s: float, n_random: int, rng) -> dict:
     return out
 
 
+def model_and_stats():
+    """The default model, its tokenizer, the quality sweep's cached calibration statistics and shapes."""
+    model, tok = rsparse.load()
+    stats = cached_stats(model, tok, json.loads(QUALITY.read_text())["setup"]["calib_tokens"], {})
+    return model, tok, stats, shapes_of(model)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsities", default="0.5,0.7")
@@ -87,10 +94,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULT)
     args = ap.parse_args()
-    setup = json.loads(QUALITY.read_text())["setup"]
-    model, tok = rsparse.load()
-    stats = cached_stats(model, tok, setup["calib_tokens"], {})
-    shapes = shapes_of(model)
+    model, tok, stats, shapes = model_and_stats()
     texts = {"wiki": data.token_windows(tok, "wiki", "eval", 1024, n=args.wiki_windows),
              "lambada": data.token_windows(tok, "lambada", "eval", 1024, n=args.lambada_windows)}
     fitness = Fitness(model, search_windows(tok, stats, SearchConfig()))

@@ -8,7 +8,8 @@ from HBM, not L2; medians are reported. Every configuration is first checked aga
 float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels.json if OUT is set.
 `--tune` first grid-searches launch configurations of both kernels per shape; `--variants` compares
 the v4 FMA kernel's configurations with v2 and writes the best per shape (gpu_kernels_v4.json);
-`--groups` times q|k|v and gate|up fused into one launch pair against the members one by one.
+`--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
+`--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense.
 """
 import json
 import os
@@ -202,6 +203,120 @@ def groups(bw):
     print(json.dumps({"best": best, "fused_vs_separate": {r["group"]: round(r["fused_vs_separate"], 3) for r in rows}}))
 
 
+SPLITK_SHAPES = {  # name: (member widths side by side, in); gate|up runs with SiLU(gate) * up (GLU)
+    "llama3 gate|up": ((14336, 14336), 4096), "4096x14336": ((4096,), 14336), "llama3 qkv": ((4096, 1024, 1024), 4096),
+    "4096x4096": ((4096,), 4096), "14336x4096": ((14336,), 4096), "11008x4096": ((11008,), 4096), "4096x11008": ((4096,), 11008),
+}
+
+
+def splitk_grid(width: int, in_f: int) -> list:
+    """v7 configurations worth timing for one launch over `width` output columns: 128..1100 programs
+    (one to eight per SM), K_PER at least one chunk, deeper BLOCK_K for narrow tiles so that a
+    program keeps ~16 KB of weight rows in flight per stage."""
+    out = []
+    for bn in (32, 64, 128, 256):
+        ntile = triton.cdiv(width, bn)
+        for sk in (1, 2, 4, 8, 16):
+            if not 120 <= ntile * sk <= 1100 or triton.cdiv(in_f, sk) < 256:
+                continue
+            ch = 1024 if triton.cdiv(in_f, sk) >= 1024 else 512
+            out.append(dict(chunk=ch, block_k=max(32, min(128, 8192 // bn)), block_n=bn, warps=4, stages=3, splits=sk))
+    return out
+
+
+def splitk(bw):
+    """v7 (one launch, last ticket finishes the tile) against v5 (partials + epilogue launch, the TUNED
+    configurations), the TEAL-style kernel and dense cuBLAS, 50%, batch 1 (then the winner at batch
+    2/4/8), single projections and the Llama-3 fused groups. Each configuration is checked against the
+    float32 oracle first. Writes $OUT/gpu_kernels_v7.json ("best": per shape, for gpu_decode.py --tuned)."""
+    from rsparse.kernels import triton_gemv as tg
+
+    dt = torch.bfloat16
+    rows, best = [], {}
+    for name, (outs, in_f) in SPLITK_SHAPES.items():
+        total, glu = sum(outs), "gate|up" in name
+        width = total // 2 if glu else total
+        Wts = [(torch.randn(in_f, total, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
+        x8 = torch.distributions.Laplace(0.0, 1.0).sample((8, in_f)).to("cuda", dt)
+        cs = torch.ones(len(outs), in_f, device="cuda", dtype=dt)
+        seg = [sum(outs[:i + 1]) for i in range(len(outs))] + [total] * 2
+        segments = (seg[0], seg[1]) if len(outs) > 1 else None
+        empty_at, empty_u = torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(total, 0, device="cuda", dtype=dt)
+
+        def taus_for(x):
+            return torch.stack([torch.quantile(x[0].float().abs(), q) for q in (0.5, 0.45, 0.55)[:len(outs)]])
+
+        def reference(x, taus):
+            parts = [rsparse_linear_ref(x.float(), Wts[0][:, a:b].t().float(), None, taus[i], cs[i].float(),
+                                        torch.zeros(b - a, 0, device="cuda"), torch.zeros(0, in_f, device="cuda"))
+                     for i, (a, b) in enumerate(zip([0] + seg[:len(outs) - 1], seg[:len(outs)]))]
+            return torch.nn.functional.silu(parts[0]) * parts[1] if glu else torch.cat(parts, 1)
+
+        def run(x, taus, cfg, wt):
+            c, t = (cs, taus) if len(outs) > 1 else (cs[0], taus[0])
+            return tg._launch(x, wt, empty_at, empty_u, c, t, None, cfg, segments=segments, glu=glu)
+
+        x1 = x8[:1]
+        taus = taus_for(x1)
+        ref = reference(x1, taus)
+        dense_us = bench(lambda: [x1 @ w for w in Wts])
+        teal_us = bench(lambda: [teal_gemv(x8[0], w, taus[0], **TEAL_BEST.get((total, in_f), {})) for w in Wts]) if len(outs) == 1 else None
+        v5 = dict(tg.config_for(total, 0, in_f), splits=None)
+        if segments:
+            v5["block_n"] = tg.group_block_n(seg[0], seg[1], total, in_f)
+        cands = [v5] + [c for c in splitk_grid(width, in_f) if not segments or not any(b % c["block_n"] for b in seg[:len(outs) - 1])]
+        times = {}
+        for i, cfg in enumerate(cands):
+            try:
+                y = run(x1, taus, cfg, Wts[0])
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                if not err < 1e-2:
+                    print("wrong", name, cfg, err, flush=True)
+                    continue
+                times[i] = bench(lambda: [run(x1, taus, cfg, w) for w in Wts], rep=100)
+            except Exception as e:
+                print("skip", name, cfg, type(e).__name__, str(e)[:120], flush=True)
+        order = sorted((i for i in times if i), key=times.get)
+        for i in order[:3]:  # the three best v7 configurations again with 4 pipeline stages
+            cfg = dict(cands[i], stages=4)
+            try:
+                err = ((run(x1, taus, cfg, Wts[0]).float() - ref).norm() / ref.norm()).item()
+                if err < 1e-2:
+                    cands.append(cfg)
+                    times[len(cands) - 1] = bench(lambda: [run(x1, taus, cfg, w) for w in Wts], rep=100)
+            except Exception as e:
+                print("skip", name, cfg, type(e).__name__, str(e)[:120], flush=True)
+        bi = min((i for i in times if i), key=times.get)
+        best[f"{total}x{in_f}"] = cands[bi]
+        for B in (1, 2, 4, 8):
+            x = x8[:B]
+            tb = taus_for(x)
+            errb = ((run(x, tb, cands[bi], Wts[0]).float() - reference(x, tb)).norm() / reference(x, tb).norm()).item()
+            assert errb < 1e-2, (name, B, errb)
+            t7 = bench(lambda: [run(x, tb, cands[bi], w) for w in Wts])
+            t5 = bench(lambda: [run(x, tb, v5, w) for w in Wts])
+            td = bench(lambda: [x @ w for w in Wts]) if B > 1 else dense_us
+            kept = sum(o * (x.float().abs() * 1.0 > t).any(0).float().mean().item() for o, t in zip(outs, tb))
+            must = 2 * kept * in_f
+            row = {"shape": name, "outs": outs, "in": in_f, "batch": B, "glu": glu, "kept_union": kept / total,
+                   "dense_us": td, "teal_us": teal_us if B == 1 else None, "v5_us": t5, "v7_us": t7, "v7_cfg": cands[bi],
+                   "v7_bw_frac": must / (t7 * 1e-6) / bw, "v5_bw_frac": must / (t5 * 1e-6) / bw,
+                   "v7_vs_v5": t5 / t7, "v7_vs_dense": td / t7, "v7_vs_teal": teal_us / t7 if teal_us and B == 1 else None,
+                   "rel_err": errb, "top5": [(cands[i], times[i]) for i in sorted(times, key=times.get)[:5]]}
+            rows.append(row)
+            _print_row(row)
+        _write("gpu_kernels_v7.json", {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows, "partial": True})
+    print(f"\n{'shape':16s} {'B':>2s} {'dense':>7s} {'teal':>7s} {'v5':>7s} {'v7':>7s} {'v7/v5':>6s} {'x dense':>8s} {'x teal':>7s} {'BW v7':>6s} {'BW v5':>6s}  v7 config")
+    for r in rows:
+        c = r["v7_cfg"]
+        print(f"{r['shape']:16s} {r['batch']:2d} {r['dense_us']:7.2f} {r['teal_us'] or float('nan'):7.2f} {r['v5_us']:7.2f} {r['v7_us']:7.2f} "
+              f"{r['v7_vs_v5']:6.2f} {r['v7_vs_dense']:8.2f} {r['v7_vs_teal'] or float('nan'):7.2f} {r['v7_bw_frac']:6.1%} {r['v5_bw_frac']:6.1%}  "
+              f"{'v5' if not c.get('splits') else 'bn%d sk%d ch%d bk%d st%d' % (c['block_n'], c['splits'], c['chunk'], c['block_k'], c['stages'])}")
+    _write("gpu_kernels_v7.json", {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows})
+    print(json.dumps({"best": best, "bw_v7_b1": {r["shape"]: round(r["v7_bw_frac"], 3) for r in rows if r["batch"] == 1},
+                      "v7_vs_teal_b1": {r["shape"]: round(r["v7_vs_teal"], 3) for r in rows if r["batch"] == 1 and r["v7_vs_teal"]}}))
+
+
 def main():
     torch.manual_seed(0)
     dt = torch.bfloat16
@@ -211,6 +326,8 @@ def main():
         return variants(bw, GRIDS[sys.argv[sys.argv.index("--variants") + 1]])
     if "--groups" in sys.argv:
         return groups(bw)
+    if "--splitk" in sys.argv:
+        return splitk(bw)
     rows, checks, tuned = [], [], []
     for out_f, in_f in SHAPES:
         Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]

@@ -37,11 +37,14 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "fma"])
+@pytest.mark.parametrize("variant", ["fused", "select", "fma", "split1", "split3"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
+    """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the 3-launch path)
+    with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
-    cfg = dict(tg.config_for(OUT, R), fused=variant == "fused", fma=variant == "fma", chunk=128 if IN < 600 else 256, block_n=64)
+    cfg = dict(tg.config_for(OUT, R), fused=variant == "fused", fma=variant == "fma", chunk=128 if IN < 600 else 256, block_n=64,
+               splits=int(variant[-1]) if variant.startswith("split") else None)
     out = torch.full((B, OUT), float("nan"), dtype=dtype)
     args = [t.to(DEV) if t is not None else None for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
     y = tg._launch(*args, cfg, out=out.to(DEV)).cpu()
@@ -84,9 +87,13 @@ def test_triton_module_matches_rsparse_linear():
     assert fast.dense().weight.data_ptr() == fast.wt.data_ptr()
 
 
+SPLITS = [None, 1, 2]  # group / GLU kernels: two-launch (partials + epilogue), one launch with 1 or 2 ranges
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,IN,outs", [(1, 300, (64, 32, 32)), (3, 513, (96, 65)), (8, 129, (32, 32, 7)), (2, 77, (50,))])
-def test_group_kernel_matches_members_oracles(dtype, B, IN, outs):
+@pytest.mark.parametrize("splits", SPLITS)
+def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, splits):
     """q|k|v-like members side by side, each with its own tau and scales, one launch pair: every
     member's output equals its own oracle; the members' Wt are column slices (row stride > out)."""
     torch.manual_seed(B + IN + len(outs))
@@ -97,7 +104,7 @@ def test_group_kernel_matches_members_oracles(dtype, B, IN, outs):
     taus = torch.stack([(x.double().abs() * c[4].double()).reshape(-1).quantile(q).float() + 1e-4 for c, q in zip(cases, (0.5, 0.8, 0.3))])
     wt = torch.cat([W.T for W in Ws], 1).contiguous()
     bias = torch.cat([c[6] for c in cases]) if B % 2 == 1 else None
-    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, fma=False)
+    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, fma=False, splits=splits)
     seg = [sum(outs[:i + 1]) for i in range(len(outs))] + [sum(outs)] * 2
     out = torch.full((B, sum(outs)), float("nan"), dtype=dtype)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, wt.new_empty(IN, 0), wt.new_empty(sum(outs), 0), cs, taus, bias)]
@@ -119,7 +126,8 @@ def test_group_kernel_matches_members_oracles(dtype, B, IN, outs):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,IN,half", [(1, 300, 96), (3, 513, 64), (8, 129, 160)])
-def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half):
+@pytest.mark.parametrize("splits", SPLITS)
+def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, splits):
     """gate|up side by side, SiLU(gate) * up in the epilogue: equals the float64 oracle of the two
     members followed by the activation; (B, half) output poisoned; the registered op agrees."""
     torch.manual_seed(B * IN + half)
@@ -134,7 +142,7 @@ def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half):
                                        torch.zeros(0, IN, dtype=torch.float64)) for i, c in enumerate(cases))
     ref = torch.nn.functional.silu(ref_g) * ref_u
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, fma=False)
+    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, fma=False, splits=splits)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, wt.new_empty(IN, 0), wt.new_empty(2 * half, 0), cs, taus, bias)]
     out = torch.full((B, half), float("nan"), dtype=dtype).to(DEV)
     y = tg._launch(*dev, cfg, out=out, segments=(half, 2 * half), glu=True).cpu()

@@ -259,8 +259,13 @@ def test_fitness_kl_and_ce_equal_a_plain_forward_pass(smol, smol_stats):
             got = F.log_softmax(model(w).logits.double(), -1)
     kl = (ref.exp() * (ref - got)).sum(-1).mean().item()
     ce = -got[:, :-1].gather(-1, w[:, 1:, None]).mean().item()
-    r = fit(mods)
+    r = fit(mods, per_token=True)
     assert r["kl"] == pytest.approx(kl, rel=2e-3) and r["ce"] == pytest.approx(ce, rel=1e-4)
+    tok_kl = (ref.exp() * (ref - got)).sum(-1)  # each token's term, as the cost estimate uses them
+    tok_ce = -got[:, :-1].gather(-1, w[:, 1:, None])[..., 0]
+    assert r["kl_tokens"].shape == tok_kl.shape and r["ce_tokens"].shape == tok_ce.shape
+    assert torch.allclose(r["ce_tokens"], tok_ce, rtol=1e-3, atol=1e-4)
+    assert (r["kl_tokens"] - tok_kl).abs().max().item() < 2e-3 * max(tok_kl.abs().max().item(), 1.0)
     early = {k: m for k, m in mods.items() if int(k.split(".")[0]) < 10}
     fit.advance(early, 10)  # blocks 0-9 fixed: the rest is run from cached hidden states
     r2 = fit({k: m for k, m in mods.items() if int(k.split(".")[0]) >= 10})

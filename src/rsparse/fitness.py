@@ -63,15 +63,18 @@ class Fitness:
         self.start = to_block
 
     @torch.inference_mode()
-    def __call__(self, modules: dict, split: str = "fit") -> dict:
-        """{"kl", "ce", "tokens"} with `modules` (sparse modules of blocks >= start) swapped in."""
-        kl = ce = 0.0
-        n = 0
+    def __call__(self, modules: dict, split: str = "fit", per_token: bool = False) -> dict:
+        """{"kl", "ce", "tokens"} with `modules` (sparse modules of blocks >= start) swapped in;
+        `per_token` adds "kl_tokens" (windows, window) and "ce_tokens" (windows, window - 1), float64
+        tensors of each token's term, for estimating how many tokens a comparison needs."""
+        kls, ces = [], []
         with swapped(self.model, modules):
             for hs, (_, kw), ref, tgt in zip(self.prefix[split], self.inputs[split], self.dense_logp[split], self.targets[split]):
                 logq = self._logp(self._run(hs, kw, self.start))
-                kl += (ref.exp() * (ref - logq)).sum().item()
-                ce -= logq[:, :-1].gather(-1, tgt[:, 1:, None]).sum().item()
-                n += ref.shape[0] * ref.shape[1]
-        n_ce = n - sum(t.shape[0] for t in self.targets[split])
-        return {"kl": kl / n, "ce": ce / n_ce, "tokens": n}
+                kls.append((ref.exp() * (ref - logq)).sum(-1).double())
+                ces.append(-logq[:, :-1].gather(-1, tgt[:, 1:, None])[..., 0].double())
+        kl, ce = torch.cat(kls), torch.cat(ces)
+        out = {"kl": kl.mean().item(), "ce": ce.mean().item(), "tokens": kl.numel()}
+        if per_token:
+            out.update(kl_tokens=kl, ce_tokens=ce)
+        return out

@@ -83,19 +83,17 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
 
 
 @triton.jit
-def _compact_chunk(x_ptr, c_ptr, tau, scratch_ptr, pid_n, chunk, rows, B, IN, CHUNK: tl.constexpr):
-    """Indices of the chunk's channels kept by any row, written to this program's private scratch
-    row (x chunk re-read from L2, CTA barrier before use); returns (scratch row, count)."""
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+def _compact_chunk(x_ptr, c_ptr, tau, base, offs, rows, B, IN):
+    """Indices of the channels `offs` kept by any row, written to this program's private scratch row
+    `base` (x chunk re-read from L2, CTA barrier before use); returns their count."""
     valid = (rows[:, None] < B) & (offs[None, :] < IN)
     xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
     cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
     keep_any = tl.max(((tl.abs(xc.to(tl.float32)) * cc.to(tl.float32)[None, :] > tau) & valid).to(tl.int32), axis=0)
     pos = tl.cumsum(keep_any, axis=0) - 1
-    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
     tl.store(base + pos, offs, mask=keep_any > 0)
     tl.debug_barrier()
-    return base, tl.sum(keep_any, axis=0)
+    return tl.sum(keep_any, axis=0)
 
 
 @triton.jit
@@ -112,7 +110,8 @@ def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B,
     p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
     tau = tl.load(tau_ptr + p)
     cp = c_ptr + p * IN
-    base, cnt = _compact_chunk(x_ptr, cp, tau, scratch_ptr, pid_n, chunk, rows, B, IN, CHUNK)
+    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
+    cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
     n = n0 + tl.arange(0, BLOCK_N)
     acc = _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
     tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
@@ -128,7 +127,8 @@ def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, I
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BB)
     tau = tl.load(tau_ptr)
-    base, cnt = _compact_chunk(x_ptr, c_ptr, tau, scratch_ptr, pid_n, chunk, rows, B, IN, CHUNK)
+    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
+    cnt = _compact_chunk(x_ptr, c_ptr, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, cnt, BLOCK_K):
@@ -141,6 +141,92 @@ def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, I
         w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
         acc += tl.sum(xv[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     tl.store(ypart_ptr + chunk * YB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
+
+
+@triton.jit
+def _member_range(x_ptr, c_ptr, tau, wt_ptr, base, k_lo, k_hi, rows, n, B, IN, OUT, LDW,
+                  CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """sum over the kept channels j in [k_lo, k_hi) of x[:, j] * Wt[j, n], one chunk at a time: the
+    chunk's kept indices compacted into the scratch row `base`, then only their rows gathered."""
+    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, CHUNK):
+        tl.debug_barrier()  # every warp has read the previous chunk's indices before they are overwritten
+        cnt = _compact_chunk(x_ptr, c_ptr, tau, base, k0 + tl.arange(0, CHUNK), rows, B, IN)
+        acc += _gather_rows(x_ptr, c_ptr, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
+    return acc
+
+
+@triton.jit
+def _silu_mul(g, u, dt: tl.constexpr):
+    """SiLU(g) * u rounded like the module path: each member's output, SiLU and the product in dt."""
+    g = g.to(dt).to(tl.float32)
+    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return a * u.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _finish(acc, acc_u, b_ptr, y_ptr, rows, n, B, OUT, HALF, GLU: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Bias, then the output tile in the model dtype: y (B, OUT), or SiLU(gate) * up (B, HALF)."""
+    dt = y_ptr.dtype.element_ty
+    if GLU:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
+            acc_u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * HALF + n[None, :], _silu_mul(acc, acc_u, dt).to(dt),
+                 mask=(rows[:, None] < B) & (n[None, :] < HALF))
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=n < OUT, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * OUT + n[None, :], acc.to(dt), mask=(rows[:, None] < B) & (n[None, :] < OUT))
+
+
+@triton.jit
+def _splitk_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, lock_ptr, b_ptr, y_ptr,
+                 B, IN, OUT, LDW, SEG1, SEG2, K_PER,
+                 CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                 SPLITS: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """v7, one launch per call (r = 0): grid (output tiles, SPLITS ranges of K_PER input channels).
+    A program loops over its range's chunks (compact, gather). SPLITS = 1: it owns its tile and
+    writes y directly. SPLITS > 1: it stores a float32 partial, takes a ticket from the tile's
+    counter (zeroed per call), and the program that draws the last ticket sums the SPLITS partials
+    (from L2, in split order: deterministic) and finishes the tile: no second launch, no atomics on
+    the data. Groups as in `_fused_gather_gemv` (SEG1, SEG2); GLU: a gate|up pair (SEG1 = HALF),
+    each program computes a gate tile and the matching up tile and writes SiLU(gate) * up."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, BB)
+    n0 = pid_n * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, IN)
+    base = scratch_ptr + (pid_n * SPLITS + pid_k) * CHUNK
+    p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+    acc = _member_range(x_ptr, c_ptr + p * IN, tl.load(tau_ptr + p), wt_ptr, base, k_lo, k_hi, rows, n, B, IN, OUT, LDW,
+                        CHUNK, BB, BLOCK_K, BLOCK_N)
+    if GLU:
+        acc_u = _member_range(x_ptr, c_ptr + IN, tl.load(tau_ptr + 1), wt_ptr, base, k_lo, k_hi, rows, SEG1 + n, B, IN, OUT,
+                              LDW, CHUNK, BB, BLOCK_K, BLOCK_N)
+    else:
+        acc_u = acc
+    if SPLITS == 1:
+        _finish(acc, acc_u, b_ptr, y_ptr, rows, n, B, OUT, SEG1, GLU, HAS_BIAS)
+    else:
+        m = (rows[:, None] < B) & (n[None, :] < OUT)
+        part = ypart_ptr + rows[:, None] * OUT + n[None, :]
+        tl.store(part + pid_k * BB * OUT, acc, mask=m)
+        if GLU:
+            tl.store(part + pid_k * BB * OUT + SEG1, acc_u, mask=m)
+        tl.debug_barrier()  # the whole partial is written before the ticket is taken (release)
+        ticket = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+        if ticket == SPLITS - 1:
+            acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+            for k in tl.static_range(SPLITS):  # .cg: the other programs' partials, from L2
+                acc += tl.load(part + k * BB * OUT, mask=m, other=0.0, cache_modifier=".cg")
+                if GLU:
+                    acc_u += tl.load(part + k * BB * OUT + SEG1, mask=m, other=0.0, cache_modifier=".cg")
+            if not GLU:
+                acc_u = acc
+            _finish(acc, acc_u, b_ptr, y_ptr, rows, n, B, OUT, SEG1, GLU, HAS_BIAS)
 
 
 @triton.jit
@@ -190,10 +276,7 @@ def _glu_epilogue(ypart_ptr, b_ptr, y_ptr, B, OUT, HALF, NCHUNK,
         g += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
         u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
     dt = y_ptr.dtype.element_ty
-    g = g.to(dt).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    y = a * u.to(dt).to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * HALF + n[None, :], y.to(dt), mask=m)
+    tl.store(y_ptr + rows[:, None] * HALF + n[None, :], _silu_mul(g, u, dt).to(dt), mask=m)
 
 
 # Launch configuration, from a grid search on an H200 at 50%, batch 1 (docs/perf-gpu.md): 512-channel
@@ -234,6 +317,24 @@ def config_for(out_f: int, rank: int = 0, in_f: int | None = None) -> dict:
     return cfg
 
 
+def _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu):
+    """One `_splitk_gemv` launch: cfg["splits"] ranges of whole chunks over the input channels."""
+    B, IN = x.shape
+    OUT, LDW = wt.shape[1], wt.stride(0)
+    ch, bn = cfg["chunk"], cfg["block_n"]
+    k_per = triton.cdiv(triton.cdiv(IN, cfg["splits"]), ch) * ch
+    splits = triton.cdiv(IN, k_per)  # no empty ranges
+    ntile = triton.cdiv(OUT // 2 if glu else OUT, bn)
+    scratch = torch.empty(ntile * splits * ch, dtype=torch.int32, device=x.device)
+    ypart = torch.empty(splits * BB * OUT if splits > 1 else 1, dtype=torch.float32, device=x.device)
+    locks = torch.zeros(ntile if splits > 1 else 1, dtype=torch.int32, device=x.device)
+    torch.library.wrap_triton(_splitk_gemv)[(ntile, splits)](
+        x, col_scale, tau, wt, scratch, ypart, locks, bias if bias is not None else y, y, B, IN, OUT, LDW, seg1, seg2, k_per,
+        CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, SPLITS=splits, GLU=glu, HAS_BIAS=bias is not None,
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return y
+
+
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False):
     """segments: column boundaries (SEG1, SEG2) of a fused group (r = 0, fused path only); glu: the
     group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2)."""
@@ -241,11 +342,13 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     OUT, R = wt.shape[1], at.shape[1]
     LDW = wt.stride(0)
     seg1, seg2 = segments if segments is not None else (OUT, OUT)
+    y = torch.empty(B, OUT // 2 if glu else OUT, dtype=x.dtype, device=x.device) if out is None else out
+    if R == 0 and cfg.get("splits"):
+        return _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu)
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
     ypart = torch.empty(nchunk * BB * OUT, dtype=torch.float32, device=x.device)
     zpart = torch.empty(max(nchunk * BB * R, 1), dtype=torch.float32, device=x.device)
-    y = torch.empty(B, OUT // 2 if glu else OUT, dtype=x.dtype, device=x.device) if out is None else out
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
     if segments is not None and not (cfg["fused"] and R == 0 and not cfg.get("fma")):
