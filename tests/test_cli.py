@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 
 def run(*args):
@@ -56,13 +57,23 @@ def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
     (["eval", "--windows", "0", "--dataset", "wiki"], "at least 1"),
     (["calibrate", "--search", "evo", "--population", "1", "--out", "/tmp/x"], "population must be at least 2"),
     (["plot-plan", "/no/such/dir"], "no plan.json"),
-    (["bench", "--device", "cuda"], "measures --device cpu"),
+    (["bench", "--device", "tpu"], "unknown --device 'tpu'"),
+    (["bench", "--batches", "2"], "decodes batch 1"),
+    (["bench", "--device", "cuda", "--shapes", "gpt9"], "unknown --shapes ['gpt9']"),
+    (["bench", "--device", "cuda", "--batches", "1,16"], "--batches must be 1..8"),
+    (["bench", "--device", "cuda", "--tuned", "/no/such.json"], "no such file"),
 ])
 def test_bad_input_one_line_exit_2(args, msg):
     r = run(*args)
     assert r.returncode == 2
     lines = [line for line in r.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and msg in lines[0], r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this starts the real benchmark")
+def test_gpu_bench_without_a_gpu_says_so():
+    r = run("bench", "--device", "cuda")
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
 
 
 def test_empty_text_file_one_line_exit_2(tmp_path):

@@ -219,8 +219,14 @@ def peak_rss_mb(args_list) -> float:
 
 
 def run_bench(args):
+    if args.device == "cuda":
+        from .gpubench import run_gpu_bench
+
+        return run_gpu_bench(args)
     if args.device != "cpu":
-        raise RSparseError("rsparse bench measures --device cpu; GPU decode is benchmarks/gpu_decode.py (needs a CUDA machine)")
+        raise RSparseError(f"unknown --device {args.device!r}; use cpu or cuda")
+    if args.batches != "1":
+        raise RSparseError("rsparse bench --device cpu decodes batch 1; --batches is for --device cuda")
     if args.backend not in ("cpp", "oracle"):
         raise RSparseError(f"unknown backend {args.backend!r}; use cpp or oracle")
     sparsities = [float(s) for s in args.sparsities.split(",")]

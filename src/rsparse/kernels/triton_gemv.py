@@ -284,17 +284,18 @@ def _glu_epilogue(ypart_ptr, b_ptr, y_ptr, B, OUT, HALF, NCHUNK,
 CONFIG = {"chunk": 512, "block_k": 32, "block_n": 128, "warps": 4, "stages": 3, "fused": True}
 
 
-# (out, in) -> configuration measured best for that shape at r = 0 (H200, bf16, batch 1, 50%:
-# benchmarks/results/gpu_kernels_v5_stages.json); other shapes use config_for's rule
+# (out, in) -> configuration measured best for that shape at r = 0 (H200, bf16, batch 1, 50%): v5
+# (partials + epilogue launch, benchmarks/results/gpu_kernels_v5_stages.json, gpu_groups.json) or, where
+# it measured faster, v7 (`splits`: one launch, gpu_kernels_v7.json); other shapes use config_for's rule
 TUNED: dict = {
-    (4096, 4096): dict(chunk=512, block_k=64, block_n=128, warps=4, stages=3, fused=True),
+    (4096, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=4, splits=4),  # v7 12.7 us vs v5 13.8
     (1024, 4096): dict(chunk=512, block_k=64, block_n=128, warps=4, stages=4, fused=True),
     (14336, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
     (4096, 14336): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
     (11008, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
     (4096, 11008): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
-    # fused groups (q|k|v, gate|up) of Llama-3-8B / Llama-2-7B: benchmarks/results/gpu_groups.json
-    (6144, 4096): dict(chunk=512, block_k=64, block_n=128, warps=4, stages=3, fused=True),
+    # fused groups (q|k|v, gate|up) of Llama-3-8B / Llama-2-7B
+    (6144, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=3, splits=4),  # v7 14.2 us vs v5 16.0
     (28672, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
     (12288, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
     (22016, 4096): dict(chunk=1024, block_k=64, block_n=256, warps=4, stages=4, fused=True),
@@ -351,14 +352,14 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     zpart = torch.empty(max(nchunk * BB * R, 1), dtype=torch.float32, device=x.device)
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    if segments is not None and not (cfg["fused"] and R == 0 and not cfg.get("fma")):
+    if segments is not None and not (cfg.get("fused") and R == 0 and not cfg.get("fma")):
         raise ValueError("a fused group runs on the fused r = 0 kernel only")
     if cfg.get("fma") and R == 0:
         bb = triton.next_power_of_2(B)
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_fma_gather_gemv)[(ntile, nchunk)](
             x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW, **dict(meta, BB=bb, YB=BB, BLOCK_K=max(1, cfg["block_k"] // bb)))
-    elif cfg["fused"] and R == 0:
+    elif cfg.get("fused") and R == 0:
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW,
                                                                        seg1, seg2, **meta)

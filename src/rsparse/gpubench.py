@@ -1,0 +1,422 @@
+"""`rsparse bench --device cuda`: end-to-end GPU decode, dense cuBLAS vs R-Sparse Triton kernels, on Llama-architecture models with
+random bf16 weights (Llama-3-8B and Llama-2-7B shapes), static KV cache, one decode step captured in a
+CUDA graph (`decode.GraphDecoder`), batch 1/2/4/8, sparsity 40-70%.
+
+Thresholds come from the model's own forward passes (|x| at every projection input over a prefill
+of random tokens; per-projection quantile for a uniform plan at the target byte sparsity, r = 0),
+so the kept fractions are what these activations give. Dense and sparse steps are replayed
+alternately (median of repeats, each repeat = `STEPS` replays timed with CUDA events). A
+torch.compile(mode="reduce-overhead") step is timed too at batch 1 (it fuses the elementwise ops
+the manual graph runs one by one). Bandwidth: bytes that must be read per token (projection bytes
+x realised kept fraction, lm_head, norms, the whole KV cache) / time / measured copy bandwidth.
+
+    rsparse bench --device cuda [--shapes llama3-8b] [--batches 1] [--tuned FILE] [--out FILE] [--profile]
+Prints a table, ends with one JSON line, writes --out (default $OUT/gpu_decode.json when OUT is set).
+(benchmarks/gpu_decode.py runs the same with the same flags.)
+"""
+import contextlib
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch._dynamo
+
+from .apply import swapped
+from .decode import GraphDecoder
+from .errors import RSparseError
+from .families import locate, set_group
+from .kernels import triton_gemv as tg
+from .kernels.module import TritonRSparseLinear, triton_groups
+from .linear import RSparseLinear
+
+MODELS = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+}
+MAX_LEN, STEPS, REPEATS = 512, 32, 7
+
+
+def build(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(LlamaConfig(**MODELS[name])).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model.to(torch.bfloat16)
+
+
+@torch.inference_mode()
+def input_samples(model, tokens=1024):
+    """|x| rows at every projection input over a prefill of random tokens (a subsample of rows)."""
+    projs, samples, hooks = locate(model), {}, []
+    def hook_for(key):
+        def hook(_mod, args):  # returns None: the module's input is left alone
+            samples[key] = args[0].reshape(-1, args[0].shape[-1])[::4].float().abs()
+        return hook
+
+    for key, mod in projs.items():
+        hooks.append(mod.register_forward_pre_hook(hook_for(key)))
+    ids = torch.randint(0, model.config.vocab_size, (4, tokens // 4), device="cuda")
+    try:
+        model(ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return samples
+
+
+@contextlib.contextmanager
+def attached(model, groups):
+    for (i, name), g in groups.items():
+        set_group(model, i, name, g)
+    try:
+        yield
+    finally:
+        for i, name in groups:
+            set_group(model, i, name, None)
+
+
+def copy_bandwidth():
+    import triton.testing
+
+    a = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), rep=300, return_mode="median")
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def capture(step, B):
+    """One decode step (`step(ids, pos)`, eager or compiled) captured in a CUDA graph. Rows decode
+    different tokens: identical rows would have identical kept sets and hide the union's cost."""
+    ids = torch.arange(1, B + 1, dtype=torch.long, device="cuda")[:, None] * 7919
+    pos = torch.tensor([MAX_LEN // 2], device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.inference_mode():
+        for _ in range(3):
+            step(ids, pos)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(g):
+        out = step(ids, pos)
+    g.static = (ids, pos, out)  # the graph reads and writes these addresses: keep them alive
+    return g, out
+
+
+def time_graph(g):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    start.record()
+    for _ in range(STEPS):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / STEPS * 1e-3  # s per token step
+
+
+def run_gpu_bench(args):
+    """args: shapes, batches, sparsities (comma lists), tuned (JSON path or None), compile, fused,
+    time_limit (s), profile, out (path or None)."""
+    names = args.shapes.split(",")
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise RSparseError(f"unknown --shapes {unknown}; choose from {sorted(MODELS)}")
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    if any(not 0.0 < s < 1.0 for s in sparsities):
+        raise RSparseError(f"--sparsities must lie in (0, 1), got {args.sparsities}")
+    batches = [int(b) for b in args.batches.split(",")]
+    if any(not 1 <= b <= 8 for b in batches):
+        raise RSparseError(f"--batches must be 1..8 (the decode kernels' rows), got {args.batches}")
+    if args.tuned and not os.path.isfile(args.tuned):
+        raise RSparseError(f"--tuned {args.tuned}: no such file")
+    if not torch.cuda.is_available():
+        raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
+    if args.profile:
+        return profile(names[0])
+    torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    t_start = time.time()
+    if args.tuned:
+        tg.load_tuned(json.load(open(args.tuned))["best"])
+    bw = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  tuned shapes: {sorted(tg.TUNED)}", flush=True)
+    rows, compiled, checks = [], [], []
+    for name in names:
+        if time.time() - t_start > args.time_limit:
+            break
+        torch.manual_seed(0)
+        model = build(name)
+        projs = locate(model)
+        samples = input_samples(model)
+        sparse = {k: TritonRSparseLinear(RSparseLinear.from_linear(projs[k], 0.0)) for k in projs}
+        groups = triton_groups(model, sparse) if args.fused else {}  # built, attached per capture
+        taus = {k: m.tau for k, m in sparse.items()}  # updated in place per sparsity (graphs see them; group views too)
+        lin_bytes = {k: m.weight.numel() * 2 for k, m in projs.items()}
+        other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                          if "proj" not in n and "embed_tokens" not in n)
+        for B in batches:
+            if time.time() - t_start > args.time_limit:
+                break
+            dec = GraphDecoder(model, max_len=MAX_LEN, batch=B)
+            kv_bytes = sum(t.numel() * t.element_size() for t in dec.k_cache + dec.v_cache)
+            g_dense, _ = capture(dec.step, B)
+            with swapped(model, sparse):
+                g_sparse, out_sparse = capture(dec.step, B)
+                if groups:
+                    with attached(model, groups):
+                        g_fused, out_fused = capture(dec.step, B)
+                        if B == 1:  # the same groups without SiLU(gate)*up in the epilogue: what that fusion gives
+                            dec.silu = False
+                            g_noglu, _ = capture(dec.step, B)
+                            dec.silu = True
+            # the same steps compiled by inductor (default mode: fused elementwise kernels) and captured
+            # in our graphs; no dynamo reset in between, so both compiled steps' kernels stay loaded
+            comp, label_c = {}, "fused" if groups else "sparse"
+            if args.compile and time.time() - t_start < args.time_limit:
+                for label, mods, grp in (("dense", {}, {}), (label_c, sparse, groups)):
+                    with swapped(model, mods), attached(model, grp):
+                        t0 = time.time()
+                        comp[label] = capture(torch.compile(dec.step), B)[0]
+                        print(f"compiled {label} step (B={B}) in {time.time() - t0:.0f}s", flush=True)
+            if B == 1:
+                checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse))
+                if groups:
+                    g_fused.replay()
+                    g_sparse.replay()
+                    checks[-1]["fused_vs_unfused_rel_err"] = ((out_fused.float() - out_sparse.float()).norm()
+                                                              / out_sparse.float().norm()).item()
+                    print("fused vs unfused step:", checks[-1]["fused_vs_unfused_rel_err"], flush=True)
+            for s in sparsities:
+                kept = {}
+                for k, x in samples.items():
+                    taus[k].fill_(torch.quantile(x.reshape(-1), s).item())
+                    xb = x[: x.shape[0] // B * B].reshape(-1, B, x.shape[1])  # B rows at a time: union of kept channels
+                    kept[k] = (xb > taus[k]).any(1).float().mean().item()
+                d, sp, fu, ng, ct = [], [], [], [], {}
+                for _ in range(REPEATS):
+                    d.append(time_graph(g_dense))
+                    sp.append(time_graph(g_sparse))
+                    if groups:
+                        fu.append(time_graph(g_fused))
+                    if groups and B == 1:
+                        ng.append(time_graph(g_noglu))
+                    for label, g in comp.items():
+                        ct.setdefault(label, []).append(time_graph(g))
+                td, ts = statistics.median(d), statistics.median(sp)
+                tf = statistics.median(fu) if groups else None
+                dense_read = sum(lin_bytes.values()) + other_bytes + kv_bytes
+                sparse_read = sum(lin_bytes[k] * kept[k] for k in projs) + other_bytes + kv_bytes
+                row = {"model": name, "batch": B, "sparsity": s, "dense_tok_s": B / td, "sparse_tok_s": B / ts,
+                       "speedup": td / ts, "dense_ms": td * 1e3, "sparse_ms": ts * 1e3,
+                       "kept_union": sum(lin_bytes[k] * kept[k] for k in projs) / sum(lin_bytes.values()),
+                       "dense_bw_frac": dense_read / td / bw, "sparse_bw_frac": sparse_read / ts / bw,
+                       "bound_speedup": dense_read / sparse_read}
+                if tf is not None:
+                    row.update(fused_tok_s=B / tf, fused_speedup=td / tf, fused_bw_frac=sparse_read / tf / bw)
+                if ng:
+                    row["fused_no_glu_tok_s"] = B / statistics.median(ng)
+                if len(ct) == 2:
+                    tcd, tcs = statistics.median(ct["dense"]), statistics.median(ct[label_c])
+                    row.update(dense_compiled_tok_s=B / tcd, compiled_tok_s=B / tcs, compiled_speedup=tcd / tcs,
+                               dense_compiled_bw_frac=dense_read / tcd / bw, compiled_bw_frac=sparse_read / tcs / bw)
+                rows.append(row)
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            del g_dense, g_sparse
+            if groups:
+                del g_fused
+            if groups and B == 1:
+                del g_noglu
+            del comp
+            if args.compile and B == 1 and time.time() - t_start < args.time_limit:
+                compiled.append(compiled_step(name, model, sparse, taus, samples, dec, groups, t_start + args.time_limit))
+            del dec
+            torch.cuda.empty_cache()
+        del model, sparse, samples
+        torch.cuda.empty_cache()
+
+    print(f"\n{'model':10s} {'B':>2s} {'s':>4s} {'dense tok/s':>11s} {'sparse tok/s':>12s} {'speedup':>8s} {'fused tok/s':>11s} "
+          f"{'fused x':>8s} {'bound':>6s} {'BW dense':>9s} {'BW sparse':>9s} {'BW fused':>9s} {'kept':>5s}")
+    for r in rows:
+        print(f"{r['model']:10s} {r['batch']:2d} {r['sparsity']:4.2f} {r['dense_tok_s']:11.1f} {r['sparse_tok_s']:12.1f} "
+              f"{r['speedup']:8.2f} {r.get('fused_tok_s', float('nan')):11.1f} {r.get('fused_speedup', float('nan')):8.2f} "
+              f"{r['bound_speedup']:6.2f} {r['dense_bw_frac']:9.1%} {r['sparse_bw_frac']:9.1%} {r.get('fused_bw_frac', float('nan')):9.1%} "
+              f"{r['kept_union']:5.2f}")
+    print(f"\ncompiled (inductor default mode, captured in a CUDA graph):\n{'model':10s} {'B':>2s} {'s':>4s} {'dense tok/s':>11s} "
+          f"{'sparse tok/s':>12s} {'speedup':>8s} {'BW dense':>9s} {'BW sparse':>9s}")
+    for r in rows:
+        if "compiled_speedup" in r:
+            print(f"{r['model']:10s} {r['batch']:2d} {r['sparsity']:4.2f} {r['dense_compiled_tok_s']:11.1f} {r['compiled_tok_s']:12.1f} "
+                  f"{r['compiled_speedup']:8.2f} {r['dense_compiled_bw_frac']:9.1%} {r['compiled_bw_frac']:9.1%}")
+    for c in compiled:
+        print("compiled:", json.dumps(c))
+    summary = {"checks": checks, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
+               "tuned": {f"{o}x{i}": c for (o, i), c in tg.TUNED.items()}, "compiled": compiled, "rows": rows,
+               "seconds": time.time() - t_start}
+    out = args.out or (os.path.join(os.environ["OUT"], "gpu_decode.json") if os.environ.get("OUT") else None)
+    if out:
+        write_json(out, summary)
+    key = [r for r in rows if r["model"] == "llama3-8b" and r["batch"] == 1 and r["sparsity"] == 0.5]
+    print(json.dumps({"llama3_8b_b1_s50_compiled_speedup": key[0].get("compiled_speedup") if key else None,
+                      "llama3_8b_b1_s50_speedup": key[0]["speedup"] if key else None,
+                      "llama3_8b_b1_s50_fused_speedup": key[0].get("fused_speedup") if key else None,
+                      "dense_tok_s": key[0]["dense_tok_s"] if key else None,
+                      "sparse_tok_s": key[0]["sparse_tok_s"] if key else None, "compiled": compiled}))
+
+
+@torch.inference_mode()
+def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse):
+    """The graph-captured Triton step vs the same step on eager RSparseLinear oracles, at 50%."""
+    for k, x in samples.items():
+        taus[k].fill_(torch.quantile(x.reshape(-1), 0.5).item())
+    g_sparse.replay()
+    got = out_sparse.float().clone()
+    oracle = {k: RSparseLinear.from_linear(projs[k], taus[k].item()) for k in projs}
+    ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([MAX_LEN // 2], device="cuda")
+    with swapped(model, oracle):
+        ref = dec.step(ids, pos).float()
+    with swapped(model, sparse):
+        eager = dec.step(ids, pos).float()
+    # per projection, on this model's own hidden states: first projection of block 0 and the last down
+    per = {}
+    for k in ("0.q", "0.down", f"{len(dec.layers) - 1}.down"):
+        x = samples[k][:1].to(torch.bfloat16) * torch.sign(torch.randn_like(samples[k][:1])).to(torch.bfloat16)
+        a, b = sparse[k](x).float(), oracle[k](x).float()
+        per[k] = ((a - b).norm() / b.norm()).item()
+    # the same oracle step with float32 weights and cache: how far bf16 rounding alone moves the output
+    # of a hard-threshold model (decisions flip near tau), the yardstick for the rel_err above
+    # (a float32 copy: converting the model in place would move the weights the captured graphs read)
+    model32 = copy.deepcopy(model).float()
+    projs32 = locate(model32)
+    oracle32 = {k: RSparseLinear.from_linear(projs32[k], taus[k].item()) for k in projs32}
+    dec32 = GraphDecoder(model32, max_len=MAX_LEN, batch=1)
+    with swapped(model32, oracle32):
+        ref32 = dec32.step(ids, pos).float()
+    del dec32, model32, projs32, oracle32
+    torch.cuda.empty_cache()
+    out0 = {"oracle_bf16_vs_f32_rel_err": ((ref - ref32).norm() / ref32.norm()).item(),
+            "triton_vs_oracle_f32_rel_err": ((got - ref32).norm() / ref32.norm()).item()}
+    out = {"model": name, "cosine": torch.nn.functional.cosine_similarity(got, ref).min().item(), **out0,
+           "rel_err": ((got - ref).norm() / ref.norm()).item(), "argmax_equal": bool(torch.equal(got.argmax(-1), ref.argmax(-1))),
+           "graph_vs_eager_triton_rel_err": ((got - eager).norm() / eager.norm()).item(), "per_projection_rel_err": per}
+    print("check:", out, flush=True)
+    return out
+
+
+def compiled_step(name, model, sparse, taus, samples, dec, groups=None, deadline=float("inf")):
+    """torch.compile(mode="reduce-overhead") of the same step, batch 1, 50%, dense and sparse (fused groups
+    if built): inductor's own CUDA graphs capture the triton_ops, entered from Python every step (guards
+    and bookkeeping on the CPU per token; `*_enqueue_ms` is that CPU time)."""
+    out = {"model": name, "sparsity": 0.5}
+    for k, x in samples.items():
+        taus[k].fill_(torch.quantile(x.reshape(-1), 0.5).item())
+    ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([MAX_LEN // 2], device="cuda")
+    label_s = "fused" if groups else "sparse"
+    for label, mods, grp in (("dense", {}, {}), (label_s, sparse, groups or {})):
+        if time.time() > deadline:
+            out[f"{label}_skipped"] = "time limit"
+            continue
+        try:
+            torch._dynamo.reset()
+            with swapped(model, mods), attached(model, grp), torch.inference_mode():
+                step = torch.compile(dec.step, mode="reduce-overhead")
+                t0 = time.time()
+                for _ in range(3):
+                    step(ids, pos)
+                torch.cuda.synchronize()
+                out[f"{label}_compile_s"] = time.time() - t0
+                times, enqueue = [], []
+                for _ in range(REPEATS):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    for _ in range(STEPS):
+                        step(ids, pos)
+                    enqueue.append((time.perf_counter() - t) / STEPS)
+                    torch.cuda.synchronize()
+                    times.append((time.perf_counter() - t) / STEPS)
+                out[f"{label}_tok_s"] = 1 / statistics.median(times)
+                out[f"{label}_enqueue_ms"] = statistics.median(enqueue) * 1e3
+        except Exception as e:  # report, do not lose the table
+            out[f"{label}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    if f"{label_s}_tok_s" in out and "dense_tok_s" in out:
+        out[f"{label_s}_speedup"] = out[f"{label_s}_tok_s"] / out["dense_tok_s"]
+    print("compiled:", out, flush=True)
+    return out
+
+
+@torch.inference_mode()
+def profile(name, sparsity=0.5, steps=5):
+    """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
+    same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
+    mode), dense and sparse (fused groups), plus each one's CUDA-graph replay time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    model = build(name)
+    projs = locate(model)
+    samples = input_samples(model)
+    sparse = {k: TritonRSparseLinear(RSparseLinear.from_linear(projs[k], torch.quantile(x.reshape(-1), sparsity).item()))
+              for k, x in samples.items()}
+    dec = GraphDecoder(model, max_len=MAX_LEN, batch=1)
+    ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([MAX_LEN // 2], device="cuda")
+    groups = triton_groups(model, sparse)
+    result = {}
+    try:  # does dynamo see the dense step as one graph?
+        ex = torch._dynamo.explain(dec.step)(ids, pos)
+        result["explain"] = {"graphs": ex.graph_count, "breaks": ex.graph_break_count,
+                             "reasons": [str(b.reason)[:160] for b in ex.break_reasons[:8]]}
+    except Exception as e:
+        result["explain"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    print("explain:", result["explain"], flush=True)
+    for label, mods, grp, compiled in (("dense", {}, {}, False), ("fused", sparse, groups, False),
+                                       ("dense-compiled", {}, {}, True), ("fused-compiled", sparse, groups, True)):
+        torch._dynamo.reset()
+        with swapped(model, mods), attached(model, grp):
+            step = torch.compile(dec.step) if compiled else dec.step
+            for _ in range(3):
+                step(ids, pos)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    step(ids, pos)
+                torch.cuda.synchronize()
+            g, _ = capture(step, 1)
+            graph_ms = statistics.median(time_graph(g) for _ in range(REPEATS)) * 1e3
+            del g
+        kernels = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                k = kernels.setdefault(e.name[:90], [0.0, 0])
+                k[0] += e.device_time / steps
+                k[1] += 1 / steps
+        total = sum(v[0] for v in kernels.values())
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+        result[label] = {"graph_ms": graph_ms, "kernel_ms": total / 1e3, "kernels_per_step": sum(v[1] for v in kernels.values()),
+                         "top": [{"name": n, "us": v[0], "count": v[1]} for n, v in top]}
+        print(f"\n{label}: graph replay {graph_ms:.3f} ms/step; kernels {total / 1e3:.3f} ms in {result[label]['kernels_per_step']:.0f} launches")
+        for n, v in top:
+            print(f"  {v[0]:9.1f} us  {v[1]:6.0f}x  {n}")
+    if os.environ.get("OUT"):
+        write_json(os.path.join(os.environ["OUT"], "gpu_profile.json"), result)
+    return result
+
+
+def write_json(path, obj) -> None:
+    """Written under a temporary name, then renamed: never a half-written results file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
