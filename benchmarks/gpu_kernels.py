@@ -9,7 +9,8 @@ float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels
 `--tune` first grid-searches launch configurations of both kernels per shape; `--variants` compares
 the v4 FMA kernel's configurations with v2 and writes the best per shape (gpu_kernels_v4.json);
 `--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
-`--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense.
+`--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
+`--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
 """
 import json
 import os
@@ -318,6 +319,44 @@ def splitk(bw):
                       "v7_vs_teal_b1": {r["shape"]: round(r["v7_vs_teal"], 3) for r in rows if r["batch"] == 1 and r["v7_vs_teal"]}}))
 
 
+def fixed_cost(bw):
+    """Where a call's time goes: v5 (TUNED's two-launch configuration), v7 (one launch) and the TEAL-style
+    kernel timed at kept fractions 0.02..0.9, batch 1, then time = c + bytes / b fitted by least squares:
+    c is the fixed cost per call (launches, compaction, ramp, tail), b the streaming bandwidth."""
+    from rsparse.kernels import triton_gemv as tg
+
+    dt = torch.bfloat16
+    kernels = {"v5": dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
+               "v7": dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=3, splits=4)}
+    rows, fits = [], {}
+    for out_f, in_f in [(4096, 4096), (14336, 4096), (4096, 14336)]:
+        Wts = [(torch.randn(in_f, out_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
+        x = torch.distributions.Laplace(0.0, 1.0).sample((1, in_f)).to("cuda", dt)
+        ones = torch.ones(in_f, device="cuda", dtype=dt)
+        at, u = torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(out_f, 0, device="cuda", dtype=dt)
+        dense_us = bench(lambda: [x @ w for w in Wts])
+        pts = {k: [] for k in (*kernels, "teal")}
+        for keep in (0.02, 0.1, 0.3, 0.5, 0.7, 0.9):
+            tau = torch.quantile(x.float().abs(), 1 - keep).reshape(())
+            kept = (x.float().abs() > tau).float().mean().item()
+            must = 2 * kept * in_f * out_f
+            for name, cfg in kernels.items():
+                pts[name].append((must, bench(lambda: [tg._launch(x, w, at, u, ones, tau, None, cfg) for w in Wts], rep=100)))
+            pts["teal"].append((must, bench(lambda: [teal_gemv(x[0], w, tau, **TEAL_BEST.get((out_f, in_f), {})) for w in Wts], rep=100)))
+            rows.append({"out": out_f, "in": in_f, "kept": kept, "dense_us": dense_us, **{k: v[-1][1] for k, v in pts.items()}})
+            _print_row(rows[-1])
+        for name, p in pts.items():
+            a = torch.tensor([[1.0, m] for m, _ in p], dtype=torch.float64)
+            t = torch.tensor([us for _, us in p], dtype=torch.float64)
+            c, slope = torch.linalg.lstsq(a, t[:, None]).solution[:, 0].tolist()
+            fits[f"{out_f}x{in_f} {name}"] = {"fixed_us": c, "stream_TBps": 1e-6 / slope / 1e12 if slope > 0 else None,
+                                              "stream_frac_of_copy": 1e-6 / slope / bw if slope > 0 else None}
+            print(f"{out_f}x{in_f} {name}: fixed {c:.2f} us, streaming {fits[f'{out_f}x{in_f} {name}']['stream_TBps'] or float('nan'):.2f} TB/s"
+                  f" (dense cuBLAS {dense_us:.2f} us)", flush=True)
+    _write("gpu_kernels_fixed_cost.json", {"copy_bw_TBps": bw / 1e12, "fits": fits, "rows": rows})
+    print(json.dumps({"fits": fits}))
+
+
 def main():
     torch.manual_seed(0)
     dt = torch.bfloat16
@@ -329,6 +368,8 @@ def main():
         return groups(bw)
     if "--splitk" in sys.argv:
         return splitk(bw)
+    if "--fixed-cost" in sys.argv:
+        return fixed_cost(bw)
     rows, checks, tuned = [], [], []
     for out_f, in_f in SHAPES:
         Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
