@@ -319,6 +319,15 @@ def splitk(bw):
                       "v7_vs_teal_b1": {r["shape"]: round(r["v7_vs_teal"], 3) for r in rows if r["batch"] == 1 and r["v7_vs_teal"]}}))
 
 
+def fit_fixed_cost(points, bw) -> dict:
+    """Least-squares time_us = fixed + bytes * slope over (bytes, us) points; streaming = 1 / slope."""
+    a = torch.tensor([[1.0, m] for m, _ in points], dtype=torch.float64)
+    t = torch.tensor([[us] for _, us in points], dtype=torch.float64)
+    c, slope = torch.linalg.lstsq(a, t).solution[:, 0].tolist()
+    tbps = 1e-6 / slope if slope > 0 else float("nan")  # bytes per us = 1e6 bytes/s; 1e-6 / slope TB/s
+    return {"fixed_us": c, "stream_TBps": tbps, "stream_frac_of_copy": tbps * 1e12 / bw}
+
+
 def fixed_cost(bw):
     """Where a call's time goes: v5 (TUNED's two-launch configuration), v7 (one launch) and the TEAL-style
     kernel timed at kept fractions 0.02..0.9, batch 1, then time = c + bytes / b fitted by least squares:
@@ -345,14 +354,9 @@ def fixed_cost(bw):
             pts["teal"].append((must, bench(lambda: [teal_gemv(x[0], w, tau, **TEAL_BEST.get((out_f, in_f), {})) for w in Wts], rep=100)))
             rows.append({"out": out_f, "in": in_f, "kept": kept, "dense_us": dense_us, **{k: v[-1][1] for k, v in pts.items()}})
             _print_row(rows[-1])
-        for name, p in pts.items():
-            a = torch.tensor([[1.0, m] for m, _ in p], dtype=torch.float64)
-            t = torch.tensor([us for _, us in p], dtype=torch.float64)
-            c, slope = torch.linalg.lstsq(a, t[:, None]).solution[:, 0].tolist()
-            fits[f"{out_f}x{in_f} {name}"] = {"fixed_us": c, "stream_TBps": 1e-6 / slope / 1e12 if slope > 0 else None,
-                                              "stream_frac_of_copy": 1e-6 / slope / bw if slope > 0 else None}
-            print(f"{out_f}x{in_f} {name}: fixed {c:.2f} us, streaming {fits[f'{out_f}x{in_f} {name}']['stream_TBps'] or float('nan'):.2f} TB/s"
-                  f" (dense cuBLAS {dense_us:.2f} us)", flush=True)
+        for name in pts:
+            fits[f"{out_f}x{in_f} {name}"] = fit_fixed_cost(pts[name], bw)
+            print(f"{out_f}x{in_f} {name}: {fits[f'{out_f}x{in_f} {name}']} (dense cuBLAS {dense_us:.2f} us)", flush=True)
     _write("gpu_kernels_fixed_cost.json", {"copy_bw_TBps": bw / 1e12, "fits": fits, "rows": rows})
     print(json.dumps({"fits": fits}))
 
