@@ -14,6 +14,11 @@ atomics. For batch > 1 the gathered rows are the union of the rows' kept channel
 multiplies only its own kept entries, so results equal the per-row oracle. Wt may be a column slice
 of a wider matrix (row stride LDW): projections that read the same input (q|k|v, gate|up) are
 stored side by side and run as one launch pair (`rsparse_group_gemv`).
+One-launch variant for r = 0 (`_splitk_gemv`, configurations with "splits"): grid (output tiles,
+SPLITS ranges of whole chunks); each program compacts and gathers its range, and for SPLITS > 1 the
+program that draws a tile's last ticket (per-call zeroed counter, acquire-release) sums the partials
+in split order and finishes the tile. Measured faster than the 2-launch path only on 4096-wide shapes
+(docs/perf-gpu.md, session 5), so TUNED chooses per shape.
 The TEAL-style baseline (`teal_gemv`: masked loads of Wt rows, split-K fp32 atomics) is here too,
 so benchmarks compare against the public design measured the same way.
 """
