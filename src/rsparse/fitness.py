@@ -8,7 +8,8 @@ Both are computed from the same logits; `SearchConfig.fitness` picks the one the
 KL to the dense model is the default: it is zero for the dense model and compares whole
 distributions (not one sampled target token per position); cross-entropy on the true next tokens
 (log perplexity, the paper's fitness) is the alternative. benchmarks/fitness_rank.py measures how
-each ranks plans against perplexity on evaluation text.
+each ranks plans against perplexity on evaluation text (alike); benchmarks/fitness_cost.py how many
+calibration tokens each needs to tell a plan from its mutant (CE 7.6x KL's at 50%, 1.24x at 70%).
 
 Cost control: the inputs of block 0 are captured once, and the hidden states entering block
 `start` under the incumbent plan are cached (`advance`), so a candidate that differs only from

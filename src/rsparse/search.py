@@ -71,7 +71,8 @@ class SearchConfig:
     min_keep: float = 0.0
     # what a candidate minimises on the calibration windows: "kl" to the dense model's next-token
     # distributions, or "ce", cross-entropy on the true next tokens (log perplexity, the paper's).
-    # benchmarks/fitness_rank.py measures which ranks plans like evaluation perplexity does.
+    # Both rank plans like evaluation perplexity (benchmarks/fitness_rank.py); KL needs fewer tokens
+    # to separate a plan from its mutant (benchmarks/fitness_cost.py), hence the default.
     fitness: str = "kl"
 
     def __post_init__(self):
