@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,8 @@ def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
     (["bench", "--device", "cuda", "--shapes", "gpt9"], "unknown --shapes ['gpt9']"),
     (["bench", "--device", "cuda", "--batches", "1,16"], "--batches must be 1..8"),
     (["bench", "--device", "cuda", "--tuned", "/no/such.json"], "no such file"),
+    (["bench", "--device", "cuda", "--tuned", str(Path(__file__).resolve().parents[1] / "README.md")], "not a kernel-configuration file"),
+    (["bench", "--device", "cuda", "--batches", "one"], "comma lists of numbers"),
 ])
 def test_bad_input_one_line_exit_2(args, msg):
     r = run(*args)

@@ -129,14 +129,16 @@ def run_gpu_bench(args):
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise RSparseError(f"unknown --shapes {unknown}; choose from {sorted(MODELS)}")
-    sparsities = [float(s) for s in args.sparsities.split(",")]
+    try:
+        sparsities = [float(s) for s in args.sparsities.split(",")]
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise RSparseError(f"--sparsities and --batches are comma lists of numbers, got {args.sparsities!r}, {args.batches!r}") from None
     if any(not 0.0 < s < 1.0 for s in sparsities):
         raise RSparseError(f"--sparsities must lie in (0, 1), got {args.sparsities}")
-    batches = [int(b) for b in args.batches.split(",")]
     if any(not 1 <= b <= 8 for b in batches):
         raise RSparseError(f"--batches must be 1..8 (the decode kernels' rows), got {args.batches}")
-    if args.tuned and not os.path.isfile(args.tuned):
-        raise RSparseError(f"--tuned {args.tuned}: no such file")
+    tuned = read_tuned(args.tuned) if args.tuned else {}
     if not torch.cuda.is_available():
         raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
     if args.profile:
@@ -146,8 +148,7 @@ def run_gpu_bench(args):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
     t_start = time.time()
-    if args.tuned:
-        tg.load_tuned(json.load(open(args.tuned))["best"])
+    tg.load_tuned(tuned)
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  tuned shapes: {sorted(tg.TUNED)}", flush=True)
     rows, compiled, checks = [], [], []
@@ -412,6 +413,22 @@ def profile(name, sparsity=0.5, steps=5):
     if os.environ.get("OUT"):
         write_json(os.path.join(os.environ["OUT"], "gpu_profile.json"), result)
     return result
+
+
+def read_tuned(path) -> dict:
+    """{"OUTxIN": launch configuration} from the "best" entry of a benchmarks/gpu_kernels.py result."""
+    if not os.path.isfile(path):
+        raise RSparseError(f"--tuned {path}: no such file")
+    try:
+        best = json.loads(open(path).read())["best"]
+        for shape, cfg in best.items():
+            o, i = map(int, shape.split("x"))
+            if not isinstance(cfg, dict) or not {"chunk", "block_k", "block_n", "warps", "stages"} <= set(cfg):
+                raise ValueError(shape)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RSparseError(f"--tuned {path}: not a kernel-configuration file (need {{\"best\": {{\"OUTxIN\": {{chunk, block_k, "
+                           f"block_n, warps, stages, ...}}}}}}; {type(e).__name__}: {e})") from None
+    return best
 
 
 def write_json(path, obj) -> None:
