@@ -361,6 +361,39 @@ def fixed_cost(bw):
     print(json.dumps({"fits": fits}))
 
 
+def teal_sweep(bw):
+    """Is the TEAL-style baseline weak because of its configuration? (Its time is flat in sparsity:
+    latency per loop step, not bytes.) Fewer, longer splits with deeper K steps and 4 pipeline stages,
+    50%, batch 1, against ours (TUNED) on the shapes of the target."""
+    from rsparse.kernels import triton_gemv as tg
+
+    dt = torch.bfloat16
+    grid = [dict(split_k=32, block_n=128, block_k=32, warps=4, stages=3)] + [  # the tuned one, then deeper K steps
+        dict(split_k=sk, block_n=n, block_k=k, warps=4, stages=4) for sk in (4, 8, 16) for n in (128, 256) for k in (64, 128)]
+    rows = []
+    for out_f, in_f in [(14336, 4096), (4096, 14336), (4096, 4096)]:
+        Wts = [(torch.randn(in_f, out_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
+        x = torch.distributions.Laplace(0.0, 1.0).sample((1, in_f)).to("cuda", dt)
+        ones = torch.ones(in_f, device="cuda", dtype=dt)
+        at, u = torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(out_f, 0, device="cuda", dtype=dt)
+        tau = torch.quantile(x.float().abs(), 0.5).reshape(())
+        ref = rsparse_linear_ref(x.float(), Wts[0].t().float(), None, tau, ones.float(), u.float(), at.t().float())
+        ours = bench(lambda: [rsparse_gemv(x, w, at, u, ones, tau) for w in Wts])
+        times = {}
+        for i, cfg in enumerate(grid):
+            yt = teal_gemv(x[0], Wts[0], tau, **cfg)
+            if ((yt.float() - ref[0]).norm() / ref.norm()).item() < 1e-2:
+                times[i] = bench(lambda: [teal_gemv(x[0], w, tau, **cfg) for w in Wts], rep=100)
+        bi = min(times, key=times.get)
+        must = 2 * 0.5 * in_f * out_f
+        row = {"out": out_f, "in": in_f, "ours_us": ours, "teal_best_us": times[bi], "teal_best_cfg": grid[bi],
+               "ours_vs_teal": times[bi] / ours, "teal_bw_frac": must / (times[bi] * 1e-6) / bw,
+               "teal_all": [(grid[i], times[i]) for i in sorted(times, key=times.get)]}
+        rows.append(row)
+        _print_row(row, skip=("teal_all",))
+    _write("gpu_kernels_teal_sweep.json", {"copy_bw_TBps": bw / 1e12, "rows": rows})
+
+
 def main():
     torch.manual_seed(0)
     dt = torch.bfloat16
@@ -374,6 +407,8 @@ def main():
         return splitk(bw)
     if "--fixed-cost" in sys.argv:
         return fixed_cost(bw)
+    if "--teal-sweep" in sys.argv:
+        return teal_sweep(bw)
     rows, checks, tuned = [], [], []
     for out_f, in_f in SHAPES:
         Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]

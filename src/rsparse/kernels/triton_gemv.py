@@ -448,11 +448,11 @@ def _teal_kernel(x_ptr, tau_ptr, wt_ptr, y_ptr, IN, OUT, K_PER,
 
 
 def teal_gemv(x: torch.Tensor, wt: torch.Tensor, tau: torch.Tensor, split_k: int = 8, block_n: int = 128,
-              block_k: int = 32, warps: int = 4) -> torch.Tensor:
+              block_k: int = 32, warps: int = 4, stages: int = 3) -> torch.Tensor:
     """TEAL-style baseline for one row: |x| > tau, masked row loads, split-K fp32 atomics."""
     IN, OUT = wt.shape
     y = torch.zeros(OUT, dtype=torch.float32, device=x.device)
     k_per = triton.cdiv(triton.cdiv(IN, split_k), block_k) * block_k
     _teal_kernel[(triton.cdiv(OUT, block_n), triton.cdiv(IN, k_per))](
-        x, tau, wt, y, IN, OUT, k_per, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
+        x, tau, wt, y, IN, OUT, k_per, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return y.to(x.dtype)
