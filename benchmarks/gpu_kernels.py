@@ -22,7 +22,8 @@ import triton
 import triton.testing
 
 from rsparse.budget import allocate
-from rsparse.kernels.triton_gemv import rsparse_gemv, teal_gemv
+from rsparse.kernels.teal import teal_gemv
+from rsparse.kernels.triton_gemv import rsparse_gemv
 from rsparse.linear import rsparse_linear_ref
 
 TUNE = "--tune" in sys.argv  # grid-search launch configurations first (about 8 minutes)

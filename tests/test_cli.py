@@ -65,6 +65,8 @@ def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
     (["bench", "--device", "cuda", "--tuned", "/no/such.json"], "no such file"),
     (["bench", "--device", "cuda", "--tuned", str(Path(__file__).resolve().parents[1] / "README.md")], "not a kernel-configuration file"),
     (["bench", "--device", "cuda", "--batches", "one"], "comma lists of numbers"),
+    (["bench", "--device", "cuda", "--alpha", "0.9"], "give one --sparsities value"),
+    (["bench", "--device", "cuda", "--alpha", "1.5", "--sparsities", "0.5"], "--alpha must be in (0, 1]"),
 ])
 def test_bad_input_one_line_exit_2(args, msg):
     r = run(*args)

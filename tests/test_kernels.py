@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 from rsparse.kernels import triton_gemv as tg  # noqa: E402
+from rsparse.kernels.teal import teal_gemv  # noqa: E402
 from rsparse.linear import rsparse_linear_ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,7 +63,7 @@ def test_registered_op_and_teal_baseline():
     ref = rsparse_linear_ref(x.double(), W.double(), b.double(), tau.double(), c.double(), U.double(), A.double())
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
     ones = torch.ones(333)
-    yt = tg.teal_gemv(x[0].to(DEV), W.T.contiguous().to(DEV), tau.to(DEV), split_k=4, block_n=64).cpu()
+    yt = teal_gemv(x[0].to(DEV), W.T.contiguous().to(DEV), tau.to(DEV), split_k=4, block_n=64).cpu()
     ref_t = rsparse_linear_ref(x.double(), W.double(), None, tau.double(), ones.double(), U[:, :0].double(), A[:0].double())[0]
     assert ((yt.double() - ref_t).norm() / ref_t.norm()).item() < 1e-5
 
@@ -90,65 +91,71 @@ def test_triton_module_matches_rsparse_linear():
 SPLITS = [None, 1, 2]  # group / GLU kernels: two-launch (partials + epilogue), one launch with 1 or 2 ranges
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,IN,outs", [(1, 300, (64, 32, 32)), (3, 513, (96, 65)), (8, 129, (32, 32, 7)), (2, 77, (50,))])
-@pytest.mark.parametrize("splits", SPLITS)
-def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, splits):
-    """q|k|v-like members side by side, each with its own tau and scales, one launch pair: every
-    member's output equals its own oracle; the members' Wt are column slices (row stride > out)."""
-    torch.manual_seed(B + IN + len(outs))
+def _group_case(B, IN, outs, ranks, sparsities, dtype):
+    """x and members side by side: wt (in, sum out), at (in, sum r), U packed, per-member scales and
+    thresholds (quantiles of each member's own scores), bias for odd B; each member's float64 oracle."""
     x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).to(dtype)
-    cases = [_case(B, IN, o, 0, s, dtype, bias=(B % 2 == 1)) for o, s in zip(outs, (0.5, 0.8, 0.3))]
-    Ws = [c[1] for c in cases]
+    cases = [_case(B, IN, o, r, s, dtype, bias=(B % 2 == 1)) for o, r, s in zip(outs, ranks, sparsities)]
     cs = torch.stack([c[4] for c in cases])
-    taus = torch.stack([(x.double().abs() * c[4].double()).reshape(-1).quantile(q).float() + 1e-4 for c, q in zip(cases, (0.5, 0.8, 0.3))])
-    wt = torch.cat([W.T for W in Ws], 1).contiguous()
-    bias = torch.cat([c[6] for c in cases]) if B % 2 == 1 else None
-    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, fma=False, splits=splits)
-    seg = [sum(outs[:i + 1]) for i in range(len(outs))] + [sum(outs)] * 2
-    out = torch.full((B, sum(outs)), float("nan"), dtype=dtype)
-    dev = [t.to(DEV) if t is not None else None for t in (x, wt, wt.new_empty(IN, 0), wt.new_empty(sum(outs), 0), cs, taus, bias)]
-    y = tg._launch(*dev, cfg, out=out.to(DEV), segments=(seg[0], seg[1])).cpu()
-    assert torch.isfinite(y).all(), "output element left unwritten"
-    start = 0
-    for i, (W, o) in enumerate(zip(Ws, outs)):
-        b = None if bias is None else bias[start:start + o].double()
-        ref = rsparse_linear_ref(x.double(), W.double(), b, taus[i].double(), cs[i].double(),
-                                 torch.zeros(o, 0, dtype=torch.float64), torch.zeros(0, IN, dtype=torch.float64))
-        got = y[:, start:start + o].double()
-        assert ((got - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
-        # a member alone, on its column slice of the shared storage (row stride = sum of outs)
-        alone = tg._launch(dev[0], dev[1][:, start:start + o], dev[2], dev[3][:o], dev[4][i], dev[5][i],
-                           None if dev[6] is None else dev[6][start:start + o], cfg).cpu()
-        assert ((alone.double() - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
-        start += o
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,IN,half", [(1, 300, 96), (3, 513, 64), (8, 129, 160)])
-@pytest.mark.parametrize("splits", SPLITS)
-def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, splits):
-    """gate|up side by side, SiLU(gate) * up in the epilogue: equals the float64 oracle of the two
-    members followed by the activation; (B, half) output poisoned; the registered op agrees."""
-    torch.manual_seed(B * IN + half)
-    x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).to(dtype)
-    cases = [_case(B, IN, half, 0, s, dtype, bias=(B % 2 == 1)) for s in (0.5, 0.7)]
-    cs = torch.stack([c[4] for c in cases])
-    taus = torch.stack([(x.double().abs() * c[4].double()).reshape(-1).quantile(q).float() + 1e-4 for c, q in zip(cases, (0.5, 0.7))])
+    taus = torch.stack([(x.double().abs() * c[4].double()).reshape(-1).quantile(q).float() + 1e-4 for c, q in zip(cases, sparsities)])
     wt = torch.cat([c[1].T for c in cases], 1).contiguous()
+    at = torch.cat([c[3].T for c in cases], 1).contiguous()
+    u = torch.cat([c[2].reshape(-1) for c in cases])
     bias = torch.cat([c[6] for c in cases]) if B % 2 == 1 else None
-    ref_g, ref_u = (rsparse_linear_ref(x.double(), c[1].double(), None if bias is None else bias[i * half:(i + 1) * half].double(),
-                                       taus[i].double(), cs[i].double(), torch.zeros(half, 0, dtype=torch.float64),
-                                       torch.zeros(0, IN, dtype=torch.float64)) for i, c in enumerate(cases))
+    refs, start = [], 0
+    for i, (c, o) in enumerate(zip(cases, outs)):
+        b = None if bias is None else bias[start:start + o].double()
+        refs.append(rsparse_linear_ref(x.double(), c[1].double(), b, taus[i].double(), cs[i].double(), c[2].double(), c[3].double()))
+        start += o
+    bounds = lambda v: ([sum(v[:i + 1]) for i in range(len(v))] + [sum(v)] * 2)[:2]  # noqa: E731
+    return x, wt, at, u, cs, taus, bias, refs, bounds(list(outs)), bounds(list(ranks))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,IN,outs,ranks", [(1, 300, (64, 32, 32), (0, 0, 0)), (3, 513, (96, 65), (5, 0)),
+                                             (8, 129, (32, 32, 7), (3, 0, 37)), (2, 77, (50,), (0,)), (1, 300, (64, 32, 32), (9, 4, 70))])
+@pytest.mark.parametrize("splits", SPLITS)
+def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, ranks, splits):
+    """q|k|v-like members side by side, each with its own tau, scales and rank term (0 allowed), one
+    call: every member's output equals its own oracle; alone on its column slices of the shared storage
+    (row strides > its widths) each member does too. (Rank terms take the partials path, splits or not.)"""
+    torch.manual_seed(B + IN + len(outs) + sum(ranks))
+    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, ranks, (0.5, 0.8, 0.3)[:len(outs)], dtype)
+    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, fma=False, splits=None if sum(ranks) else splits)
+    out = torch.full((B, sum(outs)), float("nan"), dtype=dtype)
+    dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
+    y = tg._launch(*dev, cfg, out=out.to(DEV), segments=tuple(seg), roffs=tuple(roff)).cpu()
+    assert torch.isfinite(y).all(), "output element left unwritten"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    start = r0 = u0 = 0
+    for i, (o, r) in enumerate(zip(outs, ranks)):
+        got = y[:, start:start + o].double()
+        assert ((got - refs[i]).norm() / refs[i].norm()).item() < tol
+        alone = tg._launch(dev[0], dev[1][:, start:start + o], dev[2][:, r0:r0 + r], dev[3][u0:u0 + o * r].view(o, r), dev[4][i],
+                           dev[5][i], None if dev[6] is None else dev[6][start:start + o], dict(cfg, splits=None)).cpu()
+        assert ((alone.double() - refs[i]).norm() / refs[i].norm()).item() < tol
+        start, r0, u0 = start + o, r0 + r, u0 + o * r
+    op = torch.ops.rsparse.rsparse_group_gemv(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], *seg, *roff, dev[6]).cpu()
+    assert ((op.double() - torch.cat(refs, 1)).norm() / torch.cat(refs, 1).norm()).item() < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,IN,half,ranks", [(1, 300, 96, (0, 0)), (3, 513, 64, (6, 0)), (8, 129, 160, (4, 33))])
+@pytest.mark.parametrize("splits", SPLITS)
+def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, splits):
+    """gate|up side by side (rank terms allowed), SiLU(gate) * up in the epilogue: equals the float64
+    oracle of the two members followed by the activation; (B, half) output poisoned; the registered op agrees."""
+    torch.manual_seed(B * IN + half + sum(ranks))
+    x, wt, at, u, cs, taus, bias, (ref_g, ref_u), seg, roff = _group_case(B, IN, (half, half), ranks, (0.5, 0.7), dtype)
     ref = torch.nn.functional.silu(ref_g) * ref_u
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, fma=False, splits=splits)
-    dev = [t.to(DEV) if t is not None else None for t in (x, wt, wt.new_empty(IN, 0), wt.new_empty(2 * half, 0), cs, taus, bias)]
+    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, fma=False, splits=None if sum(ranks) else splits)
+    dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     out = torch.full((B, half), float("nan"), dtype=dtype).to(DEV)
-    y = tg._launch(*dev, cfg, out=out, segments=(half, 2 * half), glu=True).cpu()
+    y = tg._launch(*dev, cfg, out=out, segments=(half, 2 * half), glu=True, roffs=tuple(roff)).cpu()
     assert torch.isfinite(y).all(), "output element left unwritten"
     assert ((y.double() - ref).norm() / ref.norm()).item() < tol
-    op = torch.ops.rsparse.rsparse_glu_gemv(dev[0], dev[1], dev[4], dev[5], dev[6]).cpu()
+    op = torch.ops.rsparse.rsparse_glu_gemv(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], roff[0], dev[6]).cpu()
     assert op.shape == (B, half) and ((op.double() - ref).norm() / ref.norm()).item() < tol
 
 
@@ -158,11 +165,15 @@ def test_triton_group_module_shares_storage_and_matches_members():
 
     torch.manual_seed(2)
     lins = [torch.nn.Linear(200, o, bias=False) for o in (128, 128, 256)]
-    refs = [RSparseLinear.from_linear(lin, t, "wnorm") for lin, t in zip(lins, (0.3, 0.6, 0.1))]
+    factors = [(torch.randn(o, r) / 4, torch.randn(r, 200) / 4) for o, r in zip((128, 128, 256), (6, 0, 11))]
+    refs = [RSparseLinear.from_linear(lin, t, "wnorm", *(f if f[0].shape[1] else (None, None)))
+            for lin, t, f in zip(lins, (0.3, 0.6, 0.1), factors)]
     mods = [TritonRSparseLinear(r).to(DEV) for r in refs]
-    assert TritonGroup.fits(mods)
+    assert TritonGroup.fits(mods) and [m.rank for m in mods] == [6, 0, 11]
     g = TritonGroup(mods)
     assert all(m.wt.data_ptr() >= g.wt.data_ptr() and m.wt.stride(0) == 512 for m in mods)  # views, no copies
+    assert mods[2].at.data_ptr() == g.at.data_ptr() + 6 * g.at.element_size() and mods[2].at.stride(0) == 17
+    assert mods[2].U.data_ptr() == g.U.data_ptr() + 128 * 6 * g.U.element_size()
     mods[1].tau.fill_(0.7)  # a member's threshold moves the group's
     refs[1].tau.fill_(0.7)
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 200))
@@ -199,9 +210,14 @@ def test_fused_groups_in_decoder_match_per_module_steps():
     for fuse in (True, False):
         torch.manual_seed(3)
         m = LlamaForCausalLM(cfg).eval().to(DEV)
-        layers = {f"{i}.{p}": LayerPlan(tau=0.05 * (1 + j), keep=0.5, rank=0)
+        ranks = {"q": 5, "gate": 3, "down": 4}  # rank terms inside both groups and in a lone projection
+        layers = {f"{i}.{p}": LayerPlan(tau=0.05 * (1 + j), keep=0.5, rank=ranks.get(p, 0))
                   for i in range(2) for j, p in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
-        for key, mod in modules_for(m, layers, {}).items():
+        gen = torch.Generator().manual_seed(4)
+        shapes = {"q": (128, 128), "gate": (256, 128), "down": (128, 256)}
+        factors = {f"{i}.{p}": ((torch.randn(o, ranks[p], generator=gen) / 8).to(DEV), (torch.randn(ranks[p], n, generator=gen) / 8).to(DEV))
+                   for i in range(2) for p, (o, n) in shapes.items()}
+        for key, mod in modules_for(m, layers, factors).items():
             set_module(m, key, mod)
         to_triton_(m, fuse=fuse)
         models.append(m)

@@ -260,6 +260,8 @@ def build_parser():
     g.add_argument("--shapes", default="llama3-8b", help="llama3-8b and/or llama2-7b (comma list)")
     g.add_argument("--batches", default="1", help="decode rows, comma list of 1..8 (cpu: 1 only)")
     g.add_argument("--tuned", help="per-shape kernel configurations (JSON from benchmarks/gpu_kernels.py)")
+    g.add_argument("--alpha", type=float, default=1.0,
+                   help="share of each projection's budget on kept columns; < 1 adds rank terms (one --sparsities value)")
     g.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     g.add_argument("--no-fused", dest="fused", action="store_false", help="skip the q|k|v, gate|up fused-group rows")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")

@@ -139,6 +139,11 @@ def run_gpu_bench(args):
     if any(not 1 <= b <= 8 for b in batches):
         raise RSparseError(f"--batches must be 1..8 (the decode kernels' rows), got {args.batches}")
     tuned = read_tuned(args.tuned) if args.tuned else {}
+    alpha = getattr(args, "alpha", 1.0)
+    if not 0.0 < alpha <= 1.0:
+        raise RSparseError(f"--alpha must be in (0, 1], got {alpha}")
+    if alpha < 1.0 and len(sparsities) != 1:
+        raise RSparseError("--alpha < 1 sizes every projection's rank for one sparsity: give one --sparsities value")
     if not torch.cuda.is_available():
         raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
     if args.profile:
@@ -159,7 +164,7 @@ def run_gpu_bench(args):
         model = build(name)
         projs = locate(model)
         samples = input_samples(model)
-        sparse = {k: TritonRSparseLinear(RSparseLinear.from_linear(projs[k], 0.0)) for k in projs}
+        sparse, quantile = modules_at(projs, sparsities[0], alpha)
         groups = triton_groups(model, sparse) if args.fused else {}  # built, attached per capture
         taus = {k: m.tau for k, m in sparse.items()}  # updated in place per sparsity (graphs see them; group views too)
         lin_bytes = {k: m.weight.numel() * 2 for k, m in projs.items()}
@@ -190,7 +195,7 @@ def run_gpu_bench(args):
                         comp[label] = capture(torch.compile(dec.step), B)[0]
                         print(f"compiled {label} step (B={B}) in {time.time() - t0:.0f}s", flush=True)
             if B == 1:
-                checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse))
+                checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse, quantile))
                 if groups:
                     g_fused.replay()
                     g_sparse.replay()
@@ -200,7 +205,7 @@ def run_gpu_bench(args):
             for s in sparsities:
                 kept = {}
                 for k, x in samples.items():
-                    taus[k].fill_(torch.quantile(x.reshape(-1), s).item())
+                    taus[k].fill_(torch.quantile(x.reshape(-1), quantile.get(k, s)).item())
                     xb = x[: x.shape[0] // B * B].reshape(-1, B, x.shape[1])  # B rows at a time: union of kept channels
                     kept[k] = (xb > taus[k]).any(1).float().mean().item()
                 d, sp, fu, ng, ct = [], [], [], [], {}
@@ -216,8 +221,9 @@ def run_gpu_bench(args):
                 td, ts = statistics.median(d), statistics.median(sp)
                 tf = statistics.median(fu) if groups else None
                 dense_read = sum(lin_bytes.values()) + other_bytes + kv_bytes
-                sparse_read = sum(lin_bytes[k] * kept[k] for k in projs) + other_bytes + kv_bytes
-                row = {"model": name, "batch": B, "sparsity": s, "dense_tok_s": B / td, "sparse_tok_s": B / ts,
+                rank_read = sum(2 * sparse[k].rank * (sparse[k].out_features + (1 - kept[k]) * sparse[k].in_features) for k in projs)
+                sparse_read = sum(lin_bytes[k] * kept[k] for k in projs) + rank_read + other_bytes + kv_bytes
+                row = {"model": name, "batch": B, "sparsity": s, "alpha": alpha, "rank_bytes": rank_read, "dense_tok_s": B / td, "sparse_tok_s": B / ts,
                        "speedup": td / ts, "dense_ms": td * 1e3, "sparse_ms": ts * 1e3,
                        "kept_union": sum(lin_bytes[k] * kept[k] for k in projs) / sum(lin_bytes.values()),
                        "dense_bw_frac": dense_read / td / bw, "sparse_bw_frac": sparse_read / ts / bw,
@@ -239,7 +245,7 @@ def run_gpu_bench(args):
                 del g_noglu
             del comp
             if args.compile and B == 1 and time.time() - t_start < args.time_limit:
-                compiled.append(compiled_step(name, model, sparse, taus, samples, dec, groups, t_start + args.time_limit))
+                compiled.append(compiled_step(name, model, sparse, taus, samples, dec, quantile, groups, t_start + args.time_limit))
             del dec
             torch.cuda.empty_cache()
         del model, sparse, samples
@@ -275,13 +281,39 @@ def run_gpu_bench(args):
 
 
 @torch.inference_mode()
-def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse):
-    """The graph-captured Triton step vs the same step on eager RSparseLinear oracles, at 50%."""
+def modules_at(projs, sparsity, alpha):
+    """Triton modules for every projection, r = 0 (alpha = 1) or, for alpha < 1, with the rank the
+    budget gives (`budget.allocate`) and random factors of that rank (speed does not depend on their
+    values); and {key: quantile of |x| that keeps that projection's fraction} (empty for alpha = 1:
+    the sparsity itself)."""
+    from .budget import allocate
+
+    mods, quantile = {}, {}
+    for k, lin in projs.items():
+        out_f, in_f = lin.weight.shape
+        if alpha >= 1.0:
+            mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0))
+            continue
+        al = allocate(out_f, in_f, sparsity, alpha)
+        U = (torch.randn(out_f, al.rank, device=lin.weight.device) / 8).to(lin.weight.dtype) if al.rank else None
+        A = (torch.randn(al.rank, in_f, device=lin.weight.device) / in_f**0.5).to(lin.weight.dtype) if al.rank else None
+        mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, "abs", U, A))
+        quantile[k] = 1.0 - al.keep
+    return mods, quantile
+
+
+def _factors(m):
+    return (m.U, m.A) if m.rank else (None, None)
+
+
+def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse, quantile):
+    """The graph-captured Triton step vs the same step on eager RSparseLinear oracles, at 50% (with
+    rank terms: at the kept fractions `quantile` gives)."""
     for k, x in samples.items():
-        taus[k].fill_(torch.quantile(x.reshape(-1), 0.5).item())
+        taus[k].fill_(torch.quantile(x.reshape(-1), quantile.get(k, 0.5)).item())
     g_sparse.replay()
     got = out_sparse.float().clone()
-    oracle = {k: RSparseLinear.from_linear(projs[k], taus[k].item()) for k in projs}
+    oracle = {k: RSparseLinear.from_linear(projs[k], taus[k].item(), "abs", *_factors(sparse[k])) for k in projs}
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
     with swapped(model, oracle):
@@ -299,7 +331,8 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     # (a float32 copy: converting the model in place would move the weights the captured graphs read)
     model32 = copy.deepcopy(model).float()
     projs32 = locate(model32)
-    oracle32 = {k: RSparseLinear.from_linear(projs32[k], taus[k].item()) for k in projs32}
+    oracle32 = {k: RSparseLinear.from_linear(projs32[k], taus[k].item(), "abs", *(None if f is None else f.float() for f in _factors(sparse[k])))
+                for k in projs32}
     dec32 = GraphDecoder(model32, max_len=MAX_LEN, batch=1)
     with swapped(model32, oracle32):
         ref32 = dec32.step(ids, pos).float()
@@ -314,13 +347,13 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     return out
 
 
-def compiled_step(name, model, sparse, taus, samples, dec, groups=None, deadline=float("inf")):
+def compiled_step(name, model, sparse, taus, samples, dec, quantile, groups=None, deadline=float("inf")):
     """torch.compile(mode="reduce-overhead") of the same step, batch 1, 50%, dense and sparse (fused groups
     if built): inductor's own CUDA graphs capture the triton_ops, entered from Python every step (guards
     and bookkeeping on the CPU per token; `*_enqueue_ms` is that CPU time)."""
-    out = {"model": name, "sparsity": 0.5}
+    out = {"model": name, "sparsity": 0.5 if not quantile else "the --sparsities value, ranks from --alpha"}
     for k, x in samples.items():
-        taus[k].fill_(torch.quantile(x.reshape(-1), 0.5).item())
+        taus[k].fill_(torch.quantile(x.reshape(-1), quantile.get(k, 0.5)).item())
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
     label_s = "fused" if groups else "sparse"

@@ -4,9 +4,10 @@ Layout (`TransposedRSparseLinear`): Wt = W^T (in, out) so a kept input channel i
 row, At = A^T (in, r) so a dropped channel reads r contiguous values, and here U (out, r). Only Wt
 is stored, so prefill (`dense()`, used by `dense_view`) runs a dense cuBLAS matmul on the same
 storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`; more rows (all-tokens
-evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up in one
-launch pair (`rsparse::rsparse_group_gemv`) for the decoder, and gate|up's SiLU(gate) * up with the
-activation in the epilogue (`rsparse::rsparse_glu_gemv`).
+evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up as one call
+(`rsparse::rsparse_group_gemv`; members with a rank term add one launch for their low-rank inputs) for
+the decoder, and gate|up's SiLU(gate) * up with the activation in the epilogue
+(`rsparse::rsparse_glu_gemv`).
 """
 from __future__ import annotations
 
@@ -28,44 +29,52 @@ class TritonRSparseLinear(TransposedRSparseLinear):
 
 
 class TritonGroup(nn.Module):
-    """Projections that read the same input (q|k|v, gate|up; r = 0) as one launch pair. The members'
-    Wt become column views of the group's (in, sum out) storage and their tau / col_scale views of the
-    group's (P,) / (P, in) buffers: nothing is stored twice, and updating a member's tau in place
-    updates the group. Inputs of more than MAX_DECODE_ROWS rows run the members (oracle path)."""
+    """Projections that read the same input (q|k|v, gate|up) as one call. The members' Wt become
+    column views of the group's (in, sum out) storage, their At column views of the group's
+    (in, sum r) and their U views of the group's U (each member's (out, r) one after the other), and
+    their tau / col_scale views of the group's (P,) / (P, in) buffers: nothing is stored twice, and
+    updating a member's tau in place updates the group. Inputs of more than MAX_DECODE_ROWS rows run
+    the members (oracle path)."""
 
     def __init__(self, members: list):
         super().__init__()
-        if not 1 <= len(members) <= 3 or any(m.rank for m in members):
-            raise ValueError("a Triton group takes 1 to 3 members of rank 0")
+        if not 1 <= len(members) <= 3:
+            raise ValueError("a Triton group takes 1 to 3 members")
         self._members = tuple(members)
         self.in_features = members[0].in_features
         self.wt = nn.Parameter(torch.cat([m.wt for m in members], 1).contiguous(), requires_grad=False)
+        self.register_buffer("at", torch.cat([m.at for m in members], 1).contiguous())
+        self.register_buffer("U", torch.cat([m.U.reshape(-1) for m in members]))
         self.register_buffer("tau", torch.stack([m.tau.float() for m in members]))
         self.register_buffer("col_scale", torch.stack([m.col_scale for m in members]))
         has_bias = any(m.bias is not None for m in members)
         self.bias = None if not has_bias else nn.Parameter(torch.cat(
             [m.bias if m.bias is not None else m.wt.new_zeros(m.out_features) for m in members]), requires_grad=False)
         self.split = [m.out_features for m in members]
-        start = 0
+        ranks = [m.at.shape[1] for m in members]
+        start = r0 = u0 = 0
         for i, m in enumerate(members):
-            n = m.out_features
+            n, r = m.out_features, ranks[i]
             m.wt = nn.Parameter(self.wt[:, start:start + n], requires_grad=False)
+            m.at = self.at[:, r0:r0 + r]
+            m.U = self.U[u0:u0 + n * r].view(n, r)
             m.tau, m.col_scale = self.tau[i], self.col_scale[i]
             if has_bias:
                 m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
-            start += n
+            start, r0, u0 = start + n, r0 + r, u0 + n * r
         self.seg1, self.seg2 = self._segments(self.split)
+        self.roff1, self.roff2 = self._segments(ranks)
 
     @staticmethod
     def _segments(outs: list) -> tuple:
-        """Column boundaries (SEG1, SEG2) of the members' outputs side by side (the total past the last)."""
+        """Boundaries (first, second) of the members' widths side by side (the total past the last)."""
         bounds = [sum(outs[:i + 1]) for i in range(len(outs))] + [sum(outs)] * 2
         return bounds[0], bounds[1]
 
     @staticmethod
     def fits(members: list) -> bool:
-        """Members start on the fused launch's output tiles (and have no rank term)."""
-        if not 1 <= len(members) <= 3 or any(m.rank for m in members):
+        """Members start on the fused launch's output tiles."""
+        if not 1 <= len(members) <= 3:
             return False
         outs = [m.out_features for m in members]
         return triton_gemv.group_block_n(*TritonGroup._segments(outs), sum(outs), members[0].in_features) is not None
@@ -74,7 +83,8 @@ class TritonGroup(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > MAX_DECODE_ROWS:
             return tuple(m(x) for m in self._members)
-        y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.col_scale, self.tau, self.seg1, self.seg2, self.bias)
+        y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1, self.seg2,
+                                                 self.roff1, self.roff2, self.bias)
         return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split(self.split, dim=-1))
 
     def silu_mul(self, x):
@@ -84,7 +94,7 @@ class TritonGroup(nn.Module):
         if rows.shape[0] > MAX_DECODE_ROWS or len(self.split) != 2 or self.split[0] != self.split[1]:
             g, u = self(x)
             return torch.nn.functional.silu(g) * u
-        y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.col_scale, self.tau, self.bias)
+        y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.roff1, self.bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

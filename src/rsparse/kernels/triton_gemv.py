@@ -19,8 +19,7 @@ SPLITS ranges of whole chunks); each program compacts and gathers its range, and
 program that draws a tile's last ticket (per-call zeroed counter, acquire-release) sums the partials
 in split order and finishes the tile. Measured faster than the 2-launch path only on 4096-wide shapes
 (docs/perf-gpu.md, session 5), so TUNED chooses per shape.
-The TEAL-style baseline (`teal_gemv`: masked loads of Wt rows, split-K fp32 atomics) is here too,
-so benchmarks compare against the public design measured the same way.
+The TEAL-style baseline the benchmarks compare against is in `teal.py`.
 """
 from typing import Optional
 
@@ -33,7 +32,21 @@ BB = 16  # rows padded to the smallest tl.dot M; decode batches are 1..8
 
 
 @triton.jit
-def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R,
+def _z_chunk(x, keep, valid, at_ptr, offs, zbase, rows, B, LDA, RT, ra, rb, RB: tl.constexpr):
+    """zbase[row, r] = sum over the chunk's channels that row dropped of x * At[channel, r], for r in
+    [ra, rb) (a member's columns of At and of the z partials, both of row stride LDA / RT); At rows
+    are read only where some row dropped the channel."""
+    xd = tl.where(keep, 0.0, x)
+    drop_any = tl.max((valid & ~keep).to(tl.int32), axis=0) > 0
+    for r0 in range(ra, rb, RB):
+        rr = r0 + tl.arange(0, RB)
+        at = tl.load(at_ptr + offs[:, None] * LDA + rr[None, :], mask=drop_any[:, None] & (rr[None, :] < rb), other=0.0)
+        z = tl.dot(xd.to(at.dtype), at, input_precision="ieee")
+        tl.store(zbase + rows[:, None] * RT + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < rb))
+
+
+@triton.jit
+def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R, LDA,
             CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr):
     chunk = tl.program_id(0)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -48,13 +61,37 @@ def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R
     tl.store(idx_ptr + chunk * CHUNK + pos, offs, mask=keep_any > 0)
     tl.store(cnt_ptr + chunk, tl.sum(keep_any, axis=0))
     if HAS_R:
-        xd = tl.where(keep, 0.0, x)
-        drop_any = tl.max((valid & ~keep).to(tl.int32), axis=0) > 0
-        for r0 in range(0, R, RB):
-            rr = r0 + tl.arange(0, RB)
-            at = tl.load(at_ptr + offs[:, None] * R + rr[None, :], mask=drop_any[:, None] & (rr[None, :] < R), other=0.0)
-            z = tl.dot(xd.to(at.dtype), at, input_precision="ieee")
-            tl.store(zpart_ptr + chunk * BB * R + rows[:, None] * R + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < R))
+        _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * BB * R, rows, B, LDA, R, 0, R, RB)
+
+
+@triton.jit
+def _member(n0, SEG1, SEG2, ROFF1, ROFF2, RT):
+    """Member p of a group (up to 3 side by side) that owns output column n0: (p, its first column,
+    its rank columns [ra, rb) of At / z, the offset of its U (out_p, r_p) in the packed U)."""
+    p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+    seg_lo = tl.where(p == 0, 0, tl.where(p == 1, SEG1, SEG2))
+    ra = tl.where(p == 0, 0, tl.where(p == 1, ROFF1, ROFF2))
+    rb = tl.where(p == 0, ROFF1, tl.where(p == 1, ROFF2, RT))
+    uoff = tl.where(p == 0, 0, tl.where(p == 1, SEG1 * ROFF1, SEG1 * ROFF1 + (SEG2 - SEG1) * (ROFF2 - ROFF1)))
+    return p, seg_lo, ra, rb, uoff
+
+
+@triton.jit
+def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, ROFF2,
+             CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr):
+    """Low-rank inputs of a group's members: grid (chunks, members); member p thresholds with its own
+    tau / scales and writes z partials for its rank columns [ra, rb) of the group's At (in, RT)."""
+    chunk, p = tl.program_id(0), tl.program_id(1)
+    ra = tl.where(p == 0, 0, tl.where(p == 1, ROFF1, ROFF2))
+    rb = tl.where(p == 0, ROFF1, tl.where(p == 1, ROFF2, RT))
+    if rb > ra:
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        rows = tl.arange(0, BB)
+        valid = (rows[:, None] < B) & (offs[None, :] < IN)
+        x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
+        c = tl.load(c_ptr + p * IN + offs, mask=offs < IN, other=0.0)
+        keep = (tl.abs(x.to(tl.float32)) * c.to(tl.float32)[None, :] > tl.load(tau_ptr + p)) & valid
+        _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * BB * RT, rows, B, LDA, RT, ra, rb, RB)
 
 
 @triton.jit
@@ -243,40 +280,57 @@ def _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB: tl.constexpr, BLOCK_N:
 
 
 @triton.jit
-def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, R, NCHUNK,
+def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, rb, uoff,
+             BB: tl.constexpr, RB: tl.constexpr):
+    """acc + z[:, ra:rb] @ U_p^T for a member's output columns n (z summed over NZCHUNK partials);
+    U_p (out_p, r_p = rb - ra) is packed at u_ptr + uoff, its first row for column seg_lo."""
+    for r0 in range(ra, rb, RB):
+        rr = r0 + tl.arange(0, RB)
+        zm = (rows[:, None] < B) & (rr[None, :] < rb)
+        z = tl.zeros((BB, RB), dtype=tl.float32)
+        for ch in range(0, NZCHUNK):
+            z += tl.load(zpart_ptr + ch * BB * RT + rows[:, None] * RT + rr[None, :], mask=zm, other=0.0)
+        u = tl.load(u_ptr + uoff + (n[None, :] - seg_lo) * (rb - ra) + (rr[:, None] - ra),
+                    mask=(rr[:, None] < rb) & nmask[None, :], other=0.0)
+        acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZCHUNK, SEG1, SEG2, ROFF1, ROFF2,
               BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = sum of the chunks' partials + each member's low-rank term + bias, in the model dtype (one
+    module: SEG1 = SEG2 = OUT, ROFF1 = ROFF2 = RT = r)."""
     pid_n = tl.program_id(0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     m = (rows[:, None] < B) & (n[None, :] < OUT)
     acc = _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
     if HAS_R:
-        for r0 in range(0, R, RB):
-            rr = r0 + tl.arange(0, RB)
-            zm = (rows[:, None] < B) & (rr[None, :] < R)
-            z = tl.zeros((BB, RB), dtype=tl.float32)
-            for ch in range(0, NCHUNK):
-                z += tl.load(zpart_ptr + ch * BB * R + rows[:, None] * R + rr[None, :], mask=zm, other=0.0)
-            u = tl.load(u_ptr + n[None, :] * R + rr[:, None], mask=(rr[:, None] < R) & (n[None, :] < OUT), other=0.0)
-            acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")
+        p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
+        acc = _lowrank(acc, zpart_ptr, u_ptr, rows, n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, BB, RB)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n < OUT, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * OUT + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _glu_epilogue(ypart_ptr, b_ptr, y_ptr, B, OUT, HALF, NCHUNK,
-                  BB: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y = SiLU(gate) * up for a gate|up group (gate columns [0, HALF), up [HALF, OUT)): the MLP's
-    activation in the epilogue, so the group writes (B, HALF) once instead of (B, OUT) and two
-    elementwise launches. Rounded like the unfused module path (each member's output, then SiLU,
-    then the product, in the model dtype), so both paths agree to the last bit almost always."""
+def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, ROFF1, NCHUNK, NZCHUNK,
+                  BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y = SiLU(gate) * up for a gate|up group (gate columns [0, HALF), up [HALF, OUT); gate's rank
+    columns [0, ROFF1), up's [ROFF1, RT)): the MLP's activation in the epilogue, so the group writes
+    (B, HALF) once instead of (B, OUT) and two elementwise launches. Rounded like the unfused module
+    path (each member's output, then SiLU, then the product, in the model dtype), so both paths agree
+    to the last bit almost always."""
     pid_n = tl.program_id(0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     m = (rows[:, None] < B) & (n[None, :] < HALF)
     g = _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
     u = _sum_partials(ypart_ptr + HALF, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
+    if HAS_R:
+        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, 0, 0, ROFF1, 0, BB, RB)
+        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, HALF, ROFF1, RT, HALF * ROFF1, BB, RB)
     if HAS_BIAS:
         g += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
         u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
@@ -341,45 +395,55 @@ def _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu):
     return y
 
 
-def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False):
-    """segments: column boundaries (SEG1, SEG2) of a fused group (r = 0, fused path only); glu: the
-    group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2)."""
+def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None):
+    """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
+    boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
+    other; glu: the group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2)."""
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     LDW = wt.stride(0)
-    seg1, seg2 = segments if segments is not None else (OUT, OUT)
+    group = segments is not None
+    seg1, seg2 = segments if group else (OUT, OUT)
+    roff1, roff2 = roffs if roffs is not None else (R, R)
     y = torch.empty(B, OUT // 2 if glu else OUT, dtype=x.dtype, device=x.device) if out is None else out
     if R == 0 and cfg.get("splits"):
         return _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu)
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
     ypart = torch.empty(nchunk * BB * OUT, dtype=torch.float32, device=x.device)
+    nzchunk = nchunk
     zpart = torch.empty(max(nchunk * BB * R, 1), dtype=torch.float32, device=x.device)
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    if segments is not None and not (cfg.get("fused") and R == 0 and not cfg.get("fma")):
-        raise ValueError("a fused group runs on the fused r = 0 kernel only")
-    if cfg.get("fma") and R == 0:
+    if cfg.get("fma") and R == 0 and not group:
         bb = triton.next_power_of_2(B)
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_fma_gather_gemv)[(ntile, nchunk)](
             x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW, **dict(meta, BB=bb, YB=BB, BLOCK_K=max(1, cfg["block_k"] // bb)))
-    elif cfg.get("fused") and R == 0:
+    elif group or (cfg.get("fused") and R == 0):
+        if R > 0:  # the members' low-rank inputs, one launch; 256-channel chunks (a chunk x RB tile of At)
+            nzchunk = triton.cdiv(IN, 256)
+            zpart = torch.empty(nzchunk * BB * R, dtype=torch.float32, device=x.device)
+            members = 1 + (seg1 < OUT) + (seg2 < OUT)
+            torch.library.wrap_triton(_group_z)[(nzchunk, members)](x, col_scale, tau, at, zpart, B, IN, at.stride(0), R,
+                                                                    roff1, roff2, CHUNK=256, BB=BB, RB=rb)
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW,
                                                                        seg1, seg2, **meta)
     else:
         idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
         cnt = torch.empty(nchunk, dtype=torch.int32, device=x.device)
-        torch.library.wrap_triton(_select)[(nchunk,)](x, col_scale, tau, at, idx, cnt, zpart, B, IN, R,
+        torch.library.wrap_triton(_select)[(nchunk,)](x, col_scale, tau, at, idx, cnt, zpart, B, IN, R, at.stride(0),
                                                       CHUNK=ch, BB=BB, RB=rb, HAS_R=R > 0)
         torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, LDW, **meta)
+    b = bias if bias is not None else y
     if glu:
         torch.library.wrap_triton(_glu_epilogue)[(triton.cdiv(OUT // 2, bn),)](
-            ypart, bias if bias is not None else y, y, B, OUT, OUT // 2, nchunk, BB=BB, BLOCK_N=bn, HAS_BIAS=bias is not None)
+            ypart, zpart, u, b, y, B, OUT, OUT // 2, R, roff1, nchunk, nzchunk,
+            BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0, HAS_BIAS=bias is not None)
         return y
     torch.library.wrap_triton(_epilogue)[(ntile,)](
-        ypart, zpart, u, bias if bias is not None else y, y, B, OUT, R, nchunk,
+        ypart, zpart, u, b, y, B, OUT, R, nchunk, nzchunk, seg1, seg2, roff1, roff2,
         BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0, HAS_BIAS=bias is not None)
     return y
 
@@ -401,58 +465,37 @@ def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int) -> int | None
     return None if any(b % bn for b in inner) else bn
 
 
-def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor) -> dict:
+def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int) -> dict:
     bn = group_block_n(seg1, seg2, wt.shape[1], wt.shape[0])
     if bn is None:
         raise ValueError(f"group members at columns {seg1}, {seg2} do not start on output tiles")
-    return dict(config_for(wt.shape[1], 0, wt.shape[0]), block_n=bn)
+    cfg = dict(config_for(wt.shape[1], 0, wt.shape[0]), block_n=bn)
+    if rank:  # rank terms need the partials + epilogue path (the one-launch kernel is r = 0 only)
+        cfg.update(splits=None, fused=True)
+    return cfg
 
 
 @torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={})
-def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, tau: torch.Tensor,
-                       seg1: int, seg2: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Up to 3 r = 0 projections of the same x in one launch pair: wt = [Wt_0 | Wt_1 | Wt_2] (in, out),
-    col_scale (P, in), tau (P,), member boundaries seg1 <= seg2 (see `group_block_n`)."""
-    IN, OUT = wt.shape
-    return _launch(x, wt, wt.new_empty(IN, 0), wt.new_empty(OUT, 0), col_scale, tau, bias, _group_cfg(seg1, seg2, wt),
-                   segments=(seg1, seg2))
+def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
+                       tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
+                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Up to 3 projections of the same x in one call: wt = [Wt_0 | Wt_1 | Wt_2] (in, out), at =
+    [At_0 | At_1 | At_2] (in, RT), u = the members' U (out_p, r_p) flattened one after the other,
+    col_scale (P, in), tau (P,); member column boundaries seg1 <= seg2 (see `group_block_n`), rank
+    boundaries roff1 <= roff2 in at."""
+    return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(seg1, seg2, wt, at.shape[1]),
+                   segments=(seg1, seg2), roffs=(roff1, roff2))
 
 
 @torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={})
-def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, tau: torch.Tensor,
-                     bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """SiLU(gate(x)) * up(x) for a gate|up group of two r = 0 members of equal width:
-    wt = [Wt_gate | Wt_up] (in, 2 I), col_scale (2, in), tau (2,); returns (rows, I)."""
+def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
+                     tau: torch.Tensor, roff1: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SiLU(gate(x)) * up(x) for a gate|up group of two members of equal width: wt = [Wt_gate | Wt_up]
+    (in, 2 I), at = [At_gate | At_up] (in, RT; gate's rank columns [0, roff1)), u packed as in
+    `rsparse_group_gemv`, col_scale (2, in), tau (2,); returns (rows, I)."""
     IN, OUT = wt.shape
     if OUT % 2:
         raise ValueError(f"a gate|up group has two members of equal width, got {OUT} columns in all")
     half = OUT // 2
-    return _launch(x, wt, wt.new_empty(IN, 0), wt.new_empty(OUT, 0), col_scale, tau, bias, _group_cfg(half, OUT, wt),
-                   segments=(half, OUT), glu=True)
-
-
-@triton.jit
-def _teal_kernel(x_ptr, tau_ptr, wt_ptr, y_ptr, IN, OUT, K_PER,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tau = tl.load(tau_ptr)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(pid_k * K_PER, tl.minimum((pid_k + 1) * K_PER, IN), BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        xv = tl.load(x_ptr + kk, mask=kk < IN, other=0.0).to(tl.float32)
-        keep = (tl.abs(xv) > tau) & (kk < IN)
-        w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * OUT + n[None, :], mask=keep[:, None] & (n[None, :] < OUT), other=0.0)
-        acc += tl.sum(w.to(tl.float32) * xv[:, None], axis=0)
-    tl.atomic_add(y_ptr + n, acc, mask=n < OUT)
-
-
-def teal_gemv(x: torch.Tensor, wt: torch.Tensor, tau: torch.Tensor, split_k: int = 8, block_n: int = 128,
-              block_k: int = 32, warps: int = 4, stages: int = 3) -> torch.Tensor:
-    """TEAL-style baseline for one row: |x| > tau, masked row loads, split-K fp32 atomics."""
-    IN, OUT = wt.shape
-    y = torch.zeros(OUT, dtype=torch.float32, device=x.device)
-    k_per = triton.cdiv(triton.cdiv(IN, split_k), block_k) * block_k
-    _teal_kernel[(triton.cdiv(OUT, block_n), triton.cdiv(IN, k_per))](
-        x, tau, wt, y, IN, OUT, k_per, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    return y.to(x.dtype)
+    return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(half, OUT, wt, at.shape[1]),
+                   segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]))
