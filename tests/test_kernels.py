@@ -231,3 +231,28 @@ def test_fused_groups_in_decoder_match_per_module_steps():
             tok = la.argmax(-1, keepdim=True)
             la, lb = a.forward(tok), b.forward(tok)
             assert torch.allclose(la, lb, atol=1e-4, rtol=1e-4), t
+
+
+def test_gpu_bench_modules_at_the_budget():
+    """rsparse bench --device cuda --alpha: every projection gets the rank and kept fraction the budget
+    gives (bytes = (1 - s) of dense), and thresholds that the harness can move in place."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rsparse.budget import allocate
+    from rsparse.families import locate
+    from rsparse.gpubench import modules_at
+
+    m = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=352, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=97))
+    projs = locate(m)
+    for alpha in (1.0, 0.85):
+        mods, quantile = modules_at(projs, 0.6, alpha)
+        for k, mod in mods.items():
+            out_f, in_f = projs[k].weight.shape
+            al = allocate(out_f, in_f, 0.6, alpha)
+            assert mod.rank == (al.rank if alpha < 1 else 0) and (k in quantile) == (alpha < 1)
+            if alpha < 1:
+                assert quantile[k] == pytest.approx(1 - al.keep)
+                assert (al.keep * in_f * out_f + al.rank * (in_f + out_f)) == pytest.approx(0.4 * in_f * out_f, rel=1e-9)
+            mod.tau.fill_(0.25)  # the harness moves thresholds in place, outside inference mode
+        assert alpha == 1.0 or any(mod.rank for mod in mods.values())

@@ -280,7 +280,6 @@ def run_gpu_bench(args):
                       "sparse_tok_s": key[0]["sparse_tok_s"] if key else None, "compiled": compiled}))
 
 
-@torch.inference_mode()
 def modules_at(projs, sparsity, alpha):
     """Triton modules for every projection, r = 0 (alpha = 1) or, for alpha < 1, with the rank the
     budget gives (`budget.allocate`) and random factors of that rank (speed does not depend on their
@@ -306,6 +305,7 @@ def _factors(m):
     return (m.U, m.A) if m.rank else (None, None)
 
 
+@torch.inference_mode()
 def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse, quantile):
     """The graph-captured Triton step vs the same step on eager RSparseLinear oracles, at 50% (with
     rank terms: at the kept fractions `quantile` gives)."""
