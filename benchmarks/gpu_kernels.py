@@ -22,6 +22,7 @@ import triton
 import triton.testing
 
 from rsparse.budget import allocate
+from rsparse.gpubench import copy_bandwidth
 from rsparse.kernels.teal import teal_gemv
 from rsparse.kernels.triton_gemv import rsparse_gemv
 from rsparse.linear import rsparse_linear_ref
@@ -36,13 +37,6 @@ TEAL_BEST = {(4096, 4096): dict(split_k=16, block_n=128, block_k=128, stages=4),
              (11008, 4096): dict(split_k=32, block_n=128), (4096, 11008): dict(split_k=32, block_n=64)}
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]  # (out, in)
 COPIES = 4
-
-
-def copy_bandwidth():
-    a = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")  # 2 GiB: far beyond L2
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), rep=300, return_mode="median")
-    return 2 * a.numel() / (ms * 1e-3)
 
 
 OURS_GRID = [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=3, fused=True)

@@ -85,6 +85,7 @@ def attached(model, groups):
 
 
 def copy_bandwidth():
+    """Measured device copy bandwidth (bytes/s: read + write of a 2 GiB buffer, far beyond L2)."""
     import triton.testing
 
     a = torch.empty(1 << 31, dtype=torch.uint8, device="cuda")
