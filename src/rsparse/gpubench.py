@@ -205,8 +205,8 @@ def run_gpu_bench(args):
                     print("fused vs unfused step:", checks[-1]["fused_vs_unfused_rel_err"], flush=True)
             for s in sparsities:
                 kept = {}
+                set_thresholds(taus, samples, quantile, s)
                 for k, x in samples.items():
-                    taus[k].fill_(torch.quantile(x.reshape(-1), quantile.get(k, s)).item())
                     xb = x[: x.shape[0] // B * B].reshape(-1, B, x.shape[1])  # B rows at a time: union of kept channels
                     kept[k] = (xb > taus[k]).any(1).float().mean().item()
                 d, sp, fu, ng, ct = [], [], [], [], {}
@@ -302,6 +302,13 @@ def modules_at(projs, sparsity, alpha):
     return mods, quantile
 
 
+def set_thresholds(taus, samples, quantile: dict, sparsity: float) -> None:
+    """Every projection's threshold, in place (captured graphs read these tensors): the quantile of
+    its sampled |x| that `quantile` gives it (rank terms, --alpha), else `sparsity`."""
+    for k, x in samples.items():
+        taus[k].fill_(torch.quantile(x.reshape(-1), quantile.get(k, sparsity)).item())
+
+
 def _factors(m):
     return (m.U, m.A) if m.rank else (None, None)
 
@@ -310,8 +317,7 @@ def _factors(m):
 def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse, quantile):
     """The graph-captured Triton step vs the same step on eager RSparseLinear oracles, at 50% (with
     rank terms: at the kept fractions `quantile` gives)."""
-    for k, x in samples.items():
-        taus[k].fill_(torch.quantile(x.reshape(-1), quantile.get(k, 0.5)).item())
+    set_thresholds(taus, samples, quantile, 0.5)
     g_sparse.replay()
     got = out_sparse.float().clone()
     oracle = {k: RSparseLinear.from_linear(projs[k], taus[k].item(), "abs", *_factors(sparse[k])) for k in projs}
@@ -353,8 +359,7 @@ def compiled_step(name, model, sparse, taus, samples, dec, quantile, groups=None
     if built): inductor's own CUDA graphs capture the triton_ops, entered from Python every step (guards
     and bookkeeping on the CPU per token; `*_enqueue_ms` is that CPU time)."""
     out = {"model": name, "sparsity": 0.5 if not quantile else "the --sparsities value, ranks from --alpha"}
-    for k, x in samples.items():
-        taus[k].fill_(torch.quantile(x.reshape(-1), quantile.get(k, 0.5)).item())
+    set_thresholds(taus, samples, quantile, 0.5)
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
     label_s = "fused" if groups else "sparse"

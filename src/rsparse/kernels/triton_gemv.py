@@ -65,13 +65,20 @@ def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R
 
 
 @triton.jit
+def _rank_range(p, ROFF1, ROFF2, RT):
+    """Member p's rank columns [ra, rb) of the group's At (in, RT) and of the z partials."""
+    ra = tl.where(p == 0, 0, tl.where(p == 1, ROFF1, ROFF2))
+    rb = tl.where(p == 0, ROFF1, tl.where(p == 1, ROFF2, RT))
+    return ra, rb
+
+
+@triton.jit
 def _member(n0, SEG1, SEG2, ROFF1, ROFF2, RT):
     """Member p of a group (up to 3 side by side) that owns output column n0: (p, its first column,
     its rank columns [ra, rb) of At / z, the offset of its U (out_p, r_p) in the packed U)."""
     p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
     seg_lo = tl.where(p == 0, 0, tl.where(p == 1, SEG1, SEG2))
-    ra = tl.where(p == 0, 0, tl.where(p == 1, ROFF1, ROFF2))
-    rb = tl.where(p == 0, ROFF1, tl.where(p == 1, ROFF2, RT))
+    ra, rb = _rank_range(p, ROFF1, ROFF2, RT)
     uoff = tl.where(p == 0, 0, tl.where(p == 1, SEG1 * ROFF1, SEG1 * ROFF1 + (SEG2 - SEG1) * (ROFF2 - ROFF1)))
     return p, seg_lo, ra, rb, uoff
 
@@ -82,8 +89,7 @@ def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, RO
     """Low-rank inputs of a group's members: grid (chunks, members); member p thresholds with its own
     tau / scales and writes z partials for its rank columns [ra, rb) of the group's At (in, RT)."""
     chunk, p = tl.program_id(0), tl.program_id(1)
-    ra = tl.where(p == 0, 0, tl.where(p == 1, ROFF1, ROFF2))
-    rb = tl.where(p == 0, ROFF1, tl.where(p == 1, ROFF2, RT))
+    ra, rb = _rank_range(p, ROFF1, ROFF2, RT)
     if rb > ra:
         offs = chunk * CHUNK + tl.arange(0, CHUNK)
         rows = tl.arange(0, BB)
@@ -328,9 +334,11 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
     m = (rows[:, None] < B) & (n[None, :] < HALF)
     g = _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
     u = _sum_partials(ypart_ptr + HALF, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
-    if HAS_R:
-        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, 0, 0, ROFF1, 0, BB, RB)
-        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, HALF, ROFF1, RT, HALF * ROFF1, BB, RB)
+    if HAS_R:  # gate is member 0 of the pair (columns [0, HALF)), up member 1
+        _, lo, ra, rb, uoff = _member(0, HALF, OUT, ROFF1, RT, RT)
+        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, lo, ra, rb, uoff, BB, RB)
+        _, lo, ra, rb, uoff = _member(HALF, HALF, OUT, ROFF1, RT, RT)
+        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, lo, ra, rb, uoff, BB, RB)
     if HAS_BIAS:
         g += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
         u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
