@@ -395,7 +395,8 @@ def _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu):
     ntile = triton.cdiv(OUT // 2 if glu else OUT, bn)
     scratch = torch.empty(ntile * splits * ch, dtype=torch.int32, device=x.device)
     ypart = torch.empty(splits * BB * OUT if splits > 1 else 1, dtype=torch.float32, device=x.device)
-    locks = torch.zeros(ntile if splits > 1 else 1, dtype=torch.int32, device=x.device)
+    # tile counters, zeroed per call (a memset); one range per tile needs none (the pointer is unused)
+    locks = torch.zeros(ntile, dtype=torch.int32, device=x.device) if splits > 1 else scratch
     torch.library.wrap_triton(_splitk_gemv)[(ntile, splits)](
         x, col_scale, tau, wt, scratch, ypart, locks, bias if bias is not None else y, y, B, IN, OUT, LDW, seg1, seg2, k_per,
         CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, SPLITS=splits, GLU=glu, HAS_BIAS=bias is not None,
