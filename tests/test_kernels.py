@@ -159,6 +159,69 @@ def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, sp
     assert op.shape == (B, half) and ((op.double() - ref).norm() / ref.norm()).item() < tol
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,IN,outs", [(1, 300, (64, 32, 32)), (5, 513, (96, 65)), (8, 129, (70,))])
+def test_partials_sum_to_members_oracles(dtype, B, IN, outs):
+    """The gather alone (`rsparse_partials`, r = 0): its float32 partials (chunks, rows, out), poisoned
+    before the launch, sum (with bias, cast; `sum_partials`) to every member's float64 oracle; the
+    registered op agrees, and a lone module (seg1 = seg2 = out, 1-d scales, 0-d tau) too."""
+    torch.manual_seed(B * IN + len(outs))
+    x, wt, at, u, cs, taus, bias, refs, seg, _ = _group_case(B, IN, outs, (0,) * len(outs), (0.5, 0.8, 0.3)[:len(outs)], dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32 if len(outs) > 1 else 64)
+    dev = [t.to(DEV) if t is not None else None for t in (x, wt, cs, taus, bias)]
+    parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
+    tg._gather(dev[0], dev[1], dev[2], dev[3], parts, cfg, *seg)
+    assert torch.isfinite(parts).all(), "partial element left unwritten"
+    y = tg.sum_partials(parts, dev[4], dtype).cpu()
+    ref = torch.cat(refs, 1)
+    assert y.dtype == dtype and ((y.double() - ref).norm() / ref.norm()).item() < tol
+    op = torch.ops.rsparse.rsparse_partials(dev[0], dev[1], dev[2], dev[3], *seg)
+    assert op.dtype == torch.float32 and op.shape[1:] == (B, sum(outs))
+    assert ((tg.sum_partials(op, dev[4], dtype).cpu().double() - ref).norm() / ref.norm()).item() < tol
+    o = outs[0]
+    lone = torch.ops.rsparse.rsparse_partials(dev[0], dev[1][:, :o], dev[2][0], dev[3][0], o, o)
+    got = tg.sum_partials(lone, None if bias is None else dev[4][:o], dtype).cpu().double()
+    assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol
+
+
+def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
+    """While torch.compile traces, r = 0 modules and groups call `rsparse_partials` (no epilogue launch)
+    and sum the partials in the graph; a module with a rank term keeps the epilogue op. Both give the
+    oracle. On the CPU the trace is simulated (is_compiling forced: Triton's interpreter cannot run
+    under fake tensors); on a GPU the modules are compiled by inductor for real."""
+    from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
+    from rsparse.linear import RSparseLinear
+
+    torch.manual_seed(5)
+    lins = [torch.nn.Linear(160, o, bias=o == 64) for o in (64, 32, 32)]
+    refs = [RSparseLinear.from_linear(lin, t, "wnorm") for lin, t in zip(lins, (0.3, 0.6, 0.1))]
+    ranked = RSparseLinear.from_linear(lins[0], 0.2, "wnorm", torch.randn(64, 4) / 4, torch.randn(4, 160) / 4)
+    lone, lone_ranked = TritonRSparseLinear(refs[0]).to(DEV), TritonRSparseLinear(ranked).to(DEV)
+    group = TritonGroup([TritonRSparseLinear(r).to(DEV) for r in refs])
+    sums = []
+    real_sum = tg.sum_partials
+    monkeypatch.setattr(tg, "sum_partials", lambda *a: sums.append(a[0].shape) or real_sum(*a))
+    if DEV == "cpu":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        compile_ = lambda f: f  # noqa: E731
+    else:
+        compile_ = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
+    x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 160))
+    with torch.no_grad():
+        for fn, ref, via_partials in ((lone, refs[0](x), True), (lone_ranked, ranked(x), False)):
+            sums.clear()
+            y = compile_(fn)(x.to(DEV)).cpu()
+            assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+            assert bool(sums) == via_partials
+        sums.clear()
+        ys = compile_(group)(x.to(DEV))
+        assert sums and sums[0][1:] == (1, 128)  # (chunks, rows, q|k|v columns)
+        for y, r in zip(ys, refs):
+            ref = r(x)
+            assert ((y.cpu() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_triton_group_module_shares_storage_and_matches_members():
     from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
     from rsparse.linear import RSparseLinear

@@ -264,6 +264,10 @@ def build_parser():
                    help="share of each projection's budget on kept columns; < 1 adds rank terms (one --sparsities value)")
     g.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     g.add_argument("--no-fused", dest="fused", action="store_false", help="skip the q|k|v, gate|up fused-group rows")
+    g.add_argument("--compare-reduce", action="store_true",
+                   help="batch 1: also compile the sparse step with our epilogue kernel summing the partials (A/B)")
+    g.add_argument("--pdl", action="store_true",
+                   help="also compile dense and sparse steps with inductor's programmatic dependent launch (A/B)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
     g.add_argument("--profile", action="store_true", help="only: per-kernel GPU time of one dense and one sparse step")
     b.set_defaults(fn=cmd_bench)

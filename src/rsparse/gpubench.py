@@ -145,6 +145,11 @@ def run_gpu_bench(args):
         raise RSparseError(f"--alpha must be in (0, 1], got {alpha}")
     if alpha < 1.0 and len(sparsities) != 1:
         raise RSparseError("--alpha < 1 sizes every projection's rank for one sparsity: give one --sparsities value")
+    if getattr(args, "pdl", False):
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config.triton, "enable_pdl"):
+            raise RSparseError(f"--pdl needs inductor's triton.enable_pdl option, which torch {torch.__version__} does not have")
     if not torch.cuda.is_available():
         raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
     if args.profile:
@@ -190,8 +195,8 @@ def run_gpu_bench(args):
             # in our graphs; no dynamo reset in between, so both compiled steps' kernels stay loaded
             comp, label_c = {}, "fused" if groups else "sparse"
             if args.compile and time.time() - t_start < args.time_limit:
-                for label, mods, grp in (("dense", {}, {}), (label_c, sparse, groups)):
-                    with swapped(model, mods), attached(model, grp):
+                for label, mods, grp, opts in compiled_variants(args, label_c, sparse, groups, B):
+                    with swapped(model, mods), attached(model, grp), compile_options(**opts):
                         t0 = time.time()
                         comp[label] = capture(torch.compile(dec.step), B)[0]
                         print(f"compiled {label} step (B={B}) in {time.time() - t0:.0f}s", flush=True)
@@ -233,10 +238,13 @@ def run_gpu_bench(args):
                     row.update(fused_tok_s=B / tf, fused_speedup=td / tf, fused_bw_frac=sparse_read / tf / bw)
                 if ng:
                     row["fused_no_glu_tok_s"] = B / statistics.median(ng)
-                if len(ct) == 2:
+                if "dense" in ct and label_c in ct:
                     tcd, tcs = statistics.median(ct["dense"]), statistics.median(ct[label_c])
                     row.update(dense_compiled_tok_s=B / tcd, compiled_tok_s=B / tcs, compiled_speedup=tcd / tcs,
                                dense_compiled_bw_frac=dense_read / tcd / bw, compiled_bw_frac=sparse_read / tcs / bw)
+                    for label in set(ct) - {"dense", label_c}:  # the A/B variants: tok/s and x the compiled dense
+                        t = statistics.median(ct[label])
+                        row[f"compiled_{label}_tok_s"], row[f"compiled_{label}_speedup"] = B / t, tcd / t
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             del g_dense, g_sparse
@@ -265,6 +273,11 @@ def run_gpu_bench(args):
         if "compiled_speedup" in r:
             print(f"{r['model']:10s} {r['batch']:2d} {r['sparsity']:4.2f} {r['dense_compiled_tok_s']:11.1f} {r['compiled_tok_s']:12.1f} "
                   f"{r['compiled_speedup']:8.2f} {r['dense_compiled_bw_frac']:9.1%} {r['compiled_bw_frac']:9.1%}")
+    for r in rows:
+        ab = {k[9:-6]: v for k, v in r.items() if k.startswith("compiled_") and k.endswith("_tok_s") and k != "compiled_tok_s"}
+        if ab:
+            print(f"A/B compiled variants, {r['model']} B={r['batch']} s={r['sparsity']:.2f}: "
+                  + ", ".join(f"{k} {v:.1f} tok/s ({r[f'compiled_{k}_speedup']:.2f}x)" for k, v in sorted(ab.items())))
     for c in compiled:
         print("compiled:", json.dumps(c))
     summary = {"checks": checks, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
@@ -279,6 +292,37 @@ def run_gpu_bench(args):
                       "llama3_8b_b1_s50_fused_speedup": key[0].get("fused_speedup") if key else None,
                       "dense_tok_s": key[0]["dense_tok_s"] if key else None,
                       "sparse_tok_s": key[0]["sparse_tok_s"] if key else None, "compiled": compiled}))
+
+
+def compiled_variants(args, label_c, sparse, groups, B):
+    """(label, modules, groups, options) of the compiled steps: dense and sparse, and the A/B variants
+    asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
+    the consumer; --pdl: inductor's kernels launched with programmatic dependent launch)."""
+    out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
+    if getattr(args, "compare_reduce", False) and B == 1:
+        out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": False}))
+    if getattr(args, "pdl", False):
+        out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
+    return out
+
+
+@contextlib.contextmanager
+def compile_options(consumer_reduce=True, pdl=False):
+    """Set while a compiled step is traced and captured (both are read at trace time only)."""
+    from .kernels import module as km
+
+    saved = km.REDUCE_IN_CONSUMER
+    km.REDUCE_IN_CONSUMER = consumer_reduce
+    try:
+        if pdl:
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch({"triton.enable_pdl": True}):
+                yield
+        else:
+            yield
+    finally:
+        km.REDUCE_IN_CONSUMER = saved
 
 
 def modules_at(projs, sparsity, alpha):

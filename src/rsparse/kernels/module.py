@@ -7,7 +7,8 @@ storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`; more rows (
 evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up as one call
 (`rsparse::rsparse_group_gemv`; members with a rank term add one launch for their low-rank inputs) for
 the decoder, and gate|up's SiLU(gate) * up with the activation in the epilogue
-(`rsparse::rsparse_glu_gemv`).
+(`rsparse::rsparse_glu_gemv`). Under torch.compile, calls without a rank term run the gather alone
+(`rsparse::rsparse_partials`) and inductor fuses the partials' sum into the next kernel.
 """
 from __future__ import annotations
 
@@ -19,12 +20,27 @@ from ..linear import MAX_DECODE_ROWS, RSparseLinear, TransposedRSparseLinear
 from . import triton_gemv  # noqa: F401  (registers torch.ops.rsparse.rsparse_gemv)
 
 
+# Under torch.compile, r = 0 calls launch the gather alone and leave the sum of its partials (+ bias,
+# cast) to inductor, which fuses it into the consumer's kernel: one launch per call instead of two.
+# Eager calls (and CUDA graphs of eager steps) keep our epilogue kernel, one launch instead of a sum
+# and a cast. The benchmark flips this to compare both under compile.
+REDUCE_IN_CONSUMER = True
+
+
+def consumer_reduces(at: torch.Tensor) -> bool:
+    return REDUCE_IN_CONSUMER and at.shape[1] == 0 and torch.compiler.is_compiling()
+
+
 class TritonRSparseLinear(TransposedRSparseLinear):
     def __init__(self, m: RSparseLinear):
         super().__init__(m)
         self.register_buffer("U", m.U.clone())
 
     def decode_rows(self, rows):
+        if consumer_reduces(self.at):
+            n = self.out_features
+            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.col_scale, self.tau, n, n)
+            return triton_gemv.sum_partials(parts, self.bias, rows.dtype)
         return torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.bias)
 
 
@@ -83,8 +99,12 @@ class TritonGroup(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > MAX_DECODE_ROWS:
             return tuple(m(x) for m in self._members)
-        y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1, self.seg2,
-                                                 self.roff1, self.roff2, self.bias)
+        if consumer_reduces(self.at):
+            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.col_scale, self.tau, self.seg1, self.seg2)
+            y = triton_gemv.sum_partials(parts, self.bias, rows.dtype)
+        else:
+            y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
+                                                     self.seg2, self.roff1, self.roff2, self.bias)
         return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split(self.split, dim=-1))
 
     def silu_mul(self, x):

@@ -127,7 +127,7 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
     cnt = tl.load(cnt_ptr + chunk)
     tau = tl.load(tau_ptr)
     acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_ptr + chunk * CHUNK, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
-    tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
+    tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
 
 @triton.jit
@@ -162,12 +162,12 @@ def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B,
     cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
     n = n0 + tl.arange(0, BLOCK_N)
     acc = _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
-    tl.store(ypart_ptr + chunk * BB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
+    tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
 
 @triton.jit
 def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT, LDW,
-                     CHUNK: tl.constexpr, BB: tl.constexpr, YB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                     CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """v4: `_fused_gather_gemv` with CUDA-core FMAs instead of tl.dot. For 1..8 rows a tl.dot pads
     the rows to 16 and stages every weight tile through shared memory for the MMA; here a weight
     tile goes from global memory to registers once and is reduced over the kept channels there
@@ -188,7 +188,7 @@ def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, I
         xv = tl.where(tl.abs(xv) * cj[None, :] > tau, xv, 0.0)
         w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
         acc += tl.sum(xv[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    tl.store(ypart_ptr + chunk * YB * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
+    tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
 
 @triton.jit
@@ -278,10 +278,11 @@ def _splitk_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, lock_ptr
 
 
 @triton.jit
-def _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_partials(ypart_ptr, rows, n, m, B, OUT, NCHUNK, BB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum of the NCHUNK float32 partials (NCHUNK, B, OUT) at output tile n, in chunk order."""
     acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
     for ch in range(0, NCHUNK):
-        acc += tl.load(ypart_ptr + ch * BB * OUT + rows[:, None] * OUT + n[None, :], mask=m, other=0.0)
+        acc += tl.load(ypart_ptr + ch * B * OUT + rows[:, None] * OUT + n[None, :], mask=m, other=0.0)
     return acc
 
 
@@ -311,7 +312,7 @@ def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZC
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     m = (rows[:, None] < B) & (n[None, :] < OUT)
-    acc = _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
+    acc = _sum_partials(ypart_ptr, rows, n, m, B, OUT, NCHUNK, BB, BLOCK_N)
     if HAS_R:
         p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
         acc = _lowrank(acc, zpart_ptr, u_ptr, rows, n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, BB, RB)
@@ -332,8 +333,8 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     m = (rows[:, None] < B) & (n[None, :] < HALF)
-    g = _sum_partials(ypart_ptr, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
-    u = _sum_partials(ypart_ptr + HALF, rows, n, m, OUT, NCHUNK, BB, BLOCK_N)
+    g = _sum_partials(ypart_ptr, rows, n, m, B, OUT, NCHUNK, BB, BLOCK_N)
+    u = _sum_partials(ypart_ptr + HALF, rows, n, m, B, OUT, NCHUNK, BB, BLOCK_N)
     if HAS_R:  # gate is member 0 of the pair (columns [0, HALF)), up member 1
         _, lo, ra, rb, uoff = _member(0, HALF, OUT, ROFF1, RT, RT)
         g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, lo, ra, rb, uoff, BB, RB)
@@ -353,16 +354,19 @@ CONFIG = {"chunk": 512, "block_k": 32, "block_n": 128, "warps": 4, "stages": 3, 
 
 # (out, in) -> configuration measured best for that shape at r = 0 (H200, bf16, batch 1, 50%): v5
 # (partials + epilogue launch, benchmarks/results/gpu_kernels_v5_stages.json, gpu_groups.json) or, where
-# it measured faster, v7 (`splits`: one launch, gpu_kernels_v7.json); other shapes use config_for's rule
+# it measured faster, v7 (`splits`: one launch, gpu_kernels_v7.json; "gather": the v5 configuration that
+# `rsparse_partials` uses there); other shapes use config_for's rule
 TUNED: dict = {
-    (4096, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=4, splits=4),  # v7 12.7 us vs v5 13.8
+    (4096, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=4, splits=4,  # v7 12.7 us vs v5 13.8
+                       gather=dict(chunk=512, block_k=64, block_n=128, warps=4, stages=3)),  # v5 best (gpu_kernels_v5_stages)
     (1024, 4096): dict(chunk=512, block_k=64, block_n=128, warps=4, stages=4, fused=True),
     (14336, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
     (4096, 14336): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
     (11008, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
     (4096, 11008): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
     # fused groups (q|k|v, gate|up) of Llama-3-8B / Llama-2-7B
-    (6144, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=3, splits=4),  # v7 14.2 us vs v5 16.0
+    (6144, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=3, splits=4,  # v7 14.2 us vs v5 16.0
+                       gather=dict(chunk=512, block_k=64, block_n=128, warps=4, stages=3)),  # v5 best (gpu_groups)
     (28672, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
     (12288, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
     (22016, 4096): dict(chunk=1024, block_k=64, block_n=256, warps=4, stages=4, fused=True),
@@ -376,9 +380,12 @@ def load_tuned(best: dict) -> None:
         TUNED[(o, i)] = dict(cfg)
 
 
-def config_for(out_f: int, rank: int = 0, in_f: int | None = None) -> dict:
+def config_for(out_f: int, rank: int = 0, in_f: int | None = None, reduce: bool = True) -> dict:
+    """Launch configuration of a shape; reduce=False: the gather alone (`rsparse_partials`), which
+    takes a TUNED entry's "gather" configuration where the entry itself is a one-launch (splits) one."""
     if rank == 0 and (out_f, in_f) in TUNED:
-        return dict(TUNED[(out_f, in_f)])
+        cfg = dict(TUNED[(out_f, in_f)])
+        return cfg if reduce else dict(cfg.get("gather", cfg), splits=None, fused=True)
     cfg = dict(CONFIG, block_n=256 if out_f >= 8192 else CONFIG["block_n"])
     if rank:  # the rank path's _select holds a (chunk x 64) tile of At: 256-channel chunks measured faster
         cfg["chunk"] = 256
@@ -404,6 +411,19 @@ def _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu):
     return y
 
 
+def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
+    """`_fused_gather_gemv` over the whole layer: float32 partials (chunks, rows, out) into ypart."""
+    B, IN = x.shape
+    OUT = wt.shape[1]
+    ch, bn = cfg["chunk"], cfg["block_n"]
+    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
+    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
+    torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](
+        x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, wt.stride(0), seg1, seg2,
+        CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return ypart
+
+
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None):
     """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
     boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
@@ -419,7 +439,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
         return _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu)
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
-    ypart = torch.empty(nchunk * BB * OUT, dtype=torch.float32, device=x.device)
+    ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
     nzchunk = nchunk
     zpart = torch.empty(max(nchunk * BB * R, 1), dtype=torch.float32, device=x.device)
     rb = 32 if R <= 32 else 64
@@ -428,7 +448,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
         bb = triton.next_power_of_2(B)
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_fma_gather_gemv)[(ntile, nchunk)](
-            x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW, **dict(meta, BB=bb, YB=BB, BLOCK_K=max(1, cfg["block_k"] // bb)))
+            x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW, **dict(meta, BB=bb, BLOCK_K=max(1, cfg["block_k"] // bb)))
     elif group or (cfg.get("fused") and R == 0):
         if R > 0:  # the members' low-rank inputs, one launch; 256-channel chunks (a chunk x RB tile of At)
             nzchunk = triton.cdiv(IN, 256)
@@ -436,9 +456,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
             members = 1 + (seg1 < OUT) + (seg2 < OUT)
             torch.library.wrap_triton(_group_z)[(nzchunk, members)](x, col_scale, tau, at, zpart, B, IN, at.stride(0), R,
                                                                     roff1, roff2, CHUNK=256, BB=BB, RB=rb)
-        scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-        torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW,
-                                                                       seg1, seg2, **meta)
+        _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
     else:
         idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
         cnt = torch.empty(nchunk, dtype=torch.int32, device=x.device)
@@ -464,21 +482,21 @@ def rsparse_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.T
     return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1], wt.shape[0]))
 
 
-def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int) -> int | None:
+def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int, reduce: bool = True) -> int | None:
     """Output tile width of a fused group's launch: the shape's configured width, halved (down to 16)
     until every inner member boundary falls on a tile boundary; None if none does."""
-    bn = config_for(out_total, 0, in_f)["block_n"]
+    bn = config_for(out_total, 0, in_f, reduce)["block_n"]
     inner = [b for b in (seg1, seg2) if b < out_total]
     while bn > 16 and any(b % bn for b in inner):
         bn //= 2
     return None if any(b % bn for b in inner) else bn
 
 
-def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int) -> dict:
-    bn = group_block_n(seg1, seg2, wt.shape[1], wt.shape[0])
+def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int, reduce: bool = True) -> dict:
+    bn = group_block_n(seg1, seg2, wt.shape[1], wt.shape[0], reduce)
     if bn is None:
         raise ValueError(f"group members at columns {seg1}, {seg2} do not start on output tiles")
-    cfg = dict(config_for(wt.shape[1], 0, wt.shape[0]), block_n=bn)
+    cfg = dict(config_for(wt.shape[1], 0, wt.shape[0], reduce), block_n=bn)
     if rank:  # rank terms need the partials + epilogue path (the one-launch kernel is r = 0 only)
         cfg.update(splits=None, fused=True)
     return cfg
@@ -508,3 +526,28 @@ def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
     half = OUT // 2
     return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(half, OUT, wt, at.shape[1]),
                    segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]))
+
+
+@torch.library.triton_op("rsparse::rsparse_partials", mutates_args={})
+def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, tau: torch.Tensor,
+                     seg1: int, seg2: int) -> torch.Tensor:
+    """The r = 0 gather alone, one launch: float32 partials (chunks, rows, out) whose sum over the
+    chunks is the sparse product (before bias and cast) of a module (seg1 = seg2 = out; col_scale
+    (in,), tau ()) or of a group (as in `rsparse_group_gemv`). Under torch.compile the sum, bias and
+    cast are left to `sum_partials`, which inductor fuses into the consumer's kernel (RoPE and the
+    cache write, the residual add) instead of launching our epilogue."""
+    B, IN = x.shape
+    cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
+    ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
+    return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
+
+
+def sum_partials(parts: torch.Tensor, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """y = sum of the chunk partials (in chunk order, as `_epilogue`) + bias, in dtype; written as
+    elementwise adds so that inductor inlines it into the consumer rather than emitting a reduction."""
+    y = parts[0]
+    for i in range(1, parts.shape[0]):
+        y = y + parts[i]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
