@@ -163,6 +163,14 @@ def run_gpu_bench(args):
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  tuned shapes: {sorted(tg.TUNED)}", flush=True)
     rows, compiled, checks = [], [], []
+    out = args.out or (os.path.join(os.environ["OUT"], "gpu_decode.json") if os.environ.get("OUT") else None)
+
+    def save():  # after every batch size too: a run stopped by its time limit keeps what it measured
+        if out:
+            write_json(out, {"checks": checks, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
+                             "tuned": {f"{o}x{i}": c for (o, i), c in tg.TUNED.items()}, "compiled": compiled, "rows": rows,
+                             "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+                             "seconds": time.time() - t_start})
     for name in names:
         if time.time() - t_start > args.time_limit:
             break
@@ -247,6 +255,7 @@ def run_gpu_bench(args):
                         row[f"compiled_{label}_tok_s"], row[f"compiled_{label}_speedup"] = B / t, tcd / t
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            save()
             del g_dense, g_sparse
             if groups:
                 del g_fused
@@ -255,6 +264,7 @@ def run_gpu_bench(args):
             del comp
             if args.compile and B == 1 and time.time() - t_start < args.time_limit:
                 compiled.append(compiled_step(name, model, sparse, taus, samples, dec, quantile, groups, t_start + args.time_limit))
+                save()
             del dec
             torch.cuda.empty_cache()
         del model, sparse, samples
@@ -280,12 +290,7 @@ def run_gpu_bench(args):
                   + ", ".join(f"{k} {v:.1f} tok/s ({r[f'compiled_{k}_speedup']:.2f}x)" for k, v in sorted(ab.items())))
     for c in compiled:
         print("compiled:", json.dumps(c))
-    summary = {"checks": checks, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
-               "tuned": {f"{o}x{i}": c for (o, i), c in tg.TUNED.items()}, "compiled": compiled, "rows": rows,
-               "seconds": time.time() - t_start}
-    out = args.out or (os.path.join(os.environ["OUT"], "gpu_decode.json") if os.environ.get("OUT") else None)
-    if out:
-        write_json(out, summary)
+    save()
     key = [r for r in rows if r["model"] == "llama3-8b" and r["batch"] == 1 and r["sparsity"] == 0.5]
     print(json.dumps({"llama3_8b_b1_s50_compiled_speedup": key[0].get("compiled_speedup") if key else None,
                       "llama3_8b_b1_s50_speedup": key[0]["speedup"] if key else None,
