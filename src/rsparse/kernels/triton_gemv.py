@@ -61,7 +61,7 @@ def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R
     tl.store(idx_ptr + chunk * CHUNK + pos, offs, mask=keep_any > 0)
     tl.store(cnt_ptr + chunk, tl.sum(keep_any, axis=0))
     if HAS_R:
-        _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * BB * R, rows, B, LDA, R, 0, R, RB)
+        _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * B * R, rows, B, LDA, R, 0, R, RB)
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, RO
         x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
         c = tl.load(c_ptr + p * IN + offs, mask=offs < IN, other=0.0)
         keep = (tl.abs(x.to(tl.float32)) * c.to(tl.float32)[None, :] > tl.load(tau_ptr + p)) & valid
-        _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * BB * RT, rows, B, LDA, RT, ra, rb, RB)
+        _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * B * RT, rows, B, LDA, RT, ra, rb, RB)
 
 
 @triton.jit
@@ -278,25 +278,32 @@ def _splitk_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, lock_ptr
 
 
 @triton.jit
-def _sum_partials(ypart_ptr, rows, n, m, B, OUT, NCHUNK, BB: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sum of the NCHUNK float32 partials (NCHUNK, B, OUT) at output tile n, in chunk order."""
+def _sum_partials(ypart_ptr, rows, n, nmask, B, OUT, NCHUNK, BB: tl.constexpr, BLOCK_N: tl.constexpr, NCP: tl.constexpr):
+    """Sum of the NCHUNK float32 partials (NCHUNK, B, OUT) at output columns n: each row's partials
+    as one (NCP, BLOCK_N) load and one tl.sum (independent loads in flight together, not a chain)."""
+    ch = tl.arange(0, NCP)
     acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for ch in range(0, NCHUNK):
-        acc += tl.load(ypart_ptr + ch * B * OUT + rows[:, None] * OUT + n[None, :], mask=m, other=0.0)
+    for b in range(0, B):
+        t = tl.load(ypart_ptr + ch[:, None] * (B * OUT) + b * OUT + n[None, :], mask=(ch[:, None] < NCHUNK) & nmask[None, :], other=0.0)
+        acc = tl.where(rows[:, None] == b, tl.sum(t, axis=0)[None, :], acc)
     return acc
 
 
 @triton.jit
 def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, rb, uoff,
-             BB: tl.constexpr, RB: tl.constexpr):
-    """acc + z[:, ra:rb] @ U_p^T for a member's output columns n (z summed over NZCHUNK partials);
-    U_p (out_p, r_p = rb - ra) is packed at u_ptr + uoff, its first row for column seg_lo."""
+             BB: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+    """acc + z[:, ra:rb] @ U_p^T for a member's output columns n, z summed over the NZCHUNK partials
+    (NZCHUNK, B, RT); U_p (out_p, r_p = rb - ra) is packed at u_ptr + uoff, its first row for column
+    seg_lo. Each row's partials arrive as one (NZP, RB) tile and one tl.sum: summed in a loop of
+    dependent loads they cost ~30-100 us per call (session 6)."""
+    ch = tl.arange(0, NZP)
     for r0 in range(ra, rb, RB):
         rr = r0 + tl.arange(0, RB)
-        zm = (rows[:, None] < B) & (rr[None, :] < rb)
         z = tl.zeros((BB, RB), dtype=tl.float32)
-        for ch in range(0, NZCHUNK):
-            z += tl.load(zpart_ptr + ch * BB * RT + rows[:, None] * RT + rr[None, :], mask=zm, other=0.0)
+        for b in range(0, B):
+            zt = tl.load(zpart_ptr + ch[:, None] * (B * RT) + b * RT + rr[None, :],
+                         mask=(ch[:, None] < NZCHUNK) & (rr[None, :] < rb), other=0.0)
+            z = tl.where(rows[:, None] == b, tl.sum(zt, axis=0)[None, :], z)
         u = tl.load(u_ptr + uoff + (n[None, :] - seg_lo) * (rb - ra) + (rr[:, None] - ra),
                     mask=(rr[:, None] < rb) & nmask[None, :], other=0.0)
         acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")
@@ -305,17 +312,18 @@ def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, 
 
 @triton.jit
 def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZCHUNK, SEG1, SEG2, ROFF1, ROFF2,
-              BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr):
+              BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr,
+              NCP: tl.constexpr, NZP: tl.constexpr):
     """y = sum of the chunks' partials + each member's low-rank term + bias, in the model dtype (one
     module: SEG1 = SEG2 = OUT, ROFF1 = ROFF2 = RT = r)."""
     pid_n = tl.program_id(0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     m = (rows[:, None] < B) & (n[None, :] < OUT)
-    acc = _sum_partials(ypart_ptr, rows, n, m, B, OUT, NCHUNK, BB, BLOCK_N)
+    acc = _sum_partials(ypart_ptr, rows, n, n < OUT, B, OUT, NCHUNK, BB, BLOCK_N, NCP)
     if HAS_R:
         p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
-        acc = _lowrank(acc, zpart_ptr, u_ptr, rows, n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, BB, RB)
+        acc = _lowrank(acc, zpart_ptr, u_ptr, rows, n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, BB, RB, NZP)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n < OUT, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * OUT + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m)
@@ -323,7 +331,8 @@ def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZC
 
 @triton.jit
 def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, ROFF1, NCHUNK, NZCHUNK,
-                  BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr):
+                  BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  NCP: tl.constexpr, NZP: tl.constexpr):
     """y = SiLU(gate) * up for a gate|up group (gate columns [0, HALF), up [HALF, OUT); gate's rank
     columns [0, ROFF1), up's [ROFF1, RT)): the MLP's activation in the epilogue, so the group writes
     (B, HALF) once instead of (B, OUT) and two elementwise launches. Rounded like the unfused module
@@ -333,13 +342,13 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     m = (rows[:, None] < B) & (n[None, :] < HALF)
-    g = _sum_partials(ypart_ptr, rows, n, m, B, OUT, NCHUNK, BB, BLOCK_N)
-    u = _sum_partials(ypart_ptr + HALF, rows, n, m, B, OUT, NCHUNK, BB, BLOCK_N)
+    g = _sum_partials(ypart_ptr, rows, n, n < HALF, B, OUT, NCHUNK, BB, BLOCK_N, NCP)
+    u = _sum_partials(ypart_ptr + HALF, rows, n, n < HALF, B, OUT, NCHUNK, BB, BLOCK_N, NCP)
     if HAS_R:  # gate is member 0 of the pair (columns [0, HALF)), up member 1
         _, lo, ra, rb, uoff = _member(0, HALF, OUT, ROFF1, RT, RT)
-        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, lo, ra, rb, uoff, BB, RB)
+        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, lo, ra, rb, uoff, BB, RB, NZP)
         _, lo, ra, rb, uoff = _member(HALF, HALF, OUT, ROFF1, RT, RT)
-        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, lo, ra, rb, uoff, BB, RB)
+        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, lo, ra, rb, uoff, BB, RB, NZP)
     if HAS_BIAS:
         g += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
         u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
@@ -383,13 +392,10 @@ def load_tuned(best: dict) -> None:
 def config_for(out_f: int, rank: int = 0, in_f: int | None = None, reduce: bool = True) -> dict:
     """Launch configuration of a shape; reduce=False: the gather alone (`rsparse_partials`), which
     takes a TUNED entry's "gather" configuration where the entry itself is a one-launch (splits) one."""
-    if rank == 0 and (out_f, in_f) in TUNED:
+    if (out_f, in_f) in TUNED:  # rank terms need the partials + epilogue path: the gather configuration
         cfg = dict(TUNED[(out_f, in_f)])
-        return cfg if reduce else dict(cfg.get("gather", cfg), splits=None, fused=True)
-    cfg = dict(CONFIG, block_n=256 if out_f >= 8192 else CONFIG["block_n"])
-    if rank:  # the rank path's _select holds a (chunk x 64) tile of At: 256-channel chunks measured faster
-        cfg["chunk"] = 256
-    return cfg
+        return cfg if reduce and not rank else dict(cfg.get("gather", cfg), splits=None, fused=True)
+    return dict(CONFIG, block_n=256 if out_f >= 8192 else CONFIG["block_n"])
 
 
 def _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu):
@@ -441,7 +447,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
     ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
     nzchunk = nchunk
-    zpart = torch.empty(max(nchunk * BB * R, 1), dtype=torch.float32, device=x.device)
+    zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
     if cfg.get("fma") and R == 0 and not group:
@@ -449,10 +455,10 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_fma_gather_gemv)[(ntile, nchunk)](
             x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW, **dict(meta, BB=bb, BLOCK_K=max(1, cfg["block_k"] // bb)))
-    elif group or (cfg.get("fused") and R == 0):
+    elif group or cfg.get("fused"):
         if R > 0:  # the members' low-rank inputs, one launch; 256-channel chunks (a chunk x RB tile of At)
             nzchunk = triton.cdiv(IN, 256)
-            zpart = torch.empty(nzchunk * BB * R, dtype=torch.float32, device=x.device)
+            zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
             members = 1 + (seg1 < OUT) + (seg2 < OUT)
             torch.library.wrap_triton(_group_z)[(nzchunk, members)](x, col_scale, tau, at, zpart, B, IN, at.stride(0), R,
                                                                     roff1, roff2, CHUNK=256, BB=BB, RB=rb)
@@ -464,14 +470,14 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
                                                       CHUNK=ch, BB=BB, RB=rb, HAS_R=R > 0)
         torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, LDW, **meta)
     b = bias if bias is not None else y
+    tail = dict(BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0, HAS_BIAS=bias is not None,
+                NCP=triton.next_power_of_2(nchunk), NZP=triton.next_power_of_2(nzchunk))
     if glu:
         torch.library.wrap_triton(_glu_epilogue)[(triton.cdiv(OUT // 2, bn),)](
-            ypart, zpart, u, b, y, B, OUT, OUT // 2, R, roff1, nchunk, nzchunk,
-            BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0, HAS_BIAS=bias is not None)
+            ypart, zpart, u, b, y, B, OUT, OUT // 2, R, roff1, nchunk, nzchunk, **tail)
         return y
     torch.library.wrap_triton(_epilogue)[(ntile,)](
-        ypart, zpart, u, b, y, B, OUT, R, nchunk, nzchunk, seg1, seg2, roff1, roff2,
-        BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0, HAS_BIAS=bias is not None)
+        ypart, zpart, u, b, y, B, OUT, R, nchunk, nzchunk, seg1, seg2, roff1, roff2, **tail)
     return y
 
 
@@ -493,13 +499,11 @@ def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int, reduce: bool 
 
 
 def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int, reduce: bool = True) -> dict:
+    reduce = reduce and not rank  # rank terms need the partials + epilogue path (the one-launch kernel is r = 0 only)
     bn = group_block_n(seg1, seg2, wt.shape[1], wt.shape[0], reduce)
     if bn is None:
         raise ValueError(f"group members at columns {seg1}, {seg2} do not start on output tiles")
-    cfg = dict(config_for(wt.shape[1], 0, wt.shape[0], reduce), block_n=bn)
-    if rank:  # rank terms need the partials + epilogue path (the one-launch kernel is r = 0 only)
-        cfg.update(splits=None, fused=True)
-    return cfg
+    return dict(config_for(wt.shape[1], 0, wt.shape[0], reduce), block_n=bn)
 
 
 @torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={})
