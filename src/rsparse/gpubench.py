@@ -332,10 +332,12 @@ def compile_options(consumer_reduce=True, pdl=False):
 
 def modules_at(projs, sparsity, alpha):
     """Triton modules for every projection, r = 0 (alpha = 1) or, for alpha < 1, with the rank the
-    budget gives (`budget.allocate`) and random factors of that rank (speed does not depend on their
-    values); and {key: quantile of |x| that keeps that projection's fraction} (empty for alpha = 1:
-    the sparsity itself)."""
-    from .budget import allocate
+    budget gives (`budget.allocate`), rounded down to the modules' stored multiple (RANK_ALIGN; the
+    columns saved go to kept channels, so the bytes stay the budget's), and random factors of that
+    rank (speed does not depend on their values); and {key: quantile of |x| that keeps that
+    projection's fraction} (empty for alpha = 1: the sparsity itself)."""
+    from .budget import Allocation, allocate
+    from .kernels.module import RANK_ALIGN
 
     mods, quantile = {}, {}
     for k, lin in projs.items():
@@ -344,6 +346,8 @@ def modules_at(projs, sparsity, alpha):
             mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0))
             continue
         al = allocate(out_f, in_f, sparsity, alpha)
+        r = al.rank - al.rank % RANK_ALIGN
+        al = Allocation(al.keep + (al.rank - r) * (in_f + out_f) / (in_f * out_f), r)
         U = (torch.randn(out_f, al.rank, device=lin.weight.device) / 8).to(lin.weight.dtype) if al.rank else None
         A = (torch.randn(al.rank, in_f, device=lin.weight.device) / in_f**0.5).to(lin.weight.dtype) if al.rank else None
         mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, "abs", U, A))

@@ -31,10 +31,20 @@ def consumer_reduces(at: torch.Tensor) -> bool:
     return REDUCE_IN_CONSUMER and at.shape[1] == 0 and torch.compiler.is_compiling()
 
 
+# Rank columns are stored in multiples of RANK_ALIGN (zero columns added: their z is 0 and their U
+# column 0, so the product is unchanged): every At and U row then starts 16-element aligned and
+# Triton emits 128-bit loads. With an odd rank (79, 51, ...) it emitted scalar 2-byte loads and the
+# low-rank kernels spilled registers (sm_90 SASS, docs/perf-gpu.md session 6). The rank property
+# and the benchmark's byte counts report the stored (padded) rank: those bytes are read.
+RANK_ALIGN = 16
+
+
 class TritonRSparseLinear(TransposedRSparseLinear):
     def __init__(self, m: RSparseLinear):
         super().__init__(m)
-        self.register_buffer("U", m.U.clone())
+        pad = -m.rank % RANK_ALIGN
+        self.at = torch.nn.functional.pad(self.at, (0, pad)).contiguous()
+        self.register_buffer("U", torch.nn.functional.pad(m.U.detach(), (0, pad)).contiguous())
 
     def decode_rows(self, rows):
         if consumer_reduces(self.at):
