@@ -153,7 +153,7 @@ def run_gpu_bench(args):
     if not torch.cuda.is_available():
         raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
     if args.profile:
-        return profile(names[0])
+        return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha)
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
@@ -449,10 +449,11 @@ def compiled_step(name, model, sparse, taus, samples, dec, quantile, groups=None
 
 
 @torch.inference_mode()
-def profile(name, sparsity=0.5, steps=5):
+def profile(name, sparsity=0.5, alpha=1.0, steps=5):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
     same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
-    mode), dense and sparse (fused groups), plus each one's CUDA-graph replay time."""
+    mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
+    one's CUDA-graph replay time."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -460,8 +461,8 @@ def profile(name, sparsity=0.5, steps=5):
     model = build(name)
     projs = locate(model)
     samples = input_samples(model)
-    sparse = {k: TritonRSparseLinear(RSparseLinear.from_linear(projs[k], torch.quantile(x.reshape(-1), sparsity).item()))
-              for k, x in samples.items()}
+    sparse, quantile = modules_at(projs, sparsity, alpha)
+    set_thresholds({k: m.tau for k, m in sparse.items()}, samples, quantile, sparsity)
     dec = GraphDecoder(model, max_len=MAX_LEN, batch=1)
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
