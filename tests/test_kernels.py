@@ -2,7 +2,11 @@
 (TRITON_INTERPRET=1; on a GPU machine the same tests run on the device). Fresh random inputs,
 odd shapes (not multiples of any block, GQA-like widths), batch 1..8, sparsity 0..0.95, and
 outputs poisoned with NaN so an unwritten element fails."""
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -321,3 +325,19 @@ def test_gpu_bench_modules_at_the_budget():
                 assert ((1 - quantile[k]) * in_f * out_f + r * (in_f + out_f)) == pytest.approx(0.4 * in_f * out_f, rel=1e-9)
             mod.tau.fill_(0.25)  # the harness moves thresholds in place, outside inference mode
         assert alpha == 1.0 or any(mod.rank for mod in mods.values())
+
+
+def test_kernels_trace_as_torch_compile_analyses_them():
+    """torch.compile runs its own analysis of every user Triton kernel (which pointers it writes); if
+    tracing fails it assumes every input mutated and copies them all on each call (session 6: the
+    SiLU*up epilogue with rank terms did, copying U). Here every kernel compiles for sm_90 with its
+    scalar arguments as constants (as torch 2.11 traces) and torch's analysis finds exactly the
+    outputs. A subprocess: Triton's interpreter, on for this module, has no compiler to analyse."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("kernel_analysis.py"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    written = json.loads(run.stdout.strip().splitlines()[-1])
+    assert written == {"select": ["cnt_ptr", "idx_ptr", "zpart_ptr"], "group_z": ["zpart_ptr"], "gather": ["ypart_ptr"],
+                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
+                       "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"]}

@@ -344,11 +344,13 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
     m = (rows[:, None] < B) & (n[None, :] < HALF)
     g = _sum_partials(ypart_ptr, rows, n, n < HALF, B, OUT, NCHUNK, BB, BLOCK_N, NCP)
     u = _sum_partials(ypart_ptr + HALF, rows, n, n < HALF, B, OUT, NCHUNK, BB, BLOCK_N, NCP)
-    if HAS_R:  # gate is member 0 of the pair (columns [0, HALF)), up member 1
-        _, lo, ra, rb, uoff = _member(0, HALF, OUT, ROFF1, RT, RT)
-        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, lo, ra, rb, uoff, BB, RB, NZP)
-        _, lo, ra, rb, uoff = _member(HALF, HALF, OUT, ROFF1, RT, RT)
-        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, lo, ra, rb, uoff, BB, RB, NZP)
+    if HAS_R:
+        # gate: columns [0, HALF), rank columns [0, ROFF1), its U first; up: [HALF, OUT), [ROFF1, RT), its U
+        # after gate's. Spelled out, not _member(0, ...): torch's mutation analysis traces kernels with the
+        # scalar arguments as constants, where (0 >= HALF) is a Python bool and tracing fails; inductor then
+        # assumed every input mutated and copied them on every call (found in session 6's logs)
+        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, 0, 0, ROFF1, 0, BB, RB, NZP)
+        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, HALF, ROFF1, RT, HALF * ROFF1, BB, RB, NZP)
     if HAS_BIAS:
         g += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
         u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]

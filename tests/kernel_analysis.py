@@ -1,0 +1,74 @@
+"""Helper run in a subprocess by test_kernels.py (Triton's interpreter off): every decode kernel traced
+the way torch.compile analyses a user-defined Triton kernel, for an sm_90 target, without a GPU.
+
+1. Compiled with every scalar argument a constant, as torch 2.11's mutation analysis traces kernels: a
+   kernel that only compiles with runtime scalars (e.g. `(0 >= HALF).to(...)`, a Python bool there)
+   makes inductor assume every input mutated and copy all of them on every call.
+2. torch's own analysis (`identify_mutated_tensors` / `identify_accessed_tensors`) on the same kernel.
+
+Prints one JSON line: {kernel label: sorted pointer arguments torch finds written}.
+"""
+import json
+import sys
+
+import torch
+import torch._higher_order_ops.triton_kernel_wrap as tkw
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rsparse.kernels import teal, triton_gemv as tg
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTER = {"ypart_ptr": torch.float32, "zpart_ptr": torch.float32, "tau_ptr": torch.float32, "scratch_ptr": torch.int32,
+           "idx_ptr": torch.int32, "cnt_ptr": torch.int32, "lock_ptr": torch.int32, "y_ptr": torch.bfloat16}
+SCALARS = dict(B=1, IN=512, OUT=256, LDW=256, LDA=32, R=32, RT=32, SEG1=128, SEG2=256, ROFF1=16, ROFF2=32, HALF=128,
+               K_PER=256, NCHUNK=2, NZCHUNK=2)
+EPI = dict(BB=16, BLOCK_N=64, RB=32, HAS_BIAS=True, NCP=2, NZP=2)
+KERNELS = {  # label: (kernel, constexprs)
+    "select": (tg._select, dict(CHUNK=256, BB=16, RB=32, HAS_R=True)),
+    "group_z": (tg._group_z, dict(CHUNK=256, BB=16, RB=32)),
+    "gather": (tg._gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64)),
+    "fused_gather": (tg._fused_gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64)),
+    "splitk": (tg._splitk_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, SPLITS=2, GLU=True, HAS_BIAS=True)),
+    "epilogue": (tg._epilogue, dict(EPI, HAS_R=True)),
+    "glu_epilogue": (tg._glu_epilogue, dict(EPI, HAS_R=True)),
+    "teal": (teal._teal_kernel, dict(BLOCK_K=32, BLOCK_N=64)),
+}
+
+
+class _Sm90:
+    def get_current_target(self):
+        return TARGET
+
+
+def _kwargs(fn, consts):
+    out = {}
+    for name in fn.arg_names:
+        if name in consts:
+            out[name] = consts[name]
+        elif name.endswith("_ptr"):
+            out[name] = torch.empty(64, dtype=POINTER.get(name, torch.bfloat16))
+        else:
+            out[name] = SCALARS[name]
+    return out
+
+
+def main():
+    triton.runtime.driver.set_active(_Sm90())
+    analyse = getattr(tkw, "identify_mutated_tensors", None) or tkw.identify_accessed_tensors
+    written = {}
+    for label, (fn, consts) in KERNELS.items():
+        kw = _kwargs(fn, consts)
+        scalars = {k: v for k, v in kw.items() if not isinstance(v, torch.Tensor)}
+        sig = {k: "constexpr" if k in scalars else "*" + {torch.float32: "fp32", torch.int32: "i32"}.get(v.dtype, "bf16")
+               for k, v in kw.items()}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=scalars), target=TARGET, options=dict(num_warps=4))
+        res = analyse(fn, kw, {})
+        names = res if isinstance(res, list) else [d.name for d in res.read_writes.writes]
+        written[label] = sorted(names)
+    print(json.dumps(written))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
