@@ -226,6 +226,29 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
             assert ((y.cpu() - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_rows_beyond_the_kernel_limit_run_the_masked_dense_product(monkeypatch):
+    """With KERNEL_MAX_ROWS = 2, a 3-row decode call of a module and of a group (rank terms included)
+    runs cuBLAS on masked inputs, never a Triton kernel, and still equals the oracle."""
+    from rsparse.kernels import module as km
+    from rsparse.linear import RSparseLinear
+
+    torch.manual_seed(6)
+    lins = [torch.nn.Linear(96, o, bias=True) for o in (64, 64)]
+    refs = [RSparseLinear.from_linear(lins[0], 0.3, "wnorm", torch.randn(64, 5) / 4, torch.randn(5, 96) / 4),
+            RSparseLinear.from_linear(lins[1], 0.5, "wnorm")]
+    mods = [km.TritonRSparseLinear(r).to(DEV) for r in refs]
+    group = km.TritonGroup(mods)
+    monkeypatch.setattr(km, "KERNEL_MAX_ROWS", 2)
+    monkeypatch.setattr(tg, "_launch", lambda *a, **k: pytest.fail("a kernel ran above KERNEL_MAX_ROWS"))
+    x = torch.distributions.Laplace(0.0, 1.0).sample((3, 1, 96))
+    with torch.no_grad():
+        for y, r in zip(group(x.to(DEV)), refs):
+            assert ((y.cpu() - r(x)).norm() / r(x).norm()).item() < 1e-5
+        y = group.silu_mul(x.to(DEV)).cpu()
+        ref = torch.nn.functional.silu(refs[0](x)) * refs[1](x)
+        assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_triton_group_module_shares_storage_and_matches_members():
     from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
     from rsparse.linear import RSparseLinear

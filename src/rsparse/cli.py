@@ -266,6 +266,8 @@ def build_parser():
     g.add_argument("--no-fused", dest="fused", action="store_false", help="skip the q|k|v, gate|up fused-group rows")
     g.add_argument("--compare-reduce", action="store_true",
                    help="batch 1: also compile the sparse step with our epilogue kernel summing the partials (A/B)")
+    g.add_argument("--masked-dense", action="store_true",
+                   help="batch > 1: also compile the sparse step with cuBLAS on masked inputs instead of the kernels (A/B)")
     g.add_argument("--pdl", action="store_true",
                    help="also compile dense and sparse steps with inductor's programmatic dependent launch (A/B)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")

@@ -302,22 +302,26 @@ def run_gpu_bench(args):
 def compiled_variants(args, label_c, sparse, groups, B):
     """(label, modules, groups, options) of the compiled steps: dense and sparse, and the A/B variants
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
-    the consumer; --pdl: inductor's kernels launched with programmatic dependent launch)."""
+    the consumer; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
+    batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels)."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": False}))
     if getattr(args, "pdl", False):
         out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
+    if getattr(args, "masked_dense", False) and B > 1:
+        out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
     return out
 
 
 @contextlib.contextmanager
-def compile_options(consumer_reduce=True, pdl=False):
-    """Set while a compiled step is traced and captured (both are read at trace time only)."""
+def compile_options(consumer_reduce=True, pdl=False, kernel_rows=None):
+    """Set while a compiled step is traced and captured (all are read at trace time only)."""
     from .kernels import module as km
 
-    saved = km.REDUCE_IN_CONSUMER
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS
     km.REDUCE_IN_CONSUMER = consumer_reduce
+    km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     try:
         if pdl:
             import torch._inductor.config as inductor_config
@@ -327,7 +331,7 @@ def compile_options(consumer_reduce=True, pdl=False):
         else:
             yield
     finally:
-        km.REDUCE_IN_CONSUMER = saved
+        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS = saved
 
 
 def modules_at(projs, sparsity, alpha):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..families import group_members
-from ..linear import MAX_DECODE_ROWS, RSparseLinear, TransposedRSparseLinear
+from ..linear import MAX_DECODE_ROWS, RSparseLinear, TransposedRSparseLinear, rsparse_linear_ref
 from . import triton_gemv  # noqa: F401  (registers torch.ops.rsparse.rsparse_gemv)
 
 
@@ -38,6 +38,14 @@ def consumer_reduces(at: torch.Tensor) -> bool:
 # and the benchmark's byte counts report the stored (padded) rank: those bytes are read.
 RANK_ALIGN = 16
 
+# Decode calls of up to KERNEL_MAX_ROWS rows run the gather kernels; more rows run the masked dense
+# product (the oracle `rsparse_linear_ref`: cuBLAS on the same storage with each row's dropped
+# channels zeroed, plus the low-rank term). With independent rows the union of kept channels reaches
+# 93-99% at batch 4-8 (docs/perf-gpu.md, sessions 4-5), where the gather kernels read nearly every
+# row at a lower bandwidth than cuBLAS. Default: every decode batch on the kernels, until the A/B
+# (`rsparse bench --device cuda --masked-dense`) has measured where the crossover lies.
+KERNEL_MAX_ROWS = MAX_DECODE_ROWS
+
 
 class TritonRSparseLinear(TransposedRSparseLinear):
     def __init__(self, m: RSparseLinear):
@@ -47,6 +55,8 @@ class TritonRSparseLinear(TransposedRSparseLinear):
         self.register_buffer("U", torch.nn.functional.pad(m.U.detach(), (0, pad)).contiguous())
 
     def decode_rows(self, rows):
+        if rows.shape[0] > KERNEL_MAX_ROWS:
+            return rsparse_linear_ref(rows, self.weight, self.bias, self.tau, self.col_scale, self.U, self.A)
         if consumer_reduces(self.at):
             n = self.out_features
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.col_scale, self.tau, n, n)
@@ -59,8 +69,8 @@ class TritonGroup(nn.Module):
     column views of the group's (in, sum out) storage, their At column views of the group's
     (in, sum r) and their U views of the group's U (each member's (out, r) one after the other), and
     their tau / col_scale views of the group's (P,) / (P, in) buffers: nothing is stored twice, and
-    updating a member's tau in place updates the group. Inputs of more than MAX_DECODE_ROWS rows run
-    the members (oracle path)."""
+    updating a member's tau in place updates the group. Inputs of more than MAX_DECODE_ROWS (or
+    KERNEL_MAX_ROWS) rows run the members (oracle path)."""
 
     def __init__(self, members: list):
         super().__init__()
@@ -107,7 +117,7 @@ class TritonGroup(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > MAX_DECODE_ROWS:
+        if rows.shape[0] > min(MAX_DECODE_ROWS, KERNEL_MAX_ROWS):
             return tuple(m(x) for m in self._members)
         if consumer_reduces(self.at):
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.col_scale, self.tau, self.seg1, self.seg2)
@@ -121,7 +131,7 @@ class TritonGroup(nn.Module):
         """SiLU(gate(x)) * up(x) of a gate|up group in one launch pair (the activation runs in the
         kernel's epilogue); more than MAX_DECODE_ROWS rows run the members."""
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > MAX_DECODE_ROWS or len(self.split) != 2 or self.split[0] != self.split[1]:
+        if rows.shape[0] > min(MAX_DECODE_ROWS, KERNEL_MAX_ROWS) or len(self.split) != 2 or self.split[0] != self.split[1]:
             g, u = self(x)
             return torch.nn.functional.silu(g) * u
         y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.roff1, self.bias)
