@@ -6,7 +6,9 @@ register pressure and load vectorisation of a kernel can be read on the CPU mach
 time is spent. Each kernel is compiled twice, the way Triton's JIT specialises a real launch (batch
 1; pointers 16-byte aligned; integer arguments divisible by 16 marked so): "aligned" with every
 size divisible by 16, and "odd rank" with the rank strides and offsets not (At / U rows of an odd
-rank such as 79, as before the modules padded ranks to RANK_ALIGN).
+rank such as 79, as before the modules padded ranks to RANK_ALIGN). Also counted: the instructions
+and barriers before a program's first pipelined tile copy (the compaction prologue of the gather
+kernels, a part of the fixed cost per call).
 
     python3 benchmarks/sass_report.py      # table, then one JSON line; writes $OUT/sass_report.json
 """
@@ -54,11 +56,16 @@ def compile_report(fn, consts: dict, warps: int, stages: int, odd_rank: bool) ->
         res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
     usage = dict((m[0], int(m[1])) for m in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
+    code = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    # the latency a program pays before its first async (pipelined) tile copy: instructions, barriers
+    first = next((i for i, ln in enumerate(code) if "LDGSTS" in ln), None)
     loads = Counter(re.findall(r"\b(LDG\.E[\w.]*|LDGSTS\.E[\w.]*)", sass))
     return {"kernel": fn.__name__, "consts": {k: v for k, v in consts.items() if k != "B"}, "warps": warps, "stages": stages,
             "odd_rank": odd_rank, "registers": usage.get("REG"), "spill_stack_bytes": usage.get("STACK"),
             "shared_bytes": k.metadata.shared, "loads": dict(loads),
-            "scalar_16bit_loads": sum(v for n, v in loads.items() if ".U16" in n)}
+            "scalar_16bit_loads": sum(v for n, v in loads.items() if ".U16" in n), "instructions": len(code),
+            "before_first_tile_copy": None if first is None else {"instructions": first,
+                                                                  "barriers": sum("BAR" in ln for ln in code[:first])}}
 
 
 def main():
@@ -71,7 +78,7 @@ def main():
             tag = ",".join(f"{k}={v}" for k, v in r["consts"].items() if k in ("HAS_R", "NZP", "CHUNK", "SPLITS"))
             print(f"{r['kernel']:20s} {tag:24s} {'odd rank' if odd else 'aligned':9s} regs {r['registers']:4d}  "
                   f"spill {r['spill_stack_bytes']:4d} B  shared {r['shared_bytes']:6d} B  scalar 16-bit loads "
-                  f"{r['scalar_16bit_loads']:4d}  loads {r['loads']}", flush=True)
+                  f"{r['scalar_16bit_loads']:4d}  before first tile copy {r['before_first_tile_copy']}", flush=True)
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "sass_report.json.tmp"), "w") as f:
