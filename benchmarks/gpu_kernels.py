@@ -6,8 +6,8 @@ states); tau is set so that the requested fraction of channels is dropped. Each 
 through 4 weight copies inside one CUDA graph (triton.testing.do_bench_cudagraph) so weights come
 from HBM, not L2; medians are reported. Every configuration is first checked against the eager
 float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels.json if OUT is set.
-`--tune` first grid-searches launch configurations of both kernels per shape; `--variants` compares
-the v4 FMA kernel's configurations with v2 and writes the best per shape (gpu_kernels_v4.json);
+`--tune` first grid-searches launch configurations of both kernels per shape; `--variants dot|waves`
+compares grids of launch configurations with v2 and writes the best per shape;
 `--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
 `--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
 `--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.testing
 
-from rsparse.budget import allocate
-from rsparse.gpubench import copy_bandwidth
+from rsparse.gpubench import aligned_allocation, copy_bandwidth
+from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.teal import teal_gemv
 from rsparse.kernels.triton_gemv import rsparse_gemv
 from rsparse.linear import rsparse_linear_ref
@@ -46,7 +46,6 @@ TEAL_GRID = [dict(split_k=sk, block_n=n, block_k=32, warps=w) for sk in (8, 16, 
 
 def tune(Wts, x, tau, ones):
     """Best launch configuration of ours and of the TEAL-style kernel for one shape (s=0.5, B=1)."""
-    from rsparse.kernels import triton_gemv as tg
 
     empty_at = torch.empty(Wts[0].shape[0], 0, device="cuda", dtype=x.dtype)
     empty_u = torch.empty(Wts[0].shape[1], 0, device="cuda", dtype=x.dtype)
@@ -77,9 +76,7 @@ def bench(fn, rep=300):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / COPIES * 1e3  # us per call
 
 
-GRIDS = {  # --variants fma|dot
-    "fma": [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=3, fused=True, fma=True)
-            for c in (512, 1024) for k in (16, 32, 64) for n in (128, 256, 512) for w in (4, 8)],
+GRIDS = {  # --variants dot|waves (session 2's "fma" grid timed the v4 CUDA-core kernel, since removed: gpu_kernels_v4.json)
     "dot": [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=st, fused=True)
             for c in (512, 1024) for k in (32, 64) for n in (128, 256) for w in (4, 8) for st in (3, 4, 5)],
     # more, shorter programs: is the tail of the last wave (448 programs on 132 SMs) the limiter?
@@ -92,7 +89,6 @@ def variants(bw, grid):
     """v4 (FMA gather, no tl.dot) against v2 (the tl.dot kernel) and the TEAL-style kernel, 50%, r = 0:
     grid over the chosen GRIDS entry per shape at batch 1, then the winners at batch 2/4/8. Writes the best
     configuration per shape to $OUT/gpu_kernels_v4.json for gpu_decode.py --tuned."""
-    from rsparse.kernels import triton_gemv as tg
 
     dt = torch.bfloat16
     best, rows = {}, []
@@ -122,7 +118,6 @@ def variants(bw, grid):
         order = sorted(times, key=times.get)
         bi = order[0]
         best[f"{out_f}x{in_f}"] = cands[bi]
-        must = 2 * 0.5 * in_f * out_f
         for B in (1, 2, 4, 8):
             x = x8[:B]
             kept = (x.float().abs() > tau).any(0).float().mean().item()
@@ -130,17 +125,17 @@ def variants(bw, grid):
             t_v2 = bench(lambda: [tg._launch(x, Wt, at, u, ones, tau, None, v2) for Wt in Wts])
             must_b = 2 * kept * in_f * out_f
             row = {"out": out_f, "in": in_f, "batch": B, "kept_union": kept, "dense_us": dense_us, "teal_us": teal_us if B == 1 else None,
-                   "v2_us": t_v2, "best_us": t_best, "best_cfg": cands[bi], "best_is_fma": bool(cands[bi].get("fma")),
+                   "v2_us": t_v2, "best_us": t_best, "best_cfg": cands[bi],
                    "best_bw_frac": must_b / (t_best * 1e-6) / bw, "v2_bw_frac": must_b / (t_v2 * 1e-6) / bw,
                    "speedup_vs_dense": dense_us / t_best, "speedup_vs_teal": teal_us / t_best if B == 1 else None,
                    "top5": [(cands[i], times[i]) for i in order[:5]]}
             rows.append(row)
             _print_row(row)
-    print(f"\n{'out x in':14s} {'B':>2s} {'dense':>7s} {'teal':>7s} {'v2':>7s} {'best':>7s} {'fma?':>5s} {'x dense':>8s} {'x teal':>7s} {'BW best':>8s}")
+    print(f"\n{'out x in':14s} {'B':>2s} {'dense':>7s} {'teal':>7s} {'v2':>7s} {'best':>7s} {'x dense':>8s} {'x teal':>7s} {'BW best':>8s}")
     for r in rows:
         print(f"{r['out']:>5d} x {r['in']:<6d} {r['batch']:2d} {r['dense_us']:7.2f} {r['teal_us'] or float('nan'):7.2f} {r['v2_us']:7.2f} "
-              f"{r['best_us']:7.2f} {str(r['best_is_fma']):>5s} {r['speedup_vs_dense']:8.2f} {r['speedup_vs_teal'] or float('nan'):7.2f} {r['best_bw_frac']:8.1%}")
-    _write({id(GRIDS["fma"]): "gpu_kernels_v4.json", id(GRIDS["dot"]): "gpu_kernels_v5_stages.json"}.get(id(grid), "gpu_kernels_v6_waves.json"),
+              f"{r['best_us']:7.2f} {r['speedup_vs_dense']:8.2f} {r['speedup_vs_teal'] or float('nan'):7.2f} {r['best_bw_frac']:8.1%}")
+    _write("gpu_kernels_v5_stages.json" if grid is GRIDS["dot"] else "gpu_kernels_v6_waves.json",
            {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows})
     print(json.dumps({"best": best, "bw_b1": {f"{r['out']}x{r['in']}": round(r["best_bw_frac"], 3) for r in rows if r["batch"] == 1}}))
 
@@ -157,7 +152,6 @@ def groups(bw):
     member with its own threshold; dense cuBLAS on the concatenated weight for reference. The fused
     configurations are swept (members must start on output tiles); the best per shape goes to
     $OUT/gpu_groups.json ("best", the format of gpu_decode.py --tuned)."""
-    from rsparse.kernels import triton_gemv as tg
 
     dt = torch.bfloat16
     rows, best = [], {}
@@ -229,7 +223,6 @@ def splitk(bw):
     2/4/8), single projections and the Llama-3 fused groups. Each configuration is checked against the
     float32 oracle first. Writes $OUT/gpu_kernels_v7.json ("best": per shape the faster of v5 and the best
     v7 at batch 1, for `rsparse bench --device cuda --tuned`; session 5's file holds the best v7 instead)."""
-    from rsparse.kernels import triton_gemv as tg
 
     dt = torch.bfloat16
     rows, best = [], {}
@@ -330,7 +323,6 @@ def fixed_cost(bw):
     """Where a call's time goes: v5 (TUNED's two-launch configuration), v7 (one launch) and the TEAL-style
     kernel timed at kept fractions 0.02..0.9, batch 1, then time = c + bytes / b fitted by least squares:
     c is the fixed cost per call (launches, compaction, ramp, tail), b the streaming bandwidth."""
-    from rsparse.kernels import triton_gemv as tg
 
     dt = torch.bfloat16
     kernels = {"v5": dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
@@ -363,7 +355,6 @@ def teal_sweep(bw):
     """Is the TEAL-style baseline weak because of its configuration? (Its time is flat in sparsity:
     latency per loop step, not bytes.) Fewer, longer splits with deeper K steps and 4 pipeline stages,
     50%, batch 1, against ours (TUNED) on the shapes of the target."""
-    from rsparse.kernels import triton_gemv as tg
 
     dt = torch.bfloat16
     grid = [dict(split_k=32, block_n=128, block_k=32, warps=4, stages=3)] + [  # the tuned one, then deeper K steps
@@ -423,7 +414,7 @@ def main():
             print("tuned", tuned[-1], flush=True)
         for s in (0.5, 0.7):
             for alpha in (1.0, 0.95):
-                al = allocate(out_f, in_f, s, alpha)
+                al = aligned_allocation(out_f, in_f, s, alpha)  # ranks in the modules' stored multiple of 16
                 R = al.rank
                 tau = torch.quantile(x1[0].float().abs(), 1 - al.keep).reshape(())
                 Us = [torch.randn(out_f, R, device="cuda").to(dt) / 8 for _ in range(COPIES)]
@@ -436,12 +427,19 @@ def main():
                     checks.append(err)
                     assert torch.isfinite(y).all() and err < 1e-2, (out_f, in_f, s, alpha, B, err)
                     ours = bench(lambda: [rsparse_gemv(x, Wt, At, U, ones, tau) for Wt, At, U in zip(Wts, Ats, Us)])
+                    if R:  # A/B: the low-rank inputs by extra programs of the gather launch (one launch fewer)
+                        zcfg = dict(tg.config_for(out_f, R, in_f), z_in_gather=True)
+                        yz = tg._launch(x, Wts[0], Ats[0], Us[0], ones, tau, None, zcfg)
+                        assert ((yz.float() - ref).norm() / ref.norm()).item() < 1e-2
+                        ours_zg = bench(lambda: [tg._launch(x, Wt, At, U, ones, tau, None, zcfg) for Wt, At, U in zip(Wts, Ats, Us)])
                     kept_any = (x.float().abs() > tau).any(0).float().mean().item()
                     dropped_any = (x.float().abs() <= tau).any(0).float().mean().item()
                     must = 2 * (kept_any * in_f * out_f + R * (out_f + dropped_any * in_f))
                     row = {"out": out_f, "in": in_f, "sparsity": s, "alpha": alpha, "rank": R, "batch": B,
                            "kept": kept_any, "dense_us": dense_us, "ours_us": ours, "rel_err": err,
                            "ours_bw_frac": must / (ours * 1e-6) / bw, "speedup_vs_dense": dense_us / ours}
+                    if R:
+                        row["ours_zgather_us"] = ours_zg
                     if B == 1 and R == 0:
                         yt = teal_gemv(x[0], Wts[0], tau, **tcfg)
                         errt = ((yt.float() - ref[0]).norm() / ref.norm()).item()
@@ -462,11 +460,12 @@ def main():
     compiled_ok = bool(torch.equal(yc, ye))
 
     print(f"\n{'shape (out x in)':18s} {'s':>4s} {'a':>5s} {'r':>4s} {'B':>2s} {'dense us':>9s} {'teal us':>8s} {'ours us':>8s} "
-          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s}")
+          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s} {'z-in-gather us':>14s}")
     for r in rows:
         print(f"{r['out']:>6d} x {r['in']:<8d} {r['sparsity']:4.2f} {r['alpha']:5.2f} {r['rank']:4d} {r['batch']:2d} {r['dense_us']:9.2f} "
               f"{r.get('teal_us', float('nan')):8.2f} {r['ours_us']:8.2f} {r['speedup_vs_dense']:8.2f} "
-              f"{r.get('speedup_vs_teal', float('nan')):7.2f} {r['ours_bw_frac']:8.1%} {r.get('teal_bw_frac', float('nan')):8.1%}")
+              f"{r.get('speedup_vs_teal', float('nan')):7.2f} {r['ours_bw_frac']:8.1%} {r.get('teal_bw_frac', float('nan')):8.1%} "
+              f"{r.get('ours_zgather_us', float('nan')):14.2f}")
     summary = {"copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "max_rel_err": max(checks),
                "median_speedup_vs_teal_b1_s50": statistics.median(r["speedup_vs_teal"] for r in rows if "speedup_vs_teal" in r and r["sparsity"] == 0.5),
                "rows": rows}

@@ -42,14 +42,15 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "fma", "split1", "split3"])
+@pytest.mark.parametrize("variant", ["fused", "select", "zgather", "split1", "split3"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
-    """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the 3-launch path)
-    with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials)."""
+    """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
+    path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
+    zgather: low-rank inputs by extra programs of the gather launch (the same as fused for r = 0)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
-    cfg = dict(tg.config_for(OUT, R), fused=variant == "fused", fma=variant == "fma", chunk=128 if IN < 600 else 256, block_n=64,
-               splits=int(variant[-1]) if variant.startswith("split") else None)
+    cfg = dict(tg.config_for(OUT, R), fused=variant != "select", z_in_gather=variant == "zgather", chunk=128 if IN < 600 else 256,
+               block_n=64, splits=int(variant[-1]) if variant.startswith("split") else None)
     out = torch.full((B, OUT), float("nan"), dtype=dtype)
     args = [t.to(DEV) if t is not None else None for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
     y = tg._launch(*args, cfg, out=out.to(DEV)).cpu()
@@ -92,7 +93,9 @@ def test_triton_module_matches_rsparse_linear():
     assert fast.dense().weight.data_ptr() == fast.wt.data_ptr()
 
 
-SPLITS = [None, 1, 2]  # group / GLU kernels: two-launch (partials + epilogue), one launch with 1 or 2 ranges
+# group / GLU kernels: two-launch (partials + epilogue), one launch with 1 or 2 ranges (r = 0), or
+# "zg": the low-rank inputs computed by extra programs of the gather launch (rank terms)
+SPLITS = [None, 1, 2, "zg"]
 
 
 def _group_case(B, IN, outs, ranks, sparsities, dtype):
@@ -125,7 +128,8 @@ def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, ranks, splits)
     (row strides > its widths) each member does too. (Rank terms take the partials path, splits or not.)"""
     torch.manual_seed(B + IN + len(outs) + sum(ranks))
     x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, ranks, (0.5, 0.8, 0.3)[:len(outs)], dtype)
-    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, fma=False, splits=None if sum(ranks) else splits)
+    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, z_in_gather=splits == "zg",
+               splits=None if sum(ranks) or splits == "zg" else splits)
     out = torch.full((B, sum(outs)), float("nan"), dtype=dtype)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     y = tg._launch(*dev, cfg, out=out.to(DEV), segments=tuple(seg), roffs=tuple(roff)).cpu()
@@ -153,7 +157,8 @@ def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, sp
     x, wt, at, u, cs, taus, bias, (ref_g, ref_u), seg, roff = _group_case(B, IN, (half, half), ranks, (0.5, 0.7), dtype)
     ref = torch.nn.functional.silu(ref_g) * ref_u
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, fma=False, splits=None if sum(ranks) else splits)
+    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, z_in_gather=splits == "zg",
+               splits=None if sum(ranks) or splits == "zg" else splits)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     out = torch.full((B, half), float("nan"), dtype=dtype).to(DEV)
     y = tg._launch(*dev, cfg, out=out, segments=(half, 2 * half), glu=True, roffs=tuple(roff)).cpu()
@@ -362,5 +367,5 @@ def test_kernels_trace_as_torch_compile_analyses_them():
     assert run.returncode == 0, run.stderr[-3000:]
     written = json.loads(run.stdout.strip().splitlines()[-1])
     assert written == {"select": ["cnt_ptr", "idx_ptr", "zpart_ptr"], "group_z": ["zpart_ptr"], "gather": ["ypart_ptr"],
-                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
+                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "gather_z": ["scratch_ptr", "ypart_ptr", "zpart_ptr"], "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
                        "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"]}

@@ -153,6 +153,8 @@ def run_gpu_bench(args):
     if not torch.cuda.is_available():
         raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
     if args.profile:
+        from .gpuprofile import profile
+
         return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha)
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):
@@ -303,7 +305,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     """(label, modules, groups, options) of the compiled steps: dense and sparse, and the A/B variants
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
     the consumer; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
-    batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels)."""
+    batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
+    --compare-z: rank terms' low-rank inputs by extra programs of the gather launch)."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": False}))
@@ -311,17 +314,20 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
     if getattr(args, "masked_dense", False) and B > 1:
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
+    if getattr(args, "compare_z", False):
+        out.append((f"{label_c}-zgather", sparse, groups, {"z_in_gather": True}))
     return out
 
 
 @contextlib.contextmanager
-def compile_options(consumer_reduce=True, pdl=False, kernel_rows=None):
+def compile_options(consumer_reduce=True, pdl=False, kernel_rows=None, z_in_gather=None):
     """Set while a compiled step is traced and captured (all are read at trace time only)."""
     from .kernels import module as km
 
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.Z_IN_GATHER
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
+    tg.Z_IN_GATHER = saved[2] if z_in_gather is None else z_in_gather
     try:
         if pdl:
             import torch._inductor.config as inductor_config
@@ -331,27 +337,31 @@ def compile_options(consumer_reduce=True, pdl=False, kernel_rows=None):
         else:
             yield
     finally:
-        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS = saved
+        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.Z_IN_GATHER = saved
+
+
+def aligned_allocation(out_f: int, in_f: int, sparsity: float, alpha: float):
+    """`budget.allocate` with the rank rounded down to the Triton modules' stored multiple (RANK_ALIGN);
+    the columns saved go to kept channels, so the bytes stay the budget's."""
+    from .budget import Allocation, allocate
+    from .kernels.module import RANK_ALIGN
+
+    al = allocate(out_f, in_f, sparsity, alpha)
+    r = al.rank - al.rank % RANK_ALIGN
+    return Allocation(al.keep + (al.rank - r) * (in_f + out_f) / (in_f * out_f), r)
 
 
 def modules_at(projs, sparsity, alpha):
     """Triton modules for every projection, r = 0 (alpha = 1) or, for alpha < 1, with the rank the
-    budget gives (`budget.allocate`), rounded down to the modules' stored multiple (RANK_ALIGN; the
-    columns saved go to kept channels, so the bytes stay the budget's), and random factors of that
-    rank (speed does not depend on their values); and {key: quantile of |x| that keeps that
+    budget gives (`aligned_allocation`), and random factors of that rank (speed does not depend on their values); and {key: quantile of |x| that keeps that
     projection's fraction} (empty for alpha = 1: the sparsity itself)."""
-    from .budget import Allocation, allocate
-    from .kernels.module import RANK_ALIGN
-
     mods, quantile = {}, {}
     for k, lin in projs.items():
         out_f, in_f = lin.weight.shape
         if alpha >= 1.0:
             mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0))
             continue
-        al = allocate(out_f, in_f, sparsity, alpha)
-        r = al.rank - al.rank % RANK_ALIGN
-        al = Allocation(al.keep + (al.rank - r) * (in_f + out_f) / (in_f * out_f), r)
+        al = aligned_allocation(out_f, in_f, sparsity, alpha)
         U = (torch.randn(out_f, al.rank, device=lin.weight.device) / 8).to(lin.weight.dtype) if al.rank else None
         A = (torch.randn(al.rank, in_f, device=lin.weight.device) / in_f**0.5).to(lin.weight.dtype) if al.rank else None
         mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, "abs", U, A))
@@ -450,66 +460,6 @@ def compiled_step(name, model, sparse, taus, samples, dec, quantile, groups=None
         out[f"{label_s}_speedup"] = out[f"{label_s}_tok_s"] / out["dense_tok_s"]
     print("compiled:", out, flush=True)
     return out
-
-
-@torch.inference_mode()
-def profile(name, sparsity=0.5, alpha=1.0, steps=5):
-    """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
-    same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
-    mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
-    one's CUDA-graph replay time."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    torch.manual_seed(0)
-    model = build(name)
-    projs = locate(model)
-    samples = input_samples(model)
-    sparse, quantile = modules_at(projs, sparsity, alpha)
-    set_thresholds({k: m.tau for k, m in sparse.items()}, samples, quantile, sparsity)
-    dec = GraphDecoder(model, max_len=MAX_LEN, batch=1)
-    ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
-    pos = torch.tensor([MAX_LEN // 2], device="cuda")
-    groups = triton_groups(model, sparse)
-    result = {}
-    try:  # does dynamo see the dense step as one graph?
-        ex = torch._dynamo.explain(dec.step)(ids, pos)
-        result["explain"] = {"graphs": ex.graph_count, "breaks": ex.graph_break_count,
-                             "reasons": [str(b.reason)[:160] for b in ex.break_reasons[:8]]}
-    except Exception as e:
-        result["explain"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-    print("explain:", result["explain"], flush=True)
-    for label, mods, grp, compiled in (("dense", {}, {}, False), ("fused", sparse, groups, False),
-                                       ("dense-compiled", {}, {}, True), ("fused-compiled", sparse, groups, True)):
-        torch._dynamo.reset()
-        with swapped(model, mods), attached(model, grp):
-            step = torch.compile(dec.step) if compiled else dec.step
-            for _ in range(3):
-                step(ids, pos)
-            torch.cuda.synchronize()
-            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(steps):
-                    step(ids, pos)
-                torch.cuda.synchronize()
-            g, _ = capture(step, 1)
-            graph_ms = statistics.median(time_graph(g) for _ in range(REPEATS)) * 1e3
-            del g
-        kernels = {}
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                k = kernels.setdefault(e.name[:90], [0.0, 0])
-                k[0] += e.device_time / steps
-                k[1] += 1 / steps
-        total = sum(v[0] for v in kernels.values())
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-        result[label] = {"graph_ms": graph_ms, "kernel_ms": total / 1e3, "kernels_per_step": sum(v[1] for v in kernels.values()),
-                         "top": [{"name": n, "us": v[0], "count": v[1]} for n, v in top]}
-        print(f"\n{label}: graph replay {graph_ms:.3f} ms/step; kernels {total / 1e3:.3f} ms in {result[label]['kernels_per_step']:.0f} launches")
-        for n, v in top:
-            print(f"  {v[0]:9.1f} us  {v[1]:6.0f}x  {n}")
-    if os.environ.get("OUT"):
-        write_json(os.path.join(os.environ["OUT"], "gpu_profile.json"), result)
-    return result
 
 
 def read_tuned(path) -> dict:

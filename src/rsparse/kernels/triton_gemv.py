@@ -1,24 +1,25 @@
 """Triton decode kernels for RSparseLinear (rows <= 8), checked against `rsparse_linear_ref`.
 
 Layout: the module stores Wt = W^T (in, out) so a kept input channel j is one contiguous row
-Wt[j, :], and At = A^T (in, r) so a dropped channel reads r contiguous values. Three launches:
-1. `_select`: per chunk of CHUNK input channels, threshold score_j = |x_j| c_j > tau for every row,
-   write the indices of channels kept by any row (compacted) and their count, and the chunk's
-   partial low-rank input zpart[chunk] = x_dropped @ At[chunk] (At rows read only where dropped).
-2. `_gather_gemv`: grid (out tiles, chunks); loops over the chunk's kept indices only (every load
-   is useful: no predicated-off rows in flight) and writes a float32 partial ypart[chunk].
-3. `_epilogue`: y = sum_chunks ypart + (sum_chunks zpart) @ U^T + b, cast to the model dtype
+Wt[j, :], and At = A^T (in, r) so a dropped channel reads r contiguous values (r a multiple of 16 in
+the modules: aligned rows). The path the modules use (2 launches, one more with rank terms):
+1. `_fused_gather_gemv`: grid (out tiles, chunks); each program compacts its chunk's kept channel
+   indices (|x_j| c_j > tau for any row; `tl_common`) into a private scratch row, then loops over
+   those Wt rows only (every load is useful) and writes a float32 partial ypart[chunk] (chunks, rows,
+   out). With rank terms `_group_z` first writes the low-rank input partials zpart[chunk] =
+   x_dropped @ At[chunk] (At rows read only where dropped); `_gather_z_gemv` does both in one launch.
+2. `_epilogue`: y = sum_chunks ypart + (sum_chunks zpart) @ U^T + b, cast to the model dtype
    (`_glu_epilogue` for a gate|up group: SiLU(gate) * up, the MLP activation, in the same pass).
-Partials instead of atomics: deterministic, no zero-fill launches, and bf16/fp16 never need
-atomics. For batch > 1 the gathered rows are the union of the rows' kept channels and each row
-multiplies only its own kept entries, so results equal the per-row oracle. Wt may be a column slice
-of a wider matrix (row stride LDW): projections that read the same input (q|k|v, gate|up) are
-stored side by side and run as one launch pair (`rsparse_group_gemv`).
-One-launch variant for r = 0 (`_splitk_gemv`, configurations with "splits"): grid (output tiles,
-SPLITS ranges of whole chunks); each program compacts and gathers its range, and for SPLITS > 1 the
-program that draws a tile's last ticket (per-call zeroed counter, acquire-release) sums the partials
-in split order and finishes the tile. Measured faster than the 2-launch path only on 4096-wide shapes
-(docs/perf-gpu.md, session 5), so TUNED chooses per shape.
+   Under torch.compile, r = 0 calls skip it: `rsparse_partials` returns the partials and inductor
+   sums them inside the consumer's kernel.
+`_select` + `_gather_gemv` is session 1's 3-launch form (compaction in its own launch), kept as a
+tested variant. Partials instead of atomics: deterministic, no zero-fill launches, and bf16/fp16
+never need atomics. For batch > 1 the gathered rows are the union of the rows' kept channels and
+each row multiplies only its own kept entries, so results equal the per-row oracle. Wt may be a
+column slice of a wider matrix (row stride LDW): projections that read the same input (q|k|v,
+gate|up) are stored side by side and run as one call (`rsparse_group_gemv`; a tile belongs to one
+member and thresholds with that member's tau). The one-launch r = 0 variant chosen per shape by
+TUNED is in `splitk.py`.
 The TEAL-style baseline the benchmarks compare against is in `teal.py`.
 """
 from typing import Optional
@@ -27,8 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .splitk import launch_splitk
+from .tl_common import BB, _compact_chunk, _gather_rows, _silu_mul
+
 CHUNK = 256
-BB = 16  # rows padded to the smallest tl.dot M; decode batches are 1..8
 
 
 @triton.jit
@@ -101,24 +104,6 @@ def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, RO
 
 
 @triton.jit
-def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, LDW,
-                 BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """sum over the `cnt` kept channels listed at idx_base of x[:, j] * Wt[j, n] (float32 tile);
-    each row keeps only its own kept entries of the union."""
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, cnt, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < cnt
-        j = tl.load(idx_base + kk, mask=km, other=0)
-        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
-        cj = tl.load(c_ptr + j, mask=km, other=0.0)
-        xv = tl.where(tl.abs(xv.to(tl.float32)) * cj.to(tl.float32)[None, :] > tau, xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
-        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
-    return acc
-
-
-@triton.jit
 def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, IN, OUT, LDW,
                  CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
@@ -131,28 +116,11 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
 
 
 @triton.jit
-def _compact_chunk(x_ptr, c_ptr, tau, base, offs, rows, B, IN):
-    """Indices of the channels `offs` kept by any row, written to this program's private scratch row
-    `base` (x chunk re-read from L2, CTA barrier before use); returns their count."""
-    valid = (rows[:, None] < B) & (offs[None, :] < IN)
-    xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
-    cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
-    keep_any = tl.max(((tl.abs(xc.to(tl.float32)) * cc.to(tl.float32)[None, :] > tau) & valid).to(tl.int32), axis=0)
-    pos = tl.cumsum(keep_any, axis=0) - 1
-    tl.store(base + pos, offs, mask=keep_any > 0)
-    tl.debug_barrier()
-    return tl.sum(keep_any, axis=0)
-
-
-@triton.jit
-def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT, LDW, SEG1, SEG2,
-                       CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`_select`'s compaction done inside each program (x chunk re-read from L2, indices through a
-    private scratch row and a CTA barrier): one launch fewer, for the r = 0 path. Also serves a group
-    of up to 3 projections reading the same x with Wt side by side (q|k|v, gate|up): output columns
-    [0, SEG1) use threshold/scales 0, [SEG1, SEG2) 1, [SEG2, OUT) 2 (c is (P, IN), tau (P,)); member
-    boundaries are multiples of BLOCK_N, so a program's tile belongs to one member."""
-    pid_n, chunk = tl.program_id(0), tl.program_id(1)
+def _gather_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
+                 CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Output tile pid_n over input chunk `chunk`: compact the chunk's kept channels (with the tile's
+    member's threshold and scales) into a private scratch row, gather their Wt rows, store the
+    float32 partial."""
     rows = tl.arange(0, BB)
     n0 = pid_n * BLOCK_N
     p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
@@ -166,115 +134,50 @@ def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B,
 
 
 @triton.jit
-def _fma_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT, LDW,
-                     CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """v4: `_fused_gather_gemv` with CUDA-core FMAs instead of tl.dot. For 1..8 rows a tl.dot pads
-    the rows to 16 and stages every weight tile through shared memory for the MMA; here a weight
-    tile goes from global memory to registers once and is reduced over the kept channels there
-    ([BB, BLOCK_K, BLOCK_N] products, BB = rows padded to a power of two)."""
+def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT, LDW, SEG1, SEG2,
+                       CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_select`'s compaction done inside each program (x chunk re-read from L2, indices through a
+    private scratch row and a CTA barrier): one launch fewer, for the r = 0 path. Also serves a group
+    of up to 3 projections reading the same x with Wt side by side (q|k|v, gate|up): output columns
+    [0, SEG1) use threshold/scales 0, [SEG1, SEG2) 1, [SEG2, OUT) 2 (c is (P, IN), tau (P,)); member
+    boundaries are multiples of BLOCK_N, so a program's tile belongs to one member."""
+    _gather_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, tl.program_id(0), tl.program_id(1), B, IN, OUT, LDW,
+                 SEG1, SEG2, CHUNK, BB, BLOCK_K, BLOCK_N)
+
+
+@triton.jit
+def _gather_z_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, B, IN, OUT, LDW, SEG1, SEG2,
+                   LDA, RT, ROFF1, ROFF2, NTILE, NRB, CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, RB: tl.constexpr, ZSUB: tl.constexpr):
+    """`_fused_gather_gemv` and `_group_z` in one launch (one launch fewer per call with rank terms):
+    grid (NTILE + members * NRB, chunks); programs pid_n < NTILE gather their tile, program
+    NTILE + p * NRB + q writes rank block q (RB columns) of member p's low-rank input partial for the
+    chunk, z[chunk] = x_dropped @ At[chunk, block], in ZSUB-channel steps (At rows read only where
+    some row dropped the channel). Small RB and ZSUB keep the z branch from raising the registers
+    of every program (sm_90 SASS: 106 registers at 32 / 32, 142 at 64 / 64; the gather alone 66)."""
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
-    rows = tl.arange(0, BB)
-    tau = tl.load(tau_ptr)
-    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
-    cnt = _compact_chunk(x_ptr, c_ptr, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, cnt, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < cnt
-        j = tl.load(base + kk, mask=km, other=0)
-        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0).to(tl.float32)
-        cj = tl.load(c_ptr + j, mask=km, other=0.0).to(tl.float32)
-        xv = tl.where(tl.abs(xv) * cj[None, :] > tau, xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
-        acc += tl.sum(xv[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
-
-
-@triton.jit
-def _member_range(x_ptr, c_ptr, tau, wt_ptr, base, k_lo, k_hi, rows, n, B, IN, OUT, LDW,
-                  CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """sum over the kept channels j in [k_lo, k_hi) of x[:, j] * Wt[j, n], one chunk at a time: the
-    chunk's kept indices compacted into the scratch row `base`, then only their rows gathered."""
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, CHUNK):
-        tl.debug_barrier()  # every warp has read the previous chunk's indices before they are overwritten
-        cnt = _compact_chunk(x_ptr, c_ptr, tau, base, k0 + tl.arange(0, CHUNK), rows, B, IN)
-        acc += _gather_rows(x_ptr, c_ptr, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
-    return acc
-
-
-@triton.jit
-def _silu_mul(g, u, dt: tl.constexpr):
-    """SiLU(g) * u rounded like the module path: each member's output, SiLU and the product in dt."""
-    g = g.to(dt).to(tl.float32)
-    a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    return a * u.to(dt).to(tl.float32)
-
-
-@triton.jit
-def _finish(acc, acc_u, b_ptr, y_ptr, rows, n, B, OUT, HALF, GLU: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Bias, then the output tile in the model dtype: y (B, OUT), or SiLU(gate) * up (B, HALF)."""
-    dt = y_ptr.dtype.element_ty
-    if GLU:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
-            acc_u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * HALF + n[None, :], _silu_mul(acc, acc_u, dt).to(dt),
-                 mask=(rows[:, None] < B) & (n[None, :] < HALF))
+    if pid_n < NTILE:
+        _gather_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
+                     CHUNK, BB, BLOCK_K, BLOCK_N)
     else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + n, mask=n < OUT, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rows[:, None] * OUT + n[None, :], acc.to(dt), mask=(rows[:, None] < B) & (n[None, :] < OUT))
-
-
-@triton.jit
-def _splitk_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, lock_ptr, b_ptr, y_ptr,
-                 B, IN, OUT, LDW, SEG1, SEG2, K_PER,
-                 CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SPLITS: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """v7, one launch per call (r = 0): grid (output tiles, SPLITS ranges of K_PER input channels).
-    A program loops over its range's chunks (compact, gather). SPLITS = 1: it owns its tile and
-    writes y directly. SPLITS > 1: it stores a float32 partial, takes a ticket from the tile's
-    counter (zeroed per call), and the program that draws the last ticket sums the SPLITS partials
-    (from L2, in split order: deterministic) and finishes the tile: no second launch, no atomics on
-    the data. Groups as in `_fused_gather_gemv` (SEG1, SEG2); GLU: a gate|up pair (SEG1 = HALF),
-    each program computes a gate tile and the matching up tile and writes SiLU(gate) * up."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = tl.arange(0, BB)
-    n0 = pid_n * BLOCK_N
-    n = n0 + tl.arange(0, BLOCK_N)
-    k_lo = pid_k * K_PER
-    k_hi = tl.minimum(k_lo + K_PER, IN)
-    base = scratch_ptr + (pid_n * SPLITS + pid_k) * CHUNK
-    p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
-    acc = _member_range(x_ptr, c_ptr + p * IN, tl.load(tau_ptr + p), wt_ptr, base, k_lo, k_hi, rows, n, B, IN, OUT, LDW,
-                        CHUNK, BB, BLOCK_K, BLOCK_N)
-    if GLU:
-        acc_u = _member_range(x_ptr, c_ptr + IN, tl.load(tau_ptr + 1), wt_ptr, base, k_lo, k_hi, rows, SEG1 + n, B, IN, OUT,
-                              LDW, CHUNK, BB, BLOCK_K, BLOCK_N)
-    else:
-        acc_u = acc
-    if SPLITS == 1:
-        _finish(acc, acc_u, b_ptr, y_ptr, rows, n, B, OUT, SEG1, GLU, HAS_BIAS)
-    else:
-        m = (rows[:, None] < B) & (n[None, :] < OUT)
-        part = ypart_ptr + rows[:, None] * OUT + n[None, :]
-        tl.store(part + pid_k * BB * OUT, acc, mask=m)
-        if GLU:
-            tl.store(part + pid_k * BB * OUT + SEG1, acc_u, mask=m)
-        tl.debug_barrier()  # the whole partial is written before the ticket is taken (release)
-        ticket = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
-        if ticket == SPLITS - 1:
-            acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-            acc_u = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-            for k in tl.static_range(SPLITS):  # .cg: the other programs' partials, from L2
-                acc += tl.load(part + k * BB * OUT, mask=m, other=0.0, cache_modifier=".cg")
-                if GLU:
-                    acc_u += tl.load(part + k * BB * OUT + SEG1, mask=m, other=0.0, cache_modifier=".cg")
-            if not GLU:
-                acc_u = acc
-            _finish(acc, acc_u, b_ptr, y_ptr, rows, n, B, OUT, SEG1, GLU, HAS_BIAS)
+        p = (pid_n - NTILE) // NRB
+        ra, rb = _rank_range(p, ROFF1, ROFF2, RT)
+        r0 = ra + (pid_n - NTILE - p * NRB) * RB
+        if r0 < rb:
+            tau = tl.load(tau_ptr + p)
+            rows = tl.arange(0, BB)
+            rr = r0 + tl.arange(0, RB)
+            z = tl.zeros((BB, RB), dtype=tl.float32)
+            for k0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, ZSUB):
+                offs = k0 + tl.arange(0, ZSUB)
+                valid = (rows[:, None] < B) & (offs[None, :] < IN)
+                x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
+                c = tl.load(c_ptr + p * IN + offs, mask=offs < IN, other=0.0)
+                keep = (tl.abs(x.to(tl.float32)) * c.to(tl.float32)[None, :] > tau) & valid
+                drop_any = tl.max((valid & ~keep).to(tl.int32), axis=0) > 0
+                at = tl.load(at_ptr + offs[:, None] * LDA + rr[None, :], mask=drop_any[:, None] & (rr[None, :] < rb), other=0.0)
+                z += tl.dot(tl.where(keep, 0.0, x).to(at.dtype), at, input_precision="ieee")
+            tl.store(zpart_ptr + chunk * B * RT + rows[:, None] * RT + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < rb))
 
 
 @triton.jit
@@ -400,25 +303,6 @@ def config_for(out_f: int, rank: int = 0, in_f: int | None = None, reduce: bool 
     return dict(CONFIG, block_n=256 if out_f >= 8192 else CONFIG["block_n"])
 
 
-def _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu):
-    """One `_splitk_gemv` launch: cfg["splits"] ranges of whole chunks over the input channels."""
-    B, IN = x.shape
-    OUT, LDW = wt.shape[1], wt.stride(0)
-    ch, bn = cfg["chunk"], cfg["block_n"]
-    k_per = triton.cdiv(triton.cdiv(IN, cfg["splits"]), ch) * ch
-    splits = triton.cdiv(IN, k_per)  # no empty ranges
-    ntile = triton.cdiv(OUT // 2 if glu else OUT, bn)
-    scratch = torch.empty(ntile * splits * ch, dtype=torch.int32, device=x.device)
-    ypart = torch.empty(splits * BB * OUT if splits > 1 else 1, dtype=torch.float32, device=x.device)
-    # tile counters, zeroed per call (a memset); one range per tile needs none (the pointer is unused)
-    locks = torch.zeros(ntile, dtype=torch.int32, device=x.device) if splits > 1 else scratch
-    torch.library.wrap_triton(_splitk_gemv)[(ntile, splits)](
-        x, col_scale, tau, wt, scratch, ypart, locks, bias if bias is not None else y, y, B, IN, OUT, LDW, seg1, seg2, k_per,
-        CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, SPLITS=splits, GLU=glu, HAS_BIAS=bias is not None,
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
-    return y
-
-
 def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
     """`_fused_gather_gemv` over the whole layer: float32 partials (chunks, rows, out) into ypart."""
     B, IN = x.shape
@@ -430,6 +314,12 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
         x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, wt.stride(0), seg1, seg2,
         CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
     return ypart
+
+
+# Rank terms: low-rank inputs computed by extra programs of the gather launch (`_gather_z_gemv`) instead
+# of a launch of their own (`_group_z`). Off until measured on the GPU (written in session 6, after the
+# device time was spent); a configuration's "z_in_gather" overrides it, the benchmarks flip it for A/B.
+Z_IN_GATHER = False
 
 
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None):
@@ -444,7 +334,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     roff1, roff2 = roffs if roffs is not None else (R, R)
     y = torch.empty(B, OUT // 2 if glu else OUT, dtype=x.dtype, device=x.device) if out is None else out
     if R == 0 and cfg.get("splits"):
-        return _launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu)
+        return launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu)
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
     ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
@@ -452,11 +342,14 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    if cfg.get("fma") and R == 0 and not group:
-        bb = triton.next_power_of_2(B)
+    if R > 0 and (Z_IN_GATHER if cfg.get("z_in_gather") is None else cfg["z_in_gather"]):
+        members = 1 + (seg1 < OUT) + (seg2 < OUT)
+        nrb = triton.cdiv(max(roff1, roff2 - roff1, R - roff2), 32)  # rank blocks of the widest member
+        zpart = torch.empty(nchunk * B * R, dtype=torch.float32, device=x.device)
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-        torch.library.wrap_triton(_fma_gather_gemv)[(ntile, nchunk)](
-            x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, LDW, **dict(meta, BB=bb, BLOCK_K=max(1, cfg["block_k"] // bb)))
+        torch.library.wrap_triton(_gather_z_gemv)[(ntile + members * nrb, nchunk)](
+            x, col_scale, tau, wt, scratch, ypart, at, zpart, B, IN, OUT, LDW, seg1, seg2, at.stride(0), R, roff1, roff2, ntile,
+            nrb, RB=32, ZSUB=32, **meta)
     elif group or cfg.get("fused"):
         if R > 0:  # the members' low-rank inputs, one launch; 256-channel chunks (a chunk x RB tile of At)
             nzchunk = triton.cdiv(IN, 256)

@@ -1,0 +1,78 @@
+"""`rsparse bench --device cuda --profile`: where one decode step's GPU time goes, kernel by kernel.
+
+Batch 1, Llama-architecture shapes with random bf16 weights (as `gpubench`); the eager step (the
+kernels a CUDA graph replays, without launch gaps) and the torch.compile'd step (default mode),
+dense and sparse (fused groups; rank terms for --alpha < 1), each with its graph replay time.
+Prints the top kernels per step; writes $OUT/gpu_profile.json when OUT is set.
+"""
+import os
+import statistics
+
+import torch
+import torch._dynamo
+
+from .apply import swapped
+from .decode import GraphDecoder
+from .families import locate
+from .gpubench import MAX_LEN, REPEATS, attached, build, capture, input_samples, modules_at, set_thresholds, time_graph, write_json
+from .kernels.module import triton_groups
+
+
+@torch.inference_mode()
+def profile(name, sparsity=0.5, alpha=1.0, steps=5):
+    """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
+    same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
+    mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
+    one's CUDA-graph replay time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    model = build(name)
+    projs = locate(model)
+    samples = input_samples(model)
+    sparse, quantile = modules_at(projs, sparsity, alpha)
+    set_thresholds({k: m.tau for k, m in sparse.items()}, samples, quantile, sparsity)
+    dec = GraphDecoder(model, max_len=MAX_LEN, batch=1)
+    ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    pos = torch.tensor([MAX_LEN // 2], device="cuda")
+    groups = triton_groups(model, sparse)
+    result = {}
+    try:  # does dynamo see the dense step as one graph?
+        ex = torch._dynamo.explain(dec.step)(ids, pos)
+        result["explain"] = {"graphs": ex.graph_count, "breaks": ex.graph_break_count,
+                             "reasons": [str(b.reason)[:160] for b in ex.break_reasons[:8]]}
+    except Exception as e:
+        result["explain"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    print("explain:", result["explain"], flush=True)
+    for label, mods, grp, compiled in (("dense", {}, {}, False), ("fused", sparse, groups, False),
+                                       ("dense-compiled", {}, {}, True), ("fused-compiled", sparse, groups, True)):
+        torch._dynamo.reset()
+        with swapped(model, mods), attached(model, grp):
+            step = torch.compile(dec.step) if compiled else dec.step
+            for _ in range(3):
+                step(ids, pos)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    step(ids, pos)
+                torch.cuda.synchronize()
+            g, _ = capture(step, 1)
+            graph_ms = statistics.median(time_graph(g) for _ in range(REPEATS)) * 1e3
+            del g
+        kernels = {}
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                k = kernels.setdefault(e.name[:90], [0.0, 0])
+                k[0] += e.device_time / steps
+                k[1] += 1 / steps
+        total = sum(v[0] for v in kernels.values())
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+        result[label] = {"graph_ms": graph_ms, "kernel_ms": total / 1e3, "kernels_per_step": sum(v[1] for v in kernels.values()),
+                         "top": [{"name": n, "us": v[0], "count": v[1]} for n, v in top]}
+        print(f"\n{label}: graph replay {graph_ms:.3f} ms/step; kernels {total / 1e3:.3f} ms in {result[label]['kernels_per_step']:.0f} launches")
+        for n, v in top:
+            print(f"  {v[0]:9.1f} us  {v[1]:6.0f}x  {n}")
+    if os.environ.get("OUT"):
+        write_json(os.path.join(os.environ["OUT"], "gpu_profile.json"), result)
+    return result
