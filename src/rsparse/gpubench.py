@@ -353,8 +353,9 @@ def aligned_allocation(out_f: int, in_f: int, sparsity: float, alpha: float):
 
 def modules_at(projs, sparsity, alpha):
     """Triton modules for every projection, r = 0 (alpha = 1) or, for alpha < 1, with the rank the
-    budget gives (`aligned_allocation`), and random factors of that rank (speed does not depend on their values); and {key: quantile of |x| that keeps that
-    projection's fraction} (empty for alpha = 1: the sparsity itself)."""
+    budget gives (`aligned_allocation`) and random factors of that rank (speed does not depend on
+    their values); and {key: quantile of |x| that keeps that projection's fraction} (empty for
+    alpha = 1: the sparsity itself)."""
     mods, quantile = {}, {}
     for k, lin in projs.items():
         out_f, in_f = lin.weight.shape
