@@ -342,10 +342,9 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
     rb = 32 if R <= 32 else 64
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    members = 1 + (seg1 < OUT) + (seg2 < OUT)
     if R > 0 and (Z_IN_GATHER if cfg.get("z_in_gather") is None else cfg["z_in_gather"]):
-        members = 1 + (seg1 < OUT) + (seg2 < OUT)
         nrb = triton.cdiv(max(roff1, roff2 - roff1, R - roff2), 32)  # rank blocks of the widest member
-        zpart = torch.empty(nchunk * B * R, dtype=torch.float32, device=x.device)
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_gather_z_gemv)[(ntile + members * nrb, nchunk)](
             x, col_scale, tau, wt, scratch, ypart, at, zpart, B, IN, OUT, LDW, seg1, seg2, at.stride(0), R, roff1, roff2, ntile,
@@ -354,7 +353,6 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
         if R > 0:  # the members' low-rank inputs, one launch; 256-channel chunks (a chunk x RB tile of At)
             nzchunk = triton.cdiv(IN, 256)
             zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
-            members = 1 + (seg1 < OUT) + (seg2 < OUT)
             torch.library.wrap_triton(_group_z)[(nzchunk, members)](x, col_scale, tau, at, zpart, B, IN, at.stride(0), R,
                                                                     roff1, roff2, CHUNK=256, BB=BB, RB=rb)
         _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
