@@ -229,6 +229,20 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
         for y, r in zip(ys, refs):
             ref = r(x)
             assert ((y.cpu() - ref).norm() / ref.norm()).item() < 1e-5
+        # "non-splitk": a shape TUNED runs on the one-launch kernel keeps it; "none": no partials anywhere
+        from rsparse.kernels import module as km
+        monkeypatch.setitem(tg.TUNED, (128, 160), dict(chunk=128, block_k=32, block_n=32, warps=4, stages=2, splits=2))
+        for mode, group_sums, lone_sums in (("non-splitk", False, True), ("none", False, False)):
+            monkeypatch.setattr(km, "REDUCE_IN_CONSUMER", mode)
+            sums.clear()
+            torch._dynamo.reset()  # a fresh trace reads the mode
+            ys = compile_(group)(x.to(DEV))
+            assert bool(sums) == group_sums, mode
+            assert all(((y.cpu() - r(x)).norm() / r(x).norm()).item() < 1e-5 for y, r in zip(ys, refs))
+            sums.clear()
+            torch._dynamo.reset()
+            compile_(lone)(x.to(DEV))
+            assert bool(sums) == lone_sums, mode
 
 
 def test_rows_beyond_the_kernel_limit_run_the_masked_dense_product(monkeypatch):

@@ -265,7 +265,8 @@ def build_parser():
     g.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     g.add_argument("--no-fused", dest="fused", action="store_false", help="skip the q|k|v, gate|up fused-group rows")
     g.add_argument("--compare-reduce", action="store_true",
-                   help="batch 1: also compile the sparse step with our epilogue kernel summing the partials (A/B)")
+                   help="batch 1: also compile the sparse step with our epilogue kernel summing the partials, and "
+                   "with inductor summing them only off the one-launch shapes (A/B)")
     g.add_argument("--masked-dense", action="store_true",
                    help="batch > 1: also compile the sparse step with cuBLAS on masked inputs instead of the kernels (A/B)")
     g.add_argument("--compare-z", action="store_true",

@@ -304,12 +304,13 @@ def run_gpu_bench(args):
 def compiled_variants(args, label_c, sparse, groups, B):
     """(label, modules, groups, options) of the compiled steps: dense and sparse, and the A/B variants
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
-    the consumer; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
+    the consumer, and inductor summing them only where TUNED has no one-launch kernel; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
     --compare-z: rank terms' low-rank inputs by extra programs of the gather launch)."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
     if getattr(args, "compare_reduce", False) and B == 1:
-        out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": False}))
+        out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
+        out.append((f"{label_c}-non-splitk", sparse, groups, {"consumer_reduce": "non-splitk"}))
     if getattr(args, "pdl", False):
         out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
     if getattr(args, "masked_dense", False) and B > 1:
@@ -320,7 +321,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
 
 
 @contextlib.contextmanager
-def compile_options(consumer_reduce=True, pdl=False, kernel_rows=None, z_in_gather=None):
+def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, z_in_gather=None):
     """Set while a compiled step is traced and captured (all are read at trace time only)."""
     from .kernels import module as km
 
