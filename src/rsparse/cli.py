@@ -150,16 +150,22 @@ def cmd_plot_plan(args):
 
 
 def cmd_generate(args):
-    from .generate import stream
+    from .generate import decoder_ids, generate_ids, stream
     from .models import load
 
+    _positive("--max-new-tokens", args.max_new_tokens)
     model, tok = load(args.model, args.dtype)
+    ids_fn = generate_ids
     if args.plan:
         from .pipeline import load_sparsified
 
         load_sparsified(model, args.plan)
-    _positive("--max-new-tokens", args.max_new_tokens)
-    for piece in stream(model, tok, args.prompt, args.max_new_tokens):
+        if args.backend == "cpp":  # the C++ decode kernel and the lean decoder: the sparse model decodes faster than dense
+            from .kernels.cpu import to_cpu_backend_
+
+            to_cpu_backend_(model)
+            ids_fn = decoder_ids
+    for piece in stream(model, tok, args.prompt, args.max_new_tokens, ids_fn):
         print(piece, end="", flush=True)
     print()
 
@@ -234,6 +240,8 @@ def build_parser():
     _add_model(g)
     g.add_argument("--plan")
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--backend", default="cpp", choices=["cpp", "oracle"],
+                   help="with --plan: cpp (C++ decode kernel, built on first use; float32/bfloat16) or oracle (eager reference)")
     g.add_argument("prompt")
     g.set_defaults(fn=cmd_generate)
 

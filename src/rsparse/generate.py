@@ -1,10 +1,13 @@
 """Greedy text generation with a KV cache: the prompt is prefilled dense (decode protocol), each
-new token runs through the sparse modules, and text is yielded as it is produced."""
+new token runs through the sparse modules, and text is yielded as it is produced. `generate_ids`
+runs the model's own (Hugging Face) forward; `decoder_ids` runs the lean static-cache decoder
+(`decode.StaticDecoder`), the loop the fast backends (C++, Triton) are built and benchmarked for."""
 from __future__ import annotations
 
 import torch
 
 from .apply import dense_view
+from .decode import StaticDecoder
 from .evaluate import _cache_of, _with_cache
 
 
@@ -20,10 +23,24 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: i
         out = _with_cache(model, torch.tensor([[nxt]]), _cache_of(out))
 
 
-def stream(model, tokenizer, prompt: str, max_new_tokens: int = 64):
+@torch.inference_mode()
+def decoder_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None):
+    device = next(model.parameters()).device
+    dec = StaticDecoder(model, max_len=len(prompt_ids) + max_new_tokens + 1)
+    logits = dec.prefill(prompt_ids[None].to(device))
+    for _ in range(max_new_tokens):
+        nxt = int(logits[0].argmax())
+        yield nxt
+        if nxt == eos_id:
+            return
+        logits = dec.forward(torch.tensor([[nxt]], device=device))
+
+
+def stream(model, tokenizer, prompt: str, max_new_tokens: int = 64, ids_fn=generate_ids):
+    """Text pieces as they are produced; ids_fn: generate_ids (HF forward) or decoder_ids."""
     ids = torch.tensor(tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id])
     new, shown = [], ""
-    for tok in generate_ids(model, ids, max_new_tokens, tokenizer.eos_token_id):
+    for tok in ids_fn(model, ids, max_new_tokens, tokenizer.eos_token_id):
         if tok == tokenizer.eos_token_id:
             break
         new.append(tok)
