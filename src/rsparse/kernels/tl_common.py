@@ -11,6 +11,12 @@ BB = 16  # rows padded to the smallest tl.dot M; decode batches are 1..8
 
 
 @triton.jit
+def _keep(x, c, tau, valid):
+    """The keep rule of every kernel: |x_j| c_j > tau, in float32 (as the oracle decides it), where valid."""
+    return (tl.abs(x.to(tl.float32)) * c.to(tl.float32)[None, :] > tau) & valid
+
+
+@triton.jit
 def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, LDW,
                  BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """sum over the `cnt` kept channels listed at idx_base of x[:, j] * Wt[j, n] (float32 tile);
@@ -22,7 +28,7 @@ def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, 
         j = tl.load(idx_base + kk, mask=km, other=0)
         xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
         cj = tl.load(c_ptr + j, mask=km, other=0.0)
-        xv = tl.where(tl.abs(xv.to(tl.float32)) * cj.to(tl.float32)[None, :] > tau, xv, 0.0)
+        xv = tl.where(_keep(xv, cj, tau, True), xv, 0.0)
         w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
         acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
     return acc
@@ -35,7 +41,7 @@ def _compact_chunk(x_ptr, c_ptr, tau, base, offs, rows, B, IN):
     valid = (rows[:, None] < B) & (offs[None, :] < IN)
     xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
     cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
-    keep_any = tl.max(((tl.abs(xc.to(tl.float32)) * cc.to(tl.float32)[None, :] > tau) & valid).to(tl.int32), axis=0)
+    keep_any = tl.max(_keep(xc, cc, tau, valid).to(tl.int32), axis=0)
     pos = tl.cumsum(keep_any, axis=0) - 1
     tl.store(base + pos, offs, mask=keep_any > 0)
     tl.debug_barrier()

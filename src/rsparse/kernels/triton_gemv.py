@@ -29,22 +29,27 @@ import triton
 import triton.language as tl
 
 from .splitk import launch_splitk
-from .tl_common import BB, _compact_chunk, _gather_rows, _silu_mul
+from .tl_common import BB, _compact_chunk, _gather_rows, _keep, _silu_mul
 
 CHUNK = 256
 
 
 @triton.jit
+def _z_dot(x, keep, valid, at_ptr, offs, rr, rb, LDA):
+    """x_dropped @ At[offs, rr] (float32, rows x rank columns rr < rb): each row's dropped entries of
+    the channels `offs`; At rows are read only where some row dropped the channel."""
+    drop_any = tl.max((valid & ~keep).to(tl.int32), axis=0) > 0
+    at = tl.load(at_ptr + offs[:, None] * LDA + rr[None, :], mask=drop_any[:, None] & (rr[None, :] < rb), other=0.0)
+    return tl.dot(tl.where(keep, 0.0, x).to(at.dtype), at, input_precision="ieee")
+
+
+@triton.jit
 def _z_chunk(x, keep, valid, at_ptr, offs, zbase, rows, B, LDA, RT, ra, rb, RB: tl.constexpr):
     """zbase[row, r] = sum over the chunk's channels that row dropped of x * At[channel, r], for r in
-    [ra, rb) (a member's columns of At and of the z partials, both of row stride LDA / RT); At rows
-    are read only where some row dropped the channel."""
-    xd = tl.where(keep, 0.0, x)
-    drop_any = tl.max((valid & ~keep).to(tl.int32), axis=0) > 0
+    [ra, rb) (a member's columns of At and of the z partials, both of row stride LDA / RT)."""
     for r0 in range(ra, rb, RB):
         rr = r0 + tl.arange(0, RB)
-        at = tl.load(at_ptr + offs[:, None] * LDA + rr[None, :], mask=drop_any[:, None] & (rr[None, :] < rb), other=0.0)
-        z = tl.dot(xd.to(at.dtype), at, input_precision="ieee")
+        z = _z_dot(x, keep, valid, at_ptr, offs, rr, rb, LDA)
         tl.store(zbase + rows[:, None] * RT + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < rb))
 
 
@@ -58,7 +63,7 @@ def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R
     x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
     c = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
     tau = tl.load(tau_ptr)
-    keep = (tl.abs(x.to(tl.float32)) * c.to(tl.float32)[None, :] > tau) & valid
+    keep = _keep(x, c, tau, valid)
     keep_any = tl.max(keep.to(tl.int32), axis=0)
     pos = tl.cumsum(keep_any, axis=0) - 1
     tl.store(idx_ptr + chunk * CHUNK + pos, offs, mask=keep_any > 0)
@@ -99,7 +104,7 @@ def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, RO
         valid = (rows[:, None] < B) & (offs[None, :] < IN)
         x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
         c = tl.load(c_ptr + p * IN + offs, mask=offs < IN, other=0.0)
-        keep = (tl.abs(x.to(tl.float32)) * c.to(tl.float32)[None, :] > tl.load(tau_ptr + p)) & valid
+        keep = _keep(x, c, tl.load(tau_ptr + p), valid)
         _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * B * RT, rows, B, LDA, RT, ra, rb, RB)
 
 
@@ -154,7 +159,7 @@ def _gather_z_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr
     NTILE + p * NRB + q writes rank block q (RB columns) of member p's low-rank input partial for the
     chunk, z[chunk] = x_dropped @ At[chunk, block], in ZSUB-channel steps (At rows read only where
     some row dropped the channel). Small RB and ZSUB keep the z branch from raising the registers
-    of every program (sm_90 SASS: 106 registers at 32 / 32, 142 at 64 / 64; the gather alone 66)."""
+    of every program (sm_90 SASS, `benchmarks/sass_report.py`: 80 at RB = ZSUB = 32; the gather alone 66)."""
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
     if pid_n < NTILE:
         _gather_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
@@ -173,10 +178,7 @@ def _gather_z_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr
                 valid = (rows[:, None] < B) & (offs[None, :] < IN)
                 x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
                 c = tl.load(c_ptr + p * IN + offs, mask=offs < IN, other=0.0)
-                keep = (tl.abs(x.to(tl.float32)) * c.to(tl.float32)[None, :] > tau) & valid
-                drop_any = tl.max((valid & ~keep).to(tl.int32), axis=0) > 0
-                at = tl.load(at_ptr + offs[:, None] * LDA + rr[None, :], mask=drop_any[:, None] & (rr[None, :] < rb), other=0.0)
-                z += tl.dot(tl.where(keep, 0.0, x).to(at.dtype), at, input_precision="ieee")
+                z += _z_dot(x, _keep(x, c, tau, valid), valid, at_ptr, offs, rr, rb, LDA)
             tl.store(zpart_ptr + chunk * B * RT + rows[:, None] * RT + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < rb))
 
 
@@ -344,11 +346,12 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
     members = 1 + (seg1 < OUT) + (seg2 < OUT)
     if R > 0 and (Z_IN_GATHER if cfg.get("z_in_gather") is None else cfg["z_in_gather"]):
-        nrb = triton.cdiv(max(roff1, roff2 - roff1, R - roff2), 32)  # rank blocks of the widest member
+        zrb = 32  # rank columns per z program (RB): the rank blocks of the widest member set the grid
+        nrb = triton.cdiv(max(roff1, roff2 - roff1, R - roff2), zrb)
         scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_gather_z_gemv)[(ntile + members * nrb, nchunk)](
             x, col_scale, tau, wt, scratch, ypart, at, zpart, B, IN, OUT, LDW, seg1, seg2, at.stride(0), R, roff1, roff2, ntile,
-            nrb, RB=32, ZSUB=32, **meta)
+            nrb, RB=zrb, ZSUB=32, **meta)
     elif group or cfg.get("fused"):
         if R > 0:  # the members' low-rank inputs, one launch; 256-channel chunks (a chunk x RB tile of At)
             nzchunk = triton.cdiv(IN, 256)
