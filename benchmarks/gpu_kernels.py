@@ -46,7 +46,6 @@ TEAL_GRID = [dict(split_k=sk, block_n=n, block_k=32, warps=w) for sk in (8, 16, 
 
 def tune(Wts, x, tau, ones):
     """Best launch configuration of ours and of the TEAL-style kernel for one shape (s=0.5, B=1)."""
-
     empty_at = torch.empty(Wts[0].shape[0], 0, device="cuda", dtype=x.dtype)
     empty_u = torch.empty(Wts[0].shape[1], 0, device="cuda", dtype=x.dtype)
     ours = {}
@@ -86,10 +85,10 @@ GRIDS = {  # --variants dot|waves (session 2's "fma" grid timed the v4 CUDA-core
 
 
 def variants(bw, grid):
-    """v4 (FMA gather, no tl.dot) against v2 (the tl.dot kernel) and the TEAL-style kernel, 50%, r = 0:
-    grid over the chosen GRIDS entry per shape at batch 1, then the winners at batch 2/4/8. Writes the best
-    configuration per shape to $OUT/gpu_kernels_v4.json for gpu_decode.py --tuned."""
-
+    """A grid of launch configurations (a GRIDS entry) against v2 (the default configuration) and the
+    TEAL-style kernel, 50%, r = 0: the grid per shape at batch 1, then the winner at batch 2/4/8. Writes
+    the best configuration per shape ($OUT/gpu_kernels_v5_stages.json or gpu_kernels_v6_waves.json) for
+    `rsparse bench --device cuda --tuned`."""
     dt = torch.bfloat16
     best, rows = {}, []
     for out_f, in_f in SHAPES:
@@ -152,7 +151,6 @@ def groups(bw):
     member with its own threshold; dense cuBLAS on the concatenated weight for reference. The fused
     configurations are swept (members must start on output tiles); the best per shape goes to
     $OUT/gpu_groups.json ("best", the format of gpu_decode.py --tuned)."""
-
     dt = torch.bfloat16
     rows, best = [], {}
     for name, (outs, in_f) in GROUPS.items():
@@ -223,7 +221,6 @@ def splitk(bw):
     2/4/8), single projections and the Llama-3 fused groups. Each configuration is checked against the
     float32 oracle first. Writes $OUT/gpu_kernels_v7.json ("best": per shape the faster of v5 and the best
     v7 at batch 1, for `rsparse bench --device cuda --tuned`; session 5's file holds the best v7 instead)."""
-
     dt = torch.bfloat16
     rows, best = [], {}
     for name, (outs, in_f) in SPLITK_SHAPES.items():
@@ -323,7 +320,6 @@ def fixed_cost(bw):
     """Where a call's time goes: v5 (TUNED's two-launch configuration), v7 (one launch) and the TEAL-style
     kernel timed at kept fractions 0.02..0.9, batch 1, then time = c + bytes / b fitted by least squares:
     c is the fixed cost per call (launches, compaction, ramp, tail), b the streaming bandwidth."""
-
     dt = torch.bfloat16
     kernels = {"v5": dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
                "v7": dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=3, splits=4)}
@@ -355,7 +351,6 @@ def teal_sweep(bw):
     """Is the TEAL-style baseline weak because of its configuration? (Its time is flat in sparsity:
     latency per loop step, not bytes.) Fewer, longer splits with deeper K steps and 4 pipeline stages,
     50%, batch 1, against ours (TUNED) on the shapes of the target."""
-
     dt = torch.bfloat16
     grid = [dict(split_k=32, block_n=128, block_k=32, warps=4, stages=3)] + [  # the tuned one, then deeper K steps
         dict(split_k=sk, block_n=n, block_k=k, warps=4, stages=4) for sk in (4, 8, 16) for n in (128, 256) for k in (64, 128)]

@@ -97,14 +97,16 @@ class StaticDecoder:
         with dense_view(self.model):
             return self.forward(ids)
 
-    def greedy(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    def stream_greedy(self, prompt: torch.Tensor, new_tokens: int):
+        """Greedy tokens [batch, 1], one per step, after prefilling prompt [batch, T]."""
         logits = self.prefill(prompt)
-        out = []
         for _ in range(new_tokens):
             tok = logits.argmax(-1, keepdim=True)
-            out.append(tok)
+            yield tok
             logits = self.forward(tok)
-        return torch.cat(out, 1)
+
+    def greedy(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        return torch.cat(list(self.stream_greedy(prompt, new_tokens)), 1)
 
 
 class GraphDecoder(StaticDecoder):

@@ -25,15 +25,12 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: i
 
 @torch.inference_mode()
 def decoder_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None):
-    device = next(model.parameters()).device
     dec = StaticDecoder(model, max_len=len(prompt_ids) + max_new_tokens + 1)
-    logits = dec.prefill(prompt_ids[None].to(device))
-    for _ in range(max_new_tokens):
-        nxt = int(logits[0].argmax())
+    for tok in dec.stream_greedy(prompt_ids[None].to(next(model.parameters()).device), max_new_tokens):
+        nxt = int(tok)
         yield nxt
         if nxt == eos_id:
             return
-        logits = dec.forward(torch.tensor([[nxt]], device=device))
 
 
 def stream(model, tokenizer, prompt: str, max_new_tokens: int = 64, ids_fn=generate_ids):
