@@ -113,11 +113,15 @@ class TransposedRSparseLinear(RSparseLinear):
     def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def oracle(self, x):
+        """The eager reference on this module's buffers, in x's dtype (prefill, all-token evaluation)."""
+        return rsparse_linear_ref(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
+                                  self.tau, self.col_scale, self.U.to(x.dtype), self.A.to(x.dtype))
+
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] > MAX_DECODE_ROWS:
-            return rsparse_linear_ref(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                                      self.tau, self.col_scale, self.U.to(x.dtype), self.A.to(x.dtype))
+            return self.oracle(x)
         return self.decode_rows(rows).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..families import group_members
-from ..linear import MAX_DECODE_ROWS, RSparseLinear, TransposedRSparseLinear, rsparse_linear_ref
+from ..linear import MAX_DECODE_ROWS, RSparseLinear, TransposedRSparseLinear
 from . import triton_gemv  # noqa: F401  (registers torch.ops.rsparse.rsparse_gemv)
 
 
@@ -60,7 +60,7 @@ class TritonRSparseLinear(TransposedRSparseLinear):
 
     def decode_rows(self, rows):
         if rows.shape[0] > KERNEL_MAX_ROWS:
-            return rsparse_linear_ref(rows, self.weight, self.bias, self.tau, self.col_scale, self.U, self.A)
+            return self.oracle(rows)  # masked dense: cuBLAS on the same storage
         if consumer_reduces(self.at, self.wt):
             n = self.out_features
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.col_scale, self.tau, n, n)
