@@ -30,13 +30,13 @@ TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 RANK_INTS = {"LDA", "RT", "ROFF1", "ROFF2", "R"}
 POINTER = {"ypart_ptr": "*fp32", "zpart_ptr": "*fp32", "tau_ptr": "*fp32", "scratch_ptr": "*i32", "idx_ptr": "*i32",
-           "cnt_ptr": "*i32", "lock_ptr": "*i32"}  # every other pointer: bf16 tensors
+           "cnt_ptr": "*i32", "lock_ptr": "*i32", "sync_ptr": "*i32"}  # every other pointer: bf16 tensors
 EPI = dict(BB=16, BLOCK_N=128, RB=64, HAS_BIAS=False, NCP=16)
 KERNELS = [  # (kernel, constexprs, warps, stages)
     (tg._fused_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128), 4, 4),
     (splitk._splitk_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=128, BLOCK_N=64, SPLITS=4, GLU=False, HAS_BIAS=False), 4, 4),
     (tg._group_z, dict(CHUNK=256, BB=16, RB=64), 4, 3),
-    (tg._gather_z_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, RB=32, ZSUB=32), 4, 4),
+    (tg._ranked_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, **tg.RANKED_TILES), 4, 4),
     (tg._epilogue, dict(EPI, HAS_R=False, NZP=16), 4, 3),
     (tg._epilogue, dict(EPI, HAS_R=True, NZP=16), 4, 3),
     (tg._epilogue, dict(EPI, HAS_R=True, NZP=64), 4, 3),

@@ -42,14 +42,15 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "zgather", "split1", "split3"])
+@pytest.mark.parametrize("variant", ["fused", "select", "ranked", "split1", "split3"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
-    zgather: low-rank inputs by extra programs of the gather launch (the same as fused for r = 0)."""
+    ranked: the rank terms inside the gather launch (fused and select: the low-rank inputs in a launch
+    of their own, the U product in the epilogue; all the same for r = 0)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
-    cfg = dict(tg.config_for(OUT, R), fused=variant != "select", z_in_gather=variant == "zgather", chunk=128 if IN < 600 else 256,
+    cfg = dict(tg.config_for(OUT, R), fused=variant != "select", rank_in_gather=variant == "ranked", chunk=128 if IN < 600 else 256,
                block_n=64, splits=int(variant[-1]) if variant.startswith("split") else None)
     out = torch.full((B, OUT), float("nan"), dtype=dtype)
     args = [t.to(DEV) if t is not None else None for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
@@ -94,8 +95,8 @@ def test_triton_module_matches_rsparse_linear():
 
 
 # group / GLU kernels: two-launch (partials + epilogue), one launch with 1 or 2 ranges (r = 0), or
-# "zg": the low-rank inputs computed by extra programs of the gather launch (rank terms)
-SPLITS = [None, 1, 2, "zg"]
+# "rg": the rank terms inside the gather launch (None: their low-rank inputs in a launch of their own)
+SPLITS = [None, 1, 2, "rg"]
 
 
 def _group_case(B, IN, outs, ranks, sparsities, dtype):
@@ -128,8 +129,8 @@ def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, ranks, splits)
     (row strides > its widths) each member does too. (Rank terms take the partials path, splits or not.)"""
     torch.manual_seed(B + IN + len(outs) + sum(ranks))
     x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, ranks, (0.5, 0.8, 0.3)[:len(outs)], dtype)
-    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, z_in_gather=splits == "zg",
-               splits=None if sum(ranks) or splits == "zg" else splits)
+    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, rank_in_gather=splits == "rg",
+               splits=None if sum(ranks) or splits == "rg" else splits)
     out = torch.full((B, sum(outs)), float("nan"), dtype=dtype)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     y = tg._launch(*dev, cfg, out=out.to(DEV), segments=tuple(seg), roffs=tuple(roff)).cpu()
@@ -157,8 +158,8 @@ def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, sp
     x, wt, at, u, cs, taus, bias, (ref_g, ref_u), seg, roff = _group_case(B, IN, (half, half), ranks, (0.5, 0.7), dtype)
     ref = torch.nn.functional.silu(ref_g) * ref_u
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, z_in_gather=splits == "zg",
-               splits=None if sum(ranks) or splits == "zg" else splits)
+    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, rank_in_gather=splits == "rg",
+               splits=None if sum(ranks) or splits == "rg" else splits)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     out = torch.full((B, half), float("nan"), dtype=dtype).to(DEV)
     y = tg._launch(*dev, cfg, out=out, segments=(half, 2 * half), glu=True, roffs=tuple(roff)).cpu()
@@ -169,35 +170,42 @@ def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, sp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,IN,outs", [(1, 300, (64, 32, 32)), (5, 513, (96, 65)), (8, 129, (70,))])
-def test_partials_sum_to_members_oracles(dtype, B, IN, outs):
-    """The gather alone (`rsparse_partials`, r = 0): its float32 partials (chunks, rows, out), poisoned
-    before the launch, sum (with bias, cast; `sum_partials`) to every member's float64 oracle; the
-    registered op agrees, and a lone module (seg1 = seg2 = out, 1-d scales, 0-d tau) too."""
-    torch.manual_seed(B * IN + len(outs))
-    x, wt, at, u, cs, taus, bias, refs, seg, _ = _group_case(B, IN, outs, (0,) * len(outs), (0.5, 0.8, 0.3)[:len(outs)], dtype)
+@pytest.mark.parametrize("B,IN,outs,ranks", [(1, 300, (64, 32, 32), (0, 0, 0)), (5, 513, (96, 65), (0, 0)), (8, 129, (70,), (0,)),
+                                             (3, 300, (64, 32, 32), (9, 0, 37)), (1, 1100, (70,), (16,)), (6, 257, (96, 65), (4, 64)),
+                                             (2, 129, (50,), (70,))])
+def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
+    """The gather alone (`rsparse_partials`; rank terms inside the launch, their rank blocks fewer or
+    more than the chunks): its float32 partials (chunks, rows, out), poisoned before the launch, sum
+    (with bias, cast; `sum_partials`) to every member's float64 oracle; the registered op agrees, and
+    a lone module (seg1 = seg2 = out, 1-d scales, 0-d tau) too."""
+    torch.manual_seed(B * IN + len(outs) + sum(ranks))
+    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, ranks, (0.5, 0.8, 0.3)[:len(outs)], dtype)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32 if len(outs) > 1 else 64)
-    dev = [t.to(DEV) if t is not None else None for t in (x, wt, cs, taus, bias)]
+    dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
-    tg._gather(dev[0], dev[1], dev[2], dev[3], parts, cfg, *seg)
+    if sum(ranks):
+        tg._ranked_gather(*dev[:6], parts, cfg, *seg, *roff)
+    else:
+        tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
     assert torch.isfinite(parts).all(), "partial element left unwritten"
-    y = tg.sum_partials(parts, dev[4], dtype).cpu()
+    y = tg.sum_partials(parts, dev[6], dtype).cpu()
     ref = torch.cat(refs, 1)
     assert y.dtype == dtype and ((y.double() - ref).norm() / ref.norm()).item() < tol
-    op = torch.ops.rsparse.rsparse_partials(dev[0], dev[1], dev[2], dev[3], *seg)
+    op = torch.ops.rsparse.rsparse_partials(*dev[:6], *seg, *roff)
     assert op.dtype == torch.float32 and op.shape[1:] == (B, sum(outs))
-    assert ((tg.sum_partials(op, dev[4], dtype).cpu().double() - ref).norm() / ref.norm()).item() < tol
-    o = outs[0]
-    lone = torch.ops.rsparse.rsparse_partials(dev[0], dev[1][:, :o], dev[2][0], dev[3][0], o, o)
-    got = tg.sum_partials(lone, None if bias is None else dev[4][:o], dtype).cpu().double()
+    assert ((tg.sum_partials(op, dev[6], dtype).cpu().double() - ref).norm() / ref.norm()).item() < tol
+    o, r = outs[0], ranks[0]
+    lone = torch.ops.rsparse.rsparse_partials(dev[0], dev[1][:, :o], dev[2][:, :r], dev[3][:o * r].view(o, r), dev[4][0], dev[5][0],
+                                              o, o, r, r)
+    got = tg.sum_partials(lone, None if bias is None else dev[6][:o], dtype).cpu().double()
     assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol
 
 
 def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
-    """While torch.compile traces, r = 0 modules and groups call `rsparse_partials` (no epilogue launch)
-    and sum the partials in the graph; a module with a rank term keeps the epilogue op. Both give the
-    oracle. On the CPU the trace is simulated (is_compiling forced: Triton's interpreter cannot run
+    """While torch.compile traces, modules and groups call `rsparse_partials` (no epilogue launch) and
+    sum the partials in the graph; with RANK_IN_GATHER off a module with a rank term keeps the
+    epilogue op. All give the oracle. On the CPU the trace is simulated (is_compiling forced: Triton's interpreter cannot run
     under fake tensors); on a GPU the modules are compiled by inductor for real."""
     from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
     from rsparse.linear import RSparseLinear
@@ -218,8 +226,11 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
         compile_ = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 160))
     with torch.no_grad():
-        for fn, ref, via_partials in ((lone, refs[0](x), True), (lone_ranked, ranked(x), False)):
+        for fn, ref, rank_in_gather, via_partials in ((lone, refs[0](x), True, True), (lone_ranked, ranked(x), True, True),
+                                                      (lone_ranked, ranked(x), False, False)):
+            monkeypatch.setattr(tg, "RANK_IN_GATHER", rank_in_gather)
             sums.clear()
+            torch._dynamo.reset()  # a fresh trace reads the switch
             y = compile_(fn)(x.to(DEV)).cpu()
             assert ((y - ref).norm() / ref.norm()).item() < 1e-5
             assert bool(sums) == via_partials
@@ -381,5 +392,6 @@ def test_kernels_trace_as_torch_compile_analyses_them():
     assert run.returncode == 0, run.stderr[-3000:]
     written = json.loads(run.stdout.strip().splitlines()[-1])
     assert written == {"select": ["cnt_ptr", "idx_ptr", "zpart_ptr"], "group_z": ["zpart_ptr"], "gather": ["ypart_ptr"],
-                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "gather_z": ["scratch_ptr", "ypart_ptr", "zpart_ptr"], "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
+                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
+                       "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
                        "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"]}

@@ -306,7 +306,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
     the consumer, and inductor summing them only where TUNED has no one-launch kernel; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
-    --compare-z: rank terms' low-rank inputs by extra programs of the gather launch)."""
+    --compare-rank: rank terms the other way than `RANK_IN_GATHER`: inside the gather launch or in
+    launches of their own)."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
@@ -315,20 +316,21 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
     if getattr(args, "masked_dense", False) and B > 1:
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
-    if getattr(args, "compare_z", False):
-        out.append((f"{label_c}-zgather", sparse, groups, {"z_in_gather": True}))
+    if getattr(args, "compare_rank", False):
+        other = not tg.RANK_IN_GATHER
+        out.append((f"{label_c}-rank-{'in-gather' if other else 'split'}", sparse, groups, {"rank_in_gather": other}))
     return out
 
 
 @contextlib.contextmanager
-def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, z_in_gather=None):
+def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_in_gather=None):
     """Set while a compiled step is traced and captured (all are read at trace time only)."""
     from .kernels import module as km
 
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.Z_IN_GATHER
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_IN_GATHER
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
-    tg.Z_IN_GATHER = saved[2] if z_in_gather is None else z_in_gather
+    tg.RANK_IN_GATHER = saved[2] if rank_in_gather is None else rank_in_gather
     try:
         if pdl:
             import torch._inductor.config as inductor_config
@@ -338,7 +340,7 @@ def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, z_in_gat
         else:
             yield
     finally:
-        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.Z_IN_GATHER = saved
+        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_IN_GATHER = saved
 
 
 def aligned_allocation(out_f: int, in_f: int, sparsity: float, alpha: float):

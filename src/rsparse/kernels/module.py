@@ -4,11 +4,11 @@ Layout (`TransposedRSparseLinear`): Wt = W^T (in, out) so a kept input channel i
 row, At = A^T (in, r) so a dropped channel reads r contiguous values, and here U (out, r). Only Wt
 is stored, so prefill (`dense()`, used by `dense_view`) runs a dense cuBLAS matmul on the same
 storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`; more rows (all-tokens
-evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up as one call
-(`rsparse::rsparse_group_gemv`; members with a rank term add one launch for their low-rank inputs) for
-the decoder, and gate|up's SiLU(gate) * up with the activation in the epilogue
-(`rsparse::rsparse_glu_gemv`). Under torch.compile, calls without a rank term run the gather alone
-(`rsparse::rsparse_partials`) and inductor fuses the partials' sum into the next kernel.
+evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up as one
+call (`rsparse::rsparse_group_gemv`) for the decoder, and gate|up's SiLU(gate) * up with the
+activation in the epilogue (`rsparse::rsparse_glu_gemv`). Under torch.compile, calls without a rank term (with one too, where
+`triton_gemv.RANK_IN_GATHER` puts it in the gather launch) run the gather alone
+(`rsparse::rsparse_partials`), and inductor fuses the partials' sum into the next kernel.
 """
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ REDUCE_IN_CONSUMER = "all"
 
 
 def consumer_reduces(at: torch.Tensor, wt: torch.Tensor) -> bool:
-    if REDUCE_IN_CONSUMER == "none" or at.shape[1] or not torch.compiler.is_compiling():
+    """Rank terms too, where the gather launch computes them (`triton_gemv.RANK_IN_GATHER`)."""
+    if REDUCE_IN_CONSUMER == "none" or not torch.compiler.is_compiling():
+        return False
+    if at.shape[1] and not triton_gemv.RANK_IN_GATHER:
         return False
     return REDUCE_IN_CONSUMER == "all" or not triton_gemv.config_for(wt.shape[1], 0, wt.shape[0]).get("splits")
 
@@ -63,7 +66,8 @@ class TritonRSparseLinear(TransposedRSparseLinear):
             return self.oracle(rows)  # masked dense: cuBLAS on the same storage
         if consumer_reduces(self.at, self.wt):
             n = self.out_features
-            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.col_scale, self.tau, n, n)
+            r = self.at.shape[1]
+            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, n, n, r, r)
             return triton_gemv.sum_partials(parts, self.bias, rows.dtype)
         return torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.bias)
 
@@ -124,7 +128,8 @@ class TritonGroup(nn.Module):
         if rows.shape[0] > min(MAX_DECODE_ROWS, KERNEL_MAX_ROWS):
             return tuple(m(x) for m in self._members)
         if consumer_reduces(self.at, self.wt):
-            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.col_scale, self.tau, self.seg1, self.seg2)
+            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
+                                                       self.seg2, self.roff1, self.roff2)
             y = triton_gemv.sum_partials(parts, self.bias, rows.dtype)
         else:
             y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,

@@ -2,19 +2,22 @@
 
 Layout: the module stores Wt = W^T (in, out) so a kept input channel j is one contiguous row
 Wt[j, :], and At = A^T (in, r) so a dropped channel reads r contiguous values (r a multiple of 16 in
-the modules: aligned rows). The path the modules use (2 launches, one more with rank terms):
+the modules: aligned rows). The path the modules use (2 launches; 1 under torch.compile for r = 0):
 1. `_fused_gather_gemv`: grid (out tiles, chunks); each program compacts its chunk's kept channel
    indices (|x_j| c_j > tau for any row; `tl_common`) into a private scratch row, then loops over
    those Wt rows only (every load is useful) and writes a float32 partial ypart[chunk] (chunks, rows,
-   out). With rank terms `_group_z` first writes the low-rank input partials zpart[chunk] =
-   x_dropped @ At[chunk] (At rows read only where dropped); `_gather_z_gemv` does both in one launch.
-2. `_epilogue`: y = sum_chunks ypart + (sum_chunks zpart) @ U^T + b, cast to the model dtype
-   (`_glu_epilogue` for a gate|up group: SiLU(gate) * up, the MLP activation, in the same pass).
-   Under torch.compile, r = 0 calls skip it: `rsparse_partials` returns the partials and inductor
-   sums them inside the consumer's kernel.
+   out). With rank terms `_ranked_gather_gemv` instead: its first programs write the low-rank input
+   partials z[chunk] = x_dropped @ At[chunk] (At rows read only where dropped), and the tiles add
+   z @ U^T (a share of the rank blocks each) to their partial once those are done (a counter in the
+   same launch).
+   By default (`RANK_IN_GATHER`, measured faster end to end) rank terms take 3 launches instead:
+   `_group_z` for the low-rank inputs, the gather, and the U product in the epilogue.
+2. `_epilogue`: y = sum_chunks ypart (+ z @ U^T) + b, cast to the model dtype (`_glu_epilogue` for a gate|up
+   group: SiLU(gate) * up, the MLP activation, in the same pass). Under torch.compile it is
+   skipped: `rsparse_partials` returns the partials and inductor sums them inside the consumer's kernel.
 `_select` + `_gather_gemv` is session 1's 3-launch form (compaction in its own launch), kept as a
-tested variant. Partials instead of atomics: deterministic, no zero-fill launches, and bf16/fp16
-never need atomics. For batch > 1 the gathered rows are the union of the rows' kept channels and
+tested variant. Partials instead of atomics on the data: deterministic, no zero-filled outputs, and
+bf16/fp16 never need atomics. For batch > 1 the gathered rows are the union of the rows' kept channels and
 each row multiplies only its own kept entries, so results equal the per-row oracle. Wt may be a
 column slice of a wider matrix (row stride LDW): projections that read the same input (q|k|v,
 gate|up) are stored side by side and run as one call (`rsparse_group_gemv`; a tile belongs to one
@@ -92,11 +95,10 @@ def _member(n0, SEG1, SEG2, ROFF1, ROFF2, RT):
 
 
 @triton.jit
-def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, ROFF2,
-             CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr):
-    """Low-rank inputs of a group's members: grid (chunks, members); member p thresholds with its own
-    tau / scales and writes z partials for its rank columns [ra, rb) of the group's At (in, RT)."""
-    chunk, p = tl.program_id(0), tl.program_id(1)
+def _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, chunk, p, B, IN, LDA, RT, ROFF1, ROFF2,
+              CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr):
+    """Member p's low-rank input partial for one chunk of channels, thresholded with its own tau /
+    scales: zpart[chunk, :, ra:rb] = x_dropped @ At[chunk, ra:rb] (its rank columns of the group's At)."""
     ra, rb = _rank_range(p, ROFF1, ROFF2, RT)
     if rb > ra:
         offs = chunk * CHUNK + tl.arange(0, CHUNK)
@@ -106,6 +108,14 @@ def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, RO
         c = tl.load(c_ptr + p * IN + offs, mask=offs < IN, other=0.0)
         keep = _keep(x, c, tl.load(tau_ptr + p), valid)
         _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * B * RT, rows, B, LDA, RT, ra, rb, RB)
+
+
+@triton.jit
+def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, ROFF2,
+             CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr):
+    """Low-rank inputs of a group's members in a launch of their own: grid (chunks, members)."""
+    _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, tl.program_id(0), tl.program_id(1), B, IN, LDA, RT, ROFF1, ROFF2,
+              CHUNK, BB, RB)
 
 
 @triton.jit
@@ -121,20 +131,24 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
 
 
 @triton.jit
-def _gather_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
-                 CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Output tile pid_n over input chunk `chunk`: compact the chunk's kept channels (with the tile's
-    member's threshold and scales) into a private scratch row, gather their Wt rows, store the
-    float32 partial."""
+def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
+              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Output tile pid_n over input chunk `chunk` (float32): compact the chunk's kept channels (with
+    the tile's member's threshold and scales) into a private scratch row, gather their Wt rows."""
     rows = tl.arange(0, BB)
     n0 = pid_n * BLOCK_N
     p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
     tau = tl.load(tau_ptr + p)
     cp = c_ptr + p * IN
-    base = scratch_ptr + (pid_n * tl.num_programs(1) + chunk) * CHUNK
+    base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
     cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
-    n = n0 + tl.arange(0, BLOCK_N)
-    acc = _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
+    return _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n0 + tl.arange(0, BLOCK_N), B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
+
+
+@triton.jit
+def _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.arange(0, BB)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
 
@@ -146,40 +160,9 @@ def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B,
     of up to 3 projections reading the same x with Wt side by side (q|k|v, gate|up): output columns
     [0, SEG1) use threshold/scales 0, [SEG1, SEG2) 1, [SEG2, OUT) 2 (c is (P, IN), tau (P,)); member
     boundaries are multiples of BLOCK_N, so a program's tile belongs to one member."""
-    _gather_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, tl.program_id(0), tl.program_id(1), B, IN, OUT, LDW,
-                 SEG1, SEG2, CHUNK, BB, BLOCK_K, BLOCK_N)
-
-
-@triton.jit
-def _gather_z_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, B, IN, OUT, LDW, SEG1, SEG2,
-                   LDA, RT, ROFF1, ROFF2, NTILE, NRB, CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_N: tl.constexpr, RB: tl.constexpr, ZSUB: tl.constexpr):
-    """`_fused_gather_gemv` and `_group_z` in one launch (one launch fewer per call with rank terms):
-    grid (NTILE + members * NRB, chunks); programs pid_n < NTILE gather their tile, program
-    NTILE + p * NRB + q writes rank block q (RB columns) of member p's low-rank input partial for the
-    chunk, z[chunk] = x_dropped @ At[chunk, block], in ZSUB-channel steps (At rows read only where
-    some row dropped the channel). Small RB and ZSUB keep the z branch from raising the registers
-    of every program (sm_90 SASS, `benchmarks/sass_report.py`: 80 at RB = ZSUB = 32; the gather alone 66)."""
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
-    if pid_n < NTILE:
-        _gather_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
-                     CHUNK, BB, BLOCK_K, BLOCK_N)
-    else:
-        p = (pid_n - NTILE) // NRB
-        ra, rb = _rank_range(p, ROFF1, ROFF2, RT)
-        r0 = ra + (pid_n - NTILE - p * NRB) * RB
-        if r0 < rb:
-            tau = tl.load(tau_ptr + p)
-            rows = tl.arange(0, BB)
-            rr = r0 + tl.arange(0, RB)
-            z = tl.zeros((BB, RB), dtype=tl.float32)
-            for k0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, ZSUB):
-                offs = k0 + tl.arange(0, ZSUB)
-                valid = (rows[:, None] < B) & (offs[None, :] < IN)
-                x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
-                c = tl.load(c_ptr + p * IN + offs, mask=offs < IN, other=0.0)
-                z += _z_dot(x, _keep(x, c, tau, valid), valid, at_ptr, offs, rr, rb, LDA)
-            tl.store(zpart_ptr + chunk * B * RT + rows[:, None] * RT + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < rb))
+    acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB, BLOCK_K, BLOCK_N)
+    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
 @triton.jit
@@ -195,24 +178,69 @@ def _sum_partials(ypart_ptr, rows, n, nmask, B, OUT, NCHUNK, BB: tl.constexpr, B
 
 
 @triton.jit
-def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, rb, uoff,
+def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0, qstep,
              BB: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
-    """acc + z[:, ra:rb] @ U_p^T for a member's output columns n, z summed over the NZCHUNK partials
+    """acc + z[:, ra:rb] @ U_p^T for a member's output columns n (the rank blocks of RB columns from
+    ra + q0 in steps of qstep: all of them for q0 = 0, qstep = RB), z summed over the NZCHUNK partials
     (NZCHUNK, B, RT); U_p (out_p, r_p = rb - ra) is packed at u_ptr + uoff, its first row for column
-    seg_lo. Each row's partials arrive as one (NZP, RB) tile and one tl.sum: summed in a loop of
-    dependent loads they cost ~30-100 us per call (session 6)."""
-    ch = tl.arange(0, NZP)
-    for r0 in range(ra, rb, RB):
+    seg_lo. Each row's partials arrive as (NZP, RB) tiles, each one tl.sum (summed one partial at a
+    time, a chain of dependent loads, they cost ~30-100 us per call, session 6; NZP caps the tile,
+    whose reduction goes through shared memory). Loaded .cg (from L2): in
+    `_ranked_gather_gemv` other programs of the same launch wrote them."""
+    for r0 in range(ra + q0, rb, qstep):
         rr = r0 + tl.arange(0, RB)
         z = tl.zeros((BB, RB), dtype=tl.float32)
         for b in range(0, B):
-            zt = tl.load(zpart_ptr + ch[:, None] * (B * RT) + b * RT + rr[None, :],
-                         mask=(ch[:, None] < NZCHUNK) & (rr[None, :] < rb), other=0.0)
-            z = tl.where(rows[:, None] == b, tl.sum(zt, axis=0)[None, :], z)
+            zb = tl.zeros((RB,), dtype=tl.float32)
+            for c0 in range(0, NZCHUNK, NZP):
+                ch = c0 + tl.arange(0, NZP)
+                zt = tl.load(zpart_ptr + ch[:, None] * (B * RT) + b * RT + rr[None, :],
+                             mask=(ch[:, None] < NZCHUNK) & (rr[None, :] < rb), other=0.0, cache_modifier=".cg")
+                zb += tl.sum(zt, axis=0)
+            z = tl.where(rows[:, None] == b, zb[None, :], z)
         u = tl.load(u_ptr + uoff + (n[None, :] - seg_lo) * (rb - ra) + (rr[:, None] - ra),
                     mask=(rr[:, None] < rb) & nmask[None, :], other=0.0)
         acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")
     return acc
+
+
+@triton.jit
+def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, u_ptr, sync_ptr,
+                        B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ,
+                        CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+    """The gather with the rank terms in the same launch: 1-d grid, programs [0, NZ) write the
+    low-rank input partials (`_member_z`, NZCHUNK chunks x members) and each raise the counter
+    sync_ptr (zeroed per call); the others are the gather tiles (tile-major per chunk). A tile, once
+    its partial is gathered, waits until the counter reaches NZ and adds its share of its member's
+    z @ U^T (some rank blocks) to its partial, so the chunks' partials sum to W_S x_S + U (A x_dropped).
+    No deadlock: blocks start in program-id order, so every z program has started before a waiting
+    tile, and a waiting tile has done its gather; by then the z programs (a few us) have finished."""
+    pid = tl.program_id(0)
+    if pid < NZ:
+        _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, pid % NZCHUNK, pid // NZCHUNK, B, IN, LDA, RT, ROFF1, ROFF2,
+                  ZCHUNK, BB, RB)
+        tl.debug_barrier()  # the whole partial is written before the count is raised (release)
+        tl.atomic_add(sync_ptr, 1, sem="release")
+    else:
+        t = pid - NZ
+        pid_n, chunk = t % NTILE, t // NTILE
+        acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
+                        BLOCK_K, BLOCK_N)
+        # rank block q of the tile's member is added by the tile of chunk NCHUNK - 1 - q % NCHUNK: the U
+        # work spread over the chunks (session 7 gave it all to the last chunk's tiles and lost end to
+        # end at ranks 96-144; their longer tail is the hypothesis), falling to the last chunks,
+        # dispatched last, when there are fewer blocks than chunks
+        nchunk = tl.cdiv(IN, CHUNK)
+        p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
+        q0 = (nchunk - 1 - chunk) * RB
+        if ra + q0 < rb:
+            while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ:
+                pass
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
+                           nchunk * RB, BB, RB, NZP)
+        _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
 @triton.jit
@@ -228,7 +256,7 @@ def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZC
     acc = _sum_partials(ypart_ptr, rows, n, n < OUT, B, OUT, NCHUNK, BB, BLOCK_N, NCP)
     if HAS_R:
         p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
-        acc = _lowrank(acc, zpart_ptr, u_ptr, rows, n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, BB, RB, NZP)
+        acc = _lowrank(acc, zpart_ptr, u_ptr, rows, n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, 0, RB, BB, RB, NZP)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n < OUT, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * OUT + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m)
@@ -254,8 +282,9 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
         # after gate's. Spelled out, not _member(0, ...): torch's mutation analysis traces kernels with the
         # scalar arguments as constants, where (0 >= HALF) is a Python bool and tracing fails; inductor then
         # assumed every input mutated and copied them on every call (found in session 6's logs)
-        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, 0, 0, ROFF1, 0, BB, RB, NZP)
-        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, HALF, ROFF1, RT, HALF * ROFF1, BB, RB, NZP)
+        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, 0, 0, ROFF1, 0, 0, RB, BB, RB, NZP)
+        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, HALF, ROFF1, RT, HALF * ROFF1, 0, RB, BB, RB,
+                     NZP)
     if HAS_BIAS:
         g += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
         u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
@@ -318,10 +347,40 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
     return ypart
 
 
-# Rank terms: low-rank inputs computed by extra programs of the gather launch (`_gather_z_gemv`) instead
-# of a launch of their own (`_group_z`). Off until measured on the GPU (written in session 6, after the
-# device time was spent); a configuration's "z_in_gather" overrides it, the benchmarks flip it for A/B.
-Z_IN_GATHER = False
+# Rank terms in the gather launch (`_ranked_gather_gemv`: 1 launch + the epilogue, or 1 launch alone
+# under torch.compile) instead of a launch of their own for the low-rank inputs (`_group_z`) and the
+# U product in the epilogue (3 launches). Off: on an H200 (session 7) it was faster per lone module
+# at ranks 16-64 (10 of 11 shapes, -1.5 to -3.3 us per call; +1.8 us at 4096 x 14336, r = 64) but
+# slower end to end at alpha 0.9 (ranks 32-144, in groups): compiled 201 vs 215 tok/s (two runs). A configuration's "rank_in_gather" overrides the
+# switch; the benchmarks flip it for A/B.
+RANK_IN_GATHER = False
+ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB tile of At)
+# `_ranked_gather_gemv`'s z programs and z sums in smaller tiles: the kernel's shared memory is that of
+# its largest branch, and the gather tiles' occupancy sets the kernel's speed (sm_90: 38 KB per program
+# at 128 x 32 tiles, 111 KB at 256 x 64; the gather alone 19 KB)
+RANKED_TILES = dict(ZCHUNK=128, RB=32, NZP=32)
+
+
+def _rank_block(R: int) -> int:
+    return 32 if R <= 32 else 64
+
+
+def _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2):
+    """`_ranked_gather_gemv` over the whole layer: float32 partials (chunks, rows, out) into ypart whose
+    sum over the chunks includes every member's rank term."""
+    B, IN = x.shape
+    OUT, R = wt.shape[1], at.shape[1]
+    ch, bn = cfg["chunk"], cfg["block_n"]
+    nchunk, ntile, nzchunk = triton.cdiv(IN, ch), triton.cdiv(OUT, bn), triton.cdiv(IN, RANKED_TILES["ZCHUNK"])
+    nz = nzchunk * (1 + (seg1 < OUT) + (seg2 < OUT))
+    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
+    zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
+    sync = torch.zeros(1, dtype=torch.int32, device=x.device)  # z programs done: counted from 0 every call
+    torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
+        x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
+        roff1, roff2, ntile, nzchunk, nz, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, **RANKED_TILES,
+        num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return ypart
 
 
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None):
@@ -342,22 +401,17 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
     nzchunk = nchunk
     zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
-    rb = 32 if R <= 32 else 64
+    rb = _rank_block(R)
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    members = 1 + (seg1 < OUT) + (seg2 < OUT)
-    if R > 0 and (Z_IN_GATHER if cfg.get("z_in_gather") is None else cfg["z_in_gather"]):
-        zrb = 32  # rank columns per z program (RB): the rank blocks of the widest member set the grid
-        nrb = triton.cdiv(max(roff1, roff2 - roff1, R - roff2), zrb)
-        scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-        torch.library.wrap_triton(_gather_z_gemv)[(ntile + members * nrb, nchunk)](
-            x, col_scale, tau, wt, scratch, ypart, at, zpart, B, IN, OUT, LDW, seg1, seg2, at.stride(0), R, roff1, roff2, ntile,
-            nrb, RB=zrb, ZSUB=32, **meta)
+    ranked = R > 0 and (RANK_IN_GATHER if cfg.get("rank_in_gather") is None else cfg["rank_in_gather"])
+    if ranked:
+        _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2)
     elif group or cfg.get("fused"):
-        if R > 0:  # the members' low-rank inputs, one launch; 256-channel chunks (a chunk x RB tile of At)
-            nzchunk = triton.cdiv(IN, 256)
+        if R > 0:  # the members' low-rank inputs, one launch (a ZCHUNK x RB tile of At per program)
+            nzchunk = triton.cdiv(IN, ZCHUNK)
             zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
-            torch.library.wrap_triton(_group_z)[(nzchunk, members)](x, col_scale, tau, at, zpart, B, IN, at.stride(0), R,
-                                                                    roff1, roff2, CHUNK=256, BB=BB, RB=rb)
+            torch.library.wrap_triton(_group_z)[(nzchunk, 1 + (seg1 < OUT) + (seg2 < OUT))](
+                x, col_scale, tau, at, zpart, B, IN, at.stride(0), R, roff1, roff2, CHUNK=ZCHUNK, BB=BB, RB=rb)
         _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
     else:
         idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
@@ -366,7 +420,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
                                                       CHUNK=ch, BB=BB, RB=rb, HAS_R=R > 0)
         torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, LDW, **meta)
     b = bias if bias is not None else y
-    tail = dict(BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0, HAS_BIAS=bias is not None,
+    tail = dict(BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0 and not ranked, HAS_BIAS=bias is not None,
                 NCP=triton.next_power_of_2(nchunk), NZP=triton.next_power_of_2(nzchunk))
     if glu:
         torch.library.wrap_triton(_glu_epilogue)[(triton.cdiv(OUT // 2, bn),)](
@@ -429,16 +483,18 @@ def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
 
 
 @torch.library.triton_op("rsparse::rsparse_partials", mutates_args={})
-def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, tau: torch.Tensor,
-                     seg1: int, seg2: int) -> torch.Tensor:
-    """The r = 0 gather alone, one launch: float32 partials (chunks, rows, out) whose sum over the
-    chunks is the sparse product (before bias and cast) of a module (seg1 = seg2 = out; col_scale
-    (in,), tau ()) or of a group (as in `rsparse_group_gemv`). Under torch.compile the sum, bias and
-    cast are left to `sum_partials`, which inductor fuses into the consumer's kernel (RoPE and the
-    cache write, the residual add) instead of launching our epilogue."""
+def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
+                     tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int) -> torch.Tensor:
+    """The gather alone, one launch: float32 partials (chunks, rows, out) whose sum over the chunks is
+    the sparse product with its rank terms (before bias and cast) of a module (seg1 = seg2 = out,
+    roff1 = roff2 = r; col_scale (in,), tau ()) or of a group (as in `rsparse_group_gemv`). Under
+    torch.compile the sum, bias and cast are left to `sum_partials`, which inductor fuses into the
+    consumer's kernel (RoPE and the cache write, the residual add) instead of launching our epilogue."""
     B, IN = x.shape
     cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
     ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
+    if at.shape[1]:
+        return _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2)
     return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
 
 
