@@ -422,19 +422,18 @@ def main():
                     checks.append(err)
                     assert torch.isfinite(y).all() and err < 1e-2, (out_f, in_f, s, alpha, B, err)
                     ours = bench(lambda: [rsparse_gemv(x, Wt, At, U, ones, tau) for Wt, At, U in zip(Wts, Ats, Us)])
-                    if R:  # A/B: the rank terms the other way (inside the gather launch / launches of their own)
-                        zcfg = dict(tg.config_for(out_f, R, in_f), rank_in_gather=not tg.RANK_IN_GATHER)
-                        yz = tg._launch(x, Wts[0], Ats[0], Us[0], ones, tau, None, zcfg)
-                        assert ((yz.float() - ref).norm() / ref.norm()).item() < 1e-2
-                        ours_zg = bench(lambda: [tg._launch(x, Wt, At, U, ones, tau, None, zcfg) for Wt, At, U in zip(Wts, Ats, Us)])
                     kept_any = (x.float().abs() > tau).any(0).float().mean().item()
                     dropped_any = (x.float().abs() <= tau).any(0).float().mean().item()
                     must = 2 * (kept_any * in_f * out_f + R * (out_f + dropped_any * in_f))
                     row = {"out": out_f, "in": in_f, "sparsity": s, "alpha": alpha, "rank": R, "batch": B,
                            "kept": kept_any, "dense_us": dense_us, "ours_us": ours, "rel_err": err,
                            "ours_bw_frac": must / (ours * 1e-6) / bw, "speedup_vs_dense": dense_us / ours}
-                    if R:
-                        row["ours_rank_other_us"] = ours_zg
+                    for mode in (m for m in tg.RANK_MODES if R and m != tg.RANK_TERMS):  # A/B: the other rank paths
+                        zcfg = dict(tg.config_for(out_f, R, in_f), rank_terms=mode)
+                        yz = tg._launch(x, Wts[0], Ats[0], Us[0], ones, tau, None, zcfg)
+                        assert ((yz.float() - ref).norm() / ref.norm()).item() < 1e-2, (mode, out_f, in_f)
+                        row[f"rank_{mode}_us"] = bench(lambda: [tg._launch(x, Wt, At, U, ones, tau, None, zcfg)
+                                                                for Wt, At, U in zip(Wts, Ats, Us)])
                     if B == 1 and R == 0:
                         yt = teal_gemv(x[0], Wts[0], tau, **tcfg)
                         errt = ((yt.float() - ref[0]).norm() / ref.norm()).item()
@@ -455,12 +454,13 @@ def main():
     compiled_ok = bool(torch.equal(yc, ye))
 
     print(f"\n{'shape (out x in)':18s} {'s':>4s} {'a':>5s} {'r':>4s} {'B':>2s} {'dense us':>9s} {'teal us':>8s} {'ours us':>8s} "
-          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s} {'rank other us':>14s}")
+          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s}" + "".join(f" {m + ' us':>14s}" for m in tg.RANK_MODES))
     for r in rows:
         print(f"{r['out']:>6d} x {r['in']:<8d} {r['sparsity']:4.2f} {r['alpha']:5.2f} {r['rank']:4d} {r['batch']:2d} {r['dense_us']:9.2f} "
               f"{r.get('teal_us', float('nan')):8.2f} {r['ours_us']:8.2f} {r['speedup_vs_dense']:8.2f} "
               f"{r.get('speedup_vs_teal', float('nan')):7.2f} {r['ours_bw_frac']:8.1%} {r.get('teal_bw_frac', float('nan')):8.1%} "
-              f"{r.get('ours_rank_other_us', float('nan')):14.2f}")
+              + "".join(f" {r.get(f'rank_{m}_us', r['ours_us'] if r['rank'] and m == tg.RANK_TERMS else float('nan')):14.2f}"
+                        for m in tg.RANK_MODES))
     summary = {"copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "max_rel_err": max(checks),
                "median_speedup_vs_teal_b1_s50": statistics.median(r["speedup_vs_teal"] for r in rows if "speedup_vs_teal" in r and r["sparsity"] == 0.5),
                "rows": rows}

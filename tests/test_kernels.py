@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 triton = pytest.importorskip("triton")
 
-from rsparse.kernels import triton_gemv as tg  # noqa: E402
+from rsparse.kernels import lowrank, triton_gemv as tg  # noqa: E402
 from rsparse.kernels.teal import teal_gemv  # noqa: E402
 from rsparse.linear import rsparse_linear_ref  # noqa: E402
 
@@ -42,15 +42,15 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "ranked", "split1", "split3"])
+@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
-    ranked: the rank terms inside the gather launch (fused and select: the low-rank inputs in a launch
-    of their own, the U product in the epilogue; all the same for r = 0)."""
+    gather / one-launch: the rank terms' U product added by the gather (the low-rank inputs before it,
+    or in the same launch); fused and select: the U product in the epilogue (all the same for r = 0)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
-    cfg = dict(tg.config_for(OUT, R), fused=variant != "select", rank_in_gather=variant == "ranked", chunk=128 if IN < 600 else 256,
+    cfg = dict(tg.config_for(OUT, R), fused=variant != "select", rank_terms=variant if variant in tg.RANK_MODES else "epilogue", chunk=128 if IN < 600 else 256,
                block_n=64, splits=int(variant[-1]) if variant.startswith("split") else None)
     out = torch.full((B, OUT), float("nan"), dtype=dtype)
     args = [t.to(DEV) if t is not None else None for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
@@ -95,8 +95,8 @@ def test_triton_module_matches_rsparse_linear():
 
 
 # group / GLU kernels: two-launch (partials + epilogue), one launch with 1 or 2 ranges (r = 0), or
-# "rg": the rank terms inside the gather launch (None: their low-rank inputs in a launch of their own)
-SPLITS = [None, 1, 2, "rg"]
+# "gather" / "one-launch": rank terms added by the gather (None: by the epilogue); see tg.RANK_TERMS
+SPLITS = [None, 1, 2, "gather", "one-launch"]
 
 
 def _group_case(B, IN, outs, ranks, sparsities, dtype):
@@ -129,8 +129,8 @@ def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, ranks, splits)
     (row strides > its widths) each member does too. (Rank terms take the partials path, splits or not.)"""
     torch.manual_seed(B + IN + len(outs) + sum(ranks))
     x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, ranks, (0.5, 0.8, 0.3)[:len(outs)], dtype)
-    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, rank_in_gather=splits == "rg",
-               splits=None if sum(ranks) or splits == "rg" else splits)
+    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32, fused=True, rank_terms=splits if splits in tg.RANK_MODES else "epilogue",
+               splits=None if sum(ranks) or isinstance(splits, str) else splits)
     out = torch.full((B, sum(outs)), float("nan"), dtype=dtype)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     y = tg._launch(*dev, cfg, out=out.to(DEV), segments=tuple(seg), roffs=tuple(roff)).cpu()
@@ -158,8 +158,8 @@ def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, sp
     x, wt, at, u, cs, taus, bias, (ref_g, ref_u), seg, roff = _group_case(B, IN, (half, half), ranks, (0.5, 0.7), dtype)
     ref = torch.nn.functional.silu(ref_g) * ref_u
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, rank_in_gather=splits == "rg",
-               splits=None if sum(ranks) or splits == "rg" else splits)
+    cfg = dict(tg.config_for(2 * half, 0), chunk=128, block_n=32, fused=True, rank_terms=splits if splits in tg.RANK_MODES else "epilogue",
+               splits=None if sum(ranks) or isinstance(splits, str) else splits)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     out = torch.full((B, half), float("nan"), dtype=dtype).to(DEV)
     y = tg._launch(*dev, cfg, out=out, segments=(half, 2 * half), glu=True, roffs=tuple(roff)).cpu()
@@ -184,8 +184,8 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32 if len(outs) > 1 else 64)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
-    if sum(ranks):
-        tg._ranked_gather(*dev[:6], parts, cfg, *seg, *roff)
+    if sum(ranks):  # the low-rank inputs in the same launch or one before it
+        lowrank._ranked_gather(*dev[:6], parts, cfg, *seg, *roff, one_launch=B % 2 == 1)
     else:
         tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
     assert torch.isfinite(parts).all(), "partial element left unwritten"
@@ -204,7 +204,7 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
 
 def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
     """While torch.compile traces, modules and groups call `rsparse_partials` (no epilogue launch) and
-    sum the partials in the graph; with RANK_IN_GATHER off a module with a rank term keeps the
+    sum the partials in the graph; with RANK_TERMS = "epilogue" a module with a rank term keeps the
     epilogue op. All give the oracle. On the CPU the trace is simulated (is_compiling forced: Triton's interpreter cannot run
     under fake tensors); on a GPU the modules are compiled by inductor for real."""
     from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
@@ -226,9 +226,9 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
         compile_ = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 160))
     with torch.no_grad():
-        for fn, ref, rank_in_gather, via_partials in ((lone, refs[0](x), True, True), (lone_ranked, ranked(x), True, True),
-                                                      (lone_ranked, ranked(x), False, False)):
-            monkeypatch.setattr(tg, "RANK_IN_GATHER", rank_in_gather)
+        for fn, ref, mode, via_partials in ((lone, refs[0](x), "epilogue", True), (lone_ranked, ranked(x), "gather", True),
+                                            (lone_ranked, ranked(x), "one-launch", True), (lone_ranked, ranked(x), "epilogue", False)):
+            monkeypatch.setattr(tg, "RANK_TERMS", mode)
             sums.clear()
             torch._dynamo.reset()  # a fresh trace reads the switch
             y = compile_(fn)(x.to(DEV)).cpu()

@@ -277,9 +277,9 @@ def build_parser():
                    "with inductor summing them only off the one-launch shapes (A/B)")
     g.add_argument("--masked-dense", action="store_true",
                    help="batch > 1: also compile the sparse step with cuBLAS on masked inputs instead of the kernels (A/B)")
-    g.add_argument("--compare-rank", action="store_true",
-                   help="with --alpha < 1: also compile the sparse step with the rank terms the other way (inside the "
-                   "gather launch, or in launches of their own: low-rank inputs first, U product in the epilogue) (A/B)")
+    g.add_argument("--compare-rank", choices=["epilogue", "gather", "one-launch"],
+                   help="with --alpha < 1: also compile the sparse step with the rank terms' U product in the epilogue "
+                   "(default), added by the gather, or the low-rank inputs too in the gather launch (A/B)")
     g.add_argument("--pdl", action="store_true",
                    help="also compile dense and sparse steps with inductor's programmatic dependent launch (A/B)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")

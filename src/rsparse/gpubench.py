@@ -306,8 +306,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
     the consumer, and inductor summing them only where TUNED has no one-launch kernel; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
-    --compare-rank: rank terms the other way than `RANK_IN_GATHER`: inside the gather launch or in
-    launches of their own)."""
+    --compare-rank MODE: the rank terms computed the MODE way, `triton_gemv.RANK_TERMS`)."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
@@ -316,21 +315,20 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
     if getattr(args, "masked_dense", False) and B > 1:
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
-    if getattr(args, "compare_rank", False):
-        other = not tg.RANK_IN_GATHER
-        out.append((f"{label_c}-rank-{'in-gather' if other else 'split'}", sparse, groups, {"rank_in_gather": other}))
+    if getattr(args, "compare_rank", None):
+        out.append((f"{label_c}-rank-{args.compare_rank}", sparse, groups, {"rank_terms": args.compare_rank}))
     return out
 
 
 @contextlib.contextmanager
-def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_in_gather=None):
+def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_terms=None):
     """Set while a compiled step is traced and captured (all are read at trace time only)."""
     from .kernels import module as km
 
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_IN_GATHER
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
-    tg.RANK_IN_GATHER = saved[2] if rank_in_gather is None else rank_in_gather
+    tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
     try:
         if pdl:
             import torch._inductor.config as inductor_config
@@ -340,7 +338,7 @@ def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_in_
         else:
             yield
     finally:
-        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_IN_GATHER = saved
+        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved
 
 
 def aligned_allocation(out_f: int, in_f: int, sparsity: float, alpha: float):

@@ -7,7 +7,7 @@ storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`; more rows (
 evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up as one
 call (`rsparse::rsparse_group_gemv`) for the decoder, and gate|up's SiLU(gate) * up with the
 activation in the epilogue (`rsparse::rsparse_glu_gemv`). Under torch.compile, calls without a rank term (with one too, where
-`triton_gemv.RANK_IN_GATHER` puts it in the gather launch) run the gather alone
+`triton_gemv.RANK_TERMS` puts it in the gather launch) run the gather alone
 (`rsparse::rsparse_partials`), and inductor fuses the partials' sum into the next kernel.
 """
 from __future__ import annotations
@@ -30,10 +30,10 @@ REDUCE_IN_CONSUMER = "all"
 
 
 def consumer_reduces(at: torch.Tensor, wt: torch.Tensor) -> bool:
-    """Rank terms too, where the gather launch computes them (`triton_gemv.RANK_IN_GATHER`)."""
+    """Rank terms too, where the gather launch adds them (`triton_gemv.RANK_TERMS` not "epilogue")."""
     if REDUCE_IN_CONSUMER == "none" or not torch.compiler.is_compiling():
         return False
-    if at.shape[1] and not triton_gemv.RANK_IN_GATHER:
+    if at.shape[1] and triton_gemv.RANK_TERMS == "epilogue":
         return False
     return REDUCE_IN_CONSUMER == "all" or not triton_gemv.config_for(wt.shape[1], 0, wt.shape[0]).get("splits")
 

@@ -2,7 +2,8 @@
 
 A program compacts the indices of one chunk's kept channels (|x_j| c_j > tau for any row) into a
 private scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`, tl.dot with
-the rows padded to BB). `_silu_mul` rounds SiLU(gate) * up like the unfused module path.
+the rows padded to BB); `_tile_acc` is both for one output tile and chunk, `_store_partial` stores its
+float32 partial. `_silu_mul` rounds SiLU(gate) * up like the unfused module path.
 """
 import triton
 import triton.language as tl
@@ -54,3 +55,25 @@ def _silu_mul(g, u, dt: tl.constexpr):
     g = g.to(dt).to(tl.float32)
     a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
     return a * u.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
+              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Output tile pid_n over input chunk `chunk` (float32): compact the chunk's kept channels (with
+    the tile's member's threshold and scales) into a private scratch row, gather their Wt rows."""
+    rows = tl.arange(0, BB)
+    n0 = pid_n * BLOCK_N
+    p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+    tau = tl.load(tau_ptr + p)
+    cp = c_ptr + p * IN
+    base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
+    cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
+    return _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n0 + tl.arange(0, BLOCK_N), B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
+
+
+@triton.jit
+def _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.arange(0, BB)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))

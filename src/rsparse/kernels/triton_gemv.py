@@ -1,29 +1,26 @@
 """Triton decode kernels for RSparseLinear (rows <= 8), checked against `rsparse_linear_ref`.
 
 Layout: the module stores Wt = W^T (in, out) so a kept input channel j is one contiguous row
-Wt[j, :], and At = A^T (in, r) so a dropped channel reads r contiguous values (r a multiple of 16 in
-the modules: aligned rows). The path the modules use (2 launches; 1 under torch.compile for r = 0):
+Wt[j, :]; the rank terms' At = A^T (in, r) and U (out, r) are in `lowrank.py`. The r = 0 path (2
+launches; 1 under torch.compile):
 1. `_fused_gather_gemv`: grid (out tiles, chunks); each program compacts its chunk's kept channel
    indices (|x_j| c_j > tau for any row; `tl_common`) into a private scratch row, then loops over
    those Wt rows only (every load is useful) and writes a float32 partial ypart[chunk] (chunks, rows,
-   out). With rank terms `_ranked_gather_gemv` instead: its first programs write the low-rank input
-   partials z[chunk] = x_dropped @ At[chunk] (At rows read only where dropped), and the tiles add
-   z @ U^T (a share of the rank blocks each) to their partial once those are done (a counter in the
-   same launch).
-   By default (`RANK_IN_GATHER`, measured faster end to end) rank terms take 3 launches instead:
-   `_group_z` for the low-rank inputs, the gather, and the U product in the epilogue.
-2. `_epilogue`: y = sum_chunks ypart (+ z @ U^T) + b, cast to the model dtype (`_glu_epilogue` for a gate|up
-   group: SiLU(gate) * up, the MLP activation, in the same pass). Under torch.compile it is
-   skipped: `rsparse_partials` returns the partials and inductor sums them inside the consumer's kernel.
+   out).
+2. `_epilogue`: y = sum_chunks ypart + b, cast to the model dtype (`_glu_epilogue` for a gate|up
+   group: SiLU(gate) * up, the MLP activation, in the same pass). Under torch.compile it is skipped:
+   `rsparse_partials` returns the partials and inductor sums them inside the consumer's kernel.
+Rank terms (`RANK_TERMS`): by default `_group_z` first writes the low-rank input partials and the
+epilogue adds z @ U^T (3 launches); "gather" / "one-launch" let the gather tiles add it
+(`lowrank._ranked_gather_gemv`) and take the partials path under torch.compile.
 `_select` + `_gather_gemv` is session 1's 3-launch form (compaction in its own launch), kept as a
 tested variant. Partials instead of atomics on the data: deterministic, no zero-filled outputs, and
-bf16/fp16 never need atomics. For batch > 1 the gathered rows are the union of the rows' kept channels and
-each row multiplies only its own kept entries, so results equal the per-row oracle. Wt may be a
-column slice of a wider matrix (row stride LDW): projections that read the same input (q|k|v,
-gate|up) are stored side by side and run as one call (`rsparse_group_gemv`; a tile belongs to one
-member and thresholds with that member's tau). The one-launch r = 0 variant chosen per shape by
-TUNED is in `splitk.py`.
-The TEAL-style baseline the benchmarks compare against is in `teal.py`.
+bf16/fp16 never need atomics. For batch > 1 the gathered rows are the union of the rows' kept
+channels and each row multiplies only its own kept entries, so results equal the per-row oracle. Wt
+may be a column slice of a wider matrix (row stride LDW): projections that read the same input
+(q|k|v, gate|up) are stored side by side and run as one call (`rsparse_group_gemv`; a tile belongs to
+one member and thresholds with that member's tau). The one-launch r = 0 variant chosen per shape by
+TUNED is in `splitk.py`; the TEAL-style baseline the benchmarks compare against is in `teal.py`.
 """
 from typing import Optional
 
@@ -31,29 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk
 from .splitk import launch_splitk
-from .tl_common import BB, _compact_chunk, _gather_rows, _keep, _silu_mul
+from .tl_common import BB, _gather_rows, _keep, _silu_mul, _store_partial, _tile_acc
 
 CHUNK = 256
-
-
-@triton.jit
-def _z_dot(x, keep, valid, at_ptr, offs, rr, rb, LDA):
-    """x_dropped @ At[offs, rr] (float32, rows x rank columns rr < rb): each row's dropped entries of
-    the channels `offs`; At rows are read only where some row dropped the channel."""
-    drop_any = tl.max((valid & ~keep).to(tl.int32), axis=0) > 0
-    at = tl.load(at_ptr + offs[:, None] * LDA + rr[None, :], mask=drop_any[:, None] & (rr[None, :] < rb), other=0.0)
-    return tl.dot(tl.where(keep, 0.0, x).to(at.dtype), at, input_precision="ieee")
-
-
-@triton.jit
-def _z_chunk(x, keep, valid, at_ptr, offs, zbase, rows, B, LDA, RT, ra, rb, RB: tl.constexpr):
-    """zbase[row, r] = sum over the chunk's channels that row dropped of x * At[channel, r], for r in
-    [ra, rb) (a member's columns of At and of the z partials, both of row stride LDA / RT)."""
-    for r0 in range(ra, rb, RB):
-        rr = r0 + tl.arange(0, RB)
-        z = _z_dot(x, keep, valid, at_ptr, offs, rr, rb, LDA)
-        tl.store(zbase + rows[:, None] * RT + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < rb))
 
 
 @triton.jit
@@ -76,49 +55,6 @@ def _select(x_ptr, c_ptr, tau_ptr, at_ptr, idx_ptr, cnt_ptr, zpart_ptr, B, IN, R
 
 
 @triton.jit
-def _rank_range(p, ROFF1, ROFF2, RT):
-    """Member p's rank columns [ra, rb) of the group's At (in, RT) and of the z partials."""
-    ra = tl.where(p == 0, 0, tl.where(p == 1, ROFF1, ROFF2))
-    rb = tl.where(p == 0, ROFF1, tl.where(p == 1, ROFF2, RT))
-    return ra, rb
-
-
-@triton.jit
-def _member(n0, SEG1, SEG2, ROFF1, ROFF2, RT):
-    """Member p of a group (up to 3 side by side) that owns output column n0: (p, its first column,
-    its rank columns [ra, rb) of At / z, the offset of its U (out_p, r_p) in the packed U)."""
-    p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
-    seg_lo = tl.where(p == 0, 0, tl.where(p == 1, SEG1, SEG2))
-    ra, rb = _rank_range(p, ROFF1, ROFF2, RT)
-    uoff = tl.where(p == 0, 0, tl.where(p == 1, SEG1 * ROFF1, SEG1 * ROFF1 + (SEG2 - SEG1) * (ROFF2 - ROFF1)))
-    return p, seg_lo, ra, rb, uoff
-
-
-@triton.jit
-def _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, chunk, p, B, IN, LDA, RT, ROFF1, ROFF2,
-              CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr):
-    """Member p's low-rank input partial for one chunk of channels, thresholded with its own tau /
-    scales: zpart[chunk, :, ra:rb] = x_dropped @ At[chunk, ra:rb] (its rank columns of the group's At)."""
-    ra, rb = _rank_range(p, ROFF1, ROFF2, RT)
-    if rb > ra:
-        offs = chunk * CHUNK + tl.arange(0, CHUNK)
-        rows = tl.arange(0, BB)
-        valid = (rows[:, None] < B) & (offs[None, :] < IN)
-        x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
-        c = tl.load(c_ptr + p * IN + offs, mask=offs < IN, other=0.0)
-        keep = _keep(x, c, tl.load(tau_ptr + p), valid)
-        _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * B * RT, rows, B, LDA, RT, ra, rb, RB)
-
-
-@triton.jit
-def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, ROFF2,
-             CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr):
-    """Low-rank inputs of a group's members in a launch of their own: grid (chunks, members)."""
-    _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, tl.program_id(0), tl.program_id(1), B, IN, LDA, RT, ROFF1, ROFF2,
-              CHUNK, BB, RB)
-
-
-@triton.jit
 def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, IN, OUT, LDW,
                  CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
@@ -127,28 +63,6 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
     cnt = tl.load(cnt_ptr + chunk)
     tau = tl.load(tau_ptr)
     acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_ptr + chunk * CHUNK, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
-    tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
-
-
-@triton.jit
-def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
-              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Output tile pid_n over input chunk `chunk` (float32): compact the chunk's kept channels (with
-    the tile's member's threshold and scales) into a private scratch row, gather their Wt rows."""
-    rows = tl.arange(0, BB)
-    n0 = pid_n * BLOCK_N
-    p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
-    tau = tl.load(tau_ptr + p)
-    cp = c_ptr + p * IN
-    base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
-    cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
-    return _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n0 + tl.arange(0, BLOCK_N), B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
-
-
-@triton.jit
-def _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.arange(0, BB)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
 
 
@@ -175,72 +89,6 @@ def _sum_partials(ypart_ptr, rows, n, nmask, B, OUT, NCHUNK, BB: tl.constexpr, B
         t = tl.load(ypart_ptr + ch[:, None] * (B * OUT) + b * OUT + n[None, :], mask=(ch[:, None] < NCHUNK) & nmask[None, :], other=0.0)
         acc = tl.where(rows[:, None] == b, tl.sum(t, axis=0)[None, :], acc)
     return acc
-
-
-@triton.jit
-def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0, qstep,
-             BB: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
-    """acc + z[:, ra:rb] @ U_p^T for a member's output columns n (the rank blocks of RB columns from
-    ra + q0 in steps of qstep: all of them for q0 = 0, qstep = RB), z summed over the NZCHUNK partials
-    (NZCHUNK, B, RT); U_p (out_p, r_p = rb - ra) is packed at u_ptr + uoff, its first row for column
-    seg_lo. Each row's partials arrive as (NZP, RB) tiles, each one tl.sum (summed one partial at a
-    time, a chain of dependent loads, they cost ~30-100 us per call, session 6; NZP caps the tile,
-    whose reduction goes through shared memory). Loaded .cg (from L2): in
-    `_ranked_gather_gemv` other programs of the same launch wrote them."""
-    for r0 in range(ra + q0, rb, qstep):
-        rr = r0 + tl.arange(0, RB)
-        z = tl.zeros((BB, RB), dtype=tl.float32)
-        for b in range(0, B):
-            zb = tl.zeros((RB,), dtype=tl.float32)
-            for c0 in range(0, NZCHUNK, NZP):
-                ch = c0 + tl.arange(0, NZP)
-                zt = tl.load(zpart_ptr + ch[:, None] * (B * RT) + b * RT + rr[None, :],
-                             mask=(ch[:, None] < NZCHUNK) & (rr[None, :] < rb), other=0.0, cache_modifier=".cg")
-                zb += tl.sum(zt, axis=0)
-            z = tl.where(rows[:, None] == b, zb[None, :], z)
-        u = tl.load(u_ptr + uoff + (n[None, :] - seg_lo) * (rb - ra) + (rr[:, None] - ra),
-                    mask=(rr[:, None] < rb) & nmask[None, :], other=0.0)
-        acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")
-    return acc
-
-
-@triton.jit
-def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, u_ptr, sync_ptr,
-                        B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ,
-                        CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
-    """The gather with the rank terms in the same launch: 1-d grid, programs [0, NZ) write the
-    low-rank input partials (`_member_z`, NZCHUNK chunks x members) and each raise the counter
-    sync_ptr (zeroed per call); the others are the gather tiles (tile-major per chunk). A tile, once
-    its partial is gathered, waits until the counter reaches NZ and adds its share of its member's
-    z @ U^T (some rank blocks) to its partial, so the chunks' partials sum to W_S x_S + U (A x_dropped).
-    No deadlock: blocks start in program-id order, so every z program has started before a waiting
-    tile, and a waiting tile has done its gather; by then the z programs (a few us) have finished."""
-    pid = tl.program_id(0)
-    if pid < NZ:
-        _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, pid % NZCHUNK, pid // NZCHUNK, B, IN, LDA, RT, ROFF1, ROFF2,
-                  ZCHUNK, BB, RB)
-        tl.debug_barrier()  # the whole partial is written before the count is raised (release)
-        tl.atomic_add(sync_ptr, 1, sem="release")
-    else:
-        t = pid - NZ
-        pid_n, chunk = t % NTILE, t // NTILE
-        acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
-                        BLOCK_K, BLOCK_N)
-        # rank block q of the tile's member is added by the tile of chunk NCHUNK - 1 - q % NCHUNK: the U
-        # work spread over the chunks (session 7 gave it all to the last chunk's tiles and lost end to
-        # end at ranks 96-144; their longer tail is the hypothesis), falling to the last chunks,
-        # dispatched last, when there are fewer blocks than chunks
-        nchunk = tl.cdiv(IN, CHUNK)
-        p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
-        q0 = (nchunk - 1 - chunk) * RB
-        if ra + q0 < rb:
-            while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ:
-                pass
-            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
-                           nchunk * RB, BB, RB, NZP)
-        _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
 @triton.jit
@@ -347,42 +195,19 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
     return ypart
 
 
-# Rank terms in the gather launch (`_ranked_gather_gemv`: 1 launch + the epilogue, or 1 launch alone
-# under torch.compile) instead of a launch of their own for the low-rank inputs (`_group_z`) and the
-# U product in the epilogue (3 launches). Off: on an H200 (session 7) it was faster per lone module
-# at ranks 16-64 (10 of 11 shapes, -1.5 to -3.3 us per call; +1.8 us at 4096 x 14336, r = 64) but
-# slower end to end at alpha 0.9 (ranks 32-144, in groups): compiled 201 vs 215 tok/s (two runs). A configuration's "rank_in_gather" overrides the
-# switch; the benchmarks flip it for A/B.
-RANK_IN_GATHER = False
-ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB tile of At)
-# `_ranked_gather_gemv`'s z programs and z sums in smaller tiles: the kernel's shared memory is that of
-# its largest branch, and the gather tiles' occupancy sets the kernel's speed (sm_90: 38 KB per program
-# at 128 x 32 tiles, 111 KB at 256 x 64; the gather alone 19 KB)
-RANKED_TILES = dict(ZCHUNK=128, RB=32, NZP=32)
-
-
-def _rank_block(R: int) -> int:
-    return 32 if R <= 32 else 64
-
-
-def _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2):
-    """`_ranked_gather_gemv` over the whole layer: float32 partials (chunks, rows, out) into ypart whose
-    sum over the chunks includes every member's rank term."""
-    B, IN = x.shape
-    OUT, R = wt.shape[1], at.shape[1]
-    ch, bn = cfg["chunk"], cfg["block_n"]
-    nchunk, ntile, nzchunk = triton.cdiv(IN, ch), triton.cdiv(OUT, bn), triton.cdiv(IN, RANKED_TILES["ZCHUNK"])
-    nz = nzchunk * (1 + (seg1 < OUT) + (seg2 < OUT))
-    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-    zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
-    sync = torch.zeros(1, dtype=torch.int32, device=x.device)  # z programs done: counted from 0 every call
-    torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
-        x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
-        roff1, roff2, ntile, nzchunk, nz, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, **RANKED_TILES,
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
-    return ypart
-
-
+# Where a call's rank terms are computed (a configuration's "rank_terms" overrides it; the benchmarks
+# switch it for A/B):
+# "epilogue": low-rank inputs in a launch of their own (`_group_z`), U product in the epilogue
+#   (3 launches, under torch.compile too);
+# "gather": `_group_z`, then the gather adds the U product to its partials (2 launches; under
+#   torch.compile inductor sums them in the consumer);
+# "one-launch": the z programs first in the gather launch itself, tiles wait on a per-call counter
+#   (1 launch + the counter's fill under torch.compile).
+# "epilogue" by default: on an H200 (session 7) "one-launch" was faster per lone module at ranks 16-64
+# (10 of 11 shapes, -1.5 to -3.3 us per call; +1.8 us at 4096 x 14336, r = 64) but slower end to end at
+# alpha 0.9 (ranks 32-144, in groups): compiled 201 vs 215 tok/s (two runs); "gather" is not measured.
+RANK_TERMS = "epilogue"
+RANK_MODES = ("epilogue", "gather", "one-launch")
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None):
     """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
     boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
@@ -403,15 +228,15 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
     rb = _rank_block(R)
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    ranked = R > 0 and (RANK_IN_GATHER if cfg.get("rank_in_gather") is None else cfg["rank_in_gather"])
+    mode = RANK_TERMS if cfg.get("rank_terms") is None else cfg["rank_terms"]
+    if mode not in RANK_MODES:
+        raise ValueError(f"rank_terms must be one of {RANK_MODES}, got {mode!r}")
+    ranked = R > 0 and mode != "epilogue"
     if ranked:
-        _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2)
+        _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2, mode == "one-launch")
     elif group or cfg.get("fused"):
-        if R > 0:  # the members' low-rank inputs, one launch (a ZCHUNK x RB tile of At per program)
-            nzchunk = triton.cdiv(IN, ZCHUNK)
-            zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
-            torch.library.wrap_triton(_group_z)[(nzchunk, 1 + (seg1 < OUT) + (seg2 < OUT))](
-                x, col_scale, tau, at, zpart, B, IN, at.stride(0), R, roff1, roff2, CHUNK=ZCHUNK, BB=BB, RB=rb)
+        if R > 0:
+            zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, 1 + (seg1 < OUT) + (seg2 < OUT), roff1, roff2)
         _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
     else:
         idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
@@ -493,8 +318,8 @@ def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
     B, IN = x.shape
     cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
     ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
-    if at.shape[1]:
-        return _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2)
+    if at.shape[1]:  # the rank terms in the gather (the partials path runs them only there)
+        return _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2, RANK_TERMS == "one-launch")
     return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
 
 

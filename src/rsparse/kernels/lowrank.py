@@ -1,0 +1,205 @@
+"""Rank terms of the Triton decode kernels: U_r (A_r x_dropped), with At = A^T (in, r) so a dropped
+channel reads r contiguous values (r a multiple of 16 in the modules: 128-bit loads, no spills).
+
+z = x_dropped @ At is computed in partials over chunks of input channels (`_member_z`: a member's
+rank columns of a group's At, thresholded with its own tau and scales): by `_group_z`, a launch of its
+own, or by the first programs of `_ranked_gather_gemv`. The U product z @ U^T (`_lowrank`, U (out, r)
+packed per member) is added by the epilogue kernels (`triton_gemv`) or by the gather tiles themselves
+(`_ranked_gather_gemv`, each tile a share of the rank blocks). Which path a call takes:
+`triton_gemv.RANK_TERMS`.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .tl_common import BB, _keep, _store_partial, _tile_acc
+
+
+@triton.jit
+def _z_dot(x, keep, valid, at_ptr, offs, rr, rb, LDA):
+    """x_dropped @ At[offs, rr] (float32, rows x rank columns rr < rb): each row's dropped entries of
+    the channels `offs`; At rows are read only where some row dropped the channel."""
+    drop_any = tl.max((valid & ~keep).to(tl.int32), axis=0) > 0
+    at = tl.load(at_ptr + offs[:, None] * LDA + rr[None, :], mask=drop_any[:, None] & (rr[None, :] < rb), other=0.0)
+    return tl.dot(tl.where(keep, 0.0, x).to(at.dtype), at, input_precision="ieee")
+
+
+@triton.jit
+def _z_chunk(x, keep, valid, at_ptr, offs, zbase, rows, B, LDA, RT, ra, rb, RB: tl.constexpr):
+    """zbase[row, r] = sum over the chunk's channels that row dropped of x * At[channel, r], for r in
+    [ra, rb) (a member's columns of At and of the z partials, both of row stride LDA / RT)."""
+    for r0 in range(ra, rb, RB):
+        rr = r0 + tl.arange(0, RB)
+        z = _z_dot(x, keep, valid, at_ptr, offs, rr, rb, LDA)
+        tl.store(zbase + rows[:, None] * RT + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < rb))
+
+
+@triton.jit
+def _rank_range(p, ROFF1, ROFF2, RT):
+    """Member p's rank columns [ra, rb) of the group's At (in, RT) and of the z partials."""
+    ra = tl.where(p == 0, 0, tl.where(p == 1, ROFF1, ROFF2))
+    rb = tl.where(p == 0, ROFF1, tl.where(p == 1, ROFF2, RT))
+    return ra, rb
+
+
+@triton.jit
+def _member(n0, SEG1, SEG2, ROFF1, ROFF2, RT):
+    """Member p of a group (up to 3 side by side) that owns output column n0: (p, its first column,
+    its rank columns [ra, rb) of At / z, the offset of its U (out_p, r_p) in the packed U)."""
+    p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
+    seg_lo = tl.where(p == 0, 0, tl.where(p == 1, SEG1, SEG2))
+    ra, rb = _rank_range(p, ROFF1, ROFF2, RT)
+    uoff = tl.where(p == 0, 0, tl.where(p == 1, SEG1 * ROFF1, SEG1 * ROFF1 + (SEG2 - SEG1) * (ROFF2 - ROFF1)))
+    return p, seg_lo, ra, rb, uoff
+
+
+@triton.jit
+def _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, chunk, p, B, IN, LDA, RT, ROFF1, ROFF2,
+              CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr):
+    """Member p's low-rank input partial for one chunk of channels, thresholded with its own tau /
+    scales: zpart[chunk, :, ra:rb] = x_dropped @ At[chunk, ra:rb] (its rank columns of the group's At)."""
+    ra, rb = _rank_range(p, ROFF1, ROFF2, RT)
+    if rb > ra:
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        rows = tl.arange(0, BB)
+        valid = (rows[:, None] < B) & (offs[None, :] < IN)
+        x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
+        c = tl.load(c_ptr + p * IN + offs, mask=offs < IN, other=0.0)
+        keep = _keep(x, c, tl.load(tau_ptr + p), valid)
+        _z_chunk(x, keep, valid, at_ptr, offs, zpart_ptr + chunk * B * RT, rows, B, LDA, RT, ra, rb, RB)
+
+
+@triton.jit
+def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, ROFF2,
+             CHUNK: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr):
+    """Low-rank inputs of a group's members in a launch of their own: grid (chunks, members)."""
+    _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, tl.program_id(0), tl.program_id(1), B, IN, LDA, RT, ROFF1, ROFF2,
+              CHUNK, BB, RB)
+
+
+@triton.jit
+def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0, qstep,
+             BB: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+    """acc + z[:, ra:rb] @ U_p^T for a member's output columns n (the rank blocks of RB columns from
+    ra + q0 in steps of qstep: all of them for q0 = 0, qstep = RB), z summed over the NZCHUNK partials
+    (NZCHUNK, B, RT); U_p (out_p, r_p = rb - ra) is packed at u_ptr + uoff, its first row for column
+    seg_lo. Each row's partials arrive as (NZP, RB) tiles, each one tl.sum (summed one partial at a
+    time, a chain of dependent loads, they cost ~30-100 us per call, session 6; NZP caps the tile,
+    whose reduction goes through shared memory). Loaded .cg (from L2): in
+    `_ranked_gather_gemv` other programs of the same launch wrote them."""
+    for r0 in range(ra + q0, rb, qstep):
+        rr = r0 + tl.arange(0, RB)
+        z = tl.zeros((BB, RB), dtype=tl.float32)
+        for b in range(0, B):
+            zb = tl.zeros((RB,), dtype=tl.float32)
+            for c0 in range(0, NZCHUNK, NZP):
+                ch = c0 + tl.arange(0, NZP)
+                zt = tl.load(zpart_ptr + ch[:, None] * (B * RT) + b * RT + rr[None, :],
+                             mask=(ch[:, None] < NZCHUNK) & (rr[None, :] < rb), other=0.0, cache_modifier=".cg")
+                zb += tl.sum(zt, axis=0)
+            z = tl.where(rows[:, None] == b, zb[None, :], z)
+        u = tl.load(u_ptr + uoff + (n[None, :] - seg_lo) * (rb - ra) + (rr[:, None] - ra),
+                    mask=(rr[:, None] < rb) & nmask[None, :], other=0.0)
+        acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, t, B, IN, OUT, LDW,
+                 SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK: tl.constexpr, BB: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WAIT: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+    """Gather tile t (tile-major per chunk) of `_ranked_gather_gemv` plus its share of the U product."""
+    pid_n, chunk = t % NTILE, t // NTILE
+    acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
+                    BLOCK_K, BLOCK_N)
+    # rank block q of the tile's member is added by the tile of chunk NCHUNK - 1 - q % NCHUNK: the U
+    # work spread over the chunks (session 7 gave it all to the last chunk's tiles and lost end to
+    # end at ranks 96-144; their longer tail is the hypothesis), falling to the last chunks,
+    # dispatched last, when there are fewer blocks than chunks
+    nchunk = tl.cdiv(IN, CHUNK)
+    p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
+    q0 = (nchunk - 1 - chunk) * RB
+    if ra + q0 < rb:
+        if WAIT:  # until every z program of the launch has raised the counter
+            while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ:
+                pass
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
+                       nchunk * RB, BB, RB, NZP)
+    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
+
+
+@triton.jit
+def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, u_ptr, sync_ptr,
+                        B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ,
+                        CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+    """The gather with the rank terms' U product: 1-d grid of the gather tiles (tile-major per chunk); a
+    tile, once its partial is gathered, adds its share of its member's z @ U^T (some rank blocks), so
+    the chunks' partials sum to W_S x_S + U (A x_dropped). The NZCHUNK low-rank input partials z come
+    from `_group_z` before the launch, or (Z_HERE) from the launch's own first NZ programs
+    (`_member_z`, NZCHUNK chunks x members), which each raise the counter sync_ptr (zeroed per call);
+    tiles then wait until it reaches NZ. No deadlock: blocks start in program-id order, so every z
+    program has started before a tile waits, and a waiting tile has done its gather first."""
+    pid = tl.program_id(0)
+    if Z_HERE:  # constexpr: without z programs no z branch is compiled (sm_90: 72 registers, 19 KB shared, as the
+        # gather alone; 90 registers with the branch compiled in and never taken)
+        if pid < NZ:
+            _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, pid % NZCHUNK, pid // NZCHUNK, B, IN, LDA, RT, ROFF1, ROFF2,
+                      ZCHUNK, BB, RB)
+            tl.debug_barrier()  # the whole partial is written before the count is raised (release)
+            tl.atomic_add(sync_ptr, 1, sem="release")
+        else:
+            _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid - NZ, B, IN, OUT,
+                         LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB, NZP)
+    else:
+        _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid, B, IN, OUT,
+                     LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP)
+
+
+ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB tile of At)
+# "one-launch" z programs and the z sums in smaller tiles: a kernel's shared memory is that of its
+# largest branch, and the gather tiles' occupancy sets the kernel's speed (sm_90: 22-31 KB per program
+# at 128 x 32 tiles, 111 KB at 256 x 64; the gather alone 19 KB)
+RANKED_TILES = dict(ZCHUNK=128, RB=32, NZP=32)
+
+
+def _rank_block(R: int) -> int:
+    return 32 if R <= 32 else 64
+
+
+def _group_z_launch(x, at, col_scale, tau, members, roff1, roff2):
+    """`_group_z`: the members' low-rank input partials (chunks of ZCHUNK channels, rows, RT), one launch;
+    returns them and their chunk count."""
+    B, IN = x.shape
+    R = at.shape[1]
+    nzchunk = triton.cdiv(IN, ZCHUNK)
+    zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
+    torch.library.wrap_triton(_group_z)[(nzchunk, members)](x, col_scale, tau, at, zpart, B, IN, at.stride(0), R, roff1, roff2,
+                                                            CHUNK=ZCHUNK, BB=BB, RB=_rank_block(R))
+    return zpart, nzchunk
+
+
+def _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2, one_launch: bool):
+    """`_ranked_gather_gemv` over the whole layer: float32 partials (chunks, rows, out) into ypart whose
+    sum over the chunks includes every member's rank term; the low-rank inputs by the launch's own
+    first programs (one_launch) or by `_group_z` before it."""
+    B, IN = x.shape
+    OUT, R = wt.shape[1], at.shape[1]
+    ch, bn = cfg["chunk"], cfg["block_n"]
+    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
+    members = 1 + (seg1 < OUT) + (seg2 < OUT)
+    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
+    if one_launch:
+        nzchunk = triton.cdiv(IN, RANKED_TILES["ZCHUNK"])
+        zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
+        sync = torch.zeros(1, dtype=torch.int32, device=x.device)  # z programs done: counted from 0 every call
+        nz = nzchunk * members
+    else:
+        zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, members, roff1, roff2)
+        sync, nz = scratch, 0  # no z programs, no counter (the pointer is unused)
+    torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
+        x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
+        roff1, roff2, ntile, nzchunk, nz, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
+        **RANKED_TILES, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return ypart
