@@ -82,7 +82,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
 
     from .apply import modules_for
     from .fitness import Fitness
-    from .plan import SCORES, config_picks, factor_basis, factors_of, fingerprint, layers_from_picks, shapes_of
+    from .plan import SCORES, factor_basis, factors_of, fingerprint, layers_from_picks, shapes_of
     from .search import Search, Space, refuse_other, search_identity
 
     if config.method not in ("rsparse", "teal") or config.sparsity <= 0:

@@ -142,8 +142,9 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
     tiles then wait until it reaches NZ. No deadlock: blocks start in program-id order, so every z
     program has started before a tile waits, and a waiting tile has done its gather first."""
     pid = tl.program_id(0)
-    if Z_HERE:  # constexpr: without z programs no z branch is compiled (sm_90: 72 registers, 19 KB shared, as the
-        # gather alone; 90 registers with the branch compiled in and never taken)
+    # Z_HERE is a constexpr so that without z programs no z branch is compiled (sm_90: 72 registers,
+    # 19 KB shared, as the gather alone; 90 registers with the branch compiled in and never taken)
+    if Z_HERE:
         if pid < NZ:
             _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, pid % NZCHUNK, pid // NZCHUNK, B, IN, LDA, RT, ROFF1, ROFF2,
                       ZCHUNK, BB, RB)

@@ -6,8 +6,8 @@ is stored, so prefill (`dense()`, used by `dense_view`) runs a dense cuBLAS matm
 storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`; more rows (all-tokens
 evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up as one
 call (`rsparse::rsparse_group_gemv`) for the decoder, and gate|up's SiLU(gate) * up with the
-activation in the epilogue (`rsparse::rsparse_glu_gemv`). Under torch.compile, calls without a rank term (with one too, where
-`triton_gemv.RANK_TERMS` puts it in the gather launch) run the gather alone
+activation in the epilogue (`rsparse::rsparse_glu_gemv`). Under torch.compile, calls without a rank
+term (and with one, where `triton_gemv.RANK_TERMS` lets the gather add it) run the gather alone
 (`rsparse::rsparse_partials`), and inductor fuses the partials' sum into the next kernel.
 """
 from __future__ import annotations
