@@ -61,6 +61,14 @@ def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
 
 
+def test_unknown_rank_path_is_refused():
+    """A configuration naming no known rank path gets a ValueError that lists the known ones."""
+    x, W, U, A, c, tau, b = _case(1, 64, 32, 16, 0.5, torch.float32, bias=False)
+    args = [t.to(DEV) for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau)]
+    with pytest.raises(ValueError, match="rank_terms must be one of"):
+        tg._launch(*args, None, dict(tg.config_for(32, 16), rank_terms="fused"))
+
+
 def test_registered_op_and_teal_baseline():
     torch.manual_seed(0)
     x, W, U, A, c, tau, b = _case(1, 333, 77, 5, 0.5, torch.float32, bias=True)
