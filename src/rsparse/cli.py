@@ -272,6 +272,8 @@ def build_parser():
                    help="share of each projection's budget on kept columns; < 1 adds rank terms (one --sparsities value)")
     g.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     g.add_argument("--no-fused", dest="fused", action="store_false", help="skip the q|k|v, gate|up fused-group rows")
+    g.add_argument("--no-reduce-overhead", dest="reduce_overhead", action="store_false",
+                   help="skip the torch.compile(mode='reduce-overhead') step (its compile takes ~2.5 min; A/B runs)")
     g.add_argument("--compare-reduce", action="store_true",
                    help="batch 1: also compile the sparse step with our epilogue kernel summing the partials, and "
                    "with inductor summing them only off the one-launch shapes (A/B)")

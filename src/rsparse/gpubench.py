@@ -125,7 +125,7 @@ def time_graph(g):
 
 def run_gpu_bench(args):
     """args: shapes, batches, sparsities (comma lists), tuned (JSON path or None), compile, fused,
-    time_limit (s), profile, out (path or None)."""
+    reduce_overhead, time_limit (s), profile, out (path or None)."""
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -264,7 +264,7 @@ def run_gpu_bench(args):
             if groups and B == 1:
                 del g_noglu
             del comp
-            if args.compile and B == 1 and time.time() - t_start < args.time_limit:
+            if args.compile and args.reduce_overhead and B == 1 and time.time() - t_start < args.time_limit:
                 compiled.append(compiled_step(name, model, sparse, taus, samples, dec, quantile, groups, t_start + args.time_limit))
                 save()
             del dec
