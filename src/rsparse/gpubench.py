@@ -264,7 +264,7 @@ def run_gpu_bench(args):
             if groups and B == 1:
                 del g_noglu
             del comp
-            if args.compile and args.reduce_overhead and B == 1 and time.time() - t_start < args.time_limit:
+            if args.compile and getattr(args, "reduce_overhead", True) and B == 1 and time.time() - t_start < args.time_limit:
                 compiled.append(compiled_step(name, model, sparse, taus, samples, dec, quantile, groups, t_start + args.time_limit))
                 save()
             del dec
