@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tl_common import BB, _keep, _store_partial, _tile_acc
+from .tl_common import BB, _keep, _store_partial, _sum_partials, _tile_acc
 
 
 @triton.jit
@@ -82,22 +82,14 @@ def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, 
              BB: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
     """acc + z[:, ra:rb] @ U_p^T for a member's output columns n (the rank blocks of RB columns from
     ra + q0 in steps of qstep: all of them for q0 = 0, qstep = RB), z summed over the NZCHUNK partials
-    (NZCHUNK, B, RT); U_p (out_p, r_p = rb - ra) is packed at u_ptr + uoff, its first row for column
-    seg_lo. Each row's partials arrive as (NZP, RB) tiles, each one tl.sum (summed one partial at a
-    time, a chain of dependent loads, they cost ~30-100 us per call, session 6; NZP caps the tile,
-    whose reduction goes through shared memory). Loaded .cg (from L2): in
-    `_ranked_gather_gemv` other programs of the same launch wrote them."""
+    (NZCHUNK, B, RT) in (NZP, RB) tiles (`_sum_partials`); U_p (out_p, r_p = rb - ra) is packed at
+    u_ptr + uoff, its first row for column seg_lo. z is loaded .cg (from L2): in
+    `_ranked_gather_gemv` other programs of the same launch wrote it."""
     for r0 in range(ra + q0, rb, qstep):
         rr = r0 + tl.arange(0, RB)
         z = tl.zeros((BB, RB), dtype=tl.float32)
-        for b in range(0, B):
-            zb = tl.zeros((RB,), dtype=tl.float32)
-            for c0 in range(0, NZCHUNK, NZP):
-                ch = c0 + tl.arange(0, NZP)
-                zt = tl.load(zpart_ptr + ch[:, None] * (B * RT) + b * RT + rr[None, :],
-                             mask=(ch[:, None] < NZCHUNK) & (rr[None, :] < rb), other=0.0, cache_modifier=".cg")
-                zb += tl.sum(zt, axis=0)
-            z = tl.where(rows[:, None] == b, zb[None, :], z)
+        for c0 in range(0, NZCHUNK, NZP):  # NZP caps the tile, whose reduction goes through shared memory
+            z += _sum_partials(zpart_ptr, rows, rr, rr < rb, B, RT, c0, NZCHUNK, BB, RB, NZP, ".cg")
         u = tl.load(u_ptr + uoff + (n[None, :] - seg_lo) * (rb - ra) + (rr[:, None] - ra),
                     mask=(rr[:, None] < rb) & nmask[None, :], other=0.0)
         acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")

@@ -2,8 +2,9 @@
 
 A program compacts the indices of one chunk's kept channels (|x_j| c_j > tau for any row) into a
 private scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`, tl.dot with
-the rows padded to BB); `_tile_acc` is both for one output tile and chunk, `_store_partial` stores its
-float32 partial. `_silu_mul` rounds SiLU(gate) * up like the unfused module path.
+the rows padded to BB); `_tile_acc` does both for one output tile and chunk, `_store_partial` stores
+its float32 partial, `_sum_partials` sums such partials over the chunks. `_silu_mul` rounds
+SiLU(gate) * up like the unfused module path.
 """
 import triton
 import triton.language as tl
@@ -47,6 +48,23 @@ def _compact_chunk(x_ptr, c_ptr, tau, base, offs, rows, B, IN):
     tl.store(base + pos, offs, mask=keep_any > 0)
     tl.debug_barrier()
     return tl.sum(keep_any, axis=0)
+
+
+@triton.jit
+def _sum_partials(ptr, rows, cols, cmask, B, W, c0, NCHUNK, BB: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+                  CACHE: tl.constexpr):
+    """(BB, N) tile: each row's sum over the float32 partials [c0, min(c0 + NP, NCHUNK)) laid out
+    (NCHUNK, B, W), at columns cols (cmask). A row's partials arrive as one (NP, N) load and one tl.sum
+    (independent loads in flight together: summed one partial at a time, a chain of dependent loads,
+    they cost ~30-100 us per call, session 6). CACHE: the loads' cache modifier (".cg" where other
+    programs of the same launch wrote them)."""
+    ch = c0 + tl.arange(0, NP)
+    acc = tl.zeros((BB, N), dtype=tl.float32)
+    for b in range(0, B):
+        t = tl.load(ptr + ch[:, None] * (B * W) + b * W + cols[None, :], mask=(ch[:, None] < NCHUNK) & cmask[None, :], other=0.0,
+                    cache_modifier=CACHE)
+        acc = tl.where(rows[:, None] == b, tl.sum(t, axis=0)[None, :], acc)
+    return acc
 
 
 @triton.jit

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk
 from .splitk import launch_splitk
-from .tl_common import BB, _gather_rows, _keep, _silu_mul, _store_partial, _tile_acc
+from .tl_common import BB, _gather_rows, _keep, _silu_mul, _store_partial, _sum_partials, _tile_acc
 
 CHUNK = 256
 
@@ -80,18 +80,6 @@ def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B,
 
 
 @triton.jit
-def _sum_partials(ypart_ptr, rows, n, nmask, B, OUT, NCHUNK, BB: tl.constexpr, BLOCK_N: tl.constexpr, NCP: tl.constexpr):
-    """Sum of the NCHUNK float32 partials (NCHUNK, B, OUT) at output columns n: each row's partials
-    as one (NCP, BLOCK_N) load and one tl.sum (independent loads in flight together, not a chain)."""
-    ch = tl.arange(0, NCP)
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for b in range(0, B):
-        t = tl.load(ypart_ptr + ch[:, None] * (B * OUT) + b * OUT + n[None, :], mask=(ch[:, None] < NCHUNK) & nmask[None, :], other=0.0)
-        acc = tl.where(rows[:, None] == b, tl.sum(t, axis=0)[None, :], acc)
-    return acc
-
-
-@triton.jit
 def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZCHUNK, SEG1, SEG2, ROFF1, ROFF2,
               BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr,
               NCP: tl.constexpr, NZP: tl.constexpr):
@@ -101,7 +89,7 @@ def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZC
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     m = (rows[:, None] < B) & (n[None, :] < OUT)
-    acc = _sum_partials(ypart_ptr, rows, n, n < OUT, B, OUT, NCHUNK, BB, BLOCK_N, NCP)
+    acc = _sum_partials(ypart_ptr, rows, n, n < OUT, B, OUT, 0, NCHUNK, BB, BLOCK_N, NCP, "")
     if HAS_R:
         p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
         acc = _lowrank(acc, zpart_ptr, u_ptr, rows, n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, 0, RB, BB, RB, NZP)
@@ -123,8 +111,8 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
     m = (rows[:, None] < B) & (n[None, :] < HALF)
-    g = _sum_partials(ypart_ptr, rows, n, n < HALF, B, OUT, NCHUNK, BB, BLOCK_N, NCP)
-    u = _sum_partials(ypart_ptr + HALF, rows, n, n < HALF, B, OUT, NCHUNK, BB, BLOCK_N, NCP)
+    g = _sum_partials(ypart_ptr, rows, n, n < HALF, B, OUT, 0, NCHUNK, BB, BLOCK_N, NCP, "")
+    u = _sum_partials(ypart_ptr + HALF, rows, n, n < HALF, B, OUT, 0, NCHUNK, BB, BLOCK_N, NCP, "")
     if HAS_R:
         # gate: columns [0, HALF), rank columns [0, ROFF1), its U first; up: [HALF, OUT), [ROFF1, RT), its U
         # after gate's. Spelled out, not _member(0, ...): torch's mutation analysis traces kernels with the
