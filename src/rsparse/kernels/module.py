@@ -54,6 +54,12 @@ RANK_ALIGN = 16
 KERNEL_MAX_ROWS = MAX_DECODE_ROWS
 
 
+def on_kernels(rows: torch.Tensor) -> bool:
+    """Whether a call of these rows runs the decode kernels (read at call / trace time, so that the
+    benchmark can switch KERNEL_MAX_ROWS between captures)."""
+    return rows.shape[0] <= min(MAX_DECODE_ROWS, KERNEL_MAX_ROWS)
+
+
 class TritonRSparseLinear(TransposedRSparseLinear):
     def __init__(self, m: RSparseLinear):
         super().__init__(m)
@@ -62,7 +68,7 @@ class TritonRSparseLinear(TransposedRSparseLinear):
         self.register_buffer("U", torch.nn.functional.pad(m.U.detach(), (0, pad)).contiguous())
 
     def decode_rows(self, rows):
-        if rows.shape[0] > KERNEL_MAX_ROWS:
+        if not on_kernels(rows):
             return self.oracle(rows)  # masked dense: cuBLAS on the same storage
         if consumer_reduces(self.at, self.wt):
             n = self.out_features
@@ -125,7 +131,7 @@ class TritonGroup(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > min(MAX_DECODE_ROWS, KERNEL_MAX_ROWS):
+        if not on_kernels(rows):
             return tuple(m(x) for m in self._members)
         if consumer_reduces(self.at, self.wt):
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
@@ -140,7 +146,7 @@ class TritonGroup(nn.Module):
         """SiLU(gate(x)) * up(x) of a gate|up group in one launch pair (the activation runs in the
         kernel's epilogue); more than MAX_DECODE_ROWS rows run the members."""
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] > min(MAX_DECODE_ROWS, KERNEL_MAX_ROWS) or len(self.split) != 2 or self.split[0] != self.split[1]:
+        if not on_kernels(rows) or len(self.split) != 2 or self.split[0] != self.split[1]:
             g, u = self(x)
             return torch.nn.functional.silu(g) * u
         y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.roff1, self.bias)

@@ -196,6 +196,8 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
 # alpha 0.9 (ranks 32-144, in groups): compiled 201 vs 215 tok/s (two runs); "gather" is not measured.
 RANK_TERMS = "epilogue"
 RANK_MODES = ("epilogue", "gather", "one-launch")
+
+
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None):
     """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
     boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
@@ -212,8 +214,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
     ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
-    nzchunk = nchunk
-    zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
+    zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
     rb = _rank_block(R)
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
     mode = RANK_TERMS if cfg.get("rank_terms") is None else cfg["rank_terms"]
@@ -227,6 +228,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
             zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, 1 + (seg1 < OUT) + (seg2 < OUT), roff1, roff2)
         _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
     else:
+        zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
         idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
         cnt = torch.empty(nchunk, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_select)[(nchunk,)](x, col_scale, tau, at, idx, cnt, zpart, B, IN, R, at.stride(0),
@@ -298,11 +300,12 @@ def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
 @torch.library.triton_op("rsparse::rsparse_partials", mutates_args={})
 def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                      tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int) -> torch.Tensor:
-    """The gather alone, one launch: float32 partials (chunks, rows, out) whose sum over the chunks is
-    the sparse product with its rank terms (before bias and cast) of a module (seg1 = seg2 = out,
-    roff1 = roff2 = r; col_scale (in,), tau ()) or of a group (as in `rsparse_group_gemv`). Under
-    torch.compile the sum, bias and cast are left to `sum_partials`, which inductor fuses into the
-    consumer's kernel (RoPE and the cache write, the residual add) instead of launching our epilogue."""
+    """The gather alone (one launch; with rank terms in the "gather" mode `_group_z` first): float32
+    partials (chunks, rows, out) whose sum over the chunks is the sparse product with its rank terms
+    (before bias and cast) of a module (seg1 = seg2 = out, roff1 = roff2 = r; col_scale (in,), tau ())
+    or of a group (as in `rsparse_group_gemv`). Under torch.compile the sum, bias and cast are left to
+    `sum_partials`, which inductor fuses into the consumer's kernel (RoPE and the cache write, the
+    residual add) instead of launching our epilogue."""
     B, IN = x.shape
     cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
     ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
