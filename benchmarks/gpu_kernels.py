@@ -347,15 +347,16 @@ def fixed_cost(bw):
     print(json.dumps({"fits": fits}))
 
 
-def teal_sweep(bw):
+def teal_sweep(bw, shapes):
     """Is the TEAL-style baseline weak because of its configuration? (Its time is flat in sparsity:
     latency per loop step, not bytes.) Fewer, longer splits with deeper K steps and 4 pipeline stages,
-    50%, batch 1, against ours (TUNED) on the shapes of the target."""
+    50%, batch 1, against ours (TUNED) on `shapes` (OUTxIN comma list after --teal-sweep; default the
+    target's 14336x4096, 4096x14336, 4096x4096)."""
     dt = torch.bfloat16
     grid = [dict(split_k=32, block_n=128, block_k=32, warps=4, stages=3)] + [  # the tuned one, then deeper K steps
         dict(split_k=sk, block_n=n, block_k=k, warps=4, stages=4) for sk in (4, 8, 16) for n in (128, 256) for k in (64, 128)]
     rows = []
-    for out_f, in_f in [(14336, 4096), (4096, 14336), (4096, 4096)]:
+    for out_f, in_f in shapes:
         Wts = [(torch.randn(in_f, out_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
         x = torch.distributions.Laplace(0.0, 1.0).sample((1, in_f)).to("cuda", dt)
         ones = torch.ones(in_f, device="cuda", dtype=dt)
@@ -392,7 +393,9 @@ def main():
     if "--fixed-cost" in sys.argv:
         return fixed_cost(bw)
     if "--teal-sweep" in sys.argv:
-        return teal_sweep(bw)
+        i = sys.argv.index("--teal-sweep") + 1
+        spec = sys.argv[i] if i < len(sys.argv) else "14336x4096,4096x14336,4096x4096"
+        return teal_sweep(bw, [tuple(int(v) for v in s.split("x")) for s in spec.split(",")])
     rows, checks, tuned = [], [], []
     for out_f, in_f in SHAPES:
         Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]

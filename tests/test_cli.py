@@ -67,6 +67,8 @@ def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
     (["bench", "--device", "cuda", "--batches", "one"], "comma lists of numbers"),
     (["bench", "--device", "cuda", "--alpha", "0.9"], "give one --sparsities value"),
     (["bench", "--device", "cuda", "--alpha", "1.5", "--sparsities", "0.5"], "--alpha must be in (0, 1]"),
+    (["bench", "--device", "cuda", "--alpha", "0.9", "--sparsities", "0.5", "--compare-rank", "gather,fast"], "unknown rank mode(s) ['fast']"),
+    (["bench", "--device", "cuda", "--compare-rank", "gather"], "give --alpha < 1 too"),
 ])
 def test_bad_input_one_line_exit_2(args, msg):
     r = run(*args)

@@ -279,9 +279,10 @@ def build_parser():
                    "with inductor summing them only off the one-launch shapes (A/B)")
     g.add_argument("--masked-dense", action="store_true",
                    help="batch > 1: also compile the sparse step with cuBLAS on masked inputs instead of the kernels (A/B)")
-    g.add_argument("--compare-rank", choices=["epilogue", "gather", "one-launch"],
-                   help="with --alpha < 1: also compile the sparse step with the rank terms' U product in the epilogue "
-                   "(default), added by the gather, or the low-rank inputs too in the gather launch (A/B)")
+    g.add_argument("--compare-rank", metavar="MODES",
+                   help="with --alpha < 1: also compile the sparse step with each listed way (comma list) of computing "
+                   "the rank terms: epilogue (U product in the epilogue, the default), gather (added by the gather), "
+                   "one-launch (the low-rank inputs too in the gather launch) (A/B)")
     g.add_argument("--pdl", action="store_true",
                    help="also compile dense and sparse steps with inductor's programmatic dependent launch (A/B)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")

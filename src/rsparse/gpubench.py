@@ -145,6 +145,8 @@ def run_gpu_bench(args):
         raise RSparseError(f"--alpha must be in (0, 1], got {alpha}")
     if alpha < 1.0 and len(sparsities) != 1:
         raise RSparseError("--alpha < 1 sizes every projection's rank for one sparsity: give one --sparsities value")
+    if rank_modes(args) and alpha == 1.0:
+        raise RSparseError("--compare-rank compares ways of computing rank terms: give --alpha < 1 too")
     if getattr(args, "pdl", False):
         import torch._inductor.config as inductor_config
 
@@ -306,7 +308,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
     the consumer, and inductor summing them only where TUNED has no one-launch kernel; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
-    --compare-rank MODE: the rank terms computed the MODE way, `triton_gemv.RANK_TERMS`)."""
+    --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`)."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
@@ -315,9 +317,18 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
     if getattr(args, "masked_dense", False) and B > 1:
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
-    if getattr(args, "compare_rank", None):
-        out.append((f"{label_c}-rank-{args.compare_rank}", sparse, groups, {"rank_terms": args.compare_rank}))
+    for mode in rank_modes(args):
+        out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     return out
+
+
+def rank_modes(args) -> list:
+    """--compare-rank's comma list, checked against `triton_gemv.RANK_MODES`."""
+    modes = [m for m in (getattr(args, "compare_rank", None) or "").split(",") if m]
+    bad = [m for m in modes if m not in tg.RANK_MODES]
+    if bad:
+        raise RSparseError(f"--compare-rank: unknown rank mode(s) {bad}; choose from {list(tg.RANK_MODES)}")
+    return modes
 
 
 @contextlib.contextmanager
