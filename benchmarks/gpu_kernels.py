@@ -28,13 +28,15 @@ from rsparse.kernels.triton_gemv import rsparse_gemv
 from rsparse.linear import rsparse_linear_ref
 
 TUNE = "--tune" in sys.argv  # grid-search launch configurations first (about 8 minutes)
-# best TEAL-style configurations on an H200: --tune (2026-11-28), then --teal-sweep (2026-11-29: deeper K
-# steps and 4 stages, 1.5-2.3x faster than the --tune ones on the shapes it covered); ours use config_for
+# best TEAL-style configurations on an H200: --tune (2026-11-28), then --teal-sweep (deeper K steps and 4
+# stages; session 6 on the first four shapes, session 8 on the other three: 1.04-2.0x faster than the
+# --tune ones); ours use config_for
 TEAL_BEST = {(4096, 4096): dict(split_k=16, block_n=128, block_k=128, stages=4),
-             (1024, 4096): dict(split_k=32, block_n=64),
+             (1024, 4096): dict(split_k=16, block_n=128, block_k=128, stages=4),
              (14336, 4096): dict(split_k=16, block_n=256, block_k=128, stages=4),
              (4096, 14336): dict(split_k=16, block_n=128, block_k=128, stages=4),
-             (11008, 4096): dict(split_k=32, block_n=128), (4096, 11008): dict(split_k=32, block_n=64)}
+             (11008, 4096): dict(split_k=16, block_n=256, block_k=128, stages=4),
+             (4096, 11008): dict(split_k=16, block_n=128, block_k=128, stages=4)}
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]  # (out, in)
 COPIES = 4
 

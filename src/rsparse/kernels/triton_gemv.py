@@ -10,9 +10,10 @@ launches; 1 under torch.compile):
 2. `_epilogue`: y = sum_chunks ypart + b, cast to the model dtype (`_glu_epilogue` for a gate|up
    group: SiLU(gate) * up, the MLP activation, in the same pass). Under torch.compile it is skipped:
    `rsparse_partials` returns the partials and inductor sums them inside the consumer's kernel.
-Rank terms (`RANK_TERMS`): by default `_group_z` first writes the low-rank input partials and the
-epilogue adds z @ U^T (3 launches); "gather" / "one-launch" let the gather tiles add it
-(`lowrank._ranked_gather_gemv`) and take the partials path under torch.compile.
+Rank terms (`RANK_TERMS`): by default ("gather") `_group_z` first writes the low-rank input partials
+and the gather tiles add z @ U^T to their partials (`lowrank._ranked_gather_gemv`; 2 launches, the
+partials path under torch.compile); "one-launch" computes z in the gather launch too, "epilogue"
+adds the U product in the epilogue (3 launches).
 `_select` + `_gather_gemv` is session 1's 3-launch form (compaction in its own launch), kept as a
 tested variant. Partials instead of atomics on the data: deterministic, no zero-filled outputs, and
 bf16/fp16 never need atomics. For batch > 1 the gathered rows are the union of the rows' kept
@@ -191,10 +192,11 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
 #   torch.compile inductor sums them in the consumer);
 # "one-launch": the z programs first in the gather launch itself, tiles wait on a per-call counter
 #   (1 launch + the counter's fill under torch.compile).
-# "epilogue" by default: on an H200 (session 7) "one-launch" was faster per lone module at ranks 16-64
-# (10 of 11 shapes, -1.5 to -3.3 us per call; +1.8 us at 4096 x 14336, r = 64) but slower end to end at
-# alpha 0.9 (ranks 32-144, in groups): compiled 201 vs 215 tok/s (two runs); "gather" is not measured.
-RANK_TERMS = "epilogue"
+# "gather" by default: on an H200 (session 8, one run side by side, Llama-3-8B shapes, alpha 0.9, 50%,
+# compiled) "gather" and "one-launch" both ran 215.3 tok/s and "epilogue" 204.7 (dense 185.1); per lone
+# module "one-launch" is 1-3 us faster than "gather", but it relies on blocks starting in program-id
+# order (its tiles spin on a counter the z programs raise) and needs a counter fill per call.
+RANK_TERMS = "gather"
 RANK_MODES = ("epilogue", "gather", "one-launch")
 
 
