@@ -23,6 +23,14 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
 
 
+@pytest.fixture(autouse=True)
+def _small_own_z(monkeypatch):
+    """"own-z" programs sized for the tests' small layers: several input ranges (KLEN) and output
+    slices per member (USLICE, not a multiple of the tiles), rank blocks of 16, ranges not multiples
+    of ZCHUNK; the defaults (one range, one slice at these widths) are checked by the GPU benchmark."""
+    monkeypatch.setattr(lowrank, "OWN_Z", dict(ZCHUNK=64, RB=16, KLEN=160, USLICE=40))
+
+
 def _case(B, IN, OUT, R, sparsity, dtype, bias):
     x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).to(dtype)
     W = (torch.randn(OUT, IN) / IN**0.5).to(dtype)
@@ -42,12 +50,13 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3"])
+@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "own-z", "split1", "split3"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
     gather / one-launch: the rank terms' U product added by the gather (the low-rank inputs before it,
-    or in the same launch); fused and select: the U product in the epilogue (all the same for r = 0)."""
+    or in the same launch); own-z: in independent programs of the gather launch, extra partial rows;
+    fused and select: the U product in the epilogue (all the same for r = 0)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
     cfg = dict(tg.config_for(OUT, R), fused=variant != "select", rank_terms=variant if variant in tg.RANK_MODES else "epilogue", chunk=128 if IN < 600 else 256,
@@ -103,8 +112,8 @@ def test_triton_module_matches_rsparse_linear():
 
 
 # group / GLU kernels: two-launch (partials + epilogue), one launch with 1 or 2 ranges (r = 0), or
-# "gather" / "one-launch": rank terms added by the gather (None: by the epilogue); see tg.RANK_TERMS
-SPLITS = [None, 1, 2, "gather", "one-launch"]
+# "gather" / "one-launch" / "own-z": rank terms added in the gather launch (None: by the epilogue); see tg.RANK_TERMS
+SPLITS = [None, 1, 2, "gather", "one-launch", "own-z"]
 
 
 def _group_case(B, IN, outs, ranks, sparsities, dtype):
@@ -191,9 +200,11 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32 if len(outs) > 1 else 64)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
-    parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
-    if sum(ranks):  # the low-rank inputs in the same launch or one before it
-        lowrank._ranked_gather(*dev[:6], parts, cfg, *seg, *roff, one_launch=B % 2 == 1)
+    mode = ("gather", "one-launch", "own-z")[B % 3]
+    rows = lowrank.ranked_rows(IN, sum(outs), cfg, *seg, *roff, sum(ranks), mode) if sum(ranks) else -(-IN // 128)
+    parts = torch.full((rows, B, sum(outs)), float("nan"), device=DEV)
+    if sum(ranks):  # the low-rank inputs in the same launch or one before it, or in programs of their own
+        lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, mode, ypart=parts)
     else:
         tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
     assert torch.isfinite(parts).all(), "partial element left unwritten"
@@ -235,7 +246,8 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 160))
     with torch.no_grad():
         for fn, ref, mode, via_partials in ((lone, refs[0](x), "epilogue", True), (lone_ranked, ranked(x), "gather", True),
-                                            (lone_ranked, ranked(x), "one-launch", True), (lone_ranked, ranked(x), "epilogue", False)):
+                                            (lone_ranked, ranked(x), "one-launch", True), (lone_ranked, ranked(x), "own-z", True),
+                                            (lone_ranked, ranked(x), "epilogue", False)):
             monkeypatch.setattr(tg, "RANK_TERMS", mode)
             sums.clear()
             torch._dynamo.reset()  # a fresh trace reads the switch
@@ -401,5 +413,6 @@ def test_kernels_trace_as_torch_compile_analyses_them():
     written = json.loads(run.stdout.strip().splitlines()[-1])
     assert written == {"select": ["cnt_ptr", "idx_ptr", "zpart_ptr"], "group_z": ["zpart_ptr"], "gather": ["ypart_ptr"],
                        "fused_gather": ["scratch_ptr", "ypart_ptr"], "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
+                       "own_z_gather": ["scratch_ptr", "ypart_ptr"],
                        "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
                        "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"]}

@@ -157,7 +157,7 @@ def run_gpu_bench(args):
     if args.profile:
         from .gpuprofile import profile
 
-        return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha)
+        return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args))
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):

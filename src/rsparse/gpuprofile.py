@@ -14,16 +14,18 @@ import torch._dynamo
 from .apply import swapped
 from .decode import GraphDecoder
 from .families import locate
-from .gpubench import MAX_LEN, REPEATS, attached, build, capture, input_samples, modules_at, set_thresholds, time_graph, write_json
+from .gpubench import (MAX_LEN, REPEATS, attached, build, capture, compile_options, input_samples, modules_at,
+                       set_thresholds, time_graph, write_json)
 from .kernels.module import triton_groups
 
 
 @torch.inference_mode()
-def profile(name, sparsity=0.5, alpha=1.0, steps=5):
+def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=()):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
     same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
     mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
-    one's CUDA-graph replay time."""
+    one's CUDA-graph replay time; rank_modes: the compiled sparse step again with each of these
+    `triton_gemv.RANK_MODES` (launch counts and kernel time against graph time: the launch gaps)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -45,10 +47,12 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5):
     except Exception as e:
         result["explain"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     print("explain:", result["explain"], flush=True)
-    for label, mods, grp, compiled in (("dense", {}, {}, False), ("fused", sparse, groups, False),
-                                       ("dense-compiled", {}, {}, True), ("fused-compiled", sparse, groups, True)):
+    steps_ = [("dense", {}, {}, False, {}), ("fused", sparse, groups, False, {}),
+              ("dense-compiled", {}, {}, True, {}), ("fused-compiled", sparse, groups, True, {})]
+    steps_ += [(f"fused-compiled-rank-{m}", sparse, groups, True, {"rank_terms": m}) for m in rank_modes]
+    for label, mods, grp, compiled, opts in steps_:
         torch._dynamo.reset()
-        with swapped(model, mods), attached(model, grp):
+        with swapped(model, mods), attached(model, grp), compile_options(**opts):
             step = torch.compile(dec.step) if compiled else dec.step
             for _ in range(3):
                 step(ids, pos)

@@ -191,13 +191,15 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
 # "gather": `_group_z`, then the gather adds the U product to its partials (2 launches; under
 #   torch.compile inductor sums them in the consumer);
 # "one-launch": the z programs first in the gather launch itself, tiles wait on a per-call counter
-#   (1 launch + the counter's fill under torch.compile).
+#   (1 launch + the counter's fill under torch.compile);
+# "own-z": independent programs in the gather launch each compute their own share of z and its U
+#   product into extra partial rows (1 launch, no counter, nothing waits; At re-read from L2).
 # "gather" by default: on an H200 (session 8, one run side by side, Llama-3-8B shapes, alpha 0.9, 50%,
 # compiled) "gather" and "one-launch" both ran 215.3 tok/s and "epilogue" 204.7 (dense 185.1); per lone
 # module "one-launch" is 1-3 us faster than "gather", but it relies on blocks starting in program-id
 # order (its tiles spin on a counter the z programs raise) and needs a counter fill per call.
 RANK_TERMS = "gather"
-RANK_MODES = ("epilogue", "gather", "one-launch")
+RANK_MODES = ("epilogue", "gather", "one-launch", "own-z")
 
 
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None):
@@ -215,16 +217,20 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
         return launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu)
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
-    ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
-    zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
-    rb = _rank_block(R)
-    meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
     mode = RANK_TERMS if cfg.get("rank_terms") is None else cfg["rank_terms"]
     if mode not in RANK_MODES:
         raise ValueError(f"rank_terms must be one of {RANK_MODES}, got {mode!r}")
     ranked = R > 0 and mode != "epilogue"
+    if ranked:  # "own-z" adds partial rows for its rank terms
+        ypart = _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode)
+        nchunk = ypart.shape[0]
+    else:
+        ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
+    zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
+    rb = _rank_block(R)
+    meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
     if ranked:
-        _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2, mode == "one-launch")
+        pass  # the gather launch above wrote every partial row, rank terms included
     elif group or cfg.get("fused"):
         if R > 0:
             zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, 1 + (seg1 < OUT) + (seg2 < OUT), roff1, roff2)
@@ -310,9 +316,9 @@ def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
     residual add) instead of launching our epilogue."""
     B, IN = x.shape
     cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
-    ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
     if at.shape[1]:  # the rank terms in the gather (the partials path runs them only there)
-        return _ranked_gather(x, wt, at, u, col_scale, tau, ypart, cfg, seg1, seg2, roff1, roff2, RANK_TERMS == "one-launch")
+        return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, RANK_TERMS)
+    ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
     return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
 
 
