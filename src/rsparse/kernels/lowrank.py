@@ -222,7 +222,7 @@ ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB
 RANKED_TILES = dict(ZCHUNK=128, RB=32, NZP=32)
 # "own-z" programs: z over KLEN input channels (in ZCHUNK x RB tiles of At, 2 pipeline stages), its U
 # product over output slices of USLICE columns: ~130 KB of At (from L2 after the first slice) + ~130 KB
-# of U per program; partial rows NQ KSPLIT (+2% of gate|up's bytes at Llama-3-8B, r = 144). sm_90: 95
+# of U per program; partial rows NQ KSPLIT (+4% of gate|up's bytes at Llama-3-8B, r = 144). sm_90: 95
 # registers, 18.7 KB shared (gather alone 66 / 18.7 KB; 106-111 registers with ZCHUNK 128 or 4 stages).
 # Not yet timed on a GPU.
 OWN_Z = dict(ZCHUNK=64, RB=32, KLEN=2048, USLICE=2048)
