@@ -12,8 +12,9 @@ launches; 1 under torch.compile):
    `rsparse_partials` returns the partials and inductor sums them inside the consumer's kernel.
 Rank terms (`RANK_TERMS`): by default ("gather") `_group_z` first writes the low-rank input partials
 and the gather tiles add z @ U^T to their partials (`lowrank._ranked_gather_gemv`; 2 launches, the
-partials path under torch.compile); "one-launch" computes z in the gather launch too, "epilogue"
-adds the U product in the epilogue (3 launches).
+partials path under torch.compile); "one-launch" computes z in the gather launch too, "own-z" splits
+the rank terms into independent programs of the gather launch (extra partial rows), "epilogue" adds
+the U product in the epilogue (3 launches).
 `_select` + `_gather_gemv` is session 1's 3-launch form (compaction in its own launch), kept as a
 tested variant. Partials instead of atomics on the data: deterministic, no zero-filled outputs, and
 bf16/fp16 never need atomics. For batch > 1 the gathered rows are the union of the rows' kept
@@ -221,27 +222,28 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     if mode not in RANK_MODES:
         raise ValueError(f"rank_terms must be one of {RANK_MODES}, got {mode!r}")
     ranked = R > 0 and mode != "epilogue"
-    if ranked:  # "own-z" adds partial rows for its rank terms
-        ypart = _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode)
-        nchunk = ypart.shape[0]
-    else:
-        ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
-    zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
     rb = _rank_block(R)
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    if ranked:
-        pass  # the gather launch above wrote every partial row, rank terms included
+    # ypart: the partial rows the epilogue sums; zpart: the low-rank input partials it sums when it
+    # adds the rank terms (else an unread pointer)
+    zpart, nzchunk = None, nchunk
+    if ranked:  # rank terms included in the partials ("own-z" adds rows for them)
+        ypart = _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode)
+        nchunk = ypart.shape[0]
     elif group or cfg.get("fused"):
+        ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
         if R > 0:
             zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, 1 + (seg1 < OUT) + (seg2 < OUT), roff1, roff2)
         _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
     else:
+        ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
         zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
         idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
         cnt = torch.empty(nchunk, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_select)[(nchunk,)](x, col_scale, tau, at, idx, cnt, zpart, B, IN, R, at.stride(0),
                                                       CHUNK=ch, BB=BB, RB=rb, HAS_R=R > 0)
         torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, LDW, **meta)
+    zpart = ypart if zpart is None else zpart
     b = bias if bias is not None else y
     tail = dict(BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0 and not ranked, HAS_BIAS=bias is not None,
                 NCP=triton.next_power_of_2(nchunk), NZP=triton.next_power_of_2(nzchunk))
