@@ -65,7 +65,7 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
     cnt = tl.load(cnt_ptr + chunk)
     tau = tl.load(tau_ptr)
     acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_ptr + chunk * CHUNK, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
-    tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))
+    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
 @triton.jit
