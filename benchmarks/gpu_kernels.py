@@ -11,7 +11,6 @@ compares grids of launch configurations with v2 and writes the best per shape;
 `--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
 `--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
 `--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9;
-`--own-z-sweep` times the "own-z" rank-term programs' sizes against the other rank modes.
 """
 import json
 import os
@@ -382,42 +381,6 @@ def teal_sweep(bw, shapes):
     _write("gpu_kernels_teal_sweep.json", {"copy_bw_TBps": bw / 1e12, "rows": rows})
 
 
-OWN_Z_GRID = [dict(KLEN=k, USLICE=u) for k in (1024, 2048, 4096) for u in (1024, 2048, 4096)]
-
-
-def own_z_sweep(bw):
-    """"own-z" rank terms (`lowrank.OWN_Z`): input range per program (KLEN: longer z loops, fewer
-    partial rows) x output slice (USLICE: fewer At re-reads, longer U loops), alpha 0.9, 50%, batch 1,
-    every shape, each configuration checked against the oracle first; "gather" and "one-launch" timed
-    beside them. Writes $OUT/gpu_kernels_own_z.json."""
-    from rsparse.kernels import lowrank
-
-    dt, rows, default = torch.bfloat16, [], dict(lowrank.OWN_Z)
-    for out_f, in_f in SHAPES:
-        al = aligned_allocation(out_f, in_f, 0.5, 0.9)
-        R, keep = al.rank, al.keep
-        Wts = [(torch.randn(in_f, out_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
-        Us = [torch.randn(out_f, R, device="cuda").to(dt) / 8 for _ in range(COPIES)]
-        Ats = [torch.randn(in_f, R, device="cuda").to(dt) / 8 for _ in range(COPIES)]
-        x = torch.distributions.Laplace(0.0, 1.0).sample((1, in_f)).to("cuda", dt)
-        ones = torch.ones(in_f, device="cuda", dtype=dt)
-        tau = torch.quantile(x[0].float().abs(), 1 - keep).reshape(())
-        ref = rsparse_linear_ref(x.float(), Wts[0].t().float(), None, tau, ones.float(), Us[0].float(), Ats[0].t().float())
-        row = {"out": out_f, "in": in_f, "rank": R}
-        for label, own, mode in ([(m, {}, m) for m in ("gather", "one-launch")]
-                                 + [(f"own-z k{c['KLEN']} u{c['USLICE']}", c, "own-z") for c in OWN_Z_GRID]):
-            lowrank.OWN_Z = dict(default, **own)
-            cfg = dict(tg.config_for(out_f, R, in_f), rank_terms=mode)
-            y = tg._launch(x, Wts[0], Ats[0], Us[0], ones, tau, None, cfg)
-            err = ((y.float() - ref).norm() / ref.norm()).item()
-            assert torch.isfinite(y).all() and err < 1e-2, (label, out_f, in_f, err)
-            row[label] = bench(lambda: [tg._launch(x, Wt, At, U, ones, tau, None, cfg) for Wt, At, U in zip(Wts, Ats, Us)])
-        lowrank.OWN_Z = default
-        rows.append(row)
-        _print_row(row)
-    _write("gpu_kernels_own_z.json", {"copy_bw_TBps": bw / 1e12, "default": default, "rows": rows})
-
-
 def main():
     torch.manual_seed(0)
     dt = torch.bfloat16
@@ -431,8 +394,6 @@ def main():
         return splitk(bw)
     if "--fixed-cost" in sys.argv:
         return fixed_cost(bw)
-    if "--own-z-sweep" in sys.argv:
-        return own_z_sweep(bw)
     if "--teal-sweep" in sys.argv:
         i = sys.argv.index("--teal-sweep") + 1
         spec = sys.argv[i] if i < len(sys.argv) else "14336x4096,4096x14336,4096x4096"

@@ -38,7 +38,6 @@ KERNELS = [  # (kernel, constexprs, warps, stages)
     (lowrank._group_z, dict(CHUNK=256, BB=16, RB=64), 4, 3),
     (lowrank._ranked_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, Z_HERE=True, **lowrank.RANKED_TILES), 4, 4),
     (lowrank._ranked_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, Z_HERE=False, **lowrank.RANKED_TILES), 4, 4),
-    (lowrank._own_z_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, **lowrank.OWN_Z), 4, 4),
     (tg._epilogue, dict(EPI, HAS_R=False, NZP=16), 4, 3),
     (tg._epilogue, dict(EPI, HAS_R=True, NZP=16), 4, 3),
     (tg._epilogue, dict(EPI, HAS_R=True, NZP=64), 4, 3),

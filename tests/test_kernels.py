@@ -23,14 +23,6 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
 
 
-@pytest.fixture(autouse=True)
-def _small_own_z(monkeypatch):
-    """"own-z" programs sized for the tests' small layers: several input ranges (KLEN) and output
-    slices per member (USLICE, not a multiple of the tiles), rank blocks of 16, ranges not multiples
-    of ZCHUNK; the defaults (one range, one slice at these widths) are checked by the GPU benchmark."""
-    monkeypatch.setattr(lowrank, "OWN_Z", dict(ZCHUNK=64, RB=16, KLEN=160, USLICE=40))
-
-
 def _case(B, IN, OUT, R, sparsity, dtype, bias):
     x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).to(dtype)
     W = (torch.randn(OUT, IN) / IN**0.5).to(dtype)
@@ -50,12 +42,12 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "own-z", "split1", "split3"])
+@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
     gather / one-launch: the rank terms' U product added by the gather (the low-rank inputs before it,
-    or in the same launch); own-z: in independent programs of the gather launch, extra partial rows;
+    or in the same launch);
     fused and select: the U product in the epilogue (all the same for r = 0)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
@@ -112,8 +104,8 @@ def test_triton_module_matches_rsparse_linear():
 
 
 # group / GLU kernels: two-launch (partials + epilogue), one launch with 1 or 2 ranges (r = 0), or
-# "gather" / "one-launch" / "own-z": rank terms added in the gather launch (None: by the epilogue); see tg.RANK_TERMS
-SPLITS = [None, 1, 2, "gather", "one-launch", "own-z"]
+# "gather" / "one-launch": rank terms added in the gather launch (None: by the epilogue); see tg.RANK_TERMS
+SPLITS = [None, 1, 2, "gather", "one-launch"]
 
 
 def _group_case(B, IN, outs, ranks, sparsities, dtype):
@@ -200,10 +192,9 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32 if len(outs) > 1 else 64)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
-    mode = ("gather", "one-launch", "own-z")[B % 3]
-    rows = lowrank.ranked_rows(IN, sum(outs), cfg, *seg, *roff, sum(ranks), mode) if sum(ranks) else -(-IN // 128)
-    parts = torch.full((rows, B, sum(outs)), float("nan"), device=DEV)
-    if sum(ranks):  # the low-rank inputs in the same launch or one before it, or in programs of their own
+    mode = ("gather", "one-launch")[B % 2]
+    parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
+    if sum(ranks):  # the low-rank inputs in the same launch or in one before it
         lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, mode, ypart=parts)
     else:
         tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
@@ -211,7 +202,7 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     y = tg.sum_partials(parts, dev[6], dtype).cpu()
     ref = torch.cat(refs, 1)
     assert y.dtype == dtype and ((y.double() - ref).norm() / ref.norm()).item() < tol
-    op = torch.ops.rsparse.rsparse_partials(*dev[:6], *seg, *roff)
+    op = torch.ops.rsparse.rsparse_partials(*dev[:6], *seg, *roff, mode)
     assert op.dtype == torch.float32 and op.shape[1:] == (B, sum(outs))
     assert ((tg.sum_partials(op, dev[6], dtype).cpu().double() - ref).norm() / ref.norm()).item() < tol
     o, r = outs[0], ranks[0]
@@ -238,6 +229,8 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
     sums = []
     real_sum = tg.sum_partials
     monkeypatch.setattr(tg, "sum_partials", lambda *a: sums.append(a[0].shape) or real_sum(*a))
+    modes, real_ranked = [], tg._ranked_gather  # the rank mode each ranked gather was launched with
+    monkeypatch.setattr(tg, "_ranked_gather", lambda *a, **k: modes.append(a[11]) or real_ranked(*a, **k))
     if DEV == "cpu":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         compile_ = lambda f: f  # noqa: E731
@@ -246,14 +239,24 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 160))
     with torch.no_grad():
         for fn, ref, mode, via_partials in ((lone, refs[0](x), "epilogue", True), (lone_ranked, ranked(x), "gather", True),
-                                            (lone_ranked, ranked(x), "one-launch", True), (lone_ranked, ranked(x), "own-z", True),
+                                            (lone_ranked, ranked(x), "one-launch", True),
                                             (lone_ranked, ranked(x), "epilogue", False)):
             monkeypatch.setattr(tg, "RANK_TERMS", mode)
             sums.clear()
+            modes.clear()
             torch._dynamo.reset()  # a fresh trace reads the switch
             y = compile_(fn)(x.to(DEV)).cpu()
             assert ((y - ref).norm() / ref.norm()).item() < 1e-5
             assert bool(sums) == via_partials
+            assert set(modes) == ({mode} if fn is lone_ranked and mode != "epilogue" else set())
+        # the op launches the mode it is given, whatever the global says (a compiled graph records it)
+        m = lone_ranked
+        args = (x.reshape(1, 160).to(DEV), m.wt, m.at, m.U, m.col_scale, m.tau, 64, 64, m.at.shape[1], m.at.shape[1])
+        modes.clear()
+        got = tg.sum_partials(torch.ops.rsparse.rsparse_partials(*args, "one-launch"), m.bias, x.dtype).cpu()
+        assert modes == ["one-launch"] and ((got - ranked(x)[0]).norm() / ranked(x).norm()).item() < 1e-5
+        with pytest.raises(ValueError, match="rank_terms 'gather' or 'one-launch', got 'epilogue'"):
+            torch.ops.rsparse.rsparse_partials(*args, "epilogue")
         sums.clear()
         ys = compile_(group)(x.to(DEV))
         assert sums and sums[0][1:] == (1, 128)  # (chunks, rows, q|k|v columns)
@@ -413,6 +416,5 @@ def test_kernels_trace_as_torch_compile_analyses_them():
     written = json.loads(run.stdout.strip().splitlines()[-1])
     assert written == {"select": ["cnt_ptr", "idx_ptr", "zpart_ptr"], "group_z": ["zpart_ptr"], "gather": ["ypart_ptr"],
                        "fused_gather": ["scratch_ptr", "ypart_ptr"], "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
-                       "own_z_gather": ["scratch_ptr", "ypart_ptr"],
                        "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
                        "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"]}

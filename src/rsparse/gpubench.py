@@ -158,6 +158,7 @@ def run_gpu_bench(args):
         from .gpuprofile import profile
 
         return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args))
+    uncached_compiles()
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
@@ -329,6 +330,20 @@ def rank_modes(args) -> list:
     if bad:
         raise RSparseError(f"--compare-rank: unknown rank mode(s) {bad}; choose from {list(tg.RANK_MODES)}")
     return modes
+
+
+def uncached_compiles() -> None:
+    """Turn off inductor's FX graph cache and AOTAutograd's cache for this process. The benchmarks
+    compile one step several ways, and some choices are read inside our ops at trace time (`TUNED`
+    configurations, `--tuned`) where those caches' keys do not see them: a variant could reuse the
+    code of the one compiled before it (session 8's rank-mode A/B did; the modes are op arguments now).
+    Triton's own kernel cache stays on."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        functorch_config.enable_autograd_cache = False
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from .apply import swapped
 from .decode import GraphDecoder
 from .families import locate
 from .gpubench import (MAX_LEN, REPEATS, attached, build, capture, compile_options, input_samples, modules_at,
-                       set_thresholds, time_graph, write_json)
+                       set_thresholds, time_graph, uncached_compiles, write_json)
 from .kernels.module import triton_groups
 
 
@@ -30,6 +30,7 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=()):
     from torch.profiler import profile as torch_profile
 
     torch.manual_seed(0)
+    uncached_compiles()
     model = build(name)
     projs = locate(model)
     samples = input_samples(model)

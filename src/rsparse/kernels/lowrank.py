@@ -6,15 +6,10 @@ rank columns of a group's At, thresholded with its own tau and scales): by `_gro
 own, or by the first programs of `_ranked_gather_gemv`. The U product z @ U^T (`_lowrank`, U (out, r)
 packed per member) is added by the gather tiles themselves (`_ranked_gather_gemv`, each tile a share
 of the rank blocks; the default) or by the epilogue kernels (`triton_gemv`). Which path a call takes:
-`triton_gemv.RANK_TERMS`.
-
-"own-z" (`_own_z_gather_gemv`) has no z partials and nothing waits: U (A x_dropped) is linear in the
-channels, so it splits into independent programs, each for one (rank block q, input range k, output
-slice of one member): z_qk = x_dropped[k] @ At[k, q] (the program's own, recomputed per output slice:
-At is re-read from L2), then z_qk @ U[slice, q]^T written as an extra partial row NCHUNK + q K + k.
-One launch with the r = 0 gather tiles, no counter, and the partials (NCHUNK + NQ K rows) summed by the
-epilogue or by inductor like the chunks'. Members with fewer rank blocks write zeros in their slices'
-rows so that every partial element is written.
+`triton_gemv.RANK_TERMS`. (Tried and removed in session 9, "own-z": independent programs of the
+gather launch, each computing its own share of z and its U product into extra partial rows; on the
+H200 a call took 2-4x as long as "gather", the programs' serial At loops being the tail:
+docs/perf-gpu.md.)
 """
 import torch
 import triton
@@ -158,74 +153,11 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
                      LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP)
 
 
-@triton.jit
-def _u_program(x_ptr, c_ptr, tau_ptr, at_ptr, u_ptr, ypart_ptr, pid, B, IN, OUT, SEG1, SEG2, LDA, RT, ROFF1, ROFF2,
-               NCHUNK, NSL0, NSL1, NSL, KSPLIT, BB: tl.constexpr, BLOCK_N: tl.constexpr, ZCHUNK: tl.constexpr,
-               RB: tl.constexpr, KLEN: tl.constexpr, USLICE: tl.constexpr):
-    """One "own-z" program: pid -> (rank block q, input range k, slice sl of all members' output slices);
-    partial row NCHUNK + q KSPLIT + k over the slice = x_dropped[k-range] @ At[k-range, q] @ U[slice, q]^T
-    (zeros where the member has no rank block q)."""
-    sl = pid % NSL
-    k = (pid // NSL) % KSPLIT
-    q = pid // (NSL * KSPLIT)
-    p = (sl >= NSL0).to(tl.int32) + (sl >= NSL0 + NSL1).to(tl.int32)
-    seg_lo = tl.where(p == 0, 0, tl.where(p == 1, SEG1, SEG2))
-    seg_hi = tl.where(p == 0, SEG1, tl.where(p == 1, SEG2, OUT))
-    _, _, ra, rb, uoff = _member(seg_lo, SEG1, SEG2, ROFF1, ROFF2, RT)
-    n_lo = seg_lo + (sl - tl.where(p == 0, 0, tl.where(p == 1, NSL0, NSL0 + NSL1))) * USLICE
-    n_hi = tl.minimum(n_lo + USLICE, seg_hi)
-    rows = tl.arange(0, BB)
-    rr = ra + q * RB + tl.arange(0, RB)
-    z = tl.zeros((BB, RB), dtype=tl.float32)
-    if ra + q * RB < rb:
-        tau = tl.load(tau_ptr + p)
-        k_hi = tl.minimum((k + 1) * KLEN, IN)
-        for c0 in tl.range(k * KLEN, k_hi, ZCHUNK, num_stages=2):  # 2 stages: registers near the gather's (sm_90)
-            offs = c0 + tl.arange(0, ZCHUNK)
-            valid = (rows[:, None] < B) & (offs[None, :] < k_hi)
-            x = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
-            c = tl.load(c_ptr + p * IN + offs, mask=offs < k_hi, other=0.0)
-            z += _z_dot(x, _keep(x, c, tau, valid), valid, at_ptr, offs, rr, rb, LDA)
-    base = ypart_ptr + (NCHUNK + q * KSPLIT + k) * B * OUT
-    for n0 in tl.range(n_lo, n_hi, BLOCK_N, num_stages=2):
-        n = n0 + tl.arange(0, BLOCK_N)
-        nmask = n < n_hi
-        u = tl.load(u_ptr + uoff + (n[None, :] - seg_lo) * (rb - ra) + (rr[:, None] - ra),
-                    mask=(rr[:, None] < rb) & nmask[None, :], other=0.0)
-        acc = tl.dot(z.to(u.dtype), u, input_precision="ieee")
-        tl.store(base + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & nmask[None, :])
-
-
-@triton.jit
-def _own_z_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, u_ptr, B, IN, OUT, LDW, SEG1, SEG2,
-                       LDA, RT, ROFF1, ROFF2, NTILE, NU, NSL0, NSL1, NSL, KSPLIT, CHUNK: tl.constexpr, BB: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr,
-                       KLEN: tl.constexpr, USLICE: tl.constexpr):
-    """The gather with the rank terms in independent programs: 1-d grid, the NU `_u_program`s first
-    (longer: they start first), then the r = 0 gather tiles (tile-major per chunk)."""
-    pid = tl.program_id(0)
-    if pid < NU:
-        _u_program(x_ptr, c_ptr, tau_ptr, at_ptr, u_ptr, ypart_ptr, pid, B, IN, OUT, SEG1, SEG2, LDA, RT, ROFF1, ROFF2,
-                   tl.cdiv(IN, CHUNK), NSL0, NSL1, NSL, KSPLIT, BB, BLOCK_N, ZCHUNK, RB, KLEN, USLICE)
-    else:
-        t = pid - NU
-        pid_n, chunk = t % NTILE, t // NTILE
-        acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
-                        BLOCK_K, BLOCK_N)
-        _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
-
-
 ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB tile of At)
 # "one-launch" z programs and the z sums in smaller tiles: a kernel's shared memory is that of its
 # largest branch, and the gather tiles' occupancy sets the kernel's speed (sm_90: 22-31 KB per program
 # at 128 x 32 tiles, 111 KB at 256 x 64; the gather alone 19 KB)
 RANKED_TILES = dict(ZCHUNK=128, RB=32, NZP=32)
-# "own-z" programs: z over KLEN input channels (in ZCHUNK x RB tiles of At, 2 pipeline stages), its U
-# product over output slices of USLICE columns: ~130 KB of At (from L2 after the first slice) + ~130 KB
-# of U per program; partial rows NQ KSPLIT (+4% of gate|up's bytes at Llama-3-8B, r = 144). sm_90: 95
-# registers, 18.7 KB shared (gather alone 66 / 18.7 KB; 106-111 registers with ZCHUNK 128 or 4 stages).
-# Not yet timed on a GPU.
-OWN_Z = dict(ZCHUNK=64, RB=32, KLEN=2048, USLICE=2048)
 
 
 def _rank_block(R: int) -> int:
@@ -244,44 +176,19 @@ def _group_z_launch(x, at, col_scale, tau, members, roff1, roff2):
     return zpart, nzchunk
 
 
-def _own_z_grid(IN, OUT, seg1, seg2, roff1, roff2, R):
-    """"own-z" programs: (extra partial rows NQ KSPLIT, slices per member 0 and 1, all slices, KSPLIT)."""
-    widths = [seg1, seg2 - seg1, OUT - seg2]
-    ranks = [roff1, roff2 - roff1, R - roff2]
-    nq = max(triton.cdiv(r, OWN_Z["RB"]) for w, r in zip(widths, ranks) if w)
-    ksplit = triton.cdiv(IN, OWN_Z["KLEN"])
-    nsl = [triton.cdiv(w, OWN_Z["USLICE"]) for w in widths]
-    return nq * ksplit, nsl[0], nsl[1], sum(nsl), ksplit
-
-
-def ranked_rows(IN, OUT, cfg, seg1, seg2, roff1, roff2, R, mode) -> int:
-    """Partial rows of a ranked gather: the chunks', plus "own-z"'s rank rows."""
-    return triton.cdiv(IN, cfg["chunk"]) + (_own_z_grid(IN, OUT, seg1, seg2, roff1, roff2, R)[0] if mode == "own-z" else 0)
-
-
 def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode: str, ypart=None):
-    """The gather with every member's rank term over the whole layer: float32 partials (rows, B, out),
-    `ranked_rows` of them (ypart if given), whose sum includes the rank terms. mode: "gather"
-    (`_group_z`, then `_ranked_gather_gemv`), "one-launch" (its own first programs compute z) or
-    "own-z" (`_own_z_gather_gemv`)."""
+    """The gather with every member's rank term over the whole layer: float32 partials (chunks, B, out)
+    (ypart if given) whose sum includes the rank terms. mode: "gather" (`_group_z`, then
+    `_ranked_gather_gemv`) or "one-launch" (its own first programs compute z)."""
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
-    rows = ranked_rows(IN, OUT, cfg, seg1, seg2, roff1, roff2, R, mode)
     if ypart is None:
-        ypart = torch.empty(rows, B, OUT, dtype=torch.float32, device=x.device)
-    assert ypart.numel() == rows * B * OUT, (ypart.shape, rows)
+        ypart = torch.empty(nchunk, B, OUT, dtype=torch.float32, device=x.device)
+    assert ypart.numel() == nchunk * B * OUT, (ypart.shape, nchunk)
     members = 1 + (seg1 < OUT) + (seg2 < OUT)
     scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-    if mode == "own-z":
-        nx, nsl0, nsl1, nsl, ksplit = _own_z_grid(IN, OUT, seg1, seg2, roff1, roff2, R)
-        nu = nx * nsl
-        torch.library.wrap_triton(_own_z_gather_gemv)[(nu + ntile * nchunk,)](
-            x, col_scale, tau, wt, scratch, ypart, at, u, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R, roff1, roff2,
-            ntile, nu, nsl0, nsl1, nsl, ksplit, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, **OWN_Z,
-            num_warps=cfg["warps"], num_stages=cfg["stages"])
-        return ypart
     one_launch = mode == "one-launch"
     if one_launch:
         nzchunk = triton.cdiv(IN, RANKED_TILES["ZCHUNK"])

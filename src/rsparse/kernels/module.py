@@ -73,9 +73,11 @@ class TritonRSparseLinear(TransposedRSparseLinear):
         if consumer_reduces(self.at, self.wt):
             n = self.out_features
             r = self.at.shape[1]
-            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, n, n, r, r)
+            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, n, n, r, r,
+                                                       triton_gemv.RANK_TERMS)
             return triton_gemv.sum_partials(parts, self.bias, rows.dtype)
-        return torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.bias)
+        return torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.bias,
+                                              triton_gemv.RANK_TERMS)
 
 
 class TritonGroup(nn.Module):
@@ -135,11 +137,11 @@ class TritonGroup(nn.Module):
             return tuple(m(x) for m in self._members)
         if consumer_reduces(self.at, self.wt):
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
-                                                       self.seg2, self.roff1, self.roff2)
+                                                       self.seg2, self.roff1, self.roff2, triton_gemv.RANK_TERMS)
             y = triton_gemv.sum_partials(parts, self.bias, rows.dtype)
         else:
             y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
-                                                     self.seg2, self.roff1, self.roff2, self.bias)
+                                                     self.seg2, self.roff1, self.roff2, self.bias, triton_gemv.RANK_TERMS)
         return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split(self.split, dim=-1))
 
     def silu_mul(self, x):
@@ -149,7 +151,8 @@ class TritonGroup(nn.Module):
         if not on_kernels(rows) or len(self.split) != 2 or self.split[0] != self.split[1]:
             g, u = self(x)
             return torch.nn.functional.silu(g) * u
-        y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.roff1, self.bias)
+        y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.roff1, self.bias,
+                                               triton_gemv.RANK_TERMS)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -10,11 +10,14 @@ launches; 1 under torch.compile):
 2. `_epilogue`: y = sum_chunks ypart + b, cast to the model dtype (`_glu_epilogue` for a gate|up
    group: SiLU(gate) * up, the MLP activation, in the same pass). Under torch.compile it is skipped:
    `rsparse_partials` returns the partials and inductor sums them inside the consumer's kernel.
-Rank terms (`RANK_TERMS`): by default ("gather") `_group_z` first writes the low-rank input partials
-and the gather tiles add z @ U^T to their partials (`lowrank._ranked_gather_gemv`; 2 launches, the
-partials path under torch.compile); "one-launch" computes z in the gather launch too, "own-z" splits
-the rank terms into independent programs of the gather launch (extra partial rows), "epilogue" adds
-the U product in the epilogue (3 launches).
+Rank terms (`RANK_TERMS`): by default ("one-launch") the gather launch's first programs write the
+low-rank input partials z and its tiles, once a counter says z is complete, add z @ U^T to their
+partials (`lowrank._ranked_gather_gemv`; 1 launch + the counter's fill, the partials path under
+torch.compile); "gather" computes z in a launch of its own before (`_group_z`), "epilogue" adds the
+U product in the epilogue (3 launches). The mode is an argument of the ops (`rank_terms`),
+never a global read inside them: a compiled graph records it, so inductor's and AOTAutograd's caches
+key on it (session 8's end-to-end A/B read a global inside the op, hit the cache of the first mode
+compiled and timed "gather" under every label).
 `_select` + `_gather_gemv` is session 1's 3-launch form (compaction in its own launch), kept as a
 tested variant. Partials instead of atomics on the data: deterministic, no zero-filled outputs, and
 bf16/fp16 never need atomics. For batch > 1 the gathered rows are the union of the rows' kept
@@ -185,25 +188,27 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
     return ypart
 
 
-# Where a call's rank terms are computed (a configuration's "rank_terms" overrides it; the benchmarks
-# switch it for A/B):
+# Where a module's rank terms are computed: read by the modules when they call (trace) the ops and
+# passed as their `rank_terms` argument (a configuration's "rank_terms" overrides it in `_launch`;
+# the benchmarks switch it for A/B):
 # "epilogue": low-rank inputs in a launch of their own (`_group_z`), U product in the epilogue
 #   (3 launches, under torch.compile too);
 # "gather": `_group_z`, then the gather adds the U product to its partials (2 launches; under
 #   torch.compile inductor sums them in the consumer);
 # "one-launch": the z programs first in the gather launch itself, tiles wait on a per-call counter
-#   (1 launch + the counter's fill under torch.compile);
-# "own-z": independent programs in the gather launch each compute their own share of z and its U
-#   product into extra partial rows (1 launch, no counter, nothing waits; At re-read from L2).
-# "gather" by default: on an H200 (session 8, one run side by side, Llama-3-8B shapes, alpha 0.9, 50%,
-# compiled) "gather" and "one-launch" both ran 215.3 tok/s and "epilogue" 204.7 (dense 185.1); per lone
-# module "one-launch" is 1-3 us faster than "gather", but it relies on blocks starting in program-id
-# order (its tiles spin on a counter the z programs raise) and needs a counter fill per call.
-RANK_TERMS = "gather"
-RANK_MODES = ("epilogue", "gather", "one-launch", "own-z")
+#   (1 launch + the counter's fill under torch.compile).
+# "one-launch" by default: on an H200 (session 9, one run side by side, Llama-3-8B shapes, alpha 0.9,
+# 50%, batch 1, compiled) it ran 226.8 tok/s and "gather" 215.5 (dense 185.9); per call it is 1-3 us
+# faster on every ranked shape. Its tiles spin on a counter the z programs (the launch's first
+# program ids) raise: it relies on blocks being dispatched in program-id order, as on every NVIDIA GPU
+# we ran and in Triton's interpreter. "epilogue" ran 204.7 (session 8). (Session 8's "gather" =
+# "one-launch" tie was a benchmark defect: the mode was a global read inside the op, and the compile
+# caches served the first mode's code to the second.)
+RANK_TERMS = "one-launch"
+RANK_MODES = ("epilogue", "gather", "one-launch")
 
 
-def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None):
+def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch"):
     """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
     boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
     other; glu: the group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2)."""
@@ -218,7 +223,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
         return launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu)
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
-    mode = RANK_TERMS if cfg.get("rank_terms") is None else cfg["rank_terms"]
+    mode = cfg.get("rank_terms") or rank_terms
     if mode not in RANK_MODES:
         raise ValueError(f"rank_terms must be one of {RANK_MODES}, got {mode!r}")
     ranked = R > 0 and mode != "epilogue"
@@ -227,7 +232,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     # ypart: the partial rows the epilogue sums; zpart: the low-rank input partials it sums when it
     # adds the rank terms (else an unread pointer)
     zpart, nzchunk = None, nchunk
-    if ranked:  # rank terms included in the partials ("own-z" adds rows for them)
+    if ranked:  # rank terms included in the partials
         ypart = _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode)
         nchunk = ypart.shape[0]
     elif group or cfg.get("fused"):
@@ -258,9 +263,11 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
 
 @torch.library.triton_op("rsparse::rsparse_gemv", mutates_args={})
 def rsparse_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                 tau: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows."""
-    return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1], wt.shape[0]))
+                 tau: torch.Tensor, bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch") -> torch.Tensor:
+    """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows; rank_terms:
+    one of RANK_MODES (see `RANK_TERMS`)."""
+    return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1], wt.shape[0]),
+                   rank_terms=rank_terms)
 
 
 def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int, reduce: bool = True) -> int | None:
@@ -284,18 +291,19 @@ def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int, reduce: bool =
 @torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={})
 def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                        tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
-                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch") -> torch.Tensor:
     """Up to 3 projections of the same x in one call: wt = [Wt_0 | Wt_1 | Wt_2] (in, out), at =
     [At_0 | At_1 | At_2] (in, RT), u = the members' U (out_p, r_p) flattened one after the other,
     col_scale (P, in), tau (P,); member column boundaries seg1 <= seg2 (see `group_block_n`), rank
     boundaries roff1 <= roff2 in at."""
     return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(seg1, seg2, wt, at.shape[1]),
-                   segments=(seg1, seg2), roffs=(roff1, roff2))
+                   segments=(seg1, seg2), roffs=(roff1, roff2), rank_terms=rank_terms)
 
 
 @torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={})
 def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                     tau: torch.Tensor, roff1: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     tau: torch.Tensor, roff1: int, bias: Optional[torch.Tensor] = None,
+                     rank_terms: str = "one-launch") -> torch.Tensor:
     """SiLU(gate(x)) * up(x) for a gate|up group of two members of equal width: wt = [Wt_gate | Wt_up]
     (in, 2 I), at = [At_gate | At_up] (in, RT; gate's rank columns [0, roff1)), u packed as in
     `rsparse_group_gemv`, col_scale (2, in), tau (2,); returns (rows, I)."""
@@ -304,13 +312,14 @@ def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
         raise ValueError(f"a gate|up group has two members of equal width, got {OUT} columns in all")
     half = OUT // 2
     return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(half, OUT, wt, at.shape[1]),
-                   segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]))
+                   segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]), rank_terms=rank_terms)
 
 
 @torch.library.triton_op("rsparse::rsparse_partials", mutates_args={})
 def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                     tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int) -> torch.Tensor:
-    """The gather alone (one launch; with rank terms in the "gather" mode `_group_z` first): float32
+                     tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
+                     rank_terms: str = "one-launch") -> torch.Tensor:
+    """The gather alone (one launch; with rank terms in the "gather" mode `_group_z` before it): float32
     partials (chunks, rows, out) whose sum over the chunks is the sparse product with its rank terms
     (before bias and cast) of a module (seg1 = seg2 = out, roff1 = roff2 = r; col_scale (in,), tau ())
     or of a group (as in `rsparse_group_gemv`). Under torch.compile the sum, bias and cast are left to
@@ -319,7 +328,10 @@ def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
     B, IN = x.shape
     cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
     if at.shape[1]:  # the rank terms in the gather (the partials path runs them only there)
-        return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, RANK_TERMS)
+        if rank_terms not in ("gather", "one-launch"):
+            raise ValueError(f"rsparse_partials adds rank terms in the gather launch: rank_terms 'gather' or "
+                             f"'one-launch', got {rank_terms!r}")
+        return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, rank_terms)
     ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
     return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
 
