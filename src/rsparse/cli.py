@@ -281,8 +281,8 @@ def build_parser():
                    help="batch > 1: also compile the sparse step with cuBLAS on masked inputs instead of the kernels (A/B)")
     g.add_argument("--compare-rank", metavar="MODES",
                    help="with --alpha < 1: also compile the sparse step with each listed way (comma list) of computing "
-                   "the rank terms: epilogue (U product in the epilogue), gather (added by the gather, the default), "
-                   "one-launch (the low-rank inputs too in the gather launch) (A/B)")
+                   "the rank terms: epilogue (U product in the epilogue), gather (added by the gather after a launch of "
+                   "its own for the low-rank inputs), one-launch (the low-rank inputs too in the gather launch, the default) (A/B)")
     g.add_argument("--pdl", action="store_true",
                    help="also compile dense and sparse steps with inductor's programmatic dependent launch (A/B)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
