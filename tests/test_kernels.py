@@ -194,8 +194,13 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     mode = ("gather", "one-launch")[B % 2]
     parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
+    counter = torch.zeros(2, dtype=torch.int32, device=DEV)
     if sum(ranks):  # the low-rank inputs in the same launch or in one before it
         lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, mode, ypart=parts)
+        if mode == "one-launch":  # again with a counter pair it keeps: each launch leaves it zero
+            for _ in range(2):
+                again = lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, mode, sync=counter)
+                assert torch.equal(again, parts) and counter.tolist() == [0, 0]
     else:
         tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
     assert torch.isfinite(parts).all(), "partial element left unwritten"
@@ -229,8 +234,9 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
     sums = []
     real_sum = tg.sum_partials
     monkeypatch.setattr(tg, "sum_partials", lambda *a: sums.append(a[0].shape) or real_sum(*a))
-    modes, real_ranked = [], tg._ranked_gather  # the rank mode each ranked gather was launched with
-    monkeypatch.setattr(tg, "_ranked_gather", lambda *a, **k: modes.append(a[11]) or real_ranked(*a, **k))
+    modes, real_ranked = [], tg._ranked_gather  # the rank mode each ranked gather was launched with, and its counter
+    monkeypatch.setattr(tg, "_ranked_gather", lambda *a, **k: modes.append((a[11], k.get("sync") is not None))
+                        or real_ranked(*a, **k))
     if DEV == "cpu":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         compile_ = lambda f: f  # noqa: E731
@@ -238,23 +244,27 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
         compile_ = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 160))
     with torch.no_grad():
-        for fn, ref, mode, via_partials in ((lone, refs[0](x), "epilogue", True), (lone_ranked, ranked(x), "gather", True),
-                                            (lone_ranked, ranked(x), "one-launch", True),
-                                            (lone_ranked, ranked(x), "epilogue", False)):
+        for fn, ref, mode, via_partials, kept in ((lone, refs[0](x), "epilogue", True, False),
+                                                  (lone_ranked, ranked(x), "gather", True, False),
+                                                  (lone_ranked, ranked(x), "one-launch", True, False),
+                                                  (lone_ranked, ranked(x), "one-launch", True, True),
+                                                  (lone_ranked, ranked(x), "epilogue", False, False)):
             monkeypatch.setattr(tg, "RANK_TERMS", mode)
+            monkeypatch.setattr(tg, "MODULE_COUNTER", kept)
             sums.clear()
             modes.clear()
             torch._dynamo.reset()  # a fresh trace reads the switch
             y = compile_(fn)(x.to(DEV)).cpu()
             assert ((y - ref).norm() / ref.norm()).item() < 1e-5
             assert bool(sums) == via_partials
-            assert set(modes) == ({mode} if fn is lone_ranked and mode != "epilogue" else set())
+            assert set(modes) == ({(mode, kept)} if fn is lone_ranked and mode != "epilogue" else set())
+            assert fn.sync.tolist() == [0, 0]  # a module's counter is left zero for its next call
         # the op launches the mode it is given, whatever the global says (a compiled graph records it)
         m = lone_ranked
         args = (x.reshape(1, 160).to(DEV), m.wt, m.at, m.U, m.col_scale, m.tau, 64, 64, m.at.shape[1], m.at.shape[1])
         modes.clear()
         got = tg.sum_partials(torch.ops.rsparse.rsparse_partials(*args, "one-launch"), m.bias, x.dtype).cpu()
-        assert modes == ["one-launch"] and ((got - ranked(x)[0]).norm() / ranked(x).norm()).item() < 1e-5
+        assert modes == [("one-launch", False)] and ((got - ranked(x)[0]).norm() / ranked(x).norm()).item() < 1e-5
         with pytest.raises(ValueError, match="rank_terms 'gather' or 'one-launch', got 'epilogue'"):
             torch.ops.rsparse.rsparse_partials(*args, "epilogue")
         sums.clear()
@@ -337,9 +347,10 @@ def test_triton_group_module_shares_storage_and_matches_members():
         assert y.shape == ref.shape and ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_fused_groups_in_decoder_match_per_module_steps():
+def test_fused_groups_in_decoder_match_per_module_steps(monkeypatch):
     """to_triton_ on a tiny Llama attaches q|k|v and gate|up groups; the decoder's steps through them
-    give the per-module Triton steps' logits, and prefill (dense_view) detaches them."""
+    (their "one-launch" counters kept by the modules) give the per-module Triton steps' logits (counters
+    zeroed per call), and prefill (dense_view) detaches them. Every kept counter is left zero."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rsparse.apply import modules_for
@@ -374,8 +385,13 @@ def test_fused_groups_in_decoder_match_per_module_steps():
         assert torch.equal(la, lb)
         for t in range(4):
             tok = la.argmax(-1, keepdim=True)
-            la, lb = a.forward(tok), b.forward(tok)
+            monkeypatch.setattr(tg, "MODULE_COUNTER", True)
+            la = a.forward(tok)
+            monkeypatch.setattr(tg, "MODULE_COUNTER", False)
+            lb = b.forward(tok)
             assert torch.allclose(la, lb, atol=1e-4, rtol=1e-4), t
+    counters = [mod.sync for mod in models[0].modules() if hasattr(mod, "counter")]
+    assert len(counters) >= 4 + 2 * 7 and all(c.tolist() == [0, 0] for c in counters)
 
 
 def test_gpu_bench_modules_at_the_budget():

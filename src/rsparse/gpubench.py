@@ -145,6 +145,8 @@ def run_gpu_bench(args):
         raise RSparseError(f"--alpha must be in (0, 1], got {alpha}")
     if alpha < 1.0 and len(sparsities) != 1:
         raise RSparseError("--alpha < 1 sizes every projection's rank for one sparsity: give one --sparsities value")
+    if getattr(args, "compare_counter", False) and alpha == 1.0:
+        raise RSparseError("--compare-counter compares the rank terms' counters: give --alpha < 1 too")
     if rank_modes(args) and alpha == 1.0:
         raise RSparseError("--compare-rank compares ways of computing rank terms: give --alpha < 1 too")
     if getattr(args, "pdl", False):
@@ -157,7 +159,8 @@ def run_gpu_bench(args):
     if args.profile:
         from .gpuprofile import profile
 
-        return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args))
+        return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args),
+                       module_counter=getattr(args, "compare_counter", False))
     uncached_compiles()
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):
@@ -309,7 +312,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
     the consumer, and inductor summing them only where TUNED has no one-launch kernel; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
-    --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`)."""
+    --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`;
+    --compare-counter: "one-launch" with the counters the modules keep, `triton_gemv.MODULE_COUNTER`)."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
@@ -318,6 +322,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
     if getattr(args, "masked_dense", False) and B > 1:
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
+    if getattr(args, "compare_counter", False):
+        out.append((f"{label_c}-module-counter", sparse, groups, {"module_counter": True}))
     for mode in rank_modes(args):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     return out
@@ -347,14 +353,15 @@ def uncached_compiles() -> None:
 
 
 @contextlib.contextmanager
-def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_terms=None):
+def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_terms=None, module_counter=None):
     """Set while a compiled step is traced and captured (all are read at trace time only)."""
     from .kernels import module as km
 
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, tg.MODULE_COUNTER
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
+    tg.MODULE_COUNTER = saved[3] if module_counter is None else module_counter
     try:
         if pdl:
             import torch._inductor.config as inductor_config
@@ -364,7 +371,7 @@ def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_ter
         else:
             yield
     finally:
-        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved
+        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, tg.MODULE_COUNTER = saved
 
 
 def aligned_allocation(out_f: int, in_f: int, sparsity: float, alpha: float):

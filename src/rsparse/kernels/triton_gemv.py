@@ -206,9 +206,16 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
 # caches served the first mode's code to the second.)
 RANK_TERMS = "one-launch"
 RANK_MODES = ("epilogue", "gather", "one-launch")
+# "one-launch"'s counter: zeroed per call (False: under torch.compile a fill launch per ranked call),
+# or (True) a pair each module keeps and the launch zeroes itself after its last wait (no fill; the
+# op's `sync` argument, which it mutates). Read by the modules when they call the ops. Built in
+# session 9 after the device time ran out: off until an A/B on a GPU (`rsparse bench --compare-counter`)
+# shows it faster and shows inductor updating the buffer in place (a clone would cost a launch too).
+MODULE_COUNTER = False
 
 
-def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch"):
+def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch",
+            sync=None):
     """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
     boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
     other; glu: the group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2)."""
@@ -233,7 +240,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     # adds the rank terms (else an unread pointer)
     zpart, nzchunk = None, nchunk
     if ranked:  # rank terms included in the partials
-        ypart = _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode)
+        ypart = _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, sync=sync)
         nchunk = ypart.shape[0]
     elif group or cfg.get("fused"):
         ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
@@ -261,13 +268,15 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     return y
 
 
-@torch.library.triton_op("rsparse::rsparse_gemv", mutates_args={})
+@torch.library.triton_op("rsparse::rsparse_gemv", mutates_args={"sync"})
 def rsparse_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                 tau: torch.Tensor, bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch") -> torch.Tensor:
+                 tau: torch.Tensor, bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch",
+                 sync: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows; rank_terms:
-    one of RANK_MODES (see `RANK_TERMS`)."""
+    one of RANK_MODES (see `RANK_TERMS`); sync: None, or the caller's int32 counter pair for
+    "one-launch" (zero before the call and after it; see `MODULE_COUNTER`)."""
     return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1], wt.shape[0]),
-                   rank_terms=rank_terms)
+                   rank_terms=rank_terms, sync=sync)
 
 
 def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int, reduce: bool = True) -> int | None:
@@ -288,22 +297,23 @@ def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int, reduce: bool =
     return dict(config_for(wt.shape[1], 0, wt.shape[0], reduce), block_n=bn)
 
 
-@torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={})
+@torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={"sync"})
 def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                        tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
-                       bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch") -> torch.Tensor:
+                       bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch",
+                       sync: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Up to 3 projections of the same x in one call: wt = [Wt_0 | Wt_1 | Wt_2] (in, out), at =
     [At_0 | At_1 | At_2] (in, RT), u = the members' U (out_p, r_p) flattened one after the other,
     col_scale (P, in), tau (P,); member column boundaries seg1 <= seg2 (see `group_block_n`), rank
     boundaries roff1 <= roff2 in at."""
     return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(seg1, seg2, wt, at.shape[1]),
-                   segments=(seg1, seg2), roffs=(roff1, roff2), rank_terms=rank_terms)
+                   segments=(seg1, seg2), roffs=(roff1, roff2), rank_terms=rank_terms, sync=sync)
 
 
-@torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={})
+@torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={"sync"})
 def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                      tau: torch.Tensor, roff1: int, bias: Optional[torch.Tensor] = None,
-                     rank_terms: str = "one-launch") -> torch.Tensor:
+                     rank_terms: str = "one-launch", sync: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SiLU(gate(x)) * up(x) for a gate|up group of two members of equal width: wt = [Wt_gate | Wt_up]
     (in, 2 I), at = [At_gate | At_up] (in, RT; gate's rank columns [0, roff1)), u packed as in
     `rsparse_group_gemv`, col_scale (2, in), tau (2,); returns (rows, I)."""
@@ -312,13 +322,13 @@ def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
         raise ValueError(f"a gate|up group has two members of equal width, got {OUT} columns in all")
     half = OUT // 2
     return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(half, OUT, wt, at.shape[1]),
-                   segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]), rank_terms=rank_terms)
+                   segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]), rank_terms=rank_terms, sync=sync)
 
 
-@torch.library.triton_op("rsparse::rsparse_partials", mutates_args={})
+@torch.library.triton_op("rsparse::rsparse_partials", mutates_args={"sync"})
 def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                      tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
-                     rank_terms: str = "one-launch") -> torch.Tensor:
+                     rank_terms: str = "one-launch", sync: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The gather alone (one launch; with rank terms in the "gather" mode `_group_z` before it): float32
     partials (chunks, rows, out) whose sum over the chunks is the sparse product with its rank terms
     (before bias and cast) of a module (seg1 = seg2 = out, roff1 = roff2 = r; col_scale (in,), tau ())
@@ -331,7 +341,7 @@ def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
         if rank_terms not in ("gather", "one-launch"):
             raise ValueError(f"rsparse_partials adds rank terms in the gather launch: rank_terms 'gather' or "
                              f"'one-launch', got {rank_terms!r}")
-        return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, rank_terms)
+        return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, rank_terms, sync=sync)
     ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
     return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
 
