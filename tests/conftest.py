@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Triton kernels run on the CPU through Triton's interpreter, which `triton.jit` consults when a kernel
+# is defined: set before any test module imports rsparse's kernels (on a GPU machine they compile)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton")  # on the CPU through the interpreter: TRITON_INTERPRET set in conftest.py
 
 from rsparse.kernels import lowrank, triton_gemv as tg  # noqa: E402
 from rsparse.kernels.teal import teal_gemv  # noqa: E402

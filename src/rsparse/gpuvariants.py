@@ -1,0 +1,77 @@
+"""The A/B variants `rsparse bench --device cuda` compiles beside its dense and sparse steps, and the
+switches they set while a step is traced (all are read at trace time and reach the graph: as
+dynamo-level choices or as arguments of our ops). The harness compiles with inductor's FX graph
+cache and AOTAutograd's cache off (`uncached_compiles`): one step compiled several ways must never
+reuse another variant's code.
+"""
+import contextlib
+
+from .errors import RSparseError
+from .kernels import triton_gemv as tg
+
+
+def compiled_variants(args, label_c, sparse, groups, B):
+    """(label, modules, groups, options) of the compiled steps: dense and sparse, and the A/B variants
+    asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
+    the consumer, and inductor summing them only where TUNED has no one-launch kernel; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
+    batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
+    --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`;
+    --compare-counter: "one-launch" with the counters the modules keep, `triton_gemv.MODULE_COUNTER`)."""
+    out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
+    if getattr(args, "compare_reduce", False) and B == 1:
+        out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
+        out.append((f"{label_c}-non-splitk", sparse, groups, {"consumer_reduce": "non-splitk"}))
+    if getattr(args, "pdl", False):
+        out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
+    if getattr(args, "masked_dense", False) and B > 1:
+        out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
+    if getattr(args, "compare_counter", False):
+        out.append((f"{label_c}-module-counter", sparse, groups, {"module_counter": True}))
+    for mode in rank_modes(args):
+        out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
+    return out
+
+
+def rank_modes(args) -> list:
+    """--compare-rank's comma list, checked against `triton_gemv.RANK_MODES`."""
+    modes = [m for m in (getattr(args, "compare_rank", None) or "").split(",") if m]
+    bad = [m for m in modes if m not in tg.RANK_MODES]
+    if bad:
+        raise RSparseError(f"--compare-rank: unknown rank mode(s) {bad}; choose from {list(tg.RANK_MODES)}")
+    return modes
+
+
+def uncached_compiles() -> None:
+    """Turn off inductor's FX graph cache and AOTAutograd's cache for this process. The benchmarks
+    compile one step several ways, and some choices are read inside our ops at trace time (`TUNED`
+    configurations, `--tuned`) where those caches' keys do not see them: a variant could reuse the
+    code of the one compiled before it (session 8's rank-mode A/B did; the modes are op arguments now).
+    Triton's own kernel cache stays on."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
+    if hasattr(functorch_config, "enable_autograd_cache"):
+        functorch_config.enable_autograd_cache = False
+
+
+@contextlib.contextmanager
+def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_terms=None, module_counter=None):
+    """Set while a compiled step is traced and captured (all are read at trace time only)."""
+    from .kernels import module as km
+
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, tg.MODULE_COUNTER
+    km.REDUCE_IN_CONSUMER = consumer_reduce
+    km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
+    tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
+    tg.MODULE_COUNTER = saved[3] if module_counter is None else module_counter
+    try:
+        if pdl:
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch({"triton.enable_pdl": True}):
+                yield
+        else:
+            yield
+    finally:
+        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, tg.MODULE_COUNTER = saved
