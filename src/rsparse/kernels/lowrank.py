@@ -3,7 +3,7 @@ channel reads r contiguous values (r a multiple of 16 in the modules: 128-bit lo
 
 z = x_dropped @ At is computed in partials over chunks of input channels (`_member_z`: a member's
 rank columns of a group's At, thresholded with its own tau and scales): by `_group_z`, a launch of its
-own, or by the first programs of `_ranked_gather_gemv`. The U product z @ U^T (`_lowrank`, U (out, r)
+own, or (the default, "one-launch") by the first programs of `_ranked_gather_gemv`. The U product z @ U^T (`_lowrank`, U (out, r)
 packed per member) is added by the gather tiles themselves (`_ranked_gather_gemv`, each tile a share
 of the rank blocks; the default) or by the epilogue kernels (`triton_gemv`). Which path a call takes:
 `triton_gemv.RANK_TERMS`. (Tried and removed in session 9, "own-z": independent programs of the
