@@ -439,6 +439,12 @@ def main():
                         assert ((yz.float() - ref).norm() / ref.norm()).item() < 1e-2, (mode, out_f, in_f)
                         row[f"rank_{mode}_us"] = bench(lambda: [tg._launch(x, Wt, At, U, ones, tau, None, zcfg)
                                                                 for Wt, At, U in zip(Wts, Ats, Us)])
+                    if R and tg.RANK_TERMS == "one-launch":  # its counter kept by the caller: no fill per call
+                        kept = torch.zeros(2, dtype=torch.int32, device="cuda")
+                        yk = rsparse_gemv(x, Wts[0], Ats[0], Us[0], ones, tau, None, "one-launch", kept)
+                        assert torch.equal(yk, y) and kept.tolist() == [0, 0], (out_f, in_f, kept)
+                        row["kept_counter_us"] = bench(lambda: [rsparse_gemv(x, Wt, At, U, ones, tau, None, "one-launch", kept)
+                                                                for Wt, At, U in zip(Wts, Ats, Us)])
                     if B == 1 and R == 0:
                         yt = teal_gemv(x[0], Wts[0], tau, **tcfg)
                         errt = ((yt.float() - ref[0]).norm() / ref.norm()).item()
@@ -459,13 +465,14 @@ def main():
     compiled_ok = bool(torch.equal(yc, ye))
 
     print(f"\n{'shape (out x in)':18s} {'s':>4s} {'a':>5s} {'r':>4s} {'B':>2s} {'dense us':>9s} {'teal us':>8s} {'ours us':>8s} "
-          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s}" + "".join(f" {m + ' us':>14s}" for m in tg.RANK_MODES))
+          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s}" + "".join(f" {m + ' us':>14s}" for m in tg.RANK_MODES)
+          + f" {'kept ctr us':>12s}")
     for r in rows:
         print(f"{r['out']:>6d} x {r['in']:<8d} {r['sparsity']:4.2f} {r['alpha']:5.2f} {r['rank']:4d} {r['batch']:2d} {r['dense_us']:9.2f} "
               f"{r.get('teal_us', float('nan')):8.2f} {r['ours_us']:8.2f} {r['speedup_vs_dense']:8.2f} "
               f"{r.get('speedup_vs_teal', float('nan')):7.2f} {r['ours_bw_frac']:8.1%} {r.get('teal_bw_frac', float('nan')):8.1%} "
               + "".join(f" {r.get(f'rank_{m}_us', r['ours_us'] if r['rank'] and m == tg.RANK_TERMS else float('nan')):14.2f}"
-                        for m in tg.RANK_MODES))
+                        for m in tg.RANK_MODES) + f" {r.get('kept_counter_us', float('nan')):12.2f}")
     summary = {"copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "max_rel_err": max(checks),
                "median_speedup_vs_teal_b1_s50": statistics.median(r["speedup_vs_teal"] for r in rows if "speedup_vs_teal" in r and r["sparsity"] == 0.5),
                "rows": rows}
