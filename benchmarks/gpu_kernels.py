@@ -10,7 +10,7 @@ float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels
 compares grids of launch configurations with v2 and writes the best per shape;
 `--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
 `--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
-`--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9;
+`--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
 """
 import json
 import os

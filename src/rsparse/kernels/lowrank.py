@@ -3,10 +3,10 @@ channel reads r contiguous values (r a multiple of 16 in the modules: 128-bit lo
 
 z = x_dropped @ At is computed in partials over chunks of input channels (`_member_z`: a member's
 rank columns of a group's At, thresholded with its own tau and scales): by `_group_z`, a launch of its
-own, or (the default, "one-launch") by the first programs of `_ranked_gather_gemv`. The U product z @ U^T (`_lowrank`, U (out, r)
-packed per member) is added by the gather tiles themselves (`_ranked_gather_gemv`, each tile a share
-of the rank blocks; the default) or by the epilogue kernels (`triton_gemv`). Which path a call takes:
-`triton_gemv.RANK_TERMS`. (Tried and removed in session 9, "own-z": independent programs of the
+own, or (the default, "one-launch") by the first programs of `_ranked_gather_gemv`. The U product
+z @ U^T (`_lowrank`, U (out, r) packed per member) is added by the gather tiles themselves
+(`_ranked_gather_gemv`, each tile a share of the rank blocks; the default) or by the epilogue kernels
+(`triton_gemv`). Which path a call takes: `triton_gemv.RANK_TERMS`. (Tried and removed in session 9, "own-z": independent programs of the
 gather launch, each computing its own share of z and its U product into extra partial rows; on the
 H200 a call took 2-4x as long as "gather", the programs' serial At loops being the tail:
 docs/perf-gpu.md.)
@@ -213,6 +213,8 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     (ypart if given) whose sum includes the rank terms. mode: "gather" (`_group_z`, then
     `_ranked_gather_gemv`) or "one-launch" (its own first programs compute z; with sync, an int32
     counter pair the caller keeps, zero between calls, instead of one zeroed per call)."""
+    if mode not in ("gather", "one-launch"):
+        raise ValueError(f"rank terms in the gather launch: rank_terms 'gather' or 'one-launch', got {mode!r}")
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
@@ -226,11 +228,11 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     if one_launch:
         nzchunk = triton.cdiv(IN, RANKED_TILES["ZCHUNK"])
         zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
-        if sync is None:  # z programs done: counted from 0, zeroed every call (a fill launch under compile)
+        self_reset = sync is not None  # the caller's counter, which the launch zeroes itself
+        if not self_reset:  # z programs done: counted from 0, zeroed every call (a fill launch under compile)
             sync = torch.zeros(1, dtype=torch.int32, device=x.device)
         elif sync.dtype != torch.int32 or sync.numel() < 2 or sync.device != x.device:
             raise ValueError(f"sync must be an int32 pair on {x.device}, got {sync.dtype} {tuple(sync.shape)} on {sync.device}")
-        self_reset = sync.numel() >= 2
         nz = nzchunk * members
         ndone = nz + _waiting_tiles(OUT, bn, nchunk, (seg1, seg2), (roff1, roff2, R))
     else:
@@ -239,5 +241,5 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
         x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
         roff1, roff2, ntile, nzchunk, nz, ndone, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
-        SELF_RESET=one_launch and self_reset, **RANKED_TILES, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        SELF_RESET=self_reset, **RANKED_TILES, num_warps=cfg["warps"], num_stages=cfg["stages"])
     return ypart

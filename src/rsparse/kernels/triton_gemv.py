@@ -236,26 +236,21 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     ranked = R > 0 and mode != "epilogue"
     rb = _rank_block(R)
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    # ypart: the partial rows the epilogue sums; zpart: the low-rank input partials it sums when it
-    # adds the rank terms (else an unread pointer)
-    zpart, nzchunk = None, nchunk
+    ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
+    zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
     if ranked:  # rank terms included in the partials
-        ypart = _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, sync=sync)
-        nchunk = ypart.shape[0]
+        _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, ypart=ypart, sync=sync)
     elif group or cfg.get("fused"):
-        ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
         if R > 0:
             zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, 1 + (seg1 < OUT) + (seg2 < OUT), roff1, roff2)
         _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
     else:
-        ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
         zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
         idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
         cnt = torch.empty(nchunk, dtype=torch.int32, device=x.device)
         torch.library.wrap_triton(_select)[(nchunk,)](x, col_scale, tau, at, idx, cnt, zpart, B, IN, R, at.stride(0),
                                                       CHUNK=ch, BB=BB, RB=rb, HAS_R=R > 0)
         torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, LDW, **meta)
-    zpart = ypart if zpart is None else zpart
     b = bias if bias is not None else y
     tail = dict(BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0 and not ranked, HAS_BIAS=bias is not None,
                 NCP=triton.next_power_of_2(nchunk), NZP=triton.next_power_of_2(nzchunk))
@@ -338,9 +333,6 @@ def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
     B, IN = x.shape
     cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
     if at.shape[1]:  # the rank terms in the gather (the partials path runs them only there)
-        if rank_terms not in ("gather", "one-launch"):
-            raise ValueError(f"rsparse_partials adds rank terms in the gather launch: rank_terms 'gather' or "
-                             f"'one-launch', got {rank_terms!r}")
         return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, rank_terms, sync=sync)
     ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
     return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
