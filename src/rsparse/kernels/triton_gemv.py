@@ -263,10 +263,13 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     return y
 
 
+# The ops' arguments have no defaults: torch 2.11's ADInplaceOrView kernel of a mutating custom op
+# indexes the mutated argument in the arguments as passed (defaults not filled in), so a call that
+# left `sync` out raised IndexError there (session 10, on the H200); callers pass every argument.
 @torch.library.triton_op("rsparse::rsparse_gemv", mutates_args={"sync"})
 def rsparse_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                 tau: torch.Tensor, bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch",
-                 sync: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 tau: torch.Tensor, bias: Optional[torch.Tensor], rank_terms: str,
+                 sync: Optional[torch.Tensor]) -> torch.Tensor:
     """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows; rank_terms:
     one of RANK_MODES (see `RANK_TERMS`); sync: None, or the caller's int32 counter pair for
     "one-launch" (zero before the call and after it; see `MODULE_COUNTER`)."""
@@ -295,8 +298,7 @@ def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int, reduce: bool =
 @torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={"sync"})
 def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                        tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
-                       bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch",
-                       sync: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       bias: Optional[torch.Tensor], rank_terms: str, sync: Optional[torch.Tensor]) -> torch.Tensor:
     """Up to 3 projections of the same x in one call: wt = [Wt_0 | Wt_1 | Wt_2] (in, out), at =
     [At_0 | At_1 | At_2] (in, RT), u = the members' U (out_p, r_p) flattened one after the other,
     col_scale (P, in), tau (P,); member column boundaries seg1 <= seg2 (see `group_block_n`), rank
@@ -307,8 +309,8 @@ def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: t
 
 @torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={"sync"})
 def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                     tau: torch.Tensor, roff1: int, bias: Optional[torch.Tensor] = None,
-                     rank_terms: str = "one-launch", sync: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     tau: torch.Tensor, roff1: int, bias: Optional[torch.Tensor], rank_terms: str,
+                     sync: Optional[torch.Tensor]) -> torch.Tensor:
     """SiLU(gate(x)) * up(x) for a gate|up group of two members of equal width: wt = [Wt_gate | Wt_up]
     (in, 2 I), at = [At_gate | At_up] (in, RT; gate's rank columns [0, roff1)), u packed as in
     `rsparse_group_gemv`, col_scale (2, in), tau (2,); returns (rows, I)."""
@@ -323,7 +325,7 @@ def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
 @torch.library.triton_op("rsparse::rsparse_partials", mutates_args={"sync"})
 def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                      tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
-                     rank_terms: str = "one-launch", sync: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     rank_terms: str, sync: Optional[torch.Tensor]) -> torch.Tensor:
     """The gather alone (one launch; with rank terms in the "gather" mode `_group_z` before it): float32
     partials (chunks, rows, out) whose sum over the chunks is the sparse product with its rank terms
     (before bias and cast) of a module (seg1 = seg2 = out, roff1 = roff2 = r; col_scale (in,), tau ())
