@@ -164,8 +164,7 @@ def groups(bw):
         taus = torch.stack([torch.quantile(x.float().abs(), q) for q in (0.5, 0.45, 0.55)[:len(outs)]])
         empty_at = [torch.empty(in_f, 0, device="cuda", dtype=dt)]
         dense_us = bench(lambda: [x @ c for c in cats])
-        sep_us = bench(lambda: [rsparse_gemv(x, w, empty_at[0], torch.empty(w.shape[1], 0, device="cuda", dtype=dt), cs[i], taus[i],
-                                             None, tg.RANK_TERMS, None)
+        sep_us = bench(lambda: [rsparse_gemv(x, w, empty_at[0], torch.empty(w.shape[1], 0, device="cuda", dtype=dt), cs[i], taus[i])
                                 for ws in Wts for i, w in enumerate(ws)])
         seg = [sum(outs[:i + 1]) for i in range(len(outs))] + [total] * 2
         ref = torch.cat([rsparse_linear_ref(x.float(), w.t().float(), None, taus[i], cs[i].float(),
@@ -366,7 +365,7 @@ def teal_sweep(bw, shapes):
         at, u = torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(out_f, 0, device="cuda", dtype=dt)
         tau = torch.quantile(x.float().abs(), 0.5).reshape(())
         ref = rsparse_linear_ref(x.float(), Wts[0].t().float(), None, tau, ones.float(), u.float(), at.t().float())
-        ours = bench(lambda: [rsparse_gemv(x, w, at, u, ones, tau, None, tg.RANK_TERMS, None) for w in Wts])
+        ours = bench(lambda: [rsparse_gemv(x, w, at, u, ones, tau) for w in Wts])
         times = {}
         for i, cfg in enumerate(grid):
             yt = teal_gemv(x[0], Wts[0], tau, **cfg)
@@ -423,12 +422,11 @@ def main():
                 for B in ((1, 2, 4, 8) if alpha == 1.0 and s == 0.5 else (1,)):
                     x = x1[:B]
                     ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), Us[0].float(), Ats[0].t().float())
-                    y = rsparse_gemv(x, Wts[0], Ats[0], Us[0], ones, tau, None, tg.RANK_TERMS, None)
+                    y = rsparse_gemv(x, Wts[0], Ats[0], Us[0], ones, tau)
                     err = ((y.float() - ref).norm() / ref.norm()).item()
                     checks.append(err)
                     assert torch.isfinite(y).all() and err < 1e-2, (out_f, in_f, s, alpha, B, err)
-                    ours = bench(lambda: [rsparse_gemv(x, Wt, At, U, ones, tau, None, tg.RANK_TERMS, None)
-                                   for Wt, At, U in zip(Wts, Ats, Us)])
+                    ours = bench(lambda: [rsparse_gemv(x, Wt, At, U, ones, tau) for Wt, At, U in zip(Wts, Ats, Us)])
                     kept_any = (x.float().abs() > tau).any(0).float().mean().item()
                     dropped_any = (x.float().abs() <= tau).any(0).float().mean().item()
                     must = 2 * (kept_any * in_f * out_f + R * (out_f + dropped_any * in_f))
@@ -440,12 +438,6 @@ def main():
                         yz = tg._launch(x, Wts[0], Ats[0], Us[0], ones, tau, None, zcfg)
                         assert ((yz.float() - ref).norm() / ref.norm()).item() < 1e-2, (mode, out_f, in_f)
                         row[f"rank_{mode}_us"] = bench(lambda: [tg._launch(x, Wt, At, U, ones, tau, None, zcfg)
-                                                                for Wt, At, U in zip(Wts, Ats, Us)])
-                    if R and tg.RANK_TERMS == "one-launch":  # its counter kept by the caller: no fill per call
-                        kept = torch.zeros(2, dtype=torch.int32, device="cuda")
-                        yk = rsparse_gemv(x, Wts[0], Ats[0], Us[0], ones, tau, None, "one-launch", kept)
-                        assert torch.equal(yk, y) and kept.tolist() == [0, 0], (out_f, in_f, kept)
-                        row["kept_counter_us"] = bench(lambda: [rsparse_gemv(x, Wt, At, U, ones, tau, None, "one-launch", kept)
                                                                 for Wt, At, U in zip(Wts, Ats, Us)])
                     if B == 1 and R == 0:
                         yt = teal_gemv(x[0], Wts[0], tau, **tcfg)
@@ -460,22 +452,20 @@ def main():
     Wt, x = Wts[0], x1[:1]
     tau = torch.quantile(x.float().abs(), 0.5).reshape(())
     empty_at, empty_u = torch.empty(Wt.shape[0], 0, device="cuda", dtype=dt), torch.empty(Wt.shape[1], 0, device="cuda", dtype=dt)
-    f = torch.compile(lambda x: torch.ops.rsparse.rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau, None, tg.RANK_TERMS, None) * 2,
-                      mode="reduce-overhead")
+    f = torch.compile(lambda x: torch.ops.rsparse.rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau) * 2, mode="reduce-overhead")
     for _ in range(3):
         yc = f(x)
-    ye = rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau, None, tg.RANK_TERMS, None) * 2
+    ye = rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau) * 2
     compiled_ok = bool(torch.equal(yc, ye))
 
     print(f"\n{'shape (out x in)':18s} {'s':>4s} {'a':>5s} {'r':>4s} {'B':>2s} {'dense us':>9s} {'teal us':>8s} {'ours us':>8s} "
-          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s}" + "".join(f" {m + ' us':>14s}" for m in tg.RANK_MODES)
-          + f" {'kept ctr us':>12s}")
+          f"{'x dense':>8s} {'x teal':>7s} {'BW ours':>8s} {'BW teal':>8s}" + "".join(f" {m + ' us':>14s}" for m in tg.RANK_MODES))
     for r in rows:
         print(f"{r['out']:>6d} x {r['in']:<8d} {r['sparsity']:4.2f} {r['alpha']:5.2f} {r['rank']:4d} {r['batch']:2d} {r['dense_us']:9.2f} "
               f"{r.get('teal_us', float('nan')):8.2f} {r['ours_us']:8.2f} {r['speedup_vs_dense']:8.2f} "
               f"{r.get('speedup_vs_teal', float('nan')):7.2f} {r['ours_bw_frac']:8.1%} {r.get('teal_bw_frac', float('nan')):8.1%} "
               + "".join(f" {r.get(f'rank_{m}_us', r['ours_us'] if r['rank'] and m == tg.RANK_TERMS else float('nan')):14.2f}"
-                        for m in tg.RANK_MODES) + f" {r.get('kept_counter_us', float('nan')):12.2f}")
+                        for m in tg.RANK_MODES))
     summary = {"copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "max_rel_err": max(checks),
                "median_speedup_vs_teal_b1_s50": statistics.median(r["speedup_vs_teal"] for r in rows if "speedup_vs_teal" in r and r["sparsity"] == 0.5),
                "rows": rows}

@@ -23,15 +23,14 @@ TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {"ypart_ptr": torch.float32, "zpart_ptr": torch.float32, "tau_ptr": torch.float32, "scratch_ptr": torch.int32,
            "idx_ptr": torch.int32, "cnt_ptr": torch.int32, "lock_ptr": torch.int32, "sync_ptr": torch.int32, "y_ptr": torch.bfloat16}
 SCALARS = dict(B=1, IN=512, OUT=256, LDW=256, LDA=32, R=32, RT=32, SEG1=128, SEG2=256, ROFF1=16, ROFF2=32, HALF=128,
-               K_PER=256, NCHUNK=2, NZCHUNK=2, NTILE=4, NZ=2, NDONE=5)
+               K_PER=256, NCHUNK=2, NZCHUNK=2, NTILE=4, NZ=2)
 EPI = dict(BB=16, BLOCK_N=64, RB=32, HAS_BIAS=True, NCP=2, NZP=2)
 KERNELS = {  # label: (kernel, constexprs)
     "select": (tg._select, dict(CHUNK=256, BB=16, RB=32, HAS_R=True)),
     "group_z": (lowrank._group_z, dict(CHUNK=256, BB=16, RB=32)),
     "gather": (tg._gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64)),
     "fused_gather": (tg._fused_gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64)),
-    "ranked_gather": (lowrank._ranked_gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, Z_HERE=True, ZCHUNK=256, RB=32, NZP=2,
-                                                            SELF_RESET=True)),
+    "ranked_gather": (lowrank._ranked_gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, Z_HERE=True, ZCHUNK=256, RB=32, NZP=2)),
     "splitk": (splitk._splitk_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, SPLITS=2, GLU=True, HAS_BIAS=True)),
     "epilogue": (tg._epilogue, dict(EPI, HAS_R=True)),
     "glu_epilogue": (tg._glu_epilogue, dict(EPI, HAS_R=True)),

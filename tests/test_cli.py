@@ -69,7 +69,6 @@ def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
     (["bench", "--device", "cuda", "--alpha", "1.5", "--sparsities", "0.5"], "--alpha must be in (0, 1]"),
     (["bench", "--device", "cuda", "--alpha", "0.9", "--sparsities", "0.5", "--compare-rank", "gather,fast"], "unknown rank mode(s) ['fast']"),
     (["bench", "--device", "cuda", "--compare-rank", "gather"], "give --alpha < 1 too"),
-    (["bench", "--device", "cuda", "--compare-counter"], "--compare-counter compares the rank terms' counters"),
 ])
 def test_bad_input_one_line_exit_2(args, msg):
     r = run(*args)

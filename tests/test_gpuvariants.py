@@ -13,16 +13,15 @@ from rsparse.kernels import triton_gemv as tg  # noqa: E402
 
 
 def _args(**kw):
-    base = dict(compare_reduce=False, pdl=False, masked_dense=False, compare_rank=None, compare_counter=False)
+    base = dict(compare_reduce=False, pdl=False, masked_dense=False, compare_rank=None)
     return SimpleNamespace(**dict(base, **kw))
 
 
 def test_variants_follow_the_flags():
     plain = compiled_variants(_args(), "fused", "S", "G", 1)
     assert [(v[0], v[3]) for v in plain] == [("dense", {}), ("fused", {})]
-    got = compiled_variants(_args(compare_rank="gather,epilogue", compare_counter=True, masked_dense=True), "fused", "S", "G", 1)
-    assert [(v[0], v[3]) for v in got[2:]] == [("fused-module-counter", {"module_counter": True}),
-                                               ("fused-rank-gather", {"rank_terms": "gather"}),
+    got = compiled_variants(_args(compare_rank="gather,epilogue", masked_dense=True), "fused", "S", "G", 1)
+    assert [(v[0], v[3]) for v in got[2:]] == [("fused-rank-gather", {"rank_terms": "gather"}),
                                                ("fused-rank-epilogue", {"rank_terms": "epilogue"})]  # masked dense: batch > 1 only
     assert compiled_variants(_args(masked_dense=True), "fused", "S", "G", 4)[-1][3] == {"kernel_rows": 0}
     with pytest.raises(RSparseError, match=r"unknown rank mode\(s\) \['own-z'\]"):
@@ -30,10 +29,10 @@ def test_variants_follow_the_flags():
 
 
 def test_compile_options_set_and_restore_the_switches():
-    before = (tg.RANK_TERMS, tg.MODULE_COUNTER, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS)
-    with compile_options(consumer_reduce="none", kernel_rows=2, rank_terms="gather", module_counter=not before[1]):
-        assert (tg.RANK_TERMS, tg.MODULE_COUNTER, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS) == ("gather", not before[1], "none", 2)
-    assert (tg.RANK_TERMS, tg.MODULE_COUNTER, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS) == before
+    before = (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS)
+    with compile_options(consumer_reduce="none", kernel_rows=2, rank_terms="gather"):
+        assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS) == ("gather", "none", 2)
+    assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS) == before
     with pytest.raises(ZeroDivisionError):
         with compile_options(rank_terms="epilogue"):
             1 / 0

@@ -68,21 +68,11 @@ def test_unknown_rank_path_is_refused():
         tg._launch(*args, None, dict(tg.config_for(32, 16), rank_terms="fused"))
 
 
-def test_ops_take_every_argument_explicitly():
-    """No op argument has a default: torch 2.11 (the GPU machine's) indexes a mutating op's mutated
-    argument in the arguments as passed, so a call that left `sync` out failed there, while torch
-    2.13 fills defaults first and passed. Without defaults every torch refuses such a call."""
-    for name in ("rsparse_gemv", "rsparse_group_gemv", "rsparse_glu_gemv", "rsparse_partials"):
-        schema = getattr(torch.ops.rsparse, name).default._schema
-        assert [a.name for a in schema.arguments if a.has_default_value()] == [], name
-        assert schema.arguments[-1].name == "sync" and schema.arguments[-1].alias_info.is_write, name
-
-
 def test_registered_op_and_teal_baseline():
     torch.manual_seed(0)
     x, W, U, A, c, tau, b = _case(1, 333, 77, 5, 0.5, torch.float32, bias=True)
     dev = [t.to(DEV) for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
-    y = torch.ops.rsparse.rsparse_gemv(*dev, tg.RANK_TERMS, None).cpu()
+    y = torch.ops.rsparse.rsparse_gemv(*dev).cpu()
     ref = rsparse_linear_ref(x.double(), W.double(), b.double(), tau.double(), c.double(), U.double(), A.double())
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
     ones = torch.ones(333)
@@ -161,8 +151,7 @@ def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, ranks, splits)
                            dev[5][i], None if dev[6] is None else dev[6][start:start + o], dict(cfg, splits=None)).cpu()
         assert ((alone.double() - refs[i]).norm() / refs[i].norm()).item() < tol
         start, r0, u0 = start + o, r0 + r, u0 + o * r
-    op = torch.ops.rsparse.rsparse_group_gemv(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], *seg, *roff, dev[6],
-                                              tg.RANK_TERMS, None).cpu()
+    op = torch.ops.rsparse.rsparse_group_gemv(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], *seg, *roff, dev[6]).cpu()
     assert ((op.double() - torch.cat(refs, 1)).norm() / torch.cat(refs, 1).norm()).item() < tol
 
 
@@ -183,8 +172,7 @@ def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, sp
     y = tg._launch(*dev, cfg, out=out, segments=(half, 2 * half), glu=True, roffs=tuple(roff)).cpu()
     assert torch.isfinite(y).all(), "output element left unwritten"
     assert ((y.double() - ref).norm() / ref.norm()).item() < tol
-    op = torch.ops.rsparse.rsparse_glu_gemv(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], roff[0], dev[6],
-                                            tg.RANK_TERMS, None).cpu()
+    op = torch.ops.rsparse.rsparse_glu_gemv(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], roff[0], dev[6]).cpu()
     assert op.shape == (B, half) and ((op.double() - ref).norm() / ref.norm()).item() < tol
 
 
@@ -204,25 +192,20 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
     mode = ("gather", "one-launch")[B % 2]
     parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
-    counter = torch.zeros(2, dtype=torch.int32, device=DEV)
     if sum(ranks):  # the low-rank inputs in the same launch or in one before it
         lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, mode, ypart=parts)
-        if mode == "one-launch":  # again with a counter pair it keeps: each launch leaves it zero
-            for _ in range(2):
-                again = lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, mode, sync=counter)
-                assert torch.equal(again, parts) and counter.tolist() == [0, 0]
     else:
         tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
     assert torch.isfinite(parts).all(), "partial element left unwritten"
     y = tg.sum_partials(parts, dev[6], dtype).cpu()
     ref = torch.cat(refs, 1)
     assert y.dtype == dtype and ((y.double() - ref).norm() / ref.norm()).item() < tol
-    op = torch.ops.rsparse.rsparse_partials(*dev[:6], *seg, *roff, mode, None)
+    op = torch.ops.rsparse.rsparse_partials(*dev[:6], *seg, *roff, mode)
     assert op.dtype == torch.float32 and op.shape[1:] == (B, sum(outs))
     assert ((tg.sum_partials(op, dev[6], dtype).cpu().double() - ref).norm() / ref.norm()).item() < tol
     o, r = outs[0], ranks[0]
     lone = torch.ops.rsparse.rsparse_partials(dev[0], dev[1][:, :o], dev[2][:, :r], dev[3][:o * r].view(o, r), dev[4][0], dev[5][0],
-                                              o, o, r, r, tg.RANK_TERMS, None)
+                                              o, o, r, r)
     got = tg.sum_partials(lone, None if bias is None else dev[6][:o], dtype).cpu().double()
     assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol
 
@@ -244,9 +227,8 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
     sums = []
     real_sum = tg.sum_partials
     monkeypatch.setattr(tg, "sum_partials", lambda *a: sums.append(a[0].shape) or real_sum(*a))
-    modes, real_ranked = [], tg._ranked_gather  # the rank mode each ranked gather was launched with, and its counter
-    monkeypatch.setattr(tg, "_ranked_gather", lambda *a, **k: modes.append((a[11], k.get("sync") is not None))
-                        or real_ranked(*a, **k))
+    modes, real_ranked = [], tg._ranked_gather  # the rank mode each ranked gather was launched with
+    monkeypatch.setattr(tg, "_ranked_gather", lambda *a, **k: modes.append(a[11]) or real_ranked(*a, **k))
     if DEV == "cpu":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         compile_ = lambda f: f  # noqa: E731
@@ -254,29 +236,25 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
         compile_ = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 160))
     with torch.no_grad():
-        for fn, ref, mode, via_partials, kept in ((lone, refs[0](x), "epilogue", True, False),
-                                                  (lone_ranked, ranked(x), "gather", True, False),
-                                                  (lone_ranked, ranked(x), "one-launch", True, False),
-                                                  (lone_ranked, ranked(x), "one-launch", True, True),
-                                                  (lone_ranked, ranked(x), "epilogue", False, False)):
+        for fn, ref, mode, via_partials in ((lone, refs[0](x), "epilogue", True), (lone_ranked, ranked(x), "gather", True),
+                                            (lone_ranked, ranked(x), "one-launch", True),
+                                            (lone_ranked, ranked(x), "epilogue", False)):
             monkeypatch.setattr(tg, "RANK_TERMS", mode)
-            monkeypatch.setattr(tg, "MODULE_COUNTER", kept)
             sums.clear()
             modes.clear()
             torch._dynamo.reset()  # a fresh trace reads the switch
             y = compile_(fn)(x.to(DEV)).cpu()
             assert ((y - ref).norm() / ref.norm()).item() < 1e-5
             assert bool(sums) == via_partials
-            assert set(modes) == ({(mode, kept)} if fn is lone_ranked and mode != "epilogue" else set())
-            assert fn.sync.tolist() == [0, 0]  # a module's counter is left zero for its next call
+            assert set(modes) == ({mode} if fn is lone_ranked and mode != "epilogue" else set())
         # the op launches the mode it is given, whatever the global says (a compiled graph records it)
         m = lone_ranked
         args = (x.reshape(1, 160).to(DEV), m.wt, m.at, m.U, m.col_scale, m.tau, 64, 64, m.at.shape[1], m.at.shape[1])
         modes.clear()
-        got = tg.sum_partials(torch.ops.rsparse.rsparse_partials(*args, "one-launch", None), m.bias, x.dtype).cpu()
-        assert modes == [("one-launch", False)] and ((got - ranked(x)[0]).norm() / ranked(x).norm()).item() < 1e-5
+        got = tg.sum_partials(torch.ops.rsparse.rsparse_partials(*args, "one-launch"), m.bias, x.dtype).cpu()
+        assert modes == ["one-launch"] and ((got - ranked(x)[0]).norm() / ranked(x).norm()).item() < 1e-5
         with pytest.raises(ValueError, match="rank_terms 'gather' or 'one-launch', got 'epilogue'"):
-            torch.ops.rsparse.rsparse_partials(*args, "epilogue", None)
+            torch.ops.rsparse.rsparse_partials(*args, "epilogue")
         sums.clear()
         ys = compile_(group)(x.to(DEV))
         assert sums and sums[0][1:] == (1, 128)  # (chunks, rows, q|k|v columns)
@@ -357,10 +335,9 @@ def test_triton_group_module_shares_storage_and_matches_members():
         assert y.shape == ref.shape and ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_fused_groups_in_decoder_match_per_module_steps(monkeypatch):
+def test_fused_groups_in_decoder_match_per_module_steps():
     """to_triton_ on a tiny Llama attaches q|k|v and gate|up groups; the decoder's steps through them
-    (their "one-launch" counters kept by the modules) give the per-module Triton steps' logits (counters
-    zeroed per call), and prefill (dense_view) detaches them. Every kept counter is left zero."""
+    give the per-module Triton steps' logits, and prefill (dense_view) detaches them."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rsparse.apply import modules_for
@@ -395,13 +372,8 @@ def test_fused_groups_in_decoder_match_per_module_steps(monkeypatch):
         assert torch.equal(la, lb)
         for t in range(4):
             tok = la.argmax(-1, keepdim=True)
-            monkeypatch.setattr(tg, "MODULE_COUNTER", True)
-            la = a.forward(tok)
-            monkeypatch.setattr(tg, "MODULE_COUNTER", False)
-            lb = b.forward(tok)
+            la, lb = a.forward(tok), b.forward(tok)
             assert torch.allclose(la, lb, atol=1e-4, rtol=1e-4), t
-    counters = [mod.sync for mod in models[0].modules() if hasattr(mod, "counter")]
-    assert len(counters) >= 4 + 2 * 7 and all(c.tolist() == [0, 0] for c in counters)
 
 
 def test_gpu_bench_modules_at_the_budget():

@@ -283,15 +283,11 @@ def build_parser():
                    help="with --alpha < 1: also compile the sparse step with each listed way (comma list) of computing "
                    "the rank terms: epilogue (U product in the epilogue), gather (added by the gather after a launch of "
                    "its own for the low-rank inputs), one-launch (the low-rank inputs too in the gather launch, the default) (A/B)")
-    g.add_argument("--compare-counter", action="store_true",
-                   help="with --alpha < 1: also compile the sparse step with the 'one-launch' counters kept by the modules "
-                   "(zeroed by the launch itself) instead of zeroed per call (A/B)")
     g.add_argument("--pdl", action="store_true",
                    help="also compile dense and sparse steps with inductor's programmatic dependent launch (A/B)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
     g.add_argument("--profile", action="store_true", help="only: per-kernel GPU time of one dense and one sparse step "
-                   "(at the one --sparsities value, else 0.5; with --alpha's rank terms; --compare-rank: each mode's too; "
-                   "--compare-counter: the modules' counters too)")
+                   "(at the one --sparsities value, else 0.5; with --alpha's rank terms; --compare-rank: each mode's too)")
     b.set_defaults(fn=cmd_bench)
 
     f = sub.add_parser("fetch", help="fetch and verify every bundled asset now (otherwise done on first use)")

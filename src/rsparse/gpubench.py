@@ -146,8 +146,6 @@ def run_gpu_bench(args):
         raise RSparseError(f"--alpha must be in (0, 1], got {alpha}")
     if alpha < 1.0 and len(sparsities) != 1:
         raise RSparseError("--alpha < 1 sizes every projection's rank for one sparsity: give one --sparsities value")
-    if getattr(args, "compare_counter", False) and alpha == 1.0:
-        raise RSparseError("--compare-counter compares the rank terms' counters: give --alpha < 1 too")
     if rank_modes(args) and alpha == 1.0:
         raise RSparseError("--compare-rank compares ways of computing rank terms: give --alpha < 1 too")
     if getattr(args, "pdl", False):
@@ -160,8 +158,7 @@ def run_gpu_bench(args):
     if args.profile:
         from .gpuprofile import profile
 
-        return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args),
-                       module_counter=getattr(args, "compare_counter", False))
+        return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args))
     uncached_compiles()
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):

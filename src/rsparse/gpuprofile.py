@@ -20,14 +20,12 @@ from .kernels.module import triton_groups
 
 
 @torch.inference_mode()
-def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), module_counter=False):
+def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=()):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
     same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
     mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
     one's CUDA-graph replay time; rank_modes: the compiled sparse step again with each of these
-    `triton_gemv.RANK_MODES` (launch counts and kernel time against graph time: the launch gaps);
-    module_counter: again with the "one-launch" counters kept by the modules (no fill launches if
-    inductor updates them in place)."""
+    `triton_gemv.RANK_MODES` (launch counts and kernel time against graph time: the launch gaps)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -53,8 +51,6 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), module_counte
     steps_ = [("dense", {}, {}, False, {}), ("fused", sparse, groups, False, {}),
               ("dense-compiled", {}, {}, True, {}), ("fused-compiled", sparse, groups, True, {})]
     steps_ += [(f"fused-compiled-rank-{m}", sparse, groups, True, {"rank_terms": m}) for m in rank_modes]
-    if module_counter:
-        steps_.append(("fused-compiled-module-counter", sparse, groups, True, {"module_counter": True}))
     for label, mods, grp, compiled, opts in steps_:
         torch._dynamo.reset()
         with swapped(model, mods), attached(model, grp), compile_options(**opts):

@@ -15,8 +15,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
     the consumer, and inductor summing them only where TUNED has no one-launch kernel; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
-    --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`;
-    --compare-counter: "one-launch" with the counters the modules keep, `triton_gemv.MODULE_COUNTER`)."""
+    --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`)."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
@@ -25,8 +24,6 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
     if getattr(args, "masked_dense", False) and B > 1:
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
-    if getattr(args, "compare_counter", False):
-        out.append((f"{label_c}-module-counter", sparse, groups, {"module_counter": True}))
     for mode in rank_modes(args):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     return out
@@ -56,15 +53,14 @@ def uncached_compiles() -> None:
 
 
 @contextlib.contextmanager
-def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_terms=None, module_counter=None):
+def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_terms=None):
     """Set while a compiled step is traced and captured (all are read at trace time only)."""
     from .kernels import module as km
 
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, tg.MODULE_COUNTER
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
-    tg.MODULE_COUNTER = saved[3] if module_counter is None else module_counter
     try:
         if pdl:
             import torch._inductor.config as inductor_config
@@ -74,4 +70,4 @@ def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_ter
         else:
             yield
     finally:
-        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, tg.MODULE_COUNTER = saved
+        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved

@@ -6,8 +6,8 @@ rank columns of a group's At, thresholded with its own tau and scales): by `_gro
 own, or (the default, "one-launch") by the first programs of `_ranked_gather_gemv`. The U product
 z @ U^T (`_lowrank`, U (out, r) packed per member) is added by the gather tiles themselves
 (`_ranked_gather_gemv`, each tile a share of the rank blocks; the default) or by the epilogue kernels
-(`triton_gemv`). Which path a call takes: `triton_gemv.RANK_TERMS`. (Tried and removed in session 9, "own-z": independent programs of the
-gather launch, each computing its own share of z and its U product into extra partial rows; on the
+(`triton_gemv`). Which path a call takes: `triton_gemv.RANK_TERMS`. (Tried and removed in session 9,
+"own-z": independent programs of the gather launch, each computing its own share of z and its U product into extra partial rows; on the
 H200 a call took 2-4x as long as "gather", the programs' serial At loops being the tail:
 docs/perf-gpu.md.)
 """
@@ -101,9 +101,8 @@ def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, 
 
 @triton.jit
 def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, t, B, IN, OUT, LDW,
-                 SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, NDONE, CHUNK: tl.constexpr, BB: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WAIT: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr,
-                 SELF_RESET: tl.constexpr):
+                 SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK: tl.constexpr, BB: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WAIT: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
     """Gather tile t (tile-major per chunk) of `_ranked_gather_gemv` plus its share of the U product."""
     pid_n, chunk = t % NTILE, t // NTILE
     acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
@@ -119,8 +118,6 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
         if WAIT:  # until every z program of the launch has raised the counter
             while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ:
                 pass
-            if SELF_RESET:
-                _done(sync_ptr, NDONE)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
                        nchunk * RB, BB, RB, NZP)
@@ -128,32 +125,19 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
 
 
 @triton.jit
-def _done(sync_ptr, NDONE):
-    """A z program, or a tile past its wait, is done with the counter; the NDONE-th zeroes it. (Tiles
-    that never wait do not count: an atomic in their path cost 18 registers per thread, sm_90.)"""
-    tl.debug_barrier()  # every thread of the program is past its wait
-    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == NDONE - 1:
-        tl.atomic_xchg(sync_ptr, 0)
-        tl.atomic_xchg(sync_ptr + 1, 0)
-
-
-@triton.jit
 def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, u_ptr, sync_ptr,
-                        B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, NDONE,
+                        B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ,
                         CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr,
-                        SELF_RESET: tl.constexpr):
+                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
     """The gather with the rank terms' U product: 1-d grid of the gather tiles (tile-major per chunk); a
     tile, once its partial is gathered, adds its share of its member's z @ U^T (some rank blocks), so
     the chunks' partials sum to W_S x_S + U (A x_dropped). The NZCHUNK low-rank input partials z come
     from `_group_z` before the launch, or (Z_HERE) from the launch's own first NZ programs
-    (`_member_z`, NZCHUNK chunks x members), which each raise the counter sync_ptr[0]; tiles then wait
-    until it reaches NZ. No deadlock: blocks start in program-id order, so every z program has started
-    before a tile waits, and a waiting tile has done its gather first. The counter is zeroed per call
-    by the caller, or (SELF_RESET: a counter the module keeps, sync_ptr[0:2], zero before the first
-    call) by the launch itself: the z programs and the tiles that wait (NDONE in all) raise sync_ptr[1]
-    when done with the counter (a tile after its wait), and the one that raises it last, so after every
-    wait, zeroes both for the next call."""
+    (`_member_z`, NZCHUNK chunks x members), which each raise the counter sync_ptr (zeroed per call);
+    tiles then wait until it reaches NZ. No deadlock: blocks start in program-id order, so every z
+    program has started before a tile waits, and a waiting tile has done its gather first. (A counter
+    kept by the module and zeroed by the launch itself, to save the per-call fill, was built in session
+    9 and measured 0.6-2.6 us slower per call on the H200 in session 10: removed, docs/perf-gpu.md.)"""
     pid = tl.program_id(0)
     # Z_HERE is a constexpr so that without z programs no z branch is compiled (sm_90: 72 registers,
     # 19 KB shared, as the gather alone; 90 registers with the branch compiled in and never taken)
@@ -163,16 +147,12 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
                       ZCHUNK, BB, RB)
             tl.debug_barrier()  # the whole partial is written before the count is raised (release)
             tl.atomic_add(sync_ptr, 1, sem="release")
-            if SELF_RESET:
-                _done(sync_ptr, NDONE)
         else:
             _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid - NZ, B, IN, OUT,
-                         LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, NDONE, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB,
-                         NZP, SELF_RESET)
+                         LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB, NZP)
     else:
         _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid, B, IN, OUT,
-                     LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, NDONE, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP,
-                     False)
+                     LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP)
 
 
 ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB tile of At)
@@ -198,21 +178,10 @@ def _group_z_launch(x, at, col_scale, tau, members, roff1, roff2):
     return zpart, nzchunk
 
 
-def _waiting_tiles(OUT, bn, nchunk, segs, roffs) -> int:
-    """Tiles of `_ranked_gather_gemv` that add rank blocks (and so wait for z): in each tile column of
-    member p (columns [lo, hi), rank r_p), the chunks whose q0 = (nchunk - 1 - chunk) RB < r_p."""
-    lo, hi = (0, *segs), (*segs, OUT)
-    ranks = [b - a for a, b in zip((0, *roffs[:2]), roffs)]
-    rb = RANKED_TILES["RB"]
-    return sum((triton.cdiv(h, bn) - triton.cdiv(lo_, bn)) * min(nchunk, triton.cdiv(r, rb))
-               for lo_, h, r in zip(lo, hi, ranks) if h > lo_)
-
-
-def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode: str, ypart=None, sync=None):
+def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode: str, ypart=None):
     """The gather with every member's rank term over the whole layer: float32 partials (chunks, B, out)
     (ypart if given) whose sum includes the rank terms. mode: "gather" (`_group_z`, then
-    `_ranked_gather_gemv`) or "one-launch" (its own first programs compute z; with sync, an int32
-    counter pair the caller keeps, zero between calls, instead of one zeroed per call)."""
+    `_ranked_gather_gemv`) or "one-launch" (its own first programs compute z)."""
     if mode not in ("gather", "one-launch"):
         raise ValueError(f"rank terms in the gather launch: rank_terms 'gather' or 'one-launch', got {mode!r}")
     B, IN = x.shape
@@ -228,18 +197,13 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     if one_launch:
         nzchunk = triton.cdiv(IN, RANKED_TILES["ZCHUNK"])
         zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
-        self_reset = sync is not None  # the caller's counter, which the launch zeroes itself
-        if not self_reset:  # z programs done: counted from 0, zeroed every call (a fill launch under compile)
-            sync = torch.zeros(1, dtype=torch.int32, device=x.device)
-        elif sync.dtype != torch.int32 or sync.numel() < 2 or sync.device != x.device:
-            raise ValueError(f"sync must be an int32 pair on {x.device}, got {sync.dtype} {tuple(sync.shape)} on {sync.device}")
+        sync = torch.zeros(1, dtype=torch.int32, device=x.device)  # z programs done: counted from 0 every call
         nz = nzchunk * members
-        ndone = nz + _waiting_tiles(OUT, bn, nchunk, (seg1, seg2), (roff1, roff2, R))
     else:
         zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, members, roff1, roff2)
-        sync, nz, self_reset, ndone = scratch, 0, False, 0  # no z programs, no counter (the pointer is unused)
+        sync, nz = scratch, 0  # no z programs, no counter (the pointer is unused)
     torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
         x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
-        roff1, roff2, ntile, nzchunk, nz, ndone, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
-        SELF_RESET=self_reset, **RANKED_TILES, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        roff1, roff2, ntile, nzchunk, nz, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
+        **RANKED_TILES, num_warps=cfg["warps"], num_stages=cfg["stages"])
     return ypart

@@ -54,28 +54,15 @@ RANK_ALIGN = 16
 KERNEL_MAX_ROWS = MAX_DECODE_ROWS
 
 
-class _Counter:
-    """The "one-launch" counter pair a module keeps (`triton_gemv.MODULE_COUNTER`): zero between calls,
-    the launch zeroes it itself. Not saved with the weights; one module's calls must not overlap (one
-    stream, as a decode step runs)."""
-
-    def _init_counter(self, device):
-        self.register_buffer("sync", torch.zeros(2, dtype=torch.int32, device=device), persistent=False)
-
-    def counter(self):
-        return self.sync if triton_gemv.MODULE_COUNTER else None
-
-
 def on_kernels(rows: torch.Tensor) -> bool:
     """Whether a call of these rows runs the decode kernels (read at call / trace time, so that the
     benchmark can switch KERNEL_MAX_ROWS between captures)."""
     return rows.shape[0] <= min(MAX_DECODE_ROWS, KERNEL_MAX_ROWS)
 
 
-class TritonRSparseLinear(_Counter, TransposedRSparseLinear):
+class TritonRSparseLinear(TransposedRSparseLinear):
     def __init__(self, m: RSparseLinear):
         super().__init__(m)
-        self._init_counter(self.wt.device)
         pad = -m.rank % RANK_ALIGN
         self.at = torch.nn.functional.pad(self.at, (0, pad)).contiguous()
         self.register_buffer("U", torch.nn.functional.pad(m.U.detach(), (0, pad)).contiguous())
@@ -87,13 +74,13 @@ class TritonRSparseLinear(_Counter, TransposedRSparseLinear):
             n = self.out_features
             r = self.at.shape[1]
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, n, n, r, r,
-                                                       triton_gemv.RANK_TERMS, self.counter())
+                                                       triton_gemv.RANK_TERMS)
             return triton_gemv.sum_partials(parts, self.bias, rows.dtype)
         return torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.bias,
-                                              triton_gemv.RANK_TERMS, self.counter())
+                                              triton_gemv.RANK_TERMS)
 
 
-class TritonGroup(_Counter, nn.Module):
+class TritonGroup(nn.Module):
     """Projections that read the same input (q|k|v, gate|up) as one call. The members' Wt become
     column views of the group's (in, sum out) storage, their At column views of the group's
     (in, sum r) and their U views of the group's U (each member's (out, r) one after the other), and
@@ -105,7 +92,6 @@ class TritonGroup(_Counter, nn.Module):
         super().__init__()
         if not 1 <= len(members) <= 3:
             raise ValueError("a Triton group takes 1 to 3 members")
-        self._init_counter(members[0].wt.device)
         self._members = tuple(members)
         self.in_features = members[0].in_features
         self.wt = nn.Parameter(torch.cat([m.wt for m in members], 1).contiguous(), requires_grad=False)
@@ -151,12 +137,11 @@ class TritonGroup(_Counter, nn.Module):
             return tuple(m(x) for m in self._members)
         if consumer_reduces(self.at, self.wt):
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
-                                                       self.seg2, self.roff1, self.roff2, triton_gemv.RANK_TERMS, self.counter())
+                                                       self.seg2, self.roff1, self.roff2, triton_gemv.RANK_TERMS)
             y = triton_gemv.sum_partials(parts, self.bias, rows.dtype)
         else:
             y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
-                                                     self.seg2, self.roff1, self.roff2, self.bias, triton_gemv.RANK_TERMS,
-                                                     self.counter())
+                                                     self.seg2, self.roff1, self.roff2, self.bias, triton_gemv.RANK_TERMS)
         return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split(self.split, dim=-1))
 
     def silu_mul(self, x):
@@ -167,7 +152,7 @@ class TritonGroup(_Counter, nn.Module):
             g, u = self(x)
             return torch.nn.functional.silu(g) * u
         y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.roff1, self.bias,
-                                               triton_gemv.RANK_TERMS, self.counter())
+                                               triton_gemv.RANK_TERMS)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -206,16 +206,9 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
 # caches served the first mode's code to the second.)
 RANK_TERMS = "one-launch"
 RANK_MODES = ("epilogue", "gather", "one-launch")
-# "one-launch"'s counter: zeroed per call (False: under torch.compile a fill launch per ranked call),
-# or (True) a pair each module keeps and the launch zeroes itself after its last wait (no fill; the
-# op's `sync` argument, which it mutates). Read by the modules when they call the ops. Built in
-# session 9 after the device time ran out: off until an A/B on a GPU (`rsparse bench --compare-counter`)
-# shows it faster and shows inductor updating the buffer in place (a clone would cost a launch too).
-MODULE_COUNTER = False
 
 
-def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch",
-            sync=None):
+def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch"):
     """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
     boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
     other; glu: the group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2)."""
@@ -239,7 +232,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
     zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
     if ranked:  # rank terms included in the partials
-        _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, ypart=ypart, sync=sync)
+        _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, ypart=ypart)
     elif group or cfg.get("fused"):
         if R > 0:
             zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, 1 + (seg1 < OUT) + (seg2 < OUT), roff1, roff2)
@@ -263,18 +256,13 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     return y
 
 
-# The ops' arguments have no defaults: torch 2.11's ADInplaceOrView kernel of a mutating custom op
-# indexes the mutated argument in the arguments as passed (defaults not filled in), so a call that
-# left `sync` out raised IndexError there (session 10, on the H200); callers pass every argument.
-@torch.library.triton_op("rsparse::rsparse_gemv", mutates_args={"sync"})
+@torch.library.triton_op("rsparse::rsparse_gemv", mutates_args={})
 def rsparse_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                 tau: torch.Tensor, bias: Optional[torch.Tensor], rank_terms: str,
-                 sync: Optional[torch.Tensor]) -> torch.Tensor:
+                 tau: torch.Tensor, bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch") -> torch.Tensor:
     """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows; rank_terms:
-    one of RANK_MODES (see `RANK_TERMS`); sync: None, or the caller's int32 counter pair for
-    "one-launch" (zero before the call and after it; see `MODULE_COUNTER`)."""
+    one of RANK_MODES (see `RANK_TERMS`)."""
     return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1], wt.shape[0]),
-                   rank_terms=rank_terms, sync=sync)
+                   rank_terms=rank_terms)
 
 
 def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int, reduce: bool = True) -> int | None:
@@ -295,22 +283,22 @@ def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int, reduce: bool =
     return dict(config_for(wt.shape[1], 0, wt.shape[0], reduce), block_n=bn)
 
 
-@torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={"sync"})
+@torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={})
 def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                        tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
-                       bias: Optional[torch.Tensor], rank_terms: str, sync: Optional[torch.Tensor]) -> torch.Tensor:
+                       bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch") -> torch.Tensor:
     """Up to 3 projections of the same x in one call: wt = [Wt_0 | Wt_1 | Wt_2] (in, out), at =
     [At_0 | At_1 | At_2] (in, RT), u = the members' U (out_p, r_p) flattened one after the other,
     col_scale (P, in), tau (P,); member column boundaries seg1 <= seg2 (see `group_block_n`), rank
     boundaries roff1 <= roff2 in at."""
     return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(seg1, seg2, wt, at.shape[1]),
-                   segments=(seg1, seg2), roffs=(roff1, roff2), rank_terms=rank_terms, sync=sync)
+                   segments=(seg1, seg2), roffs=(roff1, roff2), rank_terms=rank_terms)
 
 
-@torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={"sync"})
+@torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={})
 def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                     tau: torch.Tensor, roff1: int, bias: Optional[torch.Tensor], rank_terms: str,
-                     sync: Optional[torch.Tensor]) -> torch.Tensor:
+                     tau: torch.Tensor, roff1: int, bias: Optional[torch.Tensor] = None,
+                     rank_terms: str = "one-launch") -> torch.Tensor:
     """SiLU(gate(x)) * up(x) for a gate|up group of two members of equal width: wt = [Wt_gate | Wt_up]
     (in, 2 I), at = [At_gate | At_up] (in, RT; gate's rank columns [0, roff1)), u packed as in
     `rsparse_group_gemv`, col_scale (2, in), tau (2,); returns (rows, I)."""
@@ -319,13 +307,13 @@ def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
         raise ValueError(f"a gate|up group has two members of equal width, got {OUT} columns in all")
     half = OUT // 2
     return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(half, OUT, wt, at.shape[1]),
-                   segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]), rank_terms=rank_terms, sync=sync)
+                   segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]), rank_terms=rank_terms)
 
 
-@torch.library.triton_op("rsparse::rsparse_partials", mutates_args={"sync"})
+@torch.library.triton_op("rsparse::rsparse_partials", mutates_args={})
 def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
                      tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
-                     rank_terms: str, sync: Optional[torch.Tensor]) -> torch.Tensor:
+                     rank_terms: str = "one-launch") -> torch.Tensor:
     """The gather alone (one launch; with rank terms in the "gather" mode `_group_z` before it): float32
     partials (chunks, rows, out) whose sum over the chunks is the sparse product with its rank terms
     (before bias and cast) of a module (seg1 = seg2 = out, roff1 = roff2 = r; col_scale (in,), tau ())
@@ -335,7 +323,7 @@ def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
     B, IN = x.shape
     cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
     if at.shape[1]:  # the rank terms in the gather (the partials path runs them only there)
-        return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, rank_terms, sync=sync)
+        return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, rank_terms)
     ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
     return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
 
