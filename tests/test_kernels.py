@@ -300,6 +300,52 @@ def test_rows_beyond_the_kernel_limit_run_the_masked_dense_product(monkeypatch):
         assert ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
+def test_kernel_rows_rule_by_hand():
+    """Rows on the kernels: up to the largest B whose expected union 1 - (1 - keep)^B is <= UNION_MAX
+    (r = 0), one row with rank terms, every decode batch when the kept fraction is unknown."""
+    from rsparse.kernels.module import UNION_MAX, kernel_rows
+
+    assert UNION_MAX == 0.88
+    assert kernel_rows(None, 0) == kernel_rows(None, 16) == 8
+    assert kernel_rows(0.5, 16) == kernel_rows(0.1, 32) == 1
+    assert kernel_rows(0.5, 0) == 3  # unions 0.5, 0.75, 0.875 | 0.9375
+    assert kernel_rows(0.3, 0) == 5  # 1 - 0.7^5 = 0.832 | 1 - 0.7^6 = 0.882
+    assert kernel_rows(0.95, 0) == 1 and kernel_rows(0.1, 0) == 8  # 1 - 0.9^8 = 0.57
+
+
+def test_rows_past_max_rows_run_the_exact_dense_product(monkeypatch):
+    """A module whose plan keeps half its channels runs 4 decode rows as the dense product on its
+    stored weight (no kernel; equal to the dense layer in float64) and 3 rows on the kernels (the
+    sparse oracle); a group runs 4 rows member by member, each its own way."""
+    from rsparse.kernels import module as km
+    from rsparse.linear import RSparseLinear
+
+    torch.manual_seed(7)
+    lins = [torch.nn.Linear(96, 64, bias=True), torch.nn.Linear(96, 32, bias=False)]
+    refs = [RSparseLinear.from_linear(lins[0], 0.5, "wnorm", keep=0.5), RSparseLinear.from_linear(lins[1], 0.4, "wnorm", keep=0.3)]
+    mods = [km.TritonRSparseLinear(r).to(DEV) for r in refs]
+    assert [m.max_rows for m in mods] == [3, 5]
+    group = km.TritonGroup(mods)
+    assert group.max_rows == 3
+    launches = []
+    real_launch = tg._launch
+    monkeypatch.setattr(tg, "_launch", lambda *a, **k: launches.append(a[1].shape[1]) or real_launch(*a, **k))
+    x4 = torch.distributions.Laplace(0.0, 1.0).sample((4, 96))
+    dense = [torch.nn.functional.linear(x4.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+             for lin in lins]
+    with torch.no_grad():
+        y = mods[0](x4.to(DEV)).cpu()
+        assert launches == [] and ((y.double() - dense[0]).norm() / dense[0].norm()).item() < 1e-6
+        y3 = mods[0](x4[:3].to(DEV)).cpu()
+        assert launches == [64] and ((y3 - refs[0](x4[:3])).norm() / refs[0](x4[:3]).norm()).item() < 1e-5
+        assert ((y3.double() - dense[0][:3]).norm() / dense[0].norm()).item() > 1e-3  # really sparse at 3 rows
+        launches.clear()
+        ya, yb = group(x4.to(DEV))
+        assert launches == [32]  # the member with keep 0.3 alone runs the kernels at 4 rows
+        assert ((ya.cpu().double() - dense[0]).norm() / dense[0].norm()).item() < 1e-6
+        assert ((yb.cpu() - refs[1](x4)).norm() / refs[1](x4).norm()).item() < 1e-5
+
+
 def test_triton_group_module_shares_storage_and_matches_members():
     from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
     from rsparse.linear import RSparseLinear

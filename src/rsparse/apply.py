@@ -51,7 +51,7 @@ def modules_for(model, layers: dict, factors: dict) -> dict:
         U, A = factors.get(key, (None, None))
         if lp.rank and U is None:
             raise RSparseError(f"plan gives {key} rank {lp.rank} but carries no factors for it")
-        out[key] = RSparseLinear.from_linear(projs[key], lp.tau, lp.score, U, A)
+        out[key] = RSparseLinear.from_linear(projs[key], lp.tau, lp.score, U, A, lp.keep)
     return out
 
 

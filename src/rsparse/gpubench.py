@@ -184,7 +184,7 @@ def run_gpu_bench(args):
         model = build(name)
         projs = locate(model)
         samples = input_samples(model)
-        sparse, quantile = modules_at(projs, sparsities[0], alpha)
+        sparse, quantile = modules_at(projs, sparsities[0], alpha, decide_rows=len(sparsities) == 1)
         groups = triton_groups(model, sparse) if args.fused else {}  # built, attached per capture
         taus = {k: m.tau for k, m in sparse.items()}  # updated in place per sparsity (graphs see them; group views too)
         lin_bytes = {k: m.weight.numel() * 2 for k, m in projs.items()}
@@ -241,11 +241,14 @@ def run_gpu_bench(args):
                 td, ts = statistics.median(d), statistics.median(sp)
                 tf = statistics.median(fu) if groups else None
                 dense_read = sum(lin_bytes.values()) + other_bytes + kv_bytes
-                rank_read = sum(2 * sparse[k].rank * (sparse[k].out_features + (1 - kept[k]) * sparse[k].in_features) for k in projs)
-                sparse_read = sum(lin_bytes[k] * kept[k] for k in projs) + rank_read + other_bytes + kv_bytes
+                on = {k: B <= sparse[k].max_rows for k in projs}  # else the dense product: every byte, no rank terms
+                rank_read = sum(2 * sparse[k].rank * (sparse[k].out_features + (1 - kept[k]) * sparse[k].in_features)
+                                for k in projs if on[k])
+                sparse_read = sum(lin_bytes[k] * (kept[k] if on[k] else 1.0) for k in projs) + rank_read + other_bytes + kv_bytes
                 row = {"model": name, "batch": B, "sparsity": s, "alpha": alpha, "rank_bytes": rank_read, "dense_tok_s": B / td, "sparse_tok_s": B / ts,
                        "speedup": td / ts, "dense_ms": td * 1e3, "sparse_ms": ts * 1e3,
                        "kept_union": sum(lin_bytes[k] * kept[k] for k in projs) / sum(lin_bytes.values()),
+                       "on_kernels": sum(lin_bytes[k] for k in projs if on[k]) / sum(lin_bytes.values()),
                        "dense_bw_frac": dense_read / td / bw, "sparse_bw_frac": sparse_read / ts / bw,
                        "bound_speedup": dense_read / sparse_read}
                 if tf is not None:
@@ -277,12 +280,12 @@ def run_gpu_bench(args):
         torch.cuda.empty_cache()
 
     print(f"\n{'model':10s} {'B':>2s} {'s':>4s} {'dense tok/s':>11s} {'sparse tok/s':>12s} {'speedup':>8s} {'fused tok/s':>11s} "
-          f"{'fused x':>8s} {'bound':>6s} {'BW dense':>9s} {'BW sparse':>9s} {'BW fused':>9s} {'kept':>5s}")
+          f"{'fused x':>8s} {'bound':>6s} {'BW dense':>9s} {'BW sparse':>9s} {'BW fused':>9s} {'kept':>5s} {'kern':>5s}")
     for r in rows:
         print(f"{r['model']:10s} {r['batch']:2d} {r['sparsity']:4.2f} {r['dense_tok_s']:11.1f} {r['sparse_tok_s']:12.1f} "
               f"{r['speedup']:8.2f} {r.get('fused_tok_s', float('nan')):11.1f} {r.get('fused_speedup', float('nan')):8.2f} "
               f"{r['bound_speedup']:6.2f} {r['dense_bw_frac']:9.1%} {r['sparse_bw_frac']:9.1%} {r.get('fused_bw_frac', float('nan')):9.1%} "
-              f"{r['kept_union']:5.2f}")
+              f"{r['kept_union']:5.2f} {r['on_kernels']:5.2f}")
     print(f"\ncompiled (inductor default mode, captured in a CUDA graph):\n{'model':10s} {'B':>2s} {'s':>4s} {'dense tok/s':>11s} "
           f"{'sparse tok/s':>12s} {'speedup':>8s} {'BW dense':>9s} {'BW sparse':>9s}")
     for r in rows:
@@ -316,21 +319,23 @@ def aligned_allocation(out_f: int, in_f: int, sparsity: float, alpha: float):
     return Allocation(al.keep + (al.rank - r) * (in_f + out_f) / (in_f * out_f), r)
 
 
-def modules_at(projs, sparsity, alpha):
+def modules_at(projs, sparsity, alpha, decide_rows=True):
     """Triton modules for every projection, r = 0 (alpha = 1) or, for alpha < 1, with the rank the
     budget gives (`aligned_allocation`) and random factors of that rank (speed does not depend on
     their values); and {key: quantile of |x| that keeps that projection's fraction} (empty for
-    alpha = 1: the sparsity itself)."""
+    alpha = 1: the sparsity itself). decide_rows: the modules know their kept fraction, so batches
+    past their `max_rows` run dense, as a calibrated plan's would (off: every batch on the kernels,
+    for a sweep of several sparsities over the same modules)."""
     mods, quantile = {}, {}
     for k, lin in projs.items():
         out_f, in_f = lin.weight.shape
         if alpha >= 1.0:
-            mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0))
+            mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, keep=1.0 - sparsity if decide_rows else None))
             continue
         al = aligned_allocation(out_f, in_f, sparsity, alpha)
         U = (torch.randn(out_f, al.rank, device=lin.weight.device) / 8).to(lin.weight.dtype) if al.rank else None
         A = (torch.randn(al.rank, in_f, device=lin.weight.device) / in_f**0.5).to(lin.weight.dtype) if al.rank else None
-        mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, "abs", U, A))
+        mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, "abs", U, A, al.keep if decide_rows else None))
         quantile[k] = 1.0 - al.keep
     return mods, quantile
 

@@ -39,7 +39,8 @@ def rsparse_linear_ref(x, weight, bias, tau, col_scale, U, A):
 class RSparseLinear(nn.Module):
     """Sparse-plus-low-rank replacement of an nn.Linear for decoding (see module docstring)."""
 
-    def __init__(self, weight: nn.Parameter, bias, tau: float, col_scale: torch.Tensor, U: torch.Tensor, A: torch.Tensor):
+    def __init__(self, weight: nn.Parameter, bias, tau: float, col_scale: torch.Tensor, U: torch.Tensor, A: torch.Tensor,
+                 keep: float | None = None):
         super().__init__()
         out_f, in_f = weight.shape
         if U.shape != (out_f, A.shape[0]) or A.shape[1] != in_f or col_scale.shape != (in_f,):
@@ -51,19 +52,22 @@ class RSparseLinear(nn.Module):
         self.register_buffer("col_scale", col_scale.to(weight.dtype))
         self.register_buffer("U", U.to(weight.dtype).contiguous())
         self.register_buffer("A", A.to(weight.dtype).contiguous())
+        self.keep = keep  # expected fraction of channels a token keeps (the plan's calibration); None: unknown
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, tau: float, score: str = "abs", U=None, A=None) -> "RSparseLinear":
-        """Wrap `linear` with threshold `tau`; `U`, `A` are the rank-r factors (None: r = 0)."""
+    def from_linear(cls, linear: nn.Linear, tau: float, score: str = "abs", U=None, A=None,
+                    keep: float | None = None) -> "RSparseLinear":
+        """Wrap `linear` with threshold `tau`; `U`, `A` are the rank-r factors (None: r = 0); `keep` the
+        expected kept fraction (fast backends use it to decide which batch sizes sparsity pays at)."""
         W = linear.weight
         col_scale = torch.ones(W.shape[1], dtype=W.dtype, device=W.device) if score == "abs" else column_norms(W).to(W.dtype)
         if U is None:
             U, A = W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
-        return cls(linear.weight, linear.bias, tau, col_scale, U, A)
+        return cls(linear.weight, linear.bias, tau, col_scale, U, A, keep)
 
     def forward(self, x):
         return rsparse_linear_ref(x, self.weight, self.bias, self.tau, self.col_scale, self.U, self.A)
@@ -101,6 +105,7 @@ class TransposedRSparseLinear(RSparseLinear):
         self.register_buffer("tau", m.tau.clone())
         self.register_buffer("col_scale", m.col_scale.clone())
         self.register_buffer("at", m.A.t().to(dt).contiguous())
+        self.keep = m.keep
 
     @property
     def weight(self):

@@ -3,8 +3,9 @@
 Layout (`TransposedRSparseLinear`): Wt = W^T (in, out) so a kept input channel is one contiguous
 row, At = A^T (in, r) so a dropped channel reads r contiguous values, and here U (out, r). Only Wt
 is stored, so prefill (`dense()`, used by `dense_view`) runs a dense cuBLAS matmul on the same
-storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`; more rows (all-tokens
-evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up as one
+storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`, up to the module's `max_rows`
+(above it, where the rows' union of kept channels nears all of them, the dense product: faster and
+exact); more than 8 rows (all-tokens evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up as one
 call (`rsparse::rsparse_group_gemv`) for the decoder, and gate|up's SiLU(gate) * up with the
 activation in the epilogue (`rsparse::rsparse_glu_gemv`). Under torch.compile, calls without a rank
 term (and with one, where `triton_gemv.RANK_TERMS` lets the gather add it) run the gather alone
@@ -45,19 +46,41 @@ def consumer_reduces(at: torch.Tensor, wt: torch.Tensor) -> bool:
 # and the benchmark's byte counts report the stored (padded) rank: those bytes are read.
 RANK_ALIGN = 16
 
-# Decode calls of up to KERNEL_MAX_ROWS rows run the gather kernels; more rows run the masked dense
-# product (the oracle `rsparse_linear_ref`: cuBLAS on the same storage with each row's dropped
-# channels zeroed, plus the low-rank term). With independent rows the union of kept channels reaches
-# 93-99% at batch 4-8 (docs/perf-gpu.md, sessions 4-5), where the gather kernels read nearly every
-# row at a lower bandwidth than cuBLAS. Default: every decode batch on the kernels, until the A/B
-# (`rsparse bench --device cuda --masked-dense`) has measured where the crossover lies.
+# An A/B switch for every module at once (`rsparse bench --device cuda --masked-dense`): decode calls
+# of more than KERNEL_MAX_ROWS rows run the masked dense product (the oracle `rsparse_linear_ref`:
+# cuBLAS on the same storage with each row's dropped channels zeroed, plus the low-rank term), which
+# keeps the sparse results. Which batch sizes a module runs on the kernels by default is its own
+# `max_rows` (`kernel_rows` below).
 KERNEL_MAX_ROWS = MAX_DECODE_ROWS
 
 
-def on_kernels(rows: torch.Tensor) -> bool:
+# A decode call gathers the union of its rows' kept channels: 1 - (1 - keep)^B of them for B
+# independent rows. Past some union the dense product on the same storage (cuBLAS; exact) is faster,
+# so a module with a calibrated `keep` runs more rows than `kernel_rows(keep, rank)` dense. Measured
+# on an H200, compiled Llama-3-8B-shaped steps (docs/perf-gpu.md, sessions 5 and 10): r = 0 at a union
+# of 0.75 1.10x dense, 0.86 1.02x, 0.93 0.94-0.97x; with rank terms (alpha 0.9) every batch above 1 was
+# slower than dense (B2 at 50%, union 0.70: 0.90x; B4 at 70%, union 0.71: 0.88x; B8 at 50%: 0.65x):
+# each row also reads the rank factors for the channels it drops, which at B > 1 are nearly all.
+UNION_MAX = 0.88
+
+
+def kernel_rows(keep: float | None, rank: int) -> int:
+    """The most decode rows a module runs on the gather kernels (more run the dense product); keep
+    None (no calibration known, e.g. a module built by hand): every decode batch on the kernels."""
+    if keep is None:
+        return MAX_DECODE_ROWS
+    if rank:
+        return 1
+    b = 1
+    while b < MAX_DECODE_ROWS and 1 - (1 - keep) ** (b + 1) <= UNION_MAX:
+        b += 1
+    return b
+
+
+def on_kernels(rows: torch.Tensor, max_rows: int = MAX_DECODE_ROWS) -> bool:
     """Whether a call of these rows runs the decode kernels (read at call / trace time, so that the
     benchmark can switch KERNEL_MAX_ROWS between captures)."""
-    return rows.shape[0] <= min(MAX_DECODE_ROWS, KERNEL_MAX_ROWS)
+    return rows.shape[0] <= min(max_rows, MAX_DECODE_ROWS, KERNEL_MAX_ROWS)
 
 
 class TritonRSparseLinear(TransposedRSparseLinear):
@@ -66,8 +89,11 @@ class TritonRSparseLinear(TransposedRSparseLinear):
         pad = -m.rank % RANK_ALIGN
         self.at = torch.nn.functional.pad(self.at, (0, pad)).contiguous()
         self.register_buffer("U", torch.nn.functional.pad(m.U.detach(), (0, pad)).contiguous())
+        self.max_rows = kernel_rows(self.keep, m.rank)
 
     def decode_rows(self, rows):
+        if rows.shape[0] > self.max_rows:  # the rows keep nearly every channel together: dense pays
+            return torch.nn.functional.linear(rows, self.weight, self.bias)
         if not on_kernels(rows):
             return self.oracle(rows)  # masked dense: cuBLAS on the same storage
         if consumer_reduces(self.at, self.wt):
@@ -85,8 +111,8 @@ class TritonGroup(nn.Module):
     column views of the group's (in, sum out) storage, their At column views of the group's
     (in, sum r) and their U views of the group's U (each member's (out, r) one after the other), and
     their tau / col_scale views of the group's (P,) / (P, in) buffers: nothing is stored twice, and
-    updating a member's tau in place updates the group. Inputs of more than MAX_DECODE_ROWS (or
-    KERNEL_MAX_ROWS) rows run the members (oracle path)."""
+    updating a member's tau in place updates the group. Inputs of more rows than any member runs on
+    the kernels (its `max_rows`, KERNEL_MAX_ROWS, MAX_DECODE_ROWS) run the members, each its own way."""
 
     def __init__(self, members: list):
         super().__init__()
@@ -116,6 +142,7 @@ class TritonGroup(nn.Module):
             start, r0, u0 = start + n, r0 + r, u0 + n * r
         self.seg1, self.seg2 = self._segments(self.split)
         self.roff1, self.roff2 = self._segments(ranks)
+        self.max_rows = min(m.max_rows for m in members)  # more rows: each member decides for itself
 
     @staticmethod
     def _segments(outs: list) -> tuple:
@@ -133,7 +160,7 @@ class TritonGroup(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features)
-        if not on_kernels(rows):
+        if not on_kernels(rows, self.max_rows):
             return tuple(m(x) for m in self._members)
         if consumer_reduces(self.at, self.wt):
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
@@ -146,9 +173,9 @@ class TritonGroup(nn.Module):
 
     def silu_mul(self, x):
         """SiLU(gate(x)) * up(x) of a gate|up group in one launch pair (the activation runs in the
-        kernel's epilogue); more than MAX_DECODE_ROWS rows run the members."""
+        kernel's epilogue); more rows than the group runs on the kernels run the members."""
         rows = x.reshape(-1, self.in_features)
-        if not on_kernels(rows) or len(self.split) != 2 or self.split[0] != self.split[1]:
+        if not on_kernels(rows, self.max_rows) or len(self.split) != 2 or self.split[0] != self.split[1]:
             g, u = self(x)
             return torch.nn.functional.silu(g) * u
         y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.roff1, self.bias,
