@@ -5,11 +5,12 @@ row, At = A^T (in, r) so a dropped channel reads r contiguous values, and here U
 is stored, so prefill (`dense()`, used by `dense_view`) runs a dense cuBLAS matmul on the same
 storage. Inputs of 1..8 rows (decode) go to `rsparse::rsparse_gemv`, up to the module's `max_rows`
 (above it, where the rows' union of kept channels nears all of them, the dense product: faster and
-exact); more than 8 rows (all-tokens evaluation) run the eager oracle on the same buffers. `TritonGroup` runs q|k|v or gate|up as one
-call (`rsparse::rsparse_group_gemv`) for the decoder, and gate|up's SiLU(gate) * up with the
-activation in the epilogue (`rsparse::rsparse_glu_gemv`). Under torch.compile, calls without a rank
-term (and with one, where `triton_gemv.RANK_TERMS` lets the gather add it) run the gather alone
-(`rsparse::rsparse_partials`), and inductor fuses the partials' sum into the next kernel.
+exact); more than 8 rows (all-tokens evaluation) run the eager oracle on the same buffers.
+`TritonGroup` runs q|k|v or gate|up as one call (`rsparse::rsparse_group_gemv`) for the decoder, and
+gate|up's SiLU(gate) * up with the activation in the epilogue (`rsparse::rsparse_glu_gemv`). Under
+torch.compile, calls without a rank term (and with one, where `triton_gemv.RANK_TERMS` lets the
+gather add it) run the gather alone (`rsparse::rsparse_partials`), and inductor fuses the partials'
+sum into the next kernel.
 """
 from __future__ import annotations
 
