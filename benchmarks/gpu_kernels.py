@@ -6,8 +6,9 @@ states); tau is set so that the requested fraction of channels is dropped. Each 
 through 4 weight copies inside one CUDA graph (triton.testing.do_bench_cudagraph) so weights come
 from HBM, not L2; medians are reported. Every configuration is first checked against the eager
 float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels.json if OUT is set.
-`--tune` first grid-searches launch configurations of both kernels per shape; `--variants dot|waves`
-compares grids of launch configurations with v2 and writes the best per shape;
+`--tune` first grid-searches launch configurations of both kernels per shape; `--variants dot|waves|masked`
+compares grids of launch configurations with v2 and writes the best per shape (masked: the gather
+without compaction);
 `--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
 `--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
 `--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
@@ -83,14 +84,19 @@ GRIDS = {  # --variants dot|waves (session 2's "fma" grid timed the v4 CUDA-core
     # more, shorter programs: is the tail of the last wave (448 programs on 132 SMs) the limiter?
     "waves": [dict(chunk=c, block_k=64, block_n=n, warps=4, stages=st, fused=True)
               for c in (256, 512, 1024, 2048) for n in (64, 128) for st in (3, 4)],
+    # session 10: the gather without compaction (masked weight loads, `kernels/masked.py`) against the
+    # tuned compacting configuration of each shape
+    "masked": [dict(chunk=c, block_k=k, block_n=n, warps=4, stages=st, fused=True, masked=True)
+               for c in (512, 1024) for k in (64, 128) for n in (128, 256) for st in (3, 4)],
 }
+VARIANT_FILES = {"dot": "gpu_kernels_v5_stages.json", "waves": "gpu_kernels_v6_waves.json", "masked": "gpu_kernels_masked.json"}
 
 
-def variants(bw, grid):
-    """A grid of launch configurations (a GRIDS entry) against v2 (the default configuration) and the
+def variants(bw, name):
+    """A grid of launch configurations (GRIDS[name]) against v2 (the shape's configured one) and the
     TEAL-style kernel, 50%, r = 0: the grid per shape at batch 1, then the winner at batch 2/4/8. Writes
-    the best configuration per shape ($OUT/gpu_kernels_v5_stages.json or gpu_kernels_v6_waves.json) for
-    `rsparse bench --device cuda --tuned`."""
+    the best configuration per shape ($OUT/VARIANT_FILES[name]) for `rsparse bench --device cuda --tuned`."""
+    grid = GRIDS[name]
     dt = torch.bfloat16
     best, rows = {}, []
     for out_f, in_f in SHAPES:
@@ -136,8 +142,7 @@ def variants(bw, grid):
     for r in rows:
         print(f"{r['out']:>5d} x {r['in']:<6d} {r['batch']:2d} {r['dense_us']:7.2f} {r['teal_us'] or float('nan'):7.2f} {r['v2_us']:7.2f} "
               f"{r['best_us']:7.2f} {r['speedup_vs_dense']:8.2f} {r['speedup_vs_teal'] or float('nan'):7.2f} {r['best_bw_frac']:8.1%}")
-    _write("gpu_kernels_v5_stages.json" if grid is GRIDS["dot"] else "gpu_kernels_v6_waves.json",
-           {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows})
+    _write(VARIANT_FILES[name], {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows})
     print(json.dumps({"best": best, "bw_b1": {f"{r['out']}x{r['in']}": round(r["best_bw_frac"], 3) for r in rows if r["batch"] == 1}}))
 
 
@@ -387,7 +392,7 @@ def main():
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s")
     if "--variants" in sys.argv:
-        return variants(bw, GRIDS[sys.argv[sys.argv.index("--variants") + 1]])
+        return variants(bw, sys.argv[sys.argv.index("--variants") + 1])
     if "--groups" in sys.argv:
         return groups(bw)
     if "--splitk" in sys.argv:

@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rsparse.kernels import lowrank, splitk, triton_gemv as tg
+from rsparse.kernels import lowrank, masked, splitk, triton_gemv as tg
 
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -34,6 +34,7 @@ POINTER = {"ypart_ptr": "*fp32", "zpart_ptr": "*fp32", "tau_ptr": "*fp32", "scra
 EPI = dict(BB=16, BLOCK_N=128, RB=64, HAS_BIAS=False, NCP=16)
 KERNELS = [  # (kernel, constexprs, warps, stages)
     (tg._fused_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128), 4, 4),
+    (masked._masked_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128), 4, 4),
     (splitk._splitk_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=128, BLOCK_N=64, SPLITS=4, GLU=False, HAS_BIAS=False), 4, 4),
     (lowrank._group_z, dict(CHUNK=256, BB=16, RB=64), 4, 3),
     (lowrank._ranked_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, Z_HERE=True, **lowrank.RANKED_TILES), 4, 4),

@@ -40,16 +40,17 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3"])
+@pytest.mark.parametrize("variant", ["fused", "masked", "select", "gather", "one-launch", "split1", "split3"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
     gather / one-launch: the rank terms' U product added by the gather (the low-rank inputs before it,
     or in the same launch);
-    fused and select: the U product in the epilogue (all the same for r = 0)."""
+    fused, masked (no compaction: masked weight loads) and select: the U product in the epilogue (all the
+    same for r = 0)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
-    cfg = dict(tg.config_for(OUT, R), fused=variant != "select", rank_terms=variant if variant in tg.RANK_MODES else "epilogue", chunk=128 if IN < 600 else 256,
+    cfg = dict(tg.config_for(OUT, R), fused=variant != "select", masked=variant == "masked", rank_terms=variant if variant in tg.RANK_MODES else "epilogue", chunk=128 if IN < 600 else 256,
                block_n=64, splits=int(variant[-1]) if variant.startswith("split") else None)
     out = torch.full((B, OUT), float("nan"), dtype=dtype)
     args = [t.to(DEV) if t is not None else None for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
@@ -208,6 +209,26 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
                                               o, o, r, r)
     got = tg.sum_partials(lone, None if bias is None else dev[6][:o], dtype).cpu().double()
     assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol
+
+
+@pytest.mark.parametrize("B,IN,outs", [(1, 300, (64, 32, 32)), (6, 257, (96, 96)), (3, 1030, (32,))])
+def test_masked_gather_matches_members_oracles(B, IN, outs):
+    """The gather without compaction (`masked.masked_gather`: masked weight loads) over a group's
+    members, each with its own threshold and scales, sums to every member's float64 oracle; the
+    partials are all written (poisoned before), and a chunk that is not a whole number of K steps is
+    refused."""
+    torch.manual_seed(B * IN + len(outs))
+    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, (0,) * len(outs), (0.5, 0.8, 0.3)[:len(outs)],
+                                                                torch.float32)
+    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_k=32, block_n=32, masked=True)
+    dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
+    parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
+    tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
+    assert torch.isfinite(parts).all(), "partial element left unwritten"
+    y, ref = tg.sum_partials(parts, dev[6], torch.float32).cpu(), torch.cat(refs, 1)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    with pytest.raises(ValueError, match="not a multiple of block_k"):
+        tg._gather(dev[0], dev[1], dev[4], dev[5], parts, dict(cfg, chunk=96, block_k=64), *seg)
 
 
 def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):

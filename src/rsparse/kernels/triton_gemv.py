@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk
+from .masked import masked_gather
 from .splitk import launch_splitk
 from .tl_common import BB, _gather_rows, _keep, _silu_mul, _store_partial, _sum_partials, _tile_acc
 
@@ -176,7 +177,10 @@ def config_for(out_f: int, rank: int = 0, in_f: int | None = None, reduce: bool 
 
 
 def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
-    """`_fused_gather_gemv` over the whole layer: float32 partials (chunks, rows, out) into ypart."""
+    """`_fused_gather_gemv` over the whole layer: float32 partials (chunks, rows, out) into ypart
+    (`masked.masked_gather`, the same without compaction, where the configuration says "masked")."""
+    if cfg.get("masked"):
+        return masked_gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
     B, IN = x.shape
     OUT = wt.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
