@@ -84,7 +84,7 @@ GRIDS = {  # --variants dot|waves (session 2's "fma" grid timed the v4 CUDA-core
     # more, shorter programs: is the tail of the last wave (448 programs on 132 SMs) the limiter?
     "waves": [dict(chunk=c, block_k=64, block_n=n, warps=4, stages=st, fused=True)
               for c in (256, 512, 1024, 2048) for n in (64, 128) for st in (3, 4)],
-    # session 10: the gather without compaction (masked weight loads, `kernels/masked.py`) against the
+    # session 10: the gather without compaction (masked weight loads, `tl_common._masked_rows`) against the
     # tuned compacting configuration of each shape
     "masked": [dict(chunk=c, block_k=k, block_n=n, warps=4, stages=st, fused=True, masked=True)
                for c in (512, 1024) for k in (64, 128) for n in (128, 256) for st in (3, 4)],

@@ -211,22 +211,27 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol
 
 
-@pytest.mark.parametrize("B,IN,outs", [(1, 300, (64, 32, 32)), (6, 257, (96, 96)), (3, 1030, (32,))])
-def test_masked_gather_matches_members_oracles(B, IN, outs):
-    """The gather without compaction (`masked.masked_gather`: masked weight loads) over a group's
-    members, each with its own threshold and scales, sums to every member's float64 oracle; the
-    partials are all written (poisoned before), and a chunk that is not a whole number of K steps is
-    refused."""
-    torch.manual_seed(B * IN + len(outs))
-    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, (0,) * len(outs), (0.5, 0.8, 0.3)[:len(outs)],
-                                                                torch.float32)
+@pytest.mark.parametrize("B,IN,outs,ranks", [(1, 300, (64, 32, 32), (0, 0, 0)), (6, 257, (96, 96), (0, 0)), (3, 1030, (32,), (0,)),
+                                             (1, 300, (64, 32, 32), (9, 0, 40)), (5, 257, (96, 96), (16, 3))])
+def test_masked_gather_matches_members_oracles(B, IN, outs, ranks):
+    """The gather without compaction (`tl_common._masked_rows`: masked weight loads; a configuration's
+    "masked") over a group's members, each with its own threshold and scales, alone or with rank
+    terms ("gather" and "one-launch"), sums to every member's float64 oracle; the partials are all
+    written (poisoned before), and a chunk that is not a whole number of K steps is refused."""
+    torch.manual_seed(B * IN + len(outs) + sum(ranks))
+    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, ranks, (0.5, 0.8, 0.3)[:len(outs)], torch.float32)
     cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_k=32, block_n=32, masked=True)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
-    parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
-    tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
-    assert torch.isfinite(parts).all(), "partial element left unwritten"
-    y, ref = tg.sum_partials(parts, dev[6], torch.float32).cpu(), torch.cat(refs, 1)
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    ref = torch.cat(refs, 1)
+    for mode in ("gather", "one-launch") if sum(ranks) else (None,):
+        parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
+        if mode:
+            lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, mode, ypart=parts)
+        else:
+            tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
+        assert torch.isfinite(parts).all(), "partial element left unwritten"
+        y = tg.sum_partials(parts, dev[6], torch.float32).cpu()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5, mode
     with pytest.raises(ValueError, match="not a multiple of block_k"):
         tg._gather(dev[0], dev[1], dev[4], dev[5], parts, dict(cfg, chunk=96, block_k=64), *seg)
 
@@ -480,6 +485,6 @@ def test_kernels_trace_as_torch_compile_analyses_them():
     assert run.returncode == 0, run.stderr[-3000:]
     written = json.loads(run.stdout.strip().splitlines()[-1])
     assert written == {"select": ["cnt_ptr", "idx_ptr", "zpart_ptr"], "group_z": ["zpart_ptr"], "gather": ["ypart_ptr"],
-                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
+                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "masked_gather": ["ypart_ptr"], "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
                        "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
                        "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"]}
