@@ -28,22 +28,26 @@ def test_sparse_decode_matches_hf_path(smol, smol_stats):
 
 def test_graph_step_matches_static_decoder(smol, smol_stats):
     """The static-shape step (tensor position, masked full-cache attention) gives the logits of the
-    slicing decoder, dense and sparse, at batch 2."""
+    slicing decoder on a sparse model at batch 2. In float64: in float32 the two attentions round
+    differently (~1e-5 in the logits), enough to flip a channel that sits at its threshold and change
+    the logits by ~1 from then on (seen in session 10 with fresh calibration statistics); in float64
+    they agree bit for bit."""
     from rsparse.decode import GraphDecoder
 
     model, tok = smol()
     sparsify_(model, build_plan(model, smol_stats, RSparseConfig(sparsity=0.5)))
+    model.double()
     ids = torch.tensor([tok("The river flows", add_special_tokens=False)["input_ids"],
                         tok("Stars are made of", add_special_tokens=False)["input_ids"][:3]])
     ref, ours = StaticDecoder(model, max_len=16, batch=2), GraphDecoder(model, max_len=16, batch=2)
     a, b = ref.prefill(ids), ours.prefill(ids)
     for _ in range(5):
-        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+        assert a.dtype == torch.float64 and torch.allclose(a, b, atol=1e-9, rtol=1e-9)
         nxt = a.argmax(-1, keepdim=True)
         b = ours.step(nxt, torch.tensor([ours.pos]))
         ours.pos += 1
         a = ref.forward(nxt)
-    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
 
 
 def test_fastest_dense_layouts_keep_the_model_and_agreement_of_a_model_with_itself(smol):
