@@ -7,9 +7,9 @@ own, or (the default, "one-launch") by the first programs of `_ranked_gather_gem
 z @ U^T (`_lowrank`, U (out, r) packed per member) is added by the gather tiles themselves
 (`_ranked_gather_gemv`, each tile a share of the rank blocks; the default) or by the epilogue kernels
 (`triton_gemv`). Which path a call takes: `triton_gemv.RANK_TERMS`. (Tried and removed in session 9,
-"own-z": independent programs of the gather launch, each computing its own share of z and its U product into extra partial rows; on the
-H200 a call took 2-4x as long as "gather", the programs' serial At loops being the tail:
-docs/perf-gpu.md.)
+"own-z": independent programs of the gather launch, each computing its own share of z and its U
+product into extra partial rows; on the H200 a call took 2-4x as long as "gather", the programs'
+serial At loops being the tail: docs/perf-gpu.md.)
 """
 import torch
 import triton
