@@ -108,7 +108,8 @@ def variants(bw, name):
         at, u = torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(out_f, 0, device="cuda", dtype=dt)
         dense_us = bench(lambda: [torch.nn.functional.linear(x8[:1], W) for W in Ws])
         teal_us = bench(lambda: [teal_gemv(x8[0], Wt, tau, **TEAL_BEST.get((out_f, in_f), {})) for Wt in Wts])
-        v2 = tg.config_for(out_f, 0)
+        # masked: against the compacting gather the compiled steps run (the shape's tuned "gather" form)
+        v2 = tg.config_for(out_f, 0, in_f, reduce=False) if name == "masked" else tg.config_for(out_f, 0)
         cands = [v2] + [c for c in grid if c != v2]
         times = {}
         for i, cfg in enumerate(cands):
