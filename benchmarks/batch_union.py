@@ -17,6 +17,7 @@ import torch
 import rsparse
 from rsparse.data import token_windows
 from rsparse.families import locate
+from rsparse.gpubench import write_json
 from rsparse.linear import column_norms
 
 KEEPS = (0.3, 0.5, 0.7)
@@ -52,11 +53,7 @@ def main(n_windows: int = 16, length: int = 128) -> dict:
     for r in rows:
         print(f"{r['keep']:5.2f} {r['batch']:2d} {r['union_real']:10.3f} {r['union_real_max']:9.3f} {r['union_independent']:11.3f}")
     result = {"model": "smollm2-135m", "windows": n_windows, "length": length, "rows": rows}
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "batch_union.json")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out)
+    write_json(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "batch_union.json"), result)
     print(json.dumps({f"k{r['keep']}_b{r['batch']}": round(r["union_real"], 3) for r in rows}))
     return result
 

@@ -4,9 +4,11 @@ A program compacts the indices of one chunk's kept channels (|x_j| c_j > tau for
 private scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`, tl.dot with
 the rows padded to BB), or, without compaction, loads the chunk's rows under their keep mask
 (`_masked_rows`, session 10's A/B candidate, where a configuration says "masked"); `_tile_acc` does
-either for one output tile and chunk, `_store_partial` stores
-its float32 partial, `_sum_partials` sums such partials over the chunks. `_silu_mul` rounds
-SiLU(gate) * up like the unfused module path.
+either for one output tile and chunk, `_store_partial` stores its float32 partial, `_sum_partials`
+sums such partials over the chunks. `_silu_mul` rounds SiLU(gate) * up like the unfused module path.
+(The x and scale loads and keep mask that `_compact_chunk` and `_masked_rows` both spell out stay
+inline: a device function returning the loaded x in a tuple made torch's kernel analysis report
+x_ptr and c_ptr as written, so inductor would copy them on every call; session 10's review.)
 """
 import triton
 import triton.language as tl
