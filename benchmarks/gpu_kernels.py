@@ -6,12 +6,12 @@ states); tau is set so that the requested fraction of channels is dropped. Each 
 through 4 weight copies inside one CUDA graph (triton.testing.do_bench_cudagraph) so weights come
 from HBM, not L2; medians are reported. Every configuration is first checked against the eager
 float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels.json if OUT is set.
-`--tune` first grid-searches launch configurations of both kernels per shape; `--variants dot|waves|masked`
-compares grids of launch configurations with v2 and writes the best per shape (masked: the gather
-without compaction);
+`--tune` first grid-searches launch configurations of both kernels per shape; `--variants dot|waves`
+compares grids of launch configurations with v2 and writes the best per shape;
 `--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
 `--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
-`--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
+`--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9;
+`--rule` times config_for's rule for shapes outside TUNED (3B, 1B, 13B) against a candidate and a grid.
 """
 import json
 import os
@@ -78,18 +78,27 @@ def bench(fn, rep=300):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / COPIES * 1e3  # us per call
 
 
-GRIDS = {  # --variants dot|waves (session 2's "fma" grid timed the v4 CUDA-core kernel, since removed: gpu_kernels_v4.json)
+# --variants dot|waves. Grids of kernels since removed: session 2's "fma" (the v4 CUDA-core kernel,
+# gpu_kernels_v4.json); session 10's "masked" (the gather without compaction, 16 configurations per
+# shape against the tuned compacting gather; lost on every shape: gpu_kernels_masked_s11.json)
+GRIDS = {
     "dot": [dict(chunk=c, block_k=k, block_n=n, warps=w, stages=st, fused=True)
             for c in (512, 1024) for k in (32, 64) for n in (128, 256) for w in (4, 8) for st in (3, 4, 5)],
     # more, shorter programs: is the tail of the last wave (448 programs on 132 SMs) the limiter?
     "waves": [dict(chunk=c, block_k=64, block_n=n, warps=4, stages=st, fused=True)
               for c in (256, 512, 1024, 2048) for n in (64, 128) for st in (3, 4)],
-    # session 10: the gather without compaction (masked weight loads, `tl_common._masked_rows`) against the
-    # tuned compacting configuration of each shape
-    "masked": [dict(chunk=c, block_k=k, block_n=n, warps=4, stages=st, fused=True, masked=True)
-               for c in (512, 1024) for k in (64, 128) for n in (128, 256) for st in (3, 4)],
 }
-VARIANT_FILES = {"dot": "gpu_kernels_v5_stages.json", "waves": "gpu_kernels_v6_waves.json", "masked": "gpu_kernels_masked.json"}
+VARIANT_FILES = {"dot": "gpu_kernels_v5_stages.json", "waves": "gpu_kernels_v6_waves.json"}
+
+
+def _case50(out_f: int, in_f: int, rows: int, dt=torch.bfloat16):
+    """COPIES random bf16 weights (and their Wt), `rows` Laplace input rows, unit scales, the threshold
+    dropping half of row 0's channels, and empty rank factors (r = 0)."""
+    Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
+    x = torch.distributions.Laplace(0.0, 1.0).sample((rows, in_f)).to("cuda", dt)
+    tau = torch.quantile(x[0].float().abs(), 0.5).reshape(())
+    return (Ws, [W.t().contiguous() for W in Ws], x, torch.ones(in_f, device="cuda", dtype=dt), tau,
+            torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(out_f, 0, device="cuda", dtype=dt))
 
 
 def variants(bw, name):
@@ -97,19 +106,12 @@ def variants(bw, name):
     TEAL-style kernel, 50%, r = 0: the grid per shape at batch 1, then the winner at batch 2/4/8. Writes
     the best configuration per shape ($OUT/VARIANT_FILES[name]) for `rsparse bench --device cuda --tuned`."""
     grid = GRIDS[name]
-    dt = torch.bfloat16
     best, rows = {}, []
     for out_f, in_f in SHAPES:
-        Ws = [(torch.randn(out_f, in_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
-        Wts = [W.t().contiguous() for W in Ws]
-        x8 = torch.distributions.Laplace(0.0, 1.0).sample((8, in_f)).to("cuda", dt)
-        ones = torch.ones(in_f, device="cuda", dtype=dt)
-        tau = torch.quantile(x8[0].float().abs(), 0.5).reshape(())
-        at, u = torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(out_f, 0, device="cuda", dtype=dt)
+        Ws, Wts, x8, ones, tau, at, u = _case50(out_f, in_f, 8)
         dense_us = bench(lambda: [torch.nn.functional.linear(x8[:1], W) for W in Ws])
         teal_us = bench(lambda: [teal_gemv(x8[0], Wt, tau, **TEAL_BEST.get((out_f, in_f), {})) for Wt in Wts])
-        # masked: against the compacting gather the compiled steps run (the shape's tuned "gather" form)
-        v2 = tg.config_for(out_f, 0, in_f, reduce=False) if name == "masked" else tg.config_for(out_f, 0)
+        v2 = tg.config_for(out_f, 0)
         cands = [v2] + [c for c in grid if c != v2]
         times = {}
         for i, cfg in enumerate(cands):
@@ -387,13 +389,75 @@ def teal_sweep(bw, shapes):
     _write("gpu_kernels_teal_sweep.json", {"copy_bw_TBps": bw / 1e12, "rows": rows})
 
 
+# --rule: shapes of other Llama-family models (not in TUNED), where modules fall back to config_for's
+# rule: the rule against a candidate read off TUNED's winners and the best of a small grid
+RULE_SHAPES = [(3072, 3072), (1024, 3072), (8192, 3072), (3072, 8192), (5120, 3072), (16384, 3072),  # Llama-3.2-3B (+ groups)
+               (2048, 2048), (16384, 2048), (2048, 8192),  # Llama-3.2-1B (o, gate|up group, down)
+               (13824, 5120), (5120, 13824), (15360, 5120)]  # Llama-2-13B (gate, down, q|k|v group)
+RULE_GRID = [dict(chunk=c, block_k=k, block_n=n, warps=4, stages=st, fused=True)
+             for c in (512, 1024) for k in (32, 64) for n in (128, 256) for st in (3, 4)]
+
+
+def candidate_rule(out_f: int, in_f: int) -> dict:
+    """TUNED's winners on the 7-8B shapes: 64-row K steps, 128-wide tiles, 1024-channel chunks on the
+    large shapes (>= 2^25 weights), 512 below."""
+    return dict(chunk=1024 if out_f * in_f >= 2**25 else 512, block_k=64, block_n=128, warps=4, stages=3, fused=True)
+
+
+def rule(bw):
+    """config_for's rule vs `candidate_rule` vs the best of RULE_GRID on RULE_SHAPES, 50%, batch 1, r = 0:
+    each timed as the eager call (gather + epilogue) and as the gather alone (what compiled steps run,
+    the partials summed by inductor). Every configuration checked against the oracle first."""
+    rows = []
+    for out_f, in_f in RULE_SHAPES:
+        assert (out_f, in_f) not in tg.TUNED
+        Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
+        ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+        dense_us = bench(lambda: [torch.nn.functional.linear(x, W) for W in Ws])
+        old, new = tg.config_for(out_f, 0, in_f), candidate_rule(out_f, in_f)
+        cands = [old, new] + [c for c in RULE_GRID if c not in (old, new)]
+        call, gather = {}, {}
+        for i, cfg in enumerate(cands):
+            try:
+                y = tg._launch(x, Wts[0], at, u, ones, tau, None, cfg)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                if not err < 1e-2:
+                    print("wrong", cfg, err, flush=True)
+                    continue
+                call[i] = bench(lambda: [tg._launch(x, Wt, at, u, ones, tau, None, cfg) for Wt in Wts], rep=100)
+                parts = torch.empty(triton.cdiv(in_f, cfg["chunk"]), 1, out_f, device="cuda")
+                gather[i] = bench(lambda: [tg._gather(x, Wt, ones, tau, parts, cfg, out_f, out_f) for Wt in Wts], rep=100)
+            except Exception as e:
+                print("skip", cfg, type(e).__name__, str(e)[:120], flush=True)
+        bc, bg = min(call, key=call.get), min(gather, key=gather.get)
+        must = 2 * 0.5 * in_f * out_f
+        row = {"out": out_f, "in": in_f, "dense_us": dense_us, "rule_cfg": old, "candidate_cfg": new,
+               "rule_call_us": call.get(0), "candidate_call_us": call.get(1), "best_call_us": call[bc], "best_call_cfg": cands[bc],
+               "rule_gather_us": gather.get(0), "candidate_gather_us": gather.get(1), "best_gather_us": gather[bg],
+               "best_gather_cfg": cands[bg], "best_call_bw_frac": must / (call[bc] * 1e-6) / bw}
+        rows.append(row)
+        _print_row(row)
+    print(f"\n{'out x in':14s} {'dense':>7s} | call: {'rule':>7s} {'cand':>7s} {'best':>7s} | gather: {'rule':>7s} {'cand':>7s} {'best':>7s}")
+    for r in rows:
+        print(f"{r['out']:>5d} x {r['in']:<6d} {r['dense_us']:7.2f} |       {r['rule_call_us']:7.2f} {r['candidate_call_us']:7.2f} "
+              f"{r['best_call_us']:7.2f} |         {r['rule_gather_us']:7.2f} {r['candidate_gather_us']:7.2f} {r['best_gather_us']:7.2f}")
+    med = {k: statistics.median(r[f"{k}_us"] / r["best_gather_us"] for r in rows) for k in ("rule_gather", "candidate_gather")}
+    _write("gpu_kernels_rule.json", {"copy_bw_TBps": bw / 1e12, "rows": rows, "median_over_best_gather": med})
+    print(json.dumps({"median_over_best_gather": med}))
+
+
 def main():
     torch.manual_seed(0)
     dt = torch.bfloat16
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s")
     if "--variants" in sys.argv:
-        return variants(bw, sys.argv[sys.argv.index("--variants") + 1])
+        name = sys.argv[sys.argv.index("--variants") + 1] if sys.argv[-1] != "--variants" else None
+        if name not in GRIDS:
+            sys.exit(f"--variants: one of {', '.join(GRIDS)}, got {name!r}")
+        return variants(bw, name)
+    if "--rule" in sys.argv:
+        return rule(bw)
     if "--groups" in sys.argv:
         return groups(bw)
     if "--splitk" in sys.argv:

@@ -33,15 +33,12 @@ POINTER = {"ypart_ptr": "*fp32", "zpart_ptr": "*fp32", "tau_ptr": "*fp32", "scra
            "cnt_ptr": "*i32", "lock_ptr": "*i32", "sync_ptr": "*i32"}  # every other pointer: bf16 tensors
 EPI = dict(BB=16, BLOCK_N=128, RB=64, HAS_BIAS=False, NCP=16)
 KERNELS = [  # (kernel, constexprs, warps, stages)
-    (tg._fused_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, MASKED=False), 4, 4),
-    (tg._fused_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, MASKED=True), 4, 4),
+    (tg._fused_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128), 4, 4),
     (splitk._splitk_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=128, BLOCK_N=64, SPLITS=4, GLU=False, HAS_BIAS=False), 4, 4),
     (lowrank._group_z, dict(CHUNK=256, BB=16, RB=64), 4, 3),
-    (lowrank._ranked_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, Z_HERE=True, MASKED=False,
+    (lowrank._ranked_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, Z_HERE=True,
                                        **lowrank.RANKED_TILES), 4, 4),
-    (lowrank._ranked_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, Z_HERE=True, MASKED=True,
-                                       **lowrank.RANKED_TILES), 4, 4),
-    (lowrank._ranked_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, Z_HERE=False, MASKED=False,
+    (lowrank._ranked_gather_gemv, dict(CHUNK=1024, BB=16, BLOCK_K=64, BLOCK_N=128, Z_HERE=False,
                                        **lowrank.RANKED_TILES), 4, 4),
     (tg._epilogue, dict(EPI, HAS_R=False, NZP=16), 4, 3),
     (tg._epilogue, dict(EPI, HAS_R=True, NZP=16), 4, 3),
@@ -82,7 +79,7 @@ def main():
         for odd in ((False, True) if rank_args else (False,)):
             rows.append(compile_report(fn, consts, warps, stages, odd))
             r = rows[-1]
-            tag = ",".join(f"{k}={v}" for k, v in r["consts"].items() if k in ("HAS_R", "NZP", "CHUNK", "SPLITS", "MASKED"))
+            tag = ",".join(f"{k}={v}" for k, v in r["consts"].items() if k in ("HAS_R", "NZP", "CHUNK", "SPLITS"))
             print(f"{r['kernel']:20s} {tag:24s} {'odd rank' if odd else 'aligned':9s} regs {r['registers']:4d}  "
                   f"spill {r['spill_stack_bytes']:4d} B  shared {r['shared_bytes']:6d} B  scalar 16-bit loads "
                   f"{r['scalar_16bit_loads']:4d}  before first tile copy {r['before_first_tile_copy']}", flush=True)

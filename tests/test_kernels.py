@@ -40,17 +40,16 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "masked", "select", "gather", "one-launch", "split1", "split3"])
+@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
     gather / one-launch: the rank terms' U product added by the gather (the low-rank inputs before it,
     or in the same launch);
-    fused, masked (no compaction: masked weight loads) and select: the U product in the epilogue (all the
-    same for r = 0)."""
+    fused and select: the U product in the epilogue (all the same for r = 0)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
-    cfg = dict(tg.config_for(OUT, R), fused=variant != "select", masked=variant == "masked", rank_terms=variant if variant in tg.RANK_MODES else "epilogue", chunk=128 if IN < 600 else 256,
+    cfg = dict(tg.config_for(OUT, R), fused=variant != "select", rank_terms=variant if variant in tg.RANK_MODES else "epilogue", chunk=128 if IN < 600 else 256,
                block_n=64, splits=int(variant[-1]) if variant.startswith("split") else None)
     out = torch.full((B, OUT), float("nan"), dtype=dtype)
     args = [t.to(DEV) if t is not None else None for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
@@ -209,31 +208,6 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
                                               o, o, r, r)
     got = tg.sum_partials(lone, None if bias is None else dev[6][:o], dtype).cpu().double()
     assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol
-
-
-@pytest.mark.parametrize("B,IN,outs,ranks", [(1, 300, (64, 32, 32), (0, 0, 0)), (6, 257, (96, 96), (0, 0)), (3, 1030, (32,), (0,)),
-                                             (1, 300, (64, 32, 32), (9, 0, 40)), (5, 257, (96, 96), (16, 3))])
-def test_masked_gather_matches_members_oracles(B, IN, outs, ranks):
-    """The gather without compaction (`tl_common._masked_rows`: masked weight loads; a configuration's
-    "masked") over a group's members, each with its own threshold and scales, alone or with rank
-    terms ("gather" and "one-launch"), sums to every member's float64 oracle; the partials are all
-    written (poisoned before), and a chunk that is not a whole number of K steps is refused."""
-    torch.manual_seed(B * IN + len(outs) + sum(ranks))
-    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, ranks, (0.5, 0.8, 0.3)[:len(outs)], torch.float32)
-    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_k=32, block_n=32, masked=True)
-    dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
-    ref = torch.cat(refs, 1)
-    for mode in ("gather", "one-launch") if sum(ranks) else (None,):
-        parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
-        if mode:
-            lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, mode, ypart=parts)
-        else:
-            tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
-        assert torch.isfinite(parts).all(), "partial element left unwritten"
-        y = tg.sum_partials(parts, dev[6], torch.float32).cpu()
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5, mode
-    with pytest.raises(ValueError, match="not a multiple of block_k"):
-        tg._gather(dev[0], dev[1], dev[4], dev[5], parts, dict(cfg, chunk=96, block_k=64), *seg)
 
 
 def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
@@ -485,6 +459,6 @@ def test_kernels_trace_as_torch_compile_analyses_them():
     assert run.returncode == 0, run.stderr[-3000:]
     written = json.loads(run.stdout.strip().splitlines()[-1])
     assert written == {"select": ["cnt_ptr", "idx_ptr", "zpart_ptr"], "group_z": ["zpart_ptr"], "gather": ["ypart_ptr"],
-                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "masked_gather": ["ypart_ptr"], "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
+                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
                        "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
                        "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"]}

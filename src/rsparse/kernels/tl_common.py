@@ -2,13 +2,13 @@
 
 A program compacts the indices of one chunk's kept channels (|x_j| c_j > tau for any row) into a
 private scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`, tl.dot with
-the rows padded to BB), or, without compaction, loads the chunk's rows under their keep mask
-(`_masked_rows`, session 10's A/B candidate, where a configuration says "masked"); `_tile_acc` does
-either for one output tile and chunk, `_store_partial` stores its float32 partial, `_sum_partials`
-sums such partials over the chunks. `_silu_mul` rounds SiLU(gate) * up like the unfused module path.
-(The x and scale loads and keep mask that `_compact_chunk` and `_masked_rows` both spell out stay
-inline: a device function returning the loaded x in a tuple made torch's kernel analysis report
-x_ptr and c_ptr as written, so inductor would copy them on every call; session 10's review.)
+the rows padded to BB); `_tile_acc` does both for one output tile and chunk, `_store_partial` stores
+its float32 partial, `_sum_partials` sums such partials over the chunks. `_silu_mul` rounds
+SiLU(gate) * up like the unfused module path.
+(A gather without compaction, each K step's rows loaded under their keep mask, was measured 1.6x
+slower on the H200 in session 11 and removed: docs/perf-gpu.md. Keep-mask loads stay inline: a
+device function returning the loaded x in a tuple made torch's kernel analysis report x_ptr and
+c_ptr as written, so inductor would copy them on every call; session 10's review.)
 """
 import triton
 import triton.language as tl
@@ -80,55 +80,19 @@ def _silu_mul(g, u, dt: tl.constexpr):
 
 
 @triton.jit
-def _masked_rows(x_ptr, c_ptr, tau, wt_ptr, chunk, rows, n, B, IN, OUT, LDW,
-                 CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`_gather_rows` without compaction: the chunk in BLOCK_K steps, each step's Wt rows loaded under
-    the rows' keep mask (a masked-off row issues no memory request), so no weight address depends on a
-    loaded index and nothing waits on a scratch round trip before the first weight load. Every step is
-    issued whatever the sparsity; CHUNK must be a multiple of BLOCK_K (checked by the launchers)."""
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for k0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < IN
-        valid = (rows[:, None] < B) & km[None, :]
-        xv = tl.load(x_ptr + rows[:, None] * IN + kk[None, :], mask=valid, other=0.0)
-        keep = _keep(xv, tl.load(c_ptr + kk, mask=km, other=0.0), tau, valid)
-        kept_any = tl.max(keep.to(tl.int32), axis=0) > 0
-        w = tl.load(wt_ptr + kk[:, None].to(tl.int64) * LDW + n[None, :], mask=kept_any[:, None] & (n[None, :] < OUT),
-                    other=0.0)
-        acc += tl.dot(tl.where(keep, xv, 0.0).to(w.dtype), w, input_precision="ieee")
-    return acc
-
-
-@triton.jit
 def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
-              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr):
+              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Output tile pid_n over input chunk `chunk` (float32), with the tile's member's threshold and
-    scales: compact the chunk's kept channels into a private scratch row and gather their Wt rows, or
-    (MASKED, a constexpr: one path compiled) walk the chunk with masked row loads (`_masked_rows`)."""
+    scales: compact the chunk's kept channels into a private scratch row and gather their Wt rows."""
     rows = tl.arange(0, BB)
     n0 = pid_n * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
     tau = tl.load(tau_ptr + p)
     cp = c_ptr + p * IN
-    if MASKED:
-        acc = _masked_rows(x_ptr, cp, tau, wt_ptr, chunk, rows, n, B, IN, OUT, LDW, CHUNK, BB, BLOCK_K, BLOCK_N)
-    else:
-        base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
-        cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
-        acc = _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
-    return acc
-
-
-def masked_config(cfg: dict) -> bool:
-    """Whether a launch configuration asks for the gather without compaction (`_masked_rows`); refuses
-    one whose chunk is not a whole number of K steps (a step past the chunk's end would add the next
-    chunk's rows twice)."""
-    if cfg.get("masked") and cfg["chunk"] % cfg["block_k"]:
-        raise ValueError(f"masked gather: chunk {cfg['chunk']} is not a multiple of block_k {cfg['block_k']}")
-    return bool(cfg.get("masked"))
+    base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
+    cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
+    return _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
 
 
 @triton.jit
