@@ -133,9 +133,18 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
     tl.store(y_ptr + rows[:, None] * HALF + n[None, :], _silu_mul(g, u, dt).to(dt), mask=m)
 
 
-# Launch configuration, from a grid search on an H200 at 50%, batch 1 (docs/perf-gpu.md): 512-channel
-# chunks everywhere; 256-wide output tiles once there are enough of them (out >= 8192).
-CONFIG = {"chunk": 512, "block_k": 32, "block_n": 128, "warps": 4, "stages": 3, "fused": True}
+# Launch configuration of shapes outside TUNED (H200, 50%, batch 1; docs/perf-gpu.md, session 11's
+# `gpu_kernels.py --rule` on 12 shapes of Llama-3.2-1B/3B and Llama-2-13B): 128-wide output tiles,
+# 64-row K steps (32 on the smallest shapes, <= 2^22 weights), 1024-channel chunks from 2^25 weights.
+# Its configuration was timed on every one of them: within 0.5% of the best of a 16-configuration
+# grid (in-sample: the rule was read off those measurements); the rule before it (32-row steps,
+# 512-channel chunks, 256-wide tiles from out = 8192) was 6% slower in the median, up to 18%.
+CONFIG = {"chunk": 512, "block_k": 64, "block_n": 128, "warps": 4, "stages": 3, "fused": True}
+
+
+def _rule(out_f: int, in_f: int | None) -> dict:
+    n = out_f * (out_f if in_f is None else in_f)  # no input width given: taken as square
+    return dict(CONFIG, chunk=1024 if n >= 2**25 else 512, block_k=32 if n <= 2**22 else 64)
 
 
 # (out, in) -> configuration measured best for that shape at r = 0 (H200, bf16, batch 1, 50%): v5
@@ -172,7 +181,7 @@ def config_for(out_f: int, rank: int = 0, in_f: int | None = None, reduce: bool 
     if (out_f, in_f) in TUNED:  # rank terms need the partials + epilogue path: the gather configuration
         cfg = dict(TUNED[(out_f, in_f)])
         return cfg if reduce and not rank else dict(cfg.get("gather", cfg), splits=None, fused=True)
-    return dict(CONFIG, block_n=256 if out_f >= 8192 else CONFIG["block_n"])
+    return _rule(out_f, in_f)
 
 
 def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
