@@ -158,7 +158,7 @@ def run_gpu_bench(args):
     if args.profile:
         from .gpuprofile import profile
 
-        return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args))
+        return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args), out=args.out)
     uncached_compiles()
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):
@@ -305,7 +305,9 @@ def run_gpu_bench(args):
                       "llama3_8b_b1_s50_speedup": key[0]["speedup"] if key else None,
                       "llama3_8b_b1_s50_fused_speedup": key[0].get("fused_speedup") if key else None,
                       "dense_tok_s": key[0]["dense_tok_s"] if key else None,
-                      "sparse_tok_s": key[0]["sparse_tok_s"] if key else None, "compiled": compiled}))
+                      "sparse_tok_s": key[0]["sparse_tok_s"] if key else None, "compiled": compiled,
+                      "rows": [{k: r.get(k) for k in ("model", "batch", "sparsity", "alpha", "speedup", "fused_speedup",
+                                                       "compiled_speedup", "kept_union", "on_kernels")} for r in rows]}))
 
 
 def aligned_allocation(out_f: int, in_f: int, sparsity: float, alpha: float):

@@ -3,7 +3,7 @@
 Batch 1, Llama-architecture shapes with random bf16 weights (as `gpubench`); the eager step (the
 kernels a CUDA graph replays, without launch gaps) and the torch.compile'd step (default mode),
 dense and sparse (fused groups; rank terms for --alpha < 1), each with its graph replay time.
-Prints the top kernels per step; writes $OUT/gpu_profile.json when OUT is set.
+Prints the top kernels per step; writes its JSON to `out` (--out), else $OUT/gpu_profile.json when OUT is set.
 """
 import os
 import statistics
@@ -20,7 +20,7 @@ from .kernels.module import triton_groups
 
 
 @torch.inference_mode()
-def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=()):
+def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
     same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
     mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
@@ -78,6 +78,7 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=()):
         print(f"\n{label}: graph replay {graph_ms:.3f} ms/step; kernels {total / 1e3:.3f} ms in {result[label]['kernels_per_step']:.0f} launches")
         for n, v in top:
             print(f"  {v[0]:9.1f} us  {v[1]:6.0f}x  {n}")
-    if os.environ.get("OUT"):
-        write_json(os.path.join(os.environ["OUT"], "gpu_profile.json"), result)
+    out = out or (os.path.join(os.environ["OUT"], "gpu_profile.json") if os.environ.get("OUT") else None)
+    if out:
+        write_json(out, result)
     return result
