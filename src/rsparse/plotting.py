@@ -3,11 +3,11 @@ s_p = 1 - (kappa * in * out + r * (in + out)) / (in * out) and the split
 alpha_p = kappa * in * out / (kappa * in * out + r * (in + out)) (1 where no rank is used)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_atomic
 from .families import PROJECTIONS
 
 
@@ -50,8 +50,7 @@ def plot_plan(plan, out) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    try:
+        return write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

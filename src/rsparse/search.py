@@ -33,14 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_json
 from .errors import RSparseError
 from .plan import block_keys, block_picks, projection_options
 
@@ -149,13 +148,6 @@ def _groups(blocks: list, n: int) -> list:
     return [list(map(int, g)) for g in np.array_split(np.array(blocks), n)]
 
 
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def search_identity(config: SearchConfig, sparsity: float, **extra) -> dict:
     """What a directory's search is: a rerun resumes it only if this is equal."""
     return {"search": config.identity(), "sparsity": sparsity, **extra}
@@ -209,7 +201,7 @@ class Search:
         return state
 
     def _save(self, state):
-        _write_json(self.dir / STATE, state)
+        write_json(self.dir / STATE, state, indent=None)
 
     def _log(self, entry: dict, state: dict):
         state["history"].append(entry)
