@@ -1,5 +1,6 @@
 """The command line end to end: calibrate -> eval --plan -> generate, and one-line errors."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,8 @@ def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
     (["bench", "--device", "cuda", "--alpha", "1.5", "--sparsities", "0.5"], "--alpha must be in (0, 1]"),
     (["bench", "--device", "cuda", "--alpha", "0.9", "--sparsities", "0.5", "--compare-rank", "gather,fast"], "unknown rank mode(s) ['fast']"),
     (["bench", "--device", "cuda", "--compare-rank", "gather"], "give --alpha < 1 too"),
+    (["generate", "--device", "tpu", "Hi"], "--device must be cpu or cuda"),
+    (["generate", "--compile", "Hi"], "it needs --device cuda"),
 ])
 def test_bad_input_one_line_exit_2(args, msg):
     r = run(*args)
@@ -81,6 +84,41 @@ def test_bad_input_one_line_exit_2(args, msg):
 def test_gpu_bench_without_a_gpu_says_so():
     r = run("bench", "--device", "cuda")
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine these run")
+def test_gpu_generate_without_a_gpu_says_so():
+    r = run("generate", "--device", "cuda", "--backend", "triton", "Hi")
+    assert r.returncode == 2 and "no CUDA GPU is visible" in r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "rsparse", "generate", "--plan", "/no/such/dir", "--backend", "triton", "Hi"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "runs on --device cuda" in r.stderr, r.stderr
+
+
+def test_generate_with_the_triton_backend_on_a_model_directory(tmp_path):
+    """A Llama saved as a Hugging Face directory (random, 2 layers, the bundled tokenizer): calibrate a
+    plan, then `generate --backend triton` (Triton's interpreter here, CUDA graphs on a GPU) writes the
+    oracle backend's text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rsparse.models import load
+
+    _, tok = load("smollm2-135m")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    model = ["--model", str(tmp_path / "tiny")]
+    r = run("calibrate", *model, "--sparsity", "0.5", "--calib-tokens", "1024", "--alpha", "0.8", "--out", str(tmp_path / "plan"))
+    assert r.returncode == 0, r.stderr
+    device = ["--device", "cuda"] if torch.cuda.is_available() else []
+    texts = [run("generate", *model, "--plan", str(tmp_path / "plan"), "--backend", b, *device, "--max-new-tokens", "6", "The")
+             for b in ("oracle", "triton")]
+    assert all(t.returncode == 0 for t in texts), [t.stderr for t in texts]
+    assert texts[1].stdout == texts[0].stdout and texts[0].stdout.strip()
+    assert "triton: 14 projections, 4 fused groups" in texts[1].stderr, texts[1].stderr
 
 
 def test_empty_text_file_one_line_exit_2(tmp_path):

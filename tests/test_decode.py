@@ -1,4 +1,5 @@
 """The lean static-cache decoder against Hugging Face's own forward and generate."""
+import pytest
 import torch
 
 from rsparse.apply import sparsify_
@@ -69,3 +70,46 @@ def test_fastest_dense_layouts_keep_the_model_and_agreement_of_a_model_with_itse
     assert torch.equal(StaticDecoder(again, 64).greedy(ids, 12), ref)
     a = agreement({"self": plain}, plain, ids[:, :12].repeat(1, 2), ids, greedy_steps=4)
     assert a["self"]["mean_kl"] < 1e-9 and a["self"]["top1_agreement"] == 1.0 and a["self"]["greedy_equal_tokens"] == 4
+
+
+def _tiny_triton_llama(dev):
+    """A 2-layer random Llama with R-Sparse modules (rank terms in both groups and in down) swapped to
+    their Triton twins, fused groups attached."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rsparse.apply import modules_for
+    from rsparse.families import set_module
+    from rsparse.kernels.module import to_triton_
+    from rsparse.plan import LayerPlan
+
+    torch.manual_seed(5)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
+    m = LlamaForCausalLM(cfg).eval().to(dev)
+    ranks = {"q": 16, "gate": 16, "down": 16}
+    layers = {f"{i}.{p}": LayerPlan(tau=0.05 * (1 + j), keep=0.5, rank=ranks.get(p, 0))
+              for i in range(2) for j, p in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}
+    shapes = {"q": (128, 128), "gate": (256, 128), "down": (128, 256)}
+    gen = torch.Generator().manual_seed(6)
+    factors = {f"{i}.{p}": ((torch.randn(o, ranks[p], generator=gen) / 8).to(dev), (torch.randn(ranks[p], n, generator=gen) / 8).to(dev))
+               for i in range(2) for p, (o, n) in shapes.items()}
+    for key, mod in modules_for(m, layers, factors).items():
+        set_module(m, key, mod)
+    to_triton_(m)
+    return m
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_graphed_decode_gives_the_static_decoders_tokens(compile):
+    """`GraphDecoder.stream_graphed` (each step a CUDA graph replay, of the compiled step if asked)
+    gives the eager static decoder's tokens, with the Triton kernels and fused groups."""
+    from rsparse.decode import GraphDecoder
+
+    m = _tiny_triton_llama("cuda")
+    ids = torch.randint(0, 97, (1, 6), device="cuda")
+    ref = StaticDecoder(m, max_len=20).greedy(ids, 12)
+    got = torch.cat(list(GraphDecoder(m, max_len=20).stream_graphed(ids, 12, compile=compile)), 1)
+    assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="cache holds 20 positions"):
+        next(GraphDecoder(m, max_len=20).stream_graphed(ids, 15))

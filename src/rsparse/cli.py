@@ -6,6 +6,7 @@ last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -149,22 +150,59 @@ def cmd_plot_plan(args):
     print(f"heatmap written to {out}")
 
 
+def _generate_device(args) -> str:
+    """Checks --device / --backend / --compile together, before any model is loaded."""
+    import importlib.util
+    import os
+
+    import torch
+
+    if args.device not in ("cpu", "cuda"):
+        raise RSparseError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RSparseError("--device cuda: no CUDA GPU is visible")
+    args.backend = args.backend or ("triton" if args.device == "cuda" else "cpp")
+    if args.plan and args.backend == "cpp" and args.device == "cuda":
+        raise RSparseError("--backend cpp is the CPU kernel; on --device cuda use --backend triton (or oracle)")
+    if args.plan and args.backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise RSparseError('--backend triton needs Triton: pip install -e ".[triton]"')
+        if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RSparseError("--backend triton runs on --device cuda (on the CPU only under TRITON_INTERPRET=1, slowly)")
+    if args.compile and args.device != "cuda":
+        raise RSparseError("--compile compiles the CUDA-graph decode step: it needs --device cuda")
+    return args.device
+
+
 def cmd_generate(args):
     from .generate import decoder_ids, generate_ids, stream
     from .models import load
 
     _positive("--max-new-tokens", args.max_new_tokens)
+    device = _generate_device(args)
     model, tok = load(args.model, args.dtype)
     ids_fn = generate_ids
     if args.plan:
         from .pipeline import load_sparsified
 
-        load_sparsified(model, args.plan)
+        load_sparsified(model, args.plan)  # on the CPU: the plan is checked against the weights as loaded
         if args.backend == "cpp":  # the C++ decode kernel and the lean decoder: the sparse model decodes faster than dense
             from .kernels.cpu import to_cpu_backend_
 
             to_cpu_backend_(model)
             ids_fn = decoder_ids
+    model.to(device)
+    if args.plan and args.backend == "triton":  # the Triton kernels and the lean decoder, graph-replayed on a GPU
+        from .kernels.module import to_triton_
+
+        from .families import attached_groups
+
+        swapped = to_triton_(model)
+        print(f"triton: {len(swapped)} projections, {len(attached_groups(model))} fused groups, decode steps "
+              + ("replayed from a CUDA graph" if device == "cuda" else "through the interpreter"), file=sys.stderr)
+        ids_fn = functools.partial(decoder_ids, graphed=device == "cuda", compile=args.compile)
+    elif device == "cuda" and not args.plan:  # dense: the same graph-replayed decoder (the oracle keeps the HF forward)
+        ids_fn = functools.partial(decoder_ids, graphed=True, compile=args.compile)
     for piece in stream(model, tok, args.prompt, args.max_new_tokens, ids_fn):
         print(piece, end="", flush=True)
     print()
@@ -240,8 +278,11 @@ def build_parser():
     _add_model(g)
     g.add_argument("--plan")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--backend", default="cpp", choices=["cpp", "oracle"],
-                   help="with --plan: cpp (C++ decode kernel, built on first use; float32/bfloat16) or oracle (eager reference)")
+    g.add_argument("--backend", choices=["cpp", "oracle", "triton"],
+                   help="with --plan: cpp (C++ decode kernel, built on first use; float32/bfloat16; the default on the "
+                   "CPU), triton (GPU kernels; the default with --device cuda) or oracle (eager reference)")
+    g.add_argument("--device", default="cpu", help="cpu, or cuda: the model on the GPU, each decode step a CUDA graph replay")
+    g.add_argument("--compile", action="store_true", help="--device cuda: torch.compile the decode step before capturing it")
     g.add_argument("prompt")
     g.set_defaults(fn=cmd_generate)
 

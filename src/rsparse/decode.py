@@ -109,6 +109,23 @@ class StaticDecoder:
         return torch.cat(list(self.stream_greedy(prompt, new_tokens)), 1)
 
 
+def cuda_graph(step, *inputs):
+    """`step(*inputs)` captured in a CUDA graph, after 3 warm-up calls on a side stream (which run the
+    step for real: for a decode step they write the cache slot it will write anyway); returns the
+    graph and its output tensor, both tied to the inputs' addresses (change them in place)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.inference_mode():
+        for _ in range(3):
+            step(*inputs)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(g):
+        out = step(*inputs)
+    g.static = (inputs, out)  # the graph reads and writes these addresses: keep them alive
+    return g, out
+
+
 class GraphDecoder(StaticDecoder):
     """A decode step with static shapes, for CUDA graphs and torch.compile(mode="reduce-overhead"):
     the position is a 1-element tensor, K/V are written with index_copy_, and attention reads the
@@ -134,3 +151,23 @@ class GraphDecoder(StaticDecoder):
             o = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask, enable_gqa=True)
             h = self._rest(layer, h, o)
         return self.model.lm_head(inner.norm(h[:, -1]))
+
+    @torch.inference_mode()
+    def stream_graphed(self, prompt: torch.Tensor, new_tokens: int, compile: bool = False):
+        """`stream_greedy`'s tokens, each decode step a replay of one CUDA graph of `step` (compiled by
+        torch.compile first if `compile`): no per-kernel launch cost from Python. CUDA only."""
+        if prompt.shape[1] + new_tokens > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} positions; {prompt.shape[1] + new_tokens} needed")
+        logits = self.prefill(prompt)
+        if new_tokens <= 0:
+            return
+        ids = logits.argmax(-1, keepdim=True)
+        yield ids.clone()
+        pos = torch.tensor([self.pos], device=ids.device)
+        graph, out = cuda_graph(torch.compile(self.step) if compile else self.step, ids, pos)
+        for _ in range(new_tokens - 1):
+            graph.replay()
+            ids.copy_(out.argmax(-1, keepdim=True))
+            pos += 1
+            self.pos += 1
+            yield ids.clone()

@@ -1,32 +1,41 @@
 """Greedy text generation with a KV cache: the prompt is prefilled dense (decode protocol), each
 new token runs through the sparse modules, and text is yielded as it is produced. `generate_ids`
 runs the model's own (Hugging Face) forward; `decoder_ids` runs the lean static-cache decoder
-(`decode.StaticDecoder`), the loop the fast backends (C++, Triton) are built and benchmarked for."""
+(`decode.StaticDecoder`), the loop the fast backends (C++, Triton) are built and benchmarked for, or on
+a GPU (`graphed`) its static-shape step replayed from a CUDA graph (`decode.GraphDecoder`)."""
 from __future__ import annotations
 
 import torch
 
 from .apply import dense_view
-from .decode import StaticDecoder
+from .decode import GraphDecoder, StaticDecoder
 from .evaluate import _cache_of, _with_cache
 
 
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None):
+    dev = next(model.parameters()).device
     with dense_view(model):
-        out = model(prompt_ids[None], use_cache=True)
+        out = model(prompt_ids[None].to(dev), use_cache=True)
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].argmax())
         yield nxt
         if nxt == eos_id:
             return
-        out = _with_cache(model, torch.tensor([[nxt]]), _cache_of(out))
+        out = _with_cache(model, torch.tensor([[nxt]], device=dev), _cache_of(out))
 
 
 @torch.inference_mode()
-def decoder_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None):
-    dec = StaticDecoder(model, max_len=len(prompt_ids) + max_new_tokens + 1)
-    for tok in dec.stream_greedy(prompt_ids[None].to(next(model.parameters()).device), max_new_tokens):
+def decoder_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None, graphed: bool = False,
+                compile: bool = False):
+    """graphed: every decode step a CUDA graph replay (compiled by torch.compile first if `compile`)."""
+    max_len = len(prompt_ids) + max_new_tokens + 1
+    prompt = prompt_ids[None].to(next(model.parameters()).device)
+    if graphed:
+        steps = GraphDecoder(model, max_len=max_len).stream_graphed(prompt, max_new_tokens, compile)
+    else:
+        steps = StaticDecoder(model, max_len=max_len).stream_greedy(prompt, max_new_tokens)
+    for tok in steps:
         nxt = int(tok)
         yield nxt
         if nxt == eos_id:

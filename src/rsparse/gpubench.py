@@ -25,7 +25,8 @@ import torch
 import torch._dynamo
 
 from .apply import swapped
-from .decode import GraphDecoder
+from .atomic import write_json
+from .decode import GraphDecoder, cuda_graph
 from .errors import RSparseError
 from .families import locate, set_group
 from .kernels import triton_gemv as tg
@@ -99,18 +100,7 @@ def capture(step, B):
     """One decode step (`step(ids, pos)`, eager or compiled) captured in a CUDA graph. Rows decode
     different tokens: identical rows would have identical kept sets and hide the union's cost."""
     ids = torch.arange(1, B + 1, dtype=torch.long, device="cuda")[:, None] * 7919
-    pos = torch.tensor([MAX_LEN // 2], device="cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.inference_mode():
-        for _ in range(3):
-            step(ids, pos)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(g):
-        out = step(ids, pos)
-    g.static = (ids, pos, out)  # the graph reads and writes these addresses: keep them alive
-    return g, out
+    return cuda_graph(step, ids, torch.tensor([MAX_LEN // 2], device="cuda"))
 
 
 def time_graph(g):
@@ -451,9 +441,3 @@ def read_tuned(path) -> dict:
     return best
 
 
-def write_json(path, obj) -> None:
-    """Written under a temporary name, then renamed: never a half-written results file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
