@@ -193,9 +193,8 @@ def cmd_generate(args):
             ids_fn = decoder_ids
     model.to(device)
     if args.plan and args.backend == "triton":  # the Triton kernels and the lean decoder, graph-replayed on a GPU
-        from .kernels.module import to_triton_
-
         from .families import attached_groups
+        from .kernels.module import to_triton_
 
         swapped = to_triton_(model)
         print(f"triton: {len(swapped)} projections, {len(attached_groups(model))} fused groups, decode steps "

@@ -439,5 +439,3 @@ def read_tuned(path) -> dict:
         raise RSparseError(f"--tuned {path}: not a kernel-configuration file (need {{\"best\": {{\"OUTxIN\": {{chunk, block_k, "
                            f"block_n, warps, stages, ...}}}}}}; {type(e).__name__}: {e})") from None
     return best
-
-
