@@ -30,23 +30,38 @@ def test_calibrate_eval_generate(tmp_path):
     assert r.returncode == 0 and (tmp_path / "heat.png").stat().st_size > 1000, r.stderr
 
 
-def test_calibrate_search_evo_resumes_and_refuses_other_settings(tmp_path):
-    out = tmp_path / "evo"
+def _evo_args(out):
     # TEAL's space (rank 0): the CLI path without minutes of SVDs; the rank path is tested in test_search.py
-    args = ["calibrate", "--search", "evo", "--method", "teal", "--sparsity", "0.5", "--calib-tokens", "1024", "--population", "2",
+    return ["calibrate", "--search", "evo", "--method", "teal", "--sparsity", "0.5", "--calib-tokens", "1024", "--population", "2",
             "--generations", "1", "--groups", "1", "--fitness-tokens", "512", "--val-tokens", "512", "--no-baselines",
             "--out", str(out)]
-    r = run(*args)
+
+
+def _evo_plan(out):
+    r = run(*_evo_args(out))
     assert r.returncode == 0, r.stderr
     assert (out / "plan.json").is_file() and (out / "search.log").is_file()
     plan = json.loads((out / "plan.json").read_text())
     assert plan["config"]["allocation"] == "evo" and abs(plan["expected_sparsity"] - 0.5) < 0.005
-    r = run(*args)  # finished search: the same plan again, no new evaluations
-    assert r.returncode == 0 and json.loads((out / "plan.json").read_text())["layers"] == plan["layers"]
+    return plan
+
+
+def test_calibrate_search_evo_then_refuses_other_settings(tmp_path):
+    out = tmp_path / "evo"
+    _evo_plan(out)
+    args = _evo_args(out)
     r = run(*[a if a != "2" else "3" for a in args])
     assert r.returncode == 2 and "other settings" in r.stderr
     r = run(*args, "--fitness", "ce")  # another objective is another search: refused before calibrating
     assert r.returncode == 2 and "other settings" in r.stderr
+
+
+@pytest.mark.slow  # a second full CLI run (~2 min); resuming is tested through the API in test_search.py
+def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
+    out = tmp_path / "evo"
+    plan = _evo_plan(out)
+    r = run(*_evo_args(out))  # finished search: the same plan again, no new evaluations
+    assert r.returncode == 0 and json.loads((out / "plan.json").read_text())["layers"] == plan["layers"]
 
 
 @pytest.mark.parametrize("args,msg", [
