@@ -15,9 +15,9 @@ import sys
 import torch
 
 import rsparse
+from rsparse.atomic import write_json
 from rsparse.data import token_windows
 from rsparse.families import locate
-from rsparse.atomic import write_json
 from rsparse.linear import column_norms
 
 KEEPS = (0.3, 0.5, 0.7)

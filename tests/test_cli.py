@@ -112,22 +112,14 @@ def test_gpu_generate_without_a_gpu_says_so():
 
 
 def test_generate_with_the_triton_backend_on_a_model_directory(tmp_path):
-    """A Llama saved as a Hugging Face directory (random, 2 layers, the bundled tokenizer): calibrate a
-    plan, then `generate --backend triton` (Triton's interpreter here, CUDA graphs on a GPU) writes the
-    oracle backend's text."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rsparse.models import load
-
-    _, tok = load("smollm2-135m")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
-    tok.save_pretrained(tmp_path / "tiny")
-    model = ["--model", str(tmp_path / "tiny")]
-    r = run("calibrate", *model, "--sparsity", "0.5", "--calib-tokens", "1024", "--alpha", "0.8", "--out", str(tmp_path / "plan"))
+    """A Llama saved as a Hugging Face directory (random, 2 layers, the bundled tokenizer) and a plan
+    with rank terms, made by `benchmarks/gpu_generate_check.py prepare` (the GPU check's own setup);
+    `generate --backend triton` (Triton's interpreter here, CUDA graphs on a GPU) writes the oracle
+    backend's text."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_generate_check.py"
+    r = subprocess.run([sys.executable, str(script), "prepare", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
+    model = ["--model", str(tmp_path / "model")]
     device = ["--device", "cuda"] if torch.cuda.is_available() else []
     texts = [run("generate", *model, "--plan", str(tmp_path / "plan"), "--backend", b, *device, "--max-new-tokens", "6", "The")
              for b in ("oracle", "triton")]

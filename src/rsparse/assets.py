@@ -92,8 +92,6 @@ def _verified(path: Path, sha: str) -> bool:
     return True
 
 
-
-
 def _installed_copy(asset: Asset) -> Path | None:
     pkg, _, rest = asset.member.partition("/")
     try:

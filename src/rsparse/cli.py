@@ -151,7 +151,8 @@ def cmd_plot_plan(args):
 
 
 def _generate_device(args) -> str:
-    """Checks --device / --backend / --compile together, before any model is loaded."""
+    """Checks --device / --backend / --compile together, before any model is loaded, and sets the
+    default backend (cpp on the CPU, triton on cuda)."""
     import importlib.util
     import os
 

@@ -168,6 +168,6 @@ class GraphDecoder(StaticDecoder):
         for _ in range(new_tokens - 1):
             graph.replay()
             ids.copy_(out.argmax(-1, keepdim=True))
-            pos += 1
             self.pos += 1
+            pos.fill_(self.pos)
             yield ids.clone()

@@ -12,9 +12,9 @@ import torch
 import torch._dynamo
 
 from .apply import swapped
+from .atomic import write_json
 from .decode import GraphDecoder
 from .families import locate
-from .atomic import write_json
 from .gpubench import MAX_LEN, REPEATS, attached, build, capture, input_samples, modules_at, set_thresholds, time_graph
 from .gpuvariants import compile_options, uncached_compiles
 from .kernels.module import triton_groups
