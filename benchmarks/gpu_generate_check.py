@@ -29,12 +29,17 @@ def prepare(d: Path) -> None:
 
     _, tok = load("smollm2-135m")
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=False)
+    # widths that give every projection a rank term under a uniform alpha of 0.5 (ranks are stored in
+    # multiples of 16: at 64 wide they round to 0); tied embeddings keep the file small
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=len(tok), max_position_embeddings=256, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(d / "model")
     tok.save_pretrained(d / "model")
     subprocess.run([sys.executable, "-m", "rsparse", "calibrate", "--model", str(d / "model"), "--sparsity", "0.5",
-                    "--calib-tokens", "1024", "--alpha", "0.8", "--out", str(d / "plan")], check=True)
+                    "--calib-tokens", "1024", "--allocation", "uniform", "--alpha", "0.5", "--out", str(d / "plan")], check=True)
+    ranks = {name: layer["rank"] for name, layer in json.loads((d / "plan" / "plan.json").read_text())["layers"].items()}
+    if not all(ranks.values()):
+        sys.exit(f"the plan should give every projection a rank term: {ranks}")
     print(f"prepared {d}: carry {sorted(str(p) for p in d.rglob('*.safetensors'))}")
 
 
