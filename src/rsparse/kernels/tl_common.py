@@ -8,7 +8,9 @@ SiLU(gate) * up like the unfused module path.
 (A gather without compaction, each K step's rows loaded under their keep mask, was measured 1.6x
 slower on the H200 in session 11 and removed: docs/perf-gpu.md. Keep-mask loads stay inline: a
 device function returning the loaded x in a tuple made torch's kernel analysis report x_ptr and
-c_ptr as written, so inductor would copy them on every call; session 10's review.)
+c_ptr as written, so inductor would copy them on every call; session 10's review. A tile-major Wt,
+each output tile's rows one contiguous slab so a program's kept rows are nearby reads, timed the same
+as row-major at the same configuration on 8 shapes in session 12: not kept; code at b7eb6ce.)
 """
 import triton
 import triton.language as tl
@@ -28,10 +30,6 @@ def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, 
     """sum over the `cnt` kept channels listed at idx_base of x[:, j] * Wt[j, n] (float32 tile);
     each row keeps only its own kept entries of the union."""
     acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    # Wt is stored in tiles of LDW columns, IN rows each, one after the other: the column offset of n is
-    # (n // LDW) * IN * LDW + n % LDW. Row-major Wt (or a column slice of it) is the one-tile case
-    # (n < LDW); tile-major Wt (LDW = the tile width) makes a program's kept rows nearby short reads
-    col = (n // LDW).to(tl.int64) * IN * LDW + n % LDW
     for k0 in range(0, cnt, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < cnt
@@ -39,7 +37,7 @@ def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, 
         xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
         cj = tl.load(c_ptr + j, mask=km, other=0.0)
         xv = tl.where(_keep(xv, cj, tau, True), xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + col[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
+        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
         acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
     return acc
 

@@ -133,38 +133,36 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
     tl.store(y_ptr + rows[:, None] * HALF + n[None, :], _silu_mul(g, u, dt).to(dt), mask=m)
 
 
-# Launch configuration of shapes outside TUNED (H200, 50%, batch 1; docs/perf-gpu.md, session 11's
-# `gpu_kernels.py --rule` on 12 shapes of Llama-3.2-1B/3B and Llama-2-13B): 128-wide output tiles,
-# 64-row K steps (32 on the smallest shapes, <= 2^22 weights), 1024-channel chunks from 2^25 weights.
-# Its configuration was timed on every one of them: within 0.5% of the best of a 16-configuration
-# grid (in-sample: the rule was read off those measurements); the rule before it (32-row steps,
-# 512-channel chunks, 256-wide tiles from out = 8192) was 6% slower in the median, up to 18%.
-CONFIG = {"chunk": 512, "block_k": 64, "block_n": 128, "warps": 4, "stages": 3, "fused": True}
+# The gather's launch configuration from the shape's weight count n = out * in (H200, bf16, batch 1,
+# 50%; docs/perf-gpu.md session 12, `benchmarks/gpu_gather_grid.py`: 27 configurations on 22 shapes of
+# Llama-3-8B, Llama-2-7B, Llama-3.2-1B/3B and Llama-2-13B, members and fused group widths): 128-row K
+# steps everywhere (the best on all 22; 10% faster than the 64-row configurations before it in the
+# median, 1.6x on 1024x4096: half the loop steps, each a dependent index -> row load chain);
+# 64-wide output tiles below 2^25 weights, 128 from there; 512-channel chunks up to 2^22 weights,
+# 2048 from 56 * 2^20 (14336x4096; 1024 measured best on the 48 * 2^20 shapes below it). This rule
+# picks the grid's best on 21 of the 22 shapes, within 0.5% (16384x3072); the 22nd is in TUNED.
+# In-sample: read off that run.
+CONFIG = {"chunk": 1024, "block_k": 128, "block_n": 64, "warps": 4, "stages": 3, "fused": True}
 
 
 def _rule(out_f: int, in_f: int | None) -> dict:
     n = out_f * (out_f if in_f is None else in_f)  # no input width given: taken as square
-    return dict(CONFIG, chunk=1024 if n >= 2**25 else 512, block_k=32 if n <= 2**22 else 64)
+    if n <= 2**22:
+        return dict(CONFIG, chunk=512)
+    if n < 2**25:
+        return dict(CONFIG)
+    return dict(CONFIG, block_n=128, chunk=2048 if n >= 56 * 2**20 else 1024)
 
 
-# (out, in) -> configuration measured best for that shape at r = 0 (H200, bf16, batch 1, 50%): v5
-# (partials + epilogue launch, benchmarks/results/gpu_kernels_v5_stages.json, gpu_groups.json) or, where
-# it measured faster, v7 (`splits`: one launch, gpu_kernels_v7.json; "gather": the v5 configuration that
-# `rsparse_partials` uses there); other shapes use config_for's rule
+# (out, in) -> a configuration measured faster than the rule for that shape (H200, bf16, batch 1, 50%):
+# the one-launch split kernel (`splits`, v7, gpu_kernels_v7.json) for eager calls of the two 4096-wide
+# Llama-3-8B shapes (compiled steps and calls with rank terms run the gather alone: the rule, through
+# config_for(reduce=False)), and Llama-3-8B's gate|up group (gpu_gather_grid_s12.json: 35.6 us vs the
+# rule's 36.4)
 TUNED: dict = {
-    (4096, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=4, splits=4,  # v7 12.7 us vs v5 13.8
-                       gather=dict(chunk=512, block_k=64, block_n=128, warps=4, stages=3)),  # v5 best (gpu_kernels_v5_stages)
-    (1024, 4096): dict(chunk=512, block_k=64, block_n=128, warps=4, stages=4, fused=True),
-    (14336, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
-    (4096, 14336): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
-    (11008, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
-    (4096, 11008): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
-    # fused groups (q|k|v, gate|up) of Llama-3-8B / Llama-2-7B
-    (6144, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=3, splits=4,  # v7 14.2 us vs v5 16.0
-                       gather=dict(chunk=512, block_k=64, block_n=128, warps=4, stages=3)),  # v5 best (gpu_groups)
-    (28672, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=3, fused=True),
-    (12288, 4096): dict(chunk=1024, block_k=64, block_n=128, warps=4, stages=4, fused=True),
-    (22016, 4096): dict(chunk=1024, block_k=64, block_n=256, warps=4, stages=4, fused=True),
+    (4096, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=4, splits=4),  # v7 12.7 us vs v5 13.8
+    (6144, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=3, splits=4),  # v7 14.2 us vs v5 16.0
+    (28672, 4096): dict(chunk=2048, block_k=128, block_n=256, warps=8, stages=2, fused=True),
 }
 
 
@@ -177,11 +175,11 @@ def load_tuned(best: dict) -> None:
 
 def config_for(out_f: int, rank: int = 0, in_f: int | None = None, reduce: bool = True) -> dict:
     """Launch configuration of a shape; reduce=False: the gather alone (`rsparse_partials`), which
-    takes a TUNED entry's "gather" configuration where the entry itself is a one-launch (splits) one."""
-    if (out_f, in_f) in TUNED:  # rank terms need the partials + epilogue path: the gather configuration
-        cfg = dict(TUNED[(out_f, in_f)])
-        return cfg if reduce and not rank else dict(cfg.get("gather", cfg), splits=None, fused=True)
-    return _rule(out_f, in_f)
+    takes the rule where the TUNED entry is a one-launch (splits) one."""
+    cfg = TUNED.get((out_f, in_f))
+    if cfg is None or (cfg.get("splits") and (rank or not reduce)):  # the one-launch kernel is r = 0, eager only
+        return _rule(out_f, in_f)
+    return dict(cfg)
 
 
 def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):

@@ -1,0 +1,73 @@
+"""The gather's launch configuration, deeper K steps: time `_fused_gather_gemv` alone (what compiled
+decode steps run; inductor sums the partials in the consumer) over a grid of K-step depths (64, 128,
+256 rows), output tile widths and chunk lengths, on the Llama-3-8B and Llama-2-7B projection shapes
+(members and the fused group widths) and on the shapes of `gpu_kernels.py --rule` (3B, 1B, 13B).
+
+Session 12's layout run found 128-row K steps 8.7% faster in the median than the configured 64 (on
+either weight layout); the earlier grids never went past 64 rows for this kernel. 50%, batch 1,
+bf16, r = 0, each configuration checked against the float32 oracle first. Prints a table, ends with
+one JSON line; writes $OUT/gpu_gather_grid.json whose "best" is a `rsparse bench --tuned` file.
+`PYTHONPATH=src python3 benchmarks/gpu_gather_grid.py`
+"""
+import json
+import statistics
+
+import torch
+import triton
+
+from gpu_kernels import RULE_SHAPES, _case50, _print_row, _write, bench
+from rsparse.gpubench import copy_bandwidth
+from rsparse.kernels import triton_gemv as tg
+from rsparse.linear import rsparse_linear_ref
+
+SHAPES = [(14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008), (4096, 4096), (1024, 4096),
+          (28672, 4096), (6144, 4096), (22016, 4096), (12288, 4096)] + RULE_SHAPES
+GRID = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8, stages=3 if k * n <= 128 * 128 else 2, fused=True)
+        for k in (64, 128, 256) for n in (64, 128, 256) for c in (512, 1024, 2048) if c >= k]
+
+
+def main():
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rows, best = [], {}
+    for out_f, in_f in SHAPES:
+        Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
+        ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+        dense_us = bench(lambda: [torch.nn.functional.linear(x, W) for W in Ws])
+        base = dict(tg.config_for(out_f, 0, in_f, reduce=False))
+        cands = [base] + [c for c in GRID if any(c[k] != base[k] for k in ("chunk", "block_k", "block_n", "warps", "stages"))]
+        times = {}
+        for i, cfg in enumerate(cands):
+            parts = torch.empty(triton.cdiv(in_f, cfg["chunk"]), 1, out_f, device="cuda")
+            try:
+                y = tg._gather(x, Wts[0], ones, tau, parts, cfg, out_f, out_f).sum(0)
+                if not ((y - ref).norm() / ref.norm()).item() < 1e-2:
+                    print("wrong", cfg, flush=True)
+                    continue
+                times[i] = bench(lambda: [tg._gather(x, Wt, ones, tau, parts, cfg, out_f, out_f) for Wt in Wts], rep=60)
+            except Exception as e:  # a configuration that does not fit (shared memory, registers) is skipped
+                print("skip", cfg, type(e).__name__, str(e)[:100], flush=True)
+        order = sorted(times, key=times.get)
+        bi = order[0]
+        best[f"{out_f}x{in_f}"] = cands[bi]
+        must = 2 * 0.5 * out_f * in_f
+        row = {"out": out_f, "in": in_f, "dense_us": dense_us, "configured_us": times[0], "configured_cfg": base,
+               "best_us": times[bi], "best_cfg": cands[bi], "configured_bw": must / (times[0] * 1e-6) / bw,
+               "best_bw": must / (times[bi] * 1e-6) / bw, "top5": [(cands[i], times[i]) for i in order[:5]]}
+        rows.append(row)
+        _print_row(row, skip=("top5",))
+    print(f"\n{'out x in':14s} {'dense':>7s} {'config':>7s} {'best':>7s} {'gain':>6s} {'BW cfg':>7s} {'BW best':>8s}  best (chunk, K rows, tile, warps, stages)")
+    for r in rows:
+        c = r["best_cfg"]
+        print(f"{r['out']:>5d} x {r['in']:<6d} {r['dense_us']:7.2f} {r['configured_us']:7.2f} {r['best_us']:7.2f} "
+              f"{r['configured_us'] / r['best_us']:6.3f} {r['configured_bw']:7.1%} {r['best_bw']:8.1%}  "
+              f"{c['chunk']} {c['block_k']} {c['block_n']} {c['warps']} {c['stages']}")
+    summary = {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows,
+               "median_configured_over_best": statistics.median(r["configured_us"] / r["best_us"] for r in rows)}
+    _write("gpu_gather_grid.json", summary)
+    print(json.dumps({"median_configured_over_best": summary["median_configured_over_best"], "best": best}))
+
+
+if __name__ == "__main__":
+    main()
