@@ -119,7 +119,7 @@ def variants(bw, name):
         Ws, Wts, x8, ones, tau, at, u = _case50(out_f, in_f, 8)
         dense_us = bench(lambda: [torch.nn.functional.linear(x8[:1], W) for W in Ws])
         teal_us = bench(lambda: [teal_gemv(x8[0], Wt, tau, **TEAL_BEST.get((out_f, in_f), {})) for Wt in Wts])
-        v2 = tg.config_for(out_f, 0)
+        v2 = tg.config_for(out_f, 0, in_f)
         cands = [v2] + [c for c in grid if c != v2]
         times = {}
         for i, cfg in enumerate(cands):

@@ -313,6 +313,23 @@ def test_kernel_rows_rule_by_hand():
     assert kernel_rows(0.95, 0) == 1 and kernel_rows(0.1, 0) == 8  # 1 - 0.9^8 = 0.57
 
 
+def test_launch_configuration_rule_by_hand():
+    """config_for: 128-row K steps; 64-wide tiles below 2^25 weights, 128 from there; chunks of 512 up to
+    2^22 weights, 2048 from 56 * 2^20, else 1024; TUNED's one-launch entries only for eager r = 0 calls."""
+    def picked(*args, **kw):
+        c = tg.config_for(*args, **kw)
+        return c["chunk"], c["block_k"], c["block_n"], c.get("splits")
+
+    assert picked(1024, 0, 4096) == picked(2048, 0, 2048) == (512, 128, 64, None)  # 2^22
+    assert picked(3072, 0, 8192) == picked(5120, 0, 3072) == (1024, 128, 64, None)
+    assert picked(16384, 0, 2048) == picked(12288, 0, 4096) == (1024, 128, 128, None)  # 2^25, 48 * 2^20
+    assert picked(14336, 0, 4096) == picked(4096, 0, 14336) == picked(15360, 0, 5120) == (2048, 128, 128, None)
+    assert picked(4096, 0, 4096) == (1024, 128, 64, 4)  # eager call: the one-launch kernel
+    assert picked(4096, 0, 4096, reduce=False) == picked(4096, 16, 4096) == (1024, 128, 64, None)  # gather alone
+    assert picked(28672, 0, 4096) == picked(28672, 32, 4096) == (2048, 128, 256, None)
+    assert picked(3072) == (1024, 128, 64, None)  # no input width: taken as square
+
+
 def test_rows_past_max_rows_run_the_exact_dense_product(monkeypatch):
     """A module whose plan keeps half its channels runs 4 decode rows as the dense product on its
     stored weight (no kernel; equal to the dense layer in float64) and 3 rows on the kernels (the
