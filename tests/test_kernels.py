@@ -478,4 +478,5 @@ def test_kernels_trace_as_torch_compile_analyses_them():
     assert written == {"select": ["cnt_ptr", "idx_ptr", "zpart_ptr"], "group_z": ["zpart_ptr"], "gather": ["ypart_ptr"],
                        "fused_gather": ["scratch_ptr", "ypart_ptr"], "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
                        "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
-                       "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"]}
+                       "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"],
+                       "attention": ["lock_ptr", "o_ptr", "part_ptr"]}

@@ -326,6 +326,9 @@ def build_parser():
                    "its own for the low-rank inputs), one-launch (the low-rank inputs too in the gather launch, the default) (A/B)")
     g.add_argument("--pdl", action="store_true",
                    help="also compile dense and sparse steps with inductor's programmatic dependent launch (A/B)")
+    g.add_argument("--attention", choices=("sdpa", "triton"), default="sdpa",
+                   help="decode attention of dense and sparse steps alike: sdpa (the whole cache, masked) or triton "
+                   "(kernels/attention.py: only the filled slots; not yet timed on a GPU)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
     g.add_argument("--profile", action="store_true", help="only: per-kernel GPU time of one dense and one sparse step "
                    "(at the one --sparsities value, else 0.5; with --alpha's rank terms; --compare-rank: each mode's too)")

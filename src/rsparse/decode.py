@@ -126,13 +126,34 @@ def cuda_graph(step, *inputs):
     return g, out
 
 
+def masked_attention(q, k_cache, v_cache, pos):
+    """The graphed step's attention: SDPA over every cache slot, slots after pos masked."""
+    mask = (torch.arange(k_cache.shape[2], device=q.device) <= pos)[None, None, None, :]
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+
+
+def _triton_attention(splits: int):
+    from .kernels.attention import decode_attention  # here: Triton is an optional dependency
+
+    return lambda q, k_cache, v_cache, pos: decode_attention(q, k_cache, v_cache, pos, splits)
+
+
+ATTENTION = ("sdpa", "triton")
+
+
 class GraphDecoder(StaticDecoder):
     """A decode step with static shapes, for CUDA graphs and torch.compile(mode="reduce-overhead"):
     the position is a 1-element tensor, K/V are written with index_copy_, and attention reads the
-    whole cache under a mask (positions > pos masked), so every step replays the same kernels."""
+    cache up to pos, so every step replays the same kernels. attention: "sdpa" (`masked_attention`:
+    the whole cache under a mask) or "triton" (`kernels.attention`: only the filled slots, the valid
+    length read inside the kernel; its cache slots split over about 128 programs)."""
 
-    def __init__(self, model, max_len: int = 512, batch: int = 1):
+    def __init__(self, model, max_len: int = 512, batch: int = 1, attention: str = "sdpa"):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         super().__init__(model, max_len, batch)
+        self.attend = masked_attention if attention == "sdpa" else \
+            _triton_attention(max(1, min(16, 128 // (batch * self.kv_heads))))
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
         for t in self.k_cache + self.v_cache:
             torch._dynamo.mark_static_address(t)
@@ -143,12 +164,11 @@ class GraphDecoder(StaticDecoder):
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, pos[None])
         cos, sin = cos[:, None], sin[:, None]
-        mask = (torch.arange(self.max_len, device=ids.device) <= pos)[None, None, None, :]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
             self.k_cache[i].index_copy_(2, pos, k)
             self.v_cache[i].index_copy_(2, pos, v)
-            o = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask, enable_gqa=True)
+            o = self.attend(q, self.k_cache[i], self.v_cache[i], pos)
             h = self._rest(layer, h, o)
         return self.model.lm_head(inner.norm(h[:, -1]))
 

@@ -21,7 +21,7 @@ from .kernels.module import triton_groups
 
 
 @torch.inference_mode()
-def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None):
+def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, attention="sdpa"):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
     same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
     mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
@@ -37,7 +37,7 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None):
     samples = input_samples(model)
     sparse, quantile = modules_at(projs, sparsity, alpha)
     set_thresholds({k: m.tau for k, m in sparse.items()}, samples, quantile, sparsity)
-    dec = GraphDecoder(model, max_len=MAX_LEN, batch=1)
+    dec = GraphDecoder(model, max_len=MAX_LEN, batch=1, attention=attention)
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
     groups = triton_groups(model, sparse)

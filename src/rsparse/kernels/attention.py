@@ -1,0 +1,113 @@
+"""Decode attention over a static KV cache (one query position), for `decode.GraphDecoder`.
+
+o[b, h] = softmax(q[b, h] K[b, h // G, :n]^T * scale) V[b, h // G, :n], n = pos + 1, G = H / HKV
+(grouped-query heads share their KV head). SDPA in the graphed step reads the whole cache under a mask
+(every slot, every step: the shapes must stay static for CUDA graphs); this kernel reads the valid
+length from the `pos` tensor inside the kernel, so it reads only the n filled slots and the graph
+still replays the same launch every step.
+
+Layout: q (B, H, 1, D), caches (B, HKV, L, D), any strides with D contiguous; D a power of two (64,
+128). Grid (B * HKV, SPLITS): a program takes one KV head's G query heads (padded to 16 rows, the
+smallest tl.dot M) over its share of the slots, BLOCK_L slots per step, online softmax in float32.
+With SPLITS > 1 each split writes its (max, sum, accumulator) partials and the program drawing the
+last ticket of its head (a per-call zeroed counter, acquire-release) merges them in split order
+(deterministic) and writes o in q's dtype. Eager reference: `decode.masked_attention` (SDPA, mask).
+Not on by default: built in session 12 without device time; `GraphDecoder(attention="triton")` uses it.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, HKV, scale,
+                      sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh,
+                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr):
+    head, split = tl.program_id(0), tl.program_id(1)
+    b, kvh = head // HKV, head % HKV
+    g = tl.arange(0, GP)
+    d = tl.arange(0, D)
+    gm = g < G
+    q = tl.load(q_ptr + b * sqb + (kvh * G + g)[:, None] * sqh + d[None, :], mask=gm[:, None], other=0.0)
+    n = tl.load(pos_ptr).to(tl.int32) + 1
+    per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_L) * BLOCK_L  # slots per split, whole steps
+    lo = split * per
+    hi = tl.minimum(lo + per, n)
+    m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((GP,), dtype=tl.float32)
+    acc = tl.zeros((GP, D), dtype=tl.float32)
+    kb = k_ptr + b * skb + kvh * skh
+    vb = v_ptr + b * svb + kvh * svh
+    for s0 in range(lo, hi, BLOCK_L):
+        s = s0 + tl.arange(0, BLOCK_L)
+        sm = s < hi
+        k = tl.load(kb + s[:, None] * skl + d[None, :], mask=sm[:, None], other=0.0)
+        v = tl.load(vb + s[:, None] * svl + d[None, :], mask=sm[:, None], other=0.0)
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        sc = tl.where(sm[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        p = tl.exp(sc - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
+    o_rows = o_ptr + b * sob + (kvh * G + g)[:, None] * soh + d[None, :]
+    if SPLITS == 1:
+        tl.store(o_rows, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
+    else:
+        # partials of (head, split): [m (GP), l (GP), acc (GP * D)]; an empty split leaves m = -inf, l = 0
+        stride = GP * (D + 2)
+        base = part_ptr + (head * SPLITS + split) * stride
+        tl.store(base + g, m_i)
+        tl.store(base + GP + g, l_i)
+        tl.store(base + 2 * GP + g[:, None] * D + d[None, :], acc)
+        ticket = tl.atomic_add(lock_ptr + head, 1, sem="acq_rel")
+        if ticket == SPLITS - 1:
+            m_all = tl.full((GP,), float("-inf"), dtype=tl.float32)
+            for sp in range(0, SPLITS):
+                m_all = tl.maximum(m_all, tl.load(part_ptr + (head * SPLITS + sp) * stride + g, cache_modifier=".cg"))
+            l_all = tl.zeros((GP,), dtype=tl.float32)
+            o = tl.zeros((GP, D), dtype=tl.float32)
+            for sp in range(0, SPLITS):
+                pb = part_ptr + (head * SPLITS + sp) * stride
+                m_s = tl.load(pb + g, cache_modifier=".cg")
+                w = tl.where(m_s > float("-inf"), tl.exp(m_s - m_all), 0.0)
+                l_all += w * tl.load(pb + GP + g, cache_modifier=".cg")
+                o += w[:, None] * tl.load(pb + 2 * GP + g[:, None] * D + d[None, :], cache_modifier=".cg")
+            tl.store(o_rows, (o / l_all[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
+
+
+def _check(q, k_cache, v_cache, pos):
+    if q.dim() != 4 or q.shape[2] != 1 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"decode attention needs q (B, H, 1, D) and caches (B, HKV, L, D), got {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, H, _, D = q.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != D or H % k_cache.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} does not fit caches {tuple(k_cache.shape)} (batch, head dim, heads per KV head)")
+    if D & (D - 1) or q.stride(3) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError(f"head dim must be a power of two and contiguous, got {D}")
+    if pos.numel() != 1:
+        raise ValueError(f"pos must hold one position, got {pos.numel()}")
+
+
+@torch.library.triton_op("rsparse::decode_attention", mutates_args={})
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     splits: int = 1, block_l: int = 64) -> torch.Tensor:
+    """Attention of the query at position pos[0] over cache slots 0..pos[0] (`decode.masked_attention`);
+    returns (B, H, 1, D) in q's dtype."""
+    _check(q, k_cache, v_cache, pos)
+    B, H, _, D = q.shape
+    HKV = k_cache.shape[1]
+    G = H // HKV
+    GP = max(16, triton.next_power_of_2(G))
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    part = torch.empty(max(B * HKV * splits * GP * (D + 2), 1) if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device)
+    torch.library.wrap_triton(_decode_attention)[(B * HKV, splits)](
+        q, k_cache, v_cache, pos, o, part, lock, HKV, D**-0.5,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
+        G=G, GP=GP, D=D, BLOCK_L=block_l, SPLITS=splits)
+    return o
+
+
