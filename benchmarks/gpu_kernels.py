@@ -10,8 +10,8 @@ float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels
 compares grids of launch configurations with v2 and writes the best per shape;
 `--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
 `--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
-`--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9;
-`--rule` times config_for's rule for shapes outside TUNED (3B, 1B, 13B) against a candidate and a grid.
+`--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
+(`benchmarks/gpu_gather_grid.py` grid-searches the gather alone, as compiled steps run it, on 22 shapes.)
 """
 import json
 import os
@@ -397,61 +397,12 @@ def teal_sweep(bw, shapes):
     _write("gpu_kernels_teal_sweep.json", {"copy_bw_TBps": bw / 1e12, "rows": rows})
 
 
-# --rule: shapes of other Llama-family models (not in TUNED), where modules fall back to config_for's
-# rule: the rule against a candidate read off TUNED's winners and the best of a small grid
+# Shapes of other Llama-family models (3B, 1B, 13B; members and fused group widths): session 11's `--rule`
+# timed config_for's rule of that time on them (gpu_kernels_rule_s11.json, code at 32b607d); session 12's
+# benchmarks/gpu_gather_grid.py times them with a larger grid and replaced that mode
 RULE_SHAPES = [(3072, 3072), (1024, 3072), (8192, 3072), (3072, 8192), (5120, 3072), (16384, 3072),  # Llama-3.2-3B (+ groups)
                (2048, 2048), (16384, 2048), (2048, 8192),  # Llama-3.2-1B (o, gate|up group, down)
                (13824, 5120), (5120, 13824), (15360, 5120)]  # Llama-2-13B (gate, down, q|k|v group)
-RULE_GRID = [dict(chunk=c, block_k=k, block_n=n, warps=4, stages=st, fused=True)
-             for c in (512, 1024) for k in (32, 64) for n in (128, 256) for st in (3, 4)]
-
-
-def candidate_rule(out_f: int, in_f: int) -> dict:
-    """TUNED's winners on the 7-8B shapes: 64-row K steps, 128-wide tiles, 1024-channel chunks on the
-    large shapes (>= 2^25 weights), 512 below."""
-    return dict(chunk=1024 if out_f * in_f >= 2**25 else 512, block_k=64, block_n=128, warps=4, stages=3, fused=True)
-
-
-def rule(bw):
-    """config_for's rule vs `candidate_rule` vs the best of RULE_GRID on RULE_SHAPES, 50%, batch 1, r = 0:
-    each timed as the eager call (gather + epilogue) and as the gather alone (what compiled steps run,
-    the partials summed by inductor). Every configuration checked against the oracle first."""
-    rows = []
-    for out_f, in_f in RULE_SHAPES:
-        assert (out_f, in_f) not in tg.TUNED
-        Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
-        ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
-        dense_us = bench(lambda: [torch.nn.functional.linear(x, W) for W in Ws])
-        old, new = tg.config_for(out_f, 0, in_f), candidate_rule(out_f, in_f)
-        cands = [old, new] + [c for c in RULE_GRID if c not in (old, new)]
-        call, gather = {}, {}
-        for i, cfg in enumerate(cands):
-            try:
-                y = tg._launch(x, Wts[0], at, u, ones, tau, None, cfg)
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                if not err < 1e-2:
-                    print("wrong", cfg, err, flush=True)
-                    continue
-                call[i] = bench(lambda: [tg._launch(x, Wt, at, u, ones, tau, None, cfg) for Wt in Wts], rep=100)
-                parts = torch.empty(triton.cdiv(in_f, cfg["chunk"]), 1, out_f, device="cuda")
-                gather[i] = bench(lambda: [tg._gather(x, Wt, ones, tau, parts, cfg, out_f, out_f) for Wt in Wts], rep=100)
-            except Exception as e:
-                print("skip", cfg, type(e).__name__, str(e)[:120], flush=True)
-        bc, bg = min(call, key=call.get), min(gather, key=gather.get)
-        must = 2 * 0.5 * in_f * out_f
-        row = {"out": out_f, "in": in_f, "dense_us": dense_us, "rule_cfg": old, "candidate_cfg": new,
-               "rule_call_us": call.get(0), "candidate_call_us": call.get(1), "best_call_us": call[bc], "best_call_cfg": cands[bc],
-               "rule_gather_us": gather.get(0), "candidate_gather_us": gather.get(1), "best_gather_us": gather[bg],
-               "best_gather_cfg": cands[bg], "best_call_bw_frac": must / (call[bc] * 1e-6) / bw}
-        rows.append(row)
-        _print_row(row)
-    print(f"\n{'out x in':14s} {'dense':>7s} | call: {'rule':>7s} {'cand':>7s} {'best':>7s} | gather: {'rule':>7s} {'cand':>7s} {'best':>7s}")
-    for r in rows:
-        print(f"{r['out']:>5d} x {r['in']:<6d} {r['dense_us']:7.2f} |       {r['rule_call_us']:7.2f} {r['candidate_call_us']:7.2f} "
-              f"{r['best_call_us']:7.2f} |         {r['rule_gather_us']:7.2f} {r['candidate_gather_us']:7.2f} {r['best_gather_us']:7.2f}")
-    med = {k: statistics.median(r[f"{k}_us"] / r["best_gather_us"] for r in rows) for k in ("rule_gather", "candidate_gather")}
-    _write("gpu_kernels_rule.json", {"copy_bw_TBps": bw / 1e12, "rows": rows, "median_over_best_gather": med})
-    print(json.dumps({"median_over_best_gather": med}))
 
 
 def main():
@@ -464,8 +415,6 @@ def main():
         if name not in GRIDS:
             sys.exit(f"--variants: one of {', '.join(GRIDS)}, got {name!r}")
         return variants(bw, name)
-    if "--rule" in sys.argv:
-        return rule(bw)
     if "--groups" in sys.argv:
         return groups(bw)
     if "--splitk" in sys.argv:

@@ -109,5 +109,3 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
         G=G, GP=GP, D=D, BLOCK_L=block_l, SPLITS=splits)
     return o
-
-

@@ -139,7 +139,7 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
 # steps everywhere (the best on all 22; 10% faster than the 64-row configurations before it in the
 # median, 1.6x on 1024x4096: half the loop steps, each a dependent index -> row load chain);
 # 64-wide output tiles below 2^25 weights, 128 from there; 512-channel chunks up to 2^22 weights,
-# 2048 from 56 * 2^20 (14336x4096; 1024 measured best on the 48 * 2^20 shapes below it). This rule
+# 2048 from 56 * 2^20 (14336x4096; at 48 * 2^20, below it, 1024 was best or within 0.5%). This rule
 # picks the grid's best on 21 of the 22 shapes, within 0.5% (16384x3072); the 22nd is in TUNED.
 # In-sample: read off that run.
 CONFIG = {"chunk": 1024, "block_k": 128, "block_n": 64, "warps": 4, "stages": 3, "fused": True}
@@ -154,11 +154,11 @@ def _rule(out_f: int, in_f: int | None) -> dict:
     return dict(CONFIG, block_n=128, chunk=2048 if n >= 56 * 2**20 else 1024)
 
 
-# (out, in) -> a configuration measured faster than the rule for that shape (H200, bf16, batch 1, 50%):
-# the one-launch split kernel (`splits`, v7, gpu_kernels_v7.json) for eager calls of the two 4096-wide
-# Llama-3-8B shapes (compiled steps and calls with rank terms run the gather alone: the rule, through
-# config_for(reduce=False)), and Llama-3-8B's gate|up group (gpu_gather_grid_s12.json: 35.6 us vs the
-# rule's 36.4)
+# (out, in) -> a configuration measured faster for that shape (H200, bf16, batch 1, 50%): the one-launch
+# split kernel (`splits`, v7, gpu_kernels_v7.json) for eager r = 0 calls of the two 4096-wide Llama-3-8B
+# shapes, faster than the gather + epilogue of session 5 (not yet timed against the rule's 128-row gather;
+# compiled steps and calls with rank terms run the gather alone, with the rule's configuration, through
+# config_for(reduce=False)); Llama-3-8B's gate|up group (gpu_gather_grid_s12.json: 35.6 us vs the rule's 36.4)
 TUNED: dict = {
     (4096, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=4, splits=4),  # v7 12.7 us vs v5 13.8
     (6144, 4096): dict(chunk=1024, block_k=128, block_n=64, warps=4, stages=3, splits=4),  # v7 14.2 us vs v5 16.0
