@@ -7,8 +7,16 @@ Session 12's layout run found 128-row K steps 8.7% faster in the median than the
 either weight layout); the earlier grids never went past 64 rows for this kernel. 50%, batch 1,
 bf16, r = 0, each configuration checked against the float32 oracle first. Prints a table, ends with
 one JSON line; writes $OUT/gpu_gather_grid.json whose "best" is a `rsparse bench --tuned` file.
-`PYTHONPATH=src python3 benchmarks/gpu_gather_grid.py`
+`PYTHONPATH=src python3 benchmarks/gpu_gather_grid.py [--stages]`
+
+--stages: the same against deeper software pipelines (written $OUT/gpu_gather_grid_stages.json).
+Behind the gather's dependent index -> row loads, Triton keeps one weight tile in shared memory at
+num_stages 3-4 (each K step waits for its own tile: no copy overlaps the next step's), two at 5-6,
+three at 7-8 (`benchmarks/sass_report.py`'s tile_buffers; Triton 3.6, the H200 machine's, and 3.9
+alike). Every grid before session 12 ran stages <= 4 except session 2's 64-row one; the big shapes
+now run ~1.7 programs per SM, so the bytes in flight per program may be what bounds them.
 """
+import sys
 import json
 import statistics
 
@@ -24,9 +32,14 @@ SHAPES = [(14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008), (4096, 409
           (28672, 4096), (6144, 4096), (22016, 4096), (12288, 4096)] + RULE_SHAPES
 GRID = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8, stages=3 if k * n <= 128 * 128 else 2, fused=True)
         for k in (64, 128, 256) for n in (64, 128, 256) for c in (512, 1024, 2048) if c >= k]
+# two and three weight tiles in flight per program ((stages - 3) // 2 + 1 bf16 tiles, at most 160 KB)
+STAGES = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8, stages=s, fused=True)
+          for k in (64, 128, 256) for n in (64, 128) for c in (512, 1024, 2048) for s in (5, 7)
+          if c >= k and ((s - 3) // 2 + 1) * k * n * 2 <= 160 * 1024]
 
 
 def main():
+    grid, name = (STAGES, "gpu_gather_grid_stages.json") if "--stages" in sys.argv else (GRID, "gpu_gather_grid.json")
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -36,7 +49,7 @@ def main():
         ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
         dense_us = bench(lambda: [torch.nn.functional.linear(x, W) for W in Ws])
         base = dict(tg.config_for(out_f, 0, in_f, reduce=False))
-        cands = [base] + [c for c in GRID if any(c[k] != base[k] for k in ("chunk", "block_k", "block_n", "warps", "stages"))]
+        cands = [base] + [c for c in grid if any(c[k] != base[k] for k in ("chunk", "block_k", "block_n", "warps", "stages"))]
         times = {}
         for i, cfg in enumerate(cands):
             parts = torch.empty(triton.cdiv(in_f, cfg["chunk"]), 1, out_f, device="cuda")
@@ -65,7 +78,7 @@ def main():
               f"{c['chunk']} {c['block_k']} {c['block_n']} {c['warps']} {c['stages']}")
     summary = {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows,
                "median_configured_over_best": statistics.median(r["configured_us"] / r["best_us"] for r in rows)}
-    _write("gpu_gather_grid.json", summary)
+    _write(name, summary)
     print(json.dumps({"median_configured_over_best": summary["median_configured_over_best"], "best": best}))
 
 
