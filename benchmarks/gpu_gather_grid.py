@@ -7,7 +7,7 @@ Session 12's layout run found 128-row K steps 8.7% faster in the median than the
 either weight layout); the earlier grids never went past 64 rows for this kernel. 50%, batch 1,
 bf16, r = 0, each configuration checked against the float32 oracle first. Prints a table, ends with
 one JSON line; writes $OUT/gpu_gather_grid.json whose "best" is a `rsparse bench --tuned` file.
-`PYTHONPATH=src python3 benchmarks/gpu_gather_grid.py [--stages]`
+`PYTHONPATH=src python3 benchmarks/gpu_gather_grid.py [--stages | --regidx]`
 
 --stages: the same against deeper software pipelines (written $OUT/gpu_gather_grid_stages.json).
 Behind the gather's dependent index -> row loads, Triton keeps one weight tile in shared memory at
@@ -15,6 +15,8 @@ num_stages 3-4 (each K step waits for its own tile: no copy overlaps the next st
 three at 7-8 (`benchmarks/sass_report.py`'s tile_buffers; Triton 3.6, the H200 machine's, and 3.9
 alike). Every grid before session 12 ran stages <= 4 except session 2's 64-row one; the big shapes
 now run ~1.7 programs per SM, so the bytes in flight per program may be what bounds them.
+--regidx: the kept indices held in registers (`tl_common._gather_rows_reg`): no load in the loop feeds
+an address, so num_stages s keeps s - 1 tiles in flight (written $OUT/gpu_gather_grid_regidx.json).
 """
 import sys
 import json
@@ -36,10 +38,14 @@ GRID = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8
 STAGES = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8, stages=s, fused=True)
           for k in (64, 128, 256) for n in (64, 128) for c in (512, 1024, 2048) for s in (5, 7)
           if c >= k and ((s - 3) // 2 + 1) * k * n * 2 <= 160 * 1024]
+REGIDX = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8, stages=s, fused=True, regidx=True)
+          for k in (64, 128, 256) for n in (64, 128) for c in (512, 1024, 2048) for s in (3, 4)
+          if c >= k and (s - 1) * k * n * 2 <= 160 * 1024]
+GRIDS = {"--stages": (STAGES, "gpu_gather_grid_stages.json"), "--regidx": (REGIDX, "gpu_gather_grid_regidx.json")}
 
 
 def main():
-    grid, name = (STAGES, "gpu_gather_grid_stages.json") if "--stages" in sys.argv else (GRID, "gpu_gather_grid.json")
+    grid, name = next((GRIDS[a] for a in sys.argv[1:] if a in GRIDS), (GRID, "gpu_gather_grid.json"))
     torch.manual_seed(0)
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -49,7 +55,8 @@ def main():
         ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
         dense_us = bench(lambda: [torch.nn.functional.linear(x, W) for W in Ws])
         base = dict(tg.config_for(out_f, 0, in_f, reduce=False))
-        cands = [base] + [c for c in grid if any(c[k] != base[k] for k in ("chunk", "block_k", "block_n", "warps", "stages"))]
+        keys = ("chunk", "block_k", "block_n", "warps", "stages", "regidx")
+        cands = [base] + [c for c in grid if any(c.get(k) != base.get(k) for k in keys)]
         times = {}
         for i, cfg in enumerate(cands):
             parts = torch.empty(triton.cdiv(in_f, cfg["chunk"]), 1, out_f, device="cuda")
@@ -75,7 +82,7 @@ def main():
         c = r["best_cfg"]
         print(f"{r['out']:>5d} x {r['in']:<6d} {r['dense_us']:7.2f} {r['configured_us']:7.2f} {r['best_us']:7.2f} "
               f"{r['configured_us'] / r['best_us']:6.3f} {r['configured_bw']:7.1%} {r['best_bw']:8.1%}  "
-              f"{c['chunk']} {c['block_k']} {c['block_n']} {c['warps']} {c['stages']}")
+              f"{c['chunk']} {c['block_k']} {c['block_n']} {c['warps']} {c['stages']}{' regidx' if c.get('regidx') else ''}")
     summary = {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows,
                "median_configured_over_best": statistics.median(r["configured_us"] / r["best_us"] for r in rows)}
     _write(name, summary)

@@ -43,6 +43,31 @@ def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, 
 
 
 @triton.jit
+def _gather_rows_reg(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, LDW,
+                     CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_gather_rows` with the chunk's kept indices loaded into registers once, (CHUNK / BLOCK_K,
+    BLOCK_K), and each K step's row picked out by a masked sum: no global load in the loop feeds an
+    address, so Triton's pipeliner treats the weight loads as direct and keeps num_stages - 1 tiles in
+    flight (behind the per-step index load it keeps (num_stages - 3) // 2 + 1: one at 3-4 stages;
+    TTGIR for sm_90, Triton 3.6, session 12). Not timed yet: the "regidx" configuration key."""
+    NSTEP: tl.constexpr = CHUNK // BLOCK_K
+    st = tl.arange(0, NSTEP)
+    kk2 = st[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    idx_all = tl.load(idx_base + kk2, mask=kk2 < cnt, other=0)
+    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+    for t in range(0, tl.cdiv(cnt, BLOCK_K)):
+        j = tl.sum(tl.where(st[:, None] == t, idx_all, 0), axis=0)
+        kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = kk < cnt
+        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
+        cj = tl.load(c_ptr + j, mask=km, other=0.0)
+        xv = tl.where(_keep(xv, cj, tau, True), xv, 0.0)
+        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
+        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _compact_chunk(x_ptr, c_ptr, tau, base, offs, rows, B, IN):
     """Indices of the channels `offs` kept by any row, written to this program's private scratch row
     `base` (x chunk re-read from L2, CTA barrier before use); returns their count."""
@@ -83,7 +108,7 @@ def _silu_mul(g, u, dt: tl.constexpr):
 
 @triton.jit
 def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
-              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, REGIDX: tl.constexpr):
     """Output tile pid_n over input chunk `chunk` (float32), with the tile's member's threshold and
     scales: compact the chunk's kept channels into a private scratch row and gather their Wt rows."""
     rows = tl.arange(0, BB)
@@ -94,6 +119,8 @@ def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, O
     cp = c_ptr + p * IN
     base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
     cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
+    if REGIDX:
+        return _gather_rows_reg(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, CHUNK, BB, BLOCK_K, BLOCK_N)
     return _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
 
 
