@@ -1,14 +1,15 @@
 """Triton device functions shared by the decode kernels (`triton_gemv`, `splitk`).
 
 A program compacts the indices of one chunk's kept channels (|x_j| c_j > tau for any row) into a
-private scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`, tl.dot with
-the rows padded to BB); `_tile_acc` does both for one output tile and chunk, `_store_partial` stores
+private scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`, or
+`_gather_rows_reg` with the index list in registers; each K step `_rows_product`, tl.dot with the rows
+padded to BB); `_tile_acc` does both for one output tile and chunk, `_store_partial` stores
 its float32 partial, `_sum_partials` sums such partials over the chunks. `_silu_mul` rounds
 SiLU(gate) * up like the unfused module path.
 (A gather without compaction, each K step's rows loaded under their keep mask, was measured 1.6x
-slower on the H200 in session 11 and removed: docs/perf-gpu.md. Keep-mask loads stay inline: a
-device function returning the loaded x in a tuple made torch's kernel analysis report x_ptr and
-c_ptr as written, so inductor would copy them on every call; session 10's review. A tile-major Wt,
+slower on the H200 in session 11 and removed: docs/perf-gpu.md. Device functions return products,
+never loaded tensors in a tuple: one that did made torch's kernel analysis report x_ptr and c_ptr as
+written, so inductor would copy them on every call; session 10's review. A tile-major Wt,
 each output tile's rows one contiguous slab so a program's kept rows are nearby reads, timed the same
 as row-major at the same configuration on 8 shapes in session 12: not kept; code at b7eb6ce.)
 """
@@ -25,6 +26,18 @@ def _keep(x, c, tau, valid):
 
 
 @triton.jit
+def _rows_product(x_ptr, c_ptr, tau, wt_ptr, j, km, rows, n, B, IN, OUT, LDW):
+    """One K step: x[:, j] (each row's own kept entries only) times Wt[j, n] for the listed channels j
+    (mask km), as a float32 (rows, n) tile. Returns the product alone: a device function that returned
+    the loaded x in a tuple made torch's kernel analysis report x_ptr and c_ptr as written."""
+    xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
+    cj = tl.load(c_ptr + j, mask=km, other=0.0)
+    xv = tl.where(_keep(xv, cj, tau, True), xv, 0.0)
+    w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
+    return tl.dot(xv.to(w.dtype), w, input_precision="ieee")
+
+
+@triton.jit
 def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, LDW,
                  BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """sum over the `cnt` kept channels listed at idx_base of x[:, j] * Wt[j, n] (float32 tile);
@@ -34,11 +47,7 @@ def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, 
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < cnt
         j = tl.load(idx_base + kk, mask=km, other=0)
-        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
-        cj = tl.load(c_ptr + j, mask=km, other=0.0)
-        xv = tl.where(_keep(xv, cj, tau, True), xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
-        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
+        acc += _rows_product(x_ptr, c_ptr, tau, wt_ptr, j, km, rows, n, B, IN, OUT, LDW)
     return acc
 
 
@@ -59,11 +68,7 @@ def _gather_rows_reg(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, O
         j = tl.sum(tl.where(st[:, None] == t, idx_all, 0), axis=0)
         kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
         km = kk < cnt
-        xv = tl.load(x_ptr + rows[:, None] * IN + j[None, :], mask=(rows[:, None] < B) & km[None, :], other=0.0)
-        cj = tl.load(c_ptr + j, mask=km, other=0.0)
-        xv = tl.where(_keep(xv, cj, tau, True), xv, 0.0)
-        w = tl.load(wt_ptr + j[:, None].to(tl.int64) * LDW + n[None, :], mask=km[:, None] & (n[None, :] < OUT), other=0.0)
-        acc += tl.dot(xv.to(w.dtype), w, input_precision="ieee")
+        acc += _rows_product(x_ptr, c_ptr, tau, wt_ptr, j, km, rows, n, B, IN, OUT, LDW)
     return acc
 
 
