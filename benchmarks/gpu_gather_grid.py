@@ -25,7 +25,7 @@ import statistics
 import torch
 import triton
 
-from gpu_kernels import RULE_SHAPES, _case50, _print_row, _write, bench
+from gpu_kernels import RULE_SHAPES, _case50, _print_row, _write, bench, time_grid
 from rsparse.gpubench import copy_bandwidth
 from rsparse.kernels import triton_gemv as tg
 from rsparse.linear import rsparse_linear_ref
@@ -42,6 +42,7 @@ REGIDX = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else
           for k in (64, 128, 256) for n in (64, 128) for c in (512, 1024, 2048) for s in (3, 4)
           if c >= k and (s - 1) * k * n * 2 <= 160 * 1024]
 GRIDS = {"--stages": (STAGES, "gpu_gather_grid_stages.json"), "--regidx": (REGIDX, "gpu_gather_grid_regidx.json")}
+KEYS = ("chunk", "block_k", "block_n", "warps", "stages", "regidx")  # what makes two configurations differ
 
 
 def main():
@@ -55,19 +56,10 @@ def main():
         ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
         dense_us = bench(lambda: [torch.nn.functional.linear(x, W) for W in Ws])
         base = dict(tg.config_for(out_f, 0, in_f, reduce=False))
-        keys = ("chunk", "block_k", "block_n", "warps", "stages", "regidx")
-        cands = [base] + [c for c in grid if any(c.get(k) != base.get(k) for k in keys)]
-        times = {}
-        for i, cfg in enumerate(cands):
-            parts = torch.empty(triton.cdiv(in_f, cfg["chunk"]), 1, out_f, device="cuda")
-            try:
-                y = tg._gather(x, Wts[0], ones, tau, parts, cfg, out_f, out_f).sum(0)
-                if not ((y - ref).norm() / ref.norm()).item() < 1e-2:
-                    print("wrong", cfg, flush=True)
-                    continue
-                times[i] = bench(lambda: [tg._gather(x, Wt, ones, tau, parts, cfg, out_f, out_f) for Wt in Wts], rep=60)
-            except Exception as e:  # a configuration that does not fit (shared memory, registers) is skipped
-                print("skip", cfg, type(e).__name__, str(e)[:100], flush=True)
+        cands = [base] + [c for c in grid if any(c.get(k) != base.get(k) for k in KEYS)]
+        parts = {ch: torch.empty(triton.cdiv(in_f, ch), 1, out_f, device="cuda") for ch in {c["chunk"] for c in cands}}
+        times = time_grid(cands, lambda cfg, Wt: tg._gather(x, Wt, ones, tau, parts[cfg["chunk"]], cfg, out_f, out_f), ref, Wts,
+                          rep=60, result=lambda p: p.sum(0))
         order = sorted(times, key=times.get)
         bi = order[0]
         best[f"{out_f}x{in_f}"] = cands[bi]

@@ -86,6 +86,23 @@ def bench(fn, rep=300):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / COPIES * 1e3  # us per call
 
 
+def time_grid(cands, call, ref, weights, rep=100, tag="", result=lambda y: y):
+    """{index: us per call} of the launch configurations `cands`: call(cfg, w) on the first weight
+    copy checked against ref first (relative error < 1e-2 of result(output)), then timed over all the
+    copies; a configuration that gives a wrong result or does not compile (resources) is skipped."""
+    times = {}
+    for i, cfg in enumerate(cands):
+        try:
+            err = ((result(call(cfg, weights[0])).float() - ref).norm() / ref.norm()).item()
+            if not err < 1e-2:
+                print("wrong", tag, cfg, err, flush=True)
+                continue
+            times[i] = bench(lambda: [call(cfg, w) for w in weights], rep=rep)
+        except Exception as e:
+            print("skip", tag, cfg, type(e).__name__, str(e)[:120], flush=True)
+    return times
+
+
 # --variants dot|waves. Grids of kernels since removed: session 2's "fma" (the v4 CUDA-core kernel,
 # gpu_kernels_v4.json); session 10's "masked" (the gather without compaction, 16 configurations per
 # shape against the tuned compacting gather; lost on every shape: gpu_kernels_masked_s11.json)
@@ -121,18 +138,8 @@ def variants(bw, name):
         teal_us = bench(lambda: [teal_gemv(x8[0], Wt, tau, **TEAL_BEST.get((out_f, in_f), {})) for Wt in Wts])
         v2 = tg.config_for(out_f, 0, in_f)
         cands = [v2] + [c for c in grid if c != v2]
-        times = {}
-        for i, cfg in enumerate(cands):
-            try:
-                y = tg._launch(x8[:1], Wts[0], at, u, ones, tau, None, cfg)
-                ref = rsparse_linear_ref(x8[:1].float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                if not (err < 1e-2):
-                    print("wrong", cfg, err, flush=True)
-                    continue
-                times[i] = bench(lambda: [tg._launch(x8[:1], Wt, at, u, ones, tau, None, cfg) for Wt in Wts], rep=100)
-            except Exception as e:
-                print("skip", cfg, type(e).__name__, str(e)[:120], flush=True)
+        ref = rsparse_linear_ref(x8[:1].float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+        times = time_grid(cands, lambda cfg, Wt: tg._launch(x8[:1], Wt, at, u, ones, tau, None, cfg), ref, Wts)
         order = sorted(times, key=times.get)
         bi = order[0]
         best[f"{out_f}x{in_f}"] = cands[bi]
@@ -273,27 +280,12 @@ def splitk(bw):
         if segments:
             v5["block_n"] = tg.group_block_n(seg[0], seg[1], total, in_f)
         cands = [v5] + [c for c in splitk_grid(width, in_f) if not segments or not any(b % c["block_n"] for b in seg[:len(outs) - 1])]
-        times = {}
-        for i, cfg in enumerate(cands):
-            try:
-                y = run(x1, taus, cfg, Wts[0])
-                err = ((y.float() - ref).norm() / ref.norm()).item()
-                if not err < 1e-2:
-                    print("wrong", name, cfg, err, flush=True)
-                    continue
-                times[i] = bench(lambda: [run(x1, taus, cfg, w) for w in Wts], rep=100)
-            except Exception as e:
-                print("skip", name, cfg, type(e).__name__, str(e)[:120], flush=True)
-        order = sorted((i for i in times if i), key=times.get)
-        for i in order[:3]:  # the three best v7 configurations again with 4 pipeline stages
-            cfg = dict(cands[i], stages=4)
-            try:
-                err = ((run(x1, taus, cfg, Wts[0]).float() - ref).norm() / ref.norm()).item()
-                if err < 1e-2:
-                    cands.append(cfg)
-                    times[len(cands) - 1] = bench(lambda: [run(x1, taus, cfg, w) for w in Wts], rep=100)
-            except Exception as e:
-                print("skip", name, cfg, type(e).__name__, str(e)[:120], flush=True)
+        call = lambda cfg, w: run(x1, taus, cfg, w)  # noqa: E731
+        times = time_grid(cands, call, ref, Wts, tag=name)
+        deeper = [dict(cands[i], stages=4) for i in sorted((i for i in times if i), key=times.get)[:3]]  # the three best v7, 4 stages
+        for j, us in time_grid(deeper, call, ref, Wts, tag=name).items():
+            times[len(cands) + j] = us
+        cands += deeper
         bi = min((i for i in times if i), key=times.get)  # the best v7 configuration (rows compare it with v5)
         best[f"{total}x{in_f}"] = cands[bi] if times[bi] < times.get(0, float("inf")) else v5
         for B in (1, 2, 4, 8):

@@ -126,10 +126,18 @@ def cuda_graph(step, *inputs):
     return g, out
 
 
+def _slot_mask(slots: int, pos):
+    """[1, 1, 1, slots]: the cache slots up to pos, once per step for every layer's SDPA."""
+    return (torch.arange(slots, device=pos.device) <= pos)[None, None, None, :]
+
+
+def _sdpa(q, k_cache, v_cache, mask):
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+
+
 def masked_attention(q, k_cache, v_cache, pos):
     """The graphed step's attention: SDPA over every cache slot, slots after pos masked."""
-    mask = (torch.arange(k_cache.shape[2], device=q.device) <= pos)[None, None, None, :]
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+    return _sdpa(q, k_cache, v_cache, _slot_mask(k_cache.shape[2], pos))
 
 
 def _triton_attention(splits: int):
@@ -152,8 +160,12 @@ class GraphDecoder(StaticDecoder):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         super().__init__(model, max_len, batch)
-        self.attend = masked_attention if attention == "sdpa" else \
-            _triton_attention(max(1, min(16, 128 // (batch * self.kv_heads))))
+        # attend(q, k_cache, v_cache, ctx) with ctx = step_context(pos), computed once per step
+        if attention == "sdpa":
+            self.step_context, self.attend = (lambda pos: _slot_mask(max_len, pos)), _sdpa
+        else:
+            self.step_context = lambda pos: pos
+            self.attend = _triton_attention(max(1, min(16, 128 // (batch * self.kv_heads))))
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
         for t in self.k_cache + self.v_cache:
             torch._dynamo.mark_static_address(t)
@@ -164,11 +176,12 @@ class GraphDecoder(StaticDecoder):
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, pos[None])
         cos, sin = cos[:, None], sin[:, None]
+        ctx = self.step_context(pos)
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, h, cos, sin)
             self.k_cache[i].index_copy_(2, pos, k)
             self.v_cache[i].index_copy_(2, pos, v)
-            o = self.attend(q, self.k_cache[i], self.v_cache[i], pos)
+            o = self.attend(q, self.k_cache[i], self.v_cache[i], ctx)
             h = self._rest(layer, h, o)
         return self.model.lm_head(inner.norm(h[:, -1]))
 

@@ -101,8 +101,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     G = H // HKV
     GP = max(16, triton.next_power_of_2(G))
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    part = torch.empty(max(B * HKV * splits * GP * (D + 2), 1) if splits > 1 else 1, dtype=torch.float32, device=q.device)
-    lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device)
+    part = torch.empty(B * HKV * splits * GP * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    # tickets only where splits are merged (no zero-fill launch per call otherwise; the pointer is then unused)
+    lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device) if splits > 1 else part
     torch.library.wrap_triton(_decode_attention)[(B * HKV, splits)](
         q, k_cache, v_cache, pos, o, part, lock, HKV, D**-0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
