@@ -4,7 +4,11 @@ the way torch.compile analyses a user-defined Triton kernel, for an sm_90 target
 1. Compiled with every scalar argument a constant, as torch 2.11's mutation analysis traces kernels: a
    kernel that only compiles with runtime scalars (e.g. `(0 >= HALF).to(...)`, a Python bool there)
    makes inductor assume every input mutated and copy all of them on every call.
-2. torch's own analysis (`identify_mutated_tensors` / `identify_accessed_tensors`) on the same kernel.
+2. Compiled with the scalars as runtime arguments typed as inductor's generated launcher types them:
+   an int i32, a float fp64 (session 13: the attention kernel's float `scale` made its softmax state
+   fp64 inside the loop, which compiled under Triton's JIT and interpreter (fp32) and failed under
+   torch.compile on the H200).
+3. torch's own analysis (`identify_mutated_tensors` / `identify_accessed_tensors`) on the same kernel.
 
 Prints one JSON line: {kernel label: sorted pointer arguments torch finds written}.
 """
@@ -25,7 +29,7 @@ POINTER = {"ypart_ptr": torch.float32, "zpart_ptr": torch.float32, "tau_ptr": to
            "pos_ptr": torch.int64, "part_ptr": torch.float32}
 SCALARS = dict(B=1, IN=512, OUT=256, LDW=256, LDA=32, R=32, RT=32, SEG1=128, SEG2=256, ROFF1=16, ROFF2=32, HALF=128,
                K_PER=256, NCHUNK=2, NZCHUNK=2, NTILE=4, NZ=2,
-               HKV=2, scale=0.125, sqb=256, sqh=64, skb=4096, skh=2048, skl=64, svb=4096, svh=2048, svl=64, sob=256, soh=64)
+               HKV=2, sqb=256, sqh=64, skb=4096, skh=2048, skl=64, svb=4096, svh=2048, svl=64, sob=256, soh=64)
 EPI = dict(BB=16, BLOCK_N=64, RB=32, HAS_BIAS=True, NCP=2, NZP=2)
 KERNELS = {  # label: (kernel, constexprs)
     "select": (tg._select, dict(CHUNK=256, BB=16, RB=32, HAS_R=True)),
@@ -38,7 +42,7 @@ KERNELS = {  # label: (kernel, constexprs)
     "epilogue": (tg._epilogue, dict(EPI, HAS_R=True)),
     "glu_epilogue": (tg._glu_epilogue, dict(EPI, HAS_R=True)),
     "teal": (teal._teal_kernel, dict(BLOCK_K=32, BLOCK_N=64)),
-    "attention": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2)),
+    "attention": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2, SCALE=0.125)),
 }
 
 
@@ -69,6 +73,9 @@ def main():
         sig = {k: "constexpr" if k in scalars else "*" + {torch.float32: "fp32", torch.int32: "i32"}.get(v.dtype, "bf16")
                for k, v in kw.items()}
         triton.compile(ASTSource(fn=fn, signature=sig, constexprs=scalars), target=TARGET, options=dict(num_warps=4))
+        runtime = {k: ("fp64" if isinstance(kw[k], float) else "i32") if k in scalars and k not in consts else t
+                   for k, t in sig.items()}
+        triton.compile(ASTSource(fn=fn, signature=runtime, constexprs=consts), target=TARGET, options=dict(num_warps=4))
         res = analyse(fn, kw, {})
         names = res if isinstance(res, list) else [d.name for d in res.read_writes.writes]
         written[label] = sorted(names)

@@ -20,9 +20,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, HKV, scale,
+def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, HKV,
                       sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh,
-                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr):
+                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
+                      SCALE: tl.constexpr):
     head, split = tl.program_id(0), tl.program_id(1)
     b, kvh = head // HKV, head % HKV
     g = tl.arange(0, GP)
@@ -43,7 +44,7 @@ def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, H
         sm = s < hi
         k = tl.load(kb + s[:, None] * skl + d[None, :], mask=sm[:, None], other=0.0)
         v = tl.load(vb + s[:, None] * svl + d[None, :], mask=sm[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
         sc = tl.where(sm[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         p = tl.exp(sc - m_new[:, None])
@@ -105,8 +106,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # tickets only where splits are merged (no zero-fill launch per call otherwise; the pointer is then unused)
     lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device) if splits > 1 else part
     torch.library.wrap_triton(_decode_attention)[(B * HKV, splits)](
-        q, k_cache, v_cache, pos, o, part, lock, HKV, D**-0.5,
+        q, k_cache, v_cache, pos, o, part, lock, HKV,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
-        G=G, GP=GP, D=D, BLOCK_L=block_l, SPLITS=splits)
+        G=G, GP=GP, D=D, BLOCK_L=block_l, SPLITS=splits, SCALE=D**-0.5)
     return o
