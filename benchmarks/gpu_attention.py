@@ -1,0 +1,74 @@
+"""Decode attention alone: the graphed step's SDPA (every cache slot under the slot mask, the mask built
+as the step builds it) against `rsparse::decode_attention` (only the filled slots) over its launch grid,
+Llama-3-8B heads (32 query, 8 KV, head dim 128), a 512-slot cache, batch 1 and 4, at 64, 257 and 512
+filled slots. Each layer's cache is its own copy (32, as the step reads 32 layers' caches once each, so
+L2 holds no more of it than in the step). Every candidate is checked against float32 SDPA first.
+
+Session 13's end-to-end profile had the kernel at 8.1 µs per layer (default 16 splits of 64-slot steps)
+against SDPA's ~9.2, for ~1 MB that needs ~0.25 µs at copy bandwidth: a latency chain (pos -> bounds ->
+K, V -> partials -> ticket -> merge), not bytes. Prints a table, ends with one JSON line; writes
+$OUT/gpu_attention.json.   `PYTHONPATH=src python3 benchmarks/gpu_attention.py`
+"""
+import json
+import os
+import statistics
+
+import torch
+import triton
+
+from rsparse.decode import masked_attention
+from rsparse.kernels.attention import decode_attention
+
+H, HKV, D, SLOTS, LAYERS = 32, 8, 128, 512, 32
+GRID = [(s, bl) for s in (1, 2, 4, 8, 16, 32) for bl in (16, 32, 64)]
+
+
+def default_splits(batch):
+    return max(1, min(16, 128 // (batch * HKV)))  # GraphDecoder's choice
+
+
+def time_us(fn):
+    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median") / LAYERS * 1e3
+
+
+def main():
+    torch.manual_seed(0)
+    print(f"device {torch.cuda.get_device_name()}", flush=True)
+    rows = []
+    for batch in (1, 4):
+        q = torch.randn(batch, 1, H, D, device="cuda").transpose(1, 2).to(torch.bfloat16)
+        caches = [(torch.randn(batch, HKV, SLOTS, D, device="cuda").to(torch.bfloat16),
+                   torch.randn(batch, HKV, SLOTS, D, device="cuda").to(torch.bfloat16)) for _ in range(LAYERS)]
+        for n in (64, 257, 512):
+            pos = torch.tensor([n - 1], device="cuda")
+            ref = masked_attention(q.float(), caches[0][0].float(), caches[0][1].float(), pos)
+            row = dict(batch=batch, filled=n, sdpa_us=time_us(lambda: [masked_attention(q, k, v, pos) for k, v in caches]))
+            times = {}
+            for splits, bl in GRID:
+                try:
+                    o = decode_attention(q, *caches[0], pos, splits, bl)
+                    err = ((o.float() - ref).norm() / ref.norm()).item()
+                    if not err < 1e-2:
+                        print("wrong", batch, n, splits, bl, err, flush=True)
+                        continue
+                    times[(splits, bl)] = time_us(lambda: [decode_attention(q, k, v, pos, splits, bl) for k, v in caches])
+                except Exception as e:  # resources: skipped, said
+                    print("skip", batch, n, splits, bl, type(e).__name__, str(e)[:120], flush=True)
+            best = min(times, key=times.get)
+            row.update(default_us=times.get((default_splits(batch), 64)), best_us=times[best], best_splits=best[0],
+                       best_block_l=best[1], grid={f"{s}x{b}": t for (s, b), t in times.items()})
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "grid"), flush=True)
+    print("\n  B  filled  SDPA us  default us  best us  (splits, slots/step)  SDPA / best")
+    for r in rows:
+        print(f"{r['batch']:3d} {r['filled']:7d} {r['sdpa_us']:8.2f} {r['default_us'] or float('nan'):11.2f} "
+              f"{r['best_us']:8.2f}  ({r['best_splits']:2d}, {r['best_block_l']:2d}){'':14s}{r['sdpa_us'] / r['best_us']:6.2f}")
+    result = dict(rows=rows, median_sdpa_over_best=statistics.median(r["sdpa_us"] / r["best_us"] for r in rows))
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_attention.json"), "w") as fh:
+            json.dump(result, fh, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
+
+
+if __name__ == "__main__":
+    main()
