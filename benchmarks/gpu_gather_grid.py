@@ -7,16 +7,18 @@ Session 12's layout run found 128-row K steps 8.7% faster in the median than the
 either weight layout); the earlier grids never went past 64 rows for this kernel. 50%, batch 1,
 bf16, r = 0, each configuration checked against the float32 oracle first. Prints a table, ends with
 one JSON line; writes $OUT/gpu_gather_grid.json whose "best" is a `rsparse bench --tuned` file.
-`PYTHONPATH=src python3 benchmarks/gpu_gather_grid.py [--stages | --regidx]`
+`PYTHONPATH=src python3 benchmarks/gpu_gather_grid.py [--stages]`
 
 --stages: the same against deeper software pipelines (written $OUT/gpu_gather_grid_stages.json).
 Behind the gather's dependent index -> row loads, Triton keeps one weight tile in shared memory at
 num_stages 3-4 (each K step waits for its own tile: no copy overlaps the next step's), two at 5-6,
 three at 7-8 (`benchmarks/sass_report.py`'s tile_buffers; Triton 3.6, the H200 machine's, and 3.9
 alike). Every grid before session 12 ran stages <= 4 except session 2's 64-row one; the big shapes
-now run ~1.7 programs per SM, so the bytes in flight per program may be what bounds them.
---regidx: the kept indices held in registers (`tl_common._gather_rows_reg`): no load in the loop feeds
-an address, so num_stages s keeps s - 1 tiles in flight (written $OUT/gpu_gather_grid_regidx.json).
+now run ~1.7 programs per SM, so the bytes in flight per program may be what bounds them. Session 13
+(`gpu_gather_grid_stages_s13.json`): not so; 5 and 7 stages were 13-17% slower on the MLP shapes and
+won only on small ones (4096x4096 +4%, 5120x3072 +13%, 16384x2048 +9%, 2048x8192 +11%). The kept
+indices held in registers (no loop load feeding an address, num_stages - 1 tiles in flight) lost on
+every shape, 25-35% on the MLP shapes (`gpu_gather_grid_regidx_s13.json`; removed, code at 17360c1).
 """
 import sys
 import json
@@ -38,11 +40,8 @@ GRID = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8
 STAGES = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8, stages=s, fused=True)
           for k in (64, 128, 256) for n in (64, 128) for c in (512, 1024, 2048) for s in (5, 7)
           if c >= k and ((s - 3) // 2 + 1) * k * n * 2 <= 160 * 1024]
-REGIDX = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8, stages=s, fused=True, regidx=True)
-          for k in (64, 128, 256) for n in (64, 128) for c in (512, 1024, 2048) for s in (3, 4)
-          if c >= k and (s - 1) * k * n * 2 <= 160 * 1024]
-GRIDS = {"--stages": (STAGES, "gpu_gather_grid_stages.json"), "--regidx": (REGIDX, "gpu_gather_grid_regidx.json")}
-KEYS = ("chunk", "block_k", "block_n", "warps", "stages", "regidx")  # what makes two configurations differ
+GRIDS = {"--stages": (STAGES, "gpu_gather_grid_stages.json")}
+KEYS = ("chunk", "block_k", "block_n", "warps", "stages")  # what makes two configurations differ
 
 
 def main():
@@ -74,7 +73,7 @@ def main():
         c = r["best_cfg"]
         print(f"{r['out']:>5d} x {r['in']:<6d} {r['dense_us']:7.2f} {r['configured_us']:7.2f} {r['best_us']:7.2f} "
               f"{r['configured_us'] / r['best_us']:6.3f} {r['configured_bw']:7.1%} {r['best_bw']:8.1%}  "
-              f"{c['chunk']} {c['block_k']} {c['block_n']} {c['warps']} {c['stages']}{' regidx' if c.get('regidx') else ''}")
+              f"{c['chunk']} {c['block_k']} {c['block_n']} {c['warps']} {c['stages']}")
     summary = {"copy_bw_TBps": bw / 1e12, "best": best, "rows": rows,
                "median_configured_over_best": statistics.median(r["configured_us"] / r["best_us"] for r in rows)}
     _write(name, summary)

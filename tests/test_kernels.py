@@ -40,19 +40,19 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3", "regidx", "regidx32"])
+@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3", "k32"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
     gather / one-launch: the rank terms' U product added by the gather (the low-rank inputs before it,
     or in the same launch);
-    fused and select: the U product in the epilogue (all the same for r = 0); regidx: fused with the kept
-    indices held in registers (regidx32: 32-row K steps, so 4-8 of them per chunk)."""
+    fused and select: the U product in the epilogue (all the same for r = 0); k32: fused with 32-row K steps
+    (4-8 of them per chunk: the steps' carried accumulator and the masked tail step)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
     cfg = dict(tg.config_for(OUT, R), fused=variant != "select", rank_terms=variant if variant in tg.RANK_MODES else "epilogue", chunk=128 if IN < 600 else 256,
-               block_n=64, splits=int(variant[-1]) if variant.startswith("split") else None, regidx=variant.startswith("regidx"))
-    if variant == "regidx32":
+               block_n=64, splits=int(variant[-1]) if variant.startswith("split") else None)
+    if variant == "k32":
         cfg["block_k"] = 32
     out = torch.full((B, OUT), float("nan"), dtype=dtype)
     args = [t.to(DEV) if t is not None else None for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
@@ -479,7 +479,7 @@ def test_kernels_trace_as_torch_compile_analyses_them():
     assert run.returncode == 0, run.stderr[-3000:]
     written = json.loads(run.stdout.strip().splitlines()[-1])
     assert written == {"select": ["cnt_ptr", "idx_ptr", "zpart_ptr"], "group_z": ["zpart_ptr"], "gather": ["ypart_ptr"],
-                       "fused_gather": ["scratch_ptr", "ypart_ptr"], "fused_gather_regidx": ["scratch_ptr", "ypart_ptr"],
+                       "fused_gather": ["scratch_ptr", "ypart_ptr"],
                        "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
                        "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
                        "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"],

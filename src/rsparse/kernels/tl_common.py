@@ -1,13 +1,14 @@
 """Triton device functions shared by the decode kernels (`triton_gemv`, `splitk`).
 
 A program compacts the indices of one chunk's kept channels (|x_j| c_j > tau for any row) into a
-private scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`, or
-`_gather_rows_reg` with the index list in registers; each K step `_rows_product`, tl.dot with the rows
-padded to BB); `_tile_acc` does both for one output tile and chunk, `_store_partial` stores
+private scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`; each K step
+`_rows_product`, tl.dot with the rows padded to BB); `_tile_acc` does both for one output tile and chunk, `_store_partial` stores
 its float32 partial, `_sum_partials` sums such partials over the chunks. `_silu_mul` rounds
 SiLU(gate) * up like the unfused module path.
 (A gather without compaction, each K step's rows loaded under their keep mask, was measured 1.6x
-slower on the H200 in session 11 and removed: docs/perf-gpu.md. Device functions return products,
+slower on the H200 in session 11 and removed: docs/perf-gpu.md. So was the kept index list held in
+registers, each K step's row picked by a masked sum so that no loop load feeds an address (more tiles
+in flight): 25-35% slower on the MLP shapes in session 13, code at 17360c1.) Device functions return products,
 never loaded tensors in a tuple: one that did made torch's kernel analysis report x_ptr and c_ptr as
 written, so inductor would copy them on every call; session 10's review. A tile-major Wt,
 each output tile's rows one contiguous slab so a program's kept rows are nearby reads, timed the same
@@ -47,27 +48,6 @@ def _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, 
         kk = k0 + tl.arange(0, BLOCK_K)
         km = kk < cnt
         j = tl.load(idx_base + kk, mask=km, other=0)
-        acc += _rows_product(x_ptr, c_ptr, tau, wt_ptr, j, km, rows, n, B, IN, OUT, LDW)
-    return acc
-
-
-@triton.jit
-def _gather_rows_reg(x_ptr, c_ptr, tau, wt_ptr, idx_base, cnt, rows, n, B, IN, OUT, LDW,
-                     CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`_gather_rows` with the chunk's kept indices loaded into registers once, (CHUNK / BLOCK_K,
-    BLOCK_K), and each K step's row picked out by a masked sum: no global load in the loop feeds an
-    address, so Triton's pipeliner treats the weight loads as direct and keeps num_stages - 1 tiles in
-    flight (behind the per-step index load it keeps (num_stages - 3) // 2 + 1: one at 3-4 stages;
-    TTGIR for sm_90, Triton 3.6, session 12). Not timed yet: the "regidx" configuration key."""
-    NSTEP: tl.constexpr = CHUNK // BLOCK_K
-    st = tl.arange(0, NSTEP)
-    kk2 = st[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
-    idx_all = tl.load(idx_base + kk2, mask=kk2 < cnt, other=0)
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    for t in range(0, tl.cdiv(cnt, BLOCK_K)):
-        j = tl.sum(tl.where(st[:, None] == t, idx_all, 0), axis=0)
-        kk = t * BLOCK_K + tl.arange(0, BLOCK_K)
-        km = kk < cnt
         acc += _rows_product(x_ptr, c_ptr, tau, wt_ptr, j, km, rows, n, B, IN, OUT, LDW)
     return acc
 
@@ -113,7 +93,7 @@ def _silu_mul(g, u, dt: tl.constexpr):
 
 @triton.jit
 def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
-              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, REGIDX: tl.constexpr):
+              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Output tile pid_n over input chunk `chunk` (float32), with the tile's member's threshold and
     scales: compact the chunk's kept channels into a private scratch row and gather their Wt rows."""
     rows = tl.arange(0, BB)
@@ -124,8 +104,6 @@ def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, O
     cp = c_ptr + p * IN
     base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
     cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
-    if REGIDX:
-        return _gather_rows_reg(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, CHUNK, BB, BLOCK_K, BLOCK_N)
     return _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
 
 

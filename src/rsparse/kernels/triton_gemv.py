@@ -73,17 +73,14 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
 
 @triton.jit
 def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT, LDW, SEG1, SEG2,
-                       CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       REGIDX: tl.constexpr):
+                       CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """`_select`'s compaction done inside each program (x chunk re-read from L2, indices through a
     private scratch row and a CTA barrier): one launch fewer, for the r = 0 path. Also serves a group
     of up to 3 projections reading the same x with Wt side by side (q|k|v, gate|up): output columns
     [0, SEG1) use threshold/scales 0, [SEG1, SEG2) 1, [SEG2, OUT) 2 (c is (P, IN), tau (P,)); member
-    boundaries are multiples of BLOCK_N, so a program's tile belongs to one member. REGIDX: the kept
-    indices held in registers (`tl_common._gather_rows_reg`, configuration key "regidx")."""
+    boundaries are multiples of BLOCK_N, so a program's tile belongs to one member."""
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
-    acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB, BLOCK_K, BLOCK_N,
-                    REGIDX)
+    acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB, BLOCK_K, BLOCK_N)
     _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
@@ -194,7 +191,7 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
     scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
     torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](
         x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, wt.stride(0), seg1, seg2,
-        CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, REGIDX=bool(cfg.get("regidx")), num_warps=cfg["warps"],
+        CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"],
         num_stages=cfg["stages"])
     return ypart
 
