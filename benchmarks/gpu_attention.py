@@ -8,6 +8,10 @@ Session 13's end-to-end profile had the kernel at 8.1 µs per layer (default 16 
 against SDPA's ~9.2, for ~1 MB that needs ~0.25 µs at copy bandwidth: a latency chain (pos -> bounds ->
 K, V -> partials -> ticket -> merge), not bytes. Prints a table, ends with one JSON line; writes
 $OUT/gpu_attention.json.   `PYTHONPATH=src python3 benchmarks/gpu_attention.py`
+Session 13 (`gpu_attention_s13.json`, before one used split wrote o itself): SDPA 17.3-17.7 µs per
+layer (its mask built per call; the step builds it once per step), the kernel 3.0 (64 filled, 1
+split) to 7.6 µs (512 filled, 4 splits) at batch 1; 16 or more splits cost ~2 µs more than 1 at 64
+filled slots (partials, ticket, merge and the tickets' zero fill).
 """
 import json
 import os
@@ -20,7 +24,7 @@ from rsparse.decode import masked_attention
 from rsparse.kernels.attention import decode_attention
 
 H, HKV, D, SLOTS, LAYERS = 32, 8, 128, 512, 32
-GRID = [(s, bl) for s in (1, 2, 4, 8, 16, 32) for bl in (16, 32, 64)]
+GRID = [(s, bl) for s in (1, 2, 4, 8, 16, 32) for bl in (32, 64, 128)]  # s13: 64 beat 16 and 32 everywhere
 
 
 def default_splits(batch):

@@ -12,7 +12,8 @@ smallest tl.dot M) over its share of the slots, BLOCK_L slots per step, online s
 With SPLITS > 1 each split writes its (max, sum, accumulator) partials and the program drawing the
 last ticket of its head (a per-call zeroed counter, acquire-release) merges them in split order
 (deterministic) and writes o in q's dtype. Splits past the filled slots return at once: only the
-used ones (cdiv(n, slots per split)) store partials and draw tickets, and the merge reads only theirs.
+used ones (cdiv(n, slots per split)) store partials and draw tickets, and the merge reads only theirs;
+one used split writes o itself (session 13: the partials path cost ~2 µs at 64 filled slots).
 Eager reference: `decode.masked_attention` (SDPA, mask). Not on by default (`GraphDecoder(attention=
 "triton")`): session 13 measured it at 8.1 µs per layer against SDPA's ~9.2 (before the merge above).
 """
@@ -57,7 +58,7 @@ def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, H
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m_i = m_new
         o_rows = o_ptr + b * sob + (kvh * G + g)[:, None] * soh + d[None, :]
-        if SPLITS == 1:
+        if used == 1:  # one split holds every filled slot (always so at SPLITS 1): no partials, no ticket
             tl.store(o_rows, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
         else:
             # partials of (head, split): [m (GP), l (GP), acc (GP * D)]; every used split has a slot, so m
