@@ -1,17 +1,18 @@
 """Decode attention alone: the graphed step's SDPA (every cache slot under the slot mask, the mask built
-as the step builds it) against `rsparse::decode_attention` (only the filled slots) over its launch grid,
-Llama-3-8B heads (32 query, 8 KV, head dim 128), a 512-slot cache, batch 1 and 4, at 64, 257 and 512
-filled slots. Each layer's cache is its own copy (32, as the step reads 32 layers' caches once each, so
-L2 holds no more of it than in the step). Every candidate is checked against float32 SDPA first.
-
-Session 13's end-to-end profile had the kernel at 8.1 µs per layer (default 16 splits of 64-slot steps)
-against SDPA's ~9.2, for ~1 MB that needs ~0.25 µs at copy bandwidth: a latency chain (pos -> bounds ->
-K, V -> partials -> ticket -> merge), not bytes. Prints a table, ends with one JSON line; writes
+once as the step builds it once per step for all layers) against `rsparse::decode_attention` (only the
+filled slots) over its launch grid, Llama-3-8B heads (32 query, 8 KV, head dim 128), a 512-slot cache,
+batch 1 and 4, at 64, 257 and 512 filled slots. Each layer's cache is its own copy (32, as the step
+reads 32 layers' caches once each, so L2 holds no more of it than in the step). Every candidate is
+checked against float32 SDPA first. Prints a table, ends with one JSON line; writes
 $OUT/gpu_attention.json.   `PYTHONPATH=src python3 benchmarks/gpu_attention.py`
-Session 13 (`gpu_attention_s13.json`, before one used split wrote o itself): SDPA 17.3-17.7 µs per
-layer (its mask built per call; the step builds it once per step), the kernel 3.0 (64 filled, 1
-split) to 7.6 µs (512 filled, 4 splits) at batch 1; 16 or more splits cost ~2 µs more than 1 at 64
-filled slots (partials, ticket, merge and the tickets' zero fill).
+
+Session 13's end-to-end profile had the kernel at 8.1 µs per layer (16 splits of 64-slot steps, merge
+over all splits) against SDPA's ~9.2, for ~1 MB that needs ~0.25 µs at copy bandwidth: a latency
+chain (pos -> bounds -> K, V -> partials -> ticket -> merge), not bytes. This script's first run
+(`gpu_attention_s13.json`; the merge over the used splits only, SDPA then with its mask built per
+call: 17.3-17.7 µs): the kernel 3.0 (64 filled, 1 split) to 7.6 µs (512 filled, 4 splits) at batch 1;
+more than one split cost ~2 µs over one at 64 filled slots (partials, ticket, merge, the tickets'
+zero fill), so one used split now writes o itself.
 """
 import json
 import os
@@ -20,7 +21,7 @@ import statistics
 import torch
 import triton
 
-from rsparse.decode import masked_attention
+from rsparse.decode import _sdpa, _slot_mask, masked_attention
 from rsparse.kernels.attention import decode_attention
 
 H, HKV, D, SLOTS, LAYERS = 32, 8, 128, 512, 32
@@ -46,7 +47,8 @@ def main():
         for n in (64, 257, 512):
             pos = torch.tensor([n - 1], device="cuda")
             ref = masked_attention(q.float(), caches[0][0].float(), caches[0][1].float(), pos)
-            row = dict(batch=batch, filled=n, sdpa_us=time_us(lambda: [masked_attention(q, k, v, pos) for k, v in caches]))
+            mask = _slot_mask(SLOTS, pos)
+            row = dict(batch=batch, filled=n, sdpa_us=time_us(lambda: [_sdpa(q, k, v, mask) for k, v in caches]))
             times = {}
             for splits, bl in GRID:
                 try:
