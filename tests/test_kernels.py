@@ -471,8 +471,9 @@ def test_kernels_trace_as_torch_compile_analyses_them():
     """torch.compile runs its own analysis of every user Triton kernel (which pointers it writes); if
     tracing fails it assumes every input mutated and copies them all on each call (session 6: the
     SiLU*up epilogue with rank terms did, copying U). Here every kernel compiles for sm_90 with its
-    scalar arguments as constants (as torch 2.11 traces) and torch's analysis finds exactly the
-    outputs. A subprocess: Triton's interpreter, on for this module, has no compiler to analyse."""
+    scalar arguments as constants (as torch 2.11 traces), again with them typed as inductor's launcher
+    types them (a float is fp64 there: session 13's attention kernel failed on the H200 that way), and
+    torch's analysis finds exactly the outputs. A subprocess: Triton's interpreter, on for this module, has no compiler to analyse."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(Path(__file__).with_name("kernel_analysis.py"))], env=env,
                          capture_output=True, text=True, timeout=600)

@@ -1,18 +1,20 @@
 """Triton device functions shared by the decode kernels (`triton_gemv`, `splitk`).
 
-A program compacts the indices of one chunk's kept channels (|x_j| c_j > tau for any row) into a
-private scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`; each K step
-`_rows_product`, tl.dot with the rows padded to BB); `_tile_acc` does both for one output tile and chunk, `_store_partial` stores
-its float32 partial, `_sum_partials` sums such partials over the chunks. `_silu_mul` rounds
-SiLU(gate) * up like the unfused module path.
-(A gather without compaction, each K step's rows loaded under their keep mask, was measured 1.6x
-slower on the H200 in session 11 and removed: docs/perf-gpu.md. So was the kept index list held in
-registers, each K step's row picked by a masked sum so that no loop load feeds an address (more tiles
-in flight): 25-35% slower on the MLP shapes in session 13, code at 17360c1.) Device functions return products,
-never loaded tensors in a tuple: one that did made torch's kernel analysis report x_ptr and c_ptr as
-written, so inductor would copy them on every call; session 10's review. A tile-major Wt,
-each output tile's rows one contiguous slab so a program's kept rows are nearby reads, timed the same
-as row-major at the same configuration on 8 shapes in session 12: not kept; code at b7eb6ce.)
+A program compacts the indices of one chunk's kept channels (|x_j| c_j > tau for any row) into a private
+scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`; each K step
+`_rows_product`, tl.dot with the rows padded to BB); `_tile_acc` does both for one output tile and
+chunk, `_store_partial` stores its float32 partial, `_sum_partials` sums such partials over the chunks.
+`_silu_mul` rounds SiLU(gate) * up like the unfused module path.
+
+Device functions return products, never loaded tensors in a tuple: one that did made torch's kernel
+analysis report x_ptr and c_ptr as written, so inductor would copy them on every call (session 10's
+review).
+
+Measured on the H200 and removed (docs/perf-gpu.md): a gather without compaction, each K step's rows
+loaded under their keep mask (1.6x slower, session 11); a tile-major Wt, each output tile's rows one
+contiguous slab (the same time as row-major on 8 shapes, session 12; code at b7eb6ce); the kept index
+list held in registers, each K step's row picked by a masked sum so that no loop load feeds an address
+(25-35% slower on the MLP shapes, session 13; code at 17360c1).
 """
 import triton
 import triton.language as tl
