@@ -15,25 +15,16 @@ more than one split cost ~2 µs over one at 64 filled slots (partials, ticket, m
 zero fill), so one used split now writes o itself.
 """
 import json
-import os
 import statistics
 
 import torch
-import triton
 
-from rsparse.decode import _sdpa, _slot_mask, masked_attention
+from gpu_kernels import _print_row, _write, bench, time_grid
+from rsparse.decode import _sdpa, _slot_mask, attention_splits, masked_attention
 from rsparse.kernels.attention import decode_attention
 
 H, HKV, D, SLOTS, LAYERS = 32, 8, 128, 512, 32
 GRID = [(s, bl) for s in (1, 2, 4, 8, 16, 32) for bl in (32, 64, 128)]  # s13: 64 beat 16 and 32 everywhere
-
-
-def default_splits(batch):
-    return max(1, min(16, 128 // (batch * HKV)))  # GraphDecoder's choice
-
-
-def time_us(fn):
-    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median") / LAYERS * 1e3
 
 
 def main():
@@ -48,31 +39,21 @@ def main():
             pos = torch.tensor([n - 1], device="cuda")
             ref = masked_attention(q.float(), caches[0][0].float(), caches[0][1].float(), pos)
             mask = _slot_mask(SLOTS, pos)
-            row = dict(batch=batch, filled=n, sdpa_us=time_us(lambda: [_sdpa(q, k, v, mask) for k, v in caches]))
-            times = {}
-            for splits, bl in GRID:
-                try:
-                    o = decode_attention(q, *caches[0], pos, splits, bl)
-                    err = ((o.float() - ref).norm() / ref.norm()).item()
-                    if not err < 1e-2:
-                        print("wrong", batch, n, splits, bl, err, flush=True)
-                        continue
-                    times[(splits, bl)] = time_us(lambda: [decode_attention(q, k, v, pos, splits, bl) for k, v in caches])
-                except Exception as e:  # resources: skipped, said
-                    print("skip", batch, n, splits, bl, type(e).__name__, str(e)[:120], flush=True)
+            row = dict(batch=batch, filled=n, sdpa_us=bench(lambda: [_sdpa(q, k, v, mask) for k, v in caches], rep=200, copies=LAYERS))
+            # GRID's (splits, slots per step), each checked against ref on the first cache, then timed over all
+            times = {GRID[i]: us for i, us in time_grid(GRID, lambda cfg, kv: decode_attention(q, *kv, pos, *cfg), ref, caches,
+                                                        rep=200, tag=f"B={batch} filled={n}").items()}
             best = min(times, key=times.get)
-            row.update(default_us=times.get((default_splits(batch), 64)), best_us=times[best], best_splits=best[0],
+            row.update(default_us=times.get((attention_splits(batch, HKV), 64)), best_us=times[best], best_splits=best[0],
                        best_block_l=best[1], grid={f"{s}x{b}": t for (s, b), t in times.items()})
             rows.append(row)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "grid"), flush=True)
+            _print_row(row, skip=("grid",))
     print("\n  B  filled  SDPA us  default us  best us  (splits, slots/step)  SDPA / best")
     for r in rows:
         print(f"{r['batch']:3d} {r['filled']:7d} {r['sdpa_us']:8.2f} {r['default_us'] or float('nan'):11.2f} "
               f"{r['best_us']:8.2f}  ({r['best_splits']:2d}, {r['best_block_l']:2d}){'':14s}{r['sdpa_us'] / r['best_us']:6.2f}")
     result = dict(rows=rows, median_sdpa_over_best=statistics.median(r["sdpa_us"] / r["best_us"] for r in rows))
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gpu_attention.json"), "w") as fh:
-            json.dump(result, fh, indent=1)
+    _write("gpu_attention.json", result)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
 
 

@@ -82,8 +82,8 @@ def _write(name: str, result: dict) -> None:
             json.dump(result, fh, indent=1)
 
 
-def bench(fn, rep=300):
-    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / COPIES * 1e3  # us per call
+def bench(fn, rep=300, copies=COPIES):
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / copies * 1e3  # us per call
 
 
 def time_grid(cands, call, ref, weights, rep=100, tag="", result=lambda y: y):
@@ -97,7 +97,7 @@ def time_grid(cands, call, ref, weights, rep=100, tag="", result=lambda y: y):
             if not err < 1e-2:
                 print("wrong", tag, cfg, err, flush=True)
                 continue
-            times[i] = bench(lambda: [call(cfg, w) for w in weights], rep=rep)
+            times[i] = bench(lambda: [call(cfg, w) for w in weights], rep=rep, copies=len(weights))
         except Exception as e:
             print("skip", tag, cfg, type(e).__name__, str(e)[:120], flush=True)
     return times

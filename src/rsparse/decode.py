@@ -149,6 +149,12 @@ def _triton_attention(splits: int):
 ATTENTION = ("sdpa", "triton")
 
 
+def attention_splits(batch: int, kv_heads: int) -> int:
+    """Splits of the cache slots per KV head for `kernels.attention` in the graphed step: about 128
+    programs in all, 1 to 16 splits."""
+    return max(1, min(16, 128 // (batch * kv_heads)))
+
+
 class GraphDecoder(StaticDecoder):
     """A decode step with static shapes, for CUDA graphs and torch.compile(mode="reduce-overhead"):
     the position is a 1-element tensor, K/V are written with index_copy_, and attention reads the
@@ -165,7 +171,7 @@ class GraphDecoder(StaticDecoder):
             self.step_context, self.attend = (lambda pos: _slot_mask(max_len, pos)), _sdpa
         else:
             self.step_context = lambda pos: pos
-            self.attend = _triton_attention(max(1, min(16, 128 // (batch * self.kv_heads))))
+            self.attend = _triton_attention(attention_splits(batch, self.kv_heads))
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
         for t in self.k_cache + self.v_cache:
             torch._dynamo.mark_static_address(t)

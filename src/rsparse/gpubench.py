@@ -293,14 +293,11 @@ def run_gpu_bench(args):
         print("compiled:", json.dumps(c))
     save()
     # headline: the target row (Llama-3-8B, batch 1, 50%) when measured, else the first row
-    key = [r for r in rows if r["model"] == "llama3-8b" and r["batch"] == 1 and r["sparsity"] == 0.5] or rows[:1]
-    head = (f"{key[0]['model'].replace('-', '_')}_b{key[0]['batch']}_s{round(key[0]['sparsity'] * 100)}" if key
-            else "llama3_8b_b1_s50")
-    print(json.dumps({f"{head}_compiled_speedup": key[0].get("compiled_speedup") if key else None,
-                      f"{head}_speedup": key[0]["speedup"] if key else None,
-                      f"{head}_fused_speedup": key[0].get("fused_speedup") if key else None,
-                      "dense_tok_s": key[0]["dense_tok_s"] if key else None,
-                      "sparse_tok_s": key[0]["sparse_tok_s"] if key else None, "compiled": compiled,
+    key = ([r for r in rows if r["model"] == "llama3-8b" and r["batch"] == 1 and r["sparsity"] == 0.5] or rows[:1] or [{}])[0]
+    head = (f"{key['model'].replace('-', '_')}_b{key['batch']}_s{round(key['sparsity'] * 100)}" if key else "llama3_8b_b1_s50")
+    print(json.dumps({f"{head}_compiled_speedup": key.get("compiled_speedup"), f"{head}_speedup": key.get("speedup"),
+                      f"{head}_fused_speedup": key.get("fused_speedup"), "dense_tok_s": key.get("dense_tok_s"),
+                      "sparse_tok_s": key.get("sparse_tok_s"), "compiled": compiled,
                       "rows": [{k: r.get(k) for k in ("model", "batch", "sparsity", "alpha", "speedup", "fused_speedup",
                                                        "compiled_speedup", "kept_union", "on_kernels")} for r in rows]}))
 
