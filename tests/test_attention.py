@@ -52,12 +52,15 @@ def test_graph_decoder_steps_agree_with_triton_attention():
     model = LlamaForCausalLM(cfg).eval().to(DEV)
     ids = torch.randint(0, 50, (2, 5), device=DEV)
     ref, ours = GraphDecoder(model, max_len=12, batch=2), GraphDecoder(model, max_len=12, batch=2, attention="triton")
+    switched = GraphDecoder(model, max_len=12, batch=2)  # sdpa, then switched as the bench's --compare-attention does
+    assert switched.use_attention("triton") == "sdpa" and switched.attention == "triton"
     with torch.inference_mode():
-        ref.prefill(ids)
-        ours.prefill(ids)
+        for dec in (ref, ours, switched):
+            dec.prefill(ids)
         nxt = ids[:, -1:]
         for p in range(5, 11):
             pos = torch.tensor([p], device=DEV)
-            a, b = ref.step(nxt, pos), ours.step(nxt, pos)
+            a, b, c = ref.step(nxt, pos), ours.step(nxt, pos), switched.step(nxt, pos)
             assert ((a - b).norm() / a.norm()).item() < 1e-5, p
+            assert torch.equal(b, c), p
             nxt = a.argmax(-1, keepdim=True)

@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("triton")
 
+from rsparse.decode import GraphDecoder  # noqa: E402
 from rsparse.errors import RSparseError  # noqa: E402
 from rsparse.gpuvariants import compile_options, compiled_variants, rank_modes  # noqa: E402
 from rsparse.kernels import module as km  # noqa: E402
@@ -13,7 +14,7 @@ from rsparse.kernels import triton_gemv as tg  # noqa: E402
 
 
 def _args(**kw):
-    base = dict(compare_reduce=False, pdl=False, masked_dense=False, compare_rank=None)
+    base = dict(compare_reduce=False, pdl=False, masked_dense=False, compare_rank=None, compare_attention=False)
     return SimpleNamespace(**dict(base, **kw))
 
 
@@ -24,16 +25,34 @@ def test_variants_follow_the_flags():
     assert [(v[0], v[3]) for v in got[2:]] == [("fused-rank-gather", {"rank_terms": "gather"}),
                                                ("fused-rank-epilogue", {"rank_terms": "epilogue"})]  # masked dense: batch > 1 only
     assert compiled_variants(_args(masked_dense=True), "fused", "S", "G", 4)[-1][3] == {"kernel_rows": 0}
+    ab = compiled_variants(_args(compare_attention=True, attention="sdpa"), "fused", "S", "G", 2)[2:]
+    assert [(v[0], v[1], v[3]) for v in ab] == [("dense-attn-triton", {}, {"attention": "triton"}),
+                                                ("fused-attn-triton", "S", {"attention": "triton"})]
+    assert compiled_variants(_args(compare_attention=True, attention="triton"), "fused", "S", "G", 1)[-1][3] == {"attention": "sdpa"}
     with pytest.raises(RSparseError, match=r"unknown rank mode\(s\) \['own-z'\]"):
         rank_modes(_args(compare_rank="one-launch,own-z"))
 
 
+def _decoder():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      vocab_size=20, max_position_embeddings=16)
+    return GraphDecoder(LlamaForCausalLM(cfg).eval(), max_len=8)
+
+
 def test_compile_options_set_and_restore_the_switches():
-    before = (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS)
-    with compile_options(consumer_reduce="none", kernel_rows=2, rank_terms="gather"):
-        assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS) == ("gather", "none", 2)
-    assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS) == before
+    dec = _decoder()
+    before = (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention, dec.attend)
+    with compile_options(dec, consumer_reduce="none", kernel_rows=2, rank_terms="gather", attention="triton"):
+        assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == ("gather", "none", 2, "triton")
+        assert dec.attend is not before[4]
+    assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == before[:4] == (*before[:3], "sdpa")
     with pytest.raises(ZeroDivisionError):
-        with compile_options(rank_terms="epilogue"):
+        with compile_options(dec, rank_terms="epilogue", attention="triton"):
             1 / 0
-    assert tg.RANK_TERMS == before[0]
+    assert (tg.RANK_TERMS, dec.attention) == (before[0], "sdpa")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        with compile_options(dec, attention="flash"):
+            pass
+    assert dec.attention == "sdpa"

@@ -330,6 +330,8 @@ def build_parser():
                    help="decode attention of dense and sparse steps alike: sdpa (the whole cache, masked) or triton "
                    "(kernels/attention.py: only the filled slots; 8.1 against ~9.2 us per layer on an H200 in session 13, "
                    "off by default until an A/B in one run)")
+    g.add_argument("--compare-attention", action="store_true",
+                   help="also compile dense and sparse steps with the other --attention (A/B, timed side by side)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
     g.add_argument("--profile", action="store_true", help="only: per-kernel GPU time of one dense and one sparse step "
                    "(at the one --sparsities value, else 0.5; with --alpha's rank terms; --compare-rank: each mode's too)")

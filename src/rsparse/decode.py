@@ -39,7 +39,7 @@ class StaticDecoder:
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
-        self.max_len, self.pos = max_len, 0
+        self.max_len, self.pos, self.batch = max_len, 0, batch
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
 
     def _qkv(self, layer, h, cos, sin):
@@ -166,15 +166,25 @@ class GraphDecoder(StaticDecoder):
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
         super().__init__(model, max_len, batch)
-        # attend(q, k_cache, v_cache, ctx) with ctx = step_context(pos), computed once per step
-        if attention == "sdpa":
-            self.step_context, self.attend = (lambda pos: _slot_mask(max_len, pos)), _sdpa
-        else:
-            self.step_context = lambda pos: pos
-            self.attend = _triton_attention(attention_splits(batch, self.kv_heads))
+        self.use_attention(attention)
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
         for t in self.k_cache + self.v_cache:
             torch._dynamo.mark_static_address(t)
+
+    def use_attention(self, attention: str) -> str:
+        """Switch the attention the next trace or capture of `step` uses (graphs captured before keep
+        theirs); returns the previous one. attend(q, k_cache, v_cache, ctx) with ctx = step_context(pos),
+        computed once per step."""
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        previous, self.attention = getattr(self, "attention", None), attention
+        if attention == "sdpa":
+            slots = self.max_len
+            self.step_context, self.attend = (lambda pos: _slot_mask(slots, pos)), _sdpa
+        else:
+            self.step_context = lambda pos: pos
+            self.attend = _triton_attention(attention_splits(self.batch, self.kv_heads))
+        return previous
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits for ids [batch, 1] at position `pos` (long tensor [1]); `prefill` first."""

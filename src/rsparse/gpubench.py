@@ -201,7 +201,7 @@ def run_gpu_bench(args):
             comp, label_c = {}, "fused" if groups else "sparse"
             if args.compile and time.time() - t_start < args.time_limit:
                 for label, mods, grp, opts in compiled_variants(args, label_c, sparse, groups, B):
-                    with swapped(model, mods), attached(model, grp), compile_options(**opts):
+                    with swapped(model, mods), attached(model, grp), compile_options(dec, **opts):
                         t0 = time.time()
                         comp[label] = capture(torch.compile(dec.step), B)[0]
                         print(f"compiled {label} step (B={B}) in {time.time() - t0:.0f}s", flush=True)

@@ -54,7 +54,7 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
     steps_ += [(f"fused-compiled-rank-{m}", sparse, groups, True, {"rank_terms": m}) for m in rank_modes]
     for label, mods, grp, compiled, opts in steps_:
         torch._dynamo.reset()
-        with swapped(model, mods), attached(model, grp), compile_options(**opts):
+        with swapped(model, mods), attached(model, grp), compile_options(dec, **opts):
             step = torch.compile(dec.step) if compiled else dec.step
             for _ in range(3):
                 step(ids, pos)

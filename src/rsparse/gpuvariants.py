@@ -15,7 +15,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
     the consumer, and inductor summing them only where TUNED has no one-launch kernel; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
-    --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`)."""
+    --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`;
+    --compare-attention: dense and sparse with the other decode attention, `decode.GraphDecoder`)."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
@@ -26,6 +27,9 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
     for mode in rank_modes(args):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
+    if getattr(args, "compare_attention", False):
+        other = "triton" if getattr(args, "attention", "sdpa") == "sdpa" else "sdpa"
+        out += [(f"dense-attn-{other}", {}, {}, {"attention": other}), (f"{label_c}-attn-{other}", sparse, groups, {"attention": other})]
     return out
 
 
@@ -53,11 +57,12 @@ def uncached_compiles() -> None:
 
 
 @contextlib.contextmanager
-def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_terms=None):
-    """Set while a compiled step is traced and captured (all are read at trace time only)."""
+def compile_options(dec, consumer_reduce="all", pdl=False, kernel_rows=None, rank_terms=None, attention=None):
+    """Set while dec's compiled step is traced and captured (all are read at trace time only)."""
     from .kernels import module as km
 
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention
+    dec.use_attention(attention or saved[3])  # first: a bad name raises before any switch is set
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
@@ -70,4 +75,5 @@ def compile_options(consumer_reduce="all", pdl=False, kernel_rows=None, rank_ter
         else:
             yield
     finally:
-        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved
+        km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
+        dec.use_attention(saved[3])
