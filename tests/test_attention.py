@@ -7,7 +7,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from rsparse.decode import GraphDecoder, masked_attention  # noqa: E402
+from rsparse.decode import GraphDecoder, default_attention, masked_attention  # noqa: E402
 from rsparse.kernels.attention import decode_attention  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +40,19 @@ def test_decode_attention_refuses_bad_shapes():
         decode_attention(torch.randn(1, 3, 1, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.tensor([3]))
     with pytest.raises(ValueError, match="attention must be one of"):
         GraphDecoder(torch.nn.Module(), attention="flash")
+
+
+def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits():
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    assert default_attention(cuda, 128, bf16) == "triton" and default_attention(cuda, 64, torch.float32) == "triton"
+    assert default_attention(torch.device("cpu"), 128, bf16) == "sdpa"  # the interpreter is for tests, not decoding
+    assert default_attention(cuda, 80, bf16) == default_attention(cuda, 8, bf16) == "sdpa"  # not a power of two; below tl.dot's 16
+    assert default_attention(cuda, 128, torch.float64) == "sdpa"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      vocab_size=20, max_position_embeddings=16)
+    assert GraphDecoder(LlamaForCausalLM(cfg).eval(), max_len=8).attention == "sdpa"  # CPU: auto is SDPA
 
 
 def test_graph_decoder_steps_agree_with_triton_attention():

@@ -149,6 +149,17 @@ def _triton_attention(splits: int):
 ATTENTION = ("sdpa", "triton")
 
 
+def default_attention(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
+    """"triton" on a CUDA device when Triton is installed and the cache suits the kernel (head dim a
+    power of two from 16, float16/bfloat16/float32), else "sdpa". On an H200 (session 14, one run, Llama-3-8B shapes, batch 1, compiled) the kernel
+    made the dense step 2.6% and the 50% sparse step 3.7% faster than SDPA over the masked cache."""
+    import importlib.util
+
+    ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    ok = ok and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    return "triton" if ok and dtype in (torch.float16, torch.bfloat16, torch.float32) else "sdpa"
+
+
 def attention_splits(batch: int, kv_heads: int) -> int:
     """Splits of the cache slots per KV head for `kernels.attention` in the graphed step: about 128
     programs in all, 1 to 16 splits."""
@@ -159,14 +170,15 @@ class GraphDecoder(StaticDecoder):
     """A decode step with static shapes, for CUDA graphs and torch.compile(mode="reduce-overhead"):
     the position is a 1-element tensor, K/V are written with index_copy_, and attention reads the
     cache up to pos, so every step replays the same kernels. attention: "sdpa" (`masked_attention`:
-    the whole cache under a mask) or "triton" (`kernels.attention`: only the filled slots, the valid
-    length read inside the kernel; its cache slots split over about 128 programs)."""
+    the whole cache under a mask), "triton" (`kernels.attention`: only the filled slots, the valid
+    length read inside the kernel; its cache slots split over about 128 programs) or "auto"
+    (`default_attention`: triton on CUDA where it can, else sdpa)."""
 
-    def __init__(self, model, max_len: int = 512, batch: int = 1, attention: str = "sdpa"):
-        if attention not in ATTENTION:
-            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    def __init__(self, model, max_len: int = 512, batch: int = 1, attention: str = "auto"):
+        if attention not in ATTENTION + ("auto",):
+            raise ValueError(f"attention must be one of {ATTENTION + ('auto',)}, got {attention!r}")
         super().__init__(model, max_len, batch)
-        self.use_attention(attention)
+        self.use_attention(default_attention(self.k_cache[0].device, self.head_dim, self.k_cache[0].dtype) if attention == "auto" else attention)
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
         for t in self.k_cache + self.v_cache:
             torch._dynamo.mark_static_address(t)

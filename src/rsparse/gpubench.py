@@ -149,7 +149,7 @@ def run_gpu_bench(args):
         from .gpuprofile import profile
 
         return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args), out=args.out,
-                       attention=getattr(args, "attention", "sdpa"))
+                       attention=getattr(args, "attention", "triton"))
     uncached_compiles()
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):
@@ -184,7 +184,7 @@ def run_gpu_bench(args):
         for B in batches:
             if time.time() - t_start > args.time_limit:
                 break
-            dec = GraphDecoder(model, max_len=MAX_LEN, batch=B, attention=getattr(args, "attention", "sdpa"))
+            dec = GraphDecoder(model, max_len=MAX_LEN, batch=B, attention=getattr(args, "attention", "triton"))
             kv_bytes = sum(t.numel() * t.element_size() for t in dec.k_cache + dec.v_cache)
             g_dense, _ = capture(dec.step, B)
             with swapped(model, sparse):
@@ -372,7 +372,7 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     projs32 = locate(model32)
     oracle32 = {k: RSparseLinear.from_linear(projs32[k], taus[k].item(), "abs", *(None if f is None else f.float() for f in _factors(sparse[k])))
                 for k in projs32}
-    dec32 = GraphDecoder(model32, max_len=MAX_LEN, batch=1)
+    dec32 = GraphDecoder(model32, max_len=MAX_LEN, batch=1, attention="sdpa")  # the plainest float32 reference
     with swapped(model32, oracle32):
         ref32 = dec32.step(ids, pos).float()
     del dec32, model32, projs32, oracle32

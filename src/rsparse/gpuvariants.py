@@ -28,7 +28,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     for mode in rank_modes(args):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     if getattr(args, "compare_attention", False):
-        other = "triton" if getattr(args, "attention", "sdpa") == "sdpa" else "sdpa"
+        other = "triton" if getattr(args, "attention", "triton") == "sdpa" else "sdpa"
         out += [(f"dense-attn-{other}", {}, {}, {"attention": other}), (f"{label_c}-attn-{other}", sparse, groups, {"attention": other})]
     return out
 
