@@ -308,11 +308,12 @@ def test_kernel_rows_rule_by_hand():
     (r = 0), one row with rank terms, every decode batch when the kept fraction is unknown."""
     from rsparse.kernels.module import UNION_MAX, kernel_rows
 
-    assert UNION_MAX == 0.88
+    assert UNION_MAX == 0.94
     assert kernel_rows(None, 0) == kernel_rows(None, 16) == 8
     assert kernel_rows(0.5, 16) == kernel_rows(0.1, 32) == 1
-    assert kernel_rows(0.5, 0) == 3  # unions 0.5, 0.75, 0.875 | 0.9375
-    assert kernel_rows(0.3, 0) == 5  # 1 - 0.7^5 = 0.832 | 1 - 0.7^6 = 0.882
+    assert kernel_rows(0.5, 0) == 4  # unions 0.5, 0.75, 0.875, 0.9375 | 0.969
+    assert kernel_rows(0.3, 0) == 7  # 1 - 0.7^7 = 0.918 | 1 - 0.7^8 = 0.942
+    assert kernel_rows(0.6, 0) == 3  # 1 - 0.4^3 = 0.936 | 1 - 0.4^4 = 0.974
     assert kernel_rows(0.95, 0) == 1 and kernel_rows(0.1, 0) == 8  # 1 - 0.9^8 = 0.57
 
 
