@@ -85,6 +85,7 @@ def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
     (["bench", "--device", "cuda", "--alpha", "1.5", "--sparsities", "0.5"], "--alpha must be in (0, 1]"),
     (["bench", "--device", "cuda", "--alpha", "0.9", "--sparsities", "0.5", "--compare-rank", "gather,fast"], "unknown rank mode(s) ['fast']"),
     (["bench", "--device", "cuda", "--compare-rank", "gather"], "give --alpha < 1 too"),
+    (["bench", "--device", "cuda", "--hf-reference", "eager,graph"], "--hf-reference: unknown mode(s) ['graph']"),
     (["generate", "--device", "tpu", "Hi"], "--device must be cpu or cuda"),
     (["generate", "--compile", "Hi"], "it needs --device cuda"),
 ])

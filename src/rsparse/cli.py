@@ -330,6 +330,10 @@ def build_parser():
                    help="decode attention of dense and sparse steps alike: triton (kernels/attention.py: only the "
                    "filled slots; the default, 2.6%% (dense) and 3.7%% (50%% sparse) faster end to end on an H200 in "
                    "session 14) or sdpa (the whole cache, masked)")
+    g.add_argument("--hf-reference", default="eager", metavar="MODES",
+                   help="batch 1: also time Hugging Face generate on the dense model as a reference row (never the "
+                   "baseline): eager and/or compiled (static cache, transformers' own reduce-overhead compile, "
+                   "~1-2 min more), comma list; none to skip (default eager)")
     g.add_argument("--compare-attention", action="store_true",
                    help="also compile dense and sparse steps with the other --attention (A/B, timed side by side)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")

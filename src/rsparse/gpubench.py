@@ -9,6 +9,8 @@ alternately (median of repeats, each repeat = `STEPS` replays timed with CUDA ev
 torch.compile(mode="reduce-overhead") step is timed too at batch 1 (it fuses the elementwise ops
 the manual graph runs one by one). Bandwidth: bytes that must be read per token (projection bytes
 x realised kept fraction, lm_head, norms, the whole KV cache) / time / measured copy bandwidth.
+At batch 1 the dense model's own Hugging Face `generate` is timed as a reference row, never the
+baseline (`hfreference`, --hf-reference).
 
     rsparse bench --device cuda [--shapes llama3-8b] [--batches 1] [--tuned FILE] [--out FILE] [--profile]
 Prints a table, ends with one JSON line, writes --out (default $OUT/gpu_decode.json when OUT is set).
@@ -32,6 +34,7 @@ from .families import locate, set_group
 from .kernels import triton_gemv as tg
 from .kernels.module import TritonRSparseLinear, triton_groups
 from .gpuvariants import compile_options, compiled_variants, rank_modes, uncached_compiles
+from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
 
 MODELS = {
@@ -136,6 +139,7 @@ def run_gpu_bench(args):
         raise RSparseError(f"--alpha must be in (0, 1], got {alpha}")
     if alpha < 1.0 and len(sparsities) != 1:
         raise RSparseError("--alpha < 1 sizes every projection's rank for one sparsity: give one --sparsities value")
+    hf_modes(getattr(args, "hf_reference", "eager"))  # a bad mode fails before any work
     if rank_modes(args) and alpha == 1.0:
         raise RSparseError("--compare-rank compares ways of computing rank terms: give --alpha < 1 too")
     if getattr(args, "pdl", False):
@@ -255,6 +259,15 @@ def run_gpu_bench(args):
                         row[f"compiled_{label}_tok_s"], row[f"compiled_{label}_speedup"] = B / t, tcd / t
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+            if B == 1 and time.time() - t_start < args.time_limit:  # the dense model's own generate: a reference row
+                ref = {}
+                for mode in hf_modes(getattr(args, "hf_reference", "eager")):
+                    ref.update(hf_generate_tok_s(model, 1, getattr(args, "tokens", STEPS), mode))
+                for r in rows[-len(sparsities):]:
+                    r.update(ref)
+                if ref:
+                    print("reference, not the baseline: Hugging Face generate on the dense model, batch 1: "
+                          + ", ".join(f"{k[12:-6]} {v:.1f} tok/s" for k, v in ref.items() if k.endswith("_tok_s")), flush=True)
             save()
             del g_dense, g_sparse
             if groups:
