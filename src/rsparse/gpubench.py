@@ -262,7 +262,11 @@ def run_gpu_bench(args):
             if B == 1 and time.time() - t_start < args.time_limit:  # the dense model's own generate: a reference row
                 ref = {}
                 for mode in hf_modes(getattr(args, "hf_reference", "eager")):
-                    ref.update(hf_generate_tok_s(model, 1, getattr(args, "tokens", STEPS), mode))
+                    try:  # a reference row that fails (another transformers version) must not cost the run
+                        ref.update(hf_generate_tok_s(model, 1, getattr(args, "tokens", STEPS), mode))
+                    except Exception as e:
+                        ref[f"hf_generate_{mode}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                        print(f"reference {mode} failed:", ref[f"hf_generate_{mode}_error"], flush=True)
                 for r in rows[-len(sparsities):]:
                     r.update(ref)
                 if ref:
