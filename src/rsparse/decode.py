@@ -151,8 +151,9 @@ ATTENTION = ("sdpa", "triton")
 
 def default_attention(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
     """"triton" on a CUDA device when Triton is installed and the cache suits the kernel (head dim a
-    power of two from 16, float16/bfloat16/float32), else "sdpa". On an H200 (session 14, one run, Llama-3-8B shapes, batch 1, compiled) the kernel
-    made the dense step 2.6% and the 50% sparse step 3.7% faster than SDPA over the masked cache."""
+    power of two from 16, float16/bfloat16/float32), else "sdpa". On an H200 (session 14, one run,
+    Llama-3-8B shapes, batch 1, compiled) the kernel made the dense step 2.6% and the 50% sparse step
+    3.7% faster than SDPA over the masked cache."""
     import importlib.util
 
     ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
@@ -178,7 +179,8 @@ class GraphDecoder(StaticDecoder):
         if attention not in ATTENTION + ("auto",):
             raise ValueError(f"attention must be one of {ATTENTION + ('auto',)}, got {attention!r}")
         super().__init__(model, max_len, batch)
-        self.use_attention(default_attention(self.k_cache[0].device, self.head_dim, self.k_cache[0].dtype) if attention == "auto" else attention)
+        cache = self.k_cache[0]
+        self.use_attention(default_attention(cache.device, self.head_dim, cache.dtype) if attention == "auto" else attention)
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
         for t in self.k_cache + self.v_cache:
             torch._dynamo.mark_static_address(t)
