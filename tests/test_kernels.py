@@ -335,7 +335,7 @@ def test_launch_configuration_rule_by_hand():
 
 
 def test_rows_past_max_rows_run_the_exact_dense_product(monkeypatch):
-    """A module whose plan keeps half its channels runs 4 decode rows as the dense product on its
+    """A module whose plan keeps 60% of its channels runs 4 decode rows as the dense product on its
     stored weight (no kernel; equal to the dense layer in float64) and 3 rows on the kernels (the
     sparse oracle); a group runs 4 rows member by member, each its own way."""
     from rsparse.kernels import module as km
@@ -343,9 +343,9 @@ def test_rows_past_max_rows_run_the_exact_dense_product(monkeypatch):
 
     torch.manual_seed(7)
     lins = [torch.nn.Linear(96, 64, bias=True), torch.nn.Linear(96, 32, bias=False)]
-    refs = [RSparseLinear.from_linear(lins[0], 0.5, "wnorm", keep=0.5), RSparseLinear.from_linear(lins[1], 0.4, "wnorm", keep=0.3)]
+    refs = [RSparseLinear.from_linear(lins[0], 0.5, "wnorm", keep=0.6), RSparseLinear.from_linear(lins[1], 0.4, "wnorm", keep=0.3)]
     mods = [km.TritonRSparseLinear(r).to(DEV) for r in refs]
-    assert [m.max_rows for m in mods] == [3, 5]
+    assert [m.max_rows for m in mods] == [3, 7]
     group = km.TritonGroup(mods)
     assert group.max_rows == 3
     launches = []
