@@ -53,6 +53,11 @@ def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits():
     cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                       vocab_size=20, max_position_embeddings=16)
     assert GraphDecoder(LlamaForCausalLM(cfg).eval(), max_len=8).attention == "sdpa"  # CPU: auto is SDPA
+    odd = LlamaConfig(hidden_size=48, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      vocab_size=20, max_position_embeddings=16)  # head dim 24
+    with pytest.raises(ValueError, match="power of two from 16, this model's is 24; use 'sdpa'"):
+        GraphDecoder(LlamaForCausalLM(odd).eval(), max_len=8, attention="triton")
+    assert GraphDecoder(LlamaForCausalLM(odd).eval(), max_len=8, attention="auto").attention == "sdpa"
 
 
 def test_graph_decoder_steps_agree_with_triton_attention():

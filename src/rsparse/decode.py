@@ -157,8 +157,11 @@ def default_attention(device: torch.device, head_dim: int, dtype: torch.dtype) -
     import importlib.util
 
     ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    ok = ok and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-    return "triton" if ok and dtype in (torch.float16, torch.bfloat16, torch.float32) else "sdpa"
+    return "triton" if ok and _kernel_head_dim(head_dim) and dtype in (torch.float16, torch.bfloat16, torch.float32) else "sdpa"
+
+
+def _kernel_head_dim(d: int) -> bool:
+    return d >= 16 and d & (d - 1) == 0  # tl.dot's smallest K; the kernel's aranges need a power of two
 
 
 def attention_splits(batch: int, kv_heads: int) -> int:
@@ -191,6 +194,9 @@ class GraphDecoder(StaticDecoder):
         computed once per step."""
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if attention == "triton" and not _kernel_head_dim(self.head_dim):
+            raise ValueError(f"attention 'triton' needs a head dim that is a power of two from 16, this model's is "
+                             f"{self.head_dim}; use 'sdpa'")
         previous, self.attention = getattr(self, "attention", None), attention
         if attention == "sdpa":
             slots = self.max_len
