@@ -10,6 +10,20 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(scope="session")
+def tiny_llama():
+    """A factory for small random-weight Llama models in eval mode (2 layers, hidden 64, 4 heads over 2
+    KV heads, head dim 16, vocabulary 50); keyword arguments override the config. Seed before calling."""
+    def make(**overrides):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=50, max_position_embeddings=64)
+        return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def smol():
     """A loader for fresh copies of the bundled model (sparsify_ changes a model in place)."""
     from rsparse.models import load

@@ -42,32 +42,23 @@ def test_decode_attention_refuses_bad_shapes():
         GraphDecoder(torch.nn.Module(), attention="flash")
 
 
-def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits():
+def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits(tiny_llama):
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     assert default_attention(cuda, 128, bf16) == "triton" and default_attention(cuda, 64, torch.float32) == "triton"
     assert default_attention(torch.device("cpu"), 128, bf16) == "sdpa"  # the interpreter is for tests, not decoding
     assert default_attention(cuda, 80, bf16) == default_attention(cuda, 8, bf16) == "sdpa"  # not a power of two; below tl.dot's 16
     assert default_attention(cuda, 128, torch.float64) == "sdpa"
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                      vocab_size=20, max_position_embeddings=16)
-    assert GraphDecoder(LlamaForCausalLM(cfg).eval(), max_len=8).attention == "sdpa"  # CPU: auto is SDPA
-    odd = LlamaConfig(hidden_size=48, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                      vocab_size=20, max_position_embeddings=16)  # head dim 24
+    assert GraphDecoder(tiny_llama(), max_len=8).attention == "sdpa"  # CPU: auto is SDPA
+    odd = tiny_llama(hidden_size=48, num_attention_heads=2, num_key_value_heads=1)  # head dim 24
     with pytest.raises(ValueError, match="power of two from 16, this model's is 24; use 'sdpa'"):
-        GraphDecoder(LlamaForCausalLM(odd).eval(), max_len=8, attention="triton")
-    assert GraphDecoder(LlamaForCausalLM(odd).eval(), max_len=8, attention="auto").attention == "sdpa"
+        GraphDecoder(odd, max_len=8, attention="triton")
+    assert GraphDecoder(odd, max_len=8, attention="auto").attention == "sdpa"
 
 
-def test_graph_decoder_steps_agree_with_triton_attention():
+def test_graph_decoder_steps_agree_with_triton_attention(tiny_llama):
     """A 2-layer Llama: the step with the kernel gives the SDPA step's logits at every position."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=50, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval().to(DEV)
+    model = tiny_llama().to(DEV)
     ids = torch.randint(0, 50, (2, 5), device=DEV)
     ref, ours = GraphDecoder(model, max_len=12, batch=2), GraphDecoder(model, max_len=12, batch=2, attention="triton")
     switched = GraphDecoder(model, max_len=12, batch=2)  # sdpa, then switched as the bench's --compare-attention does

@@ -28,13 +28,9 @@ def _graph_stand_in(model, sparse, dec, ids, pos):
 
 
 @pytest.mark.parametrize("token", [7, 41])
-def test_check_runs_the_oracle_on_the_graphs_own_token(token):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def test_check_runs_the_oracle_on_the_graphs_own_token(token, tiny_llama):
     torch.manual_seed(token)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=53, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(vocab_size=53)
     projs = locate(model)
     samples = input_samples(model, tokens=64)
     sparse, quantile = modules_at(projs, 0.5, 1.0)

@@ -33,16 +33,8 @@ def test_variants_follow_the_flags():
         rank_modes(_args(compare_rank="one-launch,own-z"))
 
 
-def _decoder():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                      vocab_size=20, max_position_embeddings=16)
-    return GraphDecoder(LlamaForCausalLM(cfg).eval(), max_len=8)
-
-
-def test_compile_options_set_and_restore_the_switches():
-    dec = _decoder()
+def test_compile_options_set_and_restore_the_switches(tiny_llama):
+    dec = GraphDecoder(tiny_llama(), max_len=8)
     before = (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention, dec.attend)
     with compile_options(dec, consumer_reduce="none", kernel_rows=2, rank_terms="gather", attention="triton"):
         assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == ("gather", "none", 2, "triton")

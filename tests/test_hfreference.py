@@ -8,18 +8,15 @@ from rsparse.errors import RSparseError
 from rsparse.hfreference import hf_generate, hf_generate_tok_s, hf_modes
 
 
-def _tiny():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+@pytest.fixture
+def tiny(tiny_llama):
     torch.manual_seed(3)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=61, max_position_embeddings=64, eos_token_id=5)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab_size=61, eos_token_id=5)
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])  # compiled: static cache (transformers compiles only on GPUs)
-def test_generate_reference_decodes_our_dense_tokens(mode):
-    model = _tiny()
+def test_generate_reference_decodes_our_dense_tokens(mode, tiny):
+    model = tiny
     prompt = torch.tensor([[3, 17, 29, 40], [8, 8, 50, 1]])
     ours = StaticDecoder(model, max_len=32, batch=2).greedy(prompt, 12)
     theirs = hf_generate(model, prompt, 12, mode)
@@ -29,9 +26,9 @@ def test_generate_reference_decodes_our_dense_tokens(mode):
     assert got[f"hf_generate_{mode}_tok_s"] > 0 and got[f"hf_generate_{mode}_first_call_s"] > 0
 
 
-def test_reference_modes_are_checked():
+def test_reference_modes_are_checked(tiny):
     assert hf_modes("eager,compiled") == ["eager", "compiled"] and hf_modes("none") == hf_modes("") == []
     with pytest.raises(RSparseError, match=r"unknown mode\(s\) \['graph'\]"):
         hf_modes("eager,graph")
     with pytest.raises(ValueError, match="mode must be one of"):
-        hf_generate(_tiny(), torch.tensor([[1, 2]]), 2, "graph")
+        hf_generate(tiny, torch.tensor([[1, 2]]), 2, "graph")
