@@ -139,7 +139,7 @@ def run_gpu_bench(args):
         raise RSparseError(f"--alpha must be in (0, 1], got {alpha}")
     if alpha < 1.0 and len(sparsities) != 1:
         raise RSparseError("--alpha < 1 sizes every projection's rank for one sparsity: give one --sparsities value")
-    hf_modes(getattr(args, "hf_reference", "eager"))  # a bad mode fails before any work
+    hf_reference = hf_modes(getattr(args, "hf_reference", "eager"))  # a bad mode fails before any work
     if rank_modes(args) and alpha == 1.0:
         raise RSparseError("--compare-rank compares ways of computing rank terms: give --alpha < 1 too")
     if getattr(args, "pdl", False):
@@ -261,7 +261,7 @@ def run_gpu_bench(args):
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             if B == 1 and time.time() - t_start < args.time_limit:  # the dense model's own generate: a reference row
                 ref = {}
-                for mode in hf_modes(getattr(args, "hf_reference", "eager")):
+                for mode in hf_reference:
                     try:  # a reference row that fails (another transformers version) must not cost the run
                         ref.update(hf_generate_tok_s(model, 1, getattr(args, "tokens", STEPS), mode))
                     except Exception as e:
