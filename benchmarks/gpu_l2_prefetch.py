@@ -16,6 +16,10 @@ weight every time ("hot": the gather's L2 floor); and each kernel alone. Llama-3
 dim 128), 257 filled slots of 512, o_proj 4096x4096 at 50%, batch 1, bf16; the gather checked against
 the float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_l2_prefetch.json.
 `PYTHONPATH=src python3 benchmarks/gpu_l2_prefetch.py`
+
+Session 15 (`gpu_l2_prefetch_s15.json`): refuted. With the weight in L2 the gather still takes 8.0 µs
+(10.0 from DRAM): at this shape it is bound by its latency chain, not DRAM. The prefetch launches cost
+4.1 µs (bulk) and 7.9 µs (lines), and the gather after them was no faster. Not built into the step.
 """
 import json
 
