@@ -87,7 +87,7 @@ def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
     (["bench", "--device", "cuda", "--compare-rank", "gather"], "give --alpha < 1 too"),
     (["bench", "--device", "cuda", "--hf-reference", "eager,graph"], "--hf-reference: unknown mode(s) ['graph']"),
     (["generate", "--device", "tpu", "Hi"], "--device must be cpu or cuda"),
-    (["generate", "--compile", "Hi"], "it needs --device cuda"),
+    (["generate", "--plan", "/no/such/plan", "--backend", "oracle", "--compile", "Hi"], "it needs --backend cpp, not oracle"),
 ])
 def test_bad_input_one_line_exit_2(args, msg):
     r = run(*args)

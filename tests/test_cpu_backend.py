@@ -32,27 +32,53 @@ def test_cpu_group_matches_float64_oracle(dtype, B, IN, members):
     torch.manual_seed(B * 1000 + IN + len(members))
     x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN))
     built = [_member(IN, OUT, R, x, s, bias, dtype) for OUT, R, s, bias in members]
-    g = extension().Group(*[[b[0][i] for b in built] for i in range(6)])
+    ext = extension()
+    h = ext.group_new(*[[b[0][i] for b in built] for i in range(6)])
     for _ in range(2):  # a second call reuses the group's scratch buffers
-        out = g.run(x)
+        out = torch.ops.rsparse_cpu.group_run(x, h, sum(m[0] for m in members))
         assert out.shape == (B, sum(m[0] for m in members)) and torch.isfinite(out).all()
         for got, (_, ref) in zip(out.split([m[0] for m in members], dim=1), built):
             assert ((got.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item() < 1e-5
         x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN))
         built = [(b[0], rsparse_linear_ref(x.double(), b[0][0].double().T, None if b[0][5].numel() == 0 else b[0][5].double(),
                                            b[0][4], b[0][3].double(), b[0][2].double().T, b[0][1].double().T)) for b in built]
+    ext.group_free(h)
 
 
 def test_cpu_group_rejects_bad_buffers():
     ext = extension()
     wt, at, ut, c, tau = torch.randn(10, 4), torch.randn(10, 2), torch.randn(2, 4), torch.ones(10), torch.tensor(0.5)
     with pytest.raises(RuntimeError, match="Ut must be"):
-        ext.Group([wt], [at], [torch.randn(4, 2)], [c], [tau], [torch.empty(0)])
+        ext.group_new([wt], [at], [torch.randn(4, 2)], [c], [tau], [torch.empty(0)])
     with pytest.raises(RuntimeError, match="all float32 or all bfloat16"):
-        ext.Group([wt, wt.bfloat16()], [at, at], [ut, ut], [c, c], [tau, tau], [torch.empty(0)] * 2)
-    g = ext.Group([wt], [at], [ut], [c], [tau], [torch.empty(0)])
+        ext.group_new([wt, wt.bfloat16()], [at, at], [ut, ut], [c, c], [tau, tau], [torch.empty(0)] * 2)
+    h = ext.group_new([wt], [at], [ut], [c], [tau], [torch.empty(0)])
     with pytest.raises(RuntimeError, match="10 features"):
-        g.run(torch.randn(1, 11))
+        torch.ops.rsparse_cpu.group_run(torch.randn(1, 11), h, 4)
+    with pytest.raises(RuntimeError, match="has 4 outputs, not 5"):
+        torch.ops.rsparse_cpu.group_run(torch.randn(1, 10), h, 5)
+    ext.group_free(h)
+    with pytest.raises(RuntimeError, match="does not exist"):
+        torch.ops.rsparse_cpu.group_run(torch.randn(1, 10), h, 4)
+
+
+def test_cpu_group_freed_with_its_module_and_traced_as_one_op():
+    """The C++ group lives as long as its module; torch.compile traces the call through the op's fake
+    (aot_eager: dynamo + AOTAutograd with fake tensors, no C++ codegen) and gives the eager result."""
+    import gc
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(64, 24)
+    U, A = svd_factors(lin.weight.detach(), 4)
+    m = CpuRSparseLinear(RSparseLinear.from_linear(lin, 0.3, U=U, A=A, keep=0.5))
+    x = torch.randn(2, 64)
+    step = torch.compile(m, backend="aot_eager", fullgraph=True)
+    assert torch.equal(step(x), m(x))
+    h = m._handle
+    del m, step
+    gc.collect()
+    with pytest.raises(RuntimeError, match="does not exist"):
+        torch.ops.rsparse_cpu.group_run(x, h, 24)
 
 
 def test_cpu_module_equals_rsparse_linear_and_falls_back_for_prefill():

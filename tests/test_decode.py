@@ -75,11 +75,19 @@ def test_fastest_dense_layouts_keep_the_model_and_agreement_of_a_model_with_itse
 def _tiny_triton_llama(dev):
     """A 2-layer random Llama with R-Sparse modules (rank terms in both groups and in down) swapped to
     their Triton twins, fused groups attached."""
+    from rsparse.kernels.module import to_triton_
+
+    m = _tiny_sparse_llama(dev)
+    to_triton_(m)
+    return m
+
+
+def _tiny_sparse_llama(dev):
+    """A 2-layer random Llama with R-Sparse modules (RSparseLinear; rank terms in q, gate and down)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rsparse.apply import modules_for
     from rsparse.families import set_module
-    from rsparse.kernels.module import to_triton_
     from rsparse.plan import LayerPlan
 
     torch.manual_seed(5)
@@ -95,8 +103,52 @@ def _tiny_triton_llama(dev):
                for i in range(2) for p, (o, n) in shapes.items()}
     for key, mod in modules_for(m, layers, factors).items():
         set_module(m, key, mod)
-    to_triton_(m)
     return m
+
+
+def _teacher_forced(step_logits, prefill_logits, ids, steps):
+    """Logits of `steps` decode steps fed a fixed random token sequence (no argmax feedback, so a
+    rounding difference cannot change what later steps see)."""
+    toks = torch.randint(0, 97, (1, steps), generator=torch.Generator().manual_seed(9))
+    out = [prefill_logits(ids)]
+    for t in range(steps):
+        out.append(step_logits(toks[:, t:t + 1]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_cpu_step_on_the_cpp_backend_gives_the_static_decoders_logits(backend):
+    """`GraphDecoder.stream_compiled` on the CPU (the C++ kernel as the op `rsparse_cpu::group_run`,
+    fused groups): greedy tokens of the eager static decoder; and the compiled step's logits, teacher
+    forced, against the same step uncompiled: equal under aot_eager (the same ops), within float32
+    rounding under inductor (it fuses the norms and RoPE and may round them differently)."""
+    from rsparse.decode import GraphDecoder
+    from rsparse.kernels.cpu import to_cpu_backend_
+
+    m = _tiny_sparse_llama("cpu")
+    to_cpu_backend_(m)
+    ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(7))
+    ref = StaticDecoder(m, max_len=20).greedy(ids, 10)
+    got = torch.cat(list(GraphDecoder(m, max_len=20).stream_compiled(ids, 10, backend=backend)), 1)
+    assert torch.equal(got, ref)
+    eager, comp = GraphDecoder(m, max_len=20), GraphDecoder(m, max_len=20)
+
+    def stepper(dec, step):
+        def run(tok):
+            out = step(tok, torch.tensor([dec.pos]))
+            dec.pos += 1
+            return out
+        return run
+
+    with torch.inference_mode():
+        a = _teacher_forced(stepper(eager, eager.step), eager.prefill, ids, 8)
+        b = _teacher_forced(stepper(comp, comp.compile_step(backend)), comp.prefill, ids, 8)
+    if backend == "aot_eager":
+        assert torch.equal(a, b)
+    else:
+        assert (a - b).abs().max() < 1e-4 * a.abs().max()
+    with pytest.raises(ValueError, match="cache holds 20 positions"):
+        next(GraphDecoder(m, max_len=20).stream_compiled(ids, 15))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

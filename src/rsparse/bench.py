@@ -28,7 +28,7 @@ import torch
 
 from .apply import sparsify_
 from .atomic import write_json
-from .decode import StaticDecoder
+from .decode import GraphDecoder, StaticDecoder
 from .errors import RSparseError
 from .models import load
 from .pipeline import observe
@@ -48,6 +48,29 @@ def _step_times(model, prompt, new_tokens):
         logits = dec.forward(tok)
         times.append(time.perf_counter() - t)
     return times
+
+
+def compiled_timer(model, prompt, new_tokens):
+    """(times, compile seconds): times() prefills `prompt` (eager, untimed) and returns the seconds of
+    each of `new_tokens` decode steps of the model's `GraphDecoder.compile_step()` (inductor; the first
+    call, made here, compiles)."""
+    dec = GraphDecoder(model, max_len=prompt.shape[1] + new_tokens + 1)
+    step = dec.compile_step()
+
+    @torch.inference_mode()
+    def times():
+        logits, out = dec.prefill(prompt), []
+        for _ in range(new_tokens):
+            ids, pos = logits.argmax(-1, keepdim=True), torch.tensor([dec.pos])
+            t = time.perf_counter()
+            logits = step(ids, pos)
+            out.append(time.perf_counter() - t)
+            dec.pos += 1
+        return out
+
+    t0 = time.perf_counter()
+    times()
+    return times, time.perf_counter() - t0
 
 
 class TransposedLinear(torch.nn.Module):
@@ -258,14 +281,24 @@ def run_bench(args):
                 if hasattr(m, "decode_rows"):
                     m.tau.fill_(-1.0)
             models["all_kept"].lm_head = sparse.lm_head
-        times = {k: [] for k in models}
+        timers = {k: (lambda m=m: _step_times(m, prompt, args.tokens)) for k, m in models.items()}
+        compile_s = {}
+        if getattr(args, "cpu_compile", False):  # the same models, each decode step compiled (inductor C++)
+            for k in ("dense", "sparse"):
+                timers[f"{k}_compiled"], compile_s[k] = compiled_timer(models[k], prompt, args.tokens)
+                print(f"compiled the {k} step in {compile_s[k]:.0f} s", flush=True)
+        times = {k: [] for k in timers}
         for _ in range(args.repeats):  # alternate so drift hits all equally
-            for k, m in models.items():
-                times[k] += _step_times(m, prompt, args.tokens)
+            for k, timer in timers.items():
+                times[k] += timer()
         row = {"sparsity": s, "expected_sparsity": plan.expected_sparsity(), "dense_tok_s": 1 / statistics.median(times["dense"]),
                "sparse_tok_s": 1 / statistics.median(times["sparse"]), "agreement": agree}
         if "all_kept" in times:
             row["kernel_all_kept_tok_s"] = 1 / statistics.median(times["all_kept"])
+        if compile_s:
+            row.update(dense_compiled_tok_s=1 / statistics.median(times["dense_compiled"]),
+                       sparse_compiled_tok_s=1 / statistics.median(times["sparse_compiled"]), compile_s=compile_s)
+            row["compiled_speedup"] = row["sparse_compiled_tok_s"] / row["dense_compiled_tok_s"]
         ok = agree["backend"]["mean_kl"] <= 2 * agree["oracle_same_dtype"]["mean_kl"] + 1e-6
         row["matches_oracle_within_its_own_spread"] = ok
         row["speedup"] = row["sparse_tok_s"] / row["dense_tok_s"]
@@ -275,6 +308,9 @@ def run_bench(args):
               f"speedup {row['speedup']:.2f}x"
               + (f"; all channels kept through our kernel {row['kernel_all_kept_tok_s']:.1f} tok/s" if "all_kept" in times else ""),
               flush=True)
+        if compile_s:
+            print(f"  compiled steps: dense {row['dense_compiled_tok_s']:.1f} tok/s, sparse {row['sparse_compiled_tok_s']:.1f} tok/s, "
+                  f"speedup {row['compiled_speedup']:.2f}x", flush=True)
         print(f"  vs float64 oracle ({agree['steps']} teacher-forced steps of text, NLL {agree['reference_nll']:.4f}): "
               f"{args.backend} KL {b_['mean_kl']:.2e} top-1 {b_['top1_agreement']:.3f} NLL {b_['nll']:.4f} greedy equal "
               f"{b_['greedy_equal_tokens']}/{n_check}; {args.dtype} oracle KL {o_['mean_kl']:.2e} top-1 {o_['top1_agreement']:.3f} "
@@ -298,6 +334,7 @@ def run_bench(args):
         write_json(out, result)
     mid = min(rows, key=lambda r: abs(r["sparsity"] - 0.5))
     print(json.dumps({"dense_tok_s": mid["dense_tok_s"], "sparse_tok_s": mid["sparse_tok_s"], "speedup": mid["speedup"],
+                      "compiled_speedup": mid.get("compiled_speedup"),
                       "sparsity": mid["sparsity"], "backend": args.backend, "dtype": args.dtype, "rows": rows}))
 
 

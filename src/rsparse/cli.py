@@ -170,8 +170,9 @@ def _generate_device(args) -> str:
             raise RSparseError('--backend triton needs Triton: pip install -e ".[triton]"')
         if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RSparseError("--backend triton runs on --device cuda (on the CPU only under TRITON_INTERPRET=1, slowly)")
-    if args.compile and args.device != "cuda":
-        raise RSparseError("--compile compiles the CUDA-graph decode step: it needs --device cuda")
+    if args.compile and args.device == "cpu" and args.plan and args.backend != "cpp":
+        raise RSparseError(f"--compile on the CPU compiles the decode step around the C++ kernel: it needs --backend cpp, "
+                           f"not {args.backend}")
     return args.device
 
 
@@ -191,7 +192,9 @@ def cmd_generate(args):
             from .kernels.cpu import to_cpu_backend_
 
             to_cpu_backend_(model)
-            ids_fn = decoder_ids
+            ids_fn = functools.partial(decoder_ids, compile=args.compile)
+    elif args.compile and device == "cpu":  # dense: the same compiled lean decoder
+        ids_fn = functools.partial(decoder_ids, compile=True)
     model.to(device)
     if args.plan and args.backend == "triton":  # the Triton kernels and the lean decoder, graph-replayed on a GPU
         from .families import attached_groups
@@ -282,7 +285,10 @@ def build_parser():
                    help="with --plan: cpp (C++ decode kernel, built on first use; float32/bfloat16; the default on the "
                    "CPU), triton (GPU kernels; the default with --device cuda) or oracle (eager reference)")
     g.add_argument("--device", default="cpu", help="cpu, or cuda: the model on the GPU, each decode step a CUDA graph replay")
-    g.add_argument("--compile", action="store_true", help="--device cuda: torch.compile the decode step before capturing it")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (cuda: before capturing it in a CUDA graph; cpu: inductor's C++ "
+                   "code around the C++ kernel: SmolLM2-135M at 50%% decoded 42.4 tok/s against 22.6 eager in session 15; the first "
+                   "step compiles for ~1-1.5 min, later runs reuse inductor's on-disk cache)")
     g.add_argument("prompt")
     g.set_defaults(fn=cmd_generate)
 
@@ -305,6 +311,9 @@ def build_parser():
     b.add_argument("--backend", default="cpp", help="cpp (C++ kernel, built on first use) or oracle (eager reference)")
     b.add_argument("--memory", action="store_true", help="also measure peak resident memory (subprocesses)")
     b.add_argument("--out", help="write the results JSON here (cpu: implies --memory)")
+    b.add_argument("--cpu-compile", action="store_true",
+                   help="cpu: also time dense and sparse with each decode step compiled by torch.compile (inductor's "
+                   "C++ for the norms, RoPE, cache and residual ops around the kernels; ~1-2 min compile per model)")
     g = b.add_argument_group("--device cuda")
     g.add_argument("--shapes", default="llama3-8b", help="llama3-8b and/or llama2-7b (comma list)")
     g.add_argument("--batches", default="1", help="decode rows, comma list of 1..8 (cpu: 1 only)")

@@ -2,7 +2,8 @@
 new token runs through the sparse modules, and text is yielded as it is produced. `generate_ids`
 runs the model's own (Hugging Face) forward; `decoder_ids` runs the lean static-cache decoder
 (`decode.StaticDecoder`), the loop the fast backends (C++, Triton) are built and benchmarked for, or on
-a GPU (`graphed`) its static-shape step replayed from a CUDA graph (`decode.GraphDecoder`)."""
+a GPU (`graphed`) its static-shape step replayed from a CUDA graph (`decode.GraphDecoder`), or on the
+CPU (`compile`) that step compiled by torch.compile."""
 from __future__ import annotations
 
 import torch
@@ -28,11 +29,14 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: i
 @torch.inference_mode()
 def decoder_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: int | None = None, graphed: bool = False,
                 compile: bool = False):
-    """graphed: every decode step a CUDA graph replay (compiled by torch.compile first if `compile`)."""
+    """graphed: every decode step a CUDA graph replay (compiled by torch.compile first if `compile`);
+    compile without graphed: the step compiled by torch.compile alone (the CPU's fast path)."""
     max_len = len(prompt_ids) + max_new_tokens + 1
     prompt = prompt_ids[None].to(next(model.parameters()).device)
     if graphed:
         steps = GraphDecoder(model, max_len=max_len).stream_graphed(prompt, max_new_tokens, compile)
+    elif compile:
+        steps = GraphDecoder(model, max_len=max_len).stream_compiled(prompt, max_new_tokens)
     else:
         steps = StaticDecoder(model, max_len=max_len).stream_greedy(prompt, max_new_tokens)
     for tok in steps:

@@ -9,12 +9,15 @@ so the low-rank term is r more "rows" with coefficients z. No gathered copy is m
 streams a share of the kept rows, whole (long contiguous reads), into a private float32 partial
 output, and the partials are summed. Projections that read the same input (q/k/v, gate/up) run as
 one group: one call, one compaction pass, one parallel region (`CpuGroup`, attached per block for the
-decoder). Weights float32 or bfloat16 (converted to float32 in registers). More rows than
+decoder). The kernel is called as the registered op `rsparse_cpu::group_run(rows, handle, outputs)`
+(groups live in the extension by handle, freed with their module), so a torch.compile'd decode step
+traces each call as one opaque op. Weights float32 or bfloat16 (converted to float32 in registers). More rows than
 MAX_DECODE_ROWS (prefill, all-token evaluation) run the eager oracle on the same buffers.
 """
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import torch.nn as nn
@@ -29,6 +32,7 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <vector>
+#include <memory>
 #include <cmath>
 
 template <typename T> static inline float to_f(T v) { return static_cast<float>(v); }
@@ -154,11 +158,33 @@ struct Group {
   }
 };
 
+// Groups live here, by handle: the op below takes an int, so that torch.compile traces a call as one
+// opaque op on x (its fake only needs the output width) and eager calls cost one dispatcher hop.
+static std::vector<std::unique_ptr<Group>>& groups() { static std::vector<std::unique_ptr<Group>> g; return g; }
+
+int64_t group_new(std::vector<torch::Tensor> wt, std::vector<torch::Tensor> at, std::vector<torch::Tensor> ut,
+                  std::vector<torch::Tensor> c, std::vector<torch::Tensor> tau, std::vector<torch::Tensor> bias) {
+  groups().push_back(std::make_unique<Group>(wt, at, ut, c, tau, bias));
+  return (int64_t)groups().size() - 1;
+}
+
+void group_free(int64_t h) { if (h >= 0 && h < (int64_t)groups().size()) groups()[h].reset(); }
+
+torch::Tensor group_run(torch::Tensor x, int64_t h, int64_t out_features) {
+  TORCH_CHECK(h >= 0 && h < (int64_t)groups().size() && groups()[h], "rsparse CPU group ", h, " does not exist (freed?)");
+  Group& g = *groups()[h];
+  TORCH_CHECK(out_features == g.off.back(), "group ", h, " has ", g.off.back(), " outputs, not ", out_features);
+  return g.run(x);
+}
+
+TORCH_LIBRARY(rsparse_cpu, m) {
+  m.def("group_run(Tensor x, int handle, int out_features) -> Tensor");
+  m.impl("group_run", torch::kCPU, &group_run);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<Group>(m, "Group")
-      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
-                          std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>>())
-      .def("run", &Group::run);
+  m.def("group_new", &group_new);
+  m.def("group_free", &group_free);
 }
 """
 
@@ -172,21 +198,30 @@ def extension():
         try:
             # -fopenmp: at::parallel_for is inline; without it the "parallel" region runs on one thread.
             # GOMP symbols resolve to the libgomp torch already loaded, so there is one thread pool.
-            _EXT = load_inline(name="rsparse_cpu_v2", cpp_sources=[_SOURCE], functions=None,
+            _EXT = load_inline(name="rsparse_cpu_v3", cpp_sources=[_SOURCE], functions=None,
                                extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
                                verbose=os.environ.get("RSPARSE_VERBOSE_BUILD") == "1")
         except Exception as e:  # no compiler / ninja: say so in one line
             raise RSparseError(f"the CPU kernel could not be built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                                "it needs g++ and ninja (pip install ninja)") from None
+        torch.library.register_fake("rsparse_cpu::group_run")(_group_run_fake)
     return _EXT
 
 
-def _group(members) -> object:
-    """The C++ group over CpuRSparseLinear members (shares their storage)."""
+def _group_run_fake(x, handle, out_features):
+    return x.new_empty((x.shape[0], out_features), dtype=torch.float32)
+
+
+def _group(owner: nn.Module, members) -> int:
+    """A C++ group over CpuRSparseLinear members (sharing their storage), freed with `owner`; returns
+    its handle for `torch.ops.rsparse_cpu.group_run(rows, handle, total outputs)` -> float32."""
     empty = torch.empty(0)
-    return extension().Group([m.wt for m in members], [m.at for m in members], [m.ut for m in members],
-                             [m.col_scale for m in members], [m.tau for m in members],
-                             [empty if m.bias is None else m.bias for m in members])
+    ext = extension()
+    h = ext.group_new([m.wt for m in members], [m.at for m in members], [m.ut for m in members],
+                      [m.col_scale for m in members], [m.tau for m in members],
+                      [empty if m.bias is None else m.bias for m in members])
+    weakref.finalize(owner, ext.group_free, h)
+    return h
 
 
 class CpuRSparseLinear(TransposedRSparseLinear):
@@ -199,14 +234,14 @@ class CpuRSparseLinear(TransposedRSparseLinear):
         super().__init__(m, dt)
         self.col_scale = self.col_scale.float()  # the kernel reads float32 scales (tau is float32 already)
         self.register_buffer("ut", m.U.t().to(dt).contiguous())
-        self._g = _group([self])
+        self._handle = _group(self, [self])
 
     @property
     def U(self):
         return self.ut.t()
 
     def decode_rows(self, rows):
-        return self._g.run(rows)
+        return torch.ops.rsparse_cpu.group_run(rows, self._handle, self.out_features)
 
 
 class CpuGroup(nn.Module):
@@ -216,14 +251,14 @@ class CpuGroup(nn.Module):
     def __init__(self, members: list):
         super().__init__()
         self._members = tuple(members)  # a plain tuple: the weights stay registered where they live
-        self._g = _group(members)
+        self._handle = _group(self, members)
         self._split = [m.out_features for m in members]
 
     def forward(self, x):
         rows = x.reshape(-1, self._members[0].in_features)
         if rows.shape[0] > MAX_DECODE_ROWS:
             return tuple(m(x) for m in self._members)
-        y = self._g.run(rows).to(x.dtype)
+        y = torch.ops.rsparse_cpu.group_run(rows, self._handle, sum(self._split)).to(x.dtype)
         return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split(self._split, dim=-1))
 
 
