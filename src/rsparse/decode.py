@@ -224,8 +224,8 @@ class GraphDecoder(StaticDecoder):
     def compile_step(self, backend: str = "inductor"):
         """`step` compiled by torch.compile for static shapes. On the CPU with inductor's C++ wrapper:
         the compiled graph's ~400 calls per step (kernels, SDPA, lm_head, allocations) are made from C++
-        instead of Python; on SmolLM2-135M at 50% one step took 21.0 ms against 24.0 with the Python
-        wrapper (session 15, one run, alternated)."""
+        instead of Python; on SmolLM2-135M at 50% one step took 23.2 ms against 25.9 with the Python
+        wrapper (session 15, `benchmarks/cpu_compile_wrapper.py`, alternated in one run)."""
         cpu = self.k_cache[0].device.type == "cpu"
         return torch.compile(self.step, dynamic=False, backend=backend,
                              options={"cpp_wrapper": True} if cpu and backend == "inductor" else None)
