@@ -117,38 +117,35 @@ def _teacher_forced(step_logits, prefill_logits, ids, steps):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_compiled_cpu_step_on_the_cpp_backend_gives_the_static_decoders_logits(backend):
-    """`GraphDecoder.stream_compiled` on the CPU (the C++ kernel as the op `rsparse_cpu::group_run`,
-    fused groups): greedy tokens of the eager static decoder; and the compiled step's logits, teacher
-    forced, against the same step uncompiled: equal under aot_eager (the same ops), within float32
-    rounding under inductor (it fuses the norms and RoPE and may round them differently)."""
-    from rsparse.decode import GraphDecoder
+def test_compiled_cpu_decoder_on_the_cpp_backend(backend):
+    """`CompiledDecoder` on the CPU (the C++ kernel as the op `rsparse_cpu::group_run`, fused groups):
+    the greedy tokens of the eager static decoder; and, teacher forced, the logits of the same step
+    uncompiled (`GraphDecoder.step`): equal under aot_eager (the same ops), within float32 rounding
+    under inductor (it fuses the norms and RoPE and may round them differently)."""
+    from rsparse.decode import CompiledDecoder, GraphDecoder
     from rsparse.kernels.cpu import to_cpu_backend_
 
     m = _tiny_sparse_llama("cpu")
     to_cpu_backend_(m)
     ids = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(7))
     ref = StaticDecoder(m, max_len=20).greedy(ids, 10)
-    got = torch.cat(list(GraphDecoder(m, max_len=20).stream_compiled(ids, 10, backend=backend)), 1)
-    assert torch.equal(got, ref)
-    eager, comp = GraphDecoder(m, max_len=20), GraphDecoder(m, max_len=20)
+    assert torch.equal(CompiledDecoder(m, max_len=20, backend=backend).greedy(ids, 10), ref)
+    eager, comp = GraphDecoder(m, max_len=20), CompiledDecoder(m, max_len=20, backend=backend)
 
-    def stepper(dec, step):
-        def run(tok):
-            out = step(tok, torch.tensor([dec.pos]))
-            dec.pos += 1
-            return out
-        return run
+    def eager_step(tok):
+        out = eager.step(tok, torch.tensor([eager.pos]))
+        eager.pos += 1
+        return out
 
     with torch.inference_mode():
-        a = _teacher_forced(stepper(eager, eager.step), eager.prefill, ids, 8)
-        b = _teacher_forced(stepper(comp, comp.compile_step(backend)), comp.prefill, ids, 8)
+        a = _teacher_forced(eager_step, eager.prefill, ids, 8)
+    b = _teacher_forced(comp.forward, comp.prefill, ids, 8)
     if backend == "aot_eager":
         assert torch.equal(a, b)
     else:
         assert (a - b).abs().max() < 1e-4 * a.abs().max()
     with pytest.raises(ValueError, match="cache holds 20 positions"):
-        next(GraphDecoder(m, max_len=20).stream_compiled(ids, 15))
+        CompiledDecoder(m, max_len=20, backend=backend).greedy(ids, 15)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -313,7 +313,8 @@ def build_parser():
     b.add_argument("--out", help="write the results JSON here (cpu: implies --memory)")
     b.add_argument("--cpu-compile", action="store_true",
                    help="cpu: also time dense and sparse with each decode step compiled by torch.compile (inductor's "
-                   "C++ for the norms, RoPE, cache and residual ops around the kernels; ~1-2 min compile per model)")
+                   "C++ for the norms, RoPE, cache and residual ops around the kernels), and the compiled sparse step's "
+                   "agreement with the float64 oracle; each compile takes ~1 min (four of them)")
     g = b.add_argument_group("--device cuda")
     g.add_argument("--shapes", default="llama3-8b", help="llama3-8b and/or llama2-7b (comma list)")
     g.add_argument("--batches", default="1", help="decode rows, comma list of 1..8 (cpu: 1 only)")

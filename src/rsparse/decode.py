@@ -231,25 +231,6 @@ class GraphDecoder(StaticDecoder):
                              options={"cpp_wrapper": True} if cpu and backend == "inductor" else None)
 
     @torch.inference_mode()
-    def stream_compiled(self, prompt: torch.Tensor, new_tokens: int, backend: str = "inductor"):
-        """`stream_greedy`'s tokens, each decode step `step` compiled by torch.compile (no CUDA graph; for
-        the CPU, where inductor turns the ~50 small ops per layer around the projections into a few C++
-        loops: eager, they cost ~15 ms per token on SmolLM2-135M, as much as the projections). The first
-        step compiles (~1-2 min on 2 cores for a 30-layer model; cached on disk by inductor after that).
-        Attention reads every cache slot under a mask (`masked_attention`): size max_len to the job.
-        backend: torch.compile's (tests trace with "aot_eager", which skips the C++ build)."""
-        if prompt.shape[1] + new_tokens > self.max_len:
-            raise ValueError(f"cache holds {self.max_len} positions; {prompt.shape[1] + new_tokens} needed")
-        logits = self.prefill(prompt)
-        step = self.compile_step(backend)
-        for i in range(new_tokens):
-            ids = logits.argmax(-1, keepdim=True)
-            yield ids
-            if i + 1 < new_tokens:
-                logits = step(ids, torch.tensor([self.pos], device=ids.device))
-                self.pos += 1
-
-    @torch.inference_mode()
     def stream_graphed(self, prompt: torch.Tensor, new_tokens: int, compile: bool = False):
         """`stream_greedy`'s tokens, each decode step a replay of one CUDA graph of `step` (compiled by
         torch.compile first if `compile`): no per-kernel launch cost from Python. CUDA only."""
@@ -268,3 +249,31 @@ class GraphDecoder(StaticDecoder):
             self.pos += 1
             pos.fill_(self.pos)
             yield ids.clone()
+
+
+class CompiledDecoder(GraphDecoder):
+    """A drop-in for StaticDecoder's decode loop (`forward`, `greedy`, `stream_greedy`) whose decode
+    steps run `step` compiled by torch.compile (`compile_step`; no CUDA graph: on a GPU `stream_graphed`
+    replays one). For the CPU, where
+    inductor turns the ~50 small ops per layer around the projections into a few C++ loops: eager,
+    they cost ~15 ms per token on SmolLM2-135M, as much as the projections. Prefill stays eager (dense,
+    `prefill`). The first decode step compiles (~1 min on 2 cores for a 30-layer model; inductor
+    caches it on disk). On the CPU attention reads every cache slot under a mask (`masked_attention`), so size
+    max_len to the job; in float32 that attention rounds differently from StaticDecoder's sliced one,
+    enough to flip a channel sitting at its threshold, so greedy text can part from the eager
+    decoder's after a few tokens (as the uncompiled `step` does). backend: torch.compile's (tests
+    trace with "aot_eager", which skips the C++ build)."""
+
+    def __init__(self, model, max_len: int = 512, batch: int = 1, backend: str = "inductor"):
+        super().__init__(model, max_len, batch)
+        self._step = self.compile_step(backend)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] > 1 or self.pos == 0:  # the prompt: StaticDecoder's eager path (prefill)
+            return super().forward(ids)
+        if self.pos + 1 > self.max_len:
+            raise ValueError(f"cache holds {self.max_len} positions; {self.pos + 1} needed")
+        logits = self._step(ids, torch.tensor([self.pos], device=ids.device))
+        self.pos += 1
+        return logits

@@ -3,13 +3,13 @@ new token runs through the sparse modules, and text is yielded as it is produced
 runs the model's own (Hugging Face) forward; `decoder_ids` runs the lean static-cache decoder
 (`decode.StaticDecoder`), the loop the fast backends (C++, Triton) are built and benchmarked for, or on
 a GPU (`graphed`) its static-shape step replayed from a CUDA graph (`decode.GraphDecoder`), or on the
-CPU (`compile`) that step compiled by torch.compile."""
+CPU (`compile`) that step compiled by torch.compile (`decode.CompiledDecoder`)."""
 from __future__ import annotations
 
 import torch
 
 from .apply import dense_view
-from .decode import GraphDecoder, StaticDecoder
+from .decode import CompiledDecoder, GraphDecoder, StaticDecoder
 from .evaluate import _cache_of, _with_cache
 
 
@@ -36,7 +36,7 @@ def decoder_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: in
     if graphed:
         steps = GraphDecoder(model, max_len=max_len).stream_graphed(prompt, max_new_tokens, compile)
     elif compile:
-        steps = GraphDecoder(model, max_len=max_len).stream_compiled(prompt, max_new_tokens)
+        steps = CompiledDecoder(model, max_len=max_len).stream_greedy(prompt, max_new_tokens)
     else:
         steps = StaticDecoder(model, max_len=max_len).stream_greedy(prompt, max_new_tokens)
     for tok in steps:
