@@ -253,16 +253,16 @@ class GraphDecoder(StaticDecoder):
 
 class CompiledDecoder(GraphDecoder):
     """A drop-in for StaticDecoder's decode loop (`forward`, `greedy`, `stream_greedy`) whose decode
-    steps run `step` compiled by torch.compile (`compile_step`; no CUDA graph: on a GPU `stream_graphed`
-    replays one). For the CPU, where
-    inductor turns the ~50 small ops per layer around the projections into a few C++ loops: eager,
-    they cost ~15 ms per token on SmolLM2-135M, as much as the projections. Prefill stays eager (dense,
-    `prefill`). The first decode step compiles (~1 min on 2 cores for a 30-layer model; inductor
-    caches it on disk). On the CPU attention reads every cache slot under a mask (`masked_attention`), so size
-    max_len to the job; in float32 that attention rounds differently from StaticDecoder's sliced one,
-    enough to flip a channel sitting at its threshold, so greedy text can part from the eager
-    decoder's after a few tokens (as the uncompiled `step` does). backend: torch.compile's (tests
-    trace with "aot_eager", which skips the C++ build)."""
+    steps run `step` compiled by torch.compile (`compile_step`; no CUDA graph: on a GPU
+    `stream_graphed` replays one). For the CPU, where inductor turns the ~50 small ops per layer
+    around the projections into a few C++ loops: eager, they cost ~15 ms per token on SmolLM2-135M,
+    as much as the projections. Prefill stays eager (dense, `prefill`). The first decode step
+    compiles (~1 min on 2 cores for a 30-layer model; inductor caches it on disk). On the CPU
+    attention reads every cache slot under a mask (`masked_attention`), so size max_len to the job;
+    in float32 that attention rounds differently from StaticDecoder's sliced one, enough to flip a
+    channel sitting at its threshold, so greedy text can part from the eager decoder's after a few
+    tokens (as the uncompiled `step` does). backend: torch.compile's (tests trace with "aot_eager",
+    which skips the C++ build)."""
 
     def __init__(self, model, max_len: int = 512, batch: int = 1, backend: str = "inductor"):
         super().__init__(model, max_len, batch)
