@@ -15,6 +15,10 @@ from rsparse.apply import swapped  # noqa: E402
 from rsparse.families import locate  # noqa: E402
 from rsparse.gpubench import check_against_oracle, input_samples, modules_at  # noqa: E402
 
+# where a GPU is visible the kernels compile for it and take CUDA tensors only (session 16 ran this file
+# on the H200 with CPU tensors: "Pointer argument cannot be accessed from Triton"); else the interpreter
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def _graph_stand_in(model, sparse, dec, ids, pos):
     with torch.inference_mode(), swapped(model, sparse):
@@ -30,13 +34,13 @@ def _graph_stand_in(model, sparse, dec, ids, pos):
 @pytest.mark.parametrize("token", [7, 41])
 def test_check_runs_the_oracle_on_the_graphs_own_token(token, tiny_llama):
     torch.manual_seed(token)
-    model = tiny_llama(vocab_size=53)
+    model = tiny_llama(vocab_size=53).to(DEV)
     projs = locate(model)
     samples = input_samples(model, tokens=64)
     sparse, quantile = modules_at(projs, 0.5, 1.0)
     taus = {k: m.tau for k, m in sparse.items()}
     dec = GraphDecoder(model, max_len=16)
-    g, out = _graph_stand_in(model, sparse, dec, torch.tensor([[token]]), torch.tensor([5]))
+    g, out = _graph_stand_in(model, sparse, dec, torch.tensor([[token]], device=DEV), torch.tensor([5], device=DEV))
     got = check_against_oracle("tiny", model, projs, dec, g, out, taus, samples, sparse, quantile)
     # the same kernels on the same token: equal; the oracle in float32 agrees to rounding
     assert got["graph_vs_eager_triton_rel_err"] == 0.0

@@ -8,13 +8,13 @@ pytest.importorskip("triton")
 
 from rsparse.decode import GraphDecoder  # noqa: E402
 from rsparse.errors import RSparseError  # noqa: E402
-from rsparse.gpuvariants import compile_options, compiled_variants, rank_modes  # noqa: E402
+from rsparse.gpuvariants import compile_options, compiled_variants, inductor_patches, rank_modes  # noqa: E402
 from rsparse.kernels import module as km  # noqa: E402
 from rsparse.kernels import triton_gemv as tg  # noqa: E402
 
 
 def _args(**kw):
-    base = dict(compare_reduce=False, pdl=False, masked_dense=False, compare_rank=None, compare_attention=False)
+    base = dict(compare_reduce=False, inductor_ab=None, masked_dense=False, compare_rank=None, compare_attention=False)
     return SimpleNamespace(**dict(base, **kw))
 
 
@@ -48,3 +48,27 @@ def test_compile_options_set_and_restore_the_switches(tiny_llama):
         with compile_options(dec, attention="flash"):
             pass
     assert dec.attention == "sdpa"
+
+
+def test_inductor_ab_adds_a_pair_per_setting_and_patches_only_while_traced(tiny_llama):
+    import torch._inductor.config as inductor_config
+
+    args = _args(inductor_ab=["combo_kernels=1", "triton.enable_pdl=true, coordinate_descent_tuning=0"])
+    assert inductor_patches(args) == [("combo_kernels", {"combo_kernels": True}),
+                                      ("enable_pdl+coordinate_descent_tuning",
+                                       {"triton.enable_pdl": True, "coordinate_descent_tuning": False})]
+    got = compiled_variants(args, "fused", "S", "G", 1)[2:]
+    assert [(v[0], v[1], v[3]) for v in got] == [
+        ("dense-combo_kernels", {}, {"inductor": {"combo_kernels": True}}),
+        ("fused-combo_kernels", "S", {"inductor": {"combo_kernels": True}}),
+        ("dense-enable_pdl+coordinate_descent_tuning", {}, {"inductor": {"triton.enable_pdl": True, "coordinate_descent_tuning": False}}),
+        ("fused-enable_pdl+coordinate_descent_tuning", "S", {"inductor": {"triton.enable_pdl": True, "coordinate_descent_tuning": False}})]
+    before = inductor_config.combo_kernels
+    dec = GraphDecoder(tiny_llama(), max_len=8)
+    with compile_options(dec, inductor={"combo_kernels": not before}):
+        assert inductor_config.combo_kernels is (not before)
+    assert inductor_config.combo_kernels is before
+    for bad, msg in ((["no_such_knob=1"], "has no option 'no_such_knob'"), (["combo_kernels"], "expected key=value"),
+                     ([" , "], "give key=value items")):
+        with pytest.raises(RSparseError, match=msg):
+            inductor_patches(_args(inductor_ab=bad))

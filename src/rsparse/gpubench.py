@@ -33,7 +33,7 @@ from .errors import RSparseError
 from .families import locate, set_group
 from .kernels import triton_gemv as tg
 from .kernels.module import TritonRSparseLinear, triton_groups
-from .gpuvariants import compile_options, compiled_variants, rank_modes, uncached_compiles
+from .gpuvariants import compile_options, compiled_variants, inductor_patches, rank_modes, uncached_compiles
 from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
 
@@ -142,11 +142,7 @@ def run_gpu_bench(args):
     hf_reference = hf_modes(getattr(args, "hf_reference", "eager"))  # a bad mode fails before any work
     if rank_modes(args) and alpha == 1.0:
         raise RSparseError("--compare-rank compares ways of computing rank terms: give --alpha < 1 too")
-    if getattr(args, "pdl", False):
-        import torch._inductor.config as inductor_config
-
-        if not hasattr(inductor_config.triton, "enable_pdl"):
-            raise RSparseError(f"--pdl needs inductor's triton.enable_pdl option, which torch {torch.__version__} does not have")
+    inductor_patches(args)  # a bad --inductor-ab fails before any work
     if not torch.cuda.is_available():
         raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
     if args.profile:

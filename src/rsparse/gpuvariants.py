@@ -13,7 +13,8 @@ from .kernels import triton_gemv as tg
 def compiled_variants(args, label_c, sparse, groups, B):
     """(label, modules, groups, options) of the compiled steps: dense and sparse, and the A/B variants
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
-    the consumer, and inductor summing them only where TUNED has no one-launch kernel; --pdl: inductor's kernels launched with programmatic dependent launch; --masked-dense,
+    the consumer, and inductor summing them only where TUNED has no one-launch kernel; --inductor-ab: dense
+    and sparse compiled under other inductor settings, e.g. combo_kernels=1; --masked-dense,
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
     --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`;
     --compare-attention: dense and sparse with the other decode attention, `decode.GraphDecoder`)."""
@@ -21,8 +22,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
         out.append((f"{label_c}-non-splitk", sparse, groups, {"consumer_reduce": "non-splitk"}))
-    if getattr(args, "pdl", False):
-        out += [("dense-pdl", {}, {}, {"pdl": True}), (f"{label_c}-pdl", sparse, groups, {"pdl": True})]
+    for tag, patch in inductor_patches(args):
+        out += [(f"dense-{tag}", {}, {}, {"inductor": patch}), (f"{label_c}-{tag}", sparse, groups, {"inductor": patch})]
     if getattr(args, "masked_dense", False) and B > 1:
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
     for mode in rank_modes(args):
@@ -42,6 +43,43 @@ def rank_modes(args) -> list:
     return modes
 
 
+def _value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def inductor_patches(args) -> list:
+    """--inductor-ab's settings (each occurrence "key=value[,key=value]": one more pair of compiled
+    steps) as [(tag, {inductor config key: value})], every key checked against torch._inductor.config
+    and every value of a boolean key read as a boolean ("combo_kernels=1")."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    out = []
+    for spec in getattr(args, "inductor_ab", None) or []:
+        patch = {}
+        for item in (i.strip() for i in spec.split(",") if i.strip()):
+            key, eq, text = item.partition("=")
+            if not eq or not key:
+                raise RSparseError(f"--inductor-ab {spec!r}: expected key=value items, got {item!r}")
+            if key not in known:
+                raise RSparseError(f"--inductor-ab: torch {torch.__version__}'s inductor has no option {key!r}")
+            value = _value(text)
+            patch[key] = bool(value) if isinstance(known[key], bool) else value
+        if not patch:
+            raise RSparseError("--inductor-ab: give key=value items, e.g. combo_kernels=1")
+        out.append(("+".join(k.split(".")[-1] for k in patch), patch))
+    return out
+
+
 def uncached_compiles() -> None:
     """Turn off inductor's FX graph cache and AOTAutograd's cache for this process. The benchmarks
     compile one step several ways, and some choices are read inside our ops at trace time (`TUNED`
@@ -57,7 +95,7 @@ def uncached_compiles() -> None:
 
 
 @contextlib.contextmanager
-def compile_options(dec, consumer_reduce="all", pdl=False, kernel_rows=None, rank_terms=None, attention=None):
+def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None, rank_terms=None, attention=None):
     """Set while dec's compiled step is traced and captured (all are read at trace time only)."""
     from .kernels import module as km
 
@@ -67,12 +105,9 @@ def compile_options(dec, consumer_reduce="all", pdl=False, kernel_rows=None, ran
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
     try:
-        if pdl:
-            import torch._inductor.config as inductor_config
+        import torch._inductor.config as inductor_config
 
-            with inductor_config.patch({"triton.enable_pdl": True}):
-                yield
-        else:
+        with inductor_config.patch(inductor or {}):
             yield
     finally:
         km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
