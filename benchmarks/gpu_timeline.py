@@ -6,10 +6,13 @@ looked inside a call. Here every program of every gather records, with the GPU's
 timer, when it starts, when its compaction is done (its kept-index count known), and when its last
 weight tile has been multiplied (its float32 partial about to be stored), plus the SM it ran on.
 
-The chain: LAYERS layers of Llama-3-8B's sparse projections as in `gpu_pdl.py` (q|k|v, o, gate|up +
-SiLU * up, down; a gather and an epilogue each, each call's input the previous call's output, every
-weight distinct and read from HBM, batch 1, r = 0, 50% kept per call), with the gathers' timestamping
-twin (`_timed_gather`, the same device functions as `_fused_gather_gemv`). Captured in one CUDA graph
+The chain: LAYERS layers of Llama-3-8B's sparse projections as the eager module path runs them (q|k|v,
+o, gate|up + SiLU * up, down; a gather and an epilogue each, each call's input the previous call's
+output, every weight distinct and read from HBM, batch 1, r = 0, 50% kept per call; the gathers at the
+compiled path's configurations), with the gathers' timestamping twin (`_timed_gather`: `_tile_acc` and
+`triton_gemv._gather` repeated line for line with stamps between; a change there belongs here too).
+The stamps read %globaltimer, which advances in ~1 µs steps on this GPU (the smallest nonzero
+difference seen): single-program figures are coarse, medians over programs and layers less so. Captured in one CUDA graph
 and replayed; the last replay's records are read. Per call (median over layers):
   span      first program start -> last program end (the call as the SMs see it);
   ideal     the bytes its kept rows read / measured copy bandwidth;
@@ -29,13 +32,33 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_pdl import H, calls, config, layer_weights
 from rsparse.gpubench import copy_bandwidth
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.tl_common import BB, _compact_chunk, _gather_rows, _store_partial
 
+H, I, KV = 4096, 14336, 1024
 LAYERS, FIELDS = 8, 5
 NAMES = ("q|k|v", "o", "gate|up", "down")
+
+
+def layer_weights(gen):
+    """Wt (in, out) of one layer's four calls: q|k|v, o, gate|up, down."""
+    def w(i, o):
+        return (torch.randn(i, o, device="cuda", generator=gen) / i**0.5).to(torch.bfloat16)
+    return [w(H, H + 2 * KV), w(H, H), w(H, 2 * I), w(I, H)]
+
+
+def calls(wts):
+    """[(wt, segments, glu)] per layer: the four calls with the eager path's group arguments."""
+    qkv, o, gu, down = wts
+    return [(qkv, (H, H + KV), False), (o, None, False), (gu, (I, 2 * I), True), (down, None, False)]
+
+
+def config(wt, segments, glu):
+    """The compiled path's configuration of the call (the gather alone: `config_for(reduce=False)`)."""
+    if segments is None:
+        return tg.config_for(wt.shape[1], 0, wt.shape[0], reduce=False)
+    return tg._group_cfg(*segments, wt, 0, reduce=False)
 
 
 @triton.jit
@@ -78,7 +101,7 @@ def _timed_gather(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, log_ptr
 
 def timed_launch(logs):
     """A `_gather` stand-in for `tg._launch` that runs the twin and appends its log buffer to logs."""
-    def gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2, pdl=0):
+    def gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
         B, IN = x.shape
         OUT = wt.shape[1]
         ch, bn = cfg["chunk"], cfg["block_n"]
@@ -93,28 +116,37 @@ def timed_launch(logs):
     return gather
 
 
-def run_chain(layers, x0, taus):
-    x, it = x0, iter(taus)
+def run_chain(layers, x0, taus=None, nbytes=None):
+    """The chain from x0 (each call's input the previous call's output; q|k|v's first H columns feed o).
+    taus None (calibration): set each call's threshold to keep 50% of its input's channels, count the
+    bytes its kept rows read into nbytes, and scale every weight but gate|up's once so that its output
+    has unit RMS (the model's RMSNorms' job: without them the GLU's x^3 makes the inputs underflow
+    within a few layers and those calls read nothing); returns (output, taus) then."""
+    x, fill = x0, taus is None
+    taus = [] if fill else iter(taus)
     for wts in layers:
         for wt, seg, glu in calls(wts):
             x = x[:, :wt.shape[0]]
             P = 1 if seg is None else (2 if glu else 3)
             ones = torch.ones(P, wt.shape[0], device="cuda", dtype=torch.bfloat16)
-            t = next(it)
+            if fill:
+                t = torch.quantile(x.float().abs(), 0.5).reshape(1).repeat(P)
+                taus.append(t)
+                nbytes.append(int((x.float().abs() > t[0]).sum()) * wt.shape[1] * 2)
+            else:
+                t = next(taus)
             at = torch.empty(wt.shape[0], 0, device="cuda", dtype=torch.bfloat16)
             u = torch.empty(0, device="cuda", dtype=torch.bfloat16)
-            x = tg._launch(x, wt, at, u, ones if P > 1 else ones[0], t if P > 1 else t[0], None, config(wt, seg, glu),
-                           segments=seg, glu=glu)
-    return x
 
-
-def calibrate(layers, x0):
-    """Per call: its 50% threshold on its own input, its kept bytes; weights but gate|up's rescaled to
-    unit-RMS outputs (as in gpu_pdl.py)."""
-    from gpu_pdl import chain
-    nbytes = []
-    _, taus = chain(layers, x0, None, 0, nbytes)
-    return taus, nbytes
+            def call():
+                return tg._launch(x, wt, at, u, ones if P > 1 else ones[0], t if P > 1 else t[0], None, config(wt, seg, glu),
+                                  segments=seg, glu=glu)
+            y = call()
+            if fill and not glu:
+                wt.mul_(1 / y.float().pow(2).mean().sqrt())
+                y = call()
+            x = y
+    return (x, taus) if fill else x
 
 
 def busy_profile(t0, t2, sm, nsm):
@@ -158,7 +190,8 @@ def main():
     print(f"device {torch.cuda.get_device_name()}  {nsm} SMs  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     layers = [layer_weights(gen) for _ in range(LAYERS)]
     x0 = torch.distributions.Laplace(0.0, 1.0).sample((1, H)).to("cuda", torch.bfloat16)
-    taus, nbytes = calibrate(layers, x0)
+    nbytes = []
+    _, taus = run_chain(layers, x0, None, nbytes)
     real_gather = tg._gather
     graphs, logs = {}, []
     try:

@@ -110,25 +110,6 @@ def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, O
 
 
 @triton.jit
-def _pdl_enter(PDL: tl.constexpr):
-    """Programmatic dependent launch (Hopper and later; `pdl_launch`): PDL > 0 waits until the previous
-    kernel has finished and its writes are visible (a no-op in a launch without the PDL attribute);
-    PDL == 1 then lets the next kernel's programs be scheduled at once, so that they sit resident
-    behind their own wait instead of being launched after this kernel ends. Called before a program's
-    first global access: buffers of a captured graph are reused, so even writes must wait."""
-    if PDL > 0:
-        tl.extra.cuda.gdc_wait()
-    if PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-def pdl_launch(pdl: int) -> dict:
-    """Launch keywords of a kernel taking a PDL constexpr: {} for 0 (plain launch; also the only value
-    Triton's interpreter runs), else PDL=pdl and the launch attribute."""
-    return dict(PDL=pdl, launch_pdl=True) if pdl else {}
-
-
-@triton.jit
 def _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.arange(0, BB)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk
 from .splitk import launch_splitk
-from .tl_common import BB, _gather_rows, _keep, _pdl_enter, _silu_mul, _store_partial, _sum_partials, _tile_acc, pdl_launch
+from .tl_common import BB, _gather_rows, _keep, _silu_mul, _store_partial, _sum_partials, _tile_acc
 
 CHUNK = 256
 
@@ -73,14 +73,12 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
 
 @triton.jit
 def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT, LDW, SEG1, SEG2,
-                       CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       PDL: tl.constexpr = 0):
+                       CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """`_select`'s compaction done inside each program (x chunk re-read from L2, indices through a
     private scratch row and a CTA barrier): one launch fewer, for the r = 0 path. Also serves a group
     of up to 3 projections reading the same x with Wt side by side (q|k|v, gate|up): output columns
     [0, SEG1) use threshold/scales 0, [SEG1, SEG2) 1, [SEG2, OUT) 2 (c is (P, IN), tau (P,)); member
     boundaries are multiples of BLOCK_N, so a program's tile belongs to one member."""
-    _pdl_enter(PDL)
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
     acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB, BLOCK_K, BLOCK_N)
     _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
@@ -89,10 +87,9 @@ def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B,
 @triton.jit
 def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZCHUNK, SEG1, SEG2, ROFF1, ROFF2,
               BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr,
-              NCP: tl.constexpr, NZP: tl.constexpr, PDL: tl.constexpr = 0):
+              NCP: tl.constexpr, NZP: tl.constexpr):
     """y = sum of the chunks' partials + each member's low-rank term + bias, in the model dtype (one
     module: SEG1 = SEG2 = OUT, ROFF1 = ROFF2 = RT = r)."""
-    _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
@@ -109,13 +106,12 @@ def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZC
 @triton.jit
 def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, ROFF1, NCHUNK, NZCHUNK,
                   BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, HAS_R: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  NCP: tl.constexpr, NZP: tl.constexpr, PDL: tl.constexpr = 0):
+                  NCP: tl.constexpr, NZP: tl.constexpr):
     """y = SiLU(gate) * up for a gate|up group (gate columns [0, HALF), up [HALF, OUT); gate's rank
     columns [0, ROFF1), up's [ROFF1, RT)): the MLP's activation in the epilogue, so the group writes
     (B, HALF) once instead of (B, OUT) and two elementwise launches. Rounded like the unfused module
     path (each member's output, then SiLU, then the product, in the model dtype), so both paths agree
     to the last bit almost always."""
-    _pdl_enter(PDL)
     pid_n = tl.program_id(0)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BB)
@@ -186,7 +182,7 @@ def config_for(out_f: int, rank: int = 0, in_f: int | None = None, reduce: bool 
     return dict(cfg)
 
 
-def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2, pdl=0):
+def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
     """`_fused_gather_gemv` over the whole layer: float32 partials (chunks, rows, out) into ypart."""
     B, IN = x.shape
     OUT = wt.shape[1]
@@ -196,7 +192,7 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2, pdl=0):
     torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](
         x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, wt.stride(0), seg1, seg2,
         CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"],
-        num_stages=cfg["stages"], **pdl_launch(pdl))
+        num_stages=cfg["stages"])
     return ypart
 
 
@@ -220,8 +216,7 @@ RANK_TERMS = "one-launch"
 RANK_MODES = ("epilogue", "gather", "one-launch")
 
 
-def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch",
-            pdl=0):
+def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch"):
     """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
     boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
     other; glu: the group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2)."""
@@ -249,7 +244,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     elif group or cfg.get("fused"):
         if R > 0:
             zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, 1 + (seg1 < OUT) + (seg2 < OUT), roff1, roff2)
-        _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2, pdl)
+        _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
     else:
         zpart = torch.empty(max(nchunk * B * R, 1), dtype=torch.float32, device=x.device)
         idx = torch.empty(nchunk * ch, dtype=torch.int32, device=x.device)
@@ -262,10 +257,10 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
                 NCP=triton.next_power_of_2(nchunk), NZP=triton.next_power_of_2(nzchunk))
     if glu:
         torch.library.wrap_triton(_glu_epilogue)[(triton.cdiv(OUT // 2, bn),)](
-            ypart, zpart, u, b, y, B, OUT, OUT // 2, R, roff1, nchunk, nzchunk, **tail, **pdl_launch(pdl))
+            ypart, zpart, u, b, y, B, OUT, OUT // 2, R, roff1, nchunk, nzchunk, **tail)
         return y
     torch.library.wrap_triton(_epilogue)[(ntile,)](
-        ypart, zpart, u, b, y, B, OUT, R, nchunk, nzchunk, seg1, seg2, roff1, roff2, **tail, **pdl_launch(pdl))
+        ypart, zpart, u, b, y, B, OUT, R, nchunk, nzchunk, seg1, seg2, roff1, roff2, **tail)
     return y
 
 
