@@ -72,3 +72,32 @@ def test_inductor_ab_adds_a_pair_per_setting_and_patches_only_while_traced(tiny_
                      ([" , "], "give key=value items")):
         with pytest.raises(RSparseError, match=msg):
             inductor_patches(_args(inductor_ab=bad))
+
+
+def test_fresh_step_is_traced_again_where_the_same_step_is_not(tiny_llama):
+    """The defect behind session 6's and 16's inductor A/Bs: a second torch.compile of dec.step reuses
+    dynamo's code for it (inductor settings are not among its guards); fresh_step is traced anew and
+    computes the same logits."""
+    import torch
+
+    from rsparse.gpuvariants import fresh_step
+
+    torch.manual_seed(0)
+    dec = GraphDecoder(tiny_llama(), max_len=8)
+    traces = []
+
+    def counting(gm, example_inputs):
+        traces.append(gm)
+        return gm.forward
+
+    ids, pos = torch.tensor([[3]]), torch.tensor([2])
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        a = torch.compile(dec.step, backend=counting)(ids, pos)
+        torch.compile(dec.step, backend=counting)(ids, pos)
+        assert len(traces) == 1  # the second compile hit the first one's code
+        b = torch.compile(fresh_step(dec), backend=counting)(ids, pos)
+        assert len(traces) == 2
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(b, dec.step(ids, pos), rtol=0, atol=0)
+    torch._dynamo.reset()
