@@ -14,13 +14,17 @@ from rsparse.kernels import triton_gemv as tg  # noqa: E402
 
 
 def _args(**kw):
-    base = dict(compare_reduce=False, inductor_ab=None, masked_dense=False, compare_rank=None, compare_attention=False)
+    base = dict(compare_reduce=False, inductor_ab=None, masked_dense=False, compare_rank=None, compare_attention=False,
+                gemv_dense=False)
     return SimpleNamespace(**dict(base, **kw))
 
 
 def test_variants_follow_the_flags():
     plain = compiled_variants(_args(), "fused", "S", "G", 1)
     assert [(v[0], v[3]) for v in plain] == [("dense", {}), ("fused", {})]
+    both = compiled_variants(_args(gemv_dense=True), "fused", "S", "G", 1)  # the CLI's default
+    assert [(v[0], v[1], v[3]) for v in both] == [("dense", {}, {}), ("dense-gemv", {}, {"inductor": {"coordinate_descent_tuning": True}}),
+                                                  ("fused", "S", {})]
     got = compiled_variants(_args(compare_rank="gather,epilogue", masked_dense=True), "fused", "S", "G", 1)
     assert [(v[0], v[3]) for v in got[2:]] == [("fused-rank-gather", {"rank_terms": "gather"}),
                                                ("fused-rank-epilogue", {"rank_terms": "epilogue"})]  # masked dense: batch > 1 only

@@ -10,6 +10,14 @@ from .errors import RSparseError
 from .kernels import triton_gemv as tg
 
 
+# The dense step with inductor's coordinate-descent tuning on (gpt-fast's setting): inductor then lowers a
+# one-row matmul to a Triton reduction of its own instead of a cuBLAS call. Session 16 (one run, H200,
+# Llama-3-8B shapes, batch 1, compiled in our CUDA graph): 221.1 tok/s against cuBLAS's 192.5, 15%
+# faster, where the sparse step with the same setting did not move (317.5 vs 317.3: its projections
+# are our kernels). Until then every "x dense" of the GPU bench was against cuBLAS alone.
+DENSE_GEMV = {"coordinate_descent_tuning": True}
+
+
 def compiled_variants(args, label_c, sparse, groups, B):
     """(label, modules, groups, options) of the compiled steps: dense and sparse, and the A/B variants
     asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
@@ -17,8 +25,12 @@ def compiled_variants(args, label_c, sparse, groups, B):
     and sparse compiled under other inductor settings, e.g. combo_kernels=1; --masked-dense,
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
     --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`;
-    --compare-attention: dense and sparse with the other decode attention, `decode.GraphDecoder`)."""
+    --compare-attention: dense and sparse with the other decode attention, `decode.GraphDecoder`).
+    Always, unless --no-gemv-dense: "dense-gemv", the dense step with inductor's own Triton GEMV
+    (`DENSE_GEMV`), the faster of the two dense baselines on an H200."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
+    if getattr(args, "gemv_dense", True):
+        out.insert(1, ("dense-gemv", {}, {}, {"inductor": DENSE_GEMV}))
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
         out.append((f"{label_c}-non-splitk", sparse, groups, {"consumer_reduce": "non-splitk"}))
