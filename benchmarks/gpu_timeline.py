@@ -21,8 +21,10 @@ and replayed; the last replay's records are read. Per call (median over layers):
   ramp      first start -> the moment 90% of the SMs have a program running;
   tail      the moment busy SMs fall below 90% for good -> last end;
   SM busy   the SMs' busy time / (SMs x span).
-Also times the chain with the real kernel and with the twin (the stamps' own cost). Prints a table,
-ends with one JSON line; writes $OUT/gpu_timeline.json. `PYTHONPATH=src python3 benchmarks/gpu_timeline.py`
+Also times the chain with the real kernel and with the twin (the stamps' own cost). `--variants`: the
+same with finer programs on gate|up and down (chunks of 1024 and 512 channels, `FINER`). Prints a
+table, ends with JSON lines; writes $OUT/gpu_timeline.json.
+`cd benchmarks && PYTHONPATH=../src python3 gpu_timeline.py [--variants]`
 """
 import json
 import os
@@ -183,15 +185,16 @@ def busy_profile(t0, t2, sm, nsm):
     return ramp_end, tail_start, busy / (nsm * span)
 
 
-def main():
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    bw = copy_bandwidth()
-    nsm = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"device {torch.cuda.get_device_name()}  {nsm} SMs  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    layers = [layer_weights(gen) for _ in range(LAYERS)]
-    x0 = torch.distributions.Laplace(0.0, 1.0).sample((1, H)).to("cuda", torch.bfloat16)
-    nbytes = []
-    _, taus = run_chain(layers, x0, None, nbytes)
+# --variants: the same chain with finer programs on the MLP shapes (more of them, each with its own
+# compaction), to see what they trade: a shorter tail against more prologues and partials
+FINER = {"gate|up chunk 1024": {(28672, 4096): dict(chunk=1024, block_k=128, block_n=256, warps=8, stages=2, fused=True)},
+         "gate|up chunk 512": {(28672, 4096): dict(chunk=512, block_k=128, block_n=256, warps=8, stages=2, fused=True)},
+         "down chunk 1024": {(4096, 14336): dict(chunk=1024, block_k=128, block_n=128, warps=4, stages=3, fused=True)},
+         "down chunk 512": {(4096, 14336): dict(chunk=512, block_k=128, block_n=128, warps=4, stages=3, fused=True)}}
+
+
+def measure(layers, x0, taus, nbytes, bw, nsm):
+    """Chain times (real kernels, stamped twin) and the per-call medians of the stamped chain."""
     real_gather = tg._gather
     graphs, logs = {}, []
     try:
@@ -251,14 +254,42 @@ def main():
                    kept_spread=rows[0]["kept_spread"])
         out[n] = med
         print(f"{n:>8} " + " ".join(f"{med[k]!s:>8}" for k in keys) + f"  {med['programs']:>8}  {med['max_per_sm']:>6}")
+    return dict(chain_us=chain_us, stamped_equals_real=same, calls=out, timer_min_delta_ns=min(res_ns) if res_ns else None,
+                raw_layer1={n: recs[4 + i] for i, n in enumerate(NAMES)} if len(recs) > 7 else None)
+
+
+def main():
+    import sys
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bw = copy_bandwidth()
+    nsm = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"device {torch.cuda.get_device_name()}  {nsm} SMs  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    layers = [layer_weights(gen) for _ in range(LAYERS)]
+    x0 = torch.distributions.Laplace(0.0, 1.0).sample((1, H)).to("cuda", torch.bfloat16)
+    nbytes = []
+    _, taus = run_chain(layers, x0, None, nbytes)
     result = dict(bench="gpu_timeline", device=torch.cuda.get_device_name(), sms=nsm, copy_tb_s=round(bw / 1e12, 3),
-                  layers=LAYERS, chain_us=chain_us, stamped_equals_real=same, calls=out,
-                  timer_min_delta_ns=min(res_ns) if res_ns else None,
-                  raw_layer1={n: recs[4 + i] for i, n in enumerate(NAMES)} if len(recs) > 7 else None)
+                  layers=LAYERS, **measure(layers, x0, taus, nbytes, bw, nsm))
+    if "--variants" in sys.argv:
+        saved = dict(tg.TUNED)
+        result["variants"] = {}
+        for name, tuned in FINER.items():
+            print(f"\n{name}", flush=True)
+            tg.TUNED.update(tuned)
+            try:
+                v = measure(layers, x0, taus, nbytes, bw, nsm)
+            finally:
+                tg.TUNED.clear()
+                tg.TUNED.update(saved)
+            v.pop("raw_layer1")
+            result["variants"][name] = v
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_timeline.json"), "w") as fh:
             json.dump(result, fh)
-    print(json.dumps({k: v for k, v in result.items() if k != "raw_layer1"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("raw_layer1", "variants")}))
+    for name, v in result.get("variants", {}).items():
+        print(json.dumps({"variant": name, "chain_us": v["chain_us"], **{n: v["calls"][n] for n in ("gate|up", "down")}}))
 
 
 if __name__ == "__main__":
