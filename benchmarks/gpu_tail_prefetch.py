@@ -19,6 +19,10 @@ F = 0 (the twin, no prefetch), 1/8, 1/4 and 1/2 of each chunk's rows; also "line
 replayed alternately (median of repeats), its output checked bit for bit against the real kernels'.
 Prints a table, ends with one JSON line; writes $OUT/gpu_tail_prefetch.json.
 `cd benchmarks && PYTHONPATH=../src python3 gpu_tail_prefetch.py`
+
+Session 16 (`gpu_tail_prefetch_s16.json`): refuted. Real kernels 728.2 µs per chain, the twin without
+prefetch 728.8; bulk prefetch of 1/8, 1/4, 1/2 of each chunk 818.5, 984.2, 1329.8; lines at 1/4 924.2.
+The chain slows in proportion to the bytes prefetched, as if none came back as L2 hits. Not built.
 """
 import json
 import os
