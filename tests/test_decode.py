@@ -148,6 +148,24 @@ def test_compiled_cpu_decoder_on_the_cpp_backend(backend):
         CompiledDecoder(m, max_len=20, backend=backend).greedy(ids, 15)
 
 
+def test_compiled_cpu_decoder_skipping_guards_gives_the_same_logits():
+    """skip_guards (as `rsparse generate --compile` runs it): the first decode step compiles with guards,
+    the later ones run the same code without checking them; teacher forced, the logits equal those of
+    the decoder that checks its guards every step, and greedy decoding gives the eager decoder's tokens."""
+    from rsparse.decode import CompiledDecoder
+    from rsparse.kernels.cpu import to_cpu_backend_
+
+    m = _tiny_sparse_llama("cpu")
+    to_cpu_backend_(m)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(11))
+    checked, skipping = (CompiledDecoder(m, max_len=20, backend="aot_eager", skip_guards=s) for s in (False, True))
+    a = _teacher_forced(checked.forward, checked.prefill, ids, 8)
+    b = _teacher_forced(skipping.forward, skipping.prefill, ids, 8)
+    assert skipping._warm and torch.equal(a, b)
+    ref = StaticDecoder(m, max_len=20).greedy(ids, 10)
+    assert torch.equal(CompiledDecoder(m, max_len=20, backend="aot_eager", skip_guards=True).greedy(ids, 10), ref)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [False, True])
 def test_graphed_decode_gives_the_static_decoders_tokens(compile):

@@ -56,8 +56,8 @@ def _decode_times(dec, prompt, new_tokens):
 
 def compiled_timer(model, prompt, new_tokens):
     """(times, compile seconds): times() = `_decode_times` of one `CompiledDecoder` of the model (kept,
-    so it compiles once: in the first call, made here)."""
-    dec = CompiledDecoder(model, max_len=prompt.shape[1] + new_tokens + 1)
+    so it compiles once: in the first call, made here; guard checks skipped after it, as in generate)."""
+    dec = CompiledDecoder(model, max_len=prompt.shape[1] + new_tokens + 1, skip_guards=True)
     t0 = time.perf_counter()
     _decode_times(dec, prompt, new_tokens)
     return (lambda: _decode_times(dec, prompt, new_tokens)), time.perf_counter() - t0

@@ -262,11 +262,18 @@ class CompiledDecoder(GraphDecoder):
     in float32 that attention rounds differently from StaticDecoder's sliced one, enough to flip a
     channel sitting at its threshold, so greedy text can part from the eager decoder's after a few
     tokens (as the uncompiled `step` does). backend: torch.compile's (tests trace with "aot_eager",
-    which skips the C++ build)."""
+    which skips the C++ build).
+    skip_guards: after the first compiled step, run the steps without dynamo's guard checks
+    (`torch.compiler.set_stance(skip_guard_eval_unsafe=True)`): the decode loop calls one graph with
+    inputs of fixed shapes, so the checks only cost time (SmolLM2-135M, 2 threads, two runs of session
+    16: dense +2.7 / +4.5%, the 50% plan +4.8 / +6.9%, the same tokens; `benchmarks/cpu_compile_guards.py`). Unsafe where the model
+    changes after the first step (modules swapped, thresholds' shapes, dtype): the old code would run on;
+    for a decoder whose model stays as it is, e.g. `rsparse generate --compile` and the CPU bench."""
 
-    def __init__(self, model, max_len: int = 512, batch: int = 1, backend: str = "inductor"):
+    def __init__(self, model, max_len: int = 512, batch: int = 1, backend: str = "inductor", skip_guards: bool = False):
         super().__init__(model, max_len, batch)
         self._step = self.compile_step(backend)
+        self.skip_guards, self._warm = skip_guards, False
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -274,6 +281,8 @@ class CompiledDecoder(GraphDecoder):
             return super().forward(ids)
         if self.pos + 1 > self.max_len:
             raise ValueError(f"cache holds {self.max_len} positions; {self.pos + 1} needed")
-        logits = self._step(ids, torch.tensor([self.pos], device=ids.device))
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=self.skip_guards and self._warm):
+            logits = self._step(ids, torch.tensor([self.pos], device=ids.device))
+        self._warm = True  # compiled (the first call), guards built: later calls may skip them
         self.pos += 1
         return logits

@@ -36,7 +36,7 @@ def decoder_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, eos_id: in
     if graphed:
         steps = GraphDecoder(model, max_len=max_len).stream_graphed(prompt, max_new_tokens, compile)
     elif compile:
-        steps = CompiledDecoder(model, max_len=max_len).stream_greedy(prompt, max_new_tokens)
+        steps = CompiledDecoder(model, max_len=max_len, skip_guards=True).stream_greedy(prompt, max_new_tokens)
     else:
         steps = StaticDecoder(model, max_len=max_len).stream_greedy(prompt, max_new_tokens)
     for tok in steps:
