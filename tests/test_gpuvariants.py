@@ -25,6 +25,8 @@ def test_variants_follow_the_flags():
     both = compiled_variants(_args(gemv_dense=True), "fused", "S", "G", 1)  # the CLI's default
     assert [(v[0], v[1], v[3]) for v in both] == [("dense", {}, {}), ("dense-gemv", {}, {"inductor": {"coordinate_descent_tuning": True}}),
                                                   ("fused", "S", {})]
+    # inductor decomposes only one-row matmuls: at batch 2 the GEMV dense would be cuBLAS again
+    assert [v[0] for v in compiled_variants(_args(gemv_dense=True), "fused", "S", "G", 2)] == ["dense", "fused"]
     got = compiled_variants(_args(compare_rank="gather,epilogue", masked_dense=True), "fused", "S", "G", 1)
     assert [(v[0], v[3]) for v in got[2:]] == [("fused-rank-gather", {"rank_terms": "gather"}),
                                                ("fused-rank-epilogue", {"rank_terms": "epilogue"})]  # masked dense: batch > 1 only

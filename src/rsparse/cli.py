@@ -335,8 +335,8 @@ def build_parser():
                    "the rank terms: epilogue (U product in the epilogue), gather (added by the gather after a launch of "
                    "its own for the low-rank inputs), one-launch (the low-rank inputs too in the gather launch, the default) (A/B)")
     g.add_argument("--no-gemv-dense", dest="gemv_dense", action="store_false",
-                   help="skip the second dense baseline (inductor's Triton GEMV, coordinate_descent_tuning; 15%% faster "
-                   "than cuBLAS on an H200 in session 16)")
+                   help="skip the second dense baseline at batch 1 (inductor's Triton GEMV, coordinate_descent_tuning; "
+                   "15%% faster than cuBLAS on an H200 in session 16)")
     g.add_argument("--inductor-ab", action="append", metavar="KEY=VALUE[,...]",
                    help="also compile dense and sparse steps under these torch._inductor.config settings (A/B; "
                    "repeatable, one pair of steps each), e.g. combo_kernels=1 or triton.enable_pdl=1")

@@ -7,9 +7,10 @@ of random tokens; per-projection quantile for a uniform plan at the target byte 
 so the kept fractions are what these activations give. Dense and sparse steps are replayed
 alternately (median of repeats, each repeat = `STEPS` replays timed with CUDA events). A
 torch.compile(mode="reduce-overhead") step is timed too at batch 1 (it fuses the elementwise ops
-the manual graph runs one by one). Compiled, dense has two baselines: cuBLAS matmuls ("dense") and
-inductor's own Triton GEMV ("dense-gemv", `gpuvariants.DENSE_GEMV`, 15% faster on an H200 in session
-16); `compiled_speedup_vs_best_dense` is against the faster of the two. Bandwidth: bytes that must be read per token (projection bytes
+the manual graph runs one by one). Compiled at batch 1, dense has two baselines: cuBLAS matmuls
+("dense") and inductor's own Triton GEMV ("dense-gemv", `gpuvariants.DENSE_GEMV`, 15% faster on an
+H200 in session 16; inductor decomposes one-row matmuls only); `compiled_speedup_vs_best_dense` is
+against the faster of the two. Bandwidth: bytes that must be read per token (projection bytes
 x realised kept fraction, lm_head, norms, the whole KV cache) / time / measured copy bandwidth.
 At batch 1 the dense model's own Hugging Face `generate` is timed as a reference row, never the
 baseline (`hfreference`, --hf-reference).

@@ -11,7 +11,9 @@ from .kernels import triton_gemv as tg
 
 
 # The dense step with inductor's coordinate-descent tuning on (gpt-fast's setting): inductor then lowers a
-# one-row matmul to a Triton reduction of its own instead of a cuBLAS call. Session 16 (one run, H200,
+# one-row matmul to a Triton reduction of its own instead of a cuBLAS call (torch/_inductor/decomposition.py,
+# `mm`: only where the left operand has one row, i.e. batch 1; larger batches stay on cuBLAS, so the
+# variant is compiled at batch 1 only). Session 16 (one run, H200,
 # Llama-3-8B shapes, batch 1, compiled in our CUDA graph): 221.1 tok/s against cuBLAS's 192.5, 15%
 # faster, where the sparse step with the same setting did not move (317.5 vs 317.3: its projections
 # are our kernels). Until then every "x dense" of the GPU bench was against cuBLAS alone.
@@ -26,10 +28,10 @@ def compiled_variants(args, label_c, sparse, groups, B):
     batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
     --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`;
     --compare-attention: dense and sparse with the other decode attention, `decode.GraphDecoder`).
-    Always, unless --no-gemv-dense: "dense-gemv", the dense step with inductor's own Triton GEMV
+    At batch 1, unless --no-gemv-dense: "dense-gemv", the dense step with inductor's own Triton GEMV
     (`DENSE_GEMV`), the faster of the two dense baselines on an H200."""
     out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
-    if getattr(args, "gemv_dense", True):
+    if getattr(args, "gemv_dense", True) and B == 1:
         out.insert(1, ("dense-gemv", {}, {}, {"inductor": DENSE_GEMV}))
     if getattr(args, "compare_reduce", False) and B == 1:
         out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
