@@ -32,9 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_timeline import H, LAYERS, calls, layer_weights, run_chain
+from gpu_timeline import H, LAYERS, calls, capture_chains, config, layer_weights, run_chain, time_alternately
 from rsparse.gpubench import copy_bandwidth
-from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.tl_common import BB, _store_partial, _tile_acc
 
 VARIANTS = {"twin": ("bulk", 0.0), "bulk 1/8": ("bulk", 1 / 8), "bulk 1/4": ("bulk", 1 / 4), "bulk 1/2": ("bulk", 1 / 2),
@@ -96,8 +95,6 @@ def prefetching_gather(nexts, mode, frac):
 
 
 def main():
-    from gpu_timeline import config
-
     gen = torch.Generator(device="cuda").manual_seed(0)
     bw = copy_bandwidth()
     props = torch.cuda.get_device_properties(0)
@@ -108,30 +105,9 @@ def main():
     _, taus = run_chain(layers, x0, None, nbytes)
     seq = [(wt, config(wt, seg, glu)["chunk"]) for wts in layers for wt, seg, glu in calls(wts)]
     nexts = {wt.data_ptr(): seq[(i + 1) % len(seq)] for i, (wt, _) in enumerate(seq)}
-    real = tg._gather
-    graphs = {}
-    try:
-        for name, (mode, frac) in [("real", ("bulk", 0.0))] + list(VARIANTS.items()):
-            tg._gather = real if name == "real" else prefetching_gather(nexts, mode, frac)
-            run_chain(layers, x0, taus)  # compile and warm outside the capture
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                out = run_chain(layers, x0, taus)
-            graphs[name] = (g, out)
-    finally:
-        tg._gather = real
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = {k: [] for k in graphs}
-    for _ in range(9):
-        for k, (g, _) in graphs.items():
-            g.replay()
-            start.record()
-            for _ in range(10):
-                g.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times[k].append(start.elapsed_time(end) / 10 * 1e3)
+    gathers = {"real": None, **{name: prefetching_gather(nexts, mode, frac) for name, (mode, frac) in VARIANTS.items()}}
+    graphs = capture_chains(layers, x0, taus, gathers)
+    times = time_alternately(graphs, 9)
     for g, _ in graphs.values():
         g.replay()
     torch.cuda.synchronize()

@@ -199,33 +199,49 @@ FINER = {"gate|up chunk 1024": {(28672, 4096): dict(chunk=1024, block_k=128, blo
          "down chunk 512": {(4096, 14336): dict(chunk=512, block_k=128, block_n=128, warps=4, stages=3, fused=True)}}
 
 
-def measure(layers, x0, taus, nbytes, bw, nsm):
-    """Chain times (real kernels, stamped twin) and the per-call medians of the stamped chain."""
-    real_gather = tg._gather
-    graphs, logs = {}, []
+def capture_chains(layers, x0, taus, gathers, after_warmup=lambda: None):
+    """{name: (graph, output)}: the chain captured in one CUDA graph per `triton_gemv._gather` stand-in
+    (gathers: {name: stand-in, or None for the real kernel}), each run once outside the capture first
+    (compile, warm), then `after_warmup()` (e.g. dropping what the warm-up recorded)."""
+    real = tg._gather
+    graphs = {}
     try:
-        for name in ("real", "stamped"):
-            tg._gather = real_gather if name == "real" else timed_launch(logs)
-            ref = run_chain(layers, x0, taus)  # compile and warm outside the capture
+        for name, gather in gathers.items():
+            tg._gather = real if gather is None else gather
+            run_chain(layers, x0, taus)
             torch.cuda.synchronize()
-            logs.clear()
+            after_warmup()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 out = run_chain(layers, x0, taus)
-            graphs[name] = (g, out, ref)
+            graphs[name] = (g, out)
     finally:
-        tg._gather = real_gather
+        tg._gather = real
+    return graphs
+
+
+def time_alternately(graphs, rounds, replays=10):
+    """{name: [µs per replay]}: `rounds` rounds, each graph replayed `replays` times in turn (after one
+    untimed replay), timed with CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = {k: [] for k in graphs}
-    for _ in range(7):
-        for k, (g, _, _) in graphs.items():
+    for _ in range(rounds):
+        for k, (g, _) in graphs.items():
             g.replay()
             start.record()
-            for _ in range(10):
+            for _ in range(replays):
                 g.replay()
             end.record()
             torch.cuda.synchronize()
-            times[k].append(start.elapsed_time(end) / 10 * 1e3)
+            times[k].append(start.elapsed_time(end) / replays * 1e3)
+    return times
+
+
+def measure(layers, x0, taus, nbytes, bw, nsm):
+    """Chain times (real kernels, stamped twin) and the per-call medians of the stamped chain."""
+    logs = []
+    graphs = capture_chains(layers, x0, taus, {"real": None, "stamped": timed_launch(logs)}, logs.clear)
+    times = time_alternately(graphs, 7)
     chain_us = {k: round(statistics.median(v), 1) for k, v in times.items()}
     same = bool(torch.equal(graphs["stamped"][1], graphs["real"][1]))
     print(f"chain µs: {chain_us}  stamped output equals real: {same}", flush=True)
