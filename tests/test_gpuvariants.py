@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from rsparse.decode import GraphDecoder  # noqa: E402
+from rsparse.decode import GPU_INDUCTOR, GraphDecoder  # noqa: E402
 from rsparse.errors import RSparseError  # noqa: E402
 from rsparse.gpuvariants import compile_options, compiled_variants, inductor_patches, rank_modes  # noqa: E402
 from rsparse.kernels import module as km  # noqa: E402
@@ -15,26 +15,29 @@ from rsparse.kernels import triton_gemv as tg  # noqa: E402
 
 def _args(**kw):
     base = dict(compare_reduce=False, inductor_ab=None, masked_dense=False, compare_rank=None, compare_attention=False,
-                gemv_dense=False)
+                tuned_dense=False)
     return SimpleNamespace(**dict(base, **kw))
 
 
+TUNED = {"inductor": {"coordinate_descent_tuning": True, "combo_kernels": True}}  # decode.GPU_INDUCTOR, spelled out
+
+
 def test_variants_follow_the_flags():
+    # the cuBLAS dense under inductor's defaults; every other step under the tuned settings
     plain = compiled_variants(_args(), "fused", "S", "G", 1)
-    assert [(v[0], v[3]) for v in plain] == [("dense", {}), ("fused", {})]
-    both = compiled_variants(_args(gemv_dense=True), "fused", "S", "G", 1)  # the CLI's default
-    assert [(v[0], v[1], v[3]) for v in both] == [("dense", {}, {}), ("dense-gemv", {}, {"inductor": {"coordinate_descent_tuning": True}}),
-                                                  ("fused", "S", {})]
-    # inductor decomposes only one-row matmuls: at batch 2 the GEMV dense would be cuBLAS again
-    assert [v[0] for v in compiled_variants(_args(gemv_dense=True), "fused", "S", "G", 2)] == ["dense", "fused"]
+    assert [(v[0], v[1], v[3]) for v in plain] == [("dense", {}, {}), ("fused", "S", TUNED)]
+    for B in (1, 2):  # the CLI's default: the tuned dense at every batch
+        both = compiled_variants(_args(tuned_dense=True), "fused", "S", "G", B)
+        assert [(v[0], v[1], v[3]) for v in both] == [("dense", {}, {}), ("dense-tuned", {}, TUNED), ("fused", "S", TUNED)]
     got = compiled_variants(_args(compare_rank="gather,epilogue", masked_dense=True), "fused", "S", "G", 1)
-    assert [(v[0], v[3]) for v in got[2:]] == [("fused-rank-gather", {"rank_terms": "gather"}),
-                                               ("fused-rank-epilogue", {"rank_terms": "epilogue"})]  # masked dense: batch > 1 only
-    assert compiled_variants(_args(masked_dense=True), "fused", "S", "G", 4)[-1][3] == {"kernel_rows": 0}
+    assert [(v[0], v[3]) for v in got[2:]] == [("fused-rank-gather", {"rank_terms": "gather", **TUNED}),
+                                               ("fused-rank-epilogue", {"rank_terms": "epilogue", **TUNED})]  # masked dense: batch > 1 only
+    assert compiled_variants(_args(masked_dense=True), "fused", "S", "G", 4)[-1][3] == {"kernel_rows": 0, **TUNED}
     ab = compiled_variants(_args(compare_attention=True, attention="sdpa"), "fused", "S", "G", 2)[2:]
-    assert [(v[0], v[1], v[3]) for v in ab] == [("dense-attn-triton", {}, {"attention": "triton"}),
-                                                ("fused-attn-triton", "S", {"attention": "triton"})]
-    assert compiled_variants(_args(compare_attention=True, attention="triton"), "fused", "S", "G", 1)[-1][3] == {"attention": "sdpa"}
+    assert [(v[0], v[1], v[3]) for v in ab] == [("dense-attn-triton", {}, {"attention": "triton", **TUNED}),
+                                                ("fused-attn-triton", "S", {"attention": "triton", **TUNED})]
+    assert compiled_variants(_args(compare_attention=True, attention="triton"), "fused", "S", "G", 1)[-1][3] == {"attention": "sdpa", **TUNED}
+    assert GPU_INDUCTOR == TUNED["inductor"]
     with pytest.raises(RSparseError, match=r"unknown rank mode\(s\) \['own-z'\]"):
         rank_modes(_args(compare_rank="one-launch,own-z"))
 
@@ -63,12 +66,11 @@ def test_inductor_ab_adds_a_pair_per_setting_and_patches_only_while_traced(tiny_
     assert inductor_patches(args) == [("combo_kernels", {"combo_kernels": True}),
                                       ("enable_pdl+coordinate_descent_tuning",
                                        {"triton.enable_pdl": True, "coordinate_descent_tuning": False})]
-    got = compiled_variants(args, "fused", "S", "G", 1)[2:]
+    got = compiled_variants(args, "fused", "S", "G", 1)[2:]  # each A/B updates the tuned settings
+    pdl = {"inductor": {"triton.enable_pdl": True, "coordinate_descent_tuning": False, "combo_kernels": True}}
     assert [(v[0], v[1], v[3]) for v in got] == [
-        ("dense-combo_kernels", {}, {"inductor": {"combo_kernels": True}}),
-        ("fused-combo_kernels", "S", {"inductor": {"combo_kernels": True}}),
-        ("dense-enable_pdl+coordinate_descent_tuning", {}, {"inductor": {"triton.enable_pdl": True, "coordinate_descent_tuning": False}}),
-        ("fused-enable_pdl+coordinate_descent_tuning", "S", {"inductor": {"triton.enable_pdl": True, "coordinate_descent_tuning": False}})]
+        ("dense-combo_kernels", {}, TUNED), ("fused-combo_kernels", "S", TUNED),
+        ("dense-enable_pdl+coordinate_descent_tuning", {}, pdl), ("fused-enable_pdl+coordinate_descent_tuning", "S", pdl)]
     before = inductor_config.combo_kernels
     dec = GraphDecoder(tiny_llama(), max_len=8)
     with compile_options(dec, inductor={"combo_kernels": not before}):

@@ -334,12 +334,14 @@ def build_parser():
                    help="with --alpha < 1: also compile the sparse step with each listed way (comma list) of computing "
                    "the rank terms: epilogue (U product in the epilogue), gather (added by the gather after a launch of "
                    "its own for the low-rank inputs), one-launch (the low-rank inputs too in the gather launch, the default) (A/B)")
-    g.add_argument("--no-gemv-dense", dest="gemv_dense", action="store_false",
-                   help="skip the second dense baseline at batch 1 (inductor's Triton GEMV, coordinate_descent_tuning; "
-                   "15%% faster than cuBLAS on an H200 in session 16)")
+    g.add_argument("--no-tuned-dense", dest="tuned_dense", action="store_false",
+                   help="skip the second dense baseline: the dense step under the sparse step's inductor settings "
+                   "(decode.GPU_INDUCTOR; at batch 1 inductor's own Triton GEMV, 21%% faster than cuBLAS on an H200 "
+                   "in session 17)")
     g.add_argument("--inductor-ab", action="append", metavar="KEY=VALUE[,...]",
-                   help="also compile dense and sparse steps under these torch._inductor.config settings (A/B; "
-                   "repeatable, one pair of steps each), e.g. combo_kernels=1 or triton.enable_pdl=1")
+                   help="also compile dense and sparse steps under decode.GPU_INDUCTOR updated with these "
+                   "torch._inductor.config settings (A/B; repeatable, one pair of steps each), e.g. combo_kernels=0 "
+                   "or triton.enable_pdl=1")
     g.add_argument("--attention", choices=("triton", "sdpa"), default="triton",
                    help="decode attention of dense and sparse steps alike: triton (kernels/attention.py: only the "
                    "filled slots; the default, 2.6%% (dense) and 3.7%% (50%% sparse) faster end to end on an H200 in "

@@ -6,45 +6,44 @@ reuse another variant's code.
 """
 import contextlib
 
+from .decode import GPU_INDUCTOR
 from .errors import RSparseError
 from .kernels import triton_gemv as tg
 
 
-# The dense step with inductor's coordinate-descent tuning on (gpt-fast's setting): inductor then lowers a
-# one-row matmul to a Triton reduction of its own instead of a cuBLAS call (torch/_inductor/decomposition.py,
-# `mm`: only where the left operand has one row, i.e. batch 1; larger batches stay on cuBLAS, so the
-# variant is compiled at batch 1 only). Session 16 (one run, H200,
-# Llama-3-8B shapes, batch 1, compiled in our CUDA graph): 221.1 tok/s against cuBLAS's 192.5, 15%
-# faster, where the sparse step with the same setting did not move (317.5 vs 317.3: its projections
-# are our kernels). Until then every "x dense" of the GPU bench was against cuBLAS alone.
-DENSE_GEMV = {"coordinate_descent_tuning": True}
-
-
 def compiled_variants(args, label_c, sparse, groups, B):
-    """(label, modules, groups, options) of the compiled steps: dense and sparse, and the A/B variants
-    asked for (--compare-reduce: the partials summed by our epilogue kernel instead of by inductor in
-    the consumer, and inductor summing them only where TUNED has no one-launch kernel; --inductor-ab: dense
-    and sparse compiled under other inductor settings, e.g. combo_kernels=1; --masked-dense,
-    batch > 1: every projection as cuBLAS on its masked input instead of the gather kernels;
-    --compare-rank MODES: the rank terms computed each listed way, `triton_gemv.RANK_TERMS`;
-    --compare-attention: dense and sparse with the other decode attention, `decode.GraphDecoder`).
-    At batch 1, unless --no-gemv-dense: "dense-gemv", the dense step with inductor's own Triton GEMV
-    (`DENSE_GEMV`), the faster of the two dense baselines on an H200."""
-    out = [("dense", {}, {}, {}), (label_c, sparse, groups, {})]
-    if getattr(args, "gemv_dense", True) and B == 1:
-        out.insert(1, ("dense-gemv", {}, {}, {"inductor": DENSE_GEMV}))
+    """(label, modules, groups, options) of the compiled steps. "dense" is the issue's baseline as
+    named, cuBLAS matmuls under inductor's default settings; every other step is compiled under
+    `decode.GPU_INDUCTOR` (coordinate-descent tuning and combo kernels), which at batch 1 gives the
+    dense step inductor's own Triton GEMV: "dense-tuned", the faster dense (skipped with
+    --no-tuned-dense), and the sparse step under the same settings. A/B variants asked for, each under
+    GPU_INDUCTOR too: --compare-reduce (the partials summed by our epilogue kernel instead of by
+    inductor in the consumer, and inductor summing them only where TUNED has no one-launch kernel);
+    --inductor-ab (dense and sparse under GPU_INDUCTOR updated with other settings, e.g.
+    combo_kernels=0); --masked-dense, batch > 1 (every projection as cuBLAS on its masked input
+    instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
+    `triton_gemv.RANK_TERMS`); --compare-attention (dense and sparse with the other decode attention,
+    `decode.GraphDecoder`)."""
+    def tuned(extra=None):
+        return {"inductor": {**GPU_INDUCTOR, **(extra or {})}}
+
+    out = [("dense", {}, {}, {})]
+    if getattr(args, "tuned_dense", True):
+        out.append(("dense-tuned", {}, {}, tuned()))
+    out.append((label_c, sparse, groups, tuned()))
     if getattr(args, "compare_reduce", False) and B == 1:
-        out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
-        out.append((f"{label_c}-non-splitk", sparse, groups, {"consumer_reduce": "non-splitk"}))
+        out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none", **tuned()}))
+        out.append((f"{label_c}-non-splitk", sparse, groups, {"consumer_reduce": "non-splitk", **tuned()}))
     for tag, patch in inductor_patches(args):
-        out += [(f"dense-{tag}", {}, {}, {"inductor": patch}), (f"{label_c}-{tag}", sparse, groups, {"inductor": patch})]
+        out += [(f"dense-{tag}", {}, {}, tuned(patch)), (f"{label_c}-{tag}", sparse, groups, tuned(patch))]
     if getattr(args, "masked_dense", False) and B > 1:
-        out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
+        out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0, **tuned()}))
     for mode in rank_modes(args):
-        out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
+        out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode, **tuned()}))
     if getattr(args, "compare_attention", False):
         other = "triton" if getattr(args, "attention", "triton") == "sdpa" else "sdpa"
-        out += [(f"dense-attn-{other}", {}, {}, {"attention": other}), (f"{label_c}-attn-{other}", sparse, groups, {"attention": other})]
+        out += [(f"dense-attn-{other}", {}, {}, {"attention": other, **tuned()}),
+                (f"{label_c}-attn-{other}", sparse, groups, {"attention": other, **tuned()})]
     return out
 
 
