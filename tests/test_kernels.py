@@ -213,10 +213,12 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol
 
 
-def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch, rows):
     """While torch.compile traces, modules and groups call `rsparse_partials` (no epilogue launch) and
     sum the partials in the graph; with RANK_TERMS = "epilogue" a module with a rank term keeps the
-    epilogue op. All give the oracle. On the CPU the trace is simulated (is_compiling forced: Triton's interpreter cannot run
+    epilogue op. All give the oracle, for one decode row and for several (rows with different kept
+    sets: the kernels gather their union). On the CPU the trace is simulated (is_compiling forced: Triton's interpreter cannot run
     under fake tensors); on a GPU the modules are compiled by inductor for real."""
     from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
     from rsparse.linear import RSparseLinear
@@ -237,7 +239,7 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
         compile_ = lambda f: f  # noqa: E731
     else:
         compile_ = lambda f: torch.compile(f, fullgraph=True)  # noqa: E731
-    x = torch.distributions.Laplace(0.0, 1.0).sample((1, 1, 160))
+    x = torch.distributions.Laplace(0.0, 1.0).sample((rows, 1, 160))
     with torch.no_grad():
         for fn, ref, mode, via_partials in ((lone, refs[0](x), "epilogue", True), (lone_ranked, ranked(x), "gather", True),
                                             (lone_ranked, ranked(x), "one-launch", True),
@@ -252,15 +254,16 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch):
             assert set(modes) == ({mode} if fn is lone_ranked and mode != "epilogue" else set())
         # the op launches the mode it is given, whatever the global says (a compiled graph records it)
         m = lone_ranked
-        args = (x.reshape(1, 160).to(DEV), m.wt, m.at, m.U, m.col_scale, m.tau, 64, 64, m.at.shape[1], m.at.shape[1])
+        args = (x.reshape(rows, 160).to(DEV), m.wt, m.at, m.U, m.col_scale, m.tau, 64, 64, m.at.shape[1], m.at.shape[1])
         modes.clear()
         got = tg.sum_partials(torch.ops.rsparse.rsparse_partials(*args, "one-launch"), m.bias, x.dtype).cpu()
-        assert modes == ["one-launch"] and ((got - ranked(x)[0]).norm() / ranked(x).norm()).item() < 1e-5
+        want = ranked(x).reshape(rows, -1)
+        assert modes == ["one-launch"] and ((got - want).norm() / want.norm()).item() < 1e-5
         with pytest.raises(ValueError, match="rank_terms 'gather' or 'one-launch', got 'epilogue'"):
             torch.ops.rsparse.rsparse_partials(*args, "epilogue")
         sums.clear()
         ys = compile_(group)(x.to(DEV))
-        assert sums and sums[0][1:] == (1, 128)  # (chunks, rows, q|k|v columns)
+        assert sums and sums[0][1:] == (rows, 128)  # (chunks, rows, q|k|v columns)
         for y, r in zip(ys, refs):
             ref = r(x)
             assert ((y.cpu() - ref).norm() / ref.norm()).item() < 1e-5
