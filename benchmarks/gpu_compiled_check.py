@@ -46,7 +46,7 @@ def main():
             setattr(torch._dynamo.config, name, 64)
     variants = [("dense", False, {}), ("fused", True, {}), ("fused-tuned", True, {"inductor": GPU_INDUCTOR}),
                 ("fused-tuned-epilogue", True, {"inductor": GPU_INDUCTOR, "consumer_reduce": "none"})]
-    rows, out = [], os.path.join(os.environ.get("OUT", "."), "gpu_compiled_check.json")
+    rows, path = [], os.path.join(os.environ.get("OUT", "."), "gpu_compiled_check.json")
     for layers in map(int, args.layers.split(",")):
         key = f"llama3-8b-{layers}l"
         gb.MODELS[key] = dict(gb.MODELS["llama3-8b"], num_hidden_layers=layers)
@@ -77,7 +77,7 @@ def main():
                 del g
             rows.append(row)
             print(json.dumps(row), flush=True)
-            write_json(out, {"rows": rows, "sparsity": args.sparsity})  # kept if a time limit stops the run
+            write_json(path, {"rows": rows, "sparsity": args.sparsity})  # kept if a time limit stops the run
             del dec, g_dense, g_fused
         del model, sparse, groups, samples
         torch.cuda.empty_cache()
