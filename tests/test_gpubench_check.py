@@ -49,3 +49,33 @@ def test_check_runs_the_oracle_on_the_graphs_own_token(token, tiny_llama):
     # the thresholds really cut: about half of a projection's sampled channels fall below tau
     x = samples["0.q"]
     assert 0.3 < (x > taus["0.q"]).float().mean().item() < 0.7
+
+
+def test_compiled_vs_eager_compares_with_every_channel_kept_and_restores_the_thresholds(tiny_llama):
+    """The bench's compiled-step check replays both steps with every threshold at 0: the sparse modules
+    then compute the dense product, so a sparse step checked against the dense one agrees to rounding,
+    where at the real thresholds they differ; the thresholds are restored after, also on a failure."""
+    from rsparse.gpubench import compiled_vs_eager, set_thresholds
+
+    torch.manual_seed(3)
+    model = tiny_llama(vocab_size=53).to(DEV)
+    projs = locate(model)
+    samples = input_samples(model, tokens=64)
+    sparse, _ = modules_at(projs, 0.5, 1.0)
+    taus = {k: m.tau for k, m in sparse.items()}
+    set_thresholds(taus, samples, {}, 0.5)
+    before = {k: t.clone() for k, t in taus.items()}
+    dec = GraphDecoder(model, max_len=16)
+    ids, pos = torch.tensor([[7]], device=DEV), torch.tensor([5], device=DEV)
+    g_sparse, out_sparse = _graph_stand_in(model, sparse, dec, ids, pos)
+    g_dense, out_dense = _graph_stand_in(model, {}, dec, ids, pos)
+    assert ((out_sparse - out_dense).norm() / out_dense.norm()).item() > 1e-2  # the thresholds cut
+    assert compiled_vs_eager((g_sparse, out_sparse), (g_dense, out_dense), taus) < 1e-5
+    assert all(torch.equal(taus[k], before[k]) for k in taus) and min(t.item() for t in taus.values()) > 0
+
+    def broken():
+        raise RuntimeError("replay failed")
+
+    with pytest.raises(RuntimeError, match="replay failed"):
+        compiled_vs_eager((SimpleNamespace(replay=broken), out_sparse), (g_dense, out_dense), taus)
+    assert all(torch.equal(taus[k], before[k]) for k in taus)
