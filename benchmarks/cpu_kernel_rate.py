@@ -1,0 +1,84 @@
+"""At what rate does the CPU kernel stream, with every row kept and with half, against MKL's GEMV?
+
+Why: in the compiled 50% step the C++ kernel reads ~190 MB of kept rows per token at 13-17 GB/s where
+MKL's GEMV reaches ~24 GB/s on this host (docs/perf-cpu.md, session 16). Two explanations predict
+different things: if the kernel's loop or its threading is the limit, it is slow with every row kept
+too (rows then follow each other in memory, as in a GEMV); if the scattered rows are (short bursts,
+each a new stream for the prefetcher), it is fast with every row kept and slow at half.
+
+Here SmolLM2-135M's decode shapes (per layer: q|k|v 960x576, o 576x576, gate|up 3072x576, down
+576x1536, float32, 30 layers of their own weights: 425 MB, far beyond the 48 MB L3), random weights and
+Laplace inputs, one token's worth of calls per round, 2 threads. Per round, alternated: MKL's GEMV on
+every dense weight (`torch.mv`, (out, in) row-major), the kernel with every channel kept (tau = 0),
+and the kernel at 50% kept (tau = the median |x| c). GB/s = bytes of weight rows read / time. Prints a
+table, ends with one JSON line; `--out FILE` writes it.
+`PYTHONPATH=src python3 benchmarks/cpu_kernel_rate.py [--out FILE]`
+"""
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from rsparse.atomic import write_json
+from rsparse.kernels.cpu import CpuGroup, CpuRSparseLinear
+from rsparse.linear import RSparseLinear
+
+ROUNDS, LAYERS = 15, 30
+SHAPES = {"qkv": [(576, 576), (192, 576), (192, 576)], "o": [(576, 576)], "gate_up": [(1536, 576), (1536, 576)],
+          "down": [(576, 1536)]}
+
+
+def layer():
+    """One layer's groups: [(group at 50% kept, group with every channel kept, input row, bytes of the
+    rows each reads, dense weights)]; the two groups hold copies of the same weights."""
+    out = []
+    for shapes in SHAPES.values():
+        lins = [torch.nn.Linear(i, o, bias=False) for o, i in shapes]
+        x = torch.distributions.Laplace(0.0, 1.0).sample((1, shapes[0][1]))
+        half, full = [], []
+        for lin in lins:
+            ref = RSparseLinear.from_linear(lin, 0.0, "wnorm")
+            full.append(CpuRSparseLinear(ref))  # tau = 0: every nonzero channel kept
+            ref.tau.fill_((x[0].abs() * ref.col_scale).median().item())
+            half.append(CpuRSparseLinear(ref))
+        kept = [4 * sum(int((x[0].abs() * m.col_scale > m.tau).sum()) * m.out_features for m in ms) for ms in (half, full)]
+        out.append((CpuGroup(half), CpuGroup(full), x, kept, [lin.weight.detach().contiguous() for lin in lins]))
+    return out
+
+
+def main():
+    torch.manual_seed(0)
+    groups = [g for _ in range(LAYERS) for g in layer()]
+    # the kernel's own check: each group equals the masked dense product
+    with torch.inference_mode():
+        for g in groups[0][:2]:
+            x, ws = groups[0][2], groups[0][4]
+            want = torch.cat([torch.nn.functional.linear(x * (x.abs() * m.col_scale > m.tau), w) for m, w in zip(g._members, ws)], -1)
+            assert torch.allclose(torch.cat(g(x), -1), want, rtol=1e-4, atol=1e-4)
+    runs = {"mkl_gemv": lambda: [torch.mv(w, x[0]) for _, _, x, _, ws in groups for w in ws],
+            "kernel_all_kept": lambda: [g(x) for _, g, x, _, _ in groups],
+            "kernel_half_kept": lambda: [g(x) for g, _, x, _, _ in groups]}
+    nbytes = {"mkl_gemv": 4 * sum(w.numel() for *_, ws in groups for w in ws),
+              "kernel_all_kept": sum(k[1] for _, _, _, k, _ in groups), "kernel_half_kept": sum(k[0] for _, _, _, k, _ in groups)}
+    times = {k: [] for k in runs}
+    with torch.inference_mode():
+        for _ in range(ROUNDS):
+            for k, run in runs.items():
+                t = time.perf_counter()
+                run()
+                times[k].append(time.perf_counter() - t)
+    res = {k: {"ms": statistics.median(v) * 1e3, "MB": nbytes[k] / 1e6, "GB_s": nbytes[k] / statistics.median(v) / 1e9}
+           for k, v in times.items()}
+    print(f"{'path':18s} {'ms/round':>9s} {'MB':>6s} {'GB/s':>6s}   ({len(groups)} groups per round, {torch.get_num_threads()} threads)")
+    for k, r in res.items():
+        print(f"{k:18s} {r['ms']:9.2f} {r['MB']:6.0f} {r['GB_s']:6.1f}")
+    out = {"threads": torch.get_num_threads(), "rounds": ROUNDS, "layers": LAYERS, **res}
+    if "--out" in sys.argv:
+        write_json(sys.argv[sys.argv.index("--out") + 1], out)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
