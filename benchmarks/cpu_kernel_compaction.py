@@ -10,14 +10,12 @@ kept), alternated, 15 rounds, medians; outputs must be equal. Prints a table, en
 `--out FILE` writes it. `PYTHONPATH=src python3 benchmarks/cpu_kernel_compaction.py [--out FILE]`
 """
 import json
-import statistics
 import sys
-import time
 
 import torch
 from torch.utils.cpp_extension import load_inline
 
-from cpu_kernel_rate import LAYERS, layer
+from cpu_kernel_rate import LAYERS, alternate, layer
 from rsparse.atomic import write_json
 from rsparse.kernels import cpu
 
@@ -52,23 +50,16 @@ def main():
         h = ext.group_new([m.wt for m in ms], [m.at for m in ms], [m.ut for m in ms], [m.col_scale for m in ms],
                           [m.tau for m in ms], [empty for _ in ms])
         calls.append((x, g._handle, h, sum(m.out_features for m in ms)))
-    runs = {"branchless": lambda x, h, _, n: torch.ops.rsparse_cpu.group_run(x, h, n),
-            "branchy": lambda x, _, h, n: torch.ops.rsparse_cpu_branchy.group_run(x, h, n)}
-    equal = all(torch.equal(runs["branchless"](*c), runs["branchy"](*c)) for c in calls)
-    times = {k: [] for k in runs}
-    for _ in range(ROUNDS):
-        for k, run in runs.items():
-            t = time.perf_counter()
-            for c in calls:
-                run(*c)
-            times[k].append(time.perf_counter() - t)
+    ops = {"branchless": lambda x, h, _, n: torch.ops.rsparse_cpu.group_run(x, h, n),
+           "branchy": lambda x, _, h, n: torch.ops.rsparse_cpu_branchy.group_run(x, h, n)}
+    equal = all(torch.equal(ops["branchless"](*c), ops["branchy"](*c)) for c in calls)
     nbytes = sum(k[0] for _, _, _, k, _ in groups)
-    res = {k: {"ms_per_round": statistics.median(v) * 1e3, "GB_s": nbytes / statistics.median(v) / 1e9} for k, v in times.items()}
+    res = alternate({k: (lambda op=op: [op(*c) for c in calls]) for k, op in ops.items()}, ROUNDS, nbytes)
     print(f"{'compaction':11s} {'ms/round':>9s} {'GB/s':>6s}   ({len(calls)} group calls, {nbytes / 1e6:.0f} MB of kept rows)")
     for k, r in res.items():
-        print(f"{k:11s} {r['ms_per_round']:9.2f} {r['GB_s']:6.1f}")
+        print(f"{k:11s} {r['ms']:9.2f} {r['GB_s']:6.1f}")
     out = {"threads": torch.get_num_threads(), "rounds": ROUNDS, "outputs_equal": equal, **res,
-           "speedup": res["branchy"]["ms_per_round"] / res["branchless"]["ms_per_round"]}
+           "speedup": res["branchy"]["ms"] / res["branchless"]["ms"]}
     if "--out" in sys.argv:
         write_json(sys.argv[sys.argv.index("--out") + 1], out)
     print(json.dumps(out))

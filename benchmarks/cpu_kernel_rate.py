@@ -30,6 +30,23 @@ SHAPES = {"qkv": [(576, 576), (192, 576), (192, 576)], "o": [(576, 576)], "gate_
           "down": [(576, 1536)]}
 
 
+def alternate(runs: dict, rounds: int, nbytes) -> dict:
+    """Each of `runs` (name: a function of no arguments) timed once per round, in turn, for `rounds`
+    rounds; {name: {"ms": median ms, "MB": bytes / 1e6, "GB_s": bytes / median}}, where `nbytes` is
+    the bytes one call of a run reads (a number, or {name: number})."""
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t)
+    out = {}
+    for k, v in times.items():
+        b = nbytes[k] if isinstance(nbytes, dict) else nbytes
+        out[k] = {"ms": statistics.median(v) * 1e3, "MB": b / 1e6, "GB_s": b / statistics.median(v) / 1e9}
+    return out
+
+
 def layer():
     """One layer's groups: [(group at 50% kept, group with every channel kept, input row, bytes of the
     rows each reads, dense weights)]; the two groups hold copies of the same weights."""
@@ -62,15 +79,8 @@ def main():
             "kernel_half_kept": lambda: [g(x) for g, _, x, _, _ in groups]}
     nbytes = {"mkl_gemv": 4 * sum(w.numel() for *_, ws in groups for w in ws),
               "kernel_all_kept": sum(k[1] for _, _, _, k, _ in groups), "kernel_half_kept": sum(k[0] for _, _, _, k, _ in groups)}
-    times = {k: [] for k in runs}
     with torch.inference_mode():
-        for _ in range(ROUNDS):
-            for k, run in runs.items():
-                t = time.perf_counter()
-                run()
-                times[k].append(time.perf_counter() - t)
-    res = {k: {"ms": statistics.median(v) * 1e3, "MB": nbytes[k] / 1e6, "GB_s": nbytes[k] / statistics.median(v) / 1e9}
-           for k, v in times.items()}
+        res = alternate(runs, ROUNDS, nbytes)
     print(f"{'path':18s} {'ms/round':>9s} {'MB':>6s} {'GB/s':>6s}   ({len(groups)} groups per round, {torch.get_num_threads()} threads)")
     for k, r in res.items():
         print(f"{k:18s} {r['ms']:9.2f} {r['MB']:6.0f} {r['GB_s']:6.1f}")

@@ -21,9 +21,9 @@ import torch
 from rsparse import gpubench as gb
 from rsparse.apply import swapped
 from rsparse.atomic import write_json
-from rsparse.decode import GPU_INDUCTOR, GraphDecoder
+from rsparse.decode import GPU_INDUCTOR, GraphDecoder, fresh_step
 from rsparse.families import locate
-from rsparse.gpuvariants import compile_options, fresh_step, uncached_compiles
+from rsparse.gpuvariants import compile_options, uncached_compiles
 from rsparse.kernels.module import triton_groups
 
 

@@ -166,6 +166,34 @@ def test_compiled_cpu_decoder_skipping_guards_gives_the_same_logits():
     assert torch.equal(CompiledDecoder(m, max_len=20, backend="aot_eager", skip_guards=True).greedy(ids, 10), ref)
 
 
+def test_two_compiled_decoders_skipping_guards_each_run_their_own_model():
+    """Session 17's defect: every decoder's `step` was one code object, so one dynamo cache; with guard
+    checks skipped, a dense decoder called after a sparse decoder had compiled ran the sparse model's
+    code (the CPU bench's compiled dense step read the sparse step's speed). Each decoder now compiles
+    a code object of its own (`decode.fresh_step`): teacher forced, each gives its own model's eager logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rsparse.decode import CompiledDecoder
+    from rsparse.kernels.cpu import to_cpu_backend_
+
+    sparse = _tiny_sparse_llama("cpu")
+    to_cpu_backend_(sparse)
+    torch.manual_seed(5)  # the sparse model's base weights, dense
+    dense = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)).eval()
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(11))
+    with torch.inference_mode():
+        want = {}
+        for name, m in (("dense", dense), ("sparse", sparse)):
+            ref = StaticDecoder(m, max_len=20)
+            want[name] = _teacher_forced(ref.forward, ref.prefill, ids, 6)
+    assert (want["dense"] - want["sparse"]).abs().max() > 0.1  # the models differ
+    decs = {n: CompiledDecoder(m, max_len=20, backend="aot_eager", skip_guards=True) for n, m in (("dense", dense), ("sparse", sparse))}
+    for name in ("dense", "sparse", "dense", "sparse"):  # the dense decoder again after the sparse one compiled
+        got = _teacher_forced(decs[name].forward, decs[name].prefill, ids, 6)
+        assert (got - want[name]).abs().max() < 1e-5, name
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("compile", [False, True])
 def test_graphed_decode_gives_the_static_decoders_tokens(compile):

@@ -88,7 +88,7 @@ def test_fresh_step_is_traced_again_where_the_same_step_is_not(tiny_llama):
     computes the same logits."""
     import torch
 
-    from rsparse.gpuvariants import fresh_step
+    from rsparse.decode import fresh_step
 
     torch.manual_seed(0)
     dec = GraphDecoder(tiny_llama(), max_len=8)

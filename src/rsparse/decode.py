@@ -15,6 +15,9 @@ Prompts are prefilled through `dense_view` (prefill is compute-bound: it stays d
 """
 from __future__ import annotations
 
+import itertools
+import types
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +31,24 @@ from .linear import ThresholdedActivation
 # (H200, Llama-3-8B shapes, batch 1, one run, `gpu_decode_s17_combo_cdt.json`): dense 192.1 tok/s
 # with inductor's defaults (cuBLAS) -> 232.0, the 50% sparse step 316.1 -> 329.6.
 GPU_INDUCTOR = {"coordinate_descent_tuning": True, "combo_kernels": True}
+
+
+_FRESH = itertools.count()
+
+
+def fresh_step(dec):
+    """dec.step as a bound method over a copy of its code object, renamed: compile this, never
+    dec.step itself. Dynamo keeps compiled code per code object, so every decoder's `step` shares one
+    cache, and its guards never read inductor's config. Two defects came from that: the second compile
+    of dec.step under other inductor settings returned the first one's code (session 16: the GPU
+    bench's inductor A/Bs and session 6's --pdl timed the baseline), and with guard checks skipped
+    (`CompiledDecoder(skip_guards=True)`) a decoder ran the code compiled for another decoder's model
+    (session 17: the CPU bench's compiled dense step ran the sparse model's graph and read 47-51 tok/s,
+    the sparse step's speed). A code object of its own per compile keeps each cache to one decoder."""
+    fn = type(dec).step
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_FRESH)}")
+    fresh = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return types.MethodType(fresh, dec)
 
 
 def _rope(x, cos, sin):
@@ -234,7 +255,7 @@ class GraphDecoder(StaticDecoder):
         instead of Python; on SmolLM2-135M at 50% one step took 23.2 ms against 25.9 with the Python
         wrapper (session 15, `benchmarks/cpu_compile_wrapper.py`, alternated in one run)."""
         cpu = self.k_cache[0].device.type == "cpu"
-        return torch.compile(self.step, dynamic=False, backend=backend,
+        return torch.compile(fresh_step(self), dynamic=False, backend=backend,
                              options={"cpp_wrapper": True} if cpu and backend == "inductor" else None)
 
     @torch.inference_mode()
@@ -250,7 +271,7 @@ class GraphDecoder(StaticDecoder):
         ids = logits.argmax(-1, keepdim=True)
         yield ids.clone()
         pos = torch.tensor([self.pos], device=ids.device)
-        graph, out = cuda_graph(torch.compile(self.step, options=GPU_INDUCTOR) if compile else self.step, ids, pos)
+        graph, out = cuda_graph(torch.compile(fresh_step(self), options=GPU_INDUCTOR) if compile else self.step, ids, pos)
         for _ in range(new_tokens - 1):
             graph.replay()
             ids.copy_(out.argmax(-1, keepdim=True))

@@ -33,12 +33,12 @@ import torch._dynamo
 
 from .apply import swapped
 from .atomic import write_json
-from .decode import GPU_INDUCTOR, GraphDecoder, cuda_graph
+from .decode import GPU_INDUCTOR, GraphDecoder, cuda_graph, fresh_step
 from .errors import RSparseError
 from .families import locate, set_group
 from .kernels import triton_gemv as tg
 from .kernels.module import TritonRSparseLinear, triton_groups
-from .gpuvariants import compile_options, compiled_variants, fresh_step, inductor_patches, rank_modes, uncached_compiles
+from .gpuvariants import compile_options, compiled_variants, inductor_patches, rank_modes, uncached_compiles
 from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
 

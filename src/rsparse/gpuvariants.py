@@ -93,20 +93,6 @@ def inductor_patches(args) -> list:
     return out
 
 
-def fresh_step(dec):
-    """dec.step as a bound method over a copy of its code object, for torch.compile under other
-    inductor settings: dynamo keeps compiled code per code object and its guards never read inductor's
-    config, so compiling dec.step again in the same process reused the first variant's code (session 16
-    found it: the --inductor-ab variants, and session 6's --pdl, "compiled in 0s" and timed the
-    baseline). A new code object (renamed) has no cache entry: dynamo traces it afresh."""
-    import types
-
-    fn = type(dec).step
-    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_variant")
-    fresh = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-    return types.MethodType(fresh, dec)
-
-
 def uncached_compiles() -> None:
     """Turn off inductor's FX graph cache and AOTAutograd's cache for this process. The benchmarks
     compile one step several ways, and some choices are read inside our ops at trace time (`TUNED`
