@@ -228,7 +228,7 @@ def run_gpu_bench(args):
                 for label, mods, grp, opts in compiled_variants(args, label_c, sparse, groups, B):
                     with swapped(model, mods), attached(model, grp), compile_options(dec, **opts):
                         t0 = time.time()
-                        step = fresh_step(dec) if opts.get("inductor") else dec.step  # else dynamo reuses the code
+                        step = fresh_step(dec)  # a code object of its own: else dynamo could reuse another variant's code
                         comp[label], out_c = capture(torch.compile(step), B)
                         print(f"compiled {label} step (B={B}) in {time.time() - t0:.0f}s", flush=True)
                         ref = (g_dense, out_dense) if not mods else (g_fused, out_fused) if grp else (g_sparse, out_sparse)
