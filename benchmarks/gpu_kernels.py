@@ -406,11 +406,11 @@ def dense_gemv_us(x, Ws):
     step 21% faster than cuBLAS in session 17), timed like the other columns; (None, message) if it fails."""
     import torch._inductor.config as inductor_config
 
-    from rsparse.decode import GPU_INDUCTOR
+    from rsparse.decode import gpu_inductor
 
     try:
         torch._dynamo.reset()  # one compile per shape, under these settings (dynamo does not guard on them)
-        with inductor_config.patch(GPU_INDUCTOR):
+        with inductor_config.patch(gpu_inductor()):
             f = torch.compile(lambda a, w: torch.nn.functional.linear(a, w), dynamic=False)
             y = f(x, Ws[0])
             ref = torch.nn.functional.linear(x.float(), Ws[0].float())

@@ -33,6 +33,17 @@ from .linear import ThresholdedActivation
 GPU_INDUCTOR = {"coordinate_descent_tuning": True, "combo_kernels": True}
 
 
+def gpu_inductor(version: tuple | None = None) -> dict:
+    """GPU_INDUCTOR less what the installed torch cannot take: options its inductor does not know, and
+    combo_kernels before torch 2.9 (automatic combo kernels landed in 2.5 and had scheduler failures
+    fixed up to 2.9; measured on 2.11 only). Imports inductor's config (~2 s): call it when compiling."""
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    major, minor = version or tuple(int(p) for p in torch.__version__.split(".")[:2])
+    return {k: v for k, v in GPU_INDUCTOR.items() if k in known and not (k == "combo_kernels" and (major, minor) < (2, 9))}
+
+
 _FRESH = itertools.count()
 
 
@@ -261,7 +272,7 @@ class GraphDecoder(StaticDecoder):
     @torch.inference_mode()
     def stream_graphed(self, prompt: torch.Tensor, new_tokens: int, compile: bool = False):
         """`stream_greedy`'s tokens, each decode step a replay of one CUDA graph of `step` (compiled by
-        torch.compile first if `compile`, under `GPU_INDUCTOR`): no per-kernel launch cost from Python.
+        torch.compile first if `compile`, under `gpu_inductor()`): no per-kernel launch cost from Python.
         CUDA only."""
         if prompt.shape[1] + new_tokens > self.max_len:
             raise ValueError(f"cache holds {self.max_len} positions; {prompt.shape[1] + new_tokens} needed")
@@ -271,7 +282,7 @@ class GraphDecoder(StaticDecoder):
         ids = logits.argmax(-1, keepdim=True)
         yield ids.clone()
         pos = torch.tensor([self.pos], device=ids.device)
-        graph, out = cuda_graph(torch.compile(fresh_step(self), options=GPU_INDUCTOR) if compile else self.step, ids, pos)
+        graph, out = cuda_graph(torch.compile(fresh_step(self), options=gpu_inductor()) if compile else self.step, ids, pos)
         for _ in range(new_tokens - 1):
             graph.replay()
             ids.copy_(out.argmax(-1, keepdim=True))

@@ -33,7 +33,7 @@ import torch._dynamo
 
 from .apply import swapped
 from .atomic import write_json
-from .decode import GPU_INDUCTOR, GraphDecoder, cuda_graph, fresh_step
+from .decode import GraphDecoder, cuda_graph, fresh_step, gpu_inductor
 from .errors import RSparseError
 from .families import locate, set_group
 from .kernels import triton_gemv as tg
@@ -458,8 +458,9 @@ def compiled_step(name, model, sparse, taus, samples, dec, quantile, groups=None
     label_s = "fused" if groups else "sparse"
     import torch._inductor.config as inductor_config
 
-    steps = ([("dense", {}, {}, {})] + ([("dense-tuned", {}, {}, GPU_INDUCTOR)] if tuned_dense else [])
-             + [(label_s, sparse, groups or {}, GPU_INDUCTOR)])
+    tuned = gpu_inductor()
+    steps = ([("dense", {}, {}, {})] + ([("dense-tuned", {}, {}, tuned)] if tuned_dense else [])
+             + [(label_s, sparse, groups or {}, tuned)])
     for label, mods, grp, patch in steps:
         if time.time() > deadline:
             out[f"{label}_skipped"] = "time limit"

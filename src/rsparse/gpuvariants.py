@@ -6,7 +6,7 @@ reuse another variant's code.
 """
 import contextlib
 
-from .decode import GPU_INDUCTOR
+from .decode import gpu_inductor
 from .errors import RSparseError
 from .kernels import triton_gemv as tg
 
@@ -25,7 +25,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     `triton_gemv.RANK_TERMS`); --compare-attention (dense and sparse with the other decode attention,
     `decode.GraphDecoder`)."""
     def tuned(extra=None):
-        return {"inductor": {**GPU_INDUCTOR, **(extra or {})}}
+        return {"inductor": {**gpu_inductor(), **(extra or {})}}
 
     out = [("dense", {}, {}, {})]
     if getattr(args, "tuned_dense", True):
