@@ -9,14 +9,9 @@ decision). Here the kernel as it is against a copy built with session 16's branc
 kept), alternated, 15 rounds, medians; outputs must be equal. Prints a table, ends with one JSON line;
 `--out FILE` writes it. `PYTHONPATH=src python3 benchmarks/cpu_kernel_compaction.py [--out FILE]`
 """
-import json
-import sys
-
 import torch
-from torch.utils.cpp_extension import load_inline
 
-from cpu_kernel_rate import LAYERS, alternate, layer
-from rsparse.atomic import write_json
+from cpu_kernel_rate import LAYERS, alternate, build_variant, layer, report
 from rsparse.kernels import cpu
 
 ROUNDS = 15
@@ -30,19 +25,17 @@ BRANCHY = """      int64_t n = 0;
 
 
 def branchy_source() -> str:
-    """kernels/cpu.py's source with its compaction replaced by session 16's loop, its op renamed."""
+    """kernels/cpu.py's source with its compaction replaced by session 16's loop."""
     src = cpu._SOURCE
     start = src.index("      // branchless: which channels are kept")
     end = src.index("      for (int64_t r = 0; r < R; ++r) { C[n + r] = z[r];")
-    src = src[:start] + BRANCHY + src[end:]
-    return src.replace("TORCH_LIBRARY(rsparse_cpu, m)", "TORCH_LIBRARY(rsparse_cpu_branchy, m)")
+    return src[:start] + BRANCHY + src[end:]
 
 
 def main():
     torch.manual_seed(0)
     groups = [g for _ in range(LAYERS) for g in layer()]
-    ext = load_inline(name="rsparse_cpu_branchy", cpp_sources=[branchy_source()], functions=None,
-                      extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"])
+    ext = build_variant(branchy_source(), "rsparse_cpu_branchy")
     empty = torch.empty(0)
     calls = []
     for g, _, x, kept, _ in groups:
@@ -55,15 +48,9 @@ def main():
     equal = all(torch.equal(ops["branchless"](*c), ops["branchy"](*c)) for c in calls)
     nbytes = sum(k[0] for _, _, _, k, _ in groups)
     res = alternate({k: (lambda op=op: [op(*c) for c in calls]) for k, op in ops.items()}, ROUNDS, nbytes)
-    print(f"{'compaction':11s} {'ms/round':>9s} {'GB/s':>6s}   ({len(calls)} group calls, {nbytes / 1e6:.0f} MB of kept rows)")
-    for k, r in res.items():
-        print(f"{k:11s} {r['ms']:9.2f} {r['GB_s']:6.1f}")
-    out = {"threads": torch.get_num_threads(), "rounds": ROUNDS, "outputs_equal": equal, **res,
-           "speedup": res["branchy"]["ms"] / res["branchless"]["ms"]}
-    if "--out" in sys.argv:
-        write_json(sys.argv[sys.argv.index("--out") + 1], out)
-    print(json.dumps(out))
-
+    report("compaction", res, f"{len(calls)} group calls, {nbytes / 1e6:.0f} MB of kept rows",
+           {"threads": torch.get_num_threads(), "rounds": ROUNDS, "outputs_equal": equal, **res,
+            "speedup": res["branchy"]["ms"] / res["branchless"]["ms"]})
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,8 @@ of the next 8 rows before it accumulates the current 8 (its loop unchanged).
 The two builds run the same groups (every projection of SmolLM2-135M at 50%, single-member groups on
 the modules' own buffers), on inputs recorded from a real decode step, alternated (medians of 15
 rounds, each round every projection once); outputs must be equal. Prints a table, ends with one JSON
-line; `--out` writes the JSON. `PYTHONPATH=src python3 benchmarks/cpu_kernel_prefetch.py [--out FILE]`
+line; `--out` writes the JSON (per run "ms" and "GB_s"; session 16's files name the time "ms_per_round").
+`PYTHONPATH=src python3 benchmarks/cpu_kernel_prefetch.py [--out FILE]`
 
 Session 16: refuted twice. This version (`cpu_kernel_prefetch_s16.json`): 13.96 ms per round against
 11.12 for the plain kernel (0.80x), outputs equal. A first version that interleaved the prefetches
@@ -18,15 +19,12 @@ with the accumulation, one line of each next row per 64-byte step of the loop
 (`cpu_kernel_prefetch_s16_interleaved.json`, code not kept): 24.77 against 14.28 ms (0.58x). The plain
 kernel streamed at 13-17 GB/s in these runs (the host is noisy between runs).
 """
-import json
-import statistics
 import sys
 import time
 
 import torch
-from torch.utils.cpp_extension import load_inline
 
-from rsparse.atomic import write_json
+from cpu_kernel_rate import alternate, build_variant, report
 from rsparse.bench import PROMPT, sparse_model
 from rsparse.decode import StaticDecoder
 from rsparse.kernels import cpu
@@ -71,15 +69,13 @@ static void rows_axpy(float* d, const T* base, int64_t OUT, const int32_t* idx, 
 
 
 def prefetch_source() -> str:
-    """kernels/cpu.py's source with axpy8 / rows_axpy replaced by the prefetching ones, its op renamed."""
+    """kernels/cpu.py's source with axpy8 / rows_axpy replaced by the prefetching ones."""
     src = cpu._SOURCE
     a0 = src.index("template <typename T>\n__attribute__((noinline)) static void axpy8")
     a1 = src.index("template <typename T>\n__attribute__((noinline)) static void axpy1")
     r0 = src.index("// d[0:OUT] += sum_k coef[k]")
     r1 = src.index("// Projections that read the same input x")
-    src = src[:a0] + PREFETCH_AXPY8 + src[a1:r0] + PREFETCH_ROWS + "\n" + src[r1:]
-    assert "TORCH_LIBRARY(rsparse_cpu, m)" in src
-    return src.replace("TORCH_LIBRARY(rsparse_cpu, m)", "TORCH_LIBRARY(rsparse_cpu_pf, m)")
+    return src[:a0] + PREFETCH_AXPY8 + src[a1:r0] + PREFETCH_ROWS + "\n" + src[r1:]
 
 
 def main():
@@ -108,35 +104,21 @@ def main():
     if missing:
         sys.exit(f"no recorded input for {len(missing)} modules (first: {missing[0]})")
     t0 = time.perf_counter()
-    ext = load_inline(name="rsparse_cpu_pf_v2", cpp_sources=[prefetch_source()], functions=None,
-                      extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"])
+    ext = build_variant(prefetch_source(), "rsparse_cpu_pf")
     print(f"built the prefetching kernel in {time.perf_counter() - t0:.0f} s", flush=True)
     empty = torch.empty(0)
     handles = {n: ext.group_new([m.wt], [m.at], [m.ut], [m.col_scale], [m.tau], [empty if m.bias is None else m.bias])
                for n, m in mods.items()}
-    runs = {"plain": lambda n: torch.ops.rsparse_cpu.group_run(inputs[n], mods[n]._handle, mods[n].out_features),
-            "prefetch": lambda n: torch.ops.rsparse_cpu_pf.group_run(inputs[n], handles[n], mods[n].out_features)}
-    equal = all(torch.equal(runs["plain"](n), runs["prefetch"](n)) for n in mods)
+    ops = {"plain": lambda n: torch.ops.rsparse_cpu.group_run(inputs[n], mods[n]._handle, mods[n].out_features),
+           "prefetch": lambda n: torch.ops.rsparse_cpu_pf.group_run(inputs[n], handles[n], mods[n].out_features)}
+    equal = all(torch.equal(ops["plain"](n), ops["prefetch"](n)) for n in mods)
     nbytes = sum(((inputs[n].abs() * m.col_scale > m.tau).sum().item() * m.out_features + m.ut.numel()) * m.wt.element_size()
                  for n, m in mods.items())
-    times = {k: [] for k in runs}
-    for _ in range(ROUNDS):
-        for k, run in runs.items():
-            t = time.perf_counter()
-            for n in mods:
-                run(n)
-            times[k].append(time.perf_counter() - t)
-    res = {k: {"ms_per_round": statistics.median(v) * 1e3, "GB_s": nbytes / statistics.median(v) / 1e9} for k, v in times.items()}
-    print(f"{'kernel':10s} {'ms/round':>9s} {'GB/s':>6s}   ({len(mods)} projections, {nbytes / 1e6:.0f} MB of kept rows and factors)")
-    for k, r in res.items():
-        print(f"{k:10s} {r['ms_per_round']:9.2f} {r['GB_s']:6.1f}")
-    out = {"model": "smollm2-135m", "sparsity": 0.5, "threads": torch.get_num_threads(), "rounds": ROUNDS, "projections": len(mods),
-           "bytes_per_round": nbytes, "outputs_equal": equal, **res,
-           "prefetch_speedup": res["plain"]["ms_per_round"] / res["prefetch"]["ms_per_round"]}
-    if "--out" in sys.argv:
-        write_json(sys.argv[sys.argv.index("--out") + 1], out)
-    print(json.dumps(out))
-
+    res = alternate({k: (lambda op=op: [op(n) for n in mods]) for k, op in ops.items()}, ROUNDS, nbytes)
+    report("kernel", res, f"{len(mods)} projections, {nbytes / 1e6:.0f} MB of kept rows and factors",
+           {"model": "smollm2-135m", "sparsity": 0.5, "threads": torch.get_num_threads(), "rounds": ROUNDS,
+            "projections": len(mods), "bytes_per_round": nbytes, "outputs_equal": equal, **res,
+            "prefetch_speedup": res["plain"]["ms"] / res["prefetch"]["ms"]})
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,10 @@ import sys
 import time
 
 import torch
+from torch.utils.cpp_extension import load_inline
 
 from rsparse.atomic import write_json
+from rsparse.kernels import cpu
 from rsparse.kernels.cpu import CpuGroup, CpuRSparseLinear
 from rsparse.linear import RSparseLinear
 
@@ -45,6 +47,25 @@ def alternate(runs: dict, rounds: int, nbytes) -> dict:
         b = nbytes[k] if isinstance(nbytes, dict) else nbytes
         out[k] = {"ms": statistics.median(v) * 1e3, "MB": b / 1e6, "GB_s": b / statistics.median(v) / 1e9}
     return out
+
+
+def build_variant(source: str, name: str):
+    """A copy of the C++ kernel built from `source` (kernels/cpu.py's `_SOURCE` with a change) under its
+    own extension and op namespace `name` (`torch.ops.<name>.group_run`), with the kernel's own flags."""
+    assert "TORCH_LIBRARY(rsparse_cpu, m)" in source
+    return load_inline(name=name, cpp_sources=[source.replace("TORCH_LIBRARY(rsparse_cpu, m)", f"TORCH_LIBRARY({name}, m)")],
+                       functions=None, extra_cflags=cpu.CFLAGS)
+
+
+def report(label: str, res: dict, note: str, out: dict) -> None:
+    """Print `alternate`'s result as a table (one row per run), then `out` as one JSON line; with
+    `--out FILE` on the command line, write `out` there too."""
+    print(f"{label:18s} {'ms/round':>9s} {'MB':>6s} {'GB/s':>6s}   ({note})")
+    for k, r in res.items():
+        print(f"{k:18s} {r['ms']:9.2f} {r['MB']:6.0f} {r['GB_s']:6.1f}")
+    if "--out" in sys.argv:
+        write_json(sys.argv[sys.argv.index("--out") + 1], out)
+    print(json.dumps(out))
 
 
 def layer():
@@ -81,13 +102,8 @@ def main():
               "kernel_all_kept": sum(k[1] for _, _, _, k, _ in groups), "kernel_half_kept": sum(k[0] for _, _, _, k, _ in groups)}
     with torch.inference_mode():
         res = alternate(runs, ROUNDS, nbytes)
-    print(f"{'path':18s} {'ms/round':>9s} {'MB':>6s} {'GB/s':>6s}   ({len(groups)} groups per round, {torch.get_num_threads()} threads)")
-    for k, r in res.items():
-        print(f"{k:18s} {r['ms']:9.2f} {r['MB']:6.0f} {r['GB_s']:6.1f}")
-    out = {"threads": torch.get_num_threads(), "rounds": ROUNDS, "layers": LAYERS, **res}
-    if "--out" in sys.argv:
-        write_json(sys.argv[sys.argv.index("--out") + 1], out)
-    print(json.dumps(out))
+    report("path", res, f"{len(groups)} groups per round, {torch.get_num_threads()} threads",
+           {"threads": torch.get_num_threads(), "rounds": ROUNDS, "layers": LAYERS, **res})
 
 
 if __name__ == "__main__":

@@ -24,27 +24,23 @@ def compiled_variants(args, label_c, sparse, groups, B):
     instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
     `triton_gemv.RANK_TERMS`); --compare-attention (dense and sparse with the other decode attention,
     `decode.GraphDecoder`)."""
-    def tuned(extra=None):
-        return {"inductor": {**gpu_inductor(), **(extra or {})}}
-
-    out = [("dense", {}, {}, {})]
-    if getattr(args, "tuned_dense", True):
-        out.append(("dense-tuned", {}, {}, tuned()))
-    out.append((label_c, sparse, groups, tuned()))
+    out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
+    out.append((label_c, sparse, groups, {}))
     if getattr(args, "compare_reduce", False) and B == 1:
-        out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none", **tuned()}))
-        out.append((f"{label_c}-non-splitk", sparse, groups, {"consumer_reduce": "non-splitk", **tuned()}))
+        out.append((f"{label_c}-epilogue", sparse, groups, {"consumer_reduce": "none"}))
+        out.append((f"{label_c}-non-splitk", sparse, groups, {"consumer_reduce": "non-splitk"}))
     for tag, patch in inductor_patches(args):
-        out += [(f"dense-{tag}", {}, {}, tuned(patch)), (f"{label_c}-{tag}", sparse, groups, tuned(patch))]
+        out += [(f"dense-{tag}", {}, {}, {"inductor": patch}), (f"{label_c}-{tag}", sparse, groups, {"inductor": patch})]
     if getattr(args, "masked_dense", False) and B > 1:
-        out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0, **tuned()}))
+        out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
     for mode in rank_modes(args):
-        out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode, **tuned()}))
+        out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     if getattr(args, "compare_attention", False):
         other = "triton" if getattr(args, "attention", "triton") == "sdpa" else "sdpa"
-        out += [(f"dense-attn-{other}", {}, {}, {"attention": other, **tuned()}),
-                (f"{label_c}-attn-{other}", sparse, groups, {"attention": other, **tuned()})]
-    return out
+        out += [(f"dense-attn-{other}", {}, {}, {"attention": other}), (f"{label_c}-attn-{other}", sparse, groups, {"attention": other})]
+    tuned = gpu_inductor()  # every step but "dense", an A/B's own settings on top
+    return [("dense", {}, {}, {})] + [(label, mods, grp, {**opts, "inductor": {**tuned, **opts.get("inductor", {})}})
+                                      for label, mods, grp, opts in out]
 
 
 def rank_modes(args) -> list:
