@@ -19,6 +19,14 @@ now run ~1.7 programs per SM, so the bytes in flight per program may be what bou
 won only on small ones (4096x4096 +4%, 5120x3072 +13%, 16384x2048 +9%, 2048x8192 +11%). The kept
 indices held in registers (no loop load feeding an address, num_stages - 1 tiles in flight) lost on
 every shape, 25-35% on the MLP shapes (`gpu_gather_grid_regidx_s13.json`; removed, code at 17360c1).
+
+--wide: wider output tiles (up to 512 columns) with shorter chunks (down to 128 channels), written
+$OUT/gpu_gather_grid_wide.json, on the Llama-3-8B / Llama-2-7B shapes only. A kept row is read as one
+segment of 2 * tile bytes: 128 B at the 64-wide tiles the rule gives 4096x4096, 512 B on the gate|up
+group. Session 16's timeline saw the gather stream at 55% of copy bandwidth on o (64-wide) against
+93% on gate|up (256-wide) while both ran 2 programs per SM; session 12's grid held the program count
+up only with long chunks, so wide tiles there meant few programs (4096x4096 at tile 256, chunk 512:
+128 programs). Configurations are kept where they give 120..1200 programs for the shape.
 """
 import sys
 import json
@@ -40,7 +48,14 @@ GRID = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8
 STAGES = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8, stages=s, fused=True)
           for k in (64, 128, 256) for n in (64, 128) for c in (512, 1024, 2048) for s in (5, 7)
           if c >= k and ((s - 3) // 2 + 1) * k * n * 2 <= 160 * 1024]
-GRIDS = {"--stages": (STAGES, "gpu_gather_grid_stages.json")}
+WIDE = [dict(chunk=c, block_k=k, block_n=n, warps=4 if k * n <= 128 * 128 else 8, stages=3 if k * n <= 128 * 128 else 2, fused=True)
+        for c in (128, 256, 512, 1024, 2048) for n in (128, 256, 512) for k in (64, 128) if k <= c and k * n <= 128 * 256]
+GRIDS = {"--stages": (STAGES, "gpu_gather_grid_stages.json"), "--wide": (WIDE, "gpu_gather_grid_wide.json")}
+LLAMA_SHAPES = SHAPES[:10]  # --wide: Llama-3-8B and Llama-2-7B members and fused groups
+
+
+def _programs(cfg: dict, out_f: int, in_f: int) -> int:
+    return triton.cdiv(out_f, cfg["block_n"]) * triton.cdiv(in_f, cfg["chunk"])
 KEYS = ("chunk", "block_k", "block_n", "warps", "stages")  # what makes two configurations differ
 
 
@@ -50,12 +65,14 @@ def main():
     bw = copy_bandwidth()
     print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows, best = [], {}
-    for out_f, in_f in SHAPES:
+    wide = "--wide" in sys.argv[1:]
+    for out_f, in_f in LLAMA_SHAPES if wide else SHAPES:
         Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
         ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
         dense_us = bench(lambda: [torch.nn.functional.linear(x, W) for W in Ws])
         base = dict(tg.config_for(out_f, 0, in_f, reduce=False))
-        cands = [base] + [c for c in grid if any(c.get(k) != base.get(k) for k in KEYS)]
+        cands = [base] + [c for c in grid if any(c.get(k) != base.get(k) for k in KEYS)
+                          and (not wide or 120 <= _programs(c, out_f, in_f) <= 1200)]
         parts = {ch: torch.empty(triton.cdiv(in_f, ch), 1, out_f, device="cuda") for ch in {c["chunk"] for c in cands}}
         times = time_grid(cands, lambda cfg, Wt: tg._gather(x, Wt, ones, tau, parts[cfg["chunk"]], cfg, out_f, out_f), ref, Wts,
                           rep=60, result=lambda p: p.sum(0))
