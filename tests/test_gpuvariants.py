@@ -84,6 +84,28 @@ def test_inductor_ab_adds_a_pair_per_setting_and_patches_only_while_traced(tiny_
             inductor_patches(_args(inductor_ab=bad))
 
 
+def test_retune_repeats_both_tuned_steps_with_fresh_kernels_while_traced(tiny_llama):
+    """--retune N: N compiles each of the tuned dense and the sparse step; the repeats bypass inductor's
+    autotune cache on disk and forget the kernel modules it loaded (their autotuners keep their picks),
+    so each repeat tunes anew; the cache setting holds only while the step is traced."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.codecache import PyCodeCache
+
+    fresh = {"inductor": {"autotune_local_cache": False, **TUNED["inductor"]}, "fresh_kernels": True}
+    got = compiled_variants(_args(tuned_dense=True, retune=3), "fused", "S", "G", 1)
+    assert [(v[0], v[1], v[3]) for v in got] == [
+        ("dense", {}, {}), ("dense-tuned", {}, TUNED), ("fused", "S", TUNED), ("dense-tuned-2", {}, fresh),
+        ("fused-2", "S", fresh), ("dense-tuned-3", {}, fresh), ("fused-3", "S", fresh)]
+    # without the tuned dense only the sparse step repeats
+    assert [v[0] for v in compiled_variants(_args(retune=2), "fused", "S", "G", 1)] == ["dense", "fused", "fused-2"]
+    dec = GraphDecoder(tiny_llama(), max_len=8)
+    before = inductor_config.autotune_local_cache
+    PyCodeCache.modules_no_attr["/stand/in.py"] = object()
+    with compile_options(dec, **fresh):
+        assert inductor_config.autotune_local_cache is False and "/stand/in.py" not in PyCodeCache.modules_no_attr
+    assert inductor_config.autotune_local_cache is before
+
+
 def test_fresh_step_is_traced_again_where_the_same_step_is_not(tiny_llama):
     """The defect behind session 6's and 16's inductor A/Bs: a second torch.compile of dec.step reuses
     dynamo's code for it (inductor settings are not among its guards); fresh_step is traced anew and

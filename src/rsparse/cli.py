@@ -338,6 +338,10 @@ def build_parser():
                    help="skip the second dense baseline: the dense step under the sparse step's inductor settings "
                    "(decode.GPU_INDUCTOR; at batch 1 inductor's own Triton GEMV, 21%% faster than cuBLAS on an H200 "
                    "in session 17)")
+    g.add_argument("--retune", type=int, default=1, metavar="N",
+                   help="compile the tuned dense step and the sparse step N times each (1-4), every repeat tuning its "
+                   "kernels afresh; reports each and the best of each (coordinate-descent tuning picks differently per "
+                   "compile: the tuned dense read 196-232 tok/s across runs)")
     g.add_argument("--inductor-ab", action="append", metavar="KEY=VALUE[,...]",
                    help="also compile dense and sparse steps under decode.GPU_INDUCTOR updated with these "
                    "torch._inductor.config settings (A/B; repeatable, one pair of steps each), e.g. combo_kernels=0 "
