@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rsparse import data
-from rsparse.calibrate import KEEPS, Histogram, error_table
+from rsparse.calibrate import KEEPS, Histogram, error_table, spectrum
 from rsparse.linear import svd_factors
 
 
@@ -37,6 +37,35 @@ def test_error_table_matches_brute_force():
             U, A = svd_factors(W, r)
             brute = ((Z @ (W - U @ A).T).pow(2).sum() / total).item()
             assert abs(tab[a, ri].item() - brute) < 1e-5 + 1e-4 * brute
+    # rank 0 alone needs no SVD and gives the same column; a given spectrum gives the same table
+    assert torch.allclose(error_table(W, X, h, torch.ones(12), (0,))[:, 0], tab[:, 0], rtol=1e-5, atol=1e-7)
+    assert torch.equal(error_table(W, X, h, torch.ones(12), ranks, spectrum(W)), tab)
+
+
+def test_rank_zero_statistics_serve_teal_and_refuse_rsparse(tiny_llama):
+    """collect(ranks=(0,)) (what TEAL/CATS calibrations and TEAL searches collect): the same rank-0
+    errors as a full collection, no rank columns, and an rsparse allocation that would choose ranks
+    from them is refused instead of silently choosing rank 0 everywhere."""
+    from rsparse.calibrate import collect
+    from rsparse.errors import RSparseError
+    from rsparse.plan import RSparseConfig, build_plan
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    windows = torch.randint(0, 50, (4, 32))
+    full = collect(model, windows, sample_tokens=64, progress=False)
+    zero = collect(model, windows, sample_tokens=64, progress=False, ranks=(0,))
+    assert zero.config["ranks"] == [0] and full.config["ranks"][0] == 0 and len(full.config["ranks"]) > 1
+    for key, st in zero.proj.items():
+        assert st.ranks == (0,) and st.err["abs"].shape == (len(KEEPS), 1)
+        assert torch.allclose(st.err["wnorm"][:, 0], full.proj[key].err["wnorm"][:, 0], rtol=1e-4, atol=1e-6)
+    teal = build_plan(model, zero, RSparseConfig(method="teal", sparsity=0.5, allocation="greedy"))
+    assert abs(teal.expected_sparsity() - 0.5) < 0.02
+    for cfg in (RSparseConfig(sparsity=0.5), RSparseConfig(sparsity=0.5, allocation="uniform", alpha=None)):
+        with pytest.raises(RSparseError, match="rank 0 only"):
+            build_plan(model, zero, cfg)
+    with pytest.raises(ValueError, match="must include 0"):
+        collect(model, windows, progress=False, ranks=(4, 8))
 
 
 def _held_back_kept(model, tok, stats, keys, sparsities, n=4, tol=0.02):

@@ -39,10 +39,14 @@ def calibrate(model, tokenizer, config: RSparseConfig, stats: Stats | None = Non
     if config.method == "dense":
         stats = stats or Stats(proj={}, act={}, tokens=0, config={})
     elif stats is None:
-        if config.method in ("teal", "cats") or config.score == "abs":
+        if config.method == "cats":  # its plan reads the activation histograms alone
+            observe_kw.setdefault("scores", ())
+        elif config.method == "teal" or config.score == "abs":
             observe_kw.setdefault("scores", ("abs",))
         elif config.score == "wnorm":
             observe_kw.setdefault("scores", ("wnorm",))
+        if config.method != "rsparse":  # no rank terms: error tables at rank 0 only, no SVDs
+            observe_kw.setdefault("ranks", (0,))
         stats = observe(model, tokenizer, **observe_kw)
     return build_plan(model, stats, config)
 
@@ -83,7 +87,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
 
     from .apply import modules_for
     from .fitness import Fitness
-    from .plan import SCORES, factor_basis, factors_of, fingerprint, layers_from_picks, shapes_of
+    from .plan import SCORES, factor_basis, factors_of, fingerprint, layers_from_picks, need_ranks, shapes_of
     from .search import Search, Space, refuse_other, search_identity
 
     if config.method not in ("rsparse", "teal") or config.sparsity <= 0:
@@ -92,7 +96,13 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     scores = ("abs",) if teal else (SCORES if config.score == "auto" else (config.score,))
     identity = {"model": fingerprint(model), "method": config.method, "scores": list(scores), "factors": config.factors}
     refuse_other(directory, search_identity(search_config, config.sparsity, **identity))  # before minutes of calibration
-    stats = stats or observe(model, tokenizer, progress=progress is not None, **observe_kw)
+    if stats is None:  # only what the search reads: its scores' error tables, at rank 0 alone for teal
+        observe_kw.setdefault("scores", scores)
+        if teal:
+            observe_kw.setdefault("ranks", (0,))
+        stats = observe(model, tokenizer, progress=progress is not None, **observe_kw)
+    elif not teal:
+        need_ranks(stats)
     shapes = shapes_of(model)
     space = Space(stats, shapes, config.sparsity, scores, 0 if teal else None, search_config.min_keep)
     fitness = Fitness(model, search_windows(tokenizer, stats, search_config, stats.config.get("source", "wiki")))

@@ -243,6 +243,14 @@ def _aware_whitening(sample: torch.Tensor, keep_mask_fn) -> torch.Tensor:
     return torch.linalg.cholesky(C + eps * torch.eye(len(C), dtype=C.dtype))
 
 
+def need_ranks(stats: Stats) -> None:
+    """Refuse statistics whose error tables hold rank 0 only (collected for TEAL/CATS, without SVDs)
+    where an allocation chooses ranks from them: it would silently choose rank 0 everywhere."""
+    if max(stats.config.get("ranks", [1])) == 0:
+        raise RSparseError("these calibration statistics tabulate rank 0 only (collected for a method without "
+                           "rank terms); collect them with the default ranks for an rsparse plan")
+
+
 def config_picks(stats: Stats, shapes: dict, config: RSparseConfig) -> tuple[dict, float | None]:
     """(keep, rank, score) per projection for a teal/rsparse config, and the alpha a uniform
     R-Sparse plan chose from ALPHA_GRID (None otherwise)."""
@@ -256,10 +264,12 @@ def config_picks(stats: Stats, shapes: dict, config: RSparseConfig) -> tuple[dic
         missing = [sc for sc in scores if sc not in stats.config.get("scores", SCORES)]
         if missing:
             raise RSparseError(f"calibration statistics lack error tables for score {missing[0]!r}")
+        need_ranks(stats)
         return _lagrangian(stats, shapes, s, scores, max_rank=None), None
     score = "abs" if config.method == "teal" else ("abs" if config.score == "auto" else config.score)
     alpha, chosen = (1.0 if config.method == "teal" else config.alpha), None
     if alpha is None:  # the alpha of the grid with the least weighted calibration error
+        need_ranks(stats)
         alpha = chosen = min(ALPHA_GRID, key=lambda a: _uniform_error(stats, shapes, s, a, score))
     return _uniform(shapes, s, alpha, score), chosen
 
