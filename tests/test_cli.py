@@ -137,3 +137,26 @@ def test_empty_text_file_one_line_exit_2(tmp_path):
     r = run("eval", "--text", str(f))
     lines = [line for line in r.stderr.strip().splitlines() if line]
     assert r.returncode == 2 and len(lines) == 1 and "empty" in lines[0], r.stderr
+
+
+def test_main_job_compares_dense_teal_and_rsparse(tmp_path, monkeypatch, capsys):
+    """`rsparse run`, the README's main job, end to end on small settings (its plans cached under a
+    temporary directory): three rows in order, each plan's measured sparsity near its target, and
+    sparsity costing some perplexity but not most of the model."""
+    import importlib
+
+    from rsparse.cli import main
+
+    run_mod = importlib.import_module("rsparse.run")
+    monkeypatch.setattr(run_mod, "cache_dir", lambda: tmp_path)
+    assert main(["run", "--calib-tokens", "1024", "--windows", "1", "--limit", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out.strip().splitlines()[-1])["rows"]
+    dense, teal, rs = rows
+    assert [r["method"] for r in rows] == ["dense", "teal", "rsparse"]
+    assert dense["realized"] == 0.0 and abs(teal["realized"] - 0.5) < 0.08 and abs(rs["realized"] - 0.5) < 0.08, rows
+    for r in (teal, rs):
+        assert dense["ppl_wiki"] < r["ppl_wiki"] < 3 * dense["ppl_wiki"], rows
+        assert all(0.0 <= r[t] <= 1.0 for t in ("piqa", "arc_easy", "winogrande"))
+    assert len(list((tmp_path / "plans").iterdir())) == 3  # the next run loads them instead of calibrating
+    assert "R-Sparse at 50% (greedy): Photosynthesis" in out
