@@ -64,6 +64,12 @@ def test_rank_zero_statistics_serve_teal_and_refuse_rsparse(tiny_llama):
     for cfg in (RSparseConfig(sparsity=0.5), RSparseConfig(sparsity=0.5, allocation="uniform", alpha=None)):
         with pytest.raises(RSparseError, match="rank 0 only"):
             build_plan(model, zero, cfg)
+    # CATS's collection (what pipeline.calibrate asks for it): no error tables; its plan reads the
+    # activation histograms alone
+    bare = collect(model, windows, sample_tokens=64, progress=False, scores=(), ranks=(0,))
+    assert all(not st.err for st in bare.proj.values())
+    cats = build_plan(model, bare, RSparseConfig(method="cats", sparsity=0.5))
+    assert sorted(cats.layers) == ["0.act", "1.act"]
     with pytest.raises(ValueError, match="must include 0"):
         collect(model, windows, progress=False, ranks=(4, 8))
 
