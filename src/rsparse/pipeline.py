@@ -14,7 +14,7 @@ from .apply import sparsify_
 from .atomic import write_json
 from .calibrate import Stats, collect
 from .errors import RSparseError
-from .plan import Plan, RSparseConfig, build_plan
+from .plan import SCORES, Plan, RSparseConfig, build_plan
 
 DEFAULT_CALIB_TOKENS = 65536
 DEFAULT_CALIB_LENGTH = 1024
@@ -34,20 +34,22 @@ def observe(model, tokenizer, source: str = "wiki", tokens: int = DEFAULT_CALIB_
     return stats
 
 
+def collection_for(config: RSparseConfig) -> dict:
+    """The `collect` arguments for what a plan of `config` (or its search) reads: the error tables of
+    its scores (none for CATS, whose plan reads the activation histograms alone), at rank 0 alone
+    (no SVDs) for the methods without rank terms."""
+    if config.method == "cats":
+        return {"scores": (), "ranks": (0,)}
+    scores = ("abs",) if config.method == "teal" else (SCORES if config.score == "auto" else (config.score,))
+    return {"scores": scores} if config.method == "rsparse" else {"scores": scores, "ranks": (0,)}
+
+
 def calibrate(model, tokenizer, config: RSparseConfig, stats: Stats | None = None, **observe_kw) -> Plan:
     """A plan for `model` under `config`; pass `stats` to reuse one calibration for many plans."""
     if config.method == "dense":
         stats = stats or Stats(proj={}, act={}, tokens=0, config={})
     elif stats is None:
-        if config.method == "cats":  # its plan reads the activation histograms alone
-            observe_kw.setdefault("scores", ())
-        elif config.method == "teal" or config.score == "abs":
-            observe_kw.setdefault("scores", ("abs",))
-        elif config.score == "wnorm":
-            observe_kw.setdefault("scores", ("wnorm",))
-        if config.method != "rsparse":  # no rank terms: error tables at rank 0 only, no SVDs
-            observe_kw.setdefault("ranks", (0,))
-        stats = observe(model, tokenizer, **observe_kw)
+        stats = observe(model, tokenizer, **{**collection_for(config), **observe_kw})
     return build_plan(model, stats, config)
 
 
@@ -87,20 +89,18 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
 
     from .apply import modules_for
     from .fitness import Fitness
-    from .plan import SCORES, factor_basis, factors_of, fingerprint, layers_from_picks, need_ranks, shapes_of
+    from .plan import factor_basis, factors_of, fingerprint, layers_from_picks, need_ranks, shapes_of
     from .search import Search, Space, refuse_other, search_identity
 
     if config.method not in ("rsparse", "teal") or config.sparsity <= 0:
         raise RSparseError("the search allocates rsparse or teal plans at a sparsity > 0")
     teal = config.method == "teal"
-    scores = ("abs",) if teal else (SCORES if config.score == "auto" else (config.score,))
+    collection = collection_for(config)
+    scores = collection["scores"]
     identity = {"model": fingerprint(model), "method": config.method, "scores": list(scores), "factors": config.factors}
     refuse_other(directory, search_identity(search_config, config.sparsity, **identity))  # before minutes of calibration
-    if stats is None:  # only what the search reads: its scores' error tables, at rank 0 alone for teal
-        observe_kw.setdefault("scores", scores)
-        if teal:
-            observe_kw.setdefault("ranks", (0,))
-        stats = observe(model, tokenizer, progress=progress is not None, **observe_kw)
+    if stats is None:
+        stats = observe(model, tokenizer, progress=progress is not None, **{**collection, **observe_kw})
     elif not teal:
         need_ranks(stats)
     shapes = shapes_of(model)
