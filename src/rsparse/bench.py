@@ -233,6 +233,17 @@ def peak_rss_mb(args_list) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def parse_sparsities(text: str) -> list[float]:
+    """--sparsities: a comma list of numbers in (0, 1), checked before any work."""
+    try:
+        values = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise RSparseError(f"--sparsities is a comma list of numbers, got {text!r}") from None
+    if any(not 0.0 < s < 1.0 for s in values):
+        raise RSparseError(f"--sparsities must lie in (0, 1), got {text}")
+    return values
+
+
 def run_bench(args):
     if args.device == "cuda":
         from .gpubench import run_gpu_bench
@@ -244,7 +255,7 @@ def run_bench(args):
         raise RSparseError("rsparse bench --device cpu decodes batch 1; --batches is for --device cuda")
     if args.backend not in ("cpp", "oracle"):
         raise RSparseError(f"unknown backend {args.backend!r}; use cpp or oracle")
-    sparsities = [float(s) for s in args.sparsities.split(",")]
+    sparsities = parse_sparsities(args.sparsities)
     dense, tok = load(args.model, args.dtype)
     layout = fastest_dense_(dense)
     print(f"dense baseline layouts: {layout}", flush=True)

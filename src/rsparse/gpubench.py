@@ -33,6 +33,7 @@ import torch._dynamo
 
 from .apply import swapped
 from .atomic import write_json
+from .bench import parse_sparsities
 from .decode import GraphDecoder, cuda_graph, fresh_step, gpu_inductor
 from .errors import RSparseError
 from .families import locate, set_group
@@ -149,13 +150,11 @@ def run_gpu_bench(args):
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise RSparseError(f"unknown --shapes {unknown}; choose from {sorted(MODELS)}")
+    sparsities = parse_sparsities(args.sparsities)
     try:
-        sparsities = [float(s) for s in args.sparsities.split(",")]
         batches = [int(b) for b in args.batches.split(",")]
     except ValueError:
-        raise RSparseError(f"--sparsities and --batches are comma lists of numbers, got {args.sparsities!r}, {args.batches!r}") from None
-    if any(not 0.0 < s < 1.0 for s in sparsities):
-        raise RSparseError(f"--sparsities must lie in (0, 1), got {args.sparsities}")
+        raise RSparseError(f"--batches is a comma list of numbers, got {args.batches!r}") from None
     if any(not 1 <= b <= 8 for b in batches):
         raise RSparseError(f"--batches must be 1..8 (the decode kernels' rows), got {args.batches}")
     tuned = read_tuned(args.tuned) if args.tuned else {}
