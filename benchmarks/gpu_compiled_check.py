@@ -19,6 +19,7 @@ import os
 import torch
 
 from rsparse import gpubench as gb
+from rsparse import gpumodel as gm
 from rsparse.apply import swapped
 from rsparse.atomic import write_json
 from rsparse.decode import GPU_INDUCTOR, GraphDecoder, fresh_step
@@ -49,25 +50,25 @@ def main():
     rows, path = [], os.path.join(os.environ.get("OUT", "."), "gpu_compiled_check.json")
     for layers in map(int, args.layers.split(",")):
         key = f"llama3-8b-{layers}l"
-        gb.MODELS[key] = dict(gb.MODELS["llama3-8b"], num_hidden_layers=layers)
+        gm.MODELS[key] = dict(gm.MODELS["llama3-8b"], num_hidden_layers=layers)
         torch.manual_seed(0)
-        model = gb.build(key)
+        model = gm.build(key)
         projs = locate(model)
-        samples = gb.input_samples(model)
-        sparse, _ = gb.modules_at(projs, args.sparsity, 1.0, decide_rows=False)
+        samples = gm.input_samples(model)
+        sparse, _ = gm.modules_at(projs, args.sparsity, 1.0, decide_rows=False)
         groups = triton_groups(model, sparse)
-        gb.set_thresholds({k: m.tau for k, m in sparse.items()}, samples, {}, args.sparsity)
+        gm.set_thresholds({k: m.tau for k, m in sparse.items()}, samples, {}, args.sparsity)
         for B in map(int, args.batches.split(",")):
             dec = GraphDecoder(model, max_len=gb.MAX_LEN, batch=B, attention="triton")
             g_dense, out_dense = gb.capture(dec.step, B)
-            with swapped(model, sparse), gb.attached(model, groups):
+            with swapped(model, sparse), gm.attached(model, groups):
                 g_fused, out_fused = gb.capture(dec.step, B)
             g_fused.replay()
             g_dense.replay()
             row = {"layers": layers, "batch": B, "eager_fused_vs_dense": row_errors(out_fused, out_dense)}
             for label, is_sparse, opts in variants:
                 mods, grp = (sparse, groups) if is_sparse else ({}, {})
-                with swapped(model, mods), gb.attached(model, grp), compile_options(dec, **opts):
+                with swapped(model, mods), gm.attached(model, grp), compile_options(dec, **opts):
                     torch._dynamo.reset()
                     g, out = gb.capture(torch.compile(fresh_step(dec)), B)
                 g.replay()

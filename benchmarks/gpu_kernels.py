@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.testing
 
-from rsparse.gpubench import aligned_allocation, copy_bandwidth
+from rsparse.gpubench import copy_bandwidth
+from rsparse.gpumodel import aligned_allocation
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.teal import teal_gemv
 from rsparse.kernels.triton_gemv import rsparse_gemv

@@ -16,7 +16,7 @@ import json
 import torch
 
 from gpu_kernels import COPIES, _write, time_grid
-from rsparse.gpubench import aligned_allocation
+from rsparse.gpumodel import aligned_allocation
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.lowrank import _ranked_gather
 from rsparse.linear import rsparse_linear_ref

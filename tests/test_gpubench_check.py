@@ -13,7 +13,8 @@ pytest.importorskip("triton")
 from rsparse.decode import GraphDecoder  # noqa: E402
 from rsparse.apply import swapped  # noqa: E402
 from rsparse.families import locate  # noqa: E402
-from rsparse.gpubench import check_against_oracle, input_samples, modules_at  # noqa: E402
+from rsparse.gpubench import check_against_oracle  # noqa: E402
+from rsparse.gpumodel import input_samples, modules_at  # noqa: E402
 
 # where a GPU is visible the kernels compile for it and take CUDA tensors only (session 16 ran this file
 # on the H200 with CPU tensors: "Pointer argument cannot be accessed from Triton"); else the interpreter
@@ -55,7 +56,8 @@ def test_compiled_vs_eager_compares_with_every_channel_kept_and_restores_the_thr
     """The bench's compiled-step check replays both steps with every threshold at 0: the sparse modules
     then compute the dense product, so a sparse step checked against the dense one agrees to rounding,
     where at the real thresholds they differ; the thresholds are restored after, also on a failure."""
-    from rsparse.gpubench import compiled_vs_eager, set_thresholds
+    from rsparse.gpubench import compiled_vs_eager
+    from rsparse.gpumodel import set_thresholds
 
     torch.manual_seed(3)
     model = tiny_llama(vocab_size=53).to(DEV)

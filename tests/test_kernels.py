@@ -453,7 +453,7 @@ def test_gpu_bench_modules_at_the_budget():
 
     from rsparse.budget import allocate
     from rsparse.families import locate
-    from rsparse.gpubench import modules_at
+    from rsparse.gpumodel import modules_at
     from rsparse.kernels.module import RANK_ALIGN
 
     m = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=1, num_attention_heads=4,

@@ -15,7 +15,8 @@ from .apply import swapped
 from .atomic import write_json
 from .decode import GraphDecoder
 from .families import locate
-from .gpubench import MAX_LEN, REPEATS, attached, build, capture, input_samples, modules_at, set_thresholds, time_graph
+from .gpubench import MAX_LEN, REPEATS, capture, time_graph
+from .gpumodel import attached, build, input_samples, modules_at, set_thresholds
 from .gpuvariants import compile_options, uncached_compiles
 from .kernels.module import triton_groups
 

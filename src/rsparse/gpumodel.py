@@ -1,0 +1,102 @@
+"""The GPU benchmark's model: Llama-architecture shapes with random bf16 weights on the GPU, the
+activations its own prefill gives (`input_samples`), and Triton modules for every projection with
+thresholds set from those activations (`modules_at`, `set_thresholds`).
+
+Speed depends on how many channels pass each threshold, not on the weights' values: thresholds
+are quantiles of each projection's own sampled |x|, so the kept fractions are the target's.
+"""
+import contextlib
+
+import torch
+
+from .families import locate, set_group
+from .kernels.module import TritonRSparseLinear
+from .linear import RSparseLinear
+
+MODELS = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
+}
+
+def build(name):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(LlamaConfig(**MODELS[name])).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model.to(torch.bfloat16)
+
+
+@torch.inference_mode()
+def input_samples(model, tokens=1024):
+    """|x| rows at every projection input over a prefill of random tokens (a subsample of rows)."""
+    projs, samples, hooks = locate(model), {}, []
+    def hook_for(key):
+        def hook(_mod, args):  # returns None: the module's input is left alone
+            samples[key] = args[0].reshape(-1, args[0].shape[-1])[::4].float().abs()
+        return hook
+
+    for key, mod in projs.items():
+        hooks.append(mod.register_forward_pre_hook(hook_for(key)))
+    ids = torch.randint(0, model.config.vocab_size, (4, tokens // 4), device=next(model.parameters()).device)
+    try:
+        model(ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return samples
+
+
+@contextlib.contextmanager
+def attached(model, groups):
+    for (i, name), g in groups.items():
+        set_group(model, i, name, g)
+    try:
+        yield
+    finally:
+        for i, name in groups:
+            set_group(model, i, name, None)
+
+
+def aligned_allocation(out_f: int, in_f: int, sparsity: float, alpha: float):
+    """`budget.allocate` with the rank rounded down to the Triton modules' stored multiple (RANK_ALIGN);
+    the columns saved go to kept channels, so the bytes stay the budget's."""
+    from .budget import Allocation, allocate
+    from .kernels.module import RANK_ALIGN
+
+    al = allocate(out_f, in_f, sparsity, alpha)
+    r = al.rank - al.rank % RANK_ALIGN
+    return Allocation(al.keep + (al.rank - r) * (in_f + out_f) / (in_f * out_f), r)
+
+
+def modules_at(projs, sparsity, alpha, decide_rows=True):
+    """Triton modules for every projection, r = 0 (alpha = 1) or, for alpha < 1, with the rank the
+    budget gives (`aligned_allocation`) and random factors of that rank (speed does not depend on
+    their values); and {key: quantile of |x| that keeps that projection's fraction} (empty for
+    alpha = 1: the sparsity itself). decide_rows: the modules know their kept fraction, so batches
+    past their `max_rows` run dense, as a calibrated plan's would (off: every batch on the kernels,
+    for a sweep of several sparsities over the same modules)."""
+    mods, quantile = {}, {}
+    for k, lin in projs.items():
+        out_f, in_f = lin.weight.shape
+        if alpha >= 1.0:
+            mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, keep=1.0 - sparsity if decide_rows else None))
+            continue
+        al = aligned_allocation(out_f, in_f, sparsity, alpha)
+        U = (torch.randn(out_f, al.rank, device=lin.weight.device) / 8).to(lin.weight.dtype) if al.rank else None
+        A = (torch.randn(al.rank, in_f, device=lin.weight.device) / in_f**0.5).to(lin.weight.dtype) if al.rank else None
+        mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, "abs", U, A, al.keep if decide_rows else None))
+        quantile[k] = 1.0 - al.keep
+    return mods, quantile
+
+
+def set_thresholds(taus, samples, quantile: dict, sparsity: float) -> None:
+    """Every projection's threshold, in place (captured graphs read these tensors): the quantile of
+    its sampled |x| that `quantile` gives it (rank terms, --alpha), else `sparsity`."""
+    for k, x in samples.items():
+        taus[k].fill_(torch.quantile(x.reshape(-1), quantile.get(k, sparsity)).item())
