@@ -23,7 +23,8 @@ from rsparse.atomic import write_json
 from rsparse.evaluate import perplexity
 from rsparse.models import load
 from rsparse.pipeline import observe
-from rsparse.plan import RSparseConfig, _lagrangian, _uniform, block_keys, block_picks, build_plan, projection_options, shapes_of
+from rsparse.plan import (RSparseConfig, block_keys, block_picks, build_plan, config_picks, projection_options,
+                          shapes_of)
 
 
 def main():
@@ -51,9 +52,9 @@ def main():
     opts = {k: (np.array([0.0]), np.array([float(o * i)]), [(1.0, 0, "abs")]) if is_forced[k]
             else projection_options(stats.proj[k], shapes[k], ("abs",), 0) for k, (o, i) in shapes.items()}
     plans = {
-        "uniform": _uniform(shapes, s, 1.0, "abs"),
+        "uniform": config_picks(stats, shapes, RSparseConfig(method="teal", sparsity=s, allocation="uniform"))[0],
         "uniform, forced dense": {k: (1.0, 0, "abs") if is_forced[k] else (1 - s_rest, 0, "abs") for k in shapes},
-        "greedy": _lagrangian(stats, shapes, s, ("abs",), 0),
+        "greedy": config_picks(stats, shapes, RSparseConfig(method="teal", sparsity=s, allocation="greedy"))[0],
         "greedy, forced dense": block_picks(stats, shapes, {b: s for b in block_keys(stats.proj)}, ("abs",), 0, options=opts),
     }
     windows = data.token_windows(tok, "wiki", "eval", 1024, n=args.windows)

@@ -6,15 +6,14 @@ import torch
 
 from rsparse.kernels.cpu import CpuGroup, CpuRSparseLinear, extension
 from rsparse.linear import RSparseLinear, rsparse_linear_ref, svd_factors
+from thresholds import tau_between
 
 
 def _member(IN, OUT, R, x, sparsity, bias, dtype):
     wt = (torch.randn(IN, OUT) / IN**0.5).to(dtype)
     at, ut = (torch.randn(IN, R) / 4).to(dtype), (torch.randn(R, OUT) / 4).to(dtype)
     c = torch.rand(IN) + 0.5
-    scores = (x.abs() * c).reshape(-1).sort().values
-    k = min(int(sparsity * len(scores)), len(scores) - 2)
-    tau = float((scores[k] + scores[k + 1]) / 2) if sparsity > 0 else -1.0  # no score on the threshold
+    tau = float(tau_between(x.abs() * c, sparsity))
     b = torch.randn(OUT).to(dtype) if bias else None
     ref = rsparse_linear_ref(x.double(), wt.double().T, None if b is None else b.double(), torch.tensor(tau), c.double(),
                              ut.double().T, at.double().T)

@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")  # on the CPU through the interpreter: TR
 from rsparse.kernels import lowrank, triton_gemv as tg  # noqa: E402
 from rsparse.kernels.teal import teal_gemv  # noqa: E402
 from rsparse.linear import rsparse_linear_ref  # noqa: E402
+from thresholds import tau_between  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
@@ -26,11 +27,7 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     W = (torch.randn(OUT, IN) / IN**0.5).to(dtype)
     U, A = (torch.randn(OUT, R) / 4).to(dtype), (torch.randn(R, IN) / 4).to(dtype)
     c = (torch.rand(IN) + 0.5).to(dtype)
-    # tau halfway between two neighbouring scores: no score sits on the threshold, where float32
-    # (kernel) and float64 (oracle) products could fall on different sides
-    scores = (x.double().abs() * c.double()).reshape(-1).sort().values
-    k = min(int(sparsity * len(scores)), len(scores) - 2)
-    tau = (scores[k] + scores[k + 1]) / 2 if sparsity > 0 else torch.tensor(-1.0)
+    tau = tau_between(x.double().abs() * c.double(), sparsity)
     b = torch.randn(OUT).to(dtype) if bias else None
     return x, W, U, A, c, tau.float(), b
 

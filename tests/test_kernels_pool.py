@@ -9,17 +9,10 @@ pytest.importorskip("triton")
 
 from rsparse.kernels.pool import pooled_partials  # noqa: E402
 from rsparse.linear import rsparse_linear_ref  # noqa: E402
+from thresholds import tau_between  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
-
-
-def _tau_at(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """A threshold halfway between two neighbouring scores (none sits on it, where float32 and float64
-    could decide differently); below every score at sparsity 0."""
-    s = scores.reshape(-1).sort().values
-    k = min(int(sparsity * len(s)), len(s) - 2)
-    return ((s[k] + s[k + 1]) / 2 if sparsity > 0 else torch.tensor(-1.0, dtype=s.dtype)).float()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -36,7 +29,7 @@ def test_pooled_partials_sum_to_the_oracle(dtype, B, IN, widths, sparsity, chunk
     x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).to(dtype)
     Ws = [(torch.randn(o, IN) / IN**0.5).to(dtype) for o in widths]
     cs = [(torch.rand(IN) + 0.5).to(dtype) for _ in widths]
-    taus = [_tau_at(x.double().abs() * c.double(), sparsity) for c in cs]
+    taus = [tau_between(x.double().abs() * c.double(), sparsity).float() for c in cs]
     wt = torch.cat([W.T for W in Ws], 1).contiguous()
     bounds = [sum(widths[: i + 1]) for i in range(len(widths))] + [sum(widths)] * (3 - len(widths))
     cfg = dict(chunk=chunk, block_k=32, block_n=block_n, warps=4, stages=2)

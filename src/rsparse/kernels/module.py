@@ -64,9 +64,10 @@ KERNEL_MAX_ROWS = MAX_DECODE_ROWS
 # kernels: B4 at 0.93 0.97x, hence 0.88 before). The expected union below runs ~0.01 above the measured
 # one (rows of real text are correlated), so 0.94 puts B4 at 50% on the kernels and B8 at 70% on
 # cuBLAS, as measured. Session 19 (against the faster dense, compiled): B4 at unions 0.75 / 0.86 /
-# 0.93 / 0.97 1.19 / 1.09 / 1.04 / 1.01x, B8 at 0.93-1.00 0.93-0.98x: the rule still holds. With rank terms (alpha 0.9) every batch above 1 was slower than dense (B2 at 50%,
-# union 0.70: 0.90x; B4 at 70%, union 0.71: 0.88x; B8 at 50%: 0.65x): each row also reads the rank
-# factors for the channels it drops, which at B > 1 are nearly all.
+# 0.93 / 0.97 1.19 / 1.09 / 1.04 / 1.01x, B8 at 0.93-1.00 0.93-0.98x: the rule still holds. With rank
+# terms (alpha 0.9) every batch above 1 was slower than dense (B2 at 50%, union 0.70: 0.90x; B4 at
+# 70%, union 0.71: 0.88x; B8 at 50%: 0.65x): each row also reads the rank factors for the channels it
+# drops, which at B > 1 are nearly all.
 UNION_MAX = 0.94
 
 
