@@ -98,23 +98,14 @@ def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, O
               CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Output tile pid_n over input chunk `chunk` (float32), with the tile's member's threshold and
     scales: compact the chunk's kept channels into a private scratch row and gather their Wt rows."""
-    base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
-    return _tile_channels_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, base, pid_n, chunk * CHUNK + tl.arange(0, CHUNK),
-                              B, IN, OUT, LDW, SEG1, SEG2, BB, BLOCK_K, BLOCK_N)
-
-
-@triton.jit
-def _tile_channels_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, base, pid_n, offs, B, IN, OUT, LDW, SEG1, SEG2,
-                       BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """`_tile_acc` over the input channels `offs` (entries >= IN are skipped), its kept indices compacted
-    at `base`."""
     rows = tl.arange(0, BB)
     n0 = pid_n * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
     tau = tl.load(tau_ptr + p)
     cp = c_ptr + p * IN
-    cnt = _compact_chunk(x_ptr, cp, tau, base, offs, rows, B, IN)
+    base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
+    cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
     return _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
 
 
