@@ -60,8 +60,9 @@ def test_graph_decoder_steps_agree_with_triton_attention(tiny_llama):
     torch.manual_seed(0)
     model = tiny_llama().to(DEV)
     ids = torch.randint(0, 50, (2, 5), device=DEV)
-    ref, ours = GraphDecoder(model, max_len=12, batch=2), GraphDecoder(model, max_len=12, batch=2, attention="triton")
-    switched = GraphDecoder(model, max_len=12, batch=2)  # sdpa, then switched as the bench's --compare-attention does
+    # sdpa named, not "auto": on CUDA "auto" picks triton, and ref would compare the kernel with itself
+    ref, ours = GraphDecoder(model, max_len=12, batch=2, attention="sdpa"), GraphDecoder(model, max_len=12, batch=2, attention="triton")
+    switched = GraphDecoder(model, max_len=12, batch=2, attention="sdpa")  # then switched as --compare-attention does
     assert switched.use_attention("triton") == "sdpa" and switched.attention == "triton"
     with torch.inference_mode():
         for dec in (ref, ours, switched):
