@@ -1,0 +1,108 @@
+"""Does the gather's tail come from how its grid falls on the SMs? The configured r = 0 gather
+(`triton_gemv._gather`, what compiled steps run) timed alone, 50%, batch 1, bf16, with the launch
+configuration of a Llama-3-8B call held fixed while the layer's width changes, so only the number of
+programs (and the bytes, in proportion) moves:
+- "gate|up": in 4096, out 256 T (chunk 2048, tile 256: 2 T programs), the 28672x4096 configuration;
+- "down": in 14336, out 128 T (chunk 2048, tile 128: 7 T programs), the 4096x14336 configuration.
+Every grid fits on the SMs at once (session 16), so a program's SM shares its bandwidth with at most
+ceil(P / SMs) - 1 others. If a program streams at a rate of its own (latency-bound), the call lasts
+as long as the most loaded SM: time jumps where P passes a multiple of the SM count (P = 133 puts two
+programs on one SM) and a grid of exactly k SMs is the best per byte. If the DRAM is the limit, time
+grows with the bytes alone. Session 16's timeline saw programs of equal work end up to 6 us apart.
+`--shaped` (after the family run): the two Llama-3-8B MLP calls with programs narrowed (`gather_grid`'s
+clen / tile) so that their grid comes closer to 2 (or 3) programs on every SM, against the configured
+gather, side by side.
+Each width is checked against the float32 oracle (the sum of its partials) first; timed like
+`gpu_kernels.py` (weight copies in one CUDA graph, so weights come from HBM).
+Prints a table, ends with one JSON line, writes $OUT/gpu_grid_balance.json.
+`PYTHONPATH=src:benchmarks python3 benchmarks/gpu_grid_balance.py`
+"""
+import json
+import sys
+
+import torch
+import triton
+
+from gpu_kernels import _case50, _write, time_grid
+from rsparse.gpubench import copy_bandwidth
+from rsparse.kernels import triton_gemv as tg
+from rsparse.linear import rsparse_linear_ref
+
+FAMILIES = {  # name: (configured shape (out, in), in, tile width, the T values: out = tile * T)
+    "gate|up": ((28672, 4096), 4096, 256, (60, 64, 66, 67, 70, 80, 96, 104, 112, 120, 128, 132, 133, 136, 144)),
+    "down": ((4096, 14336), 14336, 128, (16, 18, 19, 20, 24, 28, 32, 36, 37, 38)),
+}
+
+# (out, in): the narrowed variants (programs: 224 configured on both)
+SHAPED = {(28672, 4096): [dict(tile=224)],  # 128 x 2 = 256 programs; 224 divides the gate|up boundary 14336
+          (4096, 14336): [dict(clen=1792), dict(tile=112), dict(clen=1195)]}  # 256; 37 x 7 = 259; 12 x 32 = 384
+
+
+def shaped(bw, sms):
+    rows = []
+    for (out_f, in_f), variants in SHAPED.items():
+        Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
+        ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+        base = tg.config_for(out_f, 0, in_f, reduce=False)
+        cands = [base] + [dict(base, **v) for v in variants]
+        parts = {i: torch.empty(tg.gather_grid(c, in_f, out_f)[2], 1, out_f, device="cuda") for i, c in enumerate(cands)}
+        times = time_grid(list(range(len(cands))), lambda i, Wt: tg._gather(x, Wt, ones, tau, parts[i], cands[i], out_f, out_f),
+                          ref, Wts, rep=200, tag=f"{out_f}x{in_f}", result=lambda p: p.sum(0))
+        kept = ((x[0].float().abs() > tau).sum() / in_f).item()
+        floor_us = 2 * out_f * in_f * kept / bw * 1e6
+        for i, c in enumerate(cands):
+            _, _, nchunk, ntile = tg.gather_grid(c, in_f, out_f)
+            us = times.get(i)
+            row = {"shape": f"{out_f}x{in_f}", "clen": c.get("clen", c["chunk"]), "tile": c.get("tile", c["block_n"]),
+                   "programs": nchunk * ntile, "max_per_sm": -(-nchunk * ntile // sms), "floor_us": floor_us, "us": us,
+                   "vs_configured": times[0] / us if us and times.get(0) else None}
+            rows.append(row)
+            print(f"{row['shape']:>11}  clen {row['clen']:5d}  tile {row['tile']:4d}  programs {row['programs']:4d} "
+                  f"(max {row['max_per_sm']}/SM)  {us if us else float('nan'):6.2f} us  "
+                  f"{100 * floor_us / us if us else float('nan'):5.1f}% of copy  x{row['vs_configured'] or float('nan'):.3f}", flush=True)
+        del Ws, Wts
+    return rows
+
+
+def main():
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"device {torch.cuda.get_device_name()}  {sms} SMs  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    if "--shaped" in sys.argv:
+        rows = shaped(bw, sms)
+        out = {"copy_bw_TBps": bw / 1e12, "sms": sms, "shaped": rows}
+        _write("gpu_grid_shaped.json", out)
+        print(json.dumps(out))
+        return
+    rows = []
+    for name, ((cout, cin), in_f, tile, ts) in FAMILIES.items():
+        cfg = tg.config_for(cout, 0, cin, reduce=False)
+        assert cfg["block_n"] == tile, (name, cfg)
+        nchunk = triton.cdiv(in_f, cfg["chunk"])
+        for t in ts:
+            out_f = tile * t
+            Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
+            ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+            parts = torch.empty(nchunk, 1, out_f, device="cuda")
+            times = time_grid([cfg], lambda c, Wt: tg._gather(x, Wt, ones, tau, parts, c, out_f, out_f), ref, Wts,
+                              rep=100, tag=f"{out_f}x{in_f}", result=lambda p: p.sum(0))
+            kept = ((x[0].float().abs() > tau).sum() / in_f).item()
+            floor_us = 2 * out_f * in_f * kept / bw * 1e6
+            progs = t * nchunk
+            us = times.get(0)
+            row = {"family": name, "shape": f"{out_f}x{in_f}", "programs": progs, "max_per_sm": -(-progs // sms),
+                   "kept": kept, "floor_us": floor_us, "us": us, "bw_frac": floor_us / us if us else None}
+            rows.append(row)
+            print(f"{name:>8} {row['shape']:>11}  programs {progs:4d} (max {row['max_per_sm']}/SM)  floor {floor_us:6.2f} us  "
+                  f"gather {us if us else float('nan'):6.2f} us  {100 * row['bw_frac'] if us else float('nan'):5.1f}% of copy",
+                  flush=True)
+            del Ws, Wts
+    out = {"copy_bw_TBps": bw / 1e12, "sms": sms, "configs": {n: tg.config_for(f[0][0], 0, f[0][1], reduce=False) for n, f in FAMILIES.items()},
+           "rows": rows}
+    _write("gpu_grid_balance.json", out)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
