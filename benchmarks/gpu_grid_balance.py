@@ -9,16 +9,15 @@ ceil(P / SMs) - 1 others. If a program streams at a rate of its own (latency-bou
 as long as the most loaded SM: time jumps where P passes a multiple of the SM count (P = 133 puts two
 programs on one SM) and a grid of exactly k SMs is the best per byte. If the DRAM is the limit, time
 grows with the bytes alone. Session 16's timeline saw programs of equal work end up to 6 us apart.
-`--shaped` (after the family run): the two Llama-3-8B MLP calls with programs narrowed (`gather_grid`'s
-clen / tile) so that their grid comes closer to 2 (or 3) programs on every SM, against the configured
-gather, side by side.
+The narrowed programs this suggested (a tile or channel count below the power-of-2 block, to bring
+the grid nearer 2 programs on every SM) were timed with `--shaped` at commit 028e35b and lost on both
+MLP calls (gpu_grid_shaped_s20.json, docs/perf-gpu.md session 20); that mode went with them.
 Each width is checked against the float32 oracle (the sum of its partials) first; timed like
 `gpu_kernels.py` (weight copies in one CUDA graph, so weights come from HBM).
 Prints a table, ends with one JSON line, writes $OUT/gpu_grid_balance.json.
 `PYTHONPATH=src:benchmarks python3 benchmarks/gpu_grid_balance.py`
 """
 import json
-import sys
 
 import torch
 import triton
@@ -33,35 +32,6 @@ FAMILIES = {  # name: (configured shape (out, in), in, tile width, the T values:
     "down": ((4096, 14336), 14336, 128, (16, 18, 19, 20, 24, 28, 32, 36, 37, 38)),
 }
 
-# (out, in): the narrowed variants (programs: 224 configured on both)
-SHAPED = {(28672, 4096): [dict(tile=224)],  # 128 x 2 = 256 programs; 224 divides the gate|up boundary 14336
-          (4096, 14336): [dict(clen=1792), dict(tile=112), dict(clen=1195)]}  # 256; 37 x 7 = 259; 12 x 32 = 384
-
-
-def shaped(bw, sms):
-    rows = []
-    for (out_f, in_f), variants in SHAPED.items():
-        Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
-        ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
-        base = tg.config_for(out_f, 0, in_f, reduce=False)
-        cands = [base] + [dict(base, **v) for v in variants]
-        parts = {i: torch.empty(tg.gather_grid(c, in_f, out_f)[2], 1, out_f, device="cuda") for i, c in enumerate(cands)}
-        times = time_grid(list(range(len(cands))), lambda i, Wt: tg._gather(x, Wt, ones, tau, parts[i], cands[i], out_f, out_f),
-                          ref, Wts, rep=200, tag=f"{out_f}x{in_f}", result=lambda p: p.sum(0))
-        kept = ((x[0].float().abs() > tau).sum() / in_f).item()
-        floor_us = 2 * out_f * in_f * kept / bw * 1e6
-        for i, c in enumerate(cands):
-            _, _, nchunk, ntile = tg.gather_grid(c, in_f, out_f)
-            us = times.get(i)
-            row = {"shape": f"{out_f}x{in_f}", "clen": c.get("clen", c["chunk"]), "tile": c.get("tile", c["block_n"]),
-                   "programs": nchunk * ntile, "max_per_sm": -(-nchunk * ntile // sms), "floor_us": floor_us, "us": us,
-                   "vs_configured": times[0] / us if us and times.get(0) else None}
-            rows.append(row)
-            print(f"{row['shape']:>11}  clen {row['clen']:5d}  tile {row['tile']:4d}  programs {row['programs']:4d} "
-                  f"(max {row['max_per_sm']}/SM)  {us if us else float('nan'):6.2f} us  "
-                  f"{100 * floor_us / us if us else float('nan'):5.1f}% of copy  x{row['vs_configured'] or float('nan'):.3f}", flush=True)
-        del Ws, Wts
-    return rows
 
 
 def main():
@@ -69,12 +39,6 @@ def main():
     bw = copy_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"device {torch.cuda.get_device_name()}  {sms} SMs  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    if "--shaped" in sys.argv:
-        rows = shaped(bw, sms)
-        out = {"copy_bw_TBps": bw / 1e12, "sms": sms, "shaped": rows}
-        _write("gpu_grid_shaped.json", out)
-        print(json.dumps(out))
-        return
     rows = []
     for name, ((cout, cin), in_f, tile, ts) in FAMILIES.items():
         cfg = tg.config_for(cout, 0, cin, reduce=False)

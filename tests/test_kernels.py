@@ -37,23 +37,20 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3", "k32", "narrow"])
+@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3", "k32"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
     gather / one-launch: the rank terms' U product added by the gather (the low-rank inputs before it,
     or in the same launch);
     fused and select: the U product in the epilogue (all the same for r = 0); k32: fused with 32-row K steps
-    (4-8 of them per chunk: the steps' carried accumulator and the masked tail step); narrow: fused with
-    programs of fewer channels and columns than their blocks (clen = chunk - 28, tile 48 of 64)."""
+    (4-8 of them per chunk: the steps' carried accumulator and the masked tail step)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
     x, W, U, A, c, tau, b = _case(B, IN, OUT, R, sparsity, dtype, bias=(B % 2 == 1))
     cfg = dict(tg.config_for(OUT, R), fused=variant != "select", rank_terms=variant if variant in tg.RANK_MODES else "epilogue", chunk=128 if IN < 600 else 256,
                block_n=64, splits=int(variant[-1]) if variant.startswith("split") else None)
     if variant == "k32":
         cfg["block_k"] = 32
-    if variant == "narrow":
-        cfg.update(clen=cfg["chunk"] - 28, tile=48)
     out = torch.full((B, OUT), float("nan"), dtype=dtype)
     args = [t.to(DEV) if t is not None else None for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
     y = tg._launch(*args, cfg, out=out.to(DEV)).cpu()
@@ -318,42 +315,6 @@ def test_kernel_rows_rule_by_hand():
     assert kernel_rows(0.3, 0) == 7  # 1 - 0.7^7 = 0.918 | 1 - 0.7^8 = 0.942
     assert kernel_rows(0.6, 0) == 3  # 1 - 0.4^3 = 0.936 | 1 - 0.4^4 = 0.974
     assert kernel_rows(0.95, 0) == 1 and kernel_rows(0.1, 0) == 8  # 1 - 0.9^8 = 0.57
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,IN,outs,clen,tile", [(1, 513, (64, 64, 32), 100, 32), (4, 300, (70,), 128, 48), (8, 129, (96, 48), 37, 16)])
-def test_narrow_programs_sum_to_members_oracles(dtype, B, IN, outs, clen, tile):
-    """`_gather` with programs narrower than their power-of-2 blocks (`gather_grid`: clen of the 128
-    chunk lanes, tile of the 64 tile lanes; odd clen, a member ending mid-block): the poisoned partials
-    are all written, one per clen channels, and sum to every member's float64 oracle; the registered op,
-    given such a configuration for the shape, agrees; bad widths are refused by name."""
-    torch.manual_seed(B * IN + clen + tile)
-    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, IN, outs, (0,) * len(outs), (0.5, 0.8, 0.3)[:len(outs)], dtype)
-    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=64, clen=clen, tile=tile)
-    dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
-    assert tg.gather_grid(cfg, IN, sum(outs))[2:] == (-(-IN // clen), -(-sum(outs) // tile))
-    parts = torch.full((-(-IN // clen), B, sum(outs)), float("nan"), device=DEV)
-    tg._gather(dev[0], dev[1], dev[4], dev[5], parts, cfg, *seg)
-    assert torch.isfinite(parts).all(), "partial element left unwritten"
-    ref, tol = torch.cat(refs, 1), 1e-5 if dtype == torch.float32 else 1e-2
-    y = tg.sum_partials(parts, dev[6], dtype).cpu().double()
-    assert ((y - ref).norm() / ref.norm()).item() < tol
-    key = (sum(outs), IN)
-    tg.TUNED[key] = cfg  # what the op's configuration lookup finds for this shape
-    try:
-        op = torch.ops.rsparse.rsparse_partials(*dev[:6], *seg, *roff, "gather")
-        assert tg._group_cfg(*seg, wt, 0, reduce=False).get("tile") == tile  # members start on tiles: kept
-        if len(outs) > 1:  # a tile of 48 falls back to the block's width: members at 64, 128 do not start
-            # on it (block 64), or it is wider than the group's block (96 | 48: block 32)
-            tg.TUNED[key] = dict(cfg, tile=48)
-            assert "tile" not in tg._group_cfg(*seg, wt, 0, reduce=False)
-    finally:
-        del tg.TUNED[key]
-    assert op.shape == (-(-IN // clen), B, sum(outs))
-    assert ((tg.sum_partials(op, dev[6], dtype).cpu().double() - ref).norm() / ref.norm()).item() < tol
-    for bad in (dict(clen=129), dict(tile=72), dict(tile=40), dict(clen=0)):
-        with pytest.raises(ValueError, match="channels and a multiple of 16"):
-            tg.gather_grid(dict(cfg, **bad), IN, sum(outs))
 
 
 def test_launch_configuration_rule_by_hand():

@@ -106,7 +106,7 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
     """Gather tile t (tile-major per chunk) of `_ranked_gather_gemv` plus its share of the U product."""
     pid_n, chunk = t % NTILE, t // NTILE
     acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
-                    BLOCK_K, BLOCK_N, CHUNK, BLOCK_N)
+                    BLOCK_K, BLOCK_N)
     # rank block q of the tile's member is added by the tile of chunk NCHUNK - 1 - q % NCHUNK: the U
     # work spread over the chunks (session 7 gave it all to the last chunk's tiles and lost end to
     # end at ranks 96-144; their longer tail is the hypothesis), falling to the last chunks,
@@ -121,7 +121,7 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
                        nchunk * RB, BB, RB, NZP)
-    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N, BLOCK_N)
+    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
 @triton.jit

@@ -95,36 +95,22 @@ def _silu_mul(g, u, dt: tl.constexpr):
 
 @triton.jit
 def _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2,
-              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-              CLEN: tl.constexpr, TILE_N: tl.constexpr):
+              CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Output tile pid_n over input chunk `chunk` (float32), with the tile's member's threshold and
-    scales: compact the chunk's kept channels into a private scratch row and gather their Wt rows.
-    A program takes CLEN <= CHUNK input channels and TILE_N <= BLOCK_N output columns (the lanes past
-    them idle), so that a grid can be shaped to the SM count with power-of-2 blocks (session 20)."""
+    scales: compact the chunk's kept channels into a private scratch row and gather their Wt rows."""
     rows = tl.arange(0, BB)
-    n0 = pid_n * TILE_N
+    n0 = pid_n * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     p = (n0 >= SEG1).to(tl.int32) + (n0 >= SEG2).to(tl.int32)
     tau = tl.load(tau_ptr + p)
     cp = c_ptr + p * IN
-    base = scratch_ptr + (pid_n * tl.cdiv(IN, CLEN) + chunk) * CHUNK
-    lane = tl.arange(0, CHUNK)
-    offs = chunk * CLEN + lane
-    if CLEN < CHUNK:
-        offs = tl.where(lane < CLEN, offs, IN)  # IN: never kept, never loaded
-    n_end = OUT
-    if TILE_N < BLOCK_N:
-        n_end = tl.minimum(OUT, n0 + TILE_N)
-    cnt = _compact_chunk(x_ptr, cp, tau, base, offs, rows, B, IN)
-    return _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, n_end, LDW, BB, BLOCK_K, BLOCK_N)
+    base = scratch_ptr + (pid_n * tl.cdiv(IN, CHUNK) + chunk) * CHUNK
+    cnt = _compact_chunk(x_ptr, cp, tau, base, chunk * CHUNK + tl.arange(0, CHUNK), rows, B, IN)
+    return _gather_rows(x_ptr, cp, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
 
 
 @triton.jit
-def _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB: tl.constexpr, BLOCK_N: tl.constexpr, TILE_N: tl.constexpr):
+def _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.arange(0, BB)
-    n0 = pid_n * TILE_N
-    n = n0 + tl.arange(0, BLOCK_N)
-    n_end = OUT
-    if TILE_N < BLOCK_N:
-        n_end = tl.minimum(OUT, n0 + TILE_N)
-    tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < n_end))
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(ypart_ptr + chunk * B * OUT + rows[:, None] * OUT + n[None, :], acc, mask=(rows[:, None] < B) & (n[None, :] < OUT))

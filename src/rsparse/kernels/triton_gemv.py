@@ -68,23 +68,20 @@ def _gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, idx_ptr, cnt_ptr, ypart_ptr, B, 
     cnt = tl.load(cnt_ptr + chunk)
     tau = tl.load(tau_ptr)
     acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, idx_ptr + chunk * CHUNK, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
-    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N, BLOCK_N)
+    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
 @triton.jit
 def _fused_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN, OUT, LDW, SEG1, SEG2,
-                       CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                       CLEN: tl.constexpr, TILE_N: tl.constexpr):
+                       CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """`_select`'s compaction done inside each program (x chunk re-read from L2, indices through a
     private scratch row and a CTA barrier): one launch fewer, for the r = 0 path. Also serves a group
     of up to 3 projections reading the same x with Wt side by side (q|k|v, gate|up): output columns
     [0, SEG1) use threshold/scales 0, [SEG1, SEG2) 1, [SEG2, OUT) 2 (c is (P, IN), tau (P,)); member
-    boundaries are multiples of TILE_N, so a program's tile belongs to one member. A program takes
-    CLEN input channels and TILE_N output columns (`gather_grid`)."""
+    boundaries are multiples of BLOCK_N, so a program's tile belongs to one member."""
     pid_n, chunk = tl.program_id(0), tl.program_id(1)
-    acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB, BLOCK_K, BLOCK_N,
-                    CLEN, TILE_N)
-    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N, TILE_N)
+    acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB, BLOCK_K, BLOCK_N)
+    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
 @triton.jit
@@ -185,29 +182,17 @@ def config_for(out_f: int, rank: int = 0, in_f: int | None = None, reduce: bool 
     return dict(cfg)
 
 
-def gather_grid(cfg: dict, in_f: int, out_f: int) -> tuple[int, int, int, int]:
-    """(clen, tile, chunks, tiles) of the r = 0 gather (`_fused_gather_gemv`): each program takes clen
-    input channels (cfg "clen", default its power-of-2 "chunk") and tile output columns (cfg "tile",
-    default "block_n"; a multiple of 16). A clen or tile below its block shapes the grid to the SM count
-    without non-power-of-2 blocks (session 20: the call lasts as long as its most loaded SM)."""
-    ch, bn = cfg["chunk"], cfg["block_n"]
-    clen, tile = cfg.get("clen", ch), cfg.get("tile", bn)
-    if not 0 < clen <= ch or not 0 < tile <= bn or tile % 16:
-        raise ValueError(f"a gather program takes 1..chunk ({ch}) channels and a multiple of 16 up to block_n ({bn}) "
-                         f"columns, got clen={clen}, tile={tile}")
-    return clen, tile, triton.cdiv(in_f, clen), triton.cdiv(out_f, tile)
-
-
 def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
     """`_fused_gather_gemv` over the whole layer: float32 partials (chunks, rows, out) into ypart."""
     B, IN = x.shape
     OUT = wt.shape[1]
-    clen, tile, nchunk, ntile = gather_grid(cfg, IN, OUT)
-    scratch = torch.empty(ntile * nchunk * cfg["chunk"], dtype=torch.int32, device=x.device)
+    ch, bn = cfg["chunk"], cfg["block_n"]
+    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
+    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
     torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](
         x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, wt.stride(0), seg1, seg2,
-        CHUNK=cfg["chunk"], BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=cfg["block_n"], CLEN=clen, TILE_N=tile,
-        num_warps=cfg["warps"], num_stages=cfg["stages"])
+        CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"],
+        num_stages=cfg["stages"])
     return ypart
 
 
@@ -250,16 +235,13 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     if mode not in RANK_MODES:
         raise ValueError(f"rank_terms must be one of {RANK_MODES}, got {mode!r}")
     ranked = R > 0 and mode != "epilogue"
-    gathered = not ranked and (group or cfg.get("fused"))  # `_gather`, whose programs may take clen channels
-    if gathered:
-        nchunk = gather_grid(cfg, IN, OUT)[2]
     rb = _rank_block(R)
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
     ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
     zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
     if ranked:  # rank terms included in the partials
         _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, ypart=ypart)
-    elif gathered:
+    elif group or cfg.get("fused"):
         if R > 0:
             zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, 1 + (seg1 < OUT) + (seg2 < OUT), roff1, roff2)
         _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
@@ -306,10 +288,7 @@ def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int, reduce: bool =
     bn = group_block_n(seg1, seg2, wt.shape[1], wt.shape[0], reduce)
     if bn is None:
         raise ValueError(f"group members at columns {seg1}, {seg2} do not start on output tiles")
-    cfg = dict(config_for(wt.shape[1], 0, wt.shape[0], reduce), block_n=bn)
-    if cfg.get("tile", bn) > bn or any(b % cfg.get("tile", bn) for b in (seg1, seg2) if b < wt.shape[1]):
-        cfg.pop("tile")  # a narrower tile that members do not start on: the block's width
-    return cfg
+    return dict(config_for(wt.shape[1], 0, wt.shape[0], reduce), block_n=bn)
 
 
 @torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={})
@@ -353,7 +332,7 @@ def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
     cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
     if at.shape[1]:  # the rank terms in the gather (the partials path runs them only there)
         return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, rank_terms)
-    ypart = torch.empty(gather_grid(cfg, IN, wt.shape[1])[2], B, wt.shape[1], dtype=torch.float32, device=x.device)
+    ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
     return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
 
 
