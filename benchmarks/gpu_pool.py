@@ -1,0 +1,109 @@
+"""The pooled gather again, with contiguous channel offsets (session 20). Run 2 of session 20 timed
+session 19's pooled gather (`kernels/pool.py`, removed; code at 9c17e84) 2-3x slower than the
+configured gather; run 7 (`gpu_offsets.py`) then showed that the `tl.where`-built offsets it used
+cost 0.39-0.63x on their own. Here the same design with offsets that stay contiguous
+(`gpu_offsets.limit_acc`): program (tile, chunk) gathers the first CHUNK - POOL channels of its chunk,
+then draws tickets from a counter, ticket t < NTILE * NCHUNK being the unit "tile t % NTILE, the last
+POOL channels of chunk t // NTILE"; partials in two banks (2 NCHUNK, rows, out); the program that
+draws the call's last ticket resets the counter. One member (no groups), r = 0, 50%, batch 1, bf16,
+the configured launch parameters, against the configured gather and the "limit" copy of it (the
+same kernel code without the pool) on the four Llama-3-8B calls. Each checked against the float32
+oracle first, the counter checked back at 0; timed like `gpu_kernels.py`.
+Prediction (session 19): if the pool halves the tail (7.4 µs of gate|up's 34.5, 4.0 of down's 20.4),
+gate|up ~3 µs and down ~1.5 µs faster per call; no gain on q|k|v and o.
+Prints a table, ends with one JSON line, writes $OUT/gpu_pool.json.
+`PYTHONPATH=src:benchmarks python3 benchmarks/gpu_pool.py`
+"""
+import json
+
+import torch
+import triton
+import triton.language as tl
+
+from gpu_kernels import _case50, _write, time_grid
+from gpu_offsets import limit_acc, offsets_partials
+from rsparse.gpubench import copy_bandwidth
+from rsparse.kernels import triton_gemv as tg
+from rsparse.kernels.tl_common import BB, _store_partial
+from rsparse.linear import rsparse_linear_ref
+
+SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+FRACTIONS = (16, 8, 4)  # pool = chunk / F
+
+
+@triton.jit
+def _pooled_gather(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, ctr_ptr, B, IN, OUT, LDW, NTILE, NCHUNK,
+                   CHUNK: tl.constexpr, POOL: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    pid_n, chunk = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, BB)
+    tau = tl.load(tau_ptr)
+    base = scratch_ptr + (pid_n * NCHUNK + chunk) * CHUNK
+    start = chunk * CHUNK
+    acc = limit_acc(x_ptr, c_ptr, tau, wt_ptr, base, start, tl.minimum(IN, start + CHUNK - POOL), rows,
+                    pid_n * BLOCK_N + tl.arange(0, BLOCK_N), B, IN, OUT, LDW, CHUNK, BB, BLOCK_K, BLOCK_N)
+    _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
+    nunit = NTILE * NCHUNK
+    t = tl.atomic_add(ctr_ptr, 1)
+    while t < nunit:
+        tile = t % NTILE
+        uc = t // NTILE
+        tl.debug_barrier()  # every thread is past the previous unit's index loads before they are overwritten
+        s = uc * CHUNK + CHUNK - POOL
+        acc = limit_acc(x_ptr, c_ptr, tau, wt_ptr, base + CHUNK - POOL, s, tl.minimum(IN, s + POOL), rows,
+                        tile * BLOCK_N + tl.arange(0, BLOCK_N), B, IN, OUT, LDW, POOL, BB, BLOCK_K, BLOCK_N)
+        _store_partial(ypart_ptr, acc, NCHUNK + uc, tile, B, OUT, BB, BLOCK_N)
+        t = tl.atomic_add(ctr_ptr, 1)
+    if t == 2 * nunit - 1:  # the call's last ticket: every program has drawn its last one
+        tl.atomic_add(ctr_ptr, -2 * nunit)
+
+
+def pooled_partials(x, wt, col_scale, tau, cfg, pool, counter):
+    B, IN = x.shape
+    OUT = wt.shape[1]
+    ch, bn = cfg["chunk"], cfg["block_n"]
+    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
+    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
+    ypart = torch.empty(2 * nchunk, B, OUT, dtype=torch.float32, device=x.device)
+    _pooled_gather[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, counter, B, IN, OUT, wt.stride(0), ntile, nchunk,
+                                    CHUNK=ch, POOL=pool, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn,
+                                    num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return ypart
+
+
+def main():
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    counter = torch.zeros(1, dtype=torch.int32, device="cuda")
+    rows = []
+    for out_f, in_f in SHAPES:
+        Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
+        ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+        cfg = tg.config_for(out_f, 0, in_f, reduce=False)
+        ch = cfg["chunk"]
+        parts = torch.empty(triton.cdiv(in_f, ch), 1, out_f, device="cuda")
+        cands = ["configured", "limit"] + [ch // f for f in FRACTIONS]
+
+        def call(c, Wt):
+            if c == "configured":
+                return tg._gather(x, Wt, ones, tau, parts, cfg, out_f, out_f)
+            if c == "limit":
+                return offsets_partials(x, Wt, ones, tau, cfg, ch, False)
+            return pooled_partials(x, Wt, ones, tau, cfg, c, counter)
+
+        times = time_grid(cands, call, ref, Wts, rep=200, tag=f"{out_f}x{in_f}", result=lambda p: p.sum(0))
+        assert counter.item() == 0, "the pooled gather left its counter set"
+        kept = ((x[0].float().abs() > tau).sum() / in_f).item()
+        row = {"shape": f"{out_f}x{in_f}", "chunk": ch, "floor_us": 2 * out_f * in_f * kept / bw * 1e6,
+               **{f"{c if isinstance(c, str) else f'pool_{c}'}_us": times.get(i) for i, c in enumerate(cands)}}
+        rows.append(row)
+        print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        del Ws, Wts
+    out = {"copy_bw_TBps": bw / 1e12, "rows": rows}
+    _write("gpu_pool.json", out)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
