@@ -17,15 +17,11 @@ Each width is checked against the float32 oracle (the sum of its partials) first
 Prints a table, ends with one JSON line, writes $OUT/gpu_grid_balance.json.
 `PYTHONPATH=src:benchmarks python3 benchmarks/gpu_grid_balance.py`
 """
-import json
-
 import torch
 import triton
 
-from gpu_kernels import _case50, _write, time_grid
-from rsparse.gpubench import copy_bandwidth
+from gpu_kernels import device_bandwidth, finish, oracle_case50, time_grid
 from rsparse.kernels import triton_gemv as tg
-from rsparse.linear import rsparse_linear_ref
 
 FAMILIES = {  # name: (configured shape (out, in), in, tile width, the T values: out = tile * T)
     "gate|up": ((28672, 4096), 4096, 256, (60, 64, 66, 67, 70, 80, 96, 104, 112, 120, 128, 132, 133, 136, 144)),
@@ -36,9 +32,9 @@ FAMILIES = {  # name: (configured shape (out, in), in, tile width, the T values:
 
 def main():
     torch.manual_seed(0)
-    bw = copy_bandwidth()
+    bw = device_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    print(f"device {torch.cuda.get_device_name()}  {sms} SMs  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    print(f"{sms} SMs", flush=True)
     rows = []
     for name, ((cout, cin), in_f, tile, ts) in FAMILIES.items():
         cfg = tg.config_for(cout, 0, cin, reduce=False)
@@ -46,26 +42,21 @@ def main():
         nchunk = triton.cdiv(in_f, cfg["chunk"])
         for t in ts:
             out_f = tile * t
-            Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
-            ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+            Wts, x, ones, tau, ref, floor_us = oracle_case50(out_f, in_f, bw)
             parts = torch.empty(nchunk, 1, out_f, device="cuda")
             times = time_grid([cfg], lambda c, Wt: tg._gather(x, Wt, ones, tau, parts, c, out_f, out_f), ref, Wts,
                               rep=100, tag=f"{out_f}x{in_f}", result=lambda p: p.sum(0))
-            kept = ((x[0].float().abs() > tau).sum() / in_f).item()
-            floor_us = 2 * out_f * in_f * kept / bw * 1e6
             progs = t * nchunk
             us = times.get(0)
             row = {"family": name, "shape": f"{out_f}x{in_f}", "programs": progs, "max_per_sm": -(-progs // sms),
-                   "kept": kept, "floor_us": floor_us, "us": us, "bw_frac": floor_us / us if us else None}
+                   "floor_us": floor_us, "us": us, "bw_frac": floor_us / us if us else None}
             rows.append(row)
             print(f"{name:>8} {row['shape']:>11}  programs {progs:4d} (max {row['max_per_sm']}/SM)  floor {floor_us:6.2f} us  "
                   f"gather {us if us else float('nan'):6.2f} us  {100 * row['bw_frac'] if us else float('nan'):5.1f}% of copy",
                   flush=True)
-            del Ws, Wts
-    out = {"copy_bw_TBps": bw / 1e12, "sms": sms, "configs": {n: tg.config_for(f[0][0], 0, f[0][1], reduce=False) for n, f in FAMILIES.items()},
-           "rows": rows}
-    _write("gpu_grid_balance.json", out)
-    print(json.dumps(out))
+            del Wts
+    configs = {n: tg.config_for(f[0][0], 0, f[0][1], reduce=False) for n, f in FAMILIES.items()}
+    finish("gpu_grid_balance.json", {"copy_bw_TBps": bw / 1e12, "sms": sms, "configs": configs, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -86,6 +86,12 @@ def _write(name: str, result: dict) -> None:
             json.dump(result, fh, indent=1)
 
 
+def finish(name: str, result: dict) -> None:
+    """The run's JSON: written as $OUT/name (if OUT is set) and printed as the last line."""
+    _write(name, result)
+    print(json.dumps(result))
+
+
 def bench(fn, rep=300, copies=COPIES):
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") / copies * 1e3  # us per call
 
@@ -128,6 +134,22 @@ def _case50(out_f: int, in_f: int, rows: int, dt=torch.bfloat16):
     tau = torch.quantile(x[0].float().abs(), 0.5).reshape(())
     return (Ws, [W.t().contiguous() for W in Ws], x, torch.ones(in_f, device="cuda", dtype=dt), tau,
             torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(out_f, 0, device="cuda", dtype=dt))
+
+
+def oracle_case50(out_f: int, in_f: int, bw: float):
+    """`_case50` at batch 1 with its float32 oracle and floor (µs: the kept rows' bytes at copy bandwidth
+    bw): (Wts, x, ones, tau, ref, floor_us)."""
+    Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
+    ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+    kept = ((x[0].float().abs() > tau).sum() / in_f).item()
+    return Wts, x, ones, tau, ref, 2 * out_f * in_f * kept / bw * 1e6
+
+
+def device_bandwidth() -> float:
+    """The copy bandwidth (bytes/s), printed with the device's name."""
+    bw = copy_bandwidth()
+    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    return bw
 
 
 def variants(bw, name):

@@ -11,17 +11,13 @@ Each variant is checked against the float32 oracle (the sum of its partials) fir
 `gpu_kernels.py`. Prints a table, ends with one JSON line, writes $OUT/gpu_offsets.json.
 `PYTHONPATH=src:benchmarks python3 benchmarks/gpu_offsets.py`
 """
-import json
-
 import torch
 import triton
 import triton.language as tl
 
-from gpu_kernels import _case50, _write, time_grid
-from rsparse.gpubench import copy_bandwidth
+from gpu_kernels import device_bandwidth, finish, oracle_case50, time_grid
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.tl_common import BB, _gather_rows, _keep, _store_partial
-from rsparse.linear import rsparse_linear_ref
 
 SHAPES = [(6144, 4096), (28672, 4096), (4096, 14336)]
 
@@ -82,12 +78,10 @@ def offsets_partials(x, wt, col_scale, tau, cfg, clen, where):
 
 def main():
     torch.manual_seed(0)
-    bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    bw = device_bandwidth()
     rows = []
     for out_f, in_f in SHAPES:
-        Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
-        ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+        Wts, x, ones, tau, ref, floor_us = oracle_case50(out_f, in_f, bw)
         cfg = tg.config_for(out_f, 0, in_f, reduce=False)
         ch = cfg["chunk"]
         parts = torch.empty(triton.cdiv(in_f, ch), 1, out_f, device="cuda")
@@ -99,8 +93,6 @@ def main():
             return offsets_partials(x, Wt, ones, tau, cfg, c[1], c[0] == "where")
 
         times = time_grid(cands, call, ref, Wts, rep=200, tag=f"{out_f}x{in_f}", result=lambda p: p.sum(0))
-        kept = ((x[0].float().abs() > tau).sum() / in_f).item()
-        floor_us = 2 * out_f * in_f * kept / bw * 1e6
         for i, (name, clen) in enumerate(cands):
             us = times.get(i)
             row = {"shape": f"{out_f}x{in_f}", "variant": name, "clen": clen, "floor_us": floor_us, "us": us,
@@ -109,10 +101,8 @@ def main():
             print(f"{row['shape']:>11}  {name:>10}  clen {clen:5d}  {us if us else float('nan'):6.2f} us  "
                   f"{100 * floor_us / us if us else float('nan'):5.1f}% of copy  x{row['vs_configured'] or float('nan'):.3f}",
                   flush=True)
-        del Ws, Wts
-    out = {"copy_bw_TBps": bw / 1e12, "rows": rows}
-    _write("gpu_offsets.json", out)
-    print(json.dumps(out))
+        del Wts
+    finish("gpu_offsets.json", {"copy_bw_TBps": bw / 1e12, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,18 +14,14 @@ gate|up ~3 µs and down ~1.5 µs faster per call; no gain on q|k|v and o.
 Prints a table, ends with one JSON line, writes $OUT/gpu_pool.json.
 `PYTHONPATH=src:benchmarks python3 benchmarks/gpu_pool.py`
 """
-import json
-
 import torch
 import triton
 import triton.language as tl
 
-from gpu_kernels import _case50, _write, time_grid
+from gpu_kernels import device_bandwidth, finish, oracle_case50, time_grid
 from gpu_offsets import limit_acc, offsets_partials
-from rsparse.gpubench import copy_bandwidth
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.tl_common import BB, _store_partial
-from rsparse.linear import rsparse_linear_ref
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 FRACTIONS = (16, 8, 4)  # pool = chunk / F
@@ -73,13 +69,11 @@ def pooled_partials(x, wt, col_scale, tau, cfg, pool, counter):
 
 def main():
     torch.manual_seed(0)
-    bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    bw = device_bandwidth()
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
     rows = []
     for out_f, in_f in SHAPES:
-        Ws, Wts, x, ones, tau, at, u = _case50(out_f, in_f, 1)
-        ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), u.float(), at.t().float())
+        Wts, x, ones, tau, ref, floor_us = oracle_case50(out_f, in_f, bw)
         cfg = tg.config_for(out_f, 0, in_f, reduce=False)
         ch = cfg["chunk"]
         parts = torch.empty(triton.cdiv(in_f, ch), 1, out_f, device="cuda")
@@ -94,15 +88,12 @@ def main():
 
         times = time_grid(cands, call, ref, Wts, rep=200, tag=f"{out_f}x{in_f}", result=lambda p: p.sum(0))
         assert counter.item() == 0, "the pooled gather left its counter set"
-        kept = ((x[0].float().abs() > tau).sum() / in_f).item()
-        row = {"shape": f"{out_f}x{in_f}", "chunk": ch, "floor_us": 2 * out_f * in_f * kept / bw * 1e6,
+        row = {"shape": f"{out_f}x{in_f}", "chunk": ch, "floor_us": floor_us,
                **{f"{c if isinstance(c, str) else f'pool_{c}'}_us": times.get(i) for i, c in enumerate(cands)}}
         rows.append(row)
         print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-        del Ws, Wts
-    out = {"copy_bw_TBps": bw / 1e12, "rows": rows}
-    _write("gpu_pool.json", out)
-    print(json.dumps(out))
+        del Wts
+    finish("gpu_pool.json", {"copy_bw_TBps": bw / 1e12, "rows": rows})
 
 
 if __name__ == "__main__":
