@@ -21,6 +21,20 @@ from .gpuvariants import compile_options, uncached_compiles
 from .kernels.module import triton_groups
 
 
+def kernel_table(events, steps: int, top: int = 25):
+    """The CUDA kernels of `steps` profiled steps grouped by name (its first 90 characters), per step:
+    (total µs, launches, the `top` largest as (name, µs, launches), largest first). Other events (CPU
+    operators) are left out."""
+    kernels = {}
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name[:90], [0.0, 0.0])
+            k[0] += e.device_time / steps
+            k[1] += 1 / steps
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return sum(v[0] for v in kernels.values()), sum(v[1] for v in kernels.values()), [(n, us, c) for n, (us, c) in ranked]
+
+
 @torch.inference_mode()
 def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, attention="triton"):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
@@ -67,19 +81,12 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
             g, _ = capture(step, 1)
             graph_ms = statistics.median(time_graph(g) for _ in range(REPEATS)) * 1e3
             del g
-        kernels = {}
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                k = kernels.setdefault(e.name[:90], [0.0, 0])
-                k[0] += e.device_time / steps
-                k[1] += 1 / steps
-        total = sum(v[0] for v in kernels.values())
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-        result[label] = {"graph_ms": graph_ms, "kernel_ms": total / 1e3, "kernels_per_step": sum(v[1] for v in kernels.values()),
-                         "top": [{"name": n, "us": v[0], "count": v[1]} for n, v in top]}
-        print(f"\n{label}: graph replay {graph_ms:.3f} ms/step; kernels {total / 1e3:.3f} ms in {result[label]['kernels_per_step']:.0f} launches")
-        for n, v in top:
-            print(f"  {v[0]:9.1f} us  {v[1]:6.0f}x  {n}")
+        total, launches, top = kernel_table(prof.events(), steps)
+        result[label] = {"graph_ms": graph_ms, "kernel_ms": total / 1e3, "kernels_per_step": launches,
+                         "top": [{"name": n, "us": us, "count": c} for n, us, c in top]}
+        print(f"\n{label}: graph replay {graph_ms:.3f} ms/step; kernels {total / 1e3:.3f} ms in {launches:.0f} launches")
+        for n, us, c in top:
+            print(f"  {us:9.1f} us  {c:6.0f}x  {n}")
     out = out or (os.path.join(os.environ["OUT"], "gpu_profile.json") if os.environ.get("OUT") else None)
     if out:
         write_json(out, result)
