@@ -15,6 +15,9 @@ loaded under their keep mask (1.6x slower, session 11); a tile-major Wt, each ou
 contiguous slab (the same time as row-major on 8 shapes, session 12; code at b7eb6ce); the kept index
 list held in registers, each K step's row picked by a masked sum so that no loop load feeds an address
 (25-35% slower on the MLP shapes, session 13; code at 17360c1).
+A program's channel offsets stay `start + tl.arange(...)`, limits in the load masks: offsets built with
+`tl.where` (lanes past a limit sent to IN) cost 0.39-0.63x per gather on their own (session 20,
+`benchmarks/gpu_offsets.py`).
 """
 import triton
 import triton.language as tl
