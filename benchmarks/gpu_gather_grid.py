@@ -35,8 +35,7 @@ import statistics
 import torch
 import triton
 
-from gpu_kernels import RULE_SHAPES, _case50, _print_row, _write, bench, time_grid
-from rsparse.gpubench import copy_bandwidth
+from gpu_kernels import RULE_SHAPES, _case50, _print_row, _write, bench, device_bandwidth, time_grid
 from rsparse.kernels import triton_gemv as tg
 from rsparse.linear import rsparse_linear_ref
 
@@ -62,8 +61,7 @@ KEYS = ("chunk", "block_k", "block_n", "warps", "stages")  # what makes two conf
 def main():
     grid, name = next((GRIDS[a] for a in sys.argv[1:] if a in GRIDS), (GRID, "gpu_gather_grid.json"))
     torch.manual_seed(0)
-    bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    bw = device_bandwidth()
     rows, best = [], {}
     wide = "--wide" in sys.argv[1:]
     for out_f, in_f in LLAMA_SHAPES if wide else SHAPES:

@@ -29,7 +29,6 @@ FAMILIES = {  # name: (configured shape (out, in), in, tile width, the T values:
 }
 
 
-
 def main():
     torch.manual_seed(0)
     bw = device_bandwidth()

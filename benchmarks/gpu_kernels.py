@@ -448,8 +448,7 @@ def dense_gemv_us(x, Ws):
 def main():
     torch.manual_seed(0)
     dt = torch.bfloat16
-    bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s")
+    bw = device_bandwidth()
     if "--variants" in sys.argv:
         name = sys.argv[sys.argv.index("--variants") + 1] if sys.argv[-1] != "--variants" else None
         if name not in GRIDS:

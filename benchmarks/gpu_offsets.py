@@ -17,7 +17,7 @@ import triton.language as tl
 
 from gpu_kernels import device_bandwidth, finish, oracle_case50, time_grid
 from rsparse.kernels import triton_gemv as tg
-from rsparse.kernels.tl_common import BB, _gather_rows, _keep, _store_partial
+from rsparse.kernels.tl_common import BB, _compact_chunk, _gather_rows, _keep, _store_partial
 
 SHAPES = [(6144, 4096), (28672, 4096), (4096, 14336)]
 
@@ -50,14 +50,8 @@ def _offsets_gather(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, B, IN
     if WHERE:
         lane = tl.arange(0, CHUNK)
         offs = tl.where(lane < CLEN, chunk * CLEN + lane, IN)
-        valid = (rows[:, None] < B) & (offs[None, :] < IN)
-        xc = tl.load(x_ptr + rows[:, None] * IN + offs[None, :], mask=valid, other=0.0)
-        cc = tl.load(c_ptr + offs, mask=offs < IN, other=0.0)
-        keep_any = tl.max(_keep(xc, cc, tau, valid).to(tl.int32), axis=0)
-        tl.store(base + tl.cumsum(keep_any, axis=0) - 1, offs, mask=keep_any > 0)
-        tl.debug_barrier()
-        acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, base, tl.sum(keep_any, axis=0), rows, n, B, IN, OUT, LDW, BB,
-                           BLOCK_K, BLOCK_N)
+        cnt = _compact_chunk(x_ptr, c_ptr, tau, base, offs, rows, B, IN)  # the configured gather's compaction
+        acc = _gather_rows(x_ptr, c_ptr, tau, wt_ptr, base, cnt, rows, n, B, IN, OUT, LDW, BB, BLOCK_K, BLOCK_N)
     else:
         acc = limit_acc(x_ptr, c_ptr, tau, wt_ptr, base, chunk * CLEN, tl.minimum(IN, chunk * CLEN + CLEN), rows, n, B, IN,
                         OUT, LDW, CHUNK, BB, BLOCK_K, BLOCK_N)

@@ -24,8 +24,7 @@ import statistics
 import torch
 import triton
 
-from gpu_kernels import COPIES, _write, bench, fit_fixed_cost
-from rsparse.gpubench import copy_bandwidth
+from gpu_kernels import COPIES, _write, bench, device_bandwidth, fit_fixed_cost
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.tl_common import BB
 from rsparse.linear import rsparse_linear_ref
@@ -67,8 +66,7 @@ def variants(x, wt, ones, tau, cfg):
 def main():
     torch.manual_seed(0)
     dt = torch.bfloat16
-    bw = copy_bandwidth()
-    print(f"device {torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    bw = device_bandwidth()
     rows, fits = [], {}
     for out_f, in_f in SHAPES:
         Wts = [(torch.randn(in_f, out_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]

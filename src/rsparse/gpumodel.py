@@ -20,6 +20,7 @@ MODELS = {
                       num_key_value_heads=32, vocab_size=32000, rope_theta=10000.0, max_position_embeddings=4096),
 }
 
+
 def build(name):
     from transformers import LlamaConfig, LlamaForCausalLM
 
