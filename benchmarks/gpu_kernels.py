@@ -1,5 +1,5 @@
 """Kernel-level GPU benchmark: dense cuBLAS vs a TEAL-style masked split-K kernel vs ours, per
-projection shape of 7-8B models, bf16, batch 1 (ours also at batch 2/4/8 and with a rank term).
+projection shape of 7-8B models, bf16 (`--dtype float16`: fp16), batch 1 (ours also at batch 2/4/8 and with a rank term).
 Also the dense product as inductor computes it with coordinate-descent tuning ("gemv us",
 `dense_gemv_us`; added in session 16, when it made the whole dense step 15% faster than cuBLAS), and
 our speedup against the faster of the two dense products (`speedup_vs_best_dense`; not yet run).
@@ -33,6 +33,9 @@ from rsparse.kernels.triton_gemv import rsparse_gemv
 from rsparse.linear import rsparse_linear_ref
 
 TUNE = "--tune" in sys.argv  # grid-search launch configurations first (about 8 minutes)
+# --dtype float16: the main table in fp16 (weights, activations, outputs; bfloat16 by default)
+DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+    sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv[:-1] else "bfloat16")
 # best TEAL-style configurations on an H200: --tune (2026-11-28), then --teal-sweep (deeper K steps and 4
 # stages; session 6 on the first four shapes, session 8 on the other three: 1.04-2.0x faster than the
 # --tune ones); ours use config_for
@@ -447,7 +450,9 @@ def dense_gemv_us(x, Ws):
 
 def main():
     torch.manual_seed(0)
-    dt = torch.bfloat16
+    if DTYPE is None:
+        sys.exit("--dtype: bfloat16 or float16")
+    dt = DTYPE
     bw = device_bandwidth()
     if "--variants" in sys.argv:
         name = sys.argv[sys.argv.index("--variants") + 1] if sys.argv[-1] != "--variants" else None
@@ -544,7 +549,7 @@ def main():
               f"{r.get('s11_cfg_us', float('nan')):8.2f}"
               + "".join(f" {r.get(f'rank_{m}_us', r['ours_us'] if r['rank'] and m == tg.RANK_TERMS else float('nan')):14.2f}"
                         for m in tg.RANK_MODES))
-    summary = {"copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "max_rel_err": max(checks),
+    summary = {"dtype": str(dt).removeprefix("torch."), "copy_bw_TBps": bw / 1e12, "tuned": tuned, "compiled_graph_ok": compiled_ok, "max_rel_err": max(checks),
                "median_speedup_vs_teal_b1_s50": statistics.median(r["speedup_vs_teal"] for r in rows if "speedup_vs_teal" in r and r["sparsity"] == 0.5),
                "speedup_vs_best_dense_b1_s50_r0": {f"{r['out']}x{r['in']}": r.get("speedup_vs_best_dense") for r in rows
                                                    if r["batch"] == 1 and r["sparsity"] == 0.5 and r["rank"] == 0},

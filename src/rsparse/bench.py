@@ -251,6 +251,7 @@ def run_bench(args):
         return run_gpu_bench(args)
     if args.device != "cpu":
         raise RSparseError(f"unknown --device {args.device!r}; use cpu or cuda")
+    args.dtype = args.dtype or "float32"
     if args.batches != "1":
         raise RSparseError("rsparse bench --device cpu decodes batch 1; --batches is for --device cuda")
     if args.backend not in ("cpp", "oracle"):

@@ -22,9 +22,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _add_model(p):
+def _add_model(p, dtype="float32", dtype_help="float32 (default), bfloat16, float16"):
     p.add_argument("--model", default="smollm2-135m", help="bundled name, HF model directory or .gguf file")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    p.add_argument("--dtype", default=dtype, help=dtype_help)
 
 
 def _add_method(p, default_method="rsparse"):
@@ -302,7 +302,7 @@ def build_parser():
 
     b = sub.add_parser("bench", help="decode tokens/s of dense vs sparsified model (static KV cache); "
                        "--device cpu: the bundled model, batch 1; --device cuda: 7-8B shapes, random bf16 weights")
-    _add_model(b)
+    _add_model(b, dtype=None, dtype_help="cpu: float32 (default), bfloat16; cuda: bfloat16 (default), float16")
     b.add_argument("--device", default="cpu", help="cpu (real model) or cuda (Triton kernels, benchmark shapes)")
     b.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
     b.add_argument("--tokens", type=int, default=32, help="decoded tokens per repeat")

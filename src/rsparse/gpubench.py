@@ -1,5 +1,5 @@
 """`rsparse bench --device cuda`: end-to-end GPU decode, dense cuBLAS vs R-Sparse Triton kernels, on Llama-architecture models with
-random bf16 weights (Llama-3-8B and Llama-2-7B shapes), static KV cache, one decode step captured in a
+random bf16 weights (--dtype float16: fp16; Llama-3-8B and Llama-2-7B shapes), static KV cache, one decode step captured in a
 CUDA graph (`decode.GraphDecoder`), batch 1/2/4/8, sparsity 40-70%.
 
 Thresholds come from the model's own forward passes (|x| at every projection input over a prefill
@@ -44,6 +44,14 @@ from .linear import RSparseLinear
 from .gpumodel import MODELS, attached, build, input_samples, modules_at, set_thresholds
 
 MAX_LEN, STEPS, REPEATS = 512, 32, 7
+
+
+def gpu_dtype(name) -> torch.dtype:
+    """--dtype of the GPU bench: bfloat16 (None, the default) or float16; the kernels read 2-byte weights."""
+    dtype = {None: torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
+    if dtype is None:
+        raise RSparseError(f"rsparse bench --device cuda runs bfloat16 or float16 weights, got --dtype {name!r}")
+    return dtype
 
 
 def copy_bandwidth():
@@ -120,13 +128,14 @@ def run_gpu_bench(args):
     inductor_patches(args)  # a bad --inductor-ab fails before any work
     if not 1 <= getattr(args, "retune", 1) <= 4:
         raise RSparseError(f"--retune must be 1..4 (compiles of each tuned step), got {args.retune}")
+    dtype = gpu_dtype(getattr(args, "dtype", None))
     if not torch.cuda.is_available():
         raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
     if args.profile:
         from .gpuprofile import profile
 
         return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args), out=args.out,
-                       attention=getattr(args, "attention", "triton"))
+                       attention=getattr(args, "attention", "triton"), dtype=dtype)
     uncached_compiles()
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):
@@ -135,13 +144,13 @@ def run_gpu_bench(args):
     t_start = time.time()
     tg.load_tuned(tuned)
     bw = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  tuned shapes: {sorted(tg.TUNED)}", flush=True)
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  {dtype}  tuned shapes: {sorted(tg.TUNED)}", flush=True)
     rows, compiled, checks, compiled_err = [], [], [], {}
     out = args.out or (os.path.join(os.environ["OUT"], "gpu_decode.json") if os.environ.get("OUT") else None)
 
     def save():  # after every batch size too: a run stopped by its time limit keeps what it measured
         if out:
-            write_json(out, {"checks": checks, "compiled_vs_eager_rel_err": compiled_err, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
+            write_json(out, {"dtype": str(dtype).removeprefix("torch."), "checks": checks, "compiled_vs_eager_rel_err": compiled_err, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
                              "tuned": {f"{o}x{i}": c for (o, i), c in tg.TUNED.items()}, "compiled": compiled, "rows": rows,
                              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
                              "seconds": time.time() - t_start})
@@ -149,7 +158,7 @@ def run_gpu_bench(args):
         if time.time() - t_start > args.time_limit:
             break
         torch.manual_seed(0)
-        model = build(name)
+        model = build(name, dtype)
         projs = locate(model)
         samples = input_samples(model)
         sparse, quantile = modules_at(projs, sparsities[0], alpha, decide_rows=len(sparsities) == 1)
@@ -338,7 +347,7 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     # per projection, on this model's own hidden states: first projection of block 0 and the last down
     per = {}
     for k in ("0.q", "0.down", f"{len(dec.layers) - 1}.down"):
-        dt = sparse[k].wt.dtype  # the model's (bfloat16 here; float32 in the CPU test)
+        dt = sparse[k].wt.dtype  # the model's (bfloat16 or float16 here; float32 in the CPU test)
         x = samples[k][:1].to(dt) * torch.sign(torch.randn_like(samples[k][:1])).to(dt)
         a, b = sparse[k](x).float(), oracle[k](x).float()
         per[k] = ((a - b).norm() / b.norm()).item()
@@ -354,7 +363,8 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
         ref32 = dec32.step(ids, pos).float()
     del dec32, model32, projs32, oracle32
     torch.cuda.empty_cache()
-    out0 = {"oracle_bf16_vs_f32_rel_err": ((ref - ref32).norm() / ref32.norm()).item(),
+    low = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype, "same")
+    out0 = {f"oracle_{low}_vs_f32_rel_err": ((ref - ref32).norm() / ref32.norm()).item(),
             "triton_vs_oracle_f32_rel_err": ((got - ref32).norm() / ref32.norm()).item()}
     out = {"model": name, "cosine": torch.nn.functional.cosine_similarity(got, ref).min().item(), **out0,
            "rel_err": ((got - ref).norm() / ref.norm()).item(), "argmax_equal": bool(torch.equal(got.argmax(-1), ref.argmax(-1))),

@@ -1,4 +1,4 @@
-"""The GPU benchmark's model: Llama-architecture shapes with random bf16 weights on the GPU, the
+"""The GPU benchmark's model: Llama-architecture shapes with random bf16 (or fp16) weights on the GPU, the
 activations its own prefill gives (`input_samples`), and Triton modules for every projection with
 thresholds set from those activations (`modules_at`, `set_thresholds`).
 
@@ -21,16 +21,16 @@ MODELS = {
 }
 
 
-def build(name):
+def build(name, dtype=torch.bfloat16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device("cuda"):
             model = LlamaForCausalLM(LlamaConfig(**MODELS[name])).eval()
     finally:
         torch.set_default_dtype(torch.float32)
-    return model.to(torch.bfloat16)
+    return model.to(dtype)
 
 
 @torch.inference_mode()
