@@ -1,0 +1,105 @@
+"""The ways of computing rank terms (`triton_gemv.RANK_MODES` that run in the gather launch), per call
+of a Llama-3-8B block as compiled steps make them, side by side: q|k|v and o and down through
+`rsparse_partials` (the partials inductor sums), gate|up through `rsparse_glu_gemv` (gather + SiLU·up
+epilogue). Ranks from the budget at --alpha (default 0.9, 50%; the modules' multiples of 16), and the
+same calls at r = 0 with the same kept fractions: what the rank terms cost on top of the gather.
+
+Every mode is first checked against the float32 oracle (relative error < 1e-2); weights cycle through 4
+copies inside one CUDA graph (`gpu_kernels.bench`), so they come from HBM. Prints a table, ends with
+one JSON line; writes $OUT/gpu_rank_modes.json.
+
+    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_modes.py [--alpha 0.9] [--sparsity 0.5]
+"""
+import argparse
+
+import torch
+
+from gpu_kernels import COPIES, bench, device_bandwidth, finish
+from rsparse.gpumodel import aligned_allocation
+from rsparse.kernels import triton_gemv as tg
+from rsparse.linear import rsparse_linear_ref
+
+MODES = ("one-launch", "gather", "parallel")
+# (name, member widths, in): the calls of one Llama-3-8B block
+CALLS = [("q|k|v", (4096, 1024, 1024), 4096), ("o", (4096,), 4096), ("gate|up", (14336, 14336), 4096),
+         ("down", (4096,), 14336)]
+
+
+def build(outs, in_f, sparsity, alpha, dt):
+    """COPIES sets of members side by side (wt, at, u packed as the groups store them), one Laplace row
+    x, per-member scales (ones) and thresholds for the allocation's kept fraction; the float32 oracle
+    per member on copy 0."""
+    als = [aligned_allocation(o, in_f, sparsity, alpha) for o in outs]
+    ranks = [a.rank for a in als]
+    x = torch.distributions.Laplace(0.0, 1.0).sample((1, in_f)).to("cuda", dt)
+    taus = torch.stack([torch.quantile(x[0].float().abs(), 1 - a.keep) for a in als])
+    cs = torch.ones(len(outs), in_f, device="cuda", dtype=dt)
+    copies = []
+    for _ in range(COPIES):
+        Ws = [(torch.randn(o, in_f, device="cuda") / in_f**0.5).to(dt) for o in outs]
+        Us = [(torch.randn(o, r, device="cuda") / 8).to(dt) for o, r in zip(outs, ranks)]
+        As = [(torch.randn(r, in_f, device="cuda") / in_f**0.5).to(dt) for r in ranks]
+        copies.append((torch.cat([W.t() for W in Ws], 1).contiguous(), torch.cat([A.t() for A in As], 1).contiguous(),
+                       torch.cat([U.reshape(-1) for U in Us]), Ws, Us, As))
+    _, _, _, Ws, Us, As = copies[0]
+    refs = [rsparse_linear_ref(x.float(), W.float(), None, taus[i], cs[i].float(), U.float(), A.float())
+            for i, (W, U, A) in enumerate(zip(Ws, Us, As))]
+    return x, cs, taus, copies, refs, ranks
+
+
+def bounds(v):
+    return ([sum(v[:i + 1]) for i in range(len(v))] + [sum(v)] * 2)[:2]
+
+
+def call(name, x, wt, at, u, cs, taus, seg, roff, mode):
+    """The call as a compiled step makes it, returning the layer's output (float32 for the partials)."""
+    if name == "gate|up":
+        return tg.rsparse_glu_gemv(x, wt, at, u, cs, taus, roff[0], None, mode)
+    c, t = (cs, taus) if len(cs) > 1 else (cs[0], taus[0])
+    return tg.sum_partials(tg.rsparse_partials(x, wt, at, u, c, t, *seg, *roff, mode), None, torch.float32)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--alpha", type=float, default=0.9)
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    bw = device_bandwidth()
+    rows = []
+    for name, outs, in_f in CALLS:
+        x, cs, taus, copies, refs, ranks = build(outs, in_f, args.sparsity, args.alpha, dt)
+        seg, roff = bounds(list(outs)), bounds(ranks)
+        ref = torch.nn.functional.silu(refs[0]) * refs[1] if name == "gate|up" else torch.cat(refs, 1)
+        row = {"call": name, "outs": outs, "in": in_f, "ranks": ranks}
+        for mode in MODES:
+            y = call(name, x, *copies[0][:3], cs, taus, seg, roff, mode)
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            assert torch.isfinite(y).all() and err < 1e-2, (name, mode, err)
+            row[f"{mode}_err"] = err
+            row[f"{mode}_us"] = bench(lambda: [call(name, x, wt, at, u, cs, taus, seg, roff, mode) for wt, at, u, *_ in copies])
+        # r = 0 at the same kept fractions: the gather the rank terms ride on
+        empty = [(wt, torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(0, device="cuda", dtype=dt)) for wt, *_ in copies]
+        zero = bounds([0] * len(outs))
+        row["r0_us"] = bench(lambda: [call(name, x, wt, at, u, cs, taus, seg, zero, "one-launch") for wt, at, u in empty])
+        kept = sum(o * (x[0].float().abs() > t).float().mean().item() for o, t in zip(outs, taus)) * in_f * 2
+        rank_b = sum(2 * r * (o + in_f) for o, r in zip(outs, ranks))
+        row["bytes"] = kept + rank_b
+        for mode in MODES:
+            row[f"{mode}_bw_frac"] = row["bytes"] / (row[f"{mode}_us"] * 1e-6) / bw
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\nalpha {args.alpha}, sparsity {args.sparsity}, batch 1, bf16, µs per call (BW: kept rows + both factors at copy bandwidth)")
+    print(f"{'call':8s} {'ranks':>14s} {'r = 0':>7s}" + "".join(f" {m:>11s}" for m in MODES) + "".join(f" {'BW ' + m:>14s}" for m in MODES))
+    for r in rows:
+        print(f"{r['call']:8s} {str(r['ranks']):>14s} {r['r0_us']:7.2f}" + "".join(f" {r[m + '_us']:11.2f}" for m in MODES)
+              + "".join(f" {r[m + '_bw_frac']:14.1%}" for m in MODES))
+    block = {m: sum(r[f"{m}_us"] for r in rows) for m in MODES + ("r0",)}
+    print("one block's four calls, µs: " + ", ".join(f"{m} {v:.2f}" for m, v in block.items()))
+    finish("gpu_rank_modes.json", {"copy_bw_TBps": bw / 1e12, "alpha": args.alpha, "sparsity": args.sparsity,
+                                   "block_us": block, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
