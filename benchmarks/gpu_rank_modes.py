@@ -4,11 +4,16 @@ of a Llama-3-8B block as compiled steps make them, side by side: q|k|v and o and
 epilogue). Ranks from the budget at --alpha (default 0.9, 50%; the modules' multiples of 16), and the
 same calls at r = 0 with the same kept fractions: what the rank terms cost on top of the gather.
 
-Every mode is first checked against the float32 oracle (relative error < 1e-2); weights cycle through 4
-copies inside one CUDA graph (`gpu_kernels.bench`), so they come from HBM. Prints a table, ends with
-one JSON line; writes $OUT/gpu_rank_modes.json.
+`--zchunks N,..` also times one-launch with N channels per z program on every call (the default takes
+`lowrank.z_chunk`: 512 on the MLP's calls, 128 on the others).
 
-    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_modes.py [--alpha 0.9] [--sparsity 0.5]
+Every mode is first checked against the float32 oracle (relative error < 1e-2); weights cycle through 4
+copies inside one CUDA graph (`gpu_kernels.bench`), so they come from HBM. The calls are eager: the
+partials' sum is a chain of adds (a kernel per partial row after the first) that inductor fuses into
+one kernel in a compiled step, so a mode that writes more partial rows pays for launches here that
+it would not pay there. Prints a table, ends with one JSON line; writes $OUT/gpu_rank_modes.json.
+
+    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_modes.py [--alpha 0.9] [--sparsity 0.5] [--modes M,..] [--zchunks N,..]
 """
 import argparse
 
@@ -16,10 +21,10 @@ import torch
 
 from gpu_kernels import COPIES, bench, device_bandwidth, finish
 from rsparse.gpumodel import aligned_allocation
-from rsparse.kernels import triton_gemv as tg
+from rsparse.kernels import lowrank, triton_gemv as tg
 from rsparse.linear import rsparse_linear_ref
 
-MODES = ("one-launch", "gather", "parallel")
+MODES = ("one-launch", "gather")
 # (name, member widths, in): the calls of one Llama-3-8B block
 CALLS = [("q|k|v", (4096, 1024, 1024), 4096), ("o", (4096,), 4096), ("gate|up", (14336, 14336), 4096),
          ("down", (4096,), 14336)]
@@ -63,7 +68,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of rank modes to time")
+    ap.add_argument("--zchunks", default=None,
+                    help="comma list: also time one-launch with these channels per z program (RANKED_TILES['ZCHUNK'])")
     args = ap.parse_args()
+    modes = tuple(args.modes.split(","))
+    zchunks = [int(z) for z in args.zchunks.split(",")] if args.zchunks else []
     torch.manual_seed(0)
     dt = torch.bfloat16
     bw = device_bandwidth()
@@ -73,12 +83,18 @@ def main():
         seg, roff = bounds(list(outs)), bounds(ranks)
         ref = torch.nn.functional.silu(refs[0]) * refs[1] if name == "gate|up" else torch.cat(refs, 1)
         row = {"call": name, "outs": outs, "in": in_f, "ranks": ranks}
-        for mode in MODES:
-            y = call(name, x, *copies[0][:3], cs, taus, seg, roff, mode)
-            err = ((y.float() - ref).norm() / ref.norm()).item()
-            assert torch.isfinite(y).all() and err < 1e-2, (name, mode, err)
-            row[f"{mode}_err"] = err
-            row[f"{mode}_us"] = bench(lambda: [call(name, x, wt, at, u, cs, taus, seg, roff, mode) for wt, at, u, *_ in copies])
+        default_z = lowrank.RANKED_TILES["ZCHUNK"]
+        for label, mode, zc in [(m, m, default_z) for m in modes] + [(f"z{z}", "one-launch", z) for z in zchunks]:
+            lowrank.RANKED_TILES["ZCHUNK"] = zc  # read at launch: z programs = members x in / ZCHUNK
+            wide, lowrank.ZCHUNK_WIDE = lowrank.ZCHUNK_WIDE, (lowrank.ZCHUNK_WIDE if label == mode else None)  # zN: every call
+            try:
+                y = call(name, x, *copies[0][:3], cs, taus, seg, roff, mode)
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                assert torch.isfinite(y).all() and err < 1e-2, (name, label, err)
+                row[f"{label}_err"] = err
+                row[f"{label}_us"] = bench(lambda: [call(name, x, wt, at, u, cs, taus, seg, roff, mode) for wt, at, u, *_ in copies])
+            finally:
+                lowrank.RANKED_TILES["ZCHUNK"], lowrank.ZCHUNK_WIDE = default_z, wide
         # r = 0 at the same kept fractions: the gather the rank terms ride on
         empty = [(wt, torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(0, device="cuda", dtype=dt)) for wt, *_ in copies]
         zero = bounds([0] * len(outs))
@@ -86,16 +102,18 @@ def main():
         kept = sum(o * (x[0].float().abs() > t).float().mean().item() for o, t in zip(outs, taus)) * in_f * 2
         rank_b = sum(2 * r * (o + in_f) for o, r in zip(outs, ranks))
         row["bytes"] = kept + rank_b
-        for mode in MODES:
-            row[f"{mode}_bw_frac"] = row["bytes"] / (row[f"{mode}_us"] * 1e-6) / bw
+        labels = list(modes) + [f"z{z}" for z in zchunks]
+        for label in labels:
+            row[f"{label}_bw_frac"] = row["bytes"] / (row[f"{label}_us"] * 1e-6) / bw
         rows.append(row)
         print(row, flush=True)
-    print(f"\nalpha {args.alpha}, sparsity {args.sparsity}, batch 1, bf16, µs per call (BW: kept rows + both factors at copy bandwidth)")
-    print(f"{'call':8s} {'ranks':>14s} {'r = 0':>7s}" + "".join(f" {m:>11s}" for m in MODES) + "".join(f" {'BW ' + m:>14s}" for m in MODES))
+    print(f"\nalpha {args.alpha}, sparsity {args.sparsity}, batch 1, bf16, µs per call (BW: kept rows + both factors at copy bandwidth;"
+          " zN: one-launch with N channels per z program)")
+    print(f"{'call':8s} {'ranks':>14s} {'r = 0':>7s}" + "".join(f" {m:>11s}" for m in labels) + "".join(f" {'BW ' + m:>14s}" for m in labels))
     for r in rows:
-        print(f"{r['call']:8s} {str(r['ranks']):>14s} {r['r0_us']:7.2f}" + "".join(f" {r[m + '_us']:11.2f}" for m in MODES)
-              + "".join(f" {r[m + '_bw_frac']:14.1%}" for m in MODES))
-    block = {m: sum(r[f"{m}_us"] for r in rows) for m in MODES + ("r0",)}
+        print(f"{r['call']:8s} {str(r['ranks']):>14s} {r['r0_us']:7.2f}" + "".join(f" {r[m + '_us']:11.2f}" for m in labels)
+              + "".join(f" {r[m + '_bw_frac']:14.1%}" for m in labels))
+    block = {m: sum(r[f"{m}_us"] for r in rows) for m in labels + ["r0"]}
     print("one block's four calls, µs: " + ", ".join(f"{m} {v:.2f}" for m, v in block.items()))
     finish("gpu_rank_modes.json", {"copy_bw_TBps": bw / 1e12, "alpha": args.alpha, "sparsity": args.sparsity,
                                    "block_us": block, "rows": rows})

@@ -37,12 +37,12 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
 ])
-@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "parallel", "split1", "split3", "k32"])
+@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3", "k32"])
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
     gather / one-launch: the rank terms' U product added by the gather (the low-rank inputs before it,
-    or in the same launch); parallel: by programs of their own beside the gather tiles (extra partial rows);
+    or in the same launch);
     fused and select: the U product in the epilogue (all the same for r = 0); k32: fused with 32-row K steps
     (4-8 of them per chunk: the steps' carried accumulator and the masked tail step)."""
     torch.manual_seed(hash((B, IN, OUT, R, variant)) % 2**31)
@@ -102,8 +102,8 @@ def test_triton_module_matches_rsparse_linear():
 
 
 # group / GLU kernels: two-launch (partials + epilogue), one launch with 1 or 2 ranges (r = 0), or
-# "gather" / "one-launch" / "parallel": rank terms added in the gather launch (None: by the epilogue); see tg.RANK_TERMS
-SPLITS = [None, 1, 2, "gather", "one-launch", "parallel"]
+# "gather" / "one-launch": rank terms added in the gather launch (None: by the epilogue); see tg.RANK_TERMS
+SPLITS = [None, 1, 2, "gather", "one-launch"]
 
 
 def _group_case(B, IN, outs, ranks, sparsities, dtype):
@@ -190,8 +190,8 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32 if len(outs) > 1 else 64)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
-    mode = ("gather", "one-launch", "parallel")[B % 3]
-    parts = torch.full((lowrank.partial_rows(IN, sum(ranks), *roff, 128, mode), B, sum(outs)), float("nan"), device=DEV)
+    mode = ("gather", "one-launch")[B % 2]
+    parts = torch.full((-(-IN // 128), B, sum(outs)), float("nan"), device=DEV)
     if sum(ranks):  # the low-rank inputs in the same launch or in one before it
         lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, mode, ypart=parts)
     else:
@@ -210,23 +210,20 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol
 
 
-@pytest.mark.parametrize("B", [1, 4])
-def test_parallel_rank_terms_one_block_per_program(monkeypatch, B):
-    """"parallel" where the low-rank inputs arrive in more partials than one z tile sums (NZP shrunk to
-    2 here: down's 14336 channels on a GPU): every U program takes one rank block and writes a row of
-    its own (members with ranks 9, 0 and 70 -> 3 rows beside the chunks'); poisoned partials all written,
-    their sum equals every member's float64 oracle."""
-    monkeypatch.setitem(lowrank.RANKED_TILES, "NZP", 2)
-    torch.manual_seed(B)
-    outs, ranks = (64, 32, 32), (9, 0, 70)
-    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, 300, outs, ranks, (0.5, 0.8, 0.3), torch.float32)
-    assert lowrank.u_rows(300, sum(ranks), *roff) == (1, 3)
-    rows = lowrank.partial_rows(300, sum(ranks), *roff, 128, "parallel")
-    assert rows == 3 + 3
+@pytest.mark.parametrize("B", [1, 3])
+def test_wide_calls_take_wide_z_programs(monkeypatch, B):
+    """One-launch calls at or above WIDE_CALL (the MLP's on a GPU; every call here) take ZCHUNK_WIDE
+    channels per z program (256 here: 3 z programs per member over 513 channels, the last one
+    partial); the partials, poisoned, sum to every member's float64 oracle."""
+    monkeypatch.setattr(lowrank, "WIDE_CALL", 1)
+    monkeypatch.setattr(lowrank, "ZCHUNK_WIDE", 256)
+    assert lowrank.z_chunk(513, 97) == 256
+    torch.manual_seed(7)
+    outs, ranks = (64, 33), (20, 48)
+    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, 513, outs, ranks, (0.5, 0.7), torch.float32)
     dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
-    parts = torch.full((rows, B, sum(outs)), float("nan"), device=DEV)
-    cfg = dict(tg.config_for(sum(outs), 0), chunk=128, block_n=32)
-    lowrank._ranked_gather(*dev[:6], cfg, *seg, *roff, "parallel", ypart=parts)
+    parts = torch.full((5, B, 97), float("nan"), device=DEV)
+    lowrank._ranked_gather(*dev[:6], dict(tg.config_for(97, 0), chunk=128, block_n=32), *seg, *roff, "one-launch", ypart=parts)
     assert torch.isfinite(parts).all(), "partial element left unwritten"
     ref = torch.cat(refs, 1)
     y = tg.sum_partials(parts, dev[6], torch.float32).cpu().double()
@@ -262,7 +259,7 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch, ro
     x = torch.distributions.Laplace(0.0, 1.0).sample((rows, 1, 160))
     with torch.no_grad():
         for fn, ref, mode, via_partials in ((lone, refs[0](x), "epilogue", True), (lone_ranked, ranked(x), "gather", True),
-                                            (lone_ranked, ranked(x), "one-launch", True), (lone_ranked, ranked(x), "parallel", True),
+                                            (lone_ranked, ranked(x), "one-launch", True),
                                             (lone_ranked, ranked(x), "epilogue", False)):
             monkeypatch.setattr(tg, "RANK_TERMS", mode)
             sums.clear()
@@ -279,7 +276,7 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch, ro
         got = tg.sum_partials(torch.ops.rsparse.rsparse_partials(*args, "one-launch"), m.bias, x.dtype).cpu()
         want = ranked(x).reshape(rows, -1)
         assert modes == ["one-launch"] and ((got - want).norm() / want.norm()).item() < 1e-5
-        with pytest.raises(ValueError, match="rank_terms 'gather', 'one-launch' or 'parallel', got 'epilogue'"):
+        with pytest.raises(ValueError, match="rank_terms 'gather' or 'one-launch', got 'epilogue'"):
             torch.ops.rsparse.rsparse_partials(*args, "epilogue")
         sums.clear()
         ys = compile_(group)(x.to(DEV))

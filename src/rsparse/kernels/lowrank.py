@@ -81,14 +81,14 @@ def _group_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, B, IN, LDA, RT, ROFF1, RO
 
 
 @triton.jit
-def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0, qstep, r_end,
+def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0, qstep,
              BB: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
     """acc + z[:, ra:rb] @ U_p^T for a member's output columns n (the rank blocks of RB columns from
-    ra + q0 in steps of qstep up to r_end <= rb: all of them for q0 = 0, qstep = RB, r_end = rb), z summed over the NZCHUNK partials
+    ra + q0 in steps of qstep: all of them for q0 = 0, qstep = RB), z summed over the NZCHUNK partials
     (NZCHUNK, B, RT) in (NZP, RB) tiles (`_sum_partials`); U_p (out_p, r_p = rb - ra) is packed at
     u_ptr + uoff, its first row for column seg_lo. z is loaded .cg (from L2): in
     `_ranked_gather_gemv` other programs of the same launch wrote it."""
-    for r0 in range(ra + q0, r_end, qstep):
+    for r0 in range(ra + q0, rb, qstep):
         rr = r0 + tl.arange(0, RB)
         z = tl.zeros((BB, RB), dtype=tl.float32)
         for c0 in range(0, NZCHUNK, NZP):  # NZP caps the tile, whose reduction goes through shared memory
@@ -120,7 +120,7 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
                 pass
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
-                       nchunk * RB, rb, BB, RB, NZP)
+                       nchunk * RB, BB, RB, NZP)
     _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
@@ -155,58 +155,22 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
                      LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP)
 
 
-@triton.jit
-def _u_program(zpart_ptr, u_ptr, ypart_ptr, sync_ptr, j, B, OUT, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NCHUNK, NZCHUNK, NZ, UQ,
-               BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
-    """U program j of `_parallel_ranked_gemv`: output tile j % NTILE, rank blocks [g UQ, (g + 1) UQ) of
-    the tile's member (g = j // NTILE), into partial row NCHUNK + g (zeros where the member's rank has no
-    such block: every row of the partials is written)."""
-    pid_n, g = j % NTILE, j // NTILE
-    p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
-    q0 = g * UQ * RB
-    if ra + q0 < rb:
-        while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ:  # until every z program has raised the counter
-            pass
-        acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0, RB,
-                       tl.minimum(rb, ra + q0 + UQ * RB), BB, RB, NZP)
-    _store_partial(ypart_ptr, acc, NCHUNK + g, pid_n, B, OUT, BB, BLOCK_N)
-
-
-@triton.jit
-def _parallel_ranked_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, u_ptr, sync_ptr,
-                          B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NCHUNK, NZCHUNK, NZ, NU, UQ,
-                          CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                          ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
-    """Rank terms beside the gather, not after it ("parallel"): 1-d grid of NZ z programs (as
-    `_ranked_gather_gemv`'s), then NU U programs (`_u_program`: they wait for z and write the U product
-    into partial rows NCHUNK.. of their own), then the plain gather tiles (rows 0..NCHUNK - 1). The U
-    product's dependent loads (z sums from L2, U, one rank block after the other) then run while the
-    gather streams, instead of at the end of its tiles where they lengthen the call. No deadlock: U
-    programs wait only for z programs, which have lower ids and so started before them."""
-    pid = tl.program_id(0)
-    if pid < NZ:
-        _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, pid % NZCHUNK, pid // NZCHUNK, B, IN, LDA, RT, ROFF1, ROFF2,
-                  ZCHUNK, BB, RB)
-        tl.debug_barrier()  # the whole partial is written before the count is raised (release)
-        tl.atomic_add(sync_ptr, 1, sem="release")
-    elif pid < NZ + NU:
-        _u_program(zpart_ptr, u_ptr, ypart_ptr, sync_ptr, pid - NZ, B, OUT, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NCHUNK,
-                   NZCHUNK, NZ, UQ, BB, BLOCK_N, RB, NZP)
-    else:
-        t = pid - NZ - NU
-        pid_n, chunk = t % NTILE, t // NTILE
-        acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
-                        BLOCK_K, BLOCK_N)
-        _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
-
-
 ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB tile of At)
 # "one-launch" z programs and the z sums in smaller tiles: a kernel's shared memory is that of its
 # largest branch, and the gather tiles' occupancy sets the kernel's speed (sm_90: 22-31 KB per program
 # at 128 x 32 tiles, 111 KB at 256 x 64; the gather alone 19 KB)
 RANKED_TILES = dict(ZCHUNK=128, RB=32, NZP=32)
+# Wide calls (out x in >= WIDE_CALL: the MLP's) take ZCHUNK_WIDE channels per z program: at 128, gate|up's
+# 64 z programs and 224 gather tiles (288) did not fit the H200's 264 resident slots (2 per SM at its
+# registers), so the last tiles started when z programs ended. Measured (session 21, alpha 0.9, 50%,
+# `gpu_rank_zchunk_s21.json`): 512 takes gate|up 50.6 -> 44.8 us and down 34.9 -> 32.1; q|k|v, short,
+# gets slower (18.4 -> 23.2: each z program's serial rank blocks then outlast its gather), so it keeps 128.
+ZCHUNK_WIDE, WIDE_CALL = 512, 1 << 25
+
+
+def z_chunk(IN: int, OUT: int) -> int:
+    """Channels per z program of a one-launch ranked gather."""
+    return ZCHUNK_WIDE if ZCHUNK_WIDE and OUT * IN >= WIDE_CALL else RANKED_TILES["ZCHUNK"]
 
 
 def _rank_block(R: int) -> int:
@@ -225,57 +189,32 @@ def _group_z_launch(x, at, col_scale, tau, members, roff1, roff2):
     return zpart, nzchunk
 
 
-def u_rows(IN: int, R: int, roff1: int, roff2: int) -> tuple:
-    """"parallel" mode's U programs: (rank blocks per U program, partial rows they add). Where z sums
-    from one (NZP, RB) tile of partials, a U program takes all of its member's rank blocks (one row);
-    where it needs several (wide inputs: down's 14336 channels, 112 partials) one block each, so that no
-    U program's chain of dependent loads outlasts the gather beside it."""
-    nq = triton.cdiv(max(roff1, roff2 - roff1, R - roff2), RANKED_TILES["RB"])
-    uq = nq if triton.cdiv(IN, RANKED_TILES["ZCHUNK"]) <= RANKED_TILES["NZP"] else 1
-    return uq, triton.cdiv(nq, uq)
-
-
-def partial_rows(IN: int, R: int, roff1: int, roff2: int, chunk: int, mode: str) -> int:
-    """Rows of the float32 partials a gather writes: one per chunk of input channels, plus the U
-    programs' rows in the "parallel" rank mode."""
-    return triton.cdiv(IN, chunk) + (u_rows(IN, R, roff1, roff2)[1] if R and mode == "parallel" else 0)
-
-
 def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode: str, ypart=None):
-    """The gather with every member's rank term over the whole layer: float32 partials (rows, B, out)
-    (ypart if given; rows = `partial_rows`) whose sum includes the rank terms. mode: "gather"
-    (`_group_z`, then `_ranked_gather_gemv`), "one-launch" (its own first programs compute z) or
-    "parallel" (`_parallel_ranked_gemv`: z programs, U programs beside the gather tiles)."""
-    if mode not in ("gather", "one-launch", "parallel"):
-        raise ValueError(f"rank terms in the gather launch: rank_terms 'gather', 'one-launch' or 'parallel', got {mode!r}")
+    """The gather with every member's rank term over the whole layer: float32 partials (chunks, B, out)
+    (ypart if given) whose sum includes the rank terms. mode: "gather" (`_group_z`, then
+    `_ranked_gather_gemv`) or "one-launch" (its own first programs compute z)."""
+    if mode not in ("gather", "one-launch"):
+        raise ValueError(f"rank terms in the gather launch: rank_terms 'gather' or 'one-launch', got {mode!r}")
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
-    rows = partial_rows(IN, R, roff1, roff2, ch, mode)
     if ypart is None:
-        ypart = torch.empty(rows, B, OUT, dtype=torch.float32, device=x.device)
-    assert ypart.numel() == rows * B * OUT, (ypart.shape, rows)
+        ypart = torch.empty(nchunk, B, OUT, dtype=torch.float32, device=x.device)
+    assert ypart.numel() == nchunk * B * OUT, (ypart.shape, nchunk)
     members = 1 + (seg1 < OUT) + (seg2 < OUT)
     scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-    z_here = mode != "gather"
-    if z_here:
-        nzchunk = triton.cdiv(IN, RANKED_TILES["ZCHUNK"])
+    one_launch = mode == "one-launch"
+    if one_launch:
+        nzchunk = triton.cdiv(IN, z_chunk(IN, OUT))
         zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
         sync = torch.zeros(1, dtype=torch.int32, device=x.device)  # z programs done: counted from 0 every call
         nz = nzchunk * members
     else:
         zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, members, roff1, roff2)
         sync, nz = scratch, 0  # no z programs, no counter (the pointer is unused)
-    common = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, **RANKED_TILES, num_warps=cfg["warps"],
-                  num_stages=cfg["stages"])
-    if mode == "parallel":
-        uq, nqg = u_rows(IN, R, roff1, roff2)
-        torch.library.wrap_triton(_parallel_ranked_gemv)[(nz + nqg * ntile + ntile * nchunk,)](
-            x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
-            roff1, roff2, ntile, nchunk, nzchunk, nz, nqg * ntile, uq, **common)
-        return ypart
     torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
         x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
-        roff1, roff2, ntile, nzchunk, nz, Z_HERE=z_here, **common)
+        roff1, roff2, ntile, nzchunk, nz, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
+        **dict(RANKED_TILES, ZCHUNK=z_chunk(IN, OUT)), num_warps=cfg["warps"], num_stages=cfg["stages"])
     return ypart

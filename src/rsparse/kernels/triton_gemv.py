@@ -14,8 +14,7 @@ Rank terms (`RANK_TERMS`): by default ("one-launch") the gather launch's first p
 low-rank input partials z and its tiles, once a counter says z is complete, add z @ U^T to their
 partials (`lowrank._ranked_gather_gemv`; 1 launch + the counter's fill, the partials path under
 torch.compile); "gather" computes z in a launch of its own before (`_group_z`), "epilogue" adds the
-U product in the epilogue (3 launches), "parallel" leaves the gather tiles alone and gives the U
-product to programs of its own in the same launch, writing extra partial rows (`lowrank.u_rows`). The mode is an argument of the ops (`rank_terms`),
+U product in the epilogue (3 launches). The mode is an argument of the ops (`rank_terms`),
 never a global read inside them: a compiled graph records it, so inductor's and AOTAutograd's caches
 key on it (session 8's end-to-end A/B read a global inside the op, hit the cache of the first mode
 compiled and timed "gather" under every label).
@@ -34,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk, partial_rows
+from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk
 from .splitk import launch_splitk
 from .tl_common import BB, _gather_rows, _keep, _silu_mul, _store_partial, _sum_partials, _tile_acc
 
@@ -98,7 +97,7 @@ def _epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, RT, NCHUNK, NZC
     acc = _sum_partials(ypart_ptr, rows, n, n < OUT, B, OUT, 0, NCHUNK, BB, BLOCK_N, NCP, "")
     if HAS_R:
         p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
-        acc = _lowrank(acc, zpart_ptr, u_ptr, rows, n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, 0, RB, rb, BB, RB, NZP)
+        acc = _lowrank(acc, zpart_ptr, u_ptr, rows, n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, 0, RB, BB, RB, NZP)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=n < OUT, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * OUT + n[None, :], acc.to(y_ptr.dtype.element_ty), mask=m)
@@ -124,9 +123,9 @@ def _glu_epilogue(ypart_ptr, zpart_ptr, u_ptr, b_ptr, y_ptr, B, OUT, HALF, RT, R
         # after gate's. Spelled out, not _member(0, ...): torch's mutation analysis traces kernels with the
         # scalar arguments as constants, where (0 >= HALF) is a Python bool and tracing fails; inductor then
         # assumed every input mutated and copied them on every call (found in session 6's logs)
-        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, 0, 0, ROFF1, 0, 0, RB, ROFF1, BB, RB, NZP)
-        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, HALF, ROFF1, RT, HALF * ROFF1, 0, RB, RT, BB,
-                     RB, NZP)
+        g = _lowrank(g, zpart_ptr, u_ptr, rows, n, n < HALF, B, RT, NZCHUNK, 0, 0, ROFF1, 0, 0, RB, BB, RB, NZP)
+        u = _lowrank(u, zpart_ptr, u_ptr, rows, HALF + n, n < HALF, B, RT, NZCHUNK, HALF, ROFF1, RT, HALF * ROFF1, 0, RB, BB, RB,
+                     NZP)
     if HAS_BIAS:
         g += tl.load(b_ptr + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
         u += tl.load(b_ptr + HALF + n, mask=n < HALF, other=0.0).to(tl.float32)[None, :]
@@ -214,7 +213,7 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
 # "one-launch" tie was a benchmark defect: the mode was a global read inside the op, and the compile
 # caches served the first mode's code to the second.)
 RANK_TERMS = "one-launch"
-RANK_MODES = ("epilogue", "gather", "one-launch", "parallel")
+RANK_MODES = ("epilogue", "gather", "one-launch")
 
 
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch"):
@@ -238,8 +237,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     ranked = R > 0 and mode != "epilogue"
     rb = _rank_block(R)
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    nrows = partial_rows(IN, R, roff1, roff2, ch, mode)  # the chunks' (and "parallel" U programs') partials
-    ypart = torch.empty(nrows * B * OUT, dtype=torch.float32, device=x.device)
+    ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
     zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
     if ranked:  # rank terms included in the partials
         _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, ypart=ypart)
@@ -256,13 +254,13 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
         torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, LDW, **meta)
     b = bias if bias is not None else y
     tail = dict(BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0 and not ranked, HAS_BIAS=bias is not None,
-                NCP=triton.next_power_of_2(nrows), NZP=triton.next_power_of_2(nzchunk))
+                NCP=triton.next_power_of_2(nchunk), NZP=triton.next_power_of_2(nzchunk))
     if glu:
         torch.library.wrap_triton(_glu_epilogue)[(triton.cdiv(OUT // 2, bn),)](
-            ypart, zpart, u, b, y, B, OUT, OUT // 2, R, roff1, nrows, nzchunk, **tail)
+            ypart, zpart, u, b, y, B, OUT, OUT // 2, R, roff1, nchunk, nzchunk, **tail)
         return y
     torch.library.wrap_triton(_epilogue)[(ntile,)](
-        ypart, zpart, u, b, y, B, OUT, R, nrows, nzchunk, seg1, seg2, roff1, roff2, **tail)
+        ypart, zpart, u, b, y, B, OUT, R, nchunk, nzchunk, seg1, seg2, roff1, roff2, **tail)
     return y
 
 
