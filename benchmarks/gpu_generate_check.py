@@ -45,7 +45,7 @@ def prepare(d: Path) -> None:
 
 def run(d: Path) -> None:
     rows = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         texts = {}
         for backend, extra in CASES:
             t0 = time.time()

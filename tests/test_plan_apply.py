@@ -93,6 +93,20 @@ def test_artifact_round_trip_and_bad_input(smol, smol_stats, tmp_path):
 
     with pytest.raises(RSparseError, match="already sparsified"):
         sparsify_(m2, plan)
+    # a float32 plan fits the 16-bit copies of its model (float16 rounds some weights to another
+    # bfloat16 value than float32 does: the plan keeps an identity through each)
+    from rsparse.models import load
+
+    for dt in ("bfloat16", "float16"):
+        m16, _ = load("smollm2-135m", dt)
+        sparsify_(m16, loaded)
+        assert sparse_modules(m16).keys() == sparse_modules(m2).keys()
+    meta = json.loads((d / "plan.json").read_text())
+    del meta["fingerprint_fp16"]  # as written before session 21
+    (d / "plan.json").write_text(json.dumps(meta))
+    sparsify_(load("smollm2-135m", "bfloat16")[0], artifact.load(d))
+    with pytest.raises(RSparseError, match="calibrate it again for float16"):
+        sparsify_(load("smollm2-135m", "float16")[0], artifact.load(d))
     other, _ = smol()
     with torch.no_grad():
         other.model.layers[3].mlp.up_proj.weight[0, 0] += 1.0

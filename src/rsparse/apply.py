@@ -15,7 +15,7 @@ import torch
 from .errors import RSparseError
 from .families import attached_groups, get_act, locate, set_group, set_module
 from .linear import RSparseLinear, ThresholdedActivation
-from .plan import Plan, fingerprint
+from .plan import Plan, plan_fits
 
 SPARSE_TYPES = (RSparseLinear, ThresholdedActivation)
 
@@ -33,8 +33,10 @@ def sparsify_(model, plan: Plan, check: bool = True):
     """Swap the planned modules of `model` in place; returns the model."""
     if sparse_modules(model):
         raise RSparseError("model is already sparsified; load a fresh copy")
-    if check and plan.fingerprint != fingerprint(model):
-        raise RSparseError(f"plan was calibrated for another model ({plan.model_id}); its weight fingerprint does not match")
+    if check and not plan_fits(plan, model):
+        raise RSparseError(f"plan was calibrated for another model ({plan.model_id}); its weight fingerprint does not match"
+                           + ("" if plan.fingerprint_fp16 else " (a plan written before float16 fingerprints fits only float32 "
+                              "and bfloat16 copies of its model: calibrate it again for float16)"))
     for key, mod in modules_for(model, plan.layers, plan.factors).items():
         set_module(model, key, mod)
     return model

@@ -78,6 +78,7 @@ class Plan:
     layers: dict  # "i.p" (or "i.act" for cats) -> LayerPlan
     calibration: dict = field(default_factory=dict)
     factors: dict = field(default_factory=dict)  # "i.p" -> (U, A); saved beside the JSON
+    fingerprint_fp16: str = ""  # the weights' identity through float16 (plans before session 21: none)
 
     def expected_sparsity(self) -> float:
         return expected_sparsity(self.layers, self.shapes)
@@ -109,13 +110,24 @@ def shapes_of(model) -> dict:
     return {k: list(m.weight.shape) for k, m in locate(model).items()}
 
 
-def fingerprint(model) -> str:
-    """Identity of the projection weights, equal for float32 and bfloat16 copies of one model."""
+def fingerprint(model, through=torch.bfloat16) -> str:
+    """Identity of the projection weights rounded to `through`: with bfloat16, equal for float32 and
+    bfloat16 copies of one model; with float16, for float32 and float16 copies. (No one rounding serves
+    all three: float32 -> float16 -> bfloat16 rounds some weights differently from float32 -> bfloat16,
+    so a float16 copy of the bundled model has another bfloat16 identity.)"""
     h = hashlib.sha256()
     for key, mod in locate(model).items():
         h.update(key.encode())
-        h.update(mod.weight.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+        h.update(mod.weight.detach().to(through).contiguous().view(torch.int16).cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def plan_fits(plan: "Plan", model) -> bool:
+    """Whether `plan` was calibrated on `model`'s weights: the same weights in float32 and in either
+    16-bit type. A plan calibrated in float32 (the default) fits all three copies of its model."""
+    if plan.fingerprint == fingerprint(model):
+        return True
+    return bool(plan.fingerprint_fp16) and plan.fingerprint_fp16 == fingerprint(model, torch.float16)
 
 
 def _table(st, score) -> np.ndarray:
@@ -324,6 +336,7 @@ def build_plan(model, stats: Stats, config: RSparseConfig, picks: dict | None = 
         config=asdict(config),
         model_id=getattr(model, "rsparse_model_id", "unknown"),
         fingerprint=fingerprint(model),
+        fingerprint_fp16=fingerprint(model, torch.float16),
         shapes=shapes,
         layers=layers,
         calibration=dict(stats.config, tokens=stats.tokens),
