@@ -160,11 +160,11 @@ ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB
 # largest branch, and the gather tiles' occupancy sets the kernel's speed (sm_90: 22-31 KB per program
 # at 128 x 32 tiles, 111 KB at 256 x 64; the gather alone 19 KB)
 RANKED_TILES = dict(ZCHUNK=128, RB=32, NZP=32)
-# Wide calls (out x in >= WIDE_CALL: the MLP's) take ZCHUNK_WIDE channels per z program: at 128, gate|up's
-# 64 z programs and 224 gather tiles (288) did not fit the H200's 264 resident slots (2 per SM at its
-# registers), so the last tiles started when z programs ended. Measured (session 21, alpha 0.9, 50%,
-# `gpu_rank_zchunk_s21.json`): 512 takes gate|up 50.6 -> 44.8 us and down 34.9 -> 32.1; q|k|v, short,
-# gets slower (18.4 -> 23.2: each z program's serial rank blocks then outlast its gather), so it keeps 128.
+# Wide calls (out x in >= WIDE_CALL: the MLP's) take ZCHUNK_WIDE channels per z program, so fewer z
+# programs share the SMs with the gather tiles (gate|up: 16 instead of 64 beside 224 tiles). Measured
+# (session 21, alpha 0.9, 50%, `gpu_rank_zchunk_s21.json`): 512 takes gate|up 50.6 -> 44.8 us and down
+# 34.9 -> 32.1; q|k|v, short, gets slower (18.4 -> 23.2: a z program's serial rank blocks then outlast
+# its gather), so it keeps 128. Why the wide calls gain is not verified (docs/perf-gpu.md, session 21).
 ZCHUNK_WIDE, WIDE_CALL = 512, 1 << 25
 
 
