@@ -59,6 +59,11 @@ def test_cpu_group_rejects_bad_buffers():
     ext.group_free(h)
     with pytest.raises(RuntimeError, match="does not exist"):
         torch.ops.rsparse_cpu.group_run(torch.randn(1, 10), h, 4)
+    from rsparse.errors import RSparseError
+
+    half = RSparseLinear.from_linear(torch.nn.Linear(10, 4).half(), 0.5, "abs")
+    with pytest.raises(RSparseError, match="float32 or bfloat16 weights, not torch.float16 .load the model in one of those"):
+        CpuRSparseLinear(half)
 
 
 def test_cpu_group_freed_with_its_module_and_traced_as_one_op():

@@ -240,7 +240,8 @@ class CpuRSparseLinear(TransposedRSparseLinear):
     def __init__(self, m: RSparseLinear, dtype: torch.dtype | None = None):
         dt = dtype or m.weight.dtype
         if dt not in (torch.float32, torch.bfloat16):
-            raise RSparseError(f"the CPU backend stores float32 or bfloat16 weights, not {dt}")
+            raise RSparseError(f"the CPU backend stores float32 or bfloat16 weights, not {dt} "
+                               "(load the model in one of those, or keep the eager oracle modules)")
         super().__init__(m, dt)
         self.col_scale = self.col_scale.float()  # the kernel reads float32 scales (tau is float32 already)
         self.register_buffer("ut", m.U.t().to(dt).contiguous())
