@@ -1,5 +1,6 @@
 """Kernel-level GPU benchmark: dense cuBLAS vs a TEAL-style masked split-K kernel vs ours, per
-projection shape of 7-8B models, bf16 (`--dtype float16`: fp16), batch 1 (ours also at batch 2/4/8 and with a rank term).
+projection shape of 7-8B models, bf16 (the main table in fp16 with `--dtype float16`; the other modes
+stay bf16), batch 1 (ours also at batch 2/4/8 and with a rank term).
 Also the dense product as inductor computes it with coordinate-descent tuning ("gemv us",
 `dense_gemv_us`; added in session 16, when it made the whole dense step 15% faster than cuBLAS), and
 our speedup against the faster of the two dense products (`speedup_vs_best_dense`; not yet run).
