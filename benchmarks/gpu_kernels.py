@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.testing
 
-from rsparse.gpubench import copy_bandwidth
+from rsparse.errors import RSparseError
+from rsparse.gpubench import copy_bandwidth, gpu_dtype
 from rsparse.gpumodel import aligned_allocation
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.teal import teal_gemv
@@ -35,8 +36,7 @@ from rsparse.linear import rsparse_linear_ref
 
 TUNE = "--tune" in sys.argv  # grid-search launch configurations first (about 8 minutes)
 # --dtype float16: the main table in fp16 (weights, activations, outputs; bfloat16 by default)
-DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-    sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv[:-1] else "bfloat16")
+DTYPE = sys.argv[sys.argv.index("--dtype") + 1] if "--dtype" in sys.argv[:-1] else "bfloat16"
 # best TEAL-style configurations on an H200: --tune (2026-11-28), then --teal-sweep (deeper K steps and 4
 # stages; session 6 on the first four shapes, session 8 on the other three: 1.04-2.0x faster than the
 # --tune ones); ours use config_for
@@ -451,9 +451,10 @@ def dense_gemv_us(x, Ws):
 
 def main():
     torch.manual_seed(0)
-    if DTYPE is None:
-        sys.exit("--dtype: bfloat16 or float16")
-    dt = DTYPE
+    try:
+        dt = gpu_dtype(DTYPE)
+    except RSparseError as e:
+        sys.exit(str(e))
     bw = device_bandwidth()
     if "--variants" in sys.argv:
         name = sys.argv[sys.argv.index("--variants") + 1] if sys.argv[-1] != "--variants" else None

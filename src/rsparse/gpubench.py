@@ -41,16 +41,18 @@ from .kernels.module import triton_groups
 from .gpuvariants import compile_options, compiled_variants, inductor_patches, rank_modes, uncached_compiles
 from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
+from .models import parse_dtype
 from .gpumodel import MODELS, attached, build, input_samples, modules_at, set_thresholds
 
 MAX_LEN, STEPS, REPEATS = 512, 32, 7
 
 
 def gpu_dtype(name) -> torch.dtype:
-    """--dtype of the GPU bench: bfloat16 (None, the default) or float16; the kernels read 2-byte weights."""
-    dtype = {None: torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name)
-    if dtype is None:
-        raise RSparseError(f"rsparse bench --device cuda runs bfloat16 or float16 weights, got --dtype {name!r}")
+    """--dtype of the GPU bench (`models.parse_dtype`'s names): bfloat16 (None, the default) or float16;
+    the kernels read 2-byte weights."""
+    dtype = parse_dtype(name or "bfloat16")
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise RSparseError(f"the GPU benchmark runs bfloat16 or float16 weights, got --dtype {name!r}")
     return dtype
 
 
