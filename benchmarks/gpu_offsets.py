@@ -70,20 +70,27 @@ def offsets_partials(x, wt, col_scale, tau, cfg, clen, where):
     return ypart
 
 
+def configured_case(out_f: int, in_f: int, bw: float):
+    """`oracle_case50` with the shape's configured r = 0 gather as compiled steps launch it:
+    (Wts, x, ones, tau, ref, floor_us, cfg, gather), gather(Wt) returning its partials."""
+    Wts, x, ones, tau, ref, floor_us = oracle_case50(out_f, in_f, bw)
+    cfg = tg.config_for(out_f, 0, in_f, reduce=False)
+    parts = torch.empty(triton.cdiv(in_f, cfg["chunk"]), 1, out_f, device="cuda")
+    return Wts, x, ones, tau, ref, floor_us, cfg, lambda Wt: tg._gather(x, Wt, ones, tau, parts, cfg, out_f, out_f)
+
+
 def main():
     torch.manual_seed(0)
     bw = device_bandwidth()
     rows = []
     for out_f, in_f in SHAPES:
-        Wts, x, ones, tau, ref, floor_us = oracle_case50(out_f, in_f, bw)
-        cfg = tg.config_for(out_f, 0, in_f, reduce=False)
+        Wts, x, ones, tau, ref, floor_us, cfg, gather = configured_case(out_f, in_f, bw)
         ch = cfg["chunk"]
-        parts = torch.empty(triton.cdiv(in_f, ch), 1, out_f, device="cuda")
         cands = [("configured", ch), ("where", ch), ("limit", ch)] + ([("limit", 1792)] if (out_f, in_f) == (4096, 14336) else [])
 
         def call(c, Wt):
             if c[0] == "configured":
-                return tg._gather(x, Wt, ones, tau, parts, cfg, out_f, out_f)
+                return gather(Wt)
             return offsets_partials(x, Wt, ones, tau, cfg, c[1], c[0] == "where")
 
         times = time_grid(cands, call, ref, Wts, rep=200, tag=f"{out_f}x{in_f}", result=lambda p: p.sum(0))

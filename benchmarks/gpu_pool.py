@@ -18,9 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_kernels import device_bandwidth, finish, oracle_case50, time_grid
-from gpu_offsets import limit_acc, offsets_partials
-from rsparse.kernels import triton_gemv as tg
+from gpu_kernels import device_bandwidth, finish, time_grid
+from gpu_offsets import configured_case, limit_acc, offsets_partials
 from rsparse.kernels.tl_common import BB, _store_partial
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
@@ -73,15 +72,13 @@ def main():
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")
     rows = []
     for out_f, in_f in SHAPES:
-        Wts, x, ones, tau, ref, floor_us = oracle_case50(out_f, in_f, bw)
-        cfg = tg.config_for(out_f, 0, in_f, reduce=False)
+        Wts, x, ones, tau, ref, floor_us, cfg, gather = configured_case(out_f, in_f, bw)
         ch = cfg["chunk"]
-        parts = torch.empty(triton.cdiv(in_f, ch), 1, out_f, device="cuda")
         cands = ["configured", "limit"] + [ch // f for f in FRACTIONS]
 
         def call(c, Wt):
             if c == "configured":
-                return tg._gather(x, Wt, ones, tau, parts, cfg, out_f, out_f)
+                return gather(Wt)
             if c == "limit":
                 return offsets_partials(x, Wt, ones, tau, cfg, ch, False)
             return pooled_partials(x, Wt, ones, tau, cfg, c, counter)
