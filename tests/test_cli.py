@@ -88,6 +88,8 @@ def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
     (["bench", "--device", "cuda", "--alpha", "1.5", "--sparsities", "0.5"], "--alpha must be in (0, 1]"),
     (["bench", "--device", "cuda", "--alpha", "0.9", "--sparsities", "0.5", "--compare-rank", "gather,fast"], "unknown rank mode(s) ['fast']"),
     (["bench", "--device", "cuda", "--compare-rank", "gather"], "give --alpha < 1 too"),
+    (["bench", "--device", "cuda", "--compare-zchunk", "256"], "give --alpha < 1 too"),
+    (["bench", "--device", "cuda", "--alpha", "0.9", "--sparsities", "0.5", "--compare-zchunk", "100"], "powers of two"),
     (["bench", "--device", "cuda", "--hf-reference", "eager,graph"], "--hf-reference: unknown mode(s) ['graph']"),
     (["bench", "--device", "cuda", "--inductor-ab", "no_such_knob=1"], "inductor has no option 'no_such_knob'"),
     (["bench", "--device", "cuda", "--retune", "0"], "--retune must be 1..4"),

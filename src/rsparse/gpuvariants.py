@@ -22,7 +22,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     --inductor-ab (dense and sparse under GPU_INDUCTOR updated with other settings, e.g.
     combo_kernels=0); --masked-dense, batch > 1 (every projection as cuBLAS on its masked input
     instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
-    `triton_gemv.RANK_TERMS`); --compare-attention (dense and sparse with the other decode attention,
+    `triton_gemv.RANK_TERMS`); --compare-zchunk WIDTHS (one-launch's wide calls with each listed number
+    of channels per z program, 0 for the narrow default everywhere: `lowrank.ZCHUNK_WIDE`); --compare-attention (dense and sparse with the other decode attention,
     `decode.GraphDecoder`); --retune N (the tuned dense and the sparse step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
@@ -36,6 +37,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
     for mode in rank_modes(args):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
+    for width in zchunk_widths(args):
+        out.append((f"{label_c}-zchunk-{width}", sparse, groups, {"z_chunk_wide": width}))
     if getattr(args, "compare_attention", False):
         other = "triton" if getattr(args, "attention", "triton") == "sdpa" else "sdpa"
         out += [(f"dense-attn-{other}", {}, {}, {"attention": other}), (f"{label_c}-attn-{other}", sparse, groups, {"attention": other})]
@@ -63,6 +66,19 @@ def rank_modes(args) -> list:
     if bad:
         raise RSparseError(f"--compare-rank: unknown rank mode(s) {bad}; choose from {list(tg.RANK_MODES)}")
     return modes
+
+
+def zchunk_widths(args) -> list:
+    """--compare-zchunk's comma list of channels per z program on the wide calls (0: none wide)."""
+    text = getattr(args, "compare_zchunk", None) or ""
+    try:
+        widths = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise RSparseError(f"--compare-zchunk: expected a comma list of integers, got {text!r}") from None
+    bad = [w for w in widths if w and (w < 16 or w & (w - 1))]  # a z program's tl.arange and tl.dot
+    if bad:
+        raise RSparseError(f"--compare-zchunk: widths must be 0 or powers of two >= 16, got {bad}")
+    return widths
 
 
 def _value(text: str):
@@ -118,20 +134,22 @@ def uncached_compiles() -> None:
 
 @contextlib.contextmanager
 def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None, rank_terms=None, attention=None,
-                    fresh_kernels=False):
+                    fresh_kernels=False, z_chunk_wide=None):
     """Set while dec's compiled step is traced and captured (all are read at trace time only);
     fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`)."""
+    from .kernels import lowrank
     from .kernels import module as km
 
     if fresh_kernels:
         from torch._inductor.codecache import PyCodeCache
 
         PyCodeCache.cache_clear()  # in memory only: compiled steps keep the modules they hold
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention, lowrank.ZCHUNK_WIDE
     dec.use_attention(attention or saved[3])  # first: a bad name raises before any switch is set
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
+    lowrank.ZCHUNK_WIDE = saved[4] if z_chunk_wide is None else z_chunk_wide
     try:
         import torch._inductor.config as inductor_config
 
@@ -139,4 +157,5 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
             yield
     finally:
         km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
+        lowrank.ZCHUNK_WIDE = saved[4]
         dec.use_attention(saved[3])
