@@ -5,7 +5,8 @@ epilogue). Ranks from the budget at --alpha (default 0.9, 50%; the modules' mult
 same calls at r = 0 with the same kept fractions: what the rank terms cost on top of the gather.
 
 `--zchunks N,..` also times one-launch with N channels per z program on every call (the default takes
-`lowrank.z_chunk`: 512 on the MLP's calls, 128 on the others).
+`lowrank.z_chunk`: 512 on the MLP's calls, 128 on the others). `--knobs "K=V,K=V;K=V"` also times
+one-launch under each ';'-separated setting of `lowrank.knobs()` (e.g. "UPIPE=1;RBU=64,UPIPE=1").
 
 Every mode is first checked against the float32 oracle (relative error < 1e-2); weights cycle through 4
 copies inside one CUDA graph (`gpu_kernels.bench`), so they come from HBM. The calls are eager: the
@@ -13,7 +14,8 @@ partials' sum is a chain of adds (a kernel per partial row after the first) that
 one kernel in a compiled step, so a mode that writes more partial rows pays for launches here that
 it would not pay there. Prints a table, ends with one JSON line; writes $OUT/gpu_rank_modes.json.
 
-    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_modes.py [--alpha 0.9] [--sparsity 0.5] [--modes M,..] [--zchunks N,..]
+    PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_modes.py [--alpha 0.9] [--sparsity 0.5] [--modes M,..]
+        [--zchunks N,..] [--knobs SPECS]
 """
 import argparse
 
@@ -71,9 +73,12 @@ def main():
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of rank modes to time")
     ap.add_argument("--zchunks", default=None,
                     help="comma list: also time one-launch with these channels per z program (RANKED_TILES['ZCHUNK'])")
+    ap.add_argument("--knobs", default="", help="';'-separated KEY=VALUE[,KEY=VALUE] settings of lowrank.knobs() to time")
     args = ap.parse_args()
     modes = tuple(args.modes.split(","))
     zchunks = [int(z) for z in args.zchunks.split(",")] if args.zchunks else []
+    knob_sets = [dict((k.strip(), int(v)) for k, v in (i.split("=") for i in spec.split(","))) for spec in args.knobs.split(";") if spec]
+    knob_labels = ["+".join(f"{k}{v}" for k, v in ks.items()) for ks in knob_sets]
     torch.manual_seed(0)
     dt = torch.bfloat16
     bw = device_bandwidth()
@@ -84,9 +89,12 @@ def main():
         ref = torch.nn.functional.silu(refs[0]) * refs[1] if name == "gate|up" else torch.cat(refs, 1)
         row = {"call": name, "outs": outs, "in": in_f, "ranks": ranks}
         default_z = lowrank.RANKED_TILES["ZCHUNK"]
-        for label, mode, zc in [(m, m, default_z) for m in modes] + [(f"z{z}", "one-launch", z) for z in zchunks]:
+        variants = ([(m, m, default_z, {}) for m in modes] + [(f"z{z}", "one-launch", z, {}) for z in zchunks]
+                    + [(lb, "one-launch", default_z, ks) for lb, ks in zip(knob_labels, knob_sets)])
+        for label, mode, zc, ks in variants:
             lowrank.RANKED_TILES["ZCHUNK"] = zc  # read at launch: z programs = members x in / ZCHUNK
-            wide, lowrank.ZCHUNK_WIDE = lowrank.ZCHUNK_WIDE, (lowrank.ZCHUNK_WIDE if label == mode else None)  # zN: every call
+            saved = lowrank.set_knobs(ks)
+            wide, lowrank.ZCHUNK_WIDE = lowrank.ZCHUNK_WIDE, (lowrank.ZCHUNK_WIDE if label != f"z{zc}" else None)  # zN: every call
             try:
                 y = call(name, x, *copies[0][:3], cs, taus, seg, roff, mode)
                 err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -95,6 +103,7 @@ def main():
                 row[f"{label}_us"] = bench(lambda: [call(name, x, wt, at, u, cs, taus, seg, roff, mode) for wt, at, u, *_ in copies])
             finally:
                 lowrank.RANKED_TILES["ZCHUNK"], lowrank.ZCHUNK_WIDE = default_z, wide
+                lowrank.set_knobs(saved)
         # r = 0 at the same kept fractions: the gather the rank terms ride on
         empty = [(wt, torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(0, device="cuda", dtype=dt)) for wt, *_ in copies]
         zero = bounds([0] * len(outs))
@@ -102,7 +111,7 @@ def main():
         kept = sum(o * (x[0].float().abs() > t).float().mean().item() for o, t in zip(outs, taus)) * in_f * 2
         rank_b = sum(2 * r * (o + in_f) for o, r in zip(outs, ranks))
         row["bytes"] = kept + rank_b
-        labels = list(modes) + [f"z{z}" for z in zchunks]
+        labels = list(modes) + [f"z{z}" for z in zchunks] + knob_labels
         for label in labels:
             row[f"{label}_bw_frac"] = row["bytes"] / (row[f"{label}_us"] * 1e-6) / bw
         rows.append(row)

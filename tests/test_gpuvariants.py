@@ -8,14 +8,14 @@ pytest.importorskip("triton")
 
 from rsparse.decode import GPU_INDUCTOR, GraphDecoder, gpu_inductor  # noqa: E402
 from rsparse.errors import RSparseError  # noqa: E402
-from rsparse.gpuvariants import compile_options, compiled_variants, inductor_patches, rank_modes, zchunk_widths  # noqa: E402
+from rsparse.gpuvariants import compile_options, compiled_variants, inductor_patches, rank_modes, rank_patches  # noqa: E402
 from rsparse.kernels import lowrank  # noqa: E402
 from rsparse.kernels import module as km  # noqa: E402
 from rsparse.kernels import triton_gemv as tg  # noqa: E402
 
 
 def _args(**kw):
-    base = dict(compare_reduce=False, inductor_ab=None, masked_dense=False, compare_rank=None, compare_zchunk=None,
+    base = dict(compare_reduce=False, inductor_ab=None, masked_dense=False, compare_rank=None, rank_ab=None,
                 compare_attention=False, tuned_dense=False)
     return SimpleNamespace(**dict(base, **kw))
 
@@ -34,9 +34,9 @@ def test_variants_follow_the_flags():
     assert [(v[0], v[3]) for v in got[2:]] == [("fused-rank-gather", {"rank_terms": "gather", **TUNED}),
                                                ("fused-rank-epilogue", {"rank_terms": "epilogue", **TUNED})]  # masked dense: batch > 1 only
     assert compiled_variants(_args(masked_dense=True), "fused", "S", "G", 4)[-1][3] == {"kernel_rows": 0, **TUNED}
-    z = compiled_variants(_args(compare_zchunk="0,256"), "fused", "S", "G", 1)[2:]
-    assert [(v[0], v[3]) for v in z] == [("fused-zchunk-0", {"z_chunk_wide": 0, **TUNED}),
-                                         ("fused-zchunk-256", {"z_chunk_wide": 256, **TUNED})]
+    z = compiled_variants(_args(rank_ab=["ZCHUNK_WIDE=0", "RBU=64, UPIPE=1"]), "fused", "S", "G", 1)[2:]
+    assert [(v[0], v[3]) for v in z] == [("fused-ZCHUNK_WIDE0", {"rank_knobs": {"ZCHUNK_WIDE": 0}, **TUNED}),
+                                         ("fused-RBU64+UPIPE1", {"rank_knobs": {"RBU": 64, "UPIPE": 1}, **TUNED})]
     ab = compiled_variants(_args(compare_attention=True, attention="sdpa"), "fused", "S", "G", 2)[2:]
     assert [(v[0], v[1], v[3]) for v in ab] == [("dense-attn-triton", {}, {"attention": "triton", **TUNED}),
                                                 ("fused-attn-triton", "S", {"attention": "triton", **TUNED})]
@@ -46,20 +46,25 @@ def test_variants_follow_the_flags():
     assert gpu_inductor(version=(2, 8)) == {"coordinate_descent_tuning": True}
     with pytest.raises(RSparseError, match=r"unknown rank mode\(s\) \['own-z'\]"):
         rank_modes(_args(compare_rank="one-launch,own-z"))
-    for text, message in (("512,wide", "comma list of integers"), ("0,96,8", r"powers of two >= 16, got \[96, 8\]")):
+    knobs = lowrank.knobs()
+    for spec, message in (("RBU=wide", "RBU's value must be an integer"), ("UPIPE", "expected KEY=VALUE items"),
+                          ("RBU=48", "RBU must be 16, 32 or 64, got 48"), ("ZCHUNK=512", "unknown rank-path knob 'ZCHUNK'"),
+                          (" , ", "give KEY=VALUE items")):
         with pytest.raises(RSparseError, match=message):
-            zchunk_widths(_args(compare_zchunk=text))
+            rank_patches(_args(rank_ab=[spec]))
+        assert lowrank.knobs() == knobs  # a refused spec sets nothing
 
 
 def test_compile_options_set_and_restore_the_switches(tiny_llama):
     dec = GraphDecoder(tiny_llama(), max_len=8)
     before = (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention, dec.attend)
-    wide = lowrank.ZCHUNK_WIDE
-    with compile_options(dec, consumer_reduce="none", kernel_rows=2, rank_terms="gather", attention="triton", z_chunk_wide=0):
+    knobs = lowrank.knobs()
+    with compile_options(dec, consumer_reduce="none", kernel_rows=2, rank_terms="gather", attention="triton",
+                         rank_knobs={"ZCHUNK_WIDE": 0, "UPIPE": 1}):
         assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == ("gather", "none", 2, "triton")
         assert dec.attend is not before[4]
-        assert lowrank.ZCHUNK_WIDE == 0 and lowrank.z_chunk(4096, 14336) == lowrank.RANKED_TILES["ZCHUNK"]
-    assert lowrank.ZCHUNK_WIDE == wide
+        assert lowrank.z_chunk(4096, 14336) == lowrank.RANKED_TILES["ZCHUNK"] and lowrank.U_PRODUCT["UPIPE"] is True
+    assert lowrank.knobs() == knobs
     assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == before[:4] == (*before[:3], "sdpa")
     with pytest.raises(ZeroDivisionError):
         with compile_options(dec, rank_terms="epilogue", attention="triton"):

@@ -38,8 +38,8 @@ from .errors import RSparseError
 from .families import locate
 from .kernels import triton_gemv as tg
 from .kernels.module import triton_groups
-from .gpuvariants import (compile_options, compiled_variants, inductor_patches, rank_modes, uncached_compiles,
-                          zchunk_widths)
+from .gpuvariants import (compile_options, compiled_variants, inductor_patches, rank_modes, rank_patches,
+                          uncached_compiles)
 from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
 from .models import parse_dtype
@@ -128,8 +128,8 @@ def run_gpu_bench(args):
     hf_reference = hf_modes(getattr(args, "hf_reference", "eager"))  # a bad mode fails before any work
     if rank_modes(args) and alpha == 1.0:
         raise RSparseError("--compare-rank compares ways of computing rank terms: give --alpha < 1 too")
-    if zchunk_widths(args) and alpha == 1.0:
-        raise RSparseError("--compare-zchunk compares ways of computing rank terms: give --alpha < 1 too")
+    if rank_patches(args) and alpha == 1.0:
+        raise RSparseError("--rank-ab compares ways of computing rank terms: give --alpha < 1 too")
     inductor_patches(args)  # a bad --inductor-ab fails before any work
     if not 1 <= getattr(args, "retune", 1) <= 4:
         raise RSparseError(f"--retune must be 1..4 (compiles of each tuned step), got {args.retune}")

@@ -22,8 +22,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     --inductor-ab (dense and sparse under GPU_INDUCTOR updated with other settings, e.g.
     combo_kernels=0); --masked-dense, batch > 1 (every projection as cuBLAS on its masked input
     instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
-    `triton_gemv.RANK_TERMS`); --compare-zchunk WIDTHS (one-launch's wide calls with each listed number
-    of channels per z program, 0 for the narrow default everywhere: `lowrank.ZCHUNK_WIDE`); --compare-attention (dense and sparse with the other decode attention,
+    `triton_gemv.RANK_TERMS`); --rank-ab (the sparse step with other rank-path knobs,
+    `lowrank.knobs`); --compare-attention (dense and sparse with the other decode attention,
     `decode.GraphDecoder`); --retune N (the tuned dense and the sparse step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
@@ -37,8 +37,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-masked-dense", sparse, groups, {"kernel_rows": 0}))
     for mode in rank_modes(args):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
-    for width in zchunk_widths(args):
-        out.append((f"{label_c}-zchunk-{width}", sparse, groups, {"z_chunk_wide": width}))
+    for tag, values in rank_patches(args):
+        out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
     if getattr(args, "compare_attention", False):
         other = "triton" if getattr(args, "attention", "triton") == "sdpa" else "sdpa"
         out += [(f"dense-attn-{other}", {}, {}, {"attention": other}), (f"{label_c}-attn-{other}", sparse, groups, {"attention": other})]
@@ -68,17 +68,33 @@ def rank_modes(args) -> list:
     return modes
 
 
-def zchunk_widths(args) -> list:
-    """--compare-zchunk's comma list of channels per z program on the wide calls (0: none wide)."""
-    text = getattr(args, "compare_zchunk", None) or ""
-    try:
-        widths = [int(w) for w in text.split(",") if w.strip()]
-    except ValueError:
-        raise RSparseError(f"--compare-zchunk: expected a comma list of integers, got {text!r}") from None
-    bad = [w for w in widths if w and (w < 16 or w & (w - 1))]  # a z program's tl.arange and tl.dot
-    if bad:
-        raise RSparseError(f"--compare-zchunk: widths must be 0 or powers of two >= 16, got {bad}")
-    return widths
+def rank_patches(args) -> list:
+    """--rank-ab's settings (each occurrence "KEY=VALUE[,KEY=VALUE]", integers: one more compile of the
+    sparse step) as [(tag, {knob: value})], checked by `lowrank.set_knobs`' rules."""
+    from .kernels import lowrank
+
+    out = []
+    for spec in getattr(args, "rank_ab", None) or []:
+        values = {}
+        for item in (i.strip() for i in spec.split(",") if i.strip()):
+            key, eq, text = item.partition("=")
+            try:
+                values[key] = int(text) if eq else None
+            except ValueError:
+                raise RSparseError(f"--rank-ab {spec!r}: {key}'s value must be an integer, got {text!r}") from None
+            if values[key] is None:
+                raise RSparseError(f"--rank-ab {spec!r}: expected KEY=VALUE items, got {item!r}")
+        if not values:
+            raise RSparseError("--rank-ab: give KEY=VALUE items, e.g. ZCHUNK_WIDE=0")
+        saved = lowrank.knobs()
+        try:
+            lowrank.set_knobs(values)
+        except ValueError as e:
+            raise RSparseError(f"--rank-ab {spec!r}: {e}") from None
+        finally:
+            lowrank.set_knobs(saved)
+        out.append(("+".join(f"{k}{v}" for k, v in values.items()), values))
+    return out
 
 
 def _value(text: str):
@@ -134,7 +150,7 @@ def uncached_compiles() -> None:
 
 @contextlib.contextmanager
 def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None, rank_terms=None, attention=None,
-                    fresh_kernels=False, z_chunk_wide=None):
+                    fresh_kernels=False, rank_knobs=None):
     """Set while dec's compiled step is traced and captured (all are read at trace time only);
     fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`)."""
     from .kernels import lowrank
@@ -144,12 +160,12 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
         from torch._inductor.codecache import PyCodeCache
 
         PyCodeCache.cache_clear()  # in memory only: compiled steps keep the modules they hold
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention, lowrank.ZCHUNK_WIDE
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention, lowrank.knobs()
     dec.use_attention(attention or saved[3])  # first: a bad name raises before any switch is set
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
-    lowrank.ZCHUNK_WIDE = saved[4] if z_chunk_wide is None else z_chunk_wide
+    lowrank.set_knobs(rank_knobs or {})
     try:
         import torch._inductor.config as inductor_config
 
@@ -157,5 +173,5 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
             yield
     finally:
         km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
-        lowrank.ZCHUNK_WIDE = saved[4]
+        lowrank.set_knobs(saved[4])
         dec.use_attention(saved[3])
