@@ -6,7 +6,8 @@ same calls at r = 0 with the same kept fractions: what the rank terms cost on to
 
 `--zchunks N,..` also times one-launch with N channels per z program on every call (the default takes
 `lowrank.z_chunk`: 512 on the MLP's calls, 128 on the others). `--knobs "K=V,K=V;K=V"` also times
-one-launch under each ';'-separated setting of `lowrank.knobs()` (e.g. "UPIPE=1;RBU=64,UPIPE=1").
+one-launch under each ;-separated setting of `lowrank.knobs()` (e.g. "ZCHUNK_WIDE=256;ZCHUNK_WIDE=0"; session
+22 timed knobs since removed: `gpu_rank_knobs_s22.json`, code at 14e5bff).
 
 Every mode is first checked against the float32 oracle (relative error < 1e-2); weights cycle through 4
 copies inside one CUDA graph (`gpu_kernels.bench`), so they come from HBM. The calls are eager: the

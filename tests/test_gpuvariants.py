@@ -34,9 +34,9 @@ def test_variants_follow_the_flags():
     assert [(v[0], v[3]) for v in got[2:]] == [("fused-rank-gather", {"rank_terms": "gather", **TUNED}),
                                                ("fused-rank-epilogue", {"rank_terms": "epilogue", **TUNED})]  # masked dense: batch > 1 only
     assert compiled_variants(_args(masked_dense=True), "fused", "S", "G", 4)[-1][3] == {"kernel_rows": 0, **TUNED}
-    z = compiled_variants(_args(rank_ab=["ZCHUNK_WIDE=0", "RBU=64, UPIPE=1"]), "fused", "S", "G", 1)[2:]
+    z = compiled_variants(_args(rank_ab=["ZCHUNK_WIDE=0", " ZCHUNK_WIDE=256, "]), "fused", "S", "G", 1)[2:]
     assert [(v[0], v[3]) for v in z] == [("fused-ZCHUNK_WIDE0", {"rank_knobs": {"ZCHUNK_WIDE": 0}, **TUNED}),
-                                         ("fused-RBU64+UPIPE1", {"rank_knobs": {"RBU": 64, "UPIPE": 1}, **TUNED})]
+                                         ("fused-ZCHUNK_WIDE256", {"rank_knobs": {"ZCHUNK_WIDE": 256}, **TUNED})]
     ab = compiled_variants(_args(compare_attention=True, attention="sdpa"), "fused", "S", "G", 2)[2:]
     assert [(v[0], v[1], v[3]) for v in ab] == [("dense-attn-triton", {}, {"attention": "triton", **TUNED}),
                                                 ("fused-attn-triton", "S", {"attention": "triton", **TUNED})]
@@ -47,8 +47,10 @@ def test_variants_follow_the_flags():
     with pytest.raises(RSparseError, match=r"unknown rank mode\(s\) \['own-z'\]"):
         rank_modes(_args(compare_rank="one-launch,own-z"))
     knobs = lowrank.knobs()
-    for spec, message in (("RBU=wide", "RBU's value must be an integer"), ("UPIPE", "expected KEY=VALUE items"),
-                          ("RBU=48", "RBU must be 16, 32 or 64, got 48"), ("ZCHUNK=512", "unknown rank-path knob 'ZCHUNK'"),
+    for spec, message in (("ZCHUNK_WIDE=wide", "ZCHUNK_WIDE's value must be an integer"),
+                          ("ZCHUNK_WIDE", "expected KEY=VALUE items"),
+                          ("ZCHUNK_WIDE=96", "ZCHUNK_WIDE must be 0 or a power of two >= 16, got 96"),
+                          ("ZCHUNK=512", "unknown rank-path knob 'ZCHUNK'"),
                           (" , ", "give KEY=VALUE items")):
         with pytest.raises(RSparseError, match=message):
             rank_patches(_args(rank_ab=[spec]))
@@ -60,10 +62,10 @@ def test_compile_options_set_and_restore_the_switches(tiny_llama):
     before = (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention, dec.attend)
     knobs = lowrank.knobs()
     with compile_options(dec, consumer_reduce="none", kernel_rows=2, rank_terms="gather", attention="triton",
-                         rank_knobs={"ZCHUNK_WIDE": 0, "UPIPE": 1}):
+                         rank_knobs={"ZCHUNK_WIDE": 0}):
         assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == ("gather", "none", 2, "triton")
         assert dec.attend is not before[4]
-        assert lowrank.z_chunk(4096, 14336) == lowrank.RANKED_TILES["ZCHUNK"] and lowrank.U_PRODUCT["UPIPE"] is True
+        assert lowrank.z_chunk(4096, 14336) == lowrank.RANKED_TILES["ZCHUNK"]
     assert lowrank.knobs() == knobs
     assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == before[:4] == (*before[:3], "sdpa")
     with pytest.raises(ZeroDivisionError):

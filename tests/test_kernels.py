@@ -230,26 +230,6 @@ def test_wide_calls_take_wide_z_programs(monkeypatch, B):
     assert ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("rbu,upipe,chunk,B", [(16, True, 512, 3), (32, True, 128, 1), (64, True, 512, 1), (64, False, 256, 2)])
-def test_u_product_variants(monkeypatch, rbu, upipe, chunk, B):
-    """The gather tiles' U product in rank blocks of RBU columns, U's loads one block ahead or not
-    (`lowrank.U_PRODUCT`): at chunk 512 over 513 channels the tiles of the last chunk take two rank
-    blocks of a member (16-wide: 0 and 32 of rank 48), so the pipelined loop's carried tile is used;
-    the poisoned partials sum to every member's float64 oracle."""
-    monkeypatch.setattr(lowrank, "U_PRODUCT", dict(RBU=rbu, UPIPE=upipe))
-    torch.manual_seed(11)
-    outs, ranks = (64, 33), (20, 48)
-    x, wt, at, u, cs, taus, bias, refs, seg, roff = _group_case(B, 513, outs, ranks, (0.5, 0.7), torch.float32)
-    dev = [t.to(DEV) if t is not None else None for t in (x, wt, at, u, cs, taus, bias)]
-    nchunk = -(-513 // chunk)
-    parts = torch.full((nchunk, B, 97), float("nan"), device=DEV)
-    lowrank._ranked_gather(*dev[:6], dict(tg.config_for(97, 0), chunk=chunk, block_n=32), *seg, *roff, "one-launch", ypart=parts)
-    assert torch.isfinite(parts).all(), "partial element left unwritten"
-    ref = torch.cat(refs, 1)
-    y = tg.sum_partials(parts, dev[6], torch.float32).cpu().double()
-    assert ((y - ref).norm() / ref.norm()).item() < 1e-5
-
-
 @pytest.mark.parametrize("rows", [1, 3])
 def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch, rows):
     """While torch.compile traces, modules and groups call `rsparse_partials` (no epilogue launch) and

@@ -336,8 +336,7 @@ def build_parser():
                    "its own for the low-rank inputs), one-launch (the low-rank inputs too in the gather launch, the default) (A/B)")
     g.add_argument("--rank-ab", action="append", metavar="KEY=VALUE[,...]",
                    help="with --alpha < 1: also compile the sparse step with these rank-path knobs (each occurrence one "
-                   "more step): ZCHUNK_WIDE (channels per z program on the MLP's calls, 0: 128 everywhere), RBU (rank "
-                   "columns per U block: 16, 32, 64), UPIPE (1: U's loads one block ahead) (A/B)")
+                   "more step): ZCHUNK_WIDE (channels per z program on the MLP's calls, 0: 128 everywhere) (A/B)")
     g.add_argument("--no-tuned-dense", dest="tuned_dense", action="store_false",
                    help="skip the second dense baseline: the dense step under the sparse step's inductor settings "
                    "(decode.GPU_INDUCTOR; at batch 1 inductor's own Triton GEMV, 21%% faster than cuBLAS on an H200 "

@@ -100,37 +100,10 @@ def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, 
 
 
 @triton.jit
-def _u_block(u_ptr, n, nmask, seg_lo, ra, rb, uoff, r0, RB: tl.constexpr):
-    """The (RB, n) tile of U_p^T for rank columns r0 .. r0 + RB (zeros past rb)."""
-    rr = r0 + tl.arange(0, RB)
-    return tl.load(u_ptr + uoff + (n[None, :] - seg_lo) * (rb - ra) + (rr[:, None] - ra),
-                   mask=(rr[:, None] < rb) & nmask[None, :], other=0.0)
-
-
-@triton.jit
-def _lowrank_pipelined(acc, u, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0, qstep,
-                       BB: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
-    """`_lowrank` with U's loads one block ahead: u is the first block's tile, loaded by the caller
-    before it waited for z (U does not depend on z), and each step loads the next block's tile before
-    its dot, so a tile's rank blocks are not a chain of dependent DRAM loads."""
-    for r0 in range(ra + q0, rb, qstep):
-        rr = r0 + tl.arange(0, RB)
-        z = tl.zeros((BB, RB), dtype=tl.float32)
-        for c0 in range(0, NZCHUNK, NZP):
-            z += _sum_partials(zpart_ptr, rows, rr, rr < rb, B, RT, c0, NZCHUNK, BB, RB, NZP, ".cg")
-        nxt = _u_block(u_ptr, n, nmask, seg_lo, ra, rb, uoff, r0 + qstep, RB)
-        acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")
-        u = nxt
-    return acc
-
-
-@triton.jit
 def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, t, B, IN, OUT, LDW,
                  SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK: tl.constexpr, BB: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WAIT: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr,
-                 RBU: tl.constexpr, UPIPE: tl.constexpr):
-    """Gather tile t (tile-major per chunk) of `_ranked_gather_gemv` plus its share of the U product
-    (rank blocks of RBU columns; UPIPE: `_lowrank_pipelined`)."""
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WAIT: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+    """Gather tile t (tile-major per chunk) of `_ranked_gather_gemv` plus its share of the U product."""
     pid_n, chunk = t % NTILE, t // NTILE
     acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
                     BLOCK_K, BLOCK_N)
@@ -140,20 +113,14 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
     # dispatched last, when there are fewer blocks than chunks
     nchunk = tl.cdiv(IN, CHUNK)
     p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
-    q0 = (nchunk - 1 - chunk) * RBU
+    q0 = (nchunk - 1 - chunk) * RB
     if ra + q0 < rb:
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if UPIPE:
-            u = _u_block(u_ptr, n, n < OUT, seg_lo, ra, rb, uoff, ra + q0, RBU)
         if WAIT:  # until every z program of the launch has raised the counter
             while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ:
                 pass
-        if UPIPE:
-            acc = _lowrank_pipelined(acc, u, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb,
-                                     uoff, q0, nchunk * RBU, BB, RBU, NZP)
-        else:
-            acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
-                           nchunk * RBU, BB, RBU, NZP)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
+                       nchunk * RB, BB, RB, NZP)
     _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
@@ -161,8 +128,7 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
 def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, u_ptr, sync_ptr,
                         B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ,
                         CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr,
-                        RBU: tl.constexpr, UPIPE: tl.constexpr):
+                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
     """The gather with the rank terms' U product: 1-d grid of the gather tiles (tile-major per chunk); a
     tile, once its partial is gathered, adds its share of its member's z @ U^T (some rank blocks), so
     the chunks' partials sum to W_S x_S + U (A x_dropped). The NZCHUNK low-rank input partials z come
@@ -183,12 +149,10 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
             tl.atomic_add(sync_ptr, 1, sem="release")
         else:
             _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid - NZ, B, IN, OUT,
-                         LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB, NZP,
-                         RBU, UPIPE)
+                         LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB, NZP)
     else:
         _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid, B, IN, OUT,
-                     LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP,
-                     RBU, UPIPE)
+                     LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP)
 
 
 ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB tile of At)
@@ -196,9 +160,9 @@ ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB
 # largest branch, and the gather tiles' occupancy sets the kernel's speed (sm_90: 22-31 KB per program
 # at 128 x 32 tiles, 111 KB at 256 x 64; the gather alone 19 KB)
 RANKED_TILES = dict(ZCHUNK=128, RB=32, NZP=32)
-# The gather tiles' U product (session 22 A/B, `benchmarks/gpu_rank_modes.py --u-variants`): rank
-# columns per U block (RBU) and U's loads one block ahead of the dots (UPIPE, `_lowrank_pipelined`).
-U_PRODUCT = dict(RBU=32, UPIPE=False)
+# (Session 22 measured the gather tiles' U product in 64-column rank blocks and with U's loads one
+# block ahead of the dots, the first before the wait for z: gate|up 44.9 -> 53.3-56.0 us, the other
+# calls within +-1 us; removed, code at 14e5bff, `gpu_rank_knobs_s22.json`.)
 # Wide calls (out x in >= WIDE_CALL: the MLP's) take ZCHUNK_WIDE channels per z program, so fewer z
 # programs share the SMs with the gather tiles (gate|up: 16 instead of 64 beside 224 tiles). Measured
 # (session 21, alpha 0.9, 50%, `gpu_rank_zchunk_s21.json`): 512 takes gate|up 50.6 -> 44.8 us and down
@@ -208,27 +172,23 @@ ZCHUNK_WIDE, WIDE_CALL = 512, 1 << 25
 
 
 def knobs() -> dict:
-    """The rank path's tunables that benchmarks A/B (`rsparse bench --rank-ab`): ZCHUNK_WIDE and U_PRODUCT."""
-    return dict(ZCHUNK_WIDE=ZCHUNK_WIDE, **U_PRODUCT)
+    """The rank path's tunables that benchmarks A/B (`rsparse bench --rank-ab`): ZCHUNK_WIDE."""
+    return dict(ZCHUNK_WIDE=ZCHUNK_WIDE)
 
 
 def set_knobs(values: dict) -> dict:
     """Set some of `knobs()` (checked: a bad one raises ValueError naming it, nothing set); returns the
     previous values of all of them. Read at launch (or trace): a compiled step keeps those it was traced with."""
     global ZCHUNK_WIDE
-    rules = {"ZCHUNK_WIDE": (lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16"),
-             "RBU": (lambda v: v in (16, 32, 64), "16, 32 or 64"), "UPIPE": (lambda v: v in (0, 1), "0 or 1")}
+    rules = {"ZCHUNK_WIDE": (lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16")}
     for key, value in values.items():
         if key not in rules:
             raise ValueError(f"unknown rank-path knob {key!r}; choose from {sorted(rules)}")
         if not isinstance(value, (int, bool)) or not rules[key][0](int(value)):
             raise ValueError(f"{key} must be {rules[key][1]}, got {value!r}")
     previous = knobs()
-    for key, value in values.items():
-        if key == "ZCHUNK_WIDE":
-            ZCHUNK_WIDE = int(value)
-        else:
-            U_PRODUCT[key] = bool(value) if key == "UPIPE" else int(value)
+    if "ZCHUNK_WIDE" in values:
+        ZCHUNK_WIDE = int(values["ZCHUNK_WIDE"])
     return previous
 
 
@@ -280,5 +240,5 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
         x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
         roff1, roff2, ntile, nzchunk, nz, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
-        **dict(RANKED_TILES, ZCHUNK=z_chunk(IN, OUT)), **U_PRODUCT, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        **dict(RANKED_TILES, ZCHUNK=z_chunk(IN, OUT)), num_warps=cfg["warps"], num_stages=cfg["stages"])
     return ypart
