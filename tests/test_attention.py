@@ -7,8 +7,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from rsparse.decode import GraphDecoder, default_attention, masked_attention  # noqa: E402
-from rsparse.kernels.attention import decode_attention  # noqa: E402
+from rsparse.decode import GraphDecoder, _rope, default_attention, masked_attention  # noqa: E402
+from rsparse.kernels.attention import decode_attention, decode_attention_rope  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -32,6 +32,39 @@ def test_decode_attention_matches_masked_sdpa(B, H, HKV, D, L, pos, splits, bloc
     assert err < (1e-5 if dtype == torch.float32 else 2e-3), err
 
 
+@pytest.mark.parametrize("B,H,HKV,D,L,pos,splits,block_l,dtype,cos_rows", [
+    (1, 4, 2, 64, 37, 20, 1, 16, torch.float32, 1), (2, 6, 2, 64, 50, 49, 3, 16, torch.float32, 2),
+    (3, 12, 4, 32, 17, 0, 2, 16, torch.float16, 1), (2, 4, 1, 32, 70, 33, 4, 16, torch.float16, 2),
+])
+def test_fused_attention_rotates_writes_the_slot_and_attends(B, H, HKV, D, L, pos, splits, block_l, dtype, cos_rows):
+    """decode_attention_rope against the graphed step's unfused path in float64 (rotate q and k, index_copy_
+    K and V to slot pos, masked SDPA): slot pos and every later slot poisoned before the call; afterwards
+    slot pos holds the rotated K and the V, the later slots are untouched, and no NaN reaches the output."""
+    torch.manual_seed(hash((B, H, HKV, D, L, pos, splits, cos_rows)) % 2**31)
+    q = torch.randn(B, 1, H, D).transpose(1, 2).to(dtype)
+    k_new = torch.randn(B, 1, HKV, D).transpose(1, 2).to(dtype)  # views as the decoder's q|k|v split gives them
+    v_new = torch.randn(B, 1, HKV, D).transpose(1, 2).to(dtype)
+    angle = torch.rand(cos_rows, 1, 1, D // 2).repeat(1, 1, 1, 2) * 6.0
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    k_cache, v_cache = torch.randn(B, HKV, L, D).to(dtype), torch.randn(B, HKV, L, D).to(dtype)
+    p = torch.tensor([pos])
+    rk, rv = k_cache.double().clone(), v_cache.double().clone()
+    rk[:, :, pos:pos + 1], rv[:, :, pos:pos + 1] = _rope(k_new.double(), cos.double(), sin.double()), v_new.double()
+    ref = masked_attention(_rope(q.double(), cos.double(), sin.double()), rk, rv, p)
+    k_cache[:, :, pos:], v_cache[:, :, pos:] = float("nan"), float("nan")
+    kc, vc = k_cache.to(DEV), v_cache.to(DEV)
+    o = decode_attention_rope(q.to(DEV), k_new.to(DEV), v_new.to(DEV), cos.to(DEV), sin.to(DEV), kc, vc, p.to(DEV),
+                              splits, block_l).cpu()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert o.shape == ref.shape and o.dtype == dtype and torch.isfinite(o).all()
+    assert ((o.double() - ref).norm() / ref.norm()).item() < tol
+    kc, vc = kc.cpu(), vc.cpu()
+    assert ((kc[:, :, pos].double() - rk[:, :, pos]).norm() / rk[:, :, pos].norm()).item() < tol
+    assert torch.equal(vc[:, :, pos], v_new[:, :, 0])
+    assert kc[:, :, pos + 1:].isnan().all() and vc[:, :, pos + 1:].isnan().all()  # later slots untouched
+    assert torch.equal(kc[:, :, :pos], k_cache[:, :, :pos])
+
+
 def test_decode_attention_refuses_bad_shapes():
     q, k = torch.randn(1, 4, 1, 48), torch.randn(1, 2, 8, 48)
     with pytest.raises(ValueError, match="power of two"):
@@ -40,6 +73,11 @@ def test_decode_attention_refuses_bad_shapes():
         decode_attention(torch.randn(1, 3, 1, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 8, 32), torch.tensor([3]))
     with pytest.raises(ValueError, match="attention must be one of"):
         GraphDecoder(torch.nn.Module(), attention="flash")
+    q, kc, new, row = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 1, 1, 32)
+    with pytest.raises(ValueError, match=r"new K and V must be \(1, 2, 1, 32\)"):
+        decode_attention_rope(q, torch.randn(1, 4, 1, 32), new, row, row, kc, kc.clone(), torch.tensor([3]))
+    with pytest.raises(ValueError, match="cos and sin must hold one row of 32"):
+        decode_attention_rope(q, new, new, torch.randn(1, 1, 1, 16), row, kc, kc.clone(), torch.tensor([3]))
 
 
 def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits(tiny_llama):
@@ -55,15 +93,17 @@ def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits(tiny_llama):
     assert GraphDecoder(odd, max_len=8, attention="auto").attention == "sdpa"
 
 
-def test_graph_decoder_steps_agree_with_triton_attention(tiny_llama):
-    """A 2-layer Llama: the step with the kernel gives the SDPA step's logits at every position."""
+@pytest.mark.parametrize("attention", ["triton", "fused"])
+def test_graph_decoder_steps_agree_with_triton_attention(tiny_llama, attention):
+    """A 2-layer Llama: the step with the kernel (alone, or also rotating and writing the cache) gives
+    the SDPA step's logits at every position."""
     torch.manual_seed(0)
     model = tiny_llama().to(DEV)
     ids = torch.randint(0, 50, (2, 5), device=DEV)
     # sdpa named, not "auto": on CUDA "auto" picks triton, and ref would compare the kernel with itself
-    ref, ours = GraphDecoder(model, max_len=12, batch=2, attention="sdpa"), GraphDecoder(model, max_len=12, batch=2, attention="triton")
+    ref, ours = GraphDecoder(model, max_len=12, batch=2, attention="sdpa"), GraphDecoder(model, max_len=12, batch=2, attention=attention)
     switched = GraphDecoder(model, max_len=12, batch=2, attention="sdpa")  # then switched as --compare-attention does
-    assert switched.use_attention("triton") == "sdpa" and switched.attention == "triton"
+    assert switched.use_attention(attention) == "sdpa" and switched.attention == attention
     with torch.inference_mode():
         for dec in (ref, ours, switched):
             dec.prefill(ids)

@@ -89,6 +89,7 @@ def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
     (["bench", "--device", "cuda", "--alpha", "0.9", "--sparsities", "0.5", "--compare-rank", "gather,fast"], "unknown rank mode(s) ['fast']"),
     (["bench", "--device", "cuda", "--compare-rank", "gather"], "give --alpha < 1 too"),
     (["bench", "--device", "cuda", "--rank-ab", "ZCHUNK_WIDE=256"], "give --alpha < 1 too"),
+    (["bench", "--device", "cuda", "--compare-attention", "flash"], "--compare-attention: unknown attention 'flash'"),
     (["bench", "--device", "cuda", "--alpha", "0.9", "--sparsities", "0.5", "--rank-ab", "ZCHUNK_WIDE=100"],
      "ZCHUNK_WIDE must be 0 or a power of two >= 16, got 100"),
     (["bench", "--device", "cuda", "--hf-reference", "eager,graph"], "--hf-reference: unknown mode(s) ['graph']"),

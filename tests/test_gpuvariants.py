@@ -41,6 +41,9 @@ def test_variants_follow_the_flags():
     assert [(v[0], v[1], v[3]) for v in ab] == [("dense-attn-triton", {}, {"attention": "triton", **TUNED}),
                                                 ("fused-attn-triton", "S", {"attention": "triton", **TUNED})]
     assert compiled_variants(_args(compare_attention=True, attention="triton"), "fused", "S", "G", 1)[-1][3] == {"attention": "sdpa", **TUNED}
+    named = compiled_variants(_args(compare_attention="fused", attention="triton"), "fused", "S", "G", 1)[2:]
+    assert [(v[0], v[3]) for v in named] == [("dense-attn-fused", {"attention": "fused", **TUNED}),
+                                             ("fused-attn-fused", {"attention": "fused", **TUNED})]
     assert GPU_INDUCTOR == TUNED["inductor"] == gpu_inductor()  # this torch takes both
     # an older torch: combo kernels left out (their scheduler fixes landed up to 2.9)
     assert gpu_inductor(version=(2, 8)) == {"coordinate_descent_tuning": True}

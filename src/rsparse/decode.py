@@ -81,7 +81,8 @@ class StaticDecoder:
         self.max_len, self.pos, self.batch = max_len, 0, batch
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
 
-    def _qkv(self, layer, h, cos, sin):
+    def _qkv(self, layer, h):
+        """q, k, v [batch, heads, T, head_dim] before the rotary embedding."""
         B, T, _ = h.shape
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -90,7 +91,7 @@ class StaticDecoder:
         q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
+        return q, k, v
 
     def _rest(self, layer, h, o):
         B, _, T, _ = o.shape
@@ -105,7 +106,8 @@ class StaticDecoder:
         return h + mlp.down_proj(mlp.act_fn(g) * u)
 
     def _block(self, i, layer, h, cos, sin):
-        q, k, v = self._qkv(layer, h, cos, sin)
+        q, k, v = self._qkv(layer, h)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         T = h.shape[1]
         end = self.pos + T
         self.k_cache[i][:, :, self.pos:end] = k
@@ -185,7 +187,25 @@ def _triton_attention(splits: int):
     return lambda q, k_cache, v_cache, pos: decode_attention(q, k_cache, v_cache, pos, splits)
 
 
-ATTENTION = ("sdpa", "triton")
+def _written_then_attended(attend):
+    """attend(q, k, v, cos, sin, k_cache, v_cache, pos, ctx) of the graphed step from an attention over
+    the cache: rotary embedding, K and V written to slot pos (index_copy_), then attend(q, caches, ctx)."""
+    def step(q, k, v, cos, sin, k_cache, v_cache, pos, ctx):
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v)
+        return attend(q, k_cache, v_cache, ctx)
+    return step
+
+
+def _fused_attention(splits: int):
+    from .kernels.attention import decode_attention_rope
+
+    return lambda q, k, v, cos, sin, k_cache, v_cache, pos, ctx: decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache,
+                                                                                      pos, splits)
+
+
+ATTENTION = ("sdpa", "triton", "fused")
 
 
 def default_attention(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
@@ -214,7 +234,9 @@ class GraphDecoder(StaticDecoder):
     the position is a 1-element tensor, K/V are written with index_copy_, and attention reads the
     cache up to pos, so every step replays the same kernels. attention: "sdpa" (`masked_attention`:
     the whole cache under a mask), "triton" (`kernels.attention`: only the filled slots, the valid
-    length read inside the kernel; its cache slots split over about 128 programs) or "auto"
+    length read inside the kernel; its cache slots split over about 128 programs), "fused" (the same
+    kernel also applying the rotary embedding and writing the new K and V: one launch per layer for
+    what the others leave to three or four of inductor's kernels around index_copy_) or "auto"
     (`default_attention`: triton on CUDA where it can, else sdpa)."""
 
     def __init__(self, model, max_len: int = 512, batch: int = 1, attention: str = "auto"):
@@ -229,20 +251,23 @@ class GraphDecoder(StaticDecoder):
 
     def use_attention(self, attention: str) -> str:
         """Switch the attention the next trace or capture of `step` uses (graphs captured before keep
-        theirs); returns the previous one. attend(q, k_cache, v_cache, ctx) with ctx = step_context(pos),
+        theirs); returns the previous one. attend(q, k, v, cos, sin, k_cache, v_cache, pos, ctx), q and k
+        unrotated, writes the new K and V to slot pos and returns the attention; ctx = step_context(pos),
         computed once per step."""
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-        if attention == "triton" and not _kernel_head_dim(self.head_dim):
-            raise ValueError(f"attention 'triton' needs a head dim that is a power of two from 16, this model's is "
+        if attention != "sdpa" and not _kernel_head_dim(self.head_dim):
+            raise ValueError(f"attention {attention!r} needs a head dim that is a power of two from 16, this model's is "
                              f"{self.head_dim}; use 'sdpa'")
         previous, self.attention = getattr(self, "attention", None), attention
+        splits = attention_splits(self.batch, self.kv_heads)
         if attention == "sdpa":
             slots = self.max_len
-            self.step_context, self.attend = (lambda pos: _slot_mask(slots, pos)), _sdpa
+            self.step_context, self.attend = (lambda pos: _slot_mask(slots, pos)), _written_then_attended(_sdpa)
+        elif attention == "triton":
+            self.step_context, self.attend = (lambda pos: pos), _written_then_attended(_triton_attention(splits))
         else:
-            self.step_context = lambda pos: pos
-            self.attend = _triton_attention(attention_splits(self.batch, self.kv_heads))
+            self.step_context, self.attend = (lambda pos: pos), _fused_attention(splits)
         return previous
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -253,10 +278,8 @@ class GraphDecoder(StaticDecoder):
         cos, sin = cos[:, None], sin[:, None]
         ctx = self.step_context(pos)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h, cos, sin)
-            self.k_cache[i].index_copy_(2, pos, k)
-            self.v_cache[i].index_copy_(2, pos, v)
-            o = self.attend(q, self.k_cache[i], self.v_cache[i], ctx)
+            q, k, v = self._qkv(layer, h)
+            o = self.attend(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
             h = self._rest(layer, h, o)
         return self.model.lm_head(inner.norm(h[:, -1]))
 

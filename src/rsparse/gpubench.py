@@ -33,7 +33,7 @@ import torch._dynamo
 from .apply import swapped
 from .atomic import write_json
 from .bench import parse_sparsities
-from .decode import GraphDecoder, cuda_graph, fresh_step, gpu_inductor
+from .decode import ATTENTION, GraphDecoder, cuda_graph, fresh_step, gpu_inductor
 from .errors import RSparseError
 from .families import locate
 from .kernels import triton_gemv as tg
@@ -128,6 +128,9 @@ def run_gpu_bench(args):
     hf_reference = hf_modes(getattr(args, "hf_reference", "eager"))  # a bad mode fails before any work
     if rank_modes(args) and alpha == 1.0:
         raise RSparseError("--compare-rank compares ways of computing rank terms: give --alpha < 1 too")
+    compare = getattr(args, "compare_attention", False)
+    if isinstance(compare, str) and compare not in ATTENTION:
+        raise RSparseError(f"--compare-attention: unknown attention {compare!r}; choose from {list(ATTENTION)}")
     if rank_patches(args) and alpha == 1.0:
         raise RSparseError("--rank-ab compares ways of computing rank terms: give --alpha < 1 too")
     inductor_patches(args)  # a bad --inductor-ab fails before any work

@@ -14,6 +14,12 @@ last ticket of its head (a per-call zeroed counter, acquire-release) merges them
 (deterministic) and writes o in q's dtype. Splits past the filled slots return at once: only the
 used ones (cdiv(n, slots per split)) store partials and draw tickets, and the merge reads only theirs;
 one used split writes o itself (session 13: the partials path cost ~2 µs at 64 filled slots).
+`decode_attention_rope` (the decoder's "fused" attention) also takes the new position's K and V
+before rotary embedding and the step's cos / sin: every program applies the rotation to its query
+heads, and the program whose split holds slot pos rotates its head's K, writes K and V to that slot
+(then a CTA barrier, so its own loop reads them back): rotation, cache write and attention in one
+launch instead of inductor's three or four kernels around index_copy_. The rotation is computed in
+float32 and rounded once to the cache dtype (as inductor's fused kernels do).
 Eager reference: `decode.masked_attention` (SDPA, mask). The graphed step's default on CUDA
 (`decode.default_attention`): session 14's end-to-end A/B, one run, Llama-3-8B shapes, batch 1,
 compiled: dense 186.3 -> 191.2 tok/s, 50% sparse 304.3 -> 315.5 against SDPA over the masked cache.
@@ -24,22 +30,44 @@ import triton.language as tl
 
 
 @triton.jit
-def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, HKV,
-                      sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh,
+def _rotate(x_ptr, cs, sn, d, D: tl.constexpr):
+    """Rotary embedding of the vectors at x_ptr + d (rows broadcast in x_ptr's shape), in float32:
+    x * cos + rotate_half(x) * sin, rotate_half(x)[d] = -x[d + D/2] (d < D/2), x[d - D/2] (d >= D/2)."""
+    x = tl.load(x_ptr + d).to(tl.float32)
+    xr = tl.load(x_ptr + (d + D // 2) % D).to(tl.float32)
+    return x * cs + tl.where(d < D // 2, -xr, xr) * sn
+
+
+@triton.jit
+def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, HKV,
+                      sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh, sknb, sknh, svnb, svnh, scb,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-                      SCALE: tl.constexpr):
+                      SCALE: tl.constexpr, ROPE: tl.constexpr):
     head, split = tl.program_id(0), tl.program_id(1)
     b, kvh = head // HKV, head % HKV
     g = tl.arange(0, GP)
     d = tl.arange(0, D)
     gm = g < G
-    q = tl.load(q_ptr + b * sqb + (kvh * G + g)[:, None] * sqh + d[None, :], mask=gm[:, None], other=0.0)
     n = tl.load(pos_ptr).to(tl.int32) + 1
+    if ROPE:  # q and the new K arrive unrotated: rotate, rounding once to the cache dtype
+        cs = tl.load(cos_ptr + b * scb + d).to(tl.float32)[None, :]
+        sn = tl.load(sin_ptr + b * scb + d).to(tl.float32)[None, :]
+        rows = q_ptr + b * sqb + (kvh * G + tl.minimum(g, G - 1))[:, None] * sqh  # padded rows: a real row, zeroed
+        q = tl.where(gm[:, None], _rotate(rows, cs, sn, d[None, :], D), 0.0).to(k_ptr.dtype.element_ty)
+    else:
+        q = tl.load(q_ptr + b * sqb + (kvh * G + g)[:, None] * sqh + d[None, :], mask=gm[:, None], other=0.0)
     per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_L) * BLOCK_L  # slots per split, whole steps
     used = tl.cdiv(n, per)  # splits with slots; the rest return at once (no stores, no ticket)
     lo = split * per
     if lo < n:
         hi = tl.minimum(lo + per, n)
+        if ROPE:
+            if hi == n:  # this split holds slot pos: write the new K (rotated) and V there, then read them back
+                kn = _rotate(kn_ptr + b * sknb + kvh * sknh, cs, sn, d[None, :], D)
+                tl.store(k_ptr + b * skb + kvh * skh + (n - 1) * skl + d[None, :], kn.to(k_ptr.dtype.element_ty))
+                vn = tl.load(vn_ptr + b * svnb + kvh * svnh + d)
+                tl.store(v_ptr + b * svb + kvh * svh + (n - 1) * svl + d, vn.to(v_ptr.dtype.element_ty))
+                tl.debug_barrier()
         m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((GP,), dtype=tl.float32)
         acc = tl.zeros((GP, D), dtype=tl.float32)
@@ -99,23 +127,53 @@ def _check(q, k_cache, v_cache, pos):
         raise ValueError(f"pos must hold one position, got {pos.numel()}")
 
 
+def _check_new(q, k_new, v_new, cos, sin, k_cache):
+    B, H, _, D = q.shape
+    want = (B, k_cache.shape[1], 1, D)
+    if tuple(k_new.shape) != want or tuple(v_new.shape) != want or k_new.stride(3) != 1 or v_new.stride(3) != 1:
+        raise ValueError(f"the new K and V must be {want} with the head dim contiguous, got {tuple(k_new.shape)}, "
+                         f"{tuple(v_new.shape)}")
+    for t in (cos, sin):
+        if t.shape[-1] != D or t.numel() not in (D, B * D) or t.stride(-1) != 1 or (t.numel() > D and t.shape[0] != B):
+            raise ValueError(f"cos and sin must hold one row of {D} (or one per batch row, batch first), got {tuple(t.shape)}")
+
+
+def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None):
+    B, H, _, D = q.shape
+    HKV = k_cache.shape[1]
+    G = H // HKV
+    GP = max(16, triton.next_power_of_2(G))
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    part = torch.empty(B * HKV * splits * GP * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
+    # tickets only where splits are merged (no zero-fill launch per call otherwise; the pointer is then unused)
+    lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device) if splits > 1 else part
+    k_new, v_new, cos, sin = new if new is not None else (q, q, q, q)  # unused pointers without ROPE
+    cos_b = cos.stride(0) if new is not None and cos.numel() > D else 0
+    torch.library.wrap_triton(_decode_attention)[(B * HKV, splits)](
+        q, k_cache, v_cache, pos, o, part, lock, k_new, v_new, cos, sin, HKV,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos_b,
+        G=G, GP=GP, D=D, BLOCK_L=block_l, SPLITS=splits, SCALE=D**-0.5, ROPE=new is not None)
+    return o
+
+
 @torch.library.triton_op("rsparse::decode_attention", mutates_args={})
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      splits: int = 1, block_l: int = 64) -> torch.Tensor:
     """Attention of the query at position pos[0] over cache slots 0..pos[0] (`decode.masked_attention`);
     returns (B, H, 1, D) in q's dtype."""
     _check(q, k_cache, v_cache, pos)
-    B, H, _, D = q.shape
-    HKV = k_cache.shape[1]
-    G = H // HKV
-    GP = max(16, triton.next_power_of_2(G))
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    part = torch.empty(B * HKV * splits * GP * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
-    # tickets only where splits are merged (no zero-fill launch per call otherwise; the pointer is then unused)
-    lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device) if splits > 1 else part
-    torch.library.wrap_triton(_decode_attention)[(B * HKV, splits)](
-        q, k_cache, v_cache, pos, o, part, lock, HKV,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
-        G=G, GP=GP, D=D, BLOCK_L=block_l, SPLITS=splits, SCALE=D**-0.5)
-    return o
+    return _launch(q, k_cache, v_cache, pos, splits, block_l)
+
+
+@torch.library.triton_op("rsparse::decode_attention_rope", mutates_args={"k_cache", "v_cache"})
+def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, splits: int = 1,
+                          block_l: int = 64) -> torch.Tensor:
+    """`decode_attention` of the unrotated query q after writing the new position's K (rotated) and V
+    (k_new, v_new (B, HKV, 1, D), unrotated) to slot pos[0] of the caches: cos / sin the position's
+    rotary rows (D values, or one row per batch row). Returns (B, H, 1, D) in q's dtype."""
+    _check(q, k_cache, v_cache, pos)
+    _check_new(q, k_new, v_new, cos, sin, k_cache)
+    return _launch(q, k_cache, v_cache, pos, splits, block_l, (k_new, v_new, cos, sin))
