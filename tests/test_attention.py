@@ -82,7 +82,7 @@ def test_decode_attention_refuses_bad_shapes():
 
 def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits(tiny_llama):
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
-    assert default_attention(cuda, 128, bf16) == "triton" and default_attention(cuda, 64, torch.float32) == "triton"
+    assert default_attention(cuda, 128, bf16) == "fused" and default_attention(cuda, 64, torch.float32) == "fused"
     assert default_attention(torch.device("cpu"), 128, bf16) == "sdpa"  # the interpreter is for tests, not decoding
     assert default_attention(cuda, 80, bf16) == default_attention(cuda, 8, bf16) == "sdpa"  # not a power of two; below tl.dot's 16
     assert default_attention(cuda, 128, torch.float64) == "sdpa"

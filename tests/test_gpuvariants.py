@@ -38,8 +38,8 @@ def test_variants_follow_the_flags():
     assert [(v[0], v[3]) for v in z] == [("fused-ZCHUNK_WIDE0", {"rank_knobs": {"ZCHUNK_WIDE": 0}, **TUNED}),
                                          ("fused-ZCHUNK_WIDE256", {"rank_knobs": {"ZCHUNK_WIDE": 256}, **TUNED})]
     ab = compiled_variants(_args(compare_attention=True, attention="sdpa"), "fused", "S", "G", 2)[2:]
-    assert [(v[0], v[1], v[3]) for v in ab] == [("dense-attn-triton", {}, {"attention": "triton", **TUNED}),
-                                                ("fused-attn-triton", "S", {"attention": "triton", **TUNED})]
+    assert [(v[0], v[1], v[3]) for v in ab] == [("dense-attn-fused", {}, {"attention": "fused", **TUNED}),
+                                                ("fused-attn-fused", "S", {"attention": "fused", **TUNED})]
     assert compiled_variants(_args(compare_attention=True, attention="triton"), "fused", "S", "G", 1)[-1][3] == {"attention": "sdpa", **TUNED}
     named = compiled_variants(_args(compare_attention="fused", attention="triton"), "fused", "S", "G", 1)[2:]
     assert [(v[0], v[3]) for v in named] == [("dense-attn-fused", {"attention": "fused", **TUNED}),

@@ -349,18 +349,18 @@ def build_parser():
                    help="also compile dense and sparse steps under decode.GPU_INDUCTOR updated with these "
                    "torch._inductor.config settings (A/B; repeatable, one pair of steps each), e.g. combo_kernels=0 "
                    "or triton.enable_pdl=1")
-    g.add_argument("--attention", choices=("triton", "fused", "sdpa"), default="triton",
-                   help="decode attention of dense and sparse steps alike: triton (kernels/attention.py: only the "
-                   "filled slots; the default, 2.6%% (dense) and 3.7%% (50%% sparse) faster end to end on an H200 in "
-                   "session 14), fused (the same kernel also rotating q and k and writing the new K and V to the "
-                   "cache) or sdpa (the whole cache, masked)")
+    g.add_argument("--attention", choices=("fused", "triton", "sdpa"), default="fused",
+                   help="decode attention of dense and sparse steps alike: fused (the default: kernels/attention.py "
+                   "over the filled slots, also rotating q and k and writing the new K and V to the cache), triton "
+                   "(the same kernel after inductor's rotation and index_copy_; 2.6%% (dense) and 3.7%% (50%% sparse) "
+                   "faster end to end than sdpa on an H200 in session 14) or sdpa (the whole cache, masked)")
     g.add_argument("--hf-reference", default="eager", metavar="MODES",
                    help="batch 1: also time Hugging Face generate on the dense model as a reference row (never the "
                    "baseline): eager and/or compiled (static cache, transformers' own reduce-overhead compile, "
                    "~1-2 min more), comma list; none to skip (default eager)")
     g.add_argument("--compare-attention", nargs="?", const=True, default=False, metavar="NAME",
                    help="also compile dense and sparse steps with attention NAME (triton, fused, sdpa; alone: sdpa, or "
-                   "triton where --attention is sdpa) (A/B, timed side by side)")
+                   "fused where --attention is sdpa) (A/B, timed side by side)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
     g.add_argument("--profile", action="store_true", help="only: per-kernel GPU time of one dense and one sparse step "
                    "(at the one --sparsities value, else 0.5; with --alpha's rank terms; --compare-rank: each mode's too)")

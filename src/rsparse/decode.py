@@ -209,14 +209,17 @@ ATTENTION = ("sdpa", "triton", "fused")
 
 
 def default_attention(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
-    """"triton" on a CUDA device when Triton is installed and the cache suits the kernel (head dim a
-    power of two from 16, float16/bfloat16/float32), else "sdpa". On an H200 (session 14, one run,
-    Llama-3-8B shapes, batch 1, compiled) the kernel made the dense step 2.6% and the 50% sparse step
-    3.7% faster than SDPA over the masked cache."""
+    """"fused" on a CUDA device when Triton is installed and the cache suits the kernel (head dim a
+    power of two from 16, float16/bfloat16/float32), else "sdpa". On an H200 (Llama-3-8B shapes, batch
+    1): the kernel made the compiled dense step 2.6% and the 50% sparse step 3.7% faster than SDPA over
+    the masked cache (session 14, one run); fusing the rotation and the cache write into it took the
+    graphed eager 50% step from 1301 to 917 launches and 4.96 to 4.09 ms (sessions 21 and 22, two
+    runs) and left the compiled steps within their compile-to-compile spread (session 22 A/B: sparse
+    322.8 -> 325.0 tok/s, tuned dense 224.1 -> 232.0; one compile each)."""
     import importlib.util
 
     ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    return "triton" if ok and _kernel_head_dim(head_dim) and dtype in (torch.float16, torch.bfloat16, torch.float32) else "sdpa"
+    return "fused" if ok and _kernel_head_dim(head_dim) and dtype in (torch.float16, torch.bfloat16, torch.float32) else "sdpa"
 
 
 def _kernel_head_dim(d: int) -> bool:
@@ -237,7 +240,7 @@ class GraphDecoder(StaticDecoder):
     length read inside the kernel; its cache slots split over about 128 programs), "fused" (the same
     kernel also applying the rotary embedding and writing the new K and V: one launch per layer for
     what the others leave to three or four of inductor's kernels around index_copy_) or "auto"
-    (`default_attention`: triton on CUDA where it can, else sdpa)."""
+    (`default_attention`: fused on CUDA where it can, else sdpa)."""
 
     def __init__(self, model, max_len: int = 512, batch: int = 1, attention: str = "auto"):
         if attention not in ATTENTION + ("auto",):

@@ -143,7 +143,7 @@ def run_gpu_bench(args):
         from .gpuprofile import profile
 
         return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args), out=args.out,
-                       attention=getattr(args, "attention", "triton"), dtype=dtype)
+                       attention=getattr(args, "attention", "fused"), dtype=dtype)
     uncached_compiles()
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):
@@ -178,7 +178,7 @@ def run_gpu_bench(args):
         for B in batches:
             if time.time() - t_start > args.time_limit:
                 break
-            dec = GraphDecoder(model, max_len=MAX_LEN, batch=B, attention=getattr(args, "attention", "triton"))
+            dec = GraphDecoder(model, max_len=MAX_LEN, batch=B, attention=getattr(args, "attention", "fused"))
             kv_bytes = sum(t.numel() * t.element_size() for t in dec.k_cache + dec.v_cache)
             g_dense, out_dense = capture(dec.step, B)
             with swapped(model, sparse):

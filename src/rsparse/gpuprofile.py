@@ -36,7 +36,7 @@ def kernel_table(events, steps: int, top: int = 25):
 
 
 @torch.inference_mode()
-def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, attention="triton", dtype=torch.bfloat16):
+def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, attention="fused", dtype=torch.bfloat16):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
     same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
     mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each

@@ -41,7 +41,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
     compare = getattr(args, "compare_attention", False)
     if compare:
-        other = compare if isinstance(compare, str) else "triton" if getattr(args, "attention", "triton") == "sdpa" else "sdpa"
+        other = compare if isinstance(compare, str) else "fused" if getattr(args, "attention", "fused") == "sdpa" else "sdpa"
         out += [(f"dense-attn-{other}", {}, {}, {"attention": other}), (f"{label_c}-attn-{other}", sparse, groups, {"attention": other})]
     for i in range(2, getattr(args, "retune", 1) + 1):
         out += [(f"dense-tuned-{i}", {}, {}, RETUNE)] if getattr(args, "tuned_dense", True) else []
