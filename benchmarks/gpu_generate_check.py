@@ -43,8 +43,13 @@ def prepare(d: Path) -> None:
     print(f"prepared {d}: carry {sorted(str(p) for p in d.rglob('*.safetensors'))}")
 
 
+def _line(r: dict) -> str:
+    return f"{r['dtype']:9s} {r['backend']:18s} {r['rc']:3d} {r['seconds']:6.1f}  {r['same_as_oracle']}  {r['stderr_tail']}"
+
+
 def run(d: Path) -> None:
     rows = []
+    print("each case as it ends (a run cut short keeps those):", flush=True)
     for dtype in ("float32", "bfloat16", "float16"):
         texts = {}
         for backend, extra in CASES:
@@ -57,9 +62,10 @@ def run(d: Path) -> None:
             rows.append({"dtype": dtype, "backend": label, "rc": r.returncode, "seconds": time.time() - t0,
                          "same_as_oracle": r.stdout == texts["oracle"] and r.returncode == 0,
                          "stderr_tail": r.stderr.strip().splitlines()[-1:] if r.returncode else []})
-    print(f"{'dtype':9s} {'backend':18s} {'rc':>3s} {'s':>6s}  same text as oracle")
+            print(_line(rows[-1]), flush=True)
+    print(f"\n{'dtype':9s} {'backend':18s} {'rc':>3s} {'s':>6s}  same text as oracle")
     for r in rows:
-        print(f"{r['dtype']:9s} {r['backend']:18s} {r['rc']:3d} {r['seconds']:6.1f}  {r['same_as_oracle']}  {r['stderr_tail']}")
+        print(_line(r))
     result = {"rows": rows, "all_same": all(r["same_as_oracle"] for r in rows)}
     if os.environ.get("OUT"):
         from rsparse.atomic import write_json
