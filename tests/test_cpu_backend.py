@@ -44,37 +44,6 @@ def test_cpu_group_matches_float64_oracle(dtype, B, IN, members):
     ext.group_free(h)
 
 
-@pytest.mark.parametrize("B,IN,members", [
-    (1, 576, [(576, 0, 0.5, False), (192, 16, 0.5, False), (192, 0, 0.6, True)]),
-    (3, 513, [(97, 5, 0.3, True), (600, 0, 0.7, False)]), (2, 40, [(33, 0, 0.0, False)]),
-])
-def test_bf16_rows_take_the_pair_dot_path(B, IN, members):
-    """bf16 weights and bf16 input rows: the kept rows go through VDPBF16PS where the CPU has it
-    (`axpy8_dp`: 32 outputs per block, the rest, here 1-24 columns, through the scalar tail) and give
-    the float64 oracle on the same bf16 values; the same call with the path switched off agrees."""
-    ext = extension()
-    torch.manual_seed(B * 7 + IN)
-    x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).bfloat16()
-    built = [_member(IN, OUT, R, x.float(), s, bias, torch.bfloat16) for OUT, R, s, bias in members]
-    h = ext.group_new(*[[b[0][i] for b in built] for i in range(6)])
-    total = sum(m[0] for m in members)
-    try:
-        outs = []
-        for on in (True, False):
-            was = ext.set_dpbf16(on)
-            try:
-                out = torch.ops.rsparse_cpu.group_run(x, h, total)
-            finally:
-                ext.set_dpbf16(was)
-            assert torch.isfinite(out).all()
-            for got, (_, ref) in zip(out.split([m[0] for m in members], dim=1), built):
-                assert ((got.double() - ref).norm() / ref.norm().clamp_min(1e-12)).item() < 1e-5
-            outs.append(out)
-        assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < 1e-6
-    finally:
-        ext.group_free(h)
-
-
 def test_cpu_group_rejects_bad_buffers():
     ext = extension()
     wt, at, ut, c, tau = torch.randn(10, 4), torch.randn(10, 2), torch.randn(2, 4), torch.ones(10), torch.tensor(0.5)

@@ -11,10 +11,8 @@ output, and the partials are summed. Projections that read the same input (q/k/v
 one group: one call, one compaction pass, one parallel region (`CpuGroup`, attached per block for the
 decoder). The kernel is called as the registered op `rsparse_cpu::group_run(rows, handle, outputs)`
 (groups live in the extension by handle, freed with their module), so a torch.compile'd decode step
-traces each call as one opaque op. Weights float32 or bfloat16 (converted to float32 in registers; with
-bfloat16 input rows on a CPU with AVX512-BF16, the kept rows go two at a time through VDPBF16PS, no
-conversion: `axpy8_dp`). More rows than MAX_DECODE_ROWS (prefill, all-token evaluation) run the eager
-oracle on the same buffers.
+traces each call as one opaque op. Weights float32 or bfloat16 (converted to float32 in registers). More rows than
+MAX_DECODE_ROWS (prefill, all-token evaluation) run the eager oracle on the same buffers.
 """
 from __future__ import annotations
 
@@ -38,11 +36,6 @@ _SOURCE = r"""
 #include <vector>
 #include <memory>
 #include <cmath>
-#include <cstring>
-#include <type_traits>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 
 template <typename T> static inline float to_f(T v) { return static_cast<float>(v); }
 
@@ -62,63 +55,13 @@ __attribute__((noinline)) static void axpy1(float* __restrict d, const T* __rest
   for (int64_t o = 0; o < n; ++o) d[o] += x * to_f(w[o]);
 }
 
-#if defined(__AVX512BF16__)
-// axpy8 for bf16 rows whose coefficients are bf16 values held as float (a bf16 model's activations):
-// VDPBF16PS multiplies pairs of bf16 and adds both products to float32 lanes, so two rows go through
-// one instruction with no conversion. Rows 2q and 2q+1 are interleaved per 128-bit lane by
-// unpacklo/hi (lo holds outputs 8L+0..3 of lane L, hi 8L+4..7), accumulated in that order and put
-// back in order once per 32 outputs. The products are exact; only the float32 sums round.
-static inline int bf16_pair(float a, float b) {
-  uint32_t ua, ub;
-  std::memcpy(&ua, &a, 4); std::memcpy(&ub, &b, 4);
-  return (int)((ua >> 16) | (ub & 0xffff0000u));
-}
-__attribute__((noinline)) static void axpy8_dp(float* __restrict d, const c10::BFloat16* const* w, const float* __restrict x, int64_t n) {
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  __m512i xp[4];
-  for (int q = 0; q < 4; ++q) xp[q] = _mm512_set1_epi32(bf16_pair(x[2 * q], x[2 * q + 1]));
-  int64_t o = 0;
-  for (; o + 32 <= n; o += 32) {
-    __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
-    for (int q = 0; q < 4; ++q) {
-      const __m512i a = _mm512_loadu_si512((const void*)(w[2 * q] + o)), b = _mm512_loadu_si512((const void*)(w[2 * q + 1] + o));
-      lo = _mm512_dpbf16_ps(lo, (__m512bh)_mm512_unpacklo_epi16(a, b), (__m512bh)xp[q]);
-      hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_unpackhi_epi16(a, b), (__m512bh)xp[q]);
-    }
-    _mm512_storeu_ps(d + o, _mm512_add_ps(_mm512_loadu_ps(d + o), _mm512_permutex2var_ps(lo, first, hi)));
-    _mm512_storeu_ps(d + o + 16, _mm512_add_ps(_mm512_loadu_ps(d + o + 16), _mm512_permutex2var_ps(lo, second, hi)));
-  }
-  if (o < n) {
-    const c10::BFloat16* t[8];
-    for (int q = 0; q < 8; ++q) t[q] = w[q] + o;
-    axpy8<c10::BFloat16>(d + o, t, x, n - o);
-  }
-}
-#endif
-static bool dp_on = true;  // benchmarks switch it off for an A/B in one process (`set_dpbf16`)
-static bool use_dp() { return dp_on; }
-static bool set_dpbf16(bool on) { const bool was = dp_on; dp_on = on; return was; }
-static constexpr bool HAS_DPBF16 =
-#if defined(__AVX512BF16__)
-    true;
-#else
-    false;
-#endif
-
-// d[0:OUT] += sum_k coef[k] * base[idx[k], 0:OUT]  (rows of a row-major (*, OUT) matrix); dp: bf16 rows
-// with coefficients that are bf16 values, through axpy8_dp where the CPU has it
+// d[0:OUT] += sum_k coef[k] * base[idx[k], 0:OUT]  (rows of a row-major (*, OUT) matrix)
 template <typename T>
-static void rows_axpy(float* d, const T* base, int64_t OUT, const int32_t* idx, const float* coef, int64_t n, bool dp = false) {
+static void rows_axpy(float* d, const T* base, int64_t OUT, const int32_t* idx, const float* coef, int64_t n) {
   int64_t k = 0;
   const T* w[8];
   for (; k + 8 <= n; k += 8) {
     for (int q = 0; q < 8; ++q) w[q] = base + (int64_t)idx[k + q] * OUT;
-#if defined(__AVX512BF16__)
-    if constexpr (std::is_same<T, c10::BFloat16>::value) {
-      if (dp) { axpy8_dp(d, w, coef + k, OUT); continue; }
-    }
-#endif
     axpy8<T>(d, w, coef + k, OUT);
   }
   for (; k < n; ++k) axpy1<T>(d, base + (int64_t)idx[k] * OUT, coef[k], OUT);
@@ -133,7 +76,7 @@ struct Group {
   std::vector<torch::Tensor> wt, at, ut, c, tau, bias;
   std::vector<int64_t> outf, rk, off;
   int64_t in = 0;
-  bool bf16 = false, dp = false;  // dp: this call's rows are bf16 values (`axpy8_dp` for the kept rows)
+  bool bf16 = false;
   std::vector<std::vector<int32_t>> idx, drop;
   std::vector<std::vector<float>> coef;
   std::vector<int64_t> nk;
@@ -200,7 +143,7 @@ struct Group {
         float* dst = t == 0 ? yb : part.data() + (t - 1) * off[P];
         for (int64_t p = 0; p < P; ++p) {
           const int64_t n = nk[p], R = rk[p], k0 = n * t / nt, k1 = n * (t + 1) / nt, r0 = R * t / nt, r1 = R * (t + 1) / nt;
-          rows_axpy<T>(dst + off[p], wt[p].data_ptr<T>(), outf[p], idx[p].data() + k0, coef[p].data() + k0, k1 - k0, dp);
+          rows_axpy<T>(dst + off[p], wt[p].data_ptr<T>(), outf[p], idx[p].data() + k0, coef[p].data() + k0, k1 - k0);
           if (r1 > r0)
             rows_axpy<T>(dst + off[p], ut[p].data_ptr<T>(), outf[p], idx[p].data() + n + r0, coef[p].data() + n + r0, r1 - r0);
         }
@@ -217,7 +160,6 @@ struct Group {
   // x (B, in) any float dtype -> (B, sum of outs) float32, members side by side; not re-entrant
   torch::Tensor run(torch::Tensor x) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "input rows must have ", in, " features");
-    dp = bf16 && x.scalar_type() == torch::kBFloat16 && HAS_DPBF16 && use_dp();  // z (the rank rows' coefficients) stays float32
     auto xf = x.to(torch::kFloat32).contiguous();
     auto y = torch::empty({xf.size(0), off.back()}, xf.options());
     for (int64_t b = 0; b < xf.size(0); ++b) {
@@ -255,8 +197,6 @@ TORCH_LIBRARY(rsparse_cpu, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_new", &group_new);
   m.def("group_free", &group_free);
-  m.def("set_dpbf16", &set_dpbf16);
-  m.def("has_dpbf16", []() { return HAS_DPBF16; });
 }
 """
 
@@ -269,7 +209,7 @@ def extension():
 
         try:
             # GOMP symbols resolve to the libgomp torch already loaded, so there is one thread pool.
-            _EXT = load_inline(name="rsparse_cpu_v4", cpp_sources=[_SOURCE], functions=None, extra_cflags=CFLAGS,
+            _EXT = load_inline(name="rsparse_cpu_v3", cpp_sources=[_SOURCE], functions=None, extra_cflags=CFLAGS,
                                verbose=os.environ.get("RSPARSE_VERBOSE_BUILD") == "1")
         except Exception as e:  # no compiler / ninja: say so in one line
             raise RSparseError(f"the CPU kernel could not be built ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
