@@ -5,9 +5,10 @@ epilogue). Ranks from the budget at --alpha (default 0.9, 50%; the modules' mult
 same calls at r = 0 with the same kept fractions: what the rank terms cost on top of the gather.
 
 `--zchunks N,..` also times one-launch with N channels per z program on every call (the default takes
-`lowrank.z_chunk`: 512 on the MLP's calls, 128 on the others). `--knobs "K=V,K=V;K=V"` also times
-one-launch under each ;-separated setting of `lowrank.knobs()` (e.g. "ZCHUNK_WIDE=256;ZCHUNK_WIDE=0"; session
-22 timed knobs since removed: `gpu_rank_knobs_s22.json`, code at 14e5bff).
+`lowrank.z_chunk`: 512 on the MLP's calls, 128 on the others). `--knobs K=V[,K=V]` (repeatable) also
+times one-launch under each setting of `lowrank.knobs()` (e.g. `--knobs ZCHUNK_WIDE=256 --knobs
+ZCHUNK_WIDE=0`; session 22 timed knobs since removed, spelled then as one ';'-separated string:
+`gpu_rank_knobs_s22.json`, code at 14e5bff).
 
 Every mode is first checked against the float32 oracle (relative error < 1e-2); weights cycle through 4
 copies inside one CUDA graph (`gpu_kernels.bench`), so they come from HBM. The calls are eager: the
@@ -16,14 +17,17 @@ one kernel in a compiled step, so a mode that writes more partial rows pays for 
 it would not pay there. Prints a table, ends with one JSON line; writes $OUT/gpu_rank_modes.json.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_modes.py [--alpha 0.9] [--sparsity 0.5] [--modes M,..]
-        [--zchunks N,..] [--knobs SPECS]
+        [--zchunks N,..] [--knobs K=V[,K=V] ...]
 """
 import argparse
+import sys
 
 import torch
 
 from gpu_kernels import COPIES, bench, device_bandwidth, finish
+from rsparse.errors import RSparseError
 from rsparse.gpumodel import aligned_allocation
+from rsparse.gpuvariants import rank_patches
 from rsparse.kernels import lowrank, triton_gemv as tg
 from rsparse.linear import rsparse_linear_ref
 
@@ -74,12 +78,15 @@ def main():
     ap.add_argument("--modes", default=",".join(MODES), help="comma list of rank modes to time")
     ap.add_argument("--zchunks", default=None,
                     help="comma list: also time one-launch with these channels per z program (RANKED_TILES['ZCHUNK'])")
-    ap.add_argument("--knobs", default="", help="';'-separated KEY=VALUE[,KEY=VALUE] settings of lowrank.knobs() to time")
+    ap.add_argument("--knobs", dest="rank_ab", action="append", metavar="KEY=VALUE[,...]",
+                    help="also time one-launch with these lowrank.knobs() (repeatable; checked as rsparse bench --rank-ab)")
     args = ap.parse_args()
     modes = tuple(args.modes.split(","))
     zchunks = [int(z) for z in args.zchunks.split(",")] if args.zchunks else []
-    knob_sets = [dict((k.strip(), int(v)) for k, v in (i.split("=") for i in spec.split(","))) for spec in args.knobs.split(";") if spec]
-    knob_labels = ["+".join(f"{k}{v}" for k, v in ks.items()) for ks in knob_sets]
+    try:
+        knobs = rank_patches(args)  # [(label, {knob: value})]
+    except RSparseError as e:
+        sys.exit(str(e))
     torch.manual_seed(0)
     dt = torch.bfloat16
     bw = device_bandwidth()
@@ -91,7 +98,7 @@ def main():
         row = {"call": name, "outs": outs, "in": in_f, "ranks": ranks}
         default_z = lowrank.RANKED_TILES["ZCHUNK"]
         variants = ([(m, m, default_z, {}) for m in modes] + [(f"z{z}", "one-launch", z, {}) for z in zchunks]
-                    + [(lb, "one-launch", default_z, ks) for lb, ks in zip(knob_labels, knob_sets)])
+                    + [(lb, "one-launch", default_z, ks) for lb, ks in knobs])
         for label, mode, zc, ks in variants:
             lowrank.RANKED_TILES["ZCHUNK"] = zc  # read at launch: z programs = members x in / ZCHUNK
             saved = lowrank.set_knobs(ks)
@@ -112,7 +119,7 @@ def main():
         kept = sum(o * (x[0].float().abs() > t).float().mean().item() for o, t in zip(outs, taus)) * in_f * 2
         rank_b = sum(2 * r * (o + in_f) for o, r in zip(outs, ranks))
         row["bytes"] = kept + rank_b
-        labels = list(modes) + [f"z{z}" for z in zchunks] + knob_labels
+        labels = list(modes) + [f"z{z}" for z in zchunks] + [lb for lb, _ in knobs]
         for label in labels:
             row[f"{label}_bw_frac"] = row["bytes"] / (row[f"{label}_us"] * 1e-6) / bw
         rows.append(row)

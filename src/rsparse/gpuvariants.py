@@ -69,31 +69,37 @@ def rank_modes(args) -> list:
     return modes
 
 
+def _pairs(flag: str, spec: str, form: str, example: str) -> list:
+    """One occurrence of an A/B flag, "k=v[,k=v]", as [(key, value text)]; a bad item or none at all
+    raises naming the flag."""
+    pairs = []
+    for item in (i.strip() for i in spec.split(",") if i.strip()):
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise RSparseError(f"{flag} {spec!r}: expected {form} items, got {item!r}")
+        pairs.append((key, text))
+    if not pairs:
+        raise RSparseError(f"{flag}: give {form} items, e.g. {example}")
+    return pairs
+
+
 def rank_patches(args) -> list:
     """--rank-ab's settings (each occurrence "KEY=VALUE[,KEY=VALUE]", integers: one more compile of the
-    sparse step) as [(tag, {knob: value})], checked by `lowrank.set_knobs`' rules."""
+    sparse step) as [(tag, {knob: value})], checked by `lowrank.check_knobs`."""
     from .kernels import lowrank
 
     out = []
     for spec in getattr(args, "rank_ab", None) or []:
         values = {}
-        for item in (i.strip() for i in spec.split(",") if i.strip()):
-            key, eq, text = item.partition("=")
+        for key, text in _pairs("--rank-ab", spec, "KEY=VALUE", "ZCHUNK_WIDE=0"):
             try:
-                values[key] = int(text) if eq else None
+                values[key] = int(text)
             except ValueError:
                 raise RSparseError(f"--rank-ab {spec!r}: {key}'s value must be an integer, got {text!r}") from None
-            if values[key] is None:
-                raise RSparseError(f"--rank-ab {spec!r}: expected KEY=VALUE items, got {item!r}")
-        if not values:
-            raise RSparseError("--rank-ab: give KEY=VALUE items, e.g. ZCHUNK_WIDE=0")
-        saved = lowrank.knobs()
         try:
-            lowrank.set_knobs(values)
+            lowrank.check_knobs(values)
         except ValueError as e:
             raise RSparseError(f"--rank-ab {spec!r}: {e}") from None
-        finally:
-            lowrank.set_knobs(saved)
         out.append(("+".join(f"{k}{v}" for k, v in values.items()), values))
     return out
 
@@ -121,16 +127,11 @@ def inductor_patches(args) -> list:
     out = []
     for spec in getattr(args, "inductor_ab", None) or []:
         patch = {}
-        for item in (i.strip() for i in spec.split(",") if i.strip()):
-            key, eq, text = item.partition("=")
-            if not eq or not key:
-                raise RSparseError(f"--inductor-ab {spec!r}: expected key=value items, got {item!r}")
+        for key, text in _pairs("--inductor-ab", spec, "key=value", "combo_kernels=1"):
             if key not in known:
                 raise RSparseError(f"--inductor-ab: torch {torch.__version__}'s inductor has no option {key!r}")
             value = _value(text)
             patch[key] = bool(value) if isinstance(known[key], bool) else value
-        if not patch:
-            raise RSparseError("--inductor-ab: give key=value items, e.g. combo_kernels=1")
         out.append(("+".join(k.split(".")[-1] for k in patch), patch))
     return out
 

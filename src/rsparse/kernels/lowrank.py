@@ -176,16 +176,23 @@ def knobs() -> dict:
     return dict(ZCHUNK_WIDE=ZCHUNK_WIDE)
 
 
-def set_knobs(values: dict) -> dict:
-    """Set some of `knobs()` (checked: a bad one raises ValueError naming it, nothing set); returns the
-    previous values of all of them. Read at launch (or trace): a compiled step keeps those it was traced with."""
-    global ZCHUNK_WIDE
-    rules = {"ZCHUNK_WIDE": (lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16")}
+_KNOB_RULES = {"ZCHUNK_WIDE": (lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16")}
+
+
+def check_knobs(values: dict) -> None:
+    """Raise ValueError naming the first of `values` that is no knob or breaks its knob's rule."""
     for key, value in values.items():
-        if key not in rules:
-            raise ValueError(f"unknown rank-path knob {key!r}; choose from {sorted(rules)}")
-        if not isinstance(value, (int, bool)) or not rules[key][0](int(value)):
-            raise ValueError(f"{key} must be {rules[key][1]}, got {value!r}")
+        if key not in _KNOB_RULES:
+            raise ValueError(f"unknown rank-path knob {key!r}; choose from {sorted(_KNOB_RULES)}")
+        if not isinstance(value, (int, bool)) or not _KNOB_RULES[key][0](int(value)):
+            raise ValueError(f"{key} must be {_KNOB_RULES[key][1]}, got {value!r}")
+
+
+def set_knobs(values: dict) -> dict:
+    """Set some of `knobs()` (`check_knobs` first: nothing is set if one is bad); returns the previous
+    values of all of them. Read at launch (or trace): a compiled step keeps those it was traced with."""
+    global ZCHUNK_WIDE
+    check_knobs(values)
     previous = knobs()
     if "ZCHUNK_WIDE" in values:
         ZCHUNK_WIDE = int(values["ZCHUNK_WIDE"])
