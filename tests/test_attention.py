@@ -100,7 +100,7 @@ def test_graph_decoder_steps_agree_with_triton_attention(tiny_llama, attention):
     torch.manual_seed(0)
     model = tiny_llama().to(DEV)
     ids = torch.randint(0, 50, (2, 5), device=DEV)
-    # sdpa named, not "auto": on CUDA "auto" picks triton, and ref would compare the kernel with itself
+    # sdpa named, not "auto": on CUDA "auto" picks the kernel, and ref would compare the kernel with itself
     ref, ours = GraphDecoder(model, max_len=12, batch=2, attention="sdpa"), GraphDecoder(model, max_len=12, batch=2, attention=attention)
     switched = GraphDecoder(model, max_len=12, batch=2, attention="sdpa")  # then switched as --compare-attention does
     assert switched.use_attention(attention) == "sdpa" and switched.attention == attention
