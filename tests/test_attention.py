@@ -8,7 +8,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from rsparse.decode import GraphDecoder, _rope, default_attention, masked_attention  # noqa: E402
-from rsparse.kernels.attention import decode_attention, decode_attention_rope  # noqa: E402
+from rsparse.kernels.attention import attention_lock, decode_attention, decode_attention_rope, decode_attention_rope_qkv  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -33,36 +33,42 @@ def test_decode_attention_matches_masked_sdpa(B, H, HKV, D, L, pos, splits, bloc
 
 
 @pytest.mark.parametrize("B,H,HKV,D,L,pos,splits,block_l,dtype,cos_rows", [
-    (1, 4, 2, 64, 37, 20, 1, 16, torch.float32, 1), (2, 6, 2, 64, 50, 49, 3, 16, torch.float32, 2),
+    (1, 4, 2, 64, 37, 20, 1, 16, torch.float32, 1), (2, 6, 2, 64, 51, 49, 3, 16, torch.float32, 2),  # then the last slot
     (3, 12, 4, 32, 17, 0, 2, 16, torch.float16, 1), (2, 4, 1, 32, 70, 33, 4, 16, torch.float16, 2),
 ])
-def test_fused_attention_rotates_writes_the_slot_and_attends(B, H, HKV, D, L, pos, splits, block_l, dtype, cos_rows):
-    """decode_attention_rope against the graphed step's unfused path in float64 (rotate q and k, index_copy_
-    K and V to slot pos, masked SDPA): slot pos and every later slot poisoned before the call; afterwards
-    slot pos holds the rotated K and the V, the later slots are untouched, and no NaN reaches the output."""
-    torch.manual_seed(hash((B, H, HKV, D, L, pos, splits, cos_rows)) % 2**31)
-    q = torch.randn(B, 1, H, D).transpose(1, 2).to(dtype)
-    k_new = torch.randn(B, 1, HKV, D).transpose(1, 2).to(dtype)  # views as the decoder's q|k|v split gives them
-    v_new = torch.randn(B, 1, HKV, D).transpose(1, 2).to(dtype)
-    angle = torch.rand(cos_rows, 1, 1, D // 2).repeat(1, 1, 1, 2) * 6.0
-    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+@pytest.mark.parametrize("joined", [False, True])
+def test_fused_attention_rotates_writes_the_slot_and_attends(B, H, HKV, D, L, pos, splits, block_l, dtype, cos_rows, joined):
+    """decode_attention_rope (q, k and v apart, or side by side in one buffer: `_qkv`) against the graphed
+    step's unfused path in float64 (rotate q and k, index_copy_ K and V to slot pos, masked SDPA): slot
+    pos and every later slot poisoned before the call; afterwards slot pos holds the rotated K and the V,
+    the later slots are untouched, no NaN reaches the output, and the split counters are zero again, so
+    a second call at the next position on the same counters is right too."""
+    torch.manual_seed(hash((B, H, HKV, D, L, pos, splits, cos_rows, joined)) % 2**31)
     k_cache, v_cache = torch.randn(B, HKV, L, D).to(dtype), torch.randn(B, HKV, L, D).to(dtype)
-    p = torch.tensor([pos])
     rk, rv = k_cache.double().clone(), v_cache.double().clone()
-    rk[:, :, pos:pos + 1], rv[:, :, pos:pos + 1] = _rope(k_new.double(), cos.double(), sin.double()), v_new.double()
-    ref = masked_attention(_rope(q.double(), cos.double(), sin.double()), rk, rv, p)
     k_cache[:, :, pos:], v_cache[:, :, pos:] = float("nan"), float("nan")
-    kc, vc = k_cache.to(DEV), v_cache.to(DEV)
-    o = decode_attention_rope(q.to(DEV), k_new.to(DEV), v_new.to(DEV), cos.to(DEV), sin.to(DEV), kc, vc, p.to(DEV),
-                              splits, block_l).cpu()
+    kc, vc, lock = k_cache.to(DEV), v_cache.to(DEV), attention_lock(B, HKV, DEV)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert o.shape == ref.shape and o.dtype == dtype and torch.isfinite(o).all()
-    assert ((o.double() - ref).norm() / ref.norm()).item() < tol
-    kc, vc = kc.cpu(), vc.cpu()
-    assert ((kc[:, :, pos].double() - rk[:, :, pos]).norm() / rk[:, :, pos].norm()).item() < tol
-    assert torch.equal(vc[:, :, pos], v_new[:, :, 0])
-    assert kc[:, :, pos + 1:].isnan().all() and vc[:, :, pos + 1:].isnan().all()  # later slots untouched
-    assert torch.equal(kc[:, :, :pos], k_cache[:, :, :pos])
+    for p in (pos, pos + 1):
+        qkv = torch.randn(B, 1, (H + 2 * HKV) * D).to(dtype)  # the q|k|v group's output; split below as the decoder does
+        q, k_new, v_new = (t.view(B, 1, -1, D).transpose(1, 2) for t in qkv.split([H * D, HKV * D, HKV * D], -1))
+        angle = torch.rand(cos_rows, 1, 1, D // 2).repeat(1, 1, 1, 2) * 6.0
+        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+        rk[:, :, p:p + 1], rv[:, :, p:p + 1] = _rope(k_new.double(), cos.double(), sin.double()), v_new.double()
+        ref = masked_attention(_rope(q.double(), cos.double(), sin.double()), rk, rv, torch.tensor([p]))
+        pt, cs, sn = torch.tensor([p], device=DEV), cos.to(DEV), sin.to(DEV)
+        if joined:
+            o = decode_attention_rope_qkv(qkv.to(DEV), cs, sn, kc, vc, pt, lock, splits, block_l).cpu()
+        else:
+            o = decode_attention_rope(q.to(DEV), k_new.to(DEV), v_new.to(DEV), cs, sn, kc, vc, pt, lock, splits, block_l).cpu()
+        assert o.shape == ref.shape and o.dtype == dtype and torch.isfinite(o).all()
+        assert ((o.double() - ref).norm() / ref.norm()).item() < tol
+        assert not lock.any(), "the merging program must leave its counter at zero"
+        got_k, got_v = kc.cpu(), vc.cpu()
+        assert ((got_k[:, :, p].double() - rk[:, :, p]).norm() / rk[:, :, p].norm()).item() < tol
+        assert torch.equal(got_v[:, :, p], v_new[:, :, 0])
+        assert got_k[:, :, p + 1:].isnan().all() and got_v[:, :, p + 1:].isnan().all()  # later slots untouched
+        assert torch.equal(got_k[:, :, :pos], k_cache[:, :, :pos])
 
 
 def test_decode_attention_refuses_bad_shapes():
@@ -74,10 +80,19 @@ def test_decode_attention_refuses_bad_shapes():
     with pytest.raises(ValueError, match="attention must be one of"):
         GraphDecoder(torch.nn.Module(), attention="flash")
     q, kc, new, row = torch.randn(1, 4, 1, 32), torch.randn(1, 2, 8, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 1, 1, 32)
+    lock, p = attention_lock(1, 2, "cpu"), torch.tensor([3])
     with pytest.raises(ValueError, match=r"new K and V must be \(1, 2, 1, 32\)"):
-        decode_attention_rope(q, torch.randn(1, 4, 1, 32), new, row, row, kc, kc.clone(), torch.tensor([3]))
+        decode_attention_rope(q, torch.randn(1, 4, 1, 32), new, row, row, kc, kc.clone(), p, lock)
     with pytest.raises(ValueError, match="cos and sin must hold one row of 32"):
-        decode_attention_rope(q, new, new, torch.randn(1, 1, 1, 16), row, kc, kc.clone(), torch.tensor([3]))
+        decode_attention_rope(q, new, new, torch.randn(1, 1, 1, 16), row, kc, kc.clone(), p, lock)
+    with pytest.raises(ValueError, match="lock must be a contiguous int32 vector of at least batch \\* KV heads = 2"):
+        decode_attention_rope(q, new, new, row, row, kc, kc.clone(), p, torch.zeros(2))
+    with pytest.raises(ValueError, match="lock must be"):
+        decode_attention_rope(q, new, new, row, row, kc, kc.clone(), p, attention_lock(1, 1, "cpu"))
+    with pytest.raises(ValueError, match=r"qkv must be \(batch 1, 1, \(H \+ 2 \* 2\) \* 32\)"):
+        decode_attention_rope_qkv(torch.randn(1, 1, 7 * 32), row, row, kc, kc.clone(), p, lock)  # H = 3: not a multiple of 2
+    with pytest.raises(ValueError, match="qkv must be"):
+        decode_attention_rope_qkv(torch.randn(1, 1, 4 * 32), row, row, kc, kc.clone(), p, lock)  # no query heads left
 
 
 def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits(tiny_llama):

@@ -422,13 +422,16 @@ def test_triton_group_module_shares_storage_and_matches_members():
         assert y.shape == ref.shape and ((y - ref).norm() / ref.norm()).item() < 1e-5
 
 
-def test_fused_groups_in_decoder_match_per_module_steps():
+def test_fused_groups_in_decoder_match_per_module_steps(monkeypatch):
     """to_triton_ on a tiny Llama attaches q|k|v and gate|up groups; the decoder's steps through them
-    give the per-module Triton steps' logits, and prefill (dense_view) detaches them."""
+    give the per-module Triton steps' logits, and prefill (dense_view) detaches them. The graphed step
+    with the fused attention hands it the q|k|v group's one output (`decode_attention_rope_qkv`), the
+    per-module model's three, and both give the eager steps' logits."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rsparse.apply import modules_for
-    from rsparse.decode import StaticDecoder
+    from rsparse.decode import GraphDecoder, StaticDecoder
+    from rsparse.kernels import attention
     from rsparse.families import attached_groups, set_module
     from rsparse.kernels.module import to_triton_
     from rsparse.plan import LayerPlan
@@ -452,15 +455,23 @@ def test_fused_groups_in_decoder_match_per_module_steps():
         to_triton_(m, fuse=fuse)
         models.append(m)
     assert len(attached_groups(models[0])) == 4 and not attached_groups(models[1])
+    joined = []
+    real = attention.decode_attention_rope_qkv
+    monkeypatch.setattr(attention, "decode_attention_rope_qkv", lambda qkv, *a: joined.append(qkv.shape) or real(qkv, *a))
     ids = torch.randint(0, 97, (1, 5), device=DEV)
     a, b = StaticDecoder(models[0], 16), StaticDecoder(models[1], 16)
+    ga, gb = GraphDecoder(models[0], 16, attention="fused"), GraphDecoder(models[1], 16, attention="fused")
     with torch.no_grad():
         la, lb = a.prefill(ids), b.prefill(ids)
-        assert torch.equal(la, lb)
+        assert torch.equal(la, lb) and torch.equal(ga.prefill(ids), la) and torch.equal(gb.prefill(ids), la)
         for t in range(4):
             tok = la.argmax(-1, keepdim=True)
             la, lb = a.forward(tok), b.forward(tok)
             assert torch.allclose(la, lb, atol=1e-4, rtol=1e-4), t
+            pos = torch.tensor([5 + t], device=DEV)
+            for g in (ga, gb):
+                assert torch.allclose(g.step(tok, pos), la, atol=1e-4, rtol=1e-4), t
+    assert joined == [(1, 1, 256)] * 8  # grouped: 2 layers x 4 steps, q|k|v side by side; per-module: never
 
 
 def test_gpu_bench_modules_at_the_budget():

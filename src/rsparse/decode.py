@@ -81,12 +81,17 @@ class StaticDecoder:
         self.max_len, self.pos, self.batch = max_len, 0, batch
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
 
-    def _qkv(self, layer, h):
-        """q, k, v [batch, heads, T, head_dim] before the rotary embedding."""
+    def _qkv(self, layer, h, joined: bool = False):
+        """q, k, v [batch, heads, T, head_dim] before the rotary embedding; with `joined`, where the
+        layer's q|k|v group gives one (`TritonGroup.joined`), its unsplit output [batch, T, (heads + 2
+        kv_heads) * head_dim] instead."""
         B, T, _ = h.shape
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         fused = get_group(self.family, layer, "qkv")
+        y = fused.joined(x) if joined and hasattr(fused, "joined") else None
+        if y is not None:
+            return y
         q, k, v = fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
         q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -198,11 +203,20 @@ def _written_then_attended(attend):
     return step
 
 
-def _fused_attention(splits: int):
-    from .kernels.attention import decode_attention_rope
+def _fused_attention(splits: int, batch: int, kv_heads: int, device):
+    """(attend, attend_qkv) on `kernels.attention`'s rotating kernel, sharing one set of split counters
+    (zeroed once, left zeroed by every call; a static address, so CUDA graphs may capture it)."""
+    from .kernels.attention import attention_lock, decode_attention_rope, decode_attention_rope_qkv
 
-    return lambda q, k, v, cos, sin, k_cache, v_cache, pos, ctx: decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache,
-                                                                                      pos, splits)
+    lock = attention_lock(batch, kv_heads, device)
+    torch._dynamo.mark_static_address(lock)
+
+    def attend(q, k, v, cos, sin, k_cache, v_cache, pos, ctx):
+        return decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos, lock, splits)
+
+    def attend_qkv(qkv, cos, sin, k_cache, v_cache, pos, ctx):
+        return decode_attention_rope_qkv(qkv, cos, sin, k_cache, v_cache, pos, lock, splits)
+    return attend, attend_qkv
 
 
 ATTENTION = ("sdpa", "triton", "fused")
@@ -264,13 +278,15 @@ class GraphDecoder(StaticDecoder):
                              f"{self.head_dim}; use 'sdpa'")
         previous, self.attention = getattr(self, "attention", None), attention
         splits = attention_splits(self.batch, self.kv_heads)
+        self.attend_qkv = None  # attend_qkv(qkv, cos, sin, k_cache, v_cache, pos, ctx): q|k|v as one buffer
         if attention == "sdpa":
             slots = self.max_len
             self.step_context, self.attend = (lambda pos: _slot_mask(slots, pos)), _written_then_attended(_sdpa)
         elif attention == "triton":
             self.step_context, self.attend = (lambda pos: pos), _written_then_attended(_triton_attention(splits))
         else:
-            self.step_context, self.attend = (lambda pos: pos), _fused_attention(splits)
+            self.step_context = lambda pos: pos
+            self.attend, self.attend_qkv = _fused_attention(splits, self.batch, self.kv_heads, self.k_cache[0].device)
         return previous
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -281,8 +297,11 @@ class GraphDecoder(StaticDecoder):
         cos, sin = cos[:, None], sin[:, None]
         ctx = self.step_context(pos)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, h)
-            o = self.attend(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
+            qkv = self._qkv(layer, h, joined=self.attend_qkv is not None)
+            if torch.is_tensor(qkv):  # one buffer: compiled, one kernel writes it instead of one per view
+                o = self.attend_qkv(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
+            else:
+                o = self.attend(*qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
             h = self._rest(layer, h, o)
         return self.model.lm_head(inner.norm(h[:, -1]))
 

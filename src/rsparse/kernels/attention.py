@@ -10,15 +10,20 @@ Layout: q (B, H, 1, D), caches (B, HKV, L, D), any strides with D contiguous; D 
 128). Grid (B * HKV, SPLITS): a program takes one KV head's G query heads (padded to 16 rows, the
 smallest tl.dot M) over its share of the slots, BLOCK_L slots per step, online softmax in float32.
 With SPLITS > 1 each split writes its (max, sum, accumulator) partials and the program drawing the
-last ticket of its head (a per-call zeroed counter, acquire-release) merges them in split order
-(deterministic) and writes o in q's dtype. Splits past the filled slots return at once: only the
+last ticket of its head (a counter per head, acquire-release) merges them in split order
+(deterministic), writes o in q's dtype and zeroes the counter again: `decode_attention` zero-fills
+fresh counters per call, the rotating ops take the caller's (`attention_lock`, zeroed once), which
+under torch.compile saves a zero-fill kernel per layer. Splits past the filled slots return at once: only the
 used ones (cdiv(n, slots per split)) store partials and draw tickets, and the merge reads only theirs;
 one used split writes o itself (session 13: the partials path cost ~2 µs at 64 filled slots).
 `decode_attention_rope` (the decoder's "fused" attention) also takes the new position's K and V
 before rotary embedding and the step's cos / sin: every program applies the rotation to its query
 heads, and the program whose split holds slot pos rotates its head's K, writes K and V to that slot
 (then a CTA barrier, so its own loop reads them back): rotation, cache write and attention in one
-launch instead of inductor's three or four kernels around index_copy_. The rotation is computed in
+launch instead of inductor's three or four kernels around index_copy_. `decode_attention_rope_qkv`
+takes q, k and v as one buffer side by side (a fused q|k|v call's output): compiled, inductor then
+writes that buffer (the sum of the gather's partials) in one kernel, where three views of it as
+separate inputs cost one kernel each (session 22's output code). The rotation is computed in
 float32 and rounded once to the cache dtype (as inductor's fused kernels do).
 Eager reference: `decode.masked_attention` (SDPA, mask). The graphed step's default on CUDA
 (`decode.default_attention`): session 14's end-to-end A/B, one run, Llama-3-8B shapes, batch 1,
@@ -112,6 +117,9 @@ def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, k
                     o = o * c_old[:, None] + c_s[:, None] * tl.load(pb + 2 * GP + g[:, None] * D + d[None, :], cache_modifier=".cg")
                     m_all = m_new
                 tl.store(o_rows, (o / l_all[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
+                # every used split has drawn its ticket: leave the counter zeroed for the next call, so a
+                # caller's persistent counter needs no zero-fill launch per call
+                tl.store(lock_ptr + head, 0)
 
 
 def _check(q, k_cache, v_cache, pos):
@@ -138,15 +146,27 @@ def _check_new(q, k_new, v_new, cos, sin, k_cache):
             raise ValueError(f"cos and sin must hold one row of {D} (or one per batch row, batch first), got {tuple(t.shape)}")
 
 
-def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None):
+def _check_lock(lock, q, k_cache):
+    need = q.shape[0] * k_cache.shape[1]
+    if lock.dtype != torch.int32 or lock.dim() != 1 or lock.numel() < need or lock.stride(0) != 1 or lock.device != q.device:
+        raise ValueError(f"lock must be a contiguous int32 vector of at least batch * KV heads = {need} zeros on "
+                         f"{q.device} (`attention_lock`), got {lock.dtype} {tuple(lock.shape)} on {lock.device}")
+
+
+def attention_lock(batch: int, kv_heads: int, device) -> torch.Tensor:
+    """The split counters `decode_attention_rope` takes: zeroed once; every call leaves them zeroed."""
+    return torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
+
+
+def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None, lock=None):
     B, H, _, D = q.shape
     HKV = k_cache.shape[1]
     G = H // HKV
     GP = max(16, triton.next_power_of_2(G))
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     part = torch.empty(B * HKV * splits * GP * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
-    # tickets only where splits are merged (no zero-fill launch per call otherwise; the pointer is then unused)
-    lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device) if splits > 1 else part
+    if lock is None:  # tickets only where splits are merged (else the pointer is unused: no zero-fill launch)
+        lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device) if splits > 1 else part
     k_new, v_new, cos, sin = new if new is not None else (q, q, q, q)  # unused pointers without ROPE
     cos_b = cos.stride(0) if new is not None and cos.numel() > D else 0
     torch.library.wrap_triton(_decode_attention)[(B * HKV, splits)](
@@ -158,6 +178,13 @@ def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None):
     return o
 
 
+def _rope_launch(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, lock, splits, block_l):
+    _check(q, k_cache, v_cache, pos)
+    _check_new(q, k_new, v_new, cos, sin, k_cache)
+    _check_lock(lock, q, k_cache)
+    return _launch(q, k_cache, v_cache, pos, splits, block_l, (k_new, v_new, cos, sin), lock)
+
+
 @torch.library.triton_op("rsparse::decode_attention", mutates_args={})
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      splits: int = 1, block_l: int = 64) -> torch.Tensor:
@@ -167,13 +194,29 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return _launch(q, k_cache, v_cache, pos, splits, block_l)
 
 
-@torch.library.triton_op("rsparse::decode_attention_rope", mutates_args={"k_cache", "v_cache"})
+@torch.library.triton_op("rsparse::decode_attention_rope", mutates_args={"k_cache", "v_cache", "lock"})
 def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, splits: int = 1,
-                          block_l: int = 64) -> torch.Tensor:
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, lock: torch.Tensor,
+                          splits: int = 1, block_l: int = 64) -> torch.Tensor:
     """`decode_attention` of the unrotated query q after writing the new position's K (rotated) and V
     (k_new, v_new (B, HKV, 1, D), unrotated) to slot pos[0] of the caches: cos / sin the position's
-    rotary rows (D values, or one row per batch row). Returns (B, H, 1, D) in q's dtype."""
-    _check(q, k_cache, v_cache, pos)
-    _check_new(q, k_new, v_new, cos, sin, k_cache)
-    return _launch(q, k_cache, v_cache, pos, splits, block_l, (k_new, v_new, cos, sin))
+    rotary rows (D values, or one row per batch row); lock the split counters (`attention_lock`).
+    Returns (B, H, 1, D) in q's dtype."""
+    return _rope_launch(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, lock, splits, block_l)
+
+
+@torch.library.triton_op("rsparse::decode_attention_rope_qkv", mutates_args={"k_cache", "v_cache", "lock"})
+def decode_attention_rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, pos: torch.Tensor, lock: torch.Tensor, splits: int = 1,
+                              block_l: int = 64) -> torch.Tensor:
+    """`decode_attention_rope` of the q|k|v projections' outputs side by side, qkv (B, 1, (H + 2 HKV) D)
+    (a fused q|k|v call's one output): one input buffer, so a compiler that computes it (the sum of the
+    gather's partials) writes it in one kernel rather than one per view. Returns (B, H, 1, D)."""
+    B, HKV, _, D = k_cache.shape
+    heads = qkv.shape[-1] // D - 2 * HKV if qkv.dim() == 3 else 0
+    if qkv.dim() != 3 or qkv.shape[:2] != (B, 1) or qkv.shape[-1] % D or heads < HKV or heads % HKV or qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be (batch {B}, 1, (H + 2 * {HKV}) * {D}) with H a multiple of {HKV} and the last dim "
+                         f"contiguous, got {tuple(qkv.shape)}")
+    y = qkv.unflatten(-1, (-1, D)).transpose(1, 2)  # (B, H + 2 HKV, 1, D): the decoder's per-head views
+    return _rope_launch(y[:, :heads], y[:, heads:heads + HKV], y[:, heads + HKV:], cos, sin, k_cache, v_cache, pos, lock,
+                        splits, block_l)

@@ -165,10 +165,12 @@ class TritonGroup(nn.Module):
         outs = [m.out_features for m in members]
         return triton_gemv.group_block_n(*TritonGroup._segments(outs), sum(outs), members[0].in_features) is not None
 
-    def forward(self, x):
+    def joined(self, x):
+        """The members' outputs side by side (..., sum of their widths) from one call, or None where the
+        rows are more than the group runs on the kernels (each member then decides for itself)."""
         rows = x.reshape(-1, self.in_features)
         if not on_kernels(rows, self.max_rows):
-            return tuple(m(x) for m in self._members)
+            return None
         if consumer_reduces(self.at, self.wt):
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
                                                        self.seg2, self.roff1, self.roff2, triton_gemv.RANK_TERMS)
@@ -176,7 +178,11 @@ class TritonGroup(nn.Module):
         else:
             y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
                                                      self.seg2, self.roff1, self.roff2, self.bias, triton_gemv.RANK_TERMS)
-        return tuple(t.reshape(*x.shape[:-1], t.shape[-1]) for t in y.split(self.split, dim=-1))
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def forward(self, x):
+        y = self.joined(x)
+        return tuple(m(x) for m in self._members) if y is None else y.split(self.split, dim=-1)
 
     def silu_mul(self, x):
         """SiLU(gate(x)) * up(x) of a gate|up group in one launch pair (the activation runs in the
