@@ -30,7 +30,7 @@ POINTER = {"ypart_ptr": torch.float32, "zpart_ptr": torch.float32, "tau_ptr": to
 SCALARS = dict(B=1, IN=512, OUT=256, LDW=256, LDA=32, R=32, RT=32, SEG1=128, SEG2=256, ROFF1=16, ROFF2=32, HALF=128,
                K_PER=256, NCHUNK=2, NZCHUNK=2, NTILE=4, NZ=2,
                HKV=2, sqb=256, sqh=64, skb=4096, skh=2048, skl=64, svb=4096, svh=2048, svl=64, sob=256, soh=64,
-               sknb=128, sknh=64, svnb=128, svnh=64, scb=0)
+               kno=256, sknb=384, sknh=64, vno=320, svnb=384, svnh=64, scb=0)
 EPI = dict(BB=16, BLOCK_N=64, RB=32, HAS_BIAS=True, NCP=2, NZP=2)
 KERNELS = {  # label: (kernel, constexprs)
     "select": (tg._select, dict(CHUNK=256, BB=16, RB=32, HAS_R=True)),

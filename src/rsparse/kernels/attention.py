@@ -45,7 +45,7 @@ def _rotate(x_ptr, cs, sn, d, D: tl.constexpr):
 
 @triton.jit
 def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, HKV,
-                      sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh, sknb, sknh, svnb, svnh, scb,
+                      sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh, kno, sknb, sknh, vno, svnb, svnh, scb,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
                       SCALE: tl.constexpr, ROPE: tl.constexpr):
     head, split = tl.program_id(0), tl.program_id(1)
@@ -68,9 +68,9 @@ def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, k
         hi = tl.minimum(lo + per, n)
         if ROPE:
             if hi == n:  # this split holds slot pos: write the new K (rotated) and V there, then read them back
-                kn = _rotate(kn_ptr + b * sknb + kvh * sknh, cs, sn, d[None, :], D)
+                kn = _rotate(kn_ptr + kno + b * sknb + kvh * sknh, cs, sn, d[None, :], D)
                 tl.store(k_ptr + b * skb + kvh * skh + (n - 1) * skl + d[None, :], kn.to(k_ptr.dtype.element_ty))
-                vn = tl.load(vn_ptr + b * svnb + kvh * svnh + d)
+                vn = tl.load(vn_ptr + vno + b * svnb + kvh * svnh + d)
                 tl.store(v_ptr + b * svb + kvh * svh + (n - 1) * svl + d, vn.to(v_ptr.dtype.element_ty))
                 tl.debug_barrier()
         m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
@@ -158,7 +158,9 @@ def attention_lock(batch: int, kv_heads: int, device) -> torch.Tensor:
     return torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
 
 
-def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None, lock=None):
+def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None, lock=None, joined=None):
+    """joined (qkv, k offset, v offset): q, k_new and v_new are views of qkv, which the kernel gets as
+    its one input at those element offsets (views passed apart would each become an input buffer)."""
     B, H, _, D = q.shape
     HKV = k_cache.shape[1]
     G = H // HKV
@@ -169,20 +171,21 @@ def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None, lock=None):
         lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device) if splits > 1 else part
     k_new, v_new, cos, sin = new if new is not None else (q, q, q, q)  # unused pointers without ROPE
     cos_b = cos.stride(0) if new is not None and cos.numel() > D else 0
+    q_in, kn_in, vn_in, kno, vno = (joined[0],) * 3 + joined[1:] if joined is not None else (q, k_new, v_new, 0, 0)
     torch.library.wrap_triton(_decode_attention)[(B * HKV, splits)](
-        q, k_cache, v_cache, pos, o, part, lock, k_new, v_new, cos, sin, HKV,
+        q_in, k_cache, v_cache, pos, o, part, lock, kn_in, vn_in, cos, sin, HKV,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
-        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1), cos_b,
+        kno, k_new.stride(0), k_new.stride(1), vno, v_new.stride(0), v_new.stride(1), cos_b,
         G=G, GP=GP, D=D, BLOCK_L=block_l, SPLITS=splits, SCALE=D**-0.5, ROPE=new is not None)
     return o
 
 
-def _rope_launch(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, lock, splits, block_l):
+def _rope_launch(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, lock, splits, block_l, joined=None):
     _check(q, k_cache, v_cache, pos)
     _check_new(q, k_new, v_new, cos, sin, k_cache)
     _check_lock(lock, q, k_cache)
-    return _launch(q, k_cache, v_cache, pos, splits, block_l, (k_new, v_new, cos, sin), lock)
+    return _launch(q, k_cache, v_cache, pos, splits, block_l, (k_new, v_new, cos, sin), lock, joined)
 
 
 @torch.library.triton_op("rsparse::decode_attention", mutates_args={})
@@ -211,7 +214,9 @@ def decode_attention_rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
                               block_l: int = 64) -> torch.Tensor:
     """`decode_attention_rope` of the q|k|v projections' outputs side by side, qkv (B, 1, (H + 2 HKV) D)
     (a fused q|k|v call's one output): one input buffer, so a compiler that computes it (the sum of the
-    gather's partials) writes it in one kernel rather than one per view. Returns (B, H, 1, D)."""
+    gather's partials) writes it in one kernel rather than one per view: the kernel gets qkv itself, with
+    k's and v's element offsets (views of it, even made inside this op, are traced as inputs of their
+    own: session 23's profile). Returns (B, H, 1, D)."""
     B, HKV, _, D = k_cache.shape
     heads = qkv.shape[-1] // D - 2 * HKV if qkv.dim() == 3 else 0
     if qkv.dim() != 3 or qkv.shape[:2] != (B, 1) or qkv.shape[-1] % D or heads < HKV or heads % HKV or qkv.stride(-1) != 1:
@@ -219,4 +224,4 @@ def decode_attention_rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
                          f"contiguous, got {tuple(qkv.shape)}")
     y = qkv.unflatten(-1, (-1, D)).transpose(1, 2)  # (B, H + 2 HKV, 1, D): the decoder's per-head views
     return _rope_launch(y[:, :heads], y[:, heads:heads + HKV], y[:, heads + HKV:], cos, sin, k_cache, v_cache, pos, lock,
-                        splits, block_l)
+                        splits, block_l, (qkv, heads * D, (heads + HKV) * D))
