@@ -129,3 +129,21 @@ def test_graph_decoder_steps_agree_with_triton_attention(tiny_llama, attention):
             assert ((a - b).norm() / a.norm()).item() < 1e-5, p
             assert torch.equal(b, c), p
             nxt = a.argmax(-1, keepdim=True)
+
+
+def test_switching_attention_keeps_the_decoders_counters(tiny_llama, monkeypatch):
+    """The fused attention's split counters belong to the decoder for its life: graphs captured before a
+    switch replay onto their address (session 23: counters made per switch were freed, their memory
+    reused by a later position tensor, and every graph's steps went wrong)."""
+    from rsparse.kernels import attention
+
+    seen, real = [], attention.decode_attention_rope
+    monkeypatch.setattr(attention, "decode_attention_rope", lambda *a: seen.append(a[8]) or real(*a))
+    torch.manual_seed(0)
+    dec = GraphDecoder(tiny_llama().to(DEV), max_len=12, attention="fused")
+    lock = dec.attn_lock
+    assert dec.use_attention("sdpa") == "fused" and dec.use_attention("fused") == "sdpa"
+    with torch.inference_mode():
+        dec.prefill(torch.randint(0, 50, (1, 5), device=DEV))
+        dec.step(torch.tensor([[3]], device=DEV), torch.tensor([5], device=DEV))
+    assert seen and all(t is lock for t in seen) and not lock.any()

@@ -203,13 +203,9 @@ def _written_then_attended(attend):
     return step
 
 
-def _fused_attention(splits: int, batch: int, kv_heads: int, device):
-    """(attend, attend_qkv) on `kernels.attention`'s rotating kernel, sharing one set of split counters
-    (zeroed once, left zeroed by every call; a static address, so CUDA graphs may capture it)."""
-    from .kernels.attention import attention_lock, decode_attention_rope, decode_attention_rope_qkv
-
-    lock = attention_lock(batch, kv_heads, device)
-    torch._dynamo.mark_static_address(lock)
+def _fused_attention(splits: int, lock: torch.Tensor):
+    """(attend, attend_qkv) on `kernels.attention`'s rotating kernel with the split counters `lock`."""
+    from .kernels.attention import decode_attention_rope, decode_attention_rope_qkv
 
     def attend(q, k, v, cos, sin, k_cache, v_cache, pos, ctx):
         return decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos, lock, splits)
@@ -261,9 +257,14 @@ class GraphDecoder(StaticDecoder):
             raise ValueError(f"attention must be one of {ATTENTION + ('auto',)}, got {attention!r}")
         super().__init__(model, max_len, batch)
         cache = self.k_cache[0]
+        # the fused attention's split counters (zeroed once, left zeroed by every call), owned here for
+        # the decoder's life: a CUDA graph holds no reference to what it captured, and counters that
+        # died with a replaced attend (use_attention) had their memory reused while graphs still
+        # replayed onto it (session 23: a position tensor overwritten, every step garbage)
+        self.attn_lock = torch.zeros(batch * self.kv_heads, dtype=torch.int32, device=cache.device)
         self.use_attention(default_attention(cache.device, self.head_dim, cache.dtype) if attention == "auto" else attention)
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
-        for t in self.k_cache + self.v_cache:
+        for t in self.k_cache + self.v_cache + [self.attn_lock]:
             torch._dynamo.mark_static_address(t)
 
     def use_attention(self, attention: str) -> str:
@@ -286,7 +287,7 @@ class GraphDecoder(StaticDecoder):
             self.step_context, self.attend = (lambda pos: pos), _written_then_attended(_triton_attention(splits))
         else:
             self.step_context = lambda pos: pos
-            self.attend, self.attend_qkv = _fused_attention(splits, self.batch, self.kv_heads, self.k_cache[0].device)
+            self.attend, self.attend_qkv = _fused_attention(splits, self.attn_lock)
         return previous
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

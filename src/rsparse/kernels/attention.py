@@ -154,7 +154,8 @@ def _check_lock(lock, q, k_cache):
 
 
 def attention_lock(batch: int, kv_heads: int, device) -> torch.Tensor:
-    """The split counters `decode_attention_rope` takes: zeroed once; every call leaves them zeroed."""
+    """The split counters `decode_attention_rope` takes: zeroed once; every call leaves them zeroed.
+    Keep them alive while any CUDA graph that captured a call may replay (a graph holds no reference)."""
     return torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
 
 
