@@ -65,18 +65,23 @@ def test_compile_options_set_and_restore_the_switches(tiny_llama):
     before = (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention, dec.attend)
     knobs = lowrank.knobs()
     with compile_options(dec, consumer_reduce="none", kernel_rows=2, rank_terms="gather", attention="triton",
-                         rank_knobs={"ZCHUNK_WIDE": 0}):
+                         rank_knobs={"ZCHUNK_WIDE": 0}, norm="fused"):
         assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == ("gather", "none", 2, "triton")
+        assert dec.norm == "fused"
         assert dec.attend is not before[4]
         assert lowrank.z_chunk(4096, 14336) == lowrank.RANKED_TILES["ZCHUNK"]
-    assert lowrank.knobs() == knobs
+    assert lowrank.knobs() == knobs and dec.norm == "torch"
     assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == before[:4] == (*before[:3], "sdpa")
     with pytest.raises(ZeroDivisionError):
         with compile_options(dec, rank_terms="epilogue", attention="triton"):
             1 / 0
     assert (tg.RANK_TERMS, dec.attention) == (before[0], "sdpa")
     with pytest.raises(ValueError, match="attention must be one of"):
-        with compile_options(dec, attention="flash"):
+        with compile_options(dec, attention="flash", norm="fused"):
+            pass
+    assert dec.norm == "torch"  # a refused switch leaves none set
+    with pytest.raises(ValueError, match="norm must be one of"):
+        with compile_options(dec, norm="layer"):
             pass
     assert dec.attention == "sdpa"
 

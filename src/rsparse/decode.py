@@ -81,13 +81,12 @@ class StaticDecoder:
         self.max_len, self.pos, self.batch = max_len, 0, batch
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
 
-    def _qkv(self, layer, h, joined: bool = False):
-        """q, k, v [batch, heads, T, head_dim] before the rotary embedding; with `joined`, where the
-        layer's q|k|v group gives one (`TritonGroup.joined`), its unsplit output [batch, T, (heads + 2
-        kv_heads) * head_dim] instead."""
-        B, T, _ = h.shape
+    def _qkv(self, layer, x, joined: bool = False):
+        """q, k, v [batch, heads, T, head_dim] of the normed input x, before the rotary embedding; with
+        `joined`, where the layer's q|k|v group gives one (`TritonGroup.joined`), its unsplit output
+        [batch, T, (heads + 2 kv_heads) * head_dim] instead."""
+        B, T, _ = x.shape
         attn = layer.self_attn
-        x = layer.input_layernorm(h)
         fused = get_group(self.family, layer, "qkv")
         y = fused.joined(x) if joined and hasattr(fused, "joined") else None
         if y is not None:
@@ -98,20 +97,25 @@ class StaticDecoder:
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def _rest(self, layer, h, o):
+    @staticmethod
+    def _o(layer, o):
+        """The attention's output projection of o [batch, heads, T, head_dim]."""
         B, _, T, _ = o.shape
-        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
-        mlp, x = layer.mlp, layer.post_attention_layernorm(h)
+        return layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def _mlp(self, layer, x):
+        """The MLP's output for the normed input x (the residual add is the caller's)."""
+        mlp = layer.mlp
         fused = get_group(self.family, layer, "gate_up")
         if fused is None:
-            return h + mlp(x)
+            return mlp(x)
         if self.silu and hasattr(fused, "silu_mul") and not isinstance(mlp.act_fn, ThresholdedActivation):
-            return h + mlp.down_proj(fused.silu_mul(x))
+            return mlp.down_proj(fused.silu_mul(x))
         g, u = fused(x)
-        return h + mlp.down_proj(mlp.act_fn(g) * u)
+        return mlp.down_proj(mlp.act_fn(g) * u)
 
     def _block(self, i, layer, h, cos, sin):
-        q, k, v = self._qkv(layer, h)
+        q, k, v = self._qkv(layer, layer.input_layernorm(h))
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         T = h.shape[1]
         end = self.pos + T
@@ -119,7 +123,8 @@ class StaticDecoder:
         self.v_cache[i][:, :, self.pos:end] = v
         o = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end],
                                            is_causal=T > 1 and self.pos == 0, enable_gqa=True)
-        return self._rest(layer, h, o)
+        h = h + self._o(layer, o)
+        return h + self._mlp(layer, layer.post_attention_layernorm(h))
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -232,6 +237,34 @@ def default_attention(device: torch.device, head_dim: int, dtype: torch.dtype) -
     return "fused" if ok and _kernel_head_dim(head_dim) and dtype in (torch.float16, torch.bfloat16, torch.float32) else "sdpa"
 
 
+NORMS = ("torch", "fused")
+# norms whose forward is `weight * (x * rsqrt(mean(x^2) + variance_epsilon)).to(dtype)` (the fused kernel's math)
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+
+def _norms_fit(model) -> str | None:
+    """None if every norm of the decoder's step is one the fused kernel computes, else why not."""
+    try:
+        from .kernels.rmsnorm import MAX_WIDTH
+    except ImportError:
+        return "Triton is not installed"
+    mods = [m for layer in blocks(model) for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [model.model.norm]
+    dtype = next(model.parameters()).dtype
+    for m in mods:
+        if type(m).__name__ not in RMS_NORMS or m.weight.dtype != dtype or m.weight.shape[0] > MAX_WIDTH:
+            return f"{type(m).__name__} {tuple(m.weight.shape)} {m.weight.dtype} (fused: {', '.join(RMS_NORMS)} in the model dtype)"
+    return None
+
+
+def default_norm(model, device: torch.device) -> str:
+    """"fused" on a CUDA device with Triton where every norm fits the kernel (`kernels.rmsnorm`), else
+    "torch". It changes only eager steps (and their CUDA graphs): compiled steps keep the expression."""
+    import importlib.util
+
+    ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return "fused" if ok and _norms_fit(model) is None else "torch"
+
+
 def _kernel_head_dim(d: int) -> bool:
     return d >= 16 and d & (d - 1) == 0  # tl.dot's smallest K; the kernel's aranges need a power of two
 
@@ -250,13 +283,19 @@ class GraphDecoder(StaticDecoder):
     length read inside the kernel; its cache slots split over about 128 programs), "fused" (the same
     kernel also applying the rotary embedding and writing the new K and V: one launch per layer for
     what the others leave to three or four of inductor's kernels around index_copy_) or "auto"
-    (`default_attention`: fused on CUDA where it can, else sdpa)."""
+    (`default_attention`: fused on CUDA where it can, else sdpa). norm: "torch" (the model's norm
+    modules and residual adds), "fused" (eager steps add the residual and norm in one launch,
+    `kernels.rmsnorm`; compiled steps keep the PyTorch expression for inductor to fuse) or "auto"
+    (`default_norm`: fused on CUDA where every norm fits)."""
 
-    def __init__(self, model, max_len: int = 512, batch: int = 1, attention: str = "auto"):
+    def __init__(self, model, max_len: int = 512, batch: int = 1, attention: str = "auto", norm: str = "auto"):
         if attention not in ATTENTION + ("auto",):
             raise ValueError(f"attention must be one of {ATTENTION + ('auto',)}, got {attention!r}")
+        if norm not in NORMS + ("auto",):
+            raise ValueError(f"norm must be one of {NORMS + ('auto',)}, got {norm!r}")
         super().__init__(model, max_len, batch)
         cache = self.k_cache[0]
+        self.use_norm(default_norm(model, cache.device) if norm == "auto" else norm)
         # the fused attention's split counters (zeroed once, left zeroed by every call), owned here for
         # the decoder's life: a CUDA graph holds no reference to what it captured, and counters that
         # died with a replaced attend (use_attention) had their memory reused while graphs still
@@ -266,6 +305,15 @@ class GraphDecoder(StaticDecoder):
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
         for t in self.k_cache + self.v_cache + [self.attn_lock]:
             torch._dynamo.mark_static_address(t)
+
+    def use_norm(self, norm: str) -> str:
+        """Switch the norm the next eager call or capture of `step` uses; returns the previous one."""
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if norm == "fused" and (why := _norms_fit(self.model)) is not None:
+            raise ValueError(f"norm 'fused' cannot compute this model's norms: {why}; use 'torch'")
+        previous, self.norm = getattr(self, "norm", None), norm
+        return previous
 
     def use_attention(self, attention: str) -> str:
         """Switch the attention the next trace or capture of `step` uses (graphs captured before keep
@@ -297,14 +345,30 @@ class GraphDecoder(StaticDecoder):
         cos, sin = inner.rotary_emb(h, pos[None])
         cos, sin = cos[:, None], sin[:, None]
         ctx = self.step_context(pos)
+        norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [inner.norm]
+        h, x = self._add_norm(h, None, norms[0])
         for i, layer in enumerate(self.layers):
-            qkv = self._qkv(layer, h, joined=self.attend_qkv is not None)
+            qkv = self._qkv(layer, x, joined=self.attend_qkv is not None)
             if torch.is_tensor(qkv):  # one buffer: compiled, one kernel writes it instead of one per view
                 o = self.attend_qkv(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
             else:
                 o = self.attend(*qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
-            h = self._rest(layer, h, o)
-        return self.model.lm_head(inner.norm(h[:, -1]))
+            h, x = self._add_norm(h, self._o(layer, o), norms[2 * i + 1])
+            h, x = self._add_norm(h, self._mlp(layer, x), norms[2 * i + 2])  # the next block's input norm, or the final one
+        return self.model.lm_head(x[:, -1])
+
+    def _add_norm(self, h, d, norm):
+        """(s, norm(s)) for s = h + d (d None: s = h). With the fused norm, eager calls run one launch
+        (`kernels.rmsnorm`); traced by torch.compile, the PyTorch expression, which inductor fuses with
+        its neighbours (the partials' sum, the residual add) better than an opaque op would allow."""
+        if self.norm == "fused" and not torch.compiler.is_compiling():
+            from .kernels.rmsnorm import add_rms_norm, rms_norm
+
+            if d is None:
+                return h, rms_norm(h, norm.weight, norm.variance_epsilon)
+            return add_rms_norm(h, d, norm.weight, norm.variance_epsilon)
+        s = h if d is None else h + d
+        return s, norm(s)
 
     def compile_step(self, backend: str = "inductor"):
         """`step` compiled by torch.compile for static shapes. On the CPU with inductor's C++ wrapper:

@@ -1,8 +1,9 @@
 """`rsparse bench --device cuda --profile`: where one decode step's GPU time goes, kernel by kernel.
 
 Batch 1, Llama-architecture shapes with random bf16 weights (as `gpubench`); the eager step (the
-kernels a CUDA graph replays, without launch gaps) and the torch.compile'd step (default mode),
-dense and sparse (fused groups; rank terms for --alpha < 1), each with its graph replay time.
+kernels a CUDA graph replays, without launch gaps; also with the PyTorch norm instead of the fused
+one, side by side) and the torch.compile'd step (default mode), dense and sparse (fused groups; rank
+terms for --alpha < 1), each with its graph replay time.
 Prints the top kernels per step; writes its JSON to `out` (--out), else $OUT/gpu_profile.json when OUT is set.
 """
 import os
@@ -64,7 +65,9 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
     except Exception as e:
         result["explain"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     print("explain:", result["explain"], flush=True)
+    # the eager steps again with the PyTorch norm (the default on CUDA fuses residual add + norm): A/B in one run
     steps_ = [("dense", {}, {}, False, {}), ("fused", sparse, groups, False, {}),
+              ("dense-torch-norm", {}, {}, False, {"norm": "torch"}), ("fused-torch-norm", sparse, groups, False, {"norm": "torch"}),
               ("dense-compiled", {}, {}, True, {}), ("fused-compiled", sparse, groups, True, {})]
     steps_ += [(f"fused-compiled-rank-{m}", sparse, groups, True, {"rank_terms": m}) for m in rank_modes]
     for label, mods, grp, compiled, opts in steps_:

@@ -152,9 +152,9 @@ def uncached_compiles() -> None:
 
 @contextlib.contextmanager
 def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None, rank_terms=None, attention=None,
-                    fresh_kernels=False, rank_knobs=None):
-    """Set while dec's compiled step is traced and captured (all are read at trace time only);
-    fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`)."""
+                    fresh_kernels=False, rank_knobs=None, norm=None):
+    """Set while dec's compiled step is traced and captured (all are read at trace time only; norm
+    also at every eager call); fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`)."""
     from .kernels import lowrank
     from .kernels import module as km
 
@@ -162,8 +162,13 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
         from torch._inductor.codecache import PyCodeCache
 
         PyCodeCache.cache_clear()  # in memory only: compiled steps keep the modules they hold
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention, lowrank.knobs()
-    dec.use_attention(attention or saved[3])  # first: a bad name raises before any switch is set
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention, lowrank.knobs(), dec.norm
+    dec.use_norm(norm or saved[5])  # first: a bad name raises before any switch is set
+    try:
+        dec.use_attention(attention or saved[3])
+    except ValueError:
+        dec.use_norm(saved[5])
+        raise
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
@@ -177,3 +182,4 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
         km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
         lowrank.set_knobs(saved[4])
         dec.use_attention(saved[3])
+        dec.use_norm(saved[5])
