@@ -366,7 +366,7 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     projs32 = locate(model32)
     oracle32 = {k: RSparseLinear.from_linear(projs32[k], taus[k].item(), "abs", *(None if f is None else f.float() for f in _factors(sparse[k])))
                 for k in projs32}
-    dec32 = GraphDecoder(model32, max_len=MAX_LEN, batch=1, attention="sdpa")  # the plainest float32 reference
+    dec32 = GraphDecoder(model32, max_len=MAX_LEN, batch=1, attention="sdpa", norm="torch")  # the plainest float32 reference
     with swapped(model32, oracle32):
         ref32 = dec32.step(ids, pos).float()
     del dec32, model32, projs32, oracle32
