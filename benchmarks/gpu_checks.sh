@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device run of the checks every GPU session repeats, each under its own time limit, results in $OUT:
+#   1. the Triton tests on the GPU (gpu_pytest.log; its last line is pytest's own exit status),
+#   2. the per-kernel profile of the dense and 50% sparse steps (gpu_profile.json / .log),
+#   3. the CLI in three dtypes x three backends (gpu_generate_check.json / .log; needs gpu_check carried,
+#      made on the CPU by `python3 benchmarks/gpu_generate_check.py prepare gpu_check`).
+# Usage on the device machine (the run tool, carry ["gpu_check"], timeout 600):
+#   bash benchmarks/gpu_checks.sh [tests|profile|cli ...]   (default: all three, ~8.5 min)
+set -u
+export PYTHONPATH="$PWD/src:$PWD/benchmarks"
+OUT="${OUT:-/tmp/gpu_checks}"
+mkdir -p "$OUT"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests profile cli)
+for step in "${steps[@]}"; do
+  start=$(date +%s)
+  case "$step" in
+    tests)
+      timeout 150 python -m pytest -q -p no:warnings tests/test_attention.py tests/test_rmsnorm.py \
+        tests/test_kernels.py -k "attention or rms or fused_groups_in_decoder or trace_as" > "$OUT/gpu_pytest.log" 2>&1
+      echo "pytest exit status $?" >> "$OUT/gpu_pytest.log"
+      tail -3 "$OUT/gpu_pytest.log" ;;
+    profile)
+      timeout 220 python -m rsparse bench --device cuda --shapes llama3-8b --sparsities 0.5 --profile \
+        --out "$OUT/gpu_profile.json" > "$OUT/gpu_profile.log" 2>&1
+      echo "profile exit status $?"
+      grep -E "launches" "$OUT/gpu_profile.log" ;;
+    cli)
+      timeout 240 python benchmarks/gpu_generate_check.py run gpu_check > "$OUT/gpu_generate_check.log" 2>&1
+      echo "cli check exit status $?"
+      tail -11 "$OUT/gpu_generate_check.log" ;;
+    *)
+      echo "unknown step $step (tests, profile, cli)"; exit 2 ;;
+  esac
+  echo "$step took $(( $(date +%s) - start )) s"
+done
