@@ -217,7 +217,8 @@ def groups(bw):
         taus = torch.stack([torch.quantile(x.float().abs(), q) for q in (0.5, 0.45, 0.55)[:len(outs)]])
         empty_at = [torch.empty(in_f, 0, device="cuda", dtype=dt)]
         dense_us = bench(lambda: [x @ c for c in cats])
-        sep_us = bench(lambda: [rsparse_gemv(x, w, empty_at[0], torch.empty(w.shape[1], 0, device="cuda", dtype=dt), cs[i], taus[i])
+        lk = tg.tile_locks(max(outs), "cuda")  # the modules' tile counters: zeroed once, left zeroed by each call
+        sep_us = bench(lambda: [rsparse_gemv(x, w, empty_at[0], torch.empty(w.shape[1], 0, device="cuda", dtype=dt), cs[i], taus[i], lk)
                                 for ws in Wts for i, w in enumerate(ws)])
         seg = [sum(outs[:i + 1]) for i in range(len(outs))] + [total] * 2
         ref = torch.cat([rsparse_linear_ref(x.float(), w.t().float(), None, taus[i], cs[i].float(),
@@ -403,7 +404,8 @@ def teal_sweep(bw, shapes):
         at, u = torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(out_f, 0, device="cuda", dtype=dt)
         tau = torch.quantile(x.float().abs(), 0.5).reshape(())
         ref = rsparse_linear_ref(x.float(), Wts[0].t().float(), None, tau, ones.float(), u.float(), at.t().float())
-        ours = bench(lambda: [rsparse_gemv(x, w, at, u, ones, tau) for w in Wts])
+        lk = tg.tile_locks(out_f, "cuda")
+        ours = bench(lambda: [rsparse_gemv(x, w, at, u, ones, tau, lk) for w in Wts])
         times = {}
         for i, cfg in enumerate(grid):
             yt = teal_gemv(x[0], Wts[0], tau, **cfg)
@@ -496,11 +498,12 @@ def main():
                 for B in ((1, 2, 4, 8) if alpha == 1.0 and s == 0.5 else (1,)):
                     x = x1[:B]
                     ref = rsparse_linear_ref(x.float(), Ws[0].float(), None, tau, ones.float(), Us[0].float(), Ats[0].t().float())
-                    y = rsparse_gemv(x, Wts[0], Ats[0], Us[0], ones, tau)
+                    lk = tg.tile_locks(out_f, "cuda")
+                    y = rsparse_gemv(x, Wts[0], Ats[0], Us[0], ones, tau, lk)
                     err = ((y.float() - ref).norm() / ref.norm()).item()
                     checks.append(err)
                     assert torch.isfinite(y).all() and err < 1e-2, (out_f, in_f, s, alpha, B, err)
-                    ours = bench(lambda: [rsparse_gemv(x, Wt, At, U, ones, tau) for Wt, At, U in zip(Wts, Ats, Us)])
+                    ours = bench(lambda: [rsparse_gemv(x, Wt, At, U, ones, tau, lk) for Wt, At, U in zip(Wts, Ats, Us)])
                     kept_any = (x.float().abs() > tau).any(0).float().mean().item()
                     dropped_any = (x.float().abs() <= tau).any(0).float().mean().item()
                     must = 2 * (kept_any * in_f * out_f + R * (out_f + dropped_any * in_f))
@@ -536,10 +539,11 @@ def main():
     Wt, x = Wts[0], x1[:1]
     tau = torch.quantile(x.float().abs(), 0.5).reshape(())
     empty_at, empty_u = torch.empty(Wt.shape[0], 0, device="cuda", dtype=dt), torch.empty(Wt.shape[1], 0, device="cuda", dtype=dt)
-    f = torch.compile(lambda x: torch.ops.rsparse.rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau) * 2, mode="reduce-overhead")
+    lk = tg.tile_locks(Wt.shape[1], "cuda")
+    f = torch.compile(lambda x: torch.ops.rsparse.rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau, lk) * 2, mode="reduce-overhead")
     for _ in range(3):
         yc = f(x)
-    ye = rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau) * 2
+    ye = rsparse_gemv(x, Wt, empty_at, empty_u, ones, tau, lk) * 2
     compiled_ok = bool(torch.equal(yc, ye))
 
     print(f"\n{'shape (out x in)':18s} {'s':>4s} {'a':>5s} {'r':>4s} {'B':>2s} {'dense us':>9s} {'gemv us':>8s} {'teal us':>8s} {'ours us':>8s} "

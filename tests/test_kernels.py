@@ -53,11 +53,15 @@ def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
         cfg["block_k"] = 32
     out = torch.full((B, OUT), float("nan"), dtype=dtype)
     args = [t.to(DEV) if t is not None else None for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
-    y = tg._launch(*args, cfg, out=out.to(DEV)).cpu()
+    locks = tg.tile_locks(OUT, DEV)  # the split kernel's tile counters, as a module keeps them
+    y = tg._launch(*args, cfg, out=out.to(DEV), locks=locks).cpu()
     ref = rsparse_linear_ref(x.double(), W.double(), None if b is None else b.double(), tau.double(), c.double(), U.double(), A.double())
     assert torch.isfinite(y).all(), "output element left unwritten"
     rel = ((y.double() - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+    if variant == "split3":  # the merging programs leave the counters at zero: a second call on them is right
+        assert not locks.any()
+        assert torch.equal(tg._launch(*args, cfg, out=out.to(DEV), locks=locks).cpu(), y) and not locks.any()
 
 
 def test_unknown_rank_path_is_refused():
@@ -66,13 +70,16 @@ def test_unknown_rank_path_is_refused():
     args = [t.to(DEV) for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau)]
     with pytest.raises(ValueError, match="rank_terms must be one of"):
         tg._launch(*args, None, dict(tg.config_for(32, 16), rank_terms="fused"))
+    with pytest.raises(ValueError, match="tile counters must be a contiguous int32 vector of at least 2 zeros"):
+        split = dict(tg.config_for(32, 0), chunk=32, block_n=16, splits=2)  # 2 ranges of the 64 channels, 2 output tiles of 16
+        tg._launch(args[0], args[1], args[2][:, :0], args[3][:, :0], args[4], args[5], None, split, locks=torch.zeros(1, dtype=torch.int32, device=DEV))
 
 
 def test_registered_op_and_teal_baseline():
     torch.manual_seed(0)
     x, W, U, A, c, tau, b = _case(1, 333, 77, 5, 0.5, torch.float32, bias=True)
     dev = [t.to(DEV) for t in (x, W.T.contiguous(), A.T.contiguous(), U, c, tau, b)]
-    y = torch.ops.rsparse.rsparse_gemv(*dev).cpu()
+    y = torch.ops.rsparse.rsparse_gemv(*dev[:6], tg.tile_locks(77, DEV), dev[6]).cpu()
     ref = rsparse_linear_ref(x.double(), W.double(), b.double(), tau.double(), c.double(), U.double(), A.double())
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
     ones = torch.ones(333)
@@ -151,7 +158,7 @@ def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, ranks, splits)
                            dev[5][i], None if dev[6] is None else dev[6][start:start + o], dict(cfg, splits=None)).cpu()
         assert ((alone.double() - refs[i]).norm() / refs[i].norm()).item() < tol
         start, r0, u0 = start + o, r0 + r, u0 + o * r
-    op = torch.ops.rsparse.rsparse_group_gemv(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], *seg, *roff, dev[6]).cpu()
+    op = torch.ops.rsparse.rsparse_group_gemv(*dev[:6], tg.tile_locks(sum(outs), DEV), *seg, *roff, dev[6]).cpu()
     assert ((op.double() - torch.cat(refs, 1)).norm() / torch.cat(refs, 1).norm()).item() < tol
 
 
@@ -172,7 +179,7 @@ def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, sp
     y = tg._launch(*dev, cfg, out=out, segments=(half, 2 * half), glu=True, roffs=tuple(roff)).cpu()
     assert torch.isfinite(y).all(), "output element left unwritten"
     assert ((y.double() - ref).norm() / ref.norm()).item() < tol
-    op = torch.ops.rsparse.rsparse_glu_gemv(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5], roff[0], dev[6]).cpu()
+    op = torch.ops.rsparse.rsparse_glu_gemv(*dev[:6], tg.tile_locks(2 * half, DEV), roff[0], dev[6]).cpu()
     assert op.shape == (B, half) and ((op.double() - ref).norm() / ref.norm()).item() < tol
 
 

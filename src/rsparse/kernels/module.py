@@ -96,6 +96,8 @@ class TritonRSparseLinear(TransposedRSparseLinear):
         pad = -m.rank % RANK_ALIGN
         self.at = torch.nn.functional.pad(self.at, (0, pad)).contiguous()
         self.register_buffer("U", torch.nn.functional.pad(m.U.detach(), (0, pad)).contiguous())
+        # the one-launch split kernel's tile counters, left zeroed by every call: no fill per call
+        self.register_buffer("tile_locks", triton_gemv.tile_locks(self.out_features, self.wt.device), persistent=False)
         self.max_rows = kernel_rows(self.keep, m.rank)
 
     def decode_rows(self, rows):
@@ -109,8 +111,8 @@ class TritonRSparseLinear(TransposedRSparseLinear):
             parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, n, n, r, r,
                                                        triton_gemv.RANK_TERMS)
             return triton_gemv.sum_partials(parts, self.bias, rows.dtype)
-        return torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.bias,
-                                              triton_gemv.RANK_TERMS)
+        return torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.tile_locks,
+                                              self.bias, triton_gemv.RANK_TERMS)
 
 
 class TritonGroup(nn.Module):
@@ -147,6 +149,7 @@ class TritonGroup(nn.Module):
             if has_bias:
                 m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
             start, r0, u0 = start + n, r0 + r, u0 + n * r
+        self.register_buffer("tile_locks", triton_gemv.tile_locks(sum(self.split), self.wt.device), persistent=False)
         self.seg1, self.seg2 = self._segments(self.split)
         self.roff1, self.roff2 = self._segments(ranks)
         self.max_rows = min(m.max_rows for m in members)  # more rows: each member decides for itself
@@ -176,8 +179,8 @@ class TritonGroup(nn.Module):
                                                        self.seg2, self.roff1, self.roff2, triton_gemv.RANK_TERMS)
             y = triton_gemv.sum_partials(parts, self.bias, rows.dtype)
         else:
-            y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
-                                                     self.seg2, self.roff1, self.roff2, self.bias, triton_gemv.RANK_TERMS)
+            y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.tile_locks,
+                                                     self.seg1, self.seg2, self.roff1, self.roff2, self.bias, triton_gemv.RANK_TERMS)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def forward(self, x):
@@ -191,8 +194,8 @@ class TritonGroup(nn.Module):
         if not on_kernels(rows, self.max_rows) or len(self.split) != 2 or self.split[0] != self.split[1]:
             g, u = self(x)
             return torch.nn.functional.silu(g) * u
-        y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.roff1, self.bias,
-                                               triton_gemv.RANK_TERMS)
+        y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.tile_locks,
+                                               self.roff1, self.bias, triton_gemv.RANK_TERMS)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

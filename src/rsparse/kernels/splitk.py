@@ -3,9 +3,10 @@
 session 5), so `triton_gemv.TUNED` chooses per shape.
 
 Grid (output tiles, SPLITS ranges of whole chunks over the input channels); each program compacts
-and gathers its range, and for SPLITS > 1 the program that draws a tile's last ticket (per-call
-zeroed counter, acquire-release) sums the float32 partials in split order (deterministic) and
-finishes the tile (bias, SiLU(gate) * up for a gate|up pair).
+and gathers its range, and for SPLITS > 1 the program that draws a tile's last ticket (a counter per
+tile, acquire-release) sums the float32 partials in split order (deterministic), finishes the tile
+(bias, SiLU(gate) * up for a gate|up pair) and zeroes the counter again, so modules keep theirs
+(`tile_locks`) instead of a zero-fill launch per call.
 """
 import torch
 import triton
@@ -51,7 +52,7 @@ def _splitk_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, lock_ptr
     """v7, one launch per call (r = 0): grid (output tiles, SPLITS ranges of K_PER input channels).
     A program loops over its range's chunks (compact, gather). SPLITS = 1: it owns its tile and
     writes y directly. SPLITS > 1: it stores a float32 partial, takes a ticket from the tile's
-    counter (zeroed per call), and the program that draws the last ticket sums the SPLITS partials
+    counter (zero at the launch), and the program that draws the last ticket sums the SPLITS partials
     (from L2, in split order: deterministic) and finishes the tile: no second launch, no atomics on
     the data. Groups as in `_fused_gather_gemv` (SEG1, SEG2); GLU: a gate|up pair (SEG1 = HALF),
     each program computes a gate tile and the matching up tile and writes SiLU(gate) * up."""
@@ -90,10 +91,13 @@ def _splitk_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, lock_ptr
             if not GLU:
                 acc_u = acc
             _finish(acc, acc_u, b_ptr, y_ptr, rows, n, B, OUT, SEG1, GLU, HAS_BIAS)
+            tl.store(lock_ptr + pid_n, 0)  # every range has drawn its ticket: zero again for the next call
 
 
-def launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu):
-    """One `_splitk_gemv` launch: cfg["splits"] ranges of whole chunks over the input channels."""
+def launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu, locks=None):
+    """One `_splitk_gemv` launch: cfg["splits"] ranges of whole chunks over the input channels; locks:
+    the caller's tile counters (zeroed once, left zeroed by every call; `triton_gemv.tile_locks`), or
+    None for fresh ones (a zero-fill launch per call)."""
     B, IN = x.shape
     OUT, LDW = wt.shape[1], wt.stride(0)
     ch, bn = cfg["chunk"], cfg["block_n"]
@@ -102,8 +106,13 @@ def launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu):
     ntile = triton.cdiv(OUT // 2 if glu else OUT, bn)
     scratch = torch.empty(ntile * splits * ch, dtype=torch.int32, device=x.device)
     ypart = torch.empty(splits * BB * OUT if splits > 1 else 1, dtype=torch.float32, device=x.device)
-    # tile counters, zeroed per call (a memset); one range per tile needs none (the pointer is unused)
-    locks = torch.zeros(ntile, dtype=torch.int32, device=x.device) if splits > 1 else scratch
+    if splits == 1:
+        locks = scratch  # one range per tile: no tickets (the pointer is unused)
+    elif locks is None:
+        locks = torch.zeros(ntile, dtype=torch.int32, device=x.device)
+    elif locks.dtype != torch.int32 or locks.dim() != 1 or locks.numel() < ntile or locks.stride(0) != 1:
+        raise ValueError(f"tile counters must be a contiguous int32 vector of at least {ntile} zeros, got {locks.dtype} "
+                         f"{tuple(locks.shape)}")
     torch.library.wrap_triton(_splitk_gemv)[(ntile, splits)](
         x, col_scale, tau, wt, scratch, ypart, locks, bias if bias is not None else y, y, B, IN, OUT, LDW, seg1, seg2, k_per,
         CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, SPLITS=splits, GLU=glu, HAS_BIAS=bias is not None,

@@ -216,10 +216,19 @@ RANK_TERMS = "one-launch"
 RANK_MODES = ("epilogue", "gather", "one-launch")
 
 
-def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch"):
+def tile_locks(out_features: int, device) -> torch.Tensor:
+    """Tile counters for the one-launch split kernel of a module of this width (one per output tile
+    of the narrowest tiles, 16): zeroed once, every call leaves them zeroed. Keep them as long as a
+    CUDA graph that captured a call may replay (a graph holds no reference): a module buffer."""
+    return torch.zeros(triton.cdiv(out_features, 16), dtype=torch.int32, device=device)
+
+
+def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch",
+            locks=None):
     """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
     boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
-    other; glu: the group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2)."""
+    other; glu: the group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2);
+    locks: `tile_locks` for the one-launch split kernel (None: fresh ones, zero-filled per call)."""
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     LDW = wt.stride(0)
@@ -228,7 +237,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     roff1, roff2 = roffs if roffs is not None else (R, R)
     y = torch.empty(B, OUT // 2 if glu else OUT, dtype=x.dtype, device=x.device) if out is None else out
     if R == 0 and cfg.get("splits"):
-        return launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu)
+        return launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu, locks)
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
     mode = cfg.get("rank_terms") or rank_terms
@@ -264,13 +273,14 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     return y
 
 
-@torch.library.triton_op("rsparse::rsparse_gemv", mutates_args={})
+@torch.library.triton_op("rsparse::rsparse_gemv", mutates_args={"locks"})
 def rsparse_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                 tau: torch.Tensor, bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch") -> torch.Tensor:
-    """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows; rank_terms:
-    one of RANK_MODES (see `RANK_TERMS`)."""
+                 tau: torch.Tensor, locks: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 rank_terms: str = "one-launch") -> torch.Tensor:
+    """y = rsparse_linear_ref(x, wt.T, bias, tau, col_scale, u, at.T) for x of 1..8 rows; locks:
+    `tile_locks(out)`; rank_terms: one of RANK_MODES (see `RANK_TERMS`)."""
     return _launch(x, wt, at, u, col_scale, tau, bias, config_for(wt.shape[1], at.shape[1], wt.shape[0]),
-                   rank_terms=rank_terms)
+                   rank_terms=rank_terms, locks=locks)
 
 
 def group_block_n(seg1: int, seg2: int, out_total: int, in_f: int, reduce: bool = True) -> int | None:
@@ -291,21 +301,21 @@ def _group_cfg(seg1: int, seg2: int, wt: torch.Tensor, rank: int, reduce: bool =
     return dict(config_for(wt.shape[1], 0, wt.shape[0], reduce), block_n=bn)
 
 
-@torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={})
+@torch.library.triton_op("rsparse::rsparse_group_gemv", mutates_args={"locks"})
 def rsparse_group_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                       tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
+                       tau: torch.Tensor, locks: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
                        bias: Optional[torch.Tensor] = None, rank_terms: str = "one-launch") -> torch.Tensor:
     """Up to 3 projections of the same x in one call: wt = [Wt_0 | Wt_1 | Wt_2] (in, out), at =
     [At_0 | At_1 | At_2] (in, RT), u = the members' U (out_p, r_p) flattened one after the other,
-    col_scale (P, in), tau (P,); member column boundaries seg1 <= seg2 (see `group_block_n`), rank
-    boundaries roff1 <= roff2 in at."""
+    col_scale (P, in), tau (P,), locks `tile_locks(out)`; member column boundaries seg1 <= seg2 (see
+    `group_block_n`), rank boundaries roff1 <= roff2 in at."""
     return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(seg1, seg2, wt, at.shape[1]),
-                   segments=(seg1, seg2), roffs=(roff1, roff2), rank_terms=rank_terms)
+                   segments=(seg1, seg2), roffs=(roff1, roff2), rank_terms=rank_terms, locks=locks)
 
 
-@torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={})
+@torch.library.triton_op("rsparse::rsparse_glu_gemv", mutates_args={"locks"})
 def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                     tau: torch.Tensor, roff1: int, bias: Optional[torch.Tensor] = None,
+                     tau: torch.Tensor, locks: torch.Tensor, roff1: int, bias: Optional[torch.Tensor] = None,
                      rank_terms: str = "one-launch") -> torch.Tensor:
     """SiLU(gate(x)) * up(x) for a gate|up group of two members of equal width: wt = [Wt_gate | Wt_up]
     (in, 2 I), at = [At_gate | At_up] (in, RT; gate's rank columns [0, roff1)), u packed as in
@@ -315,7 +325,7 @@ def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
         raise ValueError(f"a gate|up group has two members of equal width, got {OUT} columns in all")
     half = OUT // 2
     return _launch(x, wt, at, u, col_scale, tau, bias, _group_cfg(half, OUT, wt, at.shape[1]),
-                   segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]), rank_terms=rank_terms)
+                   segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]), rank_terms=rank_terms, locks=locks)
 
 
 @torch.library.triton_op("rsparse::rsparse_partials", mutates_args={})
