@@ -242,15 +242,19 @@ NORMS = ("torch", "fused")
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
+def _step_norms(layers, final) -> list:
+    """The norms of a decode step in order: each block's input and post-attention norm, then the final one."""
+    return [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [final]
+
+
 def _norms_fit(model) -> str | None:
     """None if every norm of the decoder's step is one the fused kernel computes, else why not."""
     try:
         from .kernels.rmsnorm import MAX_WIDTH
     except ImportError:
         return "Triton is not installed"
-    mods = [m for layer in blocks(model) for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [model.model.norm]
     dtype = next(model.parameters()).dtype
-    for m in mods:
+    for m in _step_norms(blocks(model), model.model.norm):
         if type(m).__name__ not in RMS_NORMS or m.weight.dtype != dtype or m.weight.shape[0] > MAX_WIDTH:
             return f"{type(m).__name__} {tuple(m.weight.shape)} {m.weight.dtype} (fused: {', '.join(RMS_NORMS)} in the model dtype)"
     return None
@@ -345,7 +349,7 @@ class GraphDecoder(StaticDecoder):
         cos, sin = inner.rotary_emb(h, pos[None])
         cos, sin = cos[:, None], sin[:, None]
         ctx = self.step_context(pos)
-        norms = [m for layer in self.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [inner.norm]
+        norms = _step_norms(self.layers, inner.norm)
         h, x = self._add_norm(h, None, norms[0])
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, x, joined=self.attend_qkv is not None)

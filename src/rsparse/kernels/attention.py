@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .counters import check_counters, counters
+
 
 @triton.jit
 def _rotate(x_ptr, cs, sn, d, D: tl.constexpr):
@@ -146,17 +148,10 @@ def _check_new(q, k_new, v_new, cos, sin, k_cache):
             raise ValueError(f"cos and sin must hold one row of {D} (or one per batch row, batch first), got {tuple(t.shape)}")
 
 
-def _check_lock(lock, q, k_cache):
-    need = q.shape[0] * k_cache.shape[1]
-    if lock.dtype != torch.int32 or lock.dim() != 1 or lock.numel() < need or lock.stride(0) != 1 or lock.device != q.device:
-        raise ValueError(f"lock must be a contiguous int32 vector of at least batch * KV heads = {need} zeros on "
-                         f"{q.device} (`attention_lock`), got {lock.dtype} {tuple(lock.shape)} on {lock.device}")
-
-
 def attention_lock(batch: int, kv_heads: int, device) -> torch.Tensor:
-    """The split counters `decode_attention_rope` takes: zeroed once; every call leaves them zeroed.
-    Keep them alive while any CUDA graph that captured a call may replay (a graph holds no reference)."""
-    return torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
+    """The split counters `decode_attention_rope` takes (`counters`: zeroed once, every call leaves them
+    zeroed; keep them alive while any CUDA graph that captured a call may replay)."""
+    return counters(batch * kv_heads, device)
 
 
 def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None, lock=None, joined=None):
@@ -169,7 +164,7 @@ def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None, lock=None, join
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     part = torch.empty(B * HKV * splits * GP * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=q.device)
     if lock is None:  # tickets only where splits are merged (else the pointer is unused: no zero-fill launch)
-        lock = torch.zeros(B * HKV, dtype=torch.int32, device=q.device) if splits > 1 else part
+        lock = counters(B * HKV, q.device) if splits > 1 else part
     k_new, v_new, cos, sin = new if new is not None else (q, q, q, q)  # unused pointers without ROPE
     cos_b = cos.stride(0) if new is not None and cos.numel() > D else 0
     q_in, kn_in, vn_in, kno, vno = (joined[0],) * 3 + joined[1:] if joined is not None else (q, k_new, v_new, 0, 0)
@@ -185,7 +180,8 @@ def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None, lock=None, join
 def _rope_launch(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, lock, splits, block_l, joined=None):
     _check(q, k_cache, v_cache, pos)
     _check_new(q, k_new, v_new, cos, sin, k_cache)
-    _check_lock(lock, q, k_cache)
+    need = q.shape[0] * k_cache.shape[1]
+    check_counters(lock, need, "lock", f"batch * KV heads = {need}", q.device, "attention_lock")
     return _launch(q, k_cache, v_cache, pos, splits, block_l, (k_new, v_new, cos, sin), lock, joined)
 
 

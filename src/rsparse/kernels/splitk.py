@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .counters import check_counters, counters
 from .tl_common import BB, _compact_chunk, _gather_rows, _silu_mul
 
 
@@ -109,10 +110,9 @@ def launch_splitk(x, wt, col_scale, tau, bias, cfg, y, seg1, seg2, glu, locks=No
     if splits == 1:
         locks = scratch  # one range per tile: no tickets (the pointer is unused)
     elif locks is None:
-        locks = torch.zeros(ntile, dtype=torch.int32, device=x.device)
-    elif locks.dtype != torch.int32 or locks.dim() != 1 or locks.numel() < ntile or locks.stride(0) != 1:
-        raise ValueError(f"tile counters must be a contiguous int32 vector of at least {ntile} zeros, got {locks.dtype} "
-                         f"{tuple(locks.shape)}")
+        locks = counters(ntile, x.device)
+    else:
+        check_counters(locks, ntile, "tile counters", str(ntile), x.device, "triton_gemv.tile_locks")
     torch.library.wrap_triton(_splitk_gemv)[(ntile, splits)](
         x, col_scale, tau, wt, scratch, ypart, locks, bias if bias is not None else y, y, B, IN, OUT, LDW, seg1, seg2, k_per,
         CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, SPLITS=splits, GLU=glu, HAS_BIAS=bias is not None,

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk
+from .counters import counters
 from .splitk import launch_splitk
 from .tl_common import BB, _gather_rows, _keep, _silu_mul, _store_partial, _sum_partials, _tile_acc
 
@@ -218,9 +219,9 @@ RANK_MODES = ("epilogue", "gather", "one-launch")
 
 def tile_locks(out_features: int, device) -> torch.Tensor:
     """Tile counters for the one-launch split kernel of a module of this width (one per output tile
-    of the narrowest tiles, 16): zeroed once, every call leaves them zeroed. Keep them as long as a
-    CUDA graph that captured a call may replay (a graph holds no reference): a module buffer."""
-    return torch.zeros(triton.cdiv(out_features, 16), dtype=torch.int32, device=device)
+    of the narrowest tiles, 16; `counters`): kept as a module buffer, so they live as long as any CUDA
+    graph that captured a call."""
+    return counters(triton.cdiv(out_features, 16), device)
 
 
 def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, glu=False, roffs=None, rank_terms="one-launch",
