@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .apply import dense_view
 from .families import blocks, family_of, get_group
+from .kernels.counters import counters  # torch only: Triton stays optional here
 from .linear import ThresholdedActivation
 
 # inductor settings for a decode step compiled on a GPU (`stream_graphed(compile=True)`, the GPU bench's
@@ -304,7 +305,7 @@ class GraphDecoder(StaticDecoder):
         # the decoder's life: a CUDA graph holds no reference to what it captured, and counters that
         # died with a replaced attend (use_attention) had their memory reused while graphs still
         # replayed onto it (session 23: a position tensor overwritten, every step garbage)
-        self.attn_lock = torch.zeros(batch * self.kv_heads, dtype=torch.int32, device=cache.device)
+        self.attn_lock = counters(batch * self.kv_heads, cache.device)
         self.use_attention(default_attention(cache.device, self.head_dim, cache.dtype) if attention == "auto" else attention)
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
         for t in self.k_cache + self.v_cache + [self.attn_lock]:
