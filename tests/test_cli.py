@@ -14,8 +14,8 @@ def run(*args):
 
 
 def test_calibrate_eval_generate(tmp_path):
-    # TEAL's greedy plan (rank 0): the commands without minutes of SVDs; R-Sparse plans with rank terms go
-    # through the same commands in the main job's test below and in test_plan_apply.py
+    # TEAL's greedy plan (rank 0): the commands without minutes of SVDs; R-Sparse plans with rank terms are
+    # calibrated, saved, loaded and evaluated by the main job's test below and by test_plan_apply.py
     out = tmp_path / "plan"
     r = run("calibrate", "--method", "teal", "--allocation", "greedy", "--sparsity", "0.5", "--calib-tokens", "1024", "--out", str(out))
     assert r.returncode == 0, r.stderr

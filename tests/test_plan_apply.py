@@ -41,6 +41,22 @@ def test_plans_meet_budget(smol, smol_stats, cfg):
             assert U.shape == (plan.shapes[key][0], lp.rank) and A.shape == (lp.rank, plan.shapes[key][1])
 
 
+def test_uniform_alpha_allocation_meets_budget_with_rank_terms(smol, smol_stats):
+    """The slow case above (uniform, alpha 0.9) without its factors' SVDs: the allocation alone keeps
+    the budget in every block and gives rank terms to projections (their bytes counted)."""
+    from rsparse.plan import config_picks, layers_from_picks, shapes_of
+
+    model, _ = smol()
+    shapes = shapes_of(model)
+    picks, chosen = config_picks(smol_stats, shapes, RSparseConfig(method="rsparse", allocation="uniform", alpha=0.9))
+    layers = layers_from_picks(smol_stats, picks)
+    assert chosen is None and any(lp.rank > 0 for lp in layers.values())
+    for b in range(30):
+        keys = [k for k in shapes if k.startswith(f"{b}.")]
+        got = expected_sparsity({k: layers[k] for k in keys if k in layers}, {k: shapes[k] for k in keys})
+        assert 0.5 - 1e-9 <= got <= 0.52, (b, got)
+
+
 def test_cats_reports_true_model_sparsity(smol, smol_stats):
     model, _ = smol()
     plan = build_plan(model, smol_stats, RSparseConfig(method="cats", sparsity=0.5))
