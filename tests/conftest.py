@@ -40,3 +40,17 @@ def smol_stats(smol):
     model, tok = smol()
     torch.manual_seed(0)
     return observe(model, tok, tokens=4096, length=1024, seed=0, sample_tokens=256, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smol_plan50(smol, smol_stats):
+    """A factory for copies of the default R-Sparse plan at 50% on `smol_stats` (rank terms; their
+    float64 SVDs take ~17 s on 2 cores, once per session instead of once per test that needs it).
+    Each call returns a deep copy, so no test sees another's changes."""
+    import copy
+
+    from rsparse.plan import RSparseConfig, build_plan
+
+    model, _ = smol()
+    plan = build_plan(model, smol_stats, RSparseConfig(sparsity=0.5))
+    return lambda: copy.deepcopy(plan)

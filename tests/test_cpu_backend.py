@@ -103,16 +103,15 @@ def test_cpu_module_equals_rsparse_linear_and_falls_back_for_prefill():
     assert torch.equal(a, fast(x)) and b.shape == (1, 1, 7)  # same arithmetic as the member alone
 
 
-def test_fused_decoder_equals_per_module(smol, smol_stats):
+def test_fused_decoder_equals_per_module(smol, smol_plan50):
     """q/k/v and gate/up groups give the decoder the members' outputs bit for bit; prefill is dense."""
     from rsparse.apply import sparsify_
     from rsparse.decode import StaticDecoder
     from rsparse.families import attached_groups
     from rsparse.kernels.cpu import to_cpu_backend_
-    from rsparse.plan import RSparseConfig, build_plan
 
     model, tok = smol()
-    plan = build_plan(model, smol_stats, RSparseConfig(sparsity=0.5))
+    plan = smol_plan50()
     sparsify_(model, plan)
     to_cpu_backend_(model)
     assert len(attached_groups(model)) == 2 * model.config.num_hidden_layers
@@ -128,16 +127,15 @@ def test_fused_decoder_equals_per_module(smol, smol_stats):
         assert torch.equal(a.forward(t.view(1, 1)), b.forward(t.view(1, 1)))
 
 
-def test_generate_on_the_cpp_backend_gives_the_oracle_tokens(smol, smol_stats):
+def test_generate_on_the_cpp_backend_gives_the_oracle_tokens(smol, smol_plan50):
     """`rsparse generate --plan` (backend cpp): the C++ kernels through the lean decoder produce the
     same greedy tokens as the eager oracle through Hugging Face's forward, and the same text."""
     from rsparse.apply import sparsify_
     from rsparse.generate import decoder_ids, generate_ids, stream
     from rsparse.kernels.cpu import to_cpu_backend_
-    from rsparse.plan import RSparseConfig, build_plan
 
     oracle, tok = smol()
-    plan = build_plan(oracle, smol_stats, RSparseConfig(sparsity=0.5))
+    plan = smol_plan50()
     sparsify_(oracle, plan)
     fast, _ = smol()
     sparsify_(fast, plan)

@@ -5,7 +5,6 @@ import torch
 from rsparse.apply import sparsify_
 from rsparse.decode import StaticDecoder
 from rsparse.generate import generate_ids
-from rsparse.plan import RSparseConfig, build_plan
 
 
 def test_dense_greedy_matches_generate(smol):
@@ -17,17 +16,17 @@ def test_dense_greedy_matches_generate(smol):
     assert torch.equal(ours, ref)
 
 
-def test_sparse_decode_matches_hf_path(smol, smol_stats):
+def test_sparse_decode_matches_hf_path(smol, smol_plan50):
     """Prefill dense then sparse steps: same tokens as the HF cache path with the same modules."""
     model, tok = smol()
-    sparsify_(model, build_plan(model, smol_stats, RSparseConfig(sparsity=0.5)))
+    sparsify_(model, smol_plan50())
     ids = torch.tensor(tok("Water boils at a temperature of", add_special_tokens=False)["input_ids"])
     ours = StaticDecoder(model, max_len=64).greedy(ids[None], 24)[0].tolist()
     ref = list(generate_ids(model, ids, 24))
     assert ours == ref
 
 
-def test_graph_step_matches_static_decoder(smol, smol_stats):
+def test_graph_step_matches_static_decoder(smol, smol_plan50):
     """The static-shape step (tensor position, masked full-cache attention) gives the logits of the
     slicing decoder on a sparse model at batch 2. In float64: in float32 the two attentions round
     differently (~1e-5 in the logits), enough to flip a channel that sits at its threshold and change
@@ -36,7 +35,7 @@ def test_graph_step_matches_static_decoder(smol, smol_stats):
     from rsparse.decode import GraphDecoder
 
     model, tok = smol()
-    sparsify_(model, build_plan(model, smol_stats, RSparseConfig(sparsity=0.5)))
+    sparsify_(model, smol_plan50())
     model.double()
     ids = torch.tensor([tok("The river flows", add_special_tokens=False)["input_ids"],
                         tok("Stars are made of", add_special_tokens=False)["input_ids"][:3]])

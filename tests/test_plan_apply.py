@@ -22,13 +22,19 @@ def _logits(model):
     RSparseConfig(method="teal", allocation="uniform"), RSparseConfig(method="teal", allocation="greedy"),
     # ~30 s of SVDs; the uniform allocation is the last case's too, rank terms every other rsparse case's
     pytest.param(RSparseConfig(method="rsparse", allocation="uniform", alpha=0.9), marks=pytest.mark.slow),
-    RSparseConfig(method="rsparse"),
     RSparseConfig(method="rsparse", sparsity=0.7, score="auto", factors="plain"),
     RSparseConfig(method="rsparse", allocation="uniform"),  # alpha from the grid
 ])
 def test_plans_meet_budget(smol, smol_stats, cfg):
     model, _ = smol()
-    plan = build_plan(model, smol_stats, cfg)
+    _meets_budget(build_plan(model, smol_stats, cfg), cfg)
+
+
+def test_default_plan_meets_budget(smol_plan50):
+    _meets_budget(smol_plan50(), RSparseConfig(method="rsparse"))
+
+
+def _meets_budget(plan, cfg):
     # budget holds in expectation for the whole model and for every block (uniform per block)
     assert plan.expected_sparsity() >= cfg.sparsity - 1e-9
     for b in range(30):
@@ -74,10 +80,10 @@ def test_sparsity_zero_is_exactly_dense(smol, smol_stats):
         assert torch.equal(_logits(m), ref)
 
 
-def test_sparse_model_differs_and_dense_view_restores(smol, smol_stats):
+def test_sparse_model_differs_and_dense_view_restores(smol, smol_plan50):
     model, _ = smol()
     ref = _logits(model)
-    plan = build_plan(model, smol_stats, RSparseConfig(sparsity=0.5))
+    plan = smol_plan50()
     sparsify_(model, plan)
     mods = sparse_modules(model)
     assert any(isinstance(m, RSparseLinear) and m.rank > 0 for m in mods.values())
@@ -91,9 +97,9 @@ def test_sparse_model_differs_and_dense_view_restores(smol, smol_stats):
     assert 0.35 < real < 0.65
 
 
-def test_artifact_round_trip_and_bad_input(smol, smol_stats, tmp_path):
+def test_artifact_round_trip_and_bad_input(smol, smol_plan50, tmp_path):
     model, _ = smol()
-    plan = build_plan(model, smol_stats, RSparseConfig(sparsity=0.6))
+    plan = smol_plan50()
     d = artifact.save(plan, tmp_path / "plan")
     sparsify_(model, plan)
     m2, _ = smol()
