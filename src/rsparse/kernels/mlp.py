@@ -34,12 +34,13 @@ def _mlp_chain(x_ptr, cg_ptr, taug_ptr, wg_ptr, sg_ptr, gpart_ptr, cd_ptr, taud_
                CH_GU: tl.constexpr, BN_GU: tl.constexpr, CH_D: tl.constexpr, BN_D: tl.constexpr, HB: tl.constexpr,
                BB: tl.constexpr, BLOCK_K: tl.constexpr, NCP: tl.constexpr):
     pid = tl.program_id(0)
+    # the two branches name their tiles apart: Triton types a name assigned in both as one, and the tiles' widths differ
     G = NT_GU * NCH_GU
     if pid < G:
         pid_n, chunk = pid % NT_GU, pid // NT_GU
-        acc = _tile_acc(x_ptr, cg_ptr, taug_ptr, wg_ptr, sg_ptr, pid_n, chunk, B, IN, 2 * HALF, LDG, HALF, 2 * HALF, CH_GU, BB,
+        gacc = _tile_acc(x_ptr, cg_ptr, taug_ptr, wg_ptr, sg_ptr, pid_n, chunk, B, IN, 2 * HALF, LDG, HALF, 2 * HALF, CH_GU, BB,
                         BLOCK_K, BN_GU)
-        _store_partial(gpart_ptr, acc, chunk, pid_n, B, 2 * HALF, BB, BN_GU)
+        _store_partial(gpart_ptr, gacc, chunk, pid_n, B, 2 * HALF, BB, BN_GU)
         n0 = pid_n * BN_GU
         tl.debug_barrier()  # the whole partial is written before the count is raised (release)
         tl.atomic_add(lock_ptr + (n0 - (n0 >= HALF).to(tl.int32) * HALF) // CH_D, 1, sem="release")
@@ -59,8 +60,8 @@ def _mlp_chain(x_ptr, cg_ptr, taug_ptr, wg_ptr, sg_ptr, gpart_ptr, cd_ptr, taud_
             u = _sum_partials(gpart_ptr + HALF, rows, cols, cm, B, 2 * HALF, 0, NCH_GU, BB, HB, NCP, ".cg")
             tl.store(h_ptr + rows[:, None] * HALF + cols[None, :], _silu_mul(g, u, dt).to(dt), mask=(rows[:, None] < B) & cm[None, :])
         tl.debug_barrier()  # the program's h chunk is written before its warps compact it
-        acc = _tile_acc(h_ptr, cd_ptr, taud_ptr, wd_ptr, sd_ptr, pid_n, chunk, B, HALF, OUT, LDD, OUT, OUT, CH_D, BB, BLOCK_K, BN_D)
-        _store_partial(dpart_ptr, acc, chunk, pid_n, B, OUT, BB, BN_D)
+        dacc = _tile_acc(h_ptr, cd_ptr, taud_ptr, wd_ptr, sd_ptr, pid_n, chunk, B, HALF, OUT, LDD, OUT, OUT, CH_D, BB, BLOCK_K, BN_D)
+        _store_partial(dpart_ptr, dacc, chunk, pid_n, B, OUT, BB, BN_D)
         if tl.atomic_add(lock_ptr + NCH_D + chunk, 1, sem="acq_rel") == NT_D - 1:  # the chunk's last down program
             tl.store(lock_ptr + chunk, 0)
             tl.store(lock_ptr + NCH_D + chunk, 0)
