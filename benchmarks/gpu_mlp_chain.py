@@ -8,7 +8,7 @@ What: 8 layers of Llama-3-8B's MLP (4096 -> 2 x 14336 -> 4096), every weight dis
 bf16, batch 1, r = 0, 50% of each call's channels kept (tau from each layer's own inputs: x Laplace,
 h the two-call path's), captured in one CUDA graph per variant and replayed (median of 30 replays):
   two-call   `rsparse_glu_gemv` (gate|up gather + `_glu_epilogue`) then `rsparse_gemv` (down gather + `_epilogue`);
-  chain ...  `rsparse_mlp` (reduce=True: the chain + one `_epilogue`) at launch settings (warps, stages, hb).
+  chain ...  `rsparse_mlp` (reduce=True: the chain + one `_epilogue`) at launch settings (warps, stages).
 Each variant's output is checked against the two-call output first (relative error). Per layer: µs, the
 byte floor (kept rows' bytes / measured copy bandwidth) and its share. Prints a table, ends with one JSON
 line, writes $OUT/gpu_mlp_chain.json.  `PYTHONPATH=src:benchmarks python3 benchmarks/gpu_mlp_chain.py`
@@ -24,7 +24,7 @@ from rsparse.kernels import mlp
 from rsparse.kernels import triton_gemv as tg
 
 H, I, LAYERS = 4096, 14336, 8
-CHAIN = [(0, 0, 128), (4, 3, 128), (8, 3, 128), (8, 2, 256), (4, 2, 64)]
+CHAIN = [(0, 0), (4, 3), (8, 3), (4, 2)]
 
 
 def _tau(scores, keep=0.5):
@@ -45,7 +45,7 @@ def build(gen):
         layers.append(dict(x=x, wgu=wgu, wd=wd, cgu=cgu, cd=cd, tgu=tgu, td=td, h=h,
                            kept=(H * 2 * I * ((x.abs() > tgu[0]).float().mean()) + I * H * (h.abs() > td).float().mean()).item() * 2,
                            glocks=tg.tile_locks(2 * I, "cuda"), dlocks=tg.tile_locks(H, "cuda"),
-                           clocks=torch.zeros(mlp.chain_locks_needed(I, mlp.chain_configs(wgu, wd)[1]), dtype=torch.int32,
+                           clocks=torch.zeros(mlp.chain_locks_needed(I, *mlp.chain_configs(wgu, wd)), dtype=torch.int32,
                                               device="cuda")))
     return layers
 
@@ -55,9 +55,9 @@ def two_call(L):
     return torch.ops.rsparse.rsparse_gemv(h, L["wd"], L["wd"][:, :0], L["wd"].new_zeros(0), L["cd"], L["td"], L["dlocks"])
 
 
-def chain(L, warps, stages, hb):
+def chain(L, warps, stages):
     return torch.ops.rsparse.rsparse_mlp(L["x"], L["wgu"], L["cgu"], L["tgu"], L["wd"], L["cd"], L["td"], L["clocks"], True,
-                                         warps, stages, hb)
+                                         warps, stages)
 
 
 def time_variant(fn, layers, reps=30):
@@ -86,10 +86,10 @@ def main():
     rows, results = [], {}
     ref_t, ref = time_variant(two_call, layers)
     results["two-call"] = {"us_per_layer": ref_t, "rel_err": 0.0}
-    for w, s, hb in CHAIN:
-        label = f"chain w{w or 'cfg'} s{s or 'cfg'} hb{hb}"
+    for w, s in CHAIN:
+        label = f"chain w{w or 'cfg'} s{s or 'cfg'}"
         try:
-            t, out = time_variant(lambda L: chain(L, w, s, hb), layers)
+            t, out = time_variant(lambda L: chain(L, w, s), layers)
         except Exception as e:  # a launch setting that does not compile (resources): recorded, not fatal
             results[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             continue

@@ -50,11 +50,11 @@ def test_chain_matches_three_oracles(dtype, B, IN, half, out, sp_gu, sp_d, ch_d)
     torch.manual_seed(B * IN + half + out)
     args, ref, _ = _mlp_case(B, IN, half, out, sp_gu, sp_d, dtype)
     cfg_d = dict(SMALL_GU, chunk=ch_d, block_n=16)
-    locks = torch.zeros(mlp.chain_locks_needed(half, cfg_d), dtype=torch.int32, device=DEV)
+    locks = torch.zeros(mlp.chain_locks_needed(half, SMALL_GU, cfg_d), dtype=torch.int32, device=DEV)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     first = None
     for _ in range(2):  # a second call on the counters the first left: they must be back at zero
-        parts = mlp.launch_chain(*args, locks, SMALL_GU, cfg_d, hb=32)
+        parts = mlp.launch_chain(*args, locks, SMALL_GU, cfg_d)
         assert parts.shape == (triton.cdiv(half, ch_d), B, out) and parts.dtype == torch.float32
         y = parts.sum(0).cpu()
         assert torch.isfinite(y).all()
@@ -74,7 +74,7 @@ def test_registered_op_reduces_like_the_two_calls(dtype, B):
     half, out = 192, 100
     args, ref, _ = _mlp_case(B, 333, half, out, 0.5, 0.5, dtype)
     cfg_gu, cfg_d = mlp.chain_configs(args[1], args[4])
-    locks = torch.zeros(mlp.chain_locks_needed(half, cfg_d), dtype=torch.int32, device=DEV)
+    locks = torch.zeros(mlp.chain_locks_needed(half, cfg_gu, cfg_d), dtype=torch.int32, device=DEV)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     y = torch.ops.rsparse.rsparse_mlp(*args, locks, True).cpu()
     assert y.shape == (B, out) and y.dtype == dtype and torch.isfinite(y).all()
@@ -89,7 +89,7 @@ def test_bad_layouts_and_counters_are_refused():
     with pytest.raises(ValueError, match="do not each feed one down chunk"):
         mlp.launch_chain(*args, torch.zeros(8, dtype=torch.int32, device=DEV), SMALL_GU, cfg_d)
     cfg_d = dict(SMALL_GU, chunk=32, block_n=16)
-    with pytest.raises(ValueError, match="chain counters must be a contiguous int32 vector of at least 6 zeros"):
+    with pytest.raises(ValueError, match="chain counters must be a contiguous int32 vector of at least 9 zeros"):
         mlp.launch_chain(*args, torch.zeros(5, dtype=torch.int32, device=DEV), SMALL_GU, cfg_d)
     with pytest.raises(ValueError, match="needs gate\\|up \\(in, 2 I\\) and down \\(I, out\\)"):
         mlp.launch_chain(*args[:4], args[4][:64], args[5][:64], args[6], torch.zeros(8, dtype=torch.int32, device=DEV), SMALL_GU,

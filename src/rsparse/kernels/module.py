@@ -44,10 +44,10 @@ def consumer_reduces(at: torch.Tensor, wt: torch.Tensor) -> bool:
 # The SiLU MLP (gate|up then down, r = 0) as one launch (`mlp._mlp_chain`) instead of two calls, where
 # the decoder asks for it (`TritonGroup.chain_down`); an A/B switch until measured on a GPU end to end
 # (docs/perf-gpu.md, session 26). CHAIN_LAUNCH: the launch's num_warps, num_stages (0: gate|up's
-# configuration) and the columns of h formed per step, passed to the op as arguments (never read
+# configuration), passed to the op as arguments (never read
 # inside it: compiled graphs must record them).
 MLP_CHAIN = False
-CHAIN_LAUNCH = {"warps": 0, "stages": 0, "hb": 128}
+CHAIN_LAUNCH = {"warps": 0, "stages": 0}
 
 # Rank columns are stored in multiples of RANK_ALIGN (zero columns added: their z is 0 and their U
 # column 0, so the product is unchanged): every At and U row then starts 16-element aligned and
@@ -159,8 +159,9 @@ class TritonGroup(nn.Module):
                 m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
             start, r0, u0 = start + n, r0 + r, u0 + n * r
         self.register_buffer("tile_locks", triton_gemv.tile_locks(sum(self.split), self.wt.device), persistent=False)
-        # `mlp._mlp_chain`'s counters: two per down chunk of at least 16 channels (zeroed once, left zeroed)
-        self.register_buffer("chain_locks", counters(2 * -(-self.split[0] // 16), self.wt.device), persistent=False)
+        # `mlp._mlp_chain`'s counters (two per down chunk, one per gate|up column group; chunks and tiles
+        # of at least 16 channels): zeroed once, left zeroed
+        self.register_buffer("chain_locks", counters(3 * -(-self.split[0] // 16), self.wt.device), persistent=False)
         self.seg1, self.seg2 = self._segments(self.split)
         self.roff1, self.roff2 = self._segments(ranks)
         self.max_rows = min(m.max_rows for m in members)  # more rows: each member decides for itself
