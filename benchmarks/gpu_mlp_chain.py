@@ -8,7 +8,7 @@ What: 8 layers of Llama-3-8B's MLP (4096 -> 2 x 14336 -> 4096), every weight dis
 bf16, batch 1, r = 0, 50% of each call's channels kept (tau from each layer's own inputs: x Laplace,
 h the two-call path's), captured in one CUDA graph per variant and replayed (median of 30 replays):
   two-call   `rsparse_glu_gemv` (gate|up gather + `_glu_epilogue`) then `rsparse_gemv` (down gather + `_epilogue`);
-  chain ...  `rsparse_mlp` (reduce=True: the chain + one `_epilogue`) at launch settings (warps, stages).
+  chain ...  `rsparse_mlp` (reduce=True: the chain + one `_epilogue`) at launch settings (warps, stages, back-off ns while waiting).
 Each variant's output is checked against the two-call output first (relative error). Per layer: µs, the
 byte floor (kept rows' bytes / measured copy bandwidth) and its share. Prints a table, ends with one JSON
 line, writes $OUT/gpu_mlp_chain.json.  `PYTHONPATH=src:benchmarks python3 benchmarks/gpu_mlp_chain.py`
@@ -24,7 +24,7 @@ from rsparse.kernels import mlp
 from rsparse.kernels import triton_gemv as tg
 
 H, I, LAYERS = 4096, 14336, 8
-CHAIN = [(0, 0), (4, 3), (8, 3), (4, 2)]
+CHAIN = [(0, 0, 0), (4, 3, 0), (4, 3, 100), (4, 3, 500), (4, 2, 100)]
 
 
 def _tau(scores, keep=0.5):
@@ -55,9 +55,9 @@ def two_call(L):
     return torch.ops.rsparse.rsparse_gemv(h, L["wd"], L["wd"][:, :0], L["wd"].new_zeros(0), L["cd"], L["td"], L["dlocks"])
 
 
-def chain(L, warps, stages):
+def chain(L, warps, stages, sleep):
     return torch.ops.rsparse.rsparse_mlp(L["x"], L["wgu"], L["cgu"], L["tgu"], L["wd"], L["cd"], L["td"], L["clocks"], True,
-                                         warps, stages)
+                                         warps, stages, sleep)
 
 
 def time_variant(fn, layers, reps=30):
@@ -86,10 +86,10 @@ def main():
     rows, results = [], {}
     ref_t, ref = time_variant(two_call, layers)
     results["two-call"] = {"us_per_layer": ref_t, "rel_err": 0.0}
-    for w, s in CHAIN:
-        label = f"chain w{w or 'cfg'} s{s or 'cfg'}"
+    for w, s, ns in CHAIN:
+        label = f"chain w{w or 'cfg'} s{s or 'cfg'} sleep{ns}"
         try:
-            t, out = time_variant(lambda L: chain(L, w, s), layers)
+            t, out = time_variant(lambda L: chain(L, w, s, ns), layers)
         except Exception as e:  # a launch setting that does not compile (resources): recorded, not fatal
             results[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             continue

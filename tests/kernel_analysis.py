@@ -43,7 +43,7 @@ KERNELS = {  # label: (kernel, constexprs)
     "splitk": (splitk._splitk_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, SPLITS=2, GLU=True, HAS_BIAS=True)),
     "epilogue": (tg._epilogue, dict(EPI, HAS_R=True)),
     "glu_epilogue": (tg._glu_epilogue, dict(EPI, HAS_R=True)),
-    "mlp_chain": (mlp._mlp_chain, dict(CH_GU=256, BN_GU=64, CH_D=256, BN_D=32, BB=16, BLOCK_K=32, NCP=2)),
+    "mlp_chain": (mlp._mlp_chain, dict(CH_GU=256, BN_GU=64, CH_D=256, BN_D=32, BB=16, BLOCK_K=32, NCP=2, SLEEP=0)),
     "teal": (teal._teal_kernel, dict(BLOCK_K=32, BLOCK_N=64)),
     "attention": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2, SCALE=0.125, ROPE=False)),
     "attention_rope": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2, SCALE=0.125, ROPE=True)),

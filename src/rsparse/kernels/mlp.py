@@ -33,7 +33,7 @@ from .tl_common import BB, _silu_mul, _store_partial, _sum_partials, _tile_acc
 def _mlp_chain(x_ptr, cg_ptr, taug_ptr, wg_ptr, sg_ptr, gpart_ptr, cd_ptr, taud_ptr, wd_ptr, sd_ptr, h_ptr, dpart_ptr,
                lock_ptr, B, IN, HALF, OUT, LDG, LDD, NT_GU, NCH_GU, NT_D, NCH_D,
                CH_GU: tl.constexpr, BN_GU: tl.constexpr, CH_D: tl.constexpr, BN_D: tl.constexpr,
-               BB: tl.constexpr, BLOCK_K: tl.constexpr, NCP: tl.constexpr):
+               BB: tl.constexpr, BLOCK_K: tl.constexpr, NCP: tl.constexpr, SLEEP: tl.constexpr):
     pid = tl.program_id(0)
     # the two branches name their tiles apart: Triton types a name assigned in both as one, and the tiles' widths differ
     G = NT_GU * NCH_GU
@@ -61,7 +61,9 @@ def _mlp_chain(x_ptr, cg_ptr, taug_ptr, wg_ptr, sg_ptr, gpart_ptr, cd_ptr, taud_
         pid_n, chunk = d % NT_D, d // NT_D
         need = tl.cdiv(tl.minimum(CH_D, HALF - chunk * CH_D), BN_GU)  # column groups in the chunk
         while tl.atomic_add(lock_ptr + chunk, 0, sem="acquire") < need:
-            pass
+            if SLEEP > 0:  # back off between polls (PTX nanosleep; GPU only: the interpreter runs no assembly)
+                tl.inline_asm_elementwise("nanosleep.u32 $1; mov.u32 $0, $1;", "=r,r", [tl.full((1,), SLEEP, tl.int32)],
+                                          dtype=tl.int32, is_pure=False, pack=1)
         tl.debug_barrier()  # every warp reads h after the acquire
         dacc = _tile_acc(h_ptr, cd_ptr, taud_ptr, wd_ptr, sd_ptr, pid_n, chunk, B, HALF, OUT, LDD, OUT, OUT, CH_D, BB, BLOCK_K, BN_D)
         _store_partial(dpart_ptr, dacc, chunk, pid_n, B, OUT, BB, BN_D)
@@ -80,10 +82,12 @@ def chain_locks_needed(half: int, cfg_gu: dict, cfg_d: dict) -> int:
     return 2 * triton.cdiv(half, cfg_d["chunk"]) + half // cfg_gu["block_n"]
 
 
-def launch_chain(x, wt_gu, c_gu, tau_gu, wt_d, c_d, tau_d, locks, cfg_gu, cfg_d, warps=None, stages=None):
+def launch_chain(x, wt_gu, c_gu, tau_gu, wt_d, c_d, tau_d, locks, cfg_gu, cfg_d, warps=None, stages=None, sleep=0):
     """One `_mlp_chain` launch; returns down's float32 partials (NCH_D, B, OUT) (their sum over the
     chunks is down's output before cast). warps / stages: the launch's (one for both kinds of
-    program; default gate|up's configuration)."""
+    program; default gate|up's configuration); sleep: ns a waiting down program sleeps between polls (0: none; > 0 is for eager
+    benchmarks: torch's kernel analysis takes the assembly for a write to every input, so a compiled step
+    would copy them all on each call)."""
     B, IN = x.shape
     HALF, OUT = wt_gu.shape[1] // 2, wt_d.shape[1]
     if wt_d.shape[0] != HALF or wt_gu.shape[0] != IN:
@@ -103,7 +107,7 @@ def launch_chain(x, wt_gu, c_gu, tau_gu, wt_d, c_d, tau_d, locks, cfg_gu, cfg_d,
     torch.library.wrap_triton(_mlp_chain)[(nt_gu * nch_gu + nt_d * nch_d,)](
         x, c_gu, tau_gu, wt_gu, sg, gpart, c_d, tau_d, wt_d, sd, h, dpart, locks, B, IN, HALF, OUT, wt_gu.stride(0),
         wt_d.stride(0), nt_gu, nch_gu, nt_d, nch_d, CH_GU=ch_gu, BN_GU=bn_gu, CH_D=ch_d, BN_D=bn_d, BB=BB,
-        BLOCK_K=cfg_gu["block_k"], NCP=triton.next_power_of_2(nch_gu), num_warps=warps or cfg_gu["warps"],
+        BLOCK_K=cfg_gu["block_k"], NCP=triton.next_power_of_2(nch_gu), SLEEP=sleep, num_warps=warps or cfg_gu["warps"],
         num_stages=stages or cfg_gu["stages"])
     return dpart
 
@@ -120,16 +124,16 @@ def chain_configs(wt_gu: torch.Tensor, wt_d: torch.Tensor) -> tuple:
 @torch.library.triton_op("rsparse::rsparse_mlp", mutates_args={"locks"})
 def rsparse_mlp(x: torch.Tensor, wt_gu: torch.Tensor, c_gu: torch.Tensor, tau_gu: torch.Tensor, wt_d: torch.Tensor,
                 c_d: torch.Tensor, tau_d: torch.Tensor, locks: torch.Tensor, reduce: bool, warps: int = 0,
-                stages: int = 0) -> torch.Tensor:
+                stages: int = 0, sleep: int = 0) -> torch.Tensor:
     """down(SiLU(gate(x)) * up(x)) for r = 0 modules without bias: wt_gu = [Wt_gate | Wt_up] (in, 2 I),
     c_gu (2, in), tau_gu (2,), wt_d = Wt_down (I, out), c_d (I,), tau_d (); locks: `chain_locks_needed`
     zeroed counters (left zeroed). reduce: y (rows, out) in x's dtype (one more launch, `_epilogue`);
     else down's float32 partials (chunks, rows, out) for the consumer to sum (`triton_gemv.sum_partials`).
-    warps / stages: the launch's (0: gate|up's configuration)."""
+    warps / stages: the launch's (0: gate|up's configuration); sleep: `launch_chain`'s."""
     from .triton_gemv import _epilogue
 
     cfg_gu, cfg_d = chain_configs(wt_gu, wt_d)
-    parts = launch_chain(x, wt_gu, c_gu, tau_gu, wt_d, c_d, tau_d, locks, cfg_gu, cfg_d, warps, stages)
+    parts = launch_chain(x, wt_gu, c_gu, tau_gu, wt_d, c_d, tau_d, locks, cfg_gu, cfg_d, warps, stages, sleep)
     if not reduce:
         return parts
     nch, B, OUT = parts.shape

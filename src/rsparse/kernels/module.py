@@ -44,10 +44,10 @@ def consumer_reduces(at: torch.Tensor, wt: torch.Tensor) -> bool:
 # The SiLU MLP (gate|up then down, r = 0) as one launch (`mlp._mlp_chain`) instead of two calls, where
 # the decoder asks for it (`TritonGroup.chain_down`); an A/B switch until measured on a GPU end to end
 # (docs/perf-gpu.md, session 26). CHAIN_LAUNCH: the launch's num_warps, num_stages (0: gate|up's
-# configuration), passed to the op as arguments (never read
+# configuration) and the waiting programs' back-off (ns), passed to the op as arguments (never read
 # inside it: compiled graphs must record them).
 MLP_CHAIN = False
-CHAIN_LAUNCH = {"warps": 0, "stages": 0}
+CHAIN_LAUNCH = {"warps": 0, "stages": 0, "sleep": 0}
 
 # Rank columns are stored in multiples of RANK_ALIGN (zero columns added: their z is 0 and their U
 # column 0, so the product is unchanged): every At and U row then starts 16-element aligned and
