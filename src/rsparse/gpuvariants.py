@@ -25,7 +25,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     `triton_gemv.RANK_TERMS`); --rank-ab (the sparse step with other rank-path knobs,
     `lowrank.knobs`); --compare-attention (dense and sparse with the other decode attention,
     `decode.GraphDecoder`); --compare-chain (the MLP as one launch, `kernels.mlp`, with gate|up's
-    launch configuration and with 4 warps, 3 stages); --retune N (the tuned dense and the sparse step compiled N times each, every
+    4 warps, 3 stages: the best of five settings in gpu_mlp_chain_s26*.json); --retune N (the tuned dense and the sparse step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
     out.append((label_c, sparse, groups, {}))
@@ -41,7 +41,6 @@ def compiled_variants(args, label_c, sparse, groups, B):
     for tag, values in rank_patches(args):
         out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
     if getattr(args, "compare_chain", False) and groups:
-        out.append((f"{label_c}-chain", sparse, groups, {"mlp_chain": {}}))
         out.append((f"{label_c}-chain-w4s3", sparse, groups, {"mlp_chain": {"warps": 4, "stages": 3}}))
     compare = getattr(args, "compare_attention", False)
     if compare:
