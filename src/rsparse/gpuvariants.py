@@ -24,8 +24,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
     `triton_gemv.RANK_TERMS`); --rank-ab (the sparse step with other rank-path knobs,
     `lowrank.knobs`); --compare-attention (dense and sparse with the other decode attention,
-    `decode.GraphDecoder`); --compare-chain (the MLP as one launch, `kernels.mlp`, with gate|up's
-    4 warps, 3 stages: the best of five settings in gpu_mlp_chain_s26*.json); --retune N (the tuned dense and the sparse step compiled N times each, every
+    `decode.GraphDecoder`); --compare-chain (the MLP as one launch, `kernels.mlp`, at 4 warps and
+    3 stages: the best of five settings in gpu_mlp_chain_s26*.json); --retune N (the tuned dense and the sparse step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
     out.append((label_c, sparse, groups, {}))
