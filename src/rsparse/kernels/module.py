@@ -42,10 +42,12 @@ def consumer_reduces(at: torch.Tensor, wt: torch.Tensor) -> bool:
 
 
 # The SiLU MLP (gate|up then down, r = 0) as one launch (`mlp._mlp_chain`) instead of two calls, where
-# the decoder asks for it (`TritonGroup.chain_down`); an A/B switch until measured on a GPU end to end
-# (docs/perf-gpu.md, session 26). CHAIN_LAUNCH: the launch's num_warps, num_stages (0: gate|up's
-# configuration) and the waiting programs' back-off (ns), passed to the op as arguments (never read
-# inside it: compiled graphs must record them).
+# the decoder asks for it (`TritonGroup.chain_down`). Off: measured slower on an H200 (session 26,
+# Llama-3-8B shapes, bf16, batch 1, 50%): 64.6 us per MLP against 59.2 for the two calls (8 graphed
+# layers, gpu_mlp_chain_s26_v2.json), and end to end compiled 273.6 tok/s against 305.4 in one run
+# (gpu_decode_s26_chain.json). Kept as a tested A/B (`rsparse bench --compare-chain`). CHAIN_LAUNCH:
+# the launch's num_warps, num_stages (0: gate|up's configuration) and the waiting programs' back-off
+# (ns), passed to the op as arguments (never read inside it: compiled graphs must record them).
 MLP_CHAIN = False
 CHAIN_LAUNCH = {"warps": 0, "stages": 0, "sleep": 0}
 
