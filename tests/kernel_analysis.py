@@ -21,18 +21,17 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rsparse.kernels import attention, lowrank, mlp, rmsnorm, splitk, teal, triton_gemv as tg
+from rsparse.kernels import attention, lowrank, rmsnorm, splitk, teal, triton_gemv as tg
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {"ypart_ptr": torch.float32, "zpart_ptr": torch.float32, "tau_ptr": torch.float32, "scratch_ptr": torch.int32,
            "idx_ptr": torch.int32, "cnt_ptr": torch.int32, "lock_ptr": torch.int32, "sync_ptr": torch.int32, "y_ptr": torch.bfloat16,
-           "pos_ptr": torch.int64, "part_ptr": torch.float32, "gpart_ptr": torch.float32, "dpart_ptr": torch.float32,
-           "taug_ptr": torch.float32, "taud_ptr": torch.float32, "sg_ptr": torch.int32, "sd_ptr": torch.int32}
+           "pos_ptr": torch.int64, "part_ptr": torch.float32}
 SCALARS = dict(B=1, IN=512, OUT=256, LDW=256, LDA=32, R=32, RT=32, SEG1=128, SEG2=256, ROFF1=16, ROFF2=32, HALF=128,
                K_PER=256, NCHUNK=2, NZCHUNK=2, NTILE=4, NZ=2,
                HKV=2, sqb=256, sqh=64, skb=4096, skh=2048, skl=64, svb=4096, svh=2048, svl=64, sob=256, soh=64,
                kno=256, sknb=384, sknh=64, vno=320, svnb=384, svnh=64, scb=0,
-               N=4000, shr=4096, sdr=4096, ssr=4096, syr=4096, LDG=256, LDD=256, NT_GU=4, NCH_GU=2, NT_D=4, NCH_D=1)
+               N=4000, shr=4096, sdr=4096, ssr=4096, syr=4096)
 EPI = dict(BB=16, BLOCK_N=64, RB=32, HAS_BIAS=True, NCP=2, NZP=2)
 KERNELS = {  # label: (kernel, constexprs)
     "select": (tg._select, dict(CHUNK=256, BB=16, RB=32, HAS_R=True)),
@@ -43,7 +42,6 @@ KERNELS = {  # label: (kernel, constexprs)
     "splitk": (splitk._splitk_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, SPLITS=2, GLU=True, HAS_BIAS=True)),
     "epilogue": (tg._epilogue, dict(EPI, HAS_R=True)),
     "glu_epilogue": (tg._glu_epilogue, dict(EPI, HAS_R=True)),
-    "mlp_chain": (mlp._mlp_chain, dict(CH_GU=256, BN_GU=64, CH_D=256, BN_D=32, BB=16, BLOCK_K=32, NCP=2, SLEEP=0)),
     "teal": (teal._teal_kernel, dict(BLOCK_K=32, BLOCK_N=64)),
     "attention": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2, SCALE=0.125, ROPE=False)),
     "attention_rope": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2, SCALE=0.125, ROPE=True)),

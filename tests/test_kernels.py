@@ -523,7 +523,6 @@ def test_kernels_trace_as_torch_compile_analyses_them():
                        "ranked_gather": ["scratch_ptr", "sync_ptr", "ypart_ptr", "zpart_ptr"],
                        "splitk": ["lock_ptr", "scratch_ptr", "y_ptr", "ypart_ptr"],
                        "epilogue": ["y_ptr"], "glu_epilogue": ["y_ptr"], "teal": ["y_ptr"],
-                       "mlp_chain": ["dpart_ptr", "gpart_ptr", "h_ptr", "lock_ptr", "sd_ptr", "sg_ptr"],
                        "attention": ["lock_ptr", "o_ptr", "part_ptr"],
                        "attention_rope": ["k_ptr", "lock_ptr", "o_ptr", "part_ptr", "v_ptr"],
                        "add_rms_norm": ["s_ptr", "y_ptr"]}

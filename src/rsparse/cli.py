@@ -337,9 +337,6 @@ def build_parser():
     g.add_argument("--rank-ab", action="append", metavar="KEY=VALUE[,...]",
                    help="with --alpha < 1: also compile the sparse step with these rank-path knobs (each occurrence one "
                    "more step): ZCHUNK_WIDE (channels per z program on the MLP's calls, 0: 128 everywhere) (A/B)")
-    g.add_argument("--compare-chain", action="store_true",
-                   help="also compile the fused sparse step with each MLP (gate|up, SiLU * up, down; r = 0) as one "
-                   "launch (kernels/mlp.py), 4 warps, 3 stages (A/B)")
     g.add_argument("--no-tuned-dense", dest="tuned_dense", action="store_false",
                    help="skip the second dense baseline: the dense step under the sparse step's inductor settings "
                    "(decode.GPU_INDUCTOR; at batch 1 inductor's own Triton GEMV, 21%% faster than cuBLAS on an H200 "

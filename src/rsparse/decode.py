@@ -111,8 +111,7 @@ class StaticDecoder:
         if fused is None:
             return mlp(x)
         if self.silu and hasattr(fused, "silu_mul") and not isinstance(mlp.act_fn, ThresholdedActivation):
-            y = fused.chain_down(x, mlp.down_proj) if hasattr(fused, "chain_down") else None
-            return mlp.down_proj(fused.silu_mul(x)) if y is None else y
+            return mlp.down_proj(fused.silu_mul(x))
         g, u = fused(x)
         return mlp.down_proj(mlp.act_fn(g) * u)
 

@@ -24,8 +24,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
     `triton_gemv.RANK_TERMS`); --rank-ab (the sparse step with other rank-path knobs,
     `lowrank.knobs`); --compare-attention (dense and sparse with the other decode attention,
-    `decode.GraphDecoder`); --compare-chain (the MLP as one launch, `kernels.mlp`, at 4 warps and
-    3 stages: the best of five settings in gpu_mlp_chain_s26*.json); --retune N (the tuned dense and the sparse step compiled N times each, every
+    `decode.GraphDecoder`); --retune N (the tuned dense and the sparse step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
     out.append((label_c, sparse, groups, {}))
@@ -40,8 +39,6 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     for tag, values in rank_patches(args):
         out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
-    if getattr(args, "compare_chain", False) and groups:
-        out.append((f"{label_c}-chain-w4s3", sparse, groups, {"mlp_chain": {"warps": 4, "stages": 3}}))
     compare = getattr(args, "compare_attention", False)
     if compare:
         other = compare if isinstance(compare, str) else "fused" if getattr(args, "attention", "fused") == "sdpa" else "sdpa"
@@ -155,10 +152,9 @@ def uncached_compiles() -> None:
 
 @contextlib.contextmanager
 def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None, rank_terms=None, attention=None,
-                    fresh_kernels=False, rank_knobs=None, norm=None, mlp_chain=None):
+                    fresh_kernels=False, rank_knobs=None, norm=None):
     """Set while dec's compiled step is traced and captured (all are read at trace time only; norm
-    also at every eager call); fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`);
-    mlp_chain: the MLP as one launch (`kernels.module.MLP_CHAIN`) with these `CHAIN_LAUNCH` settings."""
+    also at every eager call); fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`)."""
     from .kernels import lowrank
     from .kernels import module as km
 
@@ -167,7 +163,6 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
 
         PyCodeCache.cache_clear()  # in memory only: compiled steps keep the modules they hold
     saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention, lowrank.knobs(), dec.norm
-    chain = km.MLP_CHAIN, dict(km.CHAIN_LAUNCH)
     dec.use_norm(norm or saved[5])  # first: a bad name raises before any switch is set
     try:
         dec.use_attention(attention or saved[3])
@@ -178,9 +173,6 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
     lowrank.set_knobs(rank_knobs or {})
-    if mlp_chain is not None:
-        km.MLP_CHAIN = True
-        km.CHAIN_LAUNCH.update(mlp_chain)
     try:
         import torch._inductor.config as inductor_config
 
@@ -188,9 +180,6 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
             yield
     finally:
         km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
-        km.MLP_CHAIN = chain[0]
-        km.CHAIN_LAUNCH.clear()
-        km.CHAIN_LAUNCH.update(chain[1])
         lowrank.set_knobs(saved[4])
         dec.use_attention(saved[3])
         dec.use_norm(saved[5])

@@ -19,8 +19,7 @@ import torch.nn as nn
 
 from ..families import group_members
 from ..linear import MAX_DECODE_ROWS, RSparseLinear, TransposedRSparseLinear
-from .counters import counters
-from . import mlp, triton_gemv  # noqa: F401  (registers torch.ops.rsparse.rsparse_gemv, rsparse_mlp)
+from . import triton_gemv  # noqa: F401  (registers torch.ops.rsparse.rsparse_gemv)
 
 
 # Under torch.compile, r = 0 calls launch the gather alone and leave the sum of its partials (+ bias,
@@ -40,16 +39,6 @@ def consumer_reduces(at: torch.Tensor, wt: torch.Tensor) -> bool:
         return False
     return REDUCE_IN_CONSUMER == "all" or not triton_gemv.config_for(wt.shape[1], 0, wt.shape[0]).get("splits")
 
-
-# The SiLU MLP (gate|up then down, r = 0) as one launch (`mlp._mlp_chain`) instead of two calls, where
-# the decoder asks for it (`TritonGroup.chain_down`). Off: measured slower on an H200 (session 26,
-# Llama-3-8B shapes, bf16, batch 1, 50%): 64.6 us per MLP against 59.2 for the two calls (8 graphed
-# layers, gpu_mlp_chain_s26_v2.json), and end to end compiled 273.6 tok/s against 305.4 in one run
-# (gpu_decode_s26_chain.json). Kept as a tested A/B (`rsparse bench --compare-chain`). CHAIN_LAUNCH:
-# the launch's num_warps, num_stages (0: gate|up's configuration) and the waiting programs' back-off
-# (ns), passed to the op as arguments (never read inside it: compiled graphs must record them).
-MLP_CHAIN = False
-CHAIN_LAUNCH = {"warps": 0, "stages": 0, "sleep": 0}
 
 # Rank columns are stored in multiples of RANK_ALIGN (zero columns added: their z is 0 and their U
 # column 0, so the product is unchanged): every At and U row then starts 16-element aligned and
@@ -161,9 +150,6 @@ class TritonGroup(nn.Module):
                 m.bias = nn.Parameter(self.bias[start:start + n], requires_grad=False)
             start, r0, u0 = start + n, r0 + r, u0 + n * r
         self.register_buffer("tile_locks", triton_gemv.tile_locks(sum(self.split), self.wt.device), persistent=False)
-        # `mlp._mlp_chain`'s counters (two per down chunk, one per gate|up column group; chunks and tiles
-        # of at least 16 channels): zeroed once, left zeroed
-        self.register_buffer("chain_locks", counters(3 * -(-self.split[0] // 16), self.wt.device), persistent=False)
         self.seg1, self.seg2 = self._segments(self.split)
         self.roff1, self.roff2 = self._segments(ranks)
         self.max_rows = min(m.max_rows for m in members)  # more rows: each member decides for itself
@@ -210,25 +196,6 @@ class TritonGroup(nn.Module):
             return torch.nn.functional.silu(g) * u
         y = torch.ops.rsparse.rsparse_glu_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.tile_locks,
                                                self.roff1, self.bias, triton_gemv.RANK_TERMS)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-    def chain_down(self, x, down):
-        """down(SiLU(gate(x)) * up(x)) in one launch (`rsparse::rsparse_mlp`) where MLP_CHAIN is on, this
-        is a gate|up pair and down a Triton module, none of them with rank terms or bias, the rows within
-        what all run on the kernels and the shapes fit the chain's layout; else None (the caller runs
-        `silu_mul` and down). Under torch.compile down's partials are summed by the consumer."""
-        rows = x.reshape(-1, self.in_features)
-        if not (MLP_CHAIN and isinstance(down, TritonRSparseLinear) and len(self.split) == 2 and self.split[0] == self.split[1]
-                and down.in_features == self.split[0] and self.at.shape[1] == 0 and down.at.shape[1] == 0
-                and self.bias is None and down.bias is None and on_kernels(rows, min(self.max_rows, down.max_rows))
-                and mlp.chain_fits(self.split[0], *mlp.chain_configs(self.wt, down.wt))):
-            return None
-        reduce = REDUCE_IN_CONSUMER == "none" or not torch.compiler.is_compiling()
-        y = torch.ops.rsparse.rsparse_mlp(rows, self.wt, self.col_scale, self.tau, down.wt, down.col_scale, down.tau,
-                                          self.chain_locks, reduce, **CHAIN_LAUNCH)
-        if not reduce:
-            y = triton_gemv.sum_partials(y, None, rows.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
