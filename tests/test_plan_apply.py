@@ -8,7 +8,7 @@ from rsparse import artifact
 from rsparse.apply import dense_view, measure_sparsity, sparse_modules, sparsify_
 from rsparse.errors import RSparseError
 from rsparse.linear import RSparseLinear
-from rsparse.plan import RSparseConfig, build_plan, expected_sparsity
+from rsparse.plan import RSparseConfig, block_keys, build_plan, expected_sparsity
 
 IDS = torch.tensor([[504, 3458, 282, 260, 1345, 28, 2151, 30, 378, 4563, 314, 253, 1530, 1127]])
 
@@ -47,13 +47,10 @@ def _meets_budget(plan, cfg):
 
 def _block_sparsities(layers, shapes):
     """Each decoder block's expected sparsity (its projections' bytes, factors included)."""
-    blocks = sorted({int(k.split(".")[0]) for k in shapes})
-    assert blocks == list(range(30))  # SmolLM2-135M: a block missing would pass unchecked
-    out = []
-    for b in blocks:
-        keys = [k for k in shapes if k.startswith(f"{b}.")]
-        out.append(expected_sparsity({k: layers[k] for k in keys if k in layers}, {k: shapes[k] for k in keys}))
-    return out
+    blocks = block_keys(shapes)
+    assert sorted(blocks) == list(range(30))  # SmolLM2-135M: a block missing would pass unchecked
+    return [expected_sparsity({k: layers[k] for k in keys if k in layers}, {k: shapes[k] for k in keys})
+            for _, keys in sorted(blocks.items())]
 
 
 def test_uniform_alpha_allocation_meets_budget_with_rank_terms(smol, smol_stats):
