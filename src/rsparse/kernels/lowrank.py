@@ -125,10 +125,28 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
 
 
 @triton.jit
+def _u_program(zpart_ptr, u_ptr, ypart_ptr, sync_ptr, pid_n, row, B, OUT, SEG1, SEG2, RT, ROFF1, ROFF2, NZCHUNK, NZ,
+               BB: tl.constexpr, BLOCK_N: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+    """"u-last": output tile pid_n's whole U product (all its member's rank blocks) into partial row
+    `row`, once every z program has raised the counter; zeros for a member without rank terms (every
+    row of the partials is written)."""
+    p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BB, BLOCK_N), dtype=tl.float32)
+    if ra < rb:
+        while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ:
+            pass
+        acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, 0, RB,
+                       BB, RB, NZP)
+    _store_partial(ypart_ptr, acc, row, pid_n, B, OUT, BB, BLOCK_N)
+
+
+@triton.jit
 def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, u_ptr, sync_ptr,
                         B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ,
                         CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr,
+                        U_LAST: tl.constexpr = False):
     """The gather with the rank terms' U product: 1-d grid of the gather tiles (tile-major per chunk); a
     tile, once its partial is gathered, adds its share of its member's z @ U^T (some rank blocks), so
     the chunks' partials sum to W_S x_S + U (A x_dropped). The NZCHUNK low-rank input partials z come
@@ -137,16 +155,28 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
     tiles then wait until it reaches NZ. No deadlock: blocks start in program-id order, so every z
     program has started before a tile waits, and a waiting tile has done its gather first. (A counter
     kept by the module and zeroed by the launch itself, to save the per-call fill, was built in session
-    9 and measured 0.6-2.6 us slower per call on the H200 in session 10: removed, docs/perf-gpu.md.)"""
+    9 and measured 0.6-2.6 us slower per call on the H200 in session 10: removed, docs/perf-gpu.md.)
+    U_LAST ("u-last"): the tiles skip the U product; NTILE U programs after them (the highest ids, so
+    dispatched as tiles finish, in the gather's tail) write it into partial row nchunk (`_u_program`)."""
     pid = tl.program_id(0)
     # Z_HERE is a constexpr so that without z programs no z branch is compiled (sm_90: 72 registers,
     # 19 KB shared, as the gather alone; 90 registers with the branch compiled in and never taken)
     if Z_HERE:
+        nchunk = tl.cdiv(IN, CHUNK)
         if pid < NZ:
             _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, pid % NZCHUNK, pid // NZCHUNK, B, IN, LDA, RT, ROFF1, ROFF2,
                       ZCHUNK, BB, RB)
             tl.debug_barrier()  # the whole partial is written before the count is raised (release)
             tl.atomic_add(sync_ptr, 1, sem="release")
+        elif U_LAST:  # plain gather tiles, then (highest ids) the U programs, which wait for z
+            t = pid - NZ
+            if t < NTILE * nchunk:
+                acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, t % NTILE, t // NTILE, B, IN, OUT, LDW, SEG1, SEG2,
+                                CHUNK, BB, BLOCK_K, BLOCK_N)
+                _store_partial(ypart_ptr, acc, t // NTILE, t % NTILE, B, OUT, BB, BLOCK_N)
+            else:
+                _u_program(zpart_ptr, u_ptr, ypart_ptr, sync_ptr, t - NTILE * nchunk, nchunk, B, OUT, SEG1, SEG2, RT, ROFF1,
+                           ROFF2, NZCHUNK, NZ, BB, BLOCK_N, RB, NZP)
         else:
             _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid - NZ, B, IN, OUT,
                          LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB, NZP)
@@ -220,22 +250,33 @@ def _group_z_launch(x, at, col_scale, tau, members, roff1, roff2):
     return zpart, nzchunk
 
 
+GATHER_MODES = ("gather", "one-launch", "u-last")
+
+
+def partial_rows(IN: int, chunk: int, ranked: bool, mode: str) -> int:
+    """Rows of float32 partials a gather writes: one per chunk of input channels, one more for the U
+    programs of a ranked "u-last" call."""
+    return triton.cdiv(IN, chunk) + (ranked and mode == "u-last")
+
+
 def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode: str, ypart=None):
-    """The gather with every member's rank term over the whole layer: float32 partials (chunks, B, out)
-    (ypart if given) whose sum includes the rank terms. mode: "gather" (`_group_z`, then
-    `_ranked_gather_gemv`) or "one-launch" (its own first programs compute z)."""
-    if mode not in ("gather", "one-launch"):
-        raise ValueError(f"rank terms in the gather launch: rank_terms 'gather' or 'one-launch', got {mode!r}")
+    """The gather with every member's rank term over the whole layer: float32 partials (rows, B, out),
+    rows = `partial_rows` (ypart if given) whose sum includes the rank terms. mode: "gather"
+    (`_group_z`, then `_ranked_gather_gemv`), "one-launch" (its own first programs compute z) or
+    "u-last" (those, and U programs after the tiles instead of the tiles adding the U product)."""
+    if mode not in GATHER_MODES:
+        raise ValueError(f"rank terms in the gather launch: rank_terms one of {GATHER_MODES}, got {mode!r}")
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
     nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
+    rows = partial_rows(IN, ch, True, mode)
     if ypart is None:
-        ypart = torch.empty(nchunk, B, OUT, dtype=torch.float32, device=x.device)
-    assert ypart.numel() == nchunk * B * OUT, (ypart.shape, nchunk)
+        ypart = torch.empty(rows, B, OUT, dtype=torch.float32, device=x.device)
+    assert ypart.numel() == rows * B * OUT, (ypart.shape, rows)
     members = 1 + (seg1 < OUT) + (seg2 < OUT)
     scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-    one_launch = mode == "one-launch"
+    one_launch = mode != "gather"
     if one_launch:
         nzchunk = triton.cdiv(IN, z_chunk(IN, OUT))
         zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
@@ -244,8 +285,9 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     else:
         zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, members, roff1, roff2)
         sync, nz = scratch, 0  # no z programs, no counter (the pointer is unused)
-    torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
+    u_last = mode == "u-last"
+    torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * (nchunk + u_last),)](
         x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
         roff1, roff2, ntile, nzchunk, nz, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
-        **dict(RANKED_TILES, ZCHUNK=z_chunk(IN, OUT)), num_warps=cfg["warps"], num_stages=cfg["stages"])
+        **dict(RANKED_TILES, ZCHUNK=z_chunk(IN, OUT)), U_LAST=u_last, num_warps=cfg["warps"], num_stages=cfg["stages"])
     return ypart
