@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk, partial_rows
+from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk
 from .counters import counters
 from .splitk import launch_splitk
 from .tl_common import BB, _gather_rows, _keep, _silu_mul, _store_partial, _sum_partials, _tile_acc
@@ -213,10 +213,10 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
 # we ran and in Triton's interpreter. "epilogue" ran 204.7 (session 8). (Session 8's "gather" =
 # "one-launch" tie was a benchmark defect: the mode was a global read inside the op, and the compile
 # caches served the first mode's code to the second.)
-# "u-last": as "one-launch", but the U product in programs of their own after the gather tiles (one
-# more partial row; session 27's A/B).
+# "z-final": as "one-launch", but the last z program sums z once and the tiles read it whole (session
+# 27's A/B).
 RANK_TERMS = "one-launch"
-RANK_MODES = ("epilogue", "gather", "one-launch", "u-last")
+RANK_MODES = ("epilogue", "gather", "one-launch", "z-final")
 
 
 def tile_locks(out_features: int, device) -> torch.Tensor:
@@ -249,8 +249,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     ranked = R > 0 and mode != "epilogue"
     rb = _rank_block(R)
     meta = dict(CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    nrows = partial_rows(IN, ch, ranked, mode)
-    ypart = torch.empty(nrows * B * OUT, dtype=torch.float32, device=x.device)
+    ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
     zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
     if ranked:  # rank terms included in the partials
         _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, ypart=ypart)
@@ -267,13 +266,13 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
         torch.library.wrap_triton(_gather_gemv)[(ntile, nchunk)](x, col_scale, tau, wt, idx, cnt, ypart, B, IN, OUT, LDW, **meta)
     b = bias if bias is not None else y
     tail = dict(BB=BB, BLOCK_N=bn, RB=rb, HAS_R=R > 0 and not ranked, HAS_BIAS=bias is not None,
-                NCP=triton.next_power_of_2(nrows), NZP=triton.next_power_of_2(nzchunk))
+                NCP=triton.next_power_of_2(nchunk), NZP=triton.next_power_of_2(nzchunk))
     if glu:
         torch.library.wrap_triton(_glu_epilogue)[(triton.cdiv(OUT // 2, bn),)](
-            ypart, zpart, u, b, y, B, OUT, OUT // 2, R, roff1, nrows, nzchunk, **tail)
+            ypart, zpart, u, b, y, B, OUT, OUT // 2, R, roff1, nchunk, nzchunk, **tail)
         return y
     torch.library.wrap_triton(_epilogue)[(ntile,)](
-        ypart, zpart, u, b, y, B, OUT, R, nrows, nzchunk, seg1, seg2, roff1, roff2, **tail)
+        ypart, zpart, u, b, y, B, OUT, R, nchunk, nzchunk, seg1, seg2, roff1, roff2, **tail)
     return y
 
 
