@@ -31,7 +31,7 @@ from rsparse.gpuvariants import rank_patches
 from rsparse.kernels import lowrank, triton_gemv as tg
 from rsparse.linear import rsparse_linear_ref
 
-MODES = ("one-launch", "z-final", "gather")
+MODES = ("one-launch", "gather")
 # (name, member widths, in): the calls of one Llama-3-8B block
 CALLS = [("q|k|v", (4096, 1024, 1024), 4096), ("o", (4096,), 4096), ("gate|up", (14336, 14336), 4096),
          ("down", (4096,), 14336)]

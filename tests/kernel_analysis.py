@@ -33,14 +33,12 @@ SCALARS = dict(B=1, IN=512, OUT=256, LDW=256, LDA=32, R=32, RT=32, SEG1=128, SEG
                kno=256, sknb=384, sknh=64, vno=320, svnb=384, svnh=64, scb=0,
                N=4000, shr=4096, sdr=4096, ssr=4096, syr=4096)
 EPI = dict(BB=16, BLOCK_N=64, RB=32, HAS_BIAS=True, NCP=2, NZP=2)
-RANKED = dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, Z_HERE=True, ZCHUNK=256, RB=32, NZP=2)
 KERNELS = {  # label: (kernel, constexprs)
     "select": (tg._select, dict(CHUNK=256, BB=16, RB=32, HAS_R=True)),
     "group_z": (lowrank._group_z, dict(CHUNK=256, BB=16, RB=32)),
     "gather": (tg._gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64)),
     "fused_gather": (tg._fused_gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64)),
-    "ranked_gather": (lowrank._ranked_gather_gemv, dict(RANKED, ZFINAL=False)),
-    "ranked_gather_zfinal": (lowrank._ranked_gather_gemv, dict(RANKED, ZFINAL=True)),
+    "ranked_gather": (lowrank._ranked_gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, Z_HERE=True, ZCHUNK=256, RB=32, NZP=2)),
     "splitk": (splitk._splitk_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, SPLITS=2, GLU=True, HAS_BIAS=True)),
     "epilogue": (tg._epilogue, dict(EPI, HAS_R=True)),
     "glu_epilogue": (tg._glu_epilogue, dict(EPI, HAS_R=True)),

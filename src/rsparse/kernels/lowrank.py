@@ -100,37 +100,9 @@ def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, 
 
 
 @triton.jit
-def _finish_z(zpart_ptr, B, RT, NZCHUNK, BB: tl.constexpr, FB: tl.constexpr, NZP: tl.constexpr):
-    """"z-final": the last z program to finish sums the NZCHUNK partials (NZCHUNK, B, RT) into the final
-    z, stored right after them (B, RT), FB rank columns at a time (in the same order as `_lowrank`)."""
-    rows = tl.arange(0, BB)
-    for r0 in range(0, RT, FB):
-        rr = r0 + tl.arange(0, FB)
-        z = tl.zeros((BB, FB), dtype=tl.float32)
-        for c0 in range(0, NZCHUNK, NZP):
-            z += _sum_partials(zpart_ptr, rows, rr, rr < RT, B, RT, c0, NZCHUNK, BB, FB, NZP, ".cg")
-        tl.store(zpart_ptr + NZCHUNK * B * RT + rows[:, None] * RT + rr[None, :], z, mask=(rows[:, None] < B) & (rr[None, :] < RT))
-
-
-@triton.jit
-def _lowrank_final(acc, z_ptr, u_ptr, rows, n, nmask, B, RT, seg_lo, ra, rb, uoff, q0, qstep, BB: tl.constexpr, RB: tl.constexpr):
-    """`_lowrank` reading the final z (B, RT) that `_finish_z` wrote: each rank block's loads (z from L2,
-    U) are independent of the blocks before, so the loop has no chain of partial sums."""
-    for r0 in range(ra + q0, rb, qstep):
-        rr = r0 + tl.arange(0, RB)
-        z = tl.load(z_ptr + rows[:, None] * RT + rr[None, :], mask=(rows[:, None] < B) & (rr[None, :] < rb), other=0.0,
-                    cache_modifier=".cg")
-        u = tl.load(u_ptr + uoff + (n[None, :] - seg_lo) * (rb - ra) + (rr[:, None] - ra),
-                    mask=(rr[:, None] < rb) & nmask[None, :], other=0.0)
-        acc += tl.dot(z.to(u.dtype), u, input_precision="ieee")
-    return acc
-
-
-@triton.jit
 def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, t, B, IN, OUT, LDW,
                  SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK: tl.constexpr, BB: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WAIT: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr,
-                 ZFINAL: tl.constexpr):
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WAIT: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
     """Gather tile t (tile-major per chunk) of `_ranked_gather_gemv` plus its share of the U product."""
     pid_n, chunk = t % NTILE, t // NTILE
     acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
@@ -143,16 +115,12 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
     p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
     q0 = (nchunk - 1 - chunk) * RB
     if ra + q0 < rb:
-        if WAIT:  # until every z program of the launch has raised the counter (and, ZFINAL, z is summed)
-            while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ + ZFINAL:
+        if WAIT:  # until every z program of the launch has raised the counter
+            while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ:
                 pass
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if ZFINAL:
-            acc = _lowrank_final(acc, zpart_ptr + NZCHUNK * B * RT, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, seg_lo, ra, rb, uoff,
-                                 q0, nchunk * RB, BB, RB)
-        else:
-            acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
-                           nchunk * RB, BB, RB, NZP)
+        acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
+                       nchunk * RB, BB, RB, NZP)
     _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
@@ -160,8 +128,7 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
 def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, u_ptr, sync_ptr,
                         B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ,
                         CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr,
-                        ZFINAL: tl.constexpr = False):
+                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
     """The gather with the rank terms' U product: 1-d grid of the gather tiles (tile-major per chunk); a
     tile, once its partial is gathered, adds its share of its member's z @ U^T (some rank blocks), so
     the chunks' partials sum to W_S x_S + U (A x_dropped). The NZCHUNK low-rank input partials z come
@@ -170,10 +137,7 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
     tiles then wait until it reaches NZ. No deadlock: blocks start in program-id order, so every z
     program has started before a tile waits, and a waiting tile has done its gather first. (A counter
     kept by the module and zeroed by the launch itself, to save the per-call fill, was built in session
-    9 and measured 0.6-2.6 us slower per call on the H200 in session 10: removed, docs/perf-gpu.md.)
-    ZFINAL ("z-final"): the z program that draws the last ticket sums the partials into the final z
-    (`_finish_z`) and raises the counter once more; tiles wait for NZ + 1 and read z whole
-    (`_lowrank_final`) instead of re-summing the partials in every rank block."""
+    9 and measured 0.6-2.6 us slower per call on the H200 in session 10: removed, docs/perf-gpu.md.)"""
     pid = tl.program_id(0)
     # Z_HERE is a constexpr so that without z programs no z branch is compiled (sm_90: 72 registers,
     # 19 KB shared, as the gather alone; 90 registers with the branch compiled in and never taken)
@@ -182,20 +146,13 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
             _member_z(x_ptr, c_ptr, tau_ptr, at_ptr, zpart_ptr, pid % NZCHUNK, pid // NZCHUNK, B, IN, LDA, RT, ROFF1, ROFF2,
                       ZCHUNK, BB, RB)
             tl.debug_barrier()  # the whole partial is written before the count is raised (release)
-            if ZFINAL:
-                if tl.atomic_add(sync_ptr, 1, sem="acq_rel") == NZ - 1:  # the last: every partial is visible
-                    _finish_z(zpart_ptr, B, RT, NZCHUNK, BB, 128, NZP)
-                    tl.debug_barrier()
-                    tl.atomic_add(sync_ptr, 1, sem="release")
-            else:
-                tl.atomic_add(sync_ptr, 1, sem="release")
+            tl.atomic_add(sync_ptr, 1, sem="release")
         else:
             _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid - NZ, B, IN, OUT,
-                         LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB, NZP,
-                         ZFINAL)
+                         LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB, NZP)
     else:
         _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid, B, IN, OUT,
-                     LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP, False)
+                     LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP)
 
 
 ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB tile of At)
@@ -263,16 +220,12 @@ def _group_z_launch(x, at, col_scale, tau, members, roff1, roff2):
     return zpart, nzchunk
 
 
-GATHER_MODES = ("gather", "one-launch", "z-final")
-
-
 def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode: str, ypart=None):
     """The gather with every member's rank term over the whole layer: float32 partials (chunks, B, out)
     (ypart if given) whose sum includes the rank terms. mode: "gather" (`_group_z`, then
-    `_ranked_gather_gemv`), "one-launch" (its own first programs compute z) or "z-final" (as
-    one-launch, z summed once by the last z program)."""
-    if mode not in GATHER_MODES:
-        raise ValueError(f"rank terms in the gather launch: rank_terms one of {GATHER_MODES}, got {mode!r}")
+    `_ranked_gather_gemv`) or "one-launch" (its own first programs compute z)."""
+    if mode not in ("gather", "one-launch"):
+        raise ValueError(f"rank terms in the gather launch: rank_terms 'gather' or 'one-launch', got {mode!r}")
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
@@ -282,10 +235,10 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     assert ypart.numel() == nchunk * B * OUT, (ypart.shape, nchunk)
     members = 1 + (seg1 < OUT) + (seg2 < OUT)
     scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
-    one_launch, zfinal = mode != "gather", mode == "z-final"
+    one_launch = mode == "one-launch"
     if one_launch:
         nzchunk = triton.cdiv(IN, z_chunk(IN, OUT))
-        zpart = torch.empty((nzchunk + zfinal) * B * R, dtype=torch.float32, device=x.device)  # z-final: z after the partials
+        zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
         sync = torch.zeros(1, dtype=torch.int32, device=x.device)  # z programs done: counted from 0 every call
         nz = nzchunk * members
     else:
@@ -294,5 +247,5 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
         x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
         roff1, roff2, ntile, nzchunk, nz, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
-        **dict(RANKED_TILES, ZCHUNK=z_chunk(IN, OUT)), ZFINAL=zfinal, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        **dict(RANKED_TILES, ZCHUNK=z_chunk(IN, OUT)), num_warps=cfg["warps"], num_stages=cfg["stages"])
     return ypart

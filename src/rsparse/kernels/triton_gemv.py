@@ -213,10 +213,8 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
 # we ran and in Triton's interpreter. "epilogue" ran 204.7 (session 8). (Session 8's "gather" =
 # "one-launch" tie was a benchmark defect: the mode was a global read inside the op, and the compile
 # caches served the first mode's code to the second.)
-# "z-final": as "one-launch", but the last z program sums z once and the tiles read it whole (session
-# 27's A/B).
 RANK_TERMS = "one-launch"
-RANK_MODES = ("epilogue", "gather", "one-launch", "z-final")
+RANK_MODES = ("epilogue", "gather", "one-launch")
 
 
 def tile_locks(out_features: int, device) -> torch.Tensor:
