@@ -73,7 +73,9 @@ def call(name, x, wt, at, u, cs, taus, seg, roff, mode):
             _LOCKS[wt.shape[1]] = tg.tile_locks(wt.shape[1], x.device)
         return tg.rsparse_glu_gemv(x, wt, at, u, cs, taus, _LOCKS[wt.shape[1]], roff[0], None, mode)
     c, t = (cs, taus) if len(cs) > 1 else (cs[0], taus[0])
-    return tg.sum_partials(tg.rsparse_partials(x, wt, at, u, c, t, *seg, *roff, mode), None, torch.float32)
+    if wt.shape[1] not in _LOCKS:
+        _LOCKS[wt.shape[1]] = tg.tile_locks(wt.shape[1], x.device)
+    return tg.sum_partials(tg.rsparse_partials(x, wt, at, u, c, t, _LOCKS[wt.shape[1]], *seg, *roff, mode), None, torch.float32)
 
 
 def main():

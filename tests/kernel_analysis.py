@@ -28,7 +28,7 @@ POINTER = {"ypart_ptr": torch.float32, "zpart_ptr": torch.float32, "tau_ptr": to
            "idx_ptr": torch.int32, "cnt_ptr": torch.int32, "lock_ptr": torch.int32, "sync_ptr": torch.int32, "y_ptr": torch.bfloat16,
            "pos_ptr": torch.int64, "part_ptr": torch.float32}
 SCALARS = dict(B=1, IN=512, OUT=256, LDW=256, LDA=32, R=32, RT=32, SEG1=128, SEG2=256, ROFF1=16, ROFF2=32, HALF=128,
-               K_PER=256, NCHUNK=2, NZCHUNK=2, NTILE=4, NZ=2,
+               K_PER=256, NCHUNK=2, NZCHUNK=2, NTILE=4, NZ=2, NW=4,
                HKV=2, sqb=256, sqh=64, skb=4096, skh=2048, skl=64, svb=4096, svh=2048, svl=64, sob=256, soh=64,
                kno=256, sknb=384, sknh=64, vno=320, svnb=384, svnh=64, scb=0,
                N=4000, shr=4096, sdr=4096, ssr=4096, syr=4096)
@@ -38,7 +38,8 @@ KERNELS = {  # label: (kernel, constexprs)
     "group_z": (lowrank._group_z, dict(CHUNK=256, BB=16, RB=32)),
     "gather": (tg._gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64)),
     "fused_gather": (tg._fused_gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64)),
-    "ranked_gather": (lowrank._ranked_gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, Z_HERE=True, ZCHUNK=256, RB=32, NZP=2)),
+    "ranked_gather": (lowrank._ranked_gather_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, Z_HERE=True, ZCHUNK=256, RB=32, NZP=2,
+                                                        KEPT=True)),
     "splitk": (splitk._splitk_gemv, dict(CHUNK=256, BB=16, BLOCK_K=32, BLOCK_N=64, SPLITS=2, GLU=True, HAS_BIAS=True)),
     "epilogue": (tg._epilogue, dict(EPI, HAS_R=True)),
     "glu_epilogue": (tg._glu_epilogue, dict(EPI, HAS_R=True)),

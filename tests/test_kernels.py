@@ -207,14 +207,16 @@ def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     y = tg.sum_partials(parts, dev[6], dtype).cpu()
     ref = torch.cat(refs, 1)
     assert y.dtype == dtype and ((y.double() - ref).norm() / ref.norm()).item() < tol
-    op = torch.ops.rsparse.rsparse_partials(*dev[:6], *seg, *roff, mode)
-    assert op.dtype == torch.float32 and op.shape[1:] == (B, sum(outs))
+    locks = tg.tile_locks(sum(outs), DEV)  # one-launch rank terms count their z programs on the first, left zeroed
+    op = torch.ops.rsparse.rsparse_partials(*dev[:6], locks, *seg, *roff, mode)
+    assert op.dtype == torch.float32 and op.shape[1:] == (B, sum(outs)) and not locks.any()
     assert ((tg.sum_partials(op, dev[6], dtype).cpu().double() - ref).norm() / ref.norm()).item() < tol
+    assert torch.equal(torch.ops.rsparse.rsparse_partials(*dev[:6], locks, *seg, *roff, mode), op) and not locks.any()
     o, r = outs[0], ranks[0]
     lone = torch.ops.rsparse.rsparse_partials(dev[0], dev[1][:, :o], dev[2][:, :r], dev[3][:o * r].view(o, r), dev[4][0], dev[5][0],
-                                              o, o, r, r)
+                                              locks, o, o, r, r)
     got = tg.sum_partials(lone, None if bias is None else dev[6][:o], dtype).cpu().double()
-    assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol
+    assert ((got - refs[0]).norm() / refs[0].norm()).item() < tol and not locks.any()
 
 
 @pytest.mark.parametrize("B", [1, 3])
@@ -278,7 +280,7 @@ def test_compiled_modules_leave_the_partials_sum_to_the_compiler(monkeypatch, ro
             assert set(modes) == ({mode} if fn is lone_ranked and mode != "epilogue" else set())
         # the op launches the mode it is given, whatever the global says (a compiled graph records it)
         m = lone_ranked
-        args = (x.reshape(rows, 160).to(DEV), m.wt, m.at, m.U, m.col_scale, m.tau, 64, 64, m.at.shape[1], m.at.shape[1])
+        args = (x.reshape(rows, 160).to(DEV), m.wt, m.at, m.U, m.col_scale, m.tau, m.tile_locks, 64, 64, m.at.shape[1], m.at.shape[1])
         modes.clear()
         got = tg.sum_partials(torch.ops.rsparse.rsparse_partials(*args, "one-launch"), m.bias, x.dtype).cpu()
         want = ranked(x).reshape(rows, -1)

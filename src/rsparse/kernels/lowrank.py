@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .counters import check_counters
 from .tl_common import BB, _keep, _store_partial, _sum_partials, _tile_acc
 
 
@@ -101,8 +102,9 @@ def _lowrank(acc, zpart_ptr, u_ptr, rows, n, nmask, B, RT, NZCHUNK, seg_lo, ra, 
 
 @triton.jit
 def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, t, B, IN, OUT, LDW,
-                 SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK: tl.constexpr, BB: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WAIT: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+                 SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, NW, CHUNK: tl.constexpr, BB: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, WAIT: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr,
+                 KEPT: tl.constexpr):
     """Gather tile t (tile-major per chunk) of `_ranked_gather_gemv` plus its share of the U product."""
     pid_n, chunk = t % NTILE, t // NTILE
     acc = _tile_acc(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, pid_n, chunk, B, IN, OUT, LDW, SEG1, SEG2, CHUNK, BB,
@@ -115,20 +117,26 @@ def _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_pt
     p, seg_lo, ra, rb, uoff = _member(pid_n * BLOCK_N, SEG1, SEG2, ROFF1, ROFF2, RT)
     q0 = (nchunk - 1 - chunk) * RB
     if ra + q0 < rb:
+        ticket = 0
         if WAIT:  # until every z program of the launch has raised the counter
             while tl.atomic_add(sync_ptr, 0, sem="acquire") < NZ:
                 pass
+            if KEPT:  # arrive (the counter only grows past NZ: no waiting tile is misled); read after the U product
+                ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed")
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _lowrank(acc, zpart_ptr, u_ptr, tl.arange(0, BB), n, n < OUT, B, RT, NZCHUNK, seg_lo, ra, rb, uoff, q0,
                        nchunk * RB, BB, RB, NZP)
+        if KEPT:
+            if ticket == NZ + NW - 1:  # the last of the NW waiting tiles: nobody reads the counter any more
+                tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
     _store_partial(ypart_ptr, acc, chunk, pid_n, B, OUT, BB, BLOCK_N)
 
 
 @triton.jit
 def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, at_ptr, zpart_ptr, u_ptr, sync_ptr,
-                        B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ,
+                        B, IN, OUT, LDW, SEG1, SEG2, LDA, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, NW,
                         CHUNK: tl.constexpr, BB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr):
+                        Z_HERE: tl.constexpr, ZCHUNK: tl.constexpr, RB: tl.constexpr, NZP: tl.constexpr, KEPT: tl.constexpr):
     """The gather with the rank terms' U product: 1-d grid of the gather tiles (tile-major per chunk); a
     tile, once its partial is gathered, adds its share of its member's z @ U^T (some rank blocks), so
     the chunks' partials sum to W_S x_S + U (A x_dropped). The NZCHUNK low-rank input partials z come
@@ -137,7 +145,10 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
     tiles then wait until it reaches NZ. No deadlock: blocks start in program-id order, so every z
     program has started before a tile waits, and a waiting tile has done its gather first. (A counter
     kept by the module and zeroed by the launch itself, to save the per-call fill, was built in session
-    9 and measured 0.6-2.6 us slower per call on the H200 in session 10: removed, docs/perf-gpu.md.)"""
+    9 and measured 0.6-2.6 us slower per call on the H200 in session 10: removed, docs/perf-gpu.md.)
+    KEPT: the counter is kept by its owner, zero between calls: each of the NW tiles that wait draws a
+    ticket once past the wait (read only after its U product, so the atomic's latency hides behind
+    it), and the one drawing NZ + NW - 1 stores zero (no fill launch per call; session 27)."""
     pid = tl.program_id(0)
     # Z_HERE is a constexpr so that without z programs no z branch is compiled (sm_90: 72 registers,
     # 19 KB shared, as the gather alone; 90 registers with the branch compiled in and never taken)
@@ -149,10 +160,12 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
             tl.atomic_add(sync_ptr, 1, sem="release")
         else:
             _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid - NZ, B, IN, OUT,
-                         LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB, NZP)
+                         LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, NW, CHUNK, BB, BLOCK_K, BLOCK_N, True, RB, NZP,
+                         KEPT)
     else:
         _ranked_tile(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, zpart_ptr, u_ptr, sync_ptr, pid, B, IN, OUT,
-                     LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP)
+                     LDW, SEG1, SEG2, RT, ROFF1, ROFF2, NTILE, NZCHUNK, NZ, NW, CHUNK, BB, BLOCK_K, BLOCK_N, False, RB, NZP,
+                     False)
 
 
 ZCHUNK = 256  # channels per low-rank input program of `_group_z` (a ZCHUNK x RB tile of At)
@@ -169,14 +182,18 @@ RANKED_TILES = dict(ZCHUNK=128, RB=32, NZP=32)
 # 34.9 -> 32.1; q|k|v, short, gets slower (18.4 -> 23.2: a z program's serial rank blocks then outlast
 # its gather), so it keeps 128. Why the wide calls gain is not verified (docs/perf-gpu.md, session 21).
 ZCHUNK_WIDE, WIDE_CALL = 512, 1 << 25
+# One-launch calls given their owner's counters (`sync`) count z programs on them and leave them zeroed
+# (KEPT above); 0: a fresh zeroed counter per call, a fill launch each (before session 27).
+KEPT_COUNTER = 1
 
 
 def knobs() -> dict:
-    """The rank path's tunables that benchmarks A/B (`rsparse bench --rank-ab`): ZCHUNK_WIDE."""
-    return dict(ZCHUNK_WIDE=ZCHUNK_WIDE)
+    """The rank path's tunables that benchmarks A/B (`rsparse bench --rank-ab`): ZCHUNK_WIDE, KEPT_COUNTER."""
+    return dict(ZCHUNK_WIDE=ZCHUNK_WIDE, KEPT_COUNTER=KEPT_COUNTER)
 
 
-_KNOB_RULES = {"ZCHUNK_WIDE": (lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16")}
+_KNOB_RULES = {"ZCHUNK_WIDE": (lambda v: v == 0 or (v >= 16 and v & (v - 1) == 0), "0 or a power of two >= 16"),
+               "KEPT_COUNTER": (lambda v: v in (0, 1), "0 or 1")}
 
 
 def check_knobs(values: dict) -> None:
@@ -191,11 +208,13 @@ def check_knobs(values: dict) -> None:
 def set_knobs(values: dict) -> dict:
     """Set some of `knobs()` (`check_knobs` first: nothing is set if one is bad); returns the previous
     values of all of them. Read at launch (or trace): a compiled step keeps those it was traced with."""
-    global ZCHUNK_WIDE
+    global ZCHUNK_WIDE, KEPT_COUNTER
     check_knobs(values)
     previous = knobs()
     if "ZCHUNK_WIDE" in values:
         ZCHUNK_WIDE = int(values["ZCHUNK_WIDE"])
+    if "KEPT_COUNTER" in values:
+        KEPT_COUNTER = int(values["KEPT_COUNTER"])
     return previous
 
 
@@ -220,10 +239,21 @@ def _group_z_launch(x, at, col_scale, tau, members, roff1, roff2):
     return zpart, nzchunk
 
 
-def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode: str, ypart=None):
+def waiting_tiles(OUT: int, R: int, seg1: int, seg2: int, roff1: int, roff2: int, nchunk: int, block_n: int) -> int:
+    """Tiles of a one-launch ranked gather that add rank blocks, so wait for z: per member, its output
+    tiles times the chunks whose share of the rank blocks is not empty (`_ranked_tile`: chunk c takes
+    blocks from (nchunk - 1 - c) RB)."""
+    widths, ranks = (seg1, seg2 - seg1, OUT - seg2), (roff1, roff2 - roff1, R - roff2)
+    rb = RANKED_TILES["RB"]
+    return sum(triton.cdiv(w, block_n) * min(nchunk, triton.cdiv(r, rb)) for w, r in zip(widths, ranks) if w > 0)
+
+
+def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode: str, ypart=None, sync=None):
     """The gather with every member's rank term over the whole layer: float32 partials (chunks, B, out)
     (ypart if given) whose sum includes the rank terms. mode: "gather" (`_group_z`, then
-    `_ranked_gather_gemv`) or "one-launch" (its own first programs compute z)."""
+    `_ranked_gather_gemv`) or "one-launch" (its own first programs compute z). sync: the owner's
+    counters (`triton_gemv.tile_locks`), the first counted on and left zeroed by a one-launch call
+    (unless KEPT_COUNTER is 0); None: a fresh zeroed one per call."""
     if mode not in ("gather", "one-launch"):
         raise ValueError(f"rank terms in the gather launch: rank_terms 'gather' or 'one-launch', got {mode!r}")
     B, IN = x.shape
@@ -239,13 +269,18 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     if one_launch:
         nzchunk = triton.cdiv(IN, z_chunk(IN, OUT))
         zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)
-        sync = torch.zeros(1, dtype=torch.int32, device=x.device)  # z programs done: counted from 0 every call
+        kept = sync is not None and bool(KEPT_COUNTER)
+        if kept:
+            check_counters(sync, 1, "tile counters", "1", x.device, "triton_gemv.tile_locks")
+        else:
+            sync = torch.zeros(1, dtype=torch.int32, device=x.device)  # z programs done: counted from 0 every call
         nz = nzchunk * members
     else:
         zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, members, roff1, roff2)
-        sync, nz = scratch, 0  # no z programs, no counter (the pointer is unused)
+        sync, nz, kept = scratch, 0, False  # no z programs, no counter (the pointer is unused)
+    nw = waiting_tiles(OUT, R, seg1, seg2, roff1, roff2, nchunk, bn)
     torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
         x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
-        roff1, roff2, ntile, nzchunk, nz, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
-        **dict(RANKED_TILES, ZCHUNK=z_chunk(IN, OUT)), num_warps=cfg["warps"], num_stages=cfg["stages"])
+        roff1, roff2, ntile, nzchunk, nz, nw, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
+        **dict(RANKED_TILES, ZCHUNK=z_chunk(IN, OUT)), KEPT=kept, num_warps=cfg["warps"], num_stages=cfg["stages"])
     return ypart

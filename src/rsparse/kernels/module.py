@@ -96,7 +96,8 @@ class TritonRSparseLinear(TransposedRSparseLinear):
         pad = -m.rank % RANK_ALIGN
         self.at = torch.nn.functional.pad(self.at, (0, pad)).contiguous()
         self.register_buffer("U", torch.nn.functional.pad(m.U.detach(), (0, pad)).contiguous())
-        # the one-launch split kernel's tile counters, left zeroed by every call: no fill per call
+        # the one-launch split kernel's tile counters (and the ranked gather's z counter, the first), left
+        # zeroed by every call: no fill per call
         self.register_buffer("tile_locks", triton_gemv.tile_locks(self.out_features, self.wt.device), persistent=False)
         self.max_rows = kernel_rows(self.keep, m.rank)
 
@@ -108,8 +109,8 @@ class TritonRSparseLinear(TransposedRSparseLinear):
         if consumer_reduces(self.at, self.wt):
             n = self.out_features
             r = self.at.shape[1]
-            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, n, n, r, r,
-                                                       triton_gemv.RANK_TERMS)
+            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.tile_locks,
+                                                       n, n, r, r, triton_gemv.RANK_TERMS)
             return triton_gemv.sum_partials(parts, self.bias, rows.dtype)
         return torch.ops.rsparse.rsparse_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.tile_locks,
                                               self.bias, triton_gemv.RANK_TERMS)
@@ -175,8 +176,8 @@ class TritonGroup(nn.Module):
         if not on_kernels(rows, self.max_rows):
             return None
         if consumer_reduces(self.at, self.wt):
-            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.seg1,
-                                                       self.seg2, self.roff1, self.roff2, triton_gemv.RANK_TERMS)
+            parts = torch.ops.rsparse.rsparse_partials(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.tile_locks,
+                                                       self.seg1, self.seg2, self.roff1, self.roff2, triton_gemv.RANK_TERMS)
             y = triton_gemv.sum_partials(parts, self.bias, rows.dtype)
         else:
             y = torch.ops.rsparse.rsparse_group_gemv(rows, self.wt, self.at, self.U, self.col_scale, self.tau, self.tile_locks,

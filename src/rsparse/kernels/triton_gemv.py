@@ -250,7 +250,7 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     ypart = torch.empty(nchunk * B * OUT, dtype=torch.float32, device=x.device)
     zpart, nzchunk = ypart, nchunk  # the epilogue's z pointer, unread unless the epilogue adds the rank terms
     if ranked:  # rank terms included in the partials
-        _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, ypart=ypart)
+        _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, mode, ypart=ypart, sync=locks)
     elif group or cfg.get("fused"):
         if R > 0:
             zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, 1 + (seg1 < OUT) + (seg2 < OUT), roff1, roff2)
@@ -329,20 +329,21 @@ def rsparse_glu_gemv(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: tor
                    segments=(half, OUT), glu=True, roffs=(roff1, at.shape[1]), rank_terms=rank_terms, locks=locks)
 
 
-@torch.library.triton_op("rsparse::rsparse_partials", mutates_args={})
+@torch.library.triton_op("rsparse::rsparse_partials", mutates_args={"locks"})
 def rsparse_partials(x: torch.Tensor, wt: torch.Tensor, at: torch.Tensor, u: torch.Tensor, col_scale: torch.Tensor,
-                     tau: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
+                     tau: torch.Tensor, locks: torch.Tensor, seg1: int, seg2: int, roff1: int, roff2: int,
                      rank_terms: str = "one-launch") -> torch.Tensor:
     """The gather alone (one launch; with rank terms in the "gather" mode `_group_z` before it): float32
     partials (chunks, rows, out) whose sum over the chunks is the sparse product with its rank terms
     (before bias and cast) of a module (seg1 = seg2 = out, roff1 = roff2 = r; col_scale (in,), tau ())
     or of a group (as in `rsparse_group_gemv`). Under torch.compile the sum, bias and cast are left to
     `sum_partials`, which inductor fuses into the consumer's kernel (RoPE and the cache write, the
-    residual add) instead of launching our epilogue."""
+    residual add) instead of launching our epilogue. locks: `tile_locks(out)`, the one-launch rank
+    terms' counter (left zeroed)."""
     B, IN = x.shape
     cfg = _group_cfg(seg1, seg2, wt, 0, reduce=False)
     if at.shape[1]:  # the rank terms in the gather (the partials path runs them only there)
-        return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, rank_terms)
+        return _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, rank_terms, sync=locks)
     ypart = torch.empty(triton.cdiv(IN, cfg["chunk"]), B, wt.shape[1], dtype=torch.float32, device=x.device)
     return _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2)
 
