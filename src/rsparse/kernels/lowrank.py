@@ -141,11 +141,12 @@ def _ranked_gather_gemv(x_ptr, c_ptr, tau_ptr, wt_ptr, scratch_ptr, ypart_ptr, a
     tile, once its partial is gathered, adds its share of its member's z @ U^T (some rank blocks), so
     the chunks' partials sum to W_S x_S + U (A x_dropped). The NZCHUNK low-rank input partials z come
     from `_group_z` before the launch, or (Z_HERE) from the launch's own first NZ programs
-    (`_member_z`, NZCHUNK chunks x members), which each raise the counter sync_ptr (zeroed per call);
+    (`_member_z`, NZCHUNK chunks x members), which each raise the counter sync_ptr (zero at the start);
     tiles then wait until it reaches NZ. No deadlock: blocks start in program-id order, so every z
     program has started before a tile waits, and a waiting tile has done its gather first. (A counter
     kept by the module and zeroed by the launch itself, to save the per-call fill, was built in session
-    9 and measured 0.6-2.6 us slower per call on the H200 in session 10: removed, docs/perf-gpu.md.)
+    9 and measured 0.6-2.6 us slower per call on the H200 in session 10: removed, docs/perf-gpu.md;
+    session 27's KEPT below measured 3.2% faster end to end.)
     KEPT: the counter is kept by its owner, zero between calls: each of the NW tiles that wait draws a
     ticket once past the wait (read only after its U product, so the atomic's latency hides behind
     it), and the one drawing NZ + NW - 1 stores zero (no fill launch per call; session 27)."""

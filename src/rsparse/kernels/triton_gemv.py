@@ -12,8 +12,8 @@ launches; 1 under torch.compile):
    `rsparse_partials` returns the partials and inductor sums them inside the consumer's kernel.
 Rank terms (`RANK_TERMS`): by default ("one-launch") the gather launch's first programs write the
 low-rank input partials z and its tiles, once a counter says z is complete, add z @ U^T to their
-partials (`lowrank._ranked_gather_gemv`; 1 launch + the counter's fill, the partials path under
-torch.compile); "gather" computes z in a launch of its own before (`_group_z`), "epilogue" adds the
+partials (`lowrank._ranked_gather_gemv`; 1 launch, its counter the caller's `locks[0]`, left zeroed;
+the partials path under torch.compile); "gather" computes z in a launch of its own before (`_group_z`), "epilogue" adds the
 U product in the epilogue (3 launches). The mode is an argument of the ops (`rank_terms`),
 never a global read inside them: a compiled graph records it, so inductor's and AOTAutograd's caches
 key on it (session 8's end-to-end A/B read a global inside the op, hit the cache of the first mode
@@ -204,8 +204,9 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
 #   (3 launches, under torch.compile too);
 # "gather": `_group_z`, then the gather adds the U product to its partials (2 launches; under
 #   torch.compile inductor sums them in the consumer);
-# "one-launch": the z programs first in the gather launch itself, tiles wait on a per-call counter
-#   (1 launch + the counter's fill under torch.compile).
+# "one-launch": the z programs first in the gather launch itself, tiles wait on a counter
+#   (1 launch, under torch.compile too; the counter is the caller's `locks[0]`, left zeroed; a fill
+#   launch per call only without locks or with `lowrank.KEPT_COUNTER = 0`).
 # "one-launch" by default: on an H200 (session 9, one run side by side, Llama-3-8B shapes, alpha 0.9,
 # 50%, batch 1, compiled) it ran 226.8 tok/s and "gather" 215.5 (dense 185.9); per call it is 1-3 us
 # faster on every ranked shape. Its tiles spin on a counter the z programs (the launch's first
@@ -229,7 +230,8 @@ def _launch(x, wt, at, u, col_scale, tau, bias, cfg, out=None, segments=None, gl
     """segments: column boundaries (SEG1, SEG2) of a fused group's members, roffs: their rank-column
     boundaries (ROFF1, ROFF2) in at (in, RT) with u the members' U (out_p, r_p) packed one after the
     other; glu: the group is gate|up (SEG1 = OUT / 2) and the result is SiLU(gate) * up, (B, OUT / 2);
-    locks: `tile_locks` for the one-launch split kernel (None: fresh ones, zero-filled per call)."""
+    locks: `tile_locks` for the one-launch split kernel and the one-launch rank terms' z counter (None:
+    fresh ones, zero-filled per call)."""
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     LDW = wt.stride(0)
