@@ -15,6 +15,10 @@ them; the last replay's records are read. Per call (median over the copies), µs
 program start: z done (the last z program's count raised), the tiles' gather end (median, last), the
 wait (median, longest), the U part (median, longest), span; gap: the previous call's last end to this
 call's first start (launch, and the fill for ranked calls). The timer advances in ~1 µs steps.
+Both ranked sequences take a fresh counter per call (no `sync`), as modules did before session 27: the
+gap they show includes the fill that the kept counter (`lowrank.KEPT_COUNTER`) now saves.
+Session 27 (`gpu_rank_timeline_s27.json`): the fill ~1.3 µs of gap per call; waits under 1 µs; the U
+part at the tiles' end 1.3-1.7 µs for one rank block, 5.4-7.2 on gate|up at rank 144.
 Prints a table, ends with one JSON line; writes $OUT/gpu_rank_timeline.json.
     PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_timeline.py [--alphas 0.97,0.9]
 """
