@@ -17,7 +17,11 @@ one kernel in a compiled step, so a mode that writes more partial rows pays for 
 it would not pay there. Prints a table, ends with one JSON line; writes $OUT/gpu_rank_modes.json.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_modes.py [--alpha 0.9] [--sparsity 0.5] [--modes M,..]
-        [--zchunks N,..] [--knobs K=V[,K=V] ...]
+        [--zchunks N,..] [--knobs K=V[,K=V] ...] [--stages N,..]
+
+`--stages N,..` also times one-launch with every call's launch configuration at N pipeline stages
+(label stN; session 27's offline compile: the ranked down kernel keeps 2 tile buffers where the r = 0
+gather keeps 1).
 """
 import argparse
 import sys
@@ -87,8 +91,11 @@ def main():
                     help="comma list: also time one-launch with these channels per z program (RANKED_TILES['ZCHUNK'])")
     ap.add_argument("--knobs", dest="rank_ab", action="append", metavar="KEY=VALUE[,...]",
                     help="also time one-launch with these lowrank.knobs() (repeatable; checked as rsparse bench --rank-ab)")
+    ap.add_argument("--stages", default=None,
+                    help="comma list: also time one-launch with every call's launch configuration at these pipeline stages")
     args = ap.parse_args()
     modes = tuple(args.modes.split(","))
+    stages = [int(v) for v in args.stages.split(",")] if args.stages else []
     zchunks = [int(z) for z in args.zchunks.split(",")] if args.zchunks else []
     try:
         knobs = rank_patches(args)  # [(label, {knob: value})]
@@ -104,11 +111,15 @@ def main():
         ref = torch.nn.functional.silu(refs[0]) * refs[1] if name == "gate|up" else torch.cat(refs, 1)
         row = {"call": name, "outs": outs, "in": in_f, "ranks": ranks}
         default_z = lowrank.RANKED_TILES["ZCHUNK"]
-        variants = ([(m, m, default_z, {}) for m in modes] + [(f"z{z}", "one-launch", z, {}) for z in zchunks]
-                    + [(lb, "one-launch", default_z, ks) for lb, ks in knobs])
-        for label, mode, zc, ks in variants:
+        variants = ([(m, m, default_z, {}, None) for m in modes] + [(f"z{z}", "one-launch", z, {}, None) for z in zchunks]
+                    + [(lb, "one-launch", default_z, ks, None) for lb, ks in knobs]
+                    + [(f"st{n}", "one-launch", default_z, {}, n) for n in stages])
+        group_cfg = tg._group_cfg
+        for label, mode, zc, ks, st in variants:
             lowrank.RANKED_TILES["ZCHUNK"] = zc  # read at launch: z programs = members x in / ZCHUNK
             saved = lowrank.set_knobs(ks)
+            if st:  # the ops look their configuration up through _group_cfg at every call
+                tg._group_cfg = lambda *a, st=st, **k: dict(group_cfg(*a, **k), stages=st)
             wide, lowrank.ZCHUNK_WIDE = lowrank.ZCHUNK_WIDE, (lowrank.ZCHUNK_WIDE if label != f"z{zc}" else None)  # zN: every call
             try:
                 y = call(name, x, *copies[0][:3], cs, taus, seg, roff, mode)
@@ -119,6 +130,7 @@ def main():
             finally:
                 lowrank.RANKED_TILES["ZCHUNK"], lowrank.ZCHUNK_WIDE = default_z, wide
                 lowrank.set_knobs(saved)
+                tg._group_cfg = group_cfg
         # r = 0 at the same kept fractions: the gather the rank terms ride on
         empty = [(wt, torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(0, device="cuda", dtype=dt)) for wt, *_ in copies]
         zero = bounds([0] * len(outs))
@@ -126,7 +138,7 @@ def main():
         kept = sum(o * (x[0].float().abs() > t).float().mean().item() for o, t in zip(outs, taus)) * in_f * 2
         rank_b = sum(2 * r * (o + in_f) for o, r in zip(outs, ranks))
         row["bytes"] = kept + rank_b
-        labels = list(modes) + [f"z{z}" for z in zchunks] + [lb for lb, _ in knobs]
+        labels = list(modes) + [f"z{z}" for z in zchunks] + [lb for lb, _ in knobs] + [f"st{n}" for n in stages]
         for label in labels:
             row[f"{label}_bw_frac"] = row["bytes"] / (row[f"{label}_us"] * 1e-6) / bw
         rows.append(row)
