@@ -72,14 +72,13 @@ _LOCKS = {}  # tile counters per width, made once (as a module's): none allocate
 
 def call(name, x, wt, at, u, cs, taus, seg, roff, mode):
     """The call as a compiled step makes it, returning the layer's output (float32 for the partials)."""
-    if name == "gate|up":
-        if wt.shape[1] not in _LOCKS:
-            _LOCKS[wt.shape[1]] = tg.tile_locks(wt.shape[1], x.device)
-        return tg.rsparse_glu_gemv(x, wt, at, u, cs, taus, _LOCKS[wt.shape[1]], roff[0], None, mode)
-    c, t = (cs, taus) if len(cs) > 1 else (cs[0], taus[0])
     if wt.shape[1] not in _LOCKS:
         _LOCKS[wt.shape[1]] = tg.tile_locks(wt.shape[1], x.device)
-    return tg.sum_partials(tg.rsparse_partials(x, wt, at, u, c, t, _LOCKS[wt.shape[1]], *seg, *roff, mode), None, torch.float32)
+    locks = _LOCKS[wt.shape[1]]
+    if name == "gate|up":
+        return tg.rsparse_glu_gemv(x, wt, at, u, cs, taus, locks, roff[0], None, mode)
+    c, t = (cs, taus) if len(cs) > 1 else (cs[0], taus[0])
+    return tg.sum_partials(tg.rsparse_partials(x, wt, at, u, c, t, locks, *seg, *roff, mode), None, torch.float32)
 
 
 def main():

@@ -279,7 +279,7 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     else:
         zpart, nzchunk = _group_z_launch(x, at, col_scale, tau, members, roff1, roff2)
         sync, nz, kept = scratch, 0, False  # no z programs, no counter (the pointer is unused)
-    nw = waiting_tiles(OUT, R, seg1, seg2, roff1, roff2, nchunk, bn)
+    nw = waiting_tiles(OUT, R, seg1, seg2, roff1, roff2, nchunk, bn) if kept else 0  # read by KEPT kernels only
     torch.library.wrap_triton(_ranked_gather_gemv)[(nz + ntile * nchunk,)](
         x, col_scale, tau, wt, scratch, ypart, at, zpart, u, sync, B, IN, OUT, wt.stride(0), seg1, seg2, at.stride(0), R,
         roff1, roff2, ntile, nzchunk, nz, nw, CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, Z_HERE=one_launch,
