@@ -6,7 +6,7 @@
 #      made on the CPU by `python3 benchmarks/gpu_generate_check.py prepare gpu_check`).
 # Usage on the device machine (the run tool, carry ["gpu_check"], timeout 600):
 #   bash benchmarks/gpu_checks.sh [tests|profile|cli ...]   (default: all three, up to 670 s together, past one
-#   600 s run: run `tests` alone (~250 s, session 24) and `profile cli` in a second run)
+#   600 s run: run `tests` alone (~250 s in session 24, before the ranked gathers' tests joined) and `profile cli` in a second run)
 set -u
 export PYTHONPATH="$PWD/src:$PWD/benchmarks"
 OUT="${OUT:-/tmp/gpu_checks}"
@@ -17,8 +17,8 @@ for step in "${steps[@]}"; do
   start=$(date +%s)
   case "$step" in
     tests)
-      timeout 260 python -m pytest -q -p no:warnings tests/test_attention.py tests/test_rmsnorm.py \
-        tests/test_kernels.py -k "attention or rms or fused_groups_in_decoder or trace_as or split3 or registered_op or group_kernel or glu_kernel" \
+      timeout 330 python -m pytest -q -p no:warnings tests/test_attention.py tests/test_rmsnorm.py \
+        tests/test_kernels.py -k "attention or rms or fused_groups_in_decoder or trace_as or split3 or registered_op or group_kernel or glu_kernel or partials or wide_calls or (gemv_matches and launch)" \
         > "$OUT/gpu_pytest.log" 2>&1
       echo "pytest exit status $?" >> "$OUT/gpu_pytest.log"
       tail -3 "$OUT/gpu_pytest.log" ;;
