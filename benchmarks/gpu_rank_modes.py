@@ -17,11 +17,12 @@ one kernel in a compiled step, so a mode that writes more partial rows pays for 
 it would not pay there. Prints a table, ends with one JSON line; writes $OUT/gpu_rank_modes.json.
 
     PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_modes.py [--alpha 0.9] [--sparsity 0.5] [--modes M,..]
-        [--zchunks N,..] [--knobs K=V[,K=V] ...] [--stages N,..]
+        [--zchunks N,..] [--knobs K=V[,K=V] ...] [--launch K=V[,K=V] ...]
 
-`--stages N,..` also times one-launch with every call's launch configuration at N pipeline stages
-(label stN; session 27's offline compile: the ranked down kernel keeps 2 tile buffers where the r = 0
-gather keeps 1).
+`--launch K=V[,K=V]` (repeatable) also times one-launch, and r = 0 beside it, with every call's launch
+configuration changed so (`triton_gemv._group_cfg`'s keys: chunk, block_n, block_k, warps, stages;
+e.g. `--launch stages=2`, session 28: the ranked down kernel keeps 2 tile buffers where the r = 0
+gather keeps 1; `--launch chunk=1024`: gate|up's rank blocks over 4 chunks instead of 2).
 """
 import argparse
 import sys
@@ -81,6 +82,20 @@ def call(name, x, wt, at, u, cs, taus, seg, roff, mode):
     return tg.sum_partials(tg.rsparse_partials(x, wt, at, u, c, t, locks, *seg, *roff, mode), None, torch.float32)
 
 
+LAUNCH_KEYS = ("chunk", "block_n", "block_k", "warps", "stages")
+
+
+def parse_launch(spec: str) -> dict:
+    """'chunk=1024,stages=2' -> {"chunk": 1024, "stages": 2}; ValueError naming a bad key or value."""
+    out = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in LAUNCH_KEYS or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{item!r}: expected KEY=positive integer, KEY one of {', '.join(LAUNCH_KEYS)}")
+        out[key] = int(value)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--alpha", type=float, default=0.9)
@@ -90,11 +105,14 @@ def main():
                     help="comma list: also time one-launch with these channels per z program (RANKED_TILES['ZCHUNK'])")
     ap.add_argument("--knobs", dest="rank_ab", action="append", metavar="KEY=VALUE[,...]",
                     help="also time one-launch with these lowrank.knobs() (repeatable; checked as rsparse bench --rank-ab)")
-    ap.add_argument("--stages", default=None,
-                    help="comma list: also time one-launch with every call's launch configuration at these pipeline stages")
+    ap.add_argument("--launch", action="append", default=[], metavar="KEY=VALUE[,...]",
+                    help="also time one-launch and r = 0 with every call's launch configuration changed so (repeatable)")
     args = ap.parse_args()
     modes = tuple(args.modes.split(","))
-    stages = [int(v) for v in args.stages.split(",")] if args.stages else []
+    try:
+        launches = [(spec.replace(",", ";"), parse_launch(spec)) for spec in args.launch]
+    except ValueError as e:
+        sys.exit(f"--launch: {e}")
     zchunks = [int(z) for z in args.zchunks.split(",")] if args.zchunks else []
     try:
         knobs = rank_patches(args)  # [(label, {knob: value})]
@@ -112,13 +130,13 @@ def main():
         default_z = lowrank.RANKED_TILES["ZCHUNK"]
         variants = ([(m, m, default_z, {}, None) for m in modes] + [(f"z{z}", "one-launch", z, {}, None) for z in zchunks]
                     + [(lb, "one-launch", default_z, ks, None) for lb, ks in knobs]
-                    + [(f"st{n}", "one-launch", default_z, {}, n) for n in stages])
+                    + [(lb, "one-launch", default_z, {}, lc) for lb, lc in launches])
         group_cfg = tg._group_cfg
-        for label, mode, zc, ks, st in variants:
+        for label, mode, zc, ks, lc in variants:
             lowrank.RANKED_TILES["ZCHUNK"] = zc  # read at launch: z programs = members x in / ZCHUNK
             saved = lowrank.set_knobs(ks)
-            if st:  # the ops look their configuration up through _group_cfg at every call
-                tg._group_cfg = lambda *a, st=st, **k: dict(group_cfg(*a, **k), stages=st)
+            if lc:  # the ops look their configuration up through _group_cfg at every call
+                tg._group_cfg = lambda *a, lc=lc, **k: dict(group_cfg(*a, **k), **lc)
             wide, lowrank.ZCHUNK_WIDE = lowrank.ZCHUNK_WIDE, (lowrank.ZCHUNK_WIDE if label != f"z{zc}" else None)  # zN: every call
             try:
                 y = call(name, x, *copies[0][:3], cs, taus, seg, roff, mode)
@@ -134,10 +152,16 @@ def main():
         empty = [(wt, torch.empty(in_f, 0, device="cuda", dtype=dt), torch.empty(0, device="cuda", dtype=dt)) for wt, *_ in copies]
         zero = bounds([0] * len(outs))
         row["r0_us"] = bench(lambda: [call(name, x, wt, at, u, cs, taus, seg, zero, "one-launch") for wt, at, u in empty])
+        for label, lc in launches:  # the r = 0 gather under the same launch change
+            tg._group_cfg = lambda *a, lc=lc, **k: dict(group_cfg(*a, **k), **lc)
+            try:
+                row[f"r0 {label}_us"] = bench(lambda: [call(name, x, wt, at, u, cs, taus, seg, zero, "one-launch") for wt, at, u in empty])
+            finally:
+                tg._group_cfg = group_cfg
         kept = sum(o * (x[0].float().abs() > t).float().mean().item() for o, t in zip(outs, taus)) * in_f * 2
         rank_b = sum(2 * r * (o + in_f) for o, r in zip(outs, ranks))
         row["bytes"] = kept + rank_b
-        labels = list(modes) + [f"z{z}" for z in zchunks] + [lb for lb, _ in knobs] + [f"st{n}" for n in stages]
+        labels = list(modes) + [f"z{z}" for z in zchunks] + [lb for lb, _ in knobs] + [lb for lb, _ in launches]
         for label in labels:
             row[f"{label}_bw_frac"] = row["bytes"] / (row[f"{label}_us"] * 1e-6) / bw
         rows.append(row)
@@ -148,7 +172,9 @@ def main():
     for r in rows:
         print(f"{r['call']:8s} {str(r['ranks']):>14s} {r['r0_us']:7.2f}" + "".join(f" {r[m + '_us']:11.2f}" for m in labels)
               + "".join(f" {r[m + '_bw_frac']:14.1%}" for m in labels))
-    block = {m: sum(r[f"{m}_us"] for r in rows) for m in labels + ["r0"]}
+    for label, _ in launches:
+        print(f"r = 0 with {label}: " + ", ".join(f"{r['call']} {r[f'r0 {label}_us']:.2f}" for r in rows))
+    block = {m: sum(r[f"{m}_us"] for r in rows) for m in labels + ["r0"] + [f"r0 {lb}" for lb, _ in launches]}
     print("one block's four calls, µs: " + ", ".join(f"{m} {v:.2f}" for m, v in block.items()))
     finish("gpu_rank_modes.json", {"copy_bw_TBps": bw / 1e12, "alpha": args.alpha, "sparsity": args.sparsity,
                                    "block_us": block, "rows": rows})
