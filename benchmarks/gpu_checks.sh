@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One device run of the checks every GPU session repeats, each under its own time limit, results in $OUT:
 #   1. the Triton tests on the GPU (gpu_pytest.log; its last line is pytest's own exit status),
+#   1b. `ranked`: the rank terms' one-launch gathers on the GPU (gpu_pytest_ranked.log; ~100 s, session 28;
+#      not in the default list: `tests` with them passed the 330 s a run leaves it, session 28),
 #   2. the per-kernel profile of the dense and 50% sparse steps (gpu_profile.json / .log),
 #   3. the CLI in three dtypes x three backends (gpu_generate_check.json / .log; needs gpu_check carried,
 #      made on the CPU by `python3 benchmarks/gpu_generate_check.py prepare gpu_check`).
 # Usage on the device machine (the run tool, carry ["gpu_check"], timeout 600):
-#   bash benchmarks/gpu_checks.sh [tests|profile|cli ...]   (default: all three, up to 670 s together, past one
-#   600 s run: run `tests` alone (~250 s in session 24, before the ranked gathers' tests joined) and `profile cli` in a second run)
+#   bash benchmarks/gpu_checks.sh [tests|ranked|profile|cli ...]   (default: all three, up to 670 s together, past one
+#   600 s run: run `tests` alone (~250 s, session 24) and `profile cli` in a second run)
 set -u
 export PYTHONPATH="$PWD/src:$PWD/benchmarks"
 OUT="${OUT:-/tmp/gpu_checks}"
@@ -17,11 +19,16 @@ for step in "${steps[@]}"; do
   start=$(date +%s)
   case "$step" in
     tests)
-      timeout 330 python -m pytest -q -p no:warnings tests/test_attention.py tests/test_rmsnorm.py \
-        tests/test_kernels.py -k "attention or rms or fused_groups_in_decoder or trace_as or split3 or registered_op or group_kernel or glu_kernel or partials or wide_calls or (gemv_matches and launch)" \
+      timeout 260 python -m pytest -q -p no:warnings tests/test_attention.py tests/test_rmsnorm.py \
+        tests/test_kernels.py -k "attention or rms or fused_groups_in_decoder or trace_as or split3 or registered_op or group_kernel or glu_kernel" \
         > "$OUT/gpu_pytest.log" 2>&1
       echo "pytest exit status $?" >> "$OUT/gpu_pytest.log"
       tail -3 "$OUT/gpu_pytest.log" ;;
+    ranked)
+      timeout 200 python -m pytest -q -p no:warnings tests/test_kernels.py \
+        -k "partials or wide_calls or (gemv_matches and launch)" > "$OUT/gpu_pytest_ranked.log" 2>&1
+      echo "pytest exit status $?" >> "$OUT/gpu_pytest_ranked.log"
+      tail -3 "$OUT/gpu_pytest_ranked.log" ;;
     profile)
       timeout 190 python -m rsparse bench --device cuda --shapes llama3-8b --sparsities 0.5 --profile \
         --out "$OUT/gpu_profile.json" > "$OUT/gpu_profile.log" 2>&1
@@ -32,7 +39,7 @@ for step in "${steps[@]}"; do
       echo "cli check exit status $?"
       tail -11 "$OUT/gpu_generate_check.log" ;;
     *)
-      echo "unknown step $step (tests, profile, cli)"; exit 2 ;;
+      echo "unknown step $step (tests, ranked, profile, cli)"; exit 2 ;;
   esac
   echo "$step took $(( $(date +%s) - start )) s"
 done
