@@ -96,6 +96,11 @@ def parse_launch(spec: str) -> dict:
     return out
 
 
+def launch_changed(group_cfg, change: dict):
+    """`triton_gemv._group_cfg` with `change` laid over every configuration it returns."""
+    return lambda *a, **k: dict(group_cfg(*a, **k), **change)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--alpha", type=float, default=0.9)
@@ -136,7 +141,7 @@ def main():
             lowrank.RANKED_TILES["ZCHUNK"] = zc  # read at launch: z programs = members x in / ZCHUNK
             saved = lowrank.set_knobs(ks)
             if lc:  # the ops look their configuration up through _group_cfg at every call
-                tg._group_cfg = lambda *a, lc=lc, **k: dict(group_cfg(*a, **k), **lc)
+                tg._group_cfg = launch_changed(group_cfg, lc)
             wide, lowrank.ZCHUNK_WIDE = lowrank.ZCHUNK_WIDE, (lowrank.ZCHUNK_WIDE if label != f"z{zc}" else None)  # zN: every call
             try:
                 y = call(name, x, *copies[0][:3], cs, taus, seg, roff, mode)
@@ -153,7 +158,7 @@ def main():
         zero = bounds([0] * len(outs))
         row["r0_us"] = bench(lambda: [call(name, x, wt, at, u, cs, taus, seg, zero, "one-launch") for wt, at, u in empty])
         for label, lc in launches:  # the r = 0 gather under the same launch change
-            tg._group_cfg = lambda *a, lc=lc, **k: dict(group_cfg(*a, **k), **lc)
+            tg._group_cfg = launch_changed(group_cfg, lc)
             try:
                 row[f"r0 {label}_us"] = bench(lambda: [call(name, x, wt, at, u, cs, taus, seg, zero, "one-launch") for wt, at, u in empty])
             finally:
