@@ -68,6 +68,23 @@ def report(label: str, res: dict, note: str, out: dict) -> None:
     print(json.dumps(out))
 
 
+def set_half_kept(ref: RSparseLinear, x: torch.Tensor) -> RSparseLinear:
+    """ref with tau at the median score of input row x[0]: half its channels kept."""
+    ref.tau.fill_((x[0].abs() * ref.col_scale).median().item())
+    return ref
+
+
+def kept_bytes(members, x: torch.Tensor) -> int:
+    """Bytes of float32 weight rows the members keep for input row x[0]."""
+    return 4 * sum(int((x[0].abs() * m.col_scale > m.tau).sum()) * m.out_features for m in members)
+
+
+def check_masked(group: CpuGroup, x: torch.Tensor, weights) -> None:
+    """The kernel's own check: the group's output equals each member's masked dense product."""
+    want = torch.cat([torch.nn.functional.linear(x * (x.abs() * m.col_scale > m.tau), w) for m, w in zip(group._members, weights)], -1)
+    assert torch.allclose(torch.cat(group(x), -1), want, rtol=1e-4, atol=1e-4)
+
+
 def layer():
     """One layer's groups: [(group at 50% kept, group with every channel kept, input row, bytes of the
     rows each reads, dense weights)]; the two groups hold copies of the same weights."""
@@ -79,9 +96,8 @@ def layer():
         for lin in lins:
             ref = RSparseLinear.from_linear(lin, 0.0, "wnorm")
             full.append(CpuRSparseLinear(ref))  # tau = 0: every nonzero channel kept
-            ref.tau.fill_((x[0].abs() * ref.col_scale).median().item())
-            half.append(CpuRSparseLinear(ref))
-        kept = [4 * sum(int((x[0].abs() * m.col_scale > m.tau).sum()) * m.out_features for m in ms) for ms in (half, full)]
+            half.append(CpuRSparseLinear(set_half_kept(ref, x)))
+        kept = [kept_bytes(ms, x) for ms in (half, full)]
         out.append((CpuGroup(half), CpuGroup(full), x, kept, [lin.weight.detach().contiguous() for lin in lins]))
     return out
 
@@ -89,12 +105,9 @@ def layer():
 def main():
     torch.manual_seed(0)
     groups = [g for _ in range(LAYERS) for g in layer()]
-    # the kernel's own check: each group equals the masked dense product
     with torch.inference_mode():
         for g in groups[0][:2]:
-            x, ws = groups[0][2], groups[0][4]
-            want = torch.cat([torch.nn.functional.linear(x * (x.abs() * m.col_scale > m.tau), w) for m, w in zip(g._members, ws)], -1)
-            assert torch.allclose(torch.cat(g(x), -1), want, rtol=1e-4, atol=1e-4)
+            check_masked(g, groups[0][2], groups[0][4])
     runs = {"mkl_gemv": lambda: [torch.mv(w, x[0]) for _, _, x, _, ws in groups for w in ws],
             "kernel_all_kept": lambda: [g(x) for _, g, x, _, _ in groups],
             "kernel_half_kept": lambda: [g(x) for g, _, x, _, _ in groups]}

@@ -17,7 +17,7 @@ ends with one JSON line; `--out FILE` writes it.
 """
 import torch
 
-from cpu_kernel_rate import alternate, report
+from cpu_kernel_rate import alternate, check_masked, kept_bytes, report, set_half_kept
 from rsparse.kernels.cpu import CpuGroup, CpuRSparseLinear
 from rsparse.linear import RSparseLinear
 
@@ -33,10 +33,8 @@ def modules(length: int):
     for _ in range(MODULES):
         lin = torch.nn.Linear(in_f, length, bias=False)
         x = torch.distributions.Laplace(0.0, 1.0).sample((1, in_f))
-        ref = RSparseLinear.from_linear(lin, 0.0, "wnorm")
-        ref.tau.fill_((x[0].abs() * ref.col_scale).median().item())
-        m = CpuRSparseLinear(ref)
-        kept += 4 * length * int((x[0].abs() * m.col_scale > m.tau).sum())
+        m = CpuRSparseLinear(set_half_kept(RSparseLinear.from_linear(lin, 0.0, "wnorm"), x))
+        kept += kept_bytes([m], x)
         out.append((CpuGroup([m]), x, lin.weight.detach().contiguous()))
     return out, kept
 
@@ -47,10 +45,8 @@ def main():
     with torch.inference_mode():
         for length in LENGTHS:
             mods, kept = modules(length)
-            g, x, w = mods[0]  # the kernel's own check: the masked dense product
-            m = g._members[0]
-            want = torch.nn.functional.linear(x * (x.abs() * m.col_scale > m.tau), w)
-            assert torch.allclose(g(x)[0], want, rtol=1e-4, atol=1e-4), length
+            g, x, w = mods[0]
+            check_masked(g, x, [w])
             runs[f"kernel_L{length}"] = lambda mods=mods: [g(x) for g, x, _ in mods]
             runs[f"mkl_L{length}"] = lambda mods=mods: [torch.mv(w, x[0]) for _, x, w in mods]
             nbytes[f"kernel_L{length}"] = kept
