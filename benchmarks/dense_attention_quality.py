@@ -20,6 +20,7 @@ import numpy as np
 from rsparse import data
 from rsparse.apply import sparsify_
 from rsparse.atomic import write_json
+from rsparse.budget import RankRule
 from rsparse.evaluate import perplexity
 from rsparse.models import load
 from rsparse.pipeline import observe
@@ -50,12 +51,12 @@ def main():
         raise SystemExit(f"the other projections cannot carry sparsity {s} alone ({s_rest:.2f} needed)")
 
     opts = {k: (np.array([0.0]), np.array([float(o * i)]), [(1.0, 0, "abs")]) if is_forced[k]
-            else projection_options(stats.proj[k], shapes[k], ("abs",), 0) for k, (o, i) in shapes.items()}
+            else projection_options(stats.proj[k], shapes[k], ("abs",), RankRule(max_rank=0)) for k, (o, i) in shapes.items()}
     plans = {
         "uniform": config_picks(stats, shapes, RSparseConfig(method="teal", sparsity=s, allocation="uniform"))[0],
         "uniform, forced dense": {k: (1.0, 0, "abs") if is_forced[k] else (1 - s_rest, 0, "abs") for k in shapes},
         "greedy": config_picks(stats, shapes, RSparseConfig(method="teal", sparsity=s, allocation="greedy"))[0],
-        "greedy, forced dense": block_picks(stats, shapes, {b: s for b in block_keys(stats.proj)}, ("abs",), 0, options=opts),
+        "greedy, forced dense": block_picks(stats, shapes, {b: s for b in block_keys(stats.proj)}, ("abs",), None, options=opts),
     }
     windows = data.token_windows(tok, "wiki", "eval", 1024, n=args.windows)
     rows = [{"plan": "dense", "expected_sparsity": 0.0, "ppl": perplexity(model, windows, progress=False)["ppl"]}]

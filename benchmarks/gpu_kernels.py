@@ -28,7 +28,8 @@ import triton.testing
 
 from rsparse.errors import RSparseError
 from rsparse.gpubench import copy_bandwidth, gpu_dtype
-from rsparse.gpumodel import aligned_allocation
+from rsparse.budget import allocate
+from rsparse.kernels.module import RANK_ALIGN
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.teal import teal_gemv
 from rsparse.kernels.triton_gemv import rsparse_gemv
@@ -490,7 +491,7 @@ def main():
             print("tuned", tuned[-1], flush=True)
         for s in (0.5, 0.7):
             for alpha in (1.0, 0.95, 0.9):  # 0.9: the ranks (96-144 at 50%) of the end-to-end --alpha 0.9 runs
-                al = aligned_allocation(out_f, in_f, s, alpha)  # ranks in the modules' stored multiple of 16
+                al = allocate(out_f, in_f, s, alpha, RANK_ALIGN)  # ranks in the modules' stored multiple of 16
                 R = al.rank
                 tau = torch.quantile(x1[0].float().abs(), 1 - al.keep).reshape(())
                 Us = [torch.randn(out_f, R, device="cuda").to(dt) / 8 for _ in range(COPIES)]

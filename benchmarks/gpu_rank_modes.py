@@ -31,7 +31,8 @@ import torch
 
 from gpu_kernels import COPIES, bench, device_bandwidth, finish
 from rsparse.errors import RSparseError
-from rsparse.gpumodel import aligned_allocation
+from rsparse.budget import allocate
+from rsparse.kernels.module import RANK_ALIGN
 from rsparse.gpuvariants import rank_patches
 from rsparse.kernels import lowrank, triton_gemv as tg
 from rsparse.linear import rsparse_linear_ref
@@ -46,7 +47,7 @@ def build(outs, in_f, sparsity, alpha, dt):
     """COPIES sets of members side by side (wt, at, u packed as the groups store them), one Laplace row
     x, per-member scales (ones) and thresholds for the allocation's kept fraction; the float32 oracle
     per member on copy 0."""
-    als = [aligned_allocation(o, in_f, sparsity, alpha) for o in outs]
+    als = [allocate(o, in_f, sparsity, alpha, RANK_ALIGN) for o in outs]
     ranks = [a.rank for a in als]
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, in_f)).to("cuda", dt)
     taus = torch.stack([torch.quantile(x[0].float().abs(), 1 - a.keep) for a in als])

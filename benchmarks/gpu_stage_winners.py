@@ -16,7 +16,8 @@ import json
 import torch
 
 from gpu_kernels import COPIES, _write, time_grid
-from rsparse.gpumodel import aligned_allocation
+from rsparse.budget import allocate
+from rsparse.kernels.module import RANK_ALIGN
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.lowrank import _ranked_gather
 from rsparse.linear import rsparse_linear_ref
@@ -39,7 +40,7 @@ def main():
         Wts = [(torch.randn(in_f, out_f, device="cuda") / in_f**0.5).to(dt) for _ in range(COPIES)]
         row = {"out": out_f, "in": in_f, "rule": rule, "winner": win}
         for label, alpha in (("r0", 1.0), ("ranked", 0.9)):
-            al = aligned_allocation(out_f, in_f, 0.5, alpha)
+            al = allocate(out_f, in_f, 0.5, alpha, RANK_ALIGN)
             R = al.rank if alpha < 1 else 0
             tau = torch.quantile(x.float().abs(), 1 - (al.keep if alpha < 1 else 0.5)).reshape(())
             at = (torch.randn(in_f, R, device="cuda") / 8).to(dt)

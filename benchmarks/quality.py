@@ -41,6 +41,11 @@ LEVERS = {  # at 50% only
     "rsparse-uniform-wnorm-a1": dict(method="rsparse", allocation="uniform", alpha=1.0, score="wnorm"),
     "rsparse-auto-plain": dict(method="rsparse", factors="plain"),
     "rsparse-auto-score-auto": dict(method="rsparse", score="auto"),
+    # ranks priced for the GPU (session 29): multiples of 16 alone, 3x factor bytes alone, both (--target gpu)
+    "rsparse-control-s29": dict(method="rsparse"),  # the default plan again, calibrated in the same run as the three
+    "rsparse-rank16": dict(method="rsparse", rank_multiple=16),
+    "rsparse-rankcost3": dict(method="rsparse", rank_cost=3.0),
+    "rsparse-target-gpu": dict(method="rsparse", rank_multiple=16, rank_cost=3.0),
 }
 TASK_METHODS = ("dense", "rsparse", "teal-uniform", "teal-greedy", "cats", "rsparse-paper")  # most wanted first
 
@@ -94,7 +99,7 @@ def main():
         plan = build_plan(m, stats, cfg) if stats else rsparse.calibrate(m, tok, cfg)
         rsparse.sparsify_(m, plan)
         row = {"name": name, "target": s, "kind": kind, "config": plan.config,
-               "expected": plan.expected_sparsity(), "plan_seconds": round(time.time() - t, 1)}
+               "expected": plan.expected_sparsity(), "plan_seconds": round(time.time() - t, 1), **rank_use(plan)}
         row.update(evaluate_row(m, tok, plan, texts, kind, args.limit))
         row["seconds"] = round(time.time() - t, 1)
         results["rows"].append(row)
@@ -102,6 +107,17 @@ def main():
         print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
 
     report(results)
+
+
+def rank_use(plan) -> dict:
+    """How many projections carry rank terms, and the factors' share of the bytes the plan reads."""
+    read = factors = 0.0
+    for key, lp in plan.layers.items():
+        if key in plan.shapes:
+            o, i = plan.shapes[key]
+            read += lp.keep * o * i + lp.rank * (o + i)
+            factors += lp.rank * (o + i)
+    return {"ranked": sum(lp.rank > 0 for lp in plan.layers.values()), "rank_share": factors / read if read else 0.0}
 
 
 def evaluate_row(m, tok, plan, texts: dict, kind: str, limit: int) -> dict:

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rsparse.budget import Allocation, allocate, model_sparsity
+from rsparse.budget import Allocation, RankRule, allocate, model_sparsity
 from rsparse.errors import RSparseError
 
 
@@ -36,3 +36,33 @@ def test_hand_case_gqa_shapes():
 def test_bad_sparsity(s):
     with pytest.raises(RSparseError, match="sparsity"):
         allocate(10, 10, s, 0.9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(out_f=st.integers(1, 20000), in_f=st.integers(1, 20000), s=st.floats(0, 0.999), alpha=st.floats(0, 1),
+       multiple=st.sampled_from([1, 2, 16, 64]))
+def test_rank_multiple_keeps_the_budget(out_f, in_f, s, alpha, multiple):
+    a, free = allocate(out_f, in_f, s, alpha, multiple), allocate(out_f, in_f, s, alpha)
+    assert a.rank % multiple == 0 and free.rank - multiple < a.rank <= free.rank
+    assert a.elements(out_f, in_f) <= (1 - s) * out_f * in_f * (1 + 1e-9) + 1e-6
+    assert a.keep == 1.0 or abs(a.elements(out_f, in_f) - free.elements(out_f, in_f)) <= 1e-6 * out_f * in_f
+
+
+def test_rank_rule_hand_case():
+    ranks = (0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+    assert RankRule().allowed(ranks) == list(range(len(ranks)))
+    assert [ranks[j] for j in RankRule(multiple=16).allowed(ranks)] == [0, 16, 32, 48, 64]
+    assert [ranks[j] for j in RankRule(max_rank=24, multiple=8).allowed(ranks)] == [0, 8, 16, 24]
+    assert RankRule(max_rank=0).allowed(ranks) == [0]
+    assert RankRule(cost=3.0).elements(16, 192, 576) == 3.0 * 16 * 768
+    # k at 50%, alpha 0.9 gives rank 7 (hand case above): a multiple of 16 leaves none, the budget to channels
+    a = allocate(192, 576, 0.5, 0.9, 16)
+    assert a.rank == 0 and a.keep == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kw,match", [({"multiple": 0}, "rank_multiple"), ({"multiple": 1.5}, "rank_multiple"),
+                                      ({"multiple": True}, "rank_multiple"), ({"cost": 0.5}, "rank_cost"),
+                                      ({"cost": float("nan")}, "rank_cost"), ({"cost": float("inf")}, "rank_cost")])
+def test_bad_rank_rule(kw, match):
+    with pytest.raises(RSparseError, match=match):
+        RankRule(**kw)

@@ -100,6 +100,8 @@ def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
     (["bench", "--device", "cuda", "--retune", "0"], "--retune must be 1..4"),
     (["bench", "--device", "cuda", "--dtype", "float32"], "runs bfloat16 or float16 weights, got --dtype 'float32'"),
     (["generate", "--device", "tpu", "Hi"], "--device must be cpu or cuda"),
+    (["calibrate", "--rank-cost", "0.5", "--out", "/tmp/never-written"], "rank_cost must be a finite number >= 1"),
+    (["eval", "--method", "rsparse", "--target", "gpu", "--rank-multiple", "0"], "rank_multiple must be a whole number >= 1"),
     (["generate", "--plan", "/no/such/plan", "--backend", "oracle", "--compile", "Hi"], "it needs --backend cpp, not oracle"),
 ])
 def test_bad_input_one_line_exit_2(args, msg, capsys):

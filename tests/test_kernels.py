@@ -463,7 +463,10 @@ def test_fused_groups_in_decoder_match_per_module_steps(monkeypatch):
                    for i in range(2) for p, (o, n) in shapes.items()}
         for key, mod in modules_for(m, layers, factors).items():
             set_module(m, key, mod)
-        to_triton_(m, fuse=fuse)
+        # padded to 16: q 11 x 256, gate 13 x 384, down 12 x 384 columns per layer, against 147,456
+        # dense elements per layer (q, o 128x128; k, v 64x128; gate, up 256x128; down 128x256): 8.4%
+        with pytest.warns(UserWarning, match=r"not all multiples of 16.* read 8\.4% of the projections' dense bytes more"):
+            to_triton_(m, fuse=fuse)
         models.append(m)
     assert len(attached_groups(models[0])) == 4 and not attached_groups(models[1])
     joined = []

@@ -67,6 +67,32 @@ def test_uniform_alpha_allocation_meets_budget_with_rank_terms(smol, smol_stats)
         assert 0.5 - 1e-9 <= got <= 0.52, (b, got)
 
 
+def test_rank_rule_in_the_allocation(smol, smol_stats):
+    """--target gpu's two levers on the allocation alone (no SVDs): ranks in multiples of 16; factor bytes
+    priced at 3x with every block's charged cost within its budget (so the bytes read are too); and
+    priced out of reach, the rsparse allocation on |x| is exactly TEAL's greedy one."""
+    from rsparse.plan import config_picks, layers_from_picks, shapes_of
+
+    model, _ = smol()
+    shapes = shapes_of(model)
+    picks = {}
+    for name, kw in {"free": {}, "m16": {"rank_multiple": 16}, "cost3": {"rank_cost": 3.0},
+                     "priced out": {"rank_cost": 1e6}}.items():
+        picks[name], _ = config_picks(smol_stats, shapes, RSparseConfig(method="rsparse", **kw))
+    greedy, _ = config_picks(smol_stats, shapes, RSparseConfig(method="teal", allocation="greedy"))
+    ranks = {n: [r for _, r, _ in p.values()] for n, p in picks.items()}
+    assert any(r % 16 for r in ranks["free"] if r) and all(r % 16 == 0 for r in ranks["m16"])
+    assert any(ranks["m16"]) and any(ranks["cost3"])  # still chosen where they pay
+    assert picks["priced out"] == greedy and not any(ranks["priced out"])
+    for b, keys in block_keys(shapes).items():
+        dense = sum(shapes[k][0] * shapes[k][1] for k in keys)
+        charged = sum(picks["cost3"][k][0] * shapes[k][0] * shapes[k][1] + 3.0 * picks["cost3"][k][1] * sum(shapes[k])
+                      for k in keys)
+        assert charged <= 0.5 * dense * (1 + 1e-9), b
+    for name in ("m16", "cost3"):
+        assert all(got >= 0.5 - 1e-9 for got in _block_sparsities(layers_from_picks(smol_stats, picks[name]), shapes))
+
+
 def test_cats_reports_true_model_sparsity(smol, smol_stats):
     model, _ = smol()
     plan = build_plan(model, smol_stats, RSparseConfig(method="cats", sparsity=0.5))
@@ -160,7 +186,8 @@ def test_artifact_round_trip_and_bad_input(smol, smol_plan50, tmp_path):
 
 
 @pytest.mark.parametrize("kw,match", [({"sparsity": 1.0}, "sparsity"), ({"method": "magic"}, "method"),
-                                      ({"method": "cats", "allocation": "greedy"}, "allocation"), ({"alpha": 2}, "alpha")])
+                                      ({"method": "cats", "allocation": "greedy"}, "allocation"), ({"alpha": 2}, "alpha"),
+                                      ({"rank_multiple": 0}, "rank_multiple"), ({"rank_cost": 0.9}, "rank_cost")])
 def test_bad_config(kw, match):
     with pytest.raises(RSparseError, match=match):
         RSparseConfig(**kw)

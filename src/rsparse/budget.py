@@ -9,8 +9,17 @@ Model-level sparsity is 1 - sum(bytes) / sum(in * out) over all seven projection
 with each projection's true shape, so grouped-query k/v (fewer outputs) weigh less than q.
 
 A layer with target sparsity s and split alpha has budget B = (1 - s) * in * out: a share alpha
-goes to kept channels, the rest to rank, r = floor((1 - alpha) * B / (in + out)). What the floor
+goes to kept channels, the rest to rank, r = floor((1 - alpha) * B / (in + out)) (rounded down to a
+multiple m where the backend stores ranks in multiples: the Triton modules pad to 16). What the floor
 leaves over goes back to kept channels, so the budget is met exactly and never exceeded.
+
+`RankRule` is what an allocation that chooses ranks itself may use: the ranks allowed (at most
+`max_rank`, multiples of `multiple`) and what a rank costs in the budget, `cost` * r * (in + out).
+cost = 1 is the method's byte accounting. cost > 1 charges factor bytes as that many kept-column
+bytes: on the H200 a factor byte takes several times the decode time of a kept-column byte (fixed
+work per ranked call, the U product after the gather; docs/perf-gpu.md session 29), so a plan meant
+for GPU speed should buy rank only where it beats that price. The bytes actually read then stay at or
+under the budget (cost >= 1).
 """
 from __future__ import annotations
 
@@ -43,12 +52,14 @@ class Allocation:
         return self.keep * in_f * out_f + self.rank * (in_f + out_f)
 
 
-def allocate(out_f: int, in_f: int, sparsity: float, alpha: float) -> Allocation:
-    """(kappa, r) for a layer of shape (out, in) at byte sparsity `sparsity` and split `alpha`."""
+def allocate(out_f: int, in_f: int, sparsity: float, alpha: float, multiple: int = 1) -> Allocation:
+    """(kappa, r) for a layer of shape (out, in) at byte sparsity `sparsity` and split `alpha`, r a
+    multiple of `multiple`."""
     check_sparsity(sparsity)
     check_alpha(alpha)
     budget = (1.0 - sparsity) * in_f * out_f
     rank = min(int(math.floor((1.0 - alpha) * budget / (in_f + out_f) + 1e-9)), min(in_f, out_f))
+    rank -= rank % multiple
     keep = (budget - rank * (in_f + out_f)) / (in_f * out_f)
     return Allocation(keep=min(1.0, max(0.0, keep)), rank=rank)
 
@@ -59,3 +70,30 @@ def model_sparsity(allocs: dict, shapes: dict) -> float:
     dense = sum(o * i for o, i in shapes.values())
     read = sum(allocs[k].elements(o, i) if k in allocs else o * i for k, (o, i) in shapes.items())
     return 1.0 - read / dense
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """Ranks an allocation may choose and their price in the budget (see the module docstring)."""
+    max_rank: int | None = None
+    multiple: int = 1
+    cost: float = 1.0
+
+    def __post_init__(self):
+        check_rank_rule(self.multiple, self.cost)
+
+    def allowed(self, ranks) -> list:
+        """Indices into `ranks` of the ranks this rule allows (0 always is)."""
+        return [j for j, r in enumerate(ranks) if r == 0 or ((self.max_rank is None or r <= self.max_rank) and r % self.multiple == 0)]
+
+    def elements(self, rank: int, out_f: int, in_f: int) -> float:
+        """What rank-r factors of an (out, in) layer cost in the budget, in weight elements."""
+        return self.cost * rank * (in_f + out_f)
+
+
+def check_rank_rule(multiple, cost) -> None:
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise RSparseError(f"rank_multiple must be a whole number >= 1, got {multiple!r}")
+    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (1.0 <= cost < math.inf):
+        raise RSparseError(f"rank_cost must be a finite number >= 1 (a factor byte never costs less than a kept "
+                           f"column's: the plan would read more than its budget), got {cost!r}")

@@ -35,6 +35,12 @@ def _add_method(p, default_method="rsparse"):
                    help="uniform rsparse: channel share of each layer's budget (default: best of a small grid on calibration data)")
     p.add_argument("--score", default="abs", choices=["abs", "wnorm", "auto"])
     p.add_argument("--factors", default="aware", choices=["aware", "plain"])
+    p.add_argument("--target", default="bytes", choices=["bytes", "gpu"],
+                   help="how rank terms are priced: bytes (the method's accounting) or gpu (ranks in multiples of 16, as "
+                        "the Triton modules store them, and factor bytes at 3x a kept column's: their decode time on an H200)")
+    p.add_argument("--rank-multiple", type=int, default=None, help="ranks in multiples of this (overrides --target)")
+    p.add_argument("--rank-cost", type=float, default=None,
+                   help="auto/evo allocations: a factor byte counts as this many kept-column bytes (>= 1; overrides --target)")
     p.add_argument("--calib-text", default="wiki", help="calibration text: wiki (bundled) or a file")
     p.add_argument("--calib-tokens", type=int, default=65536)
     p.add_argument("--seed", type=int, default=0)
@@ -46,10 +52,12 @@ def _positive(name, v):
 
 
 def _config(args):
-    from .plan import RSparseConfig
+    from .plan import TARGETS, RSparseConfig
 
+    ranks = {k: v if v is not None else TARGETS[args.target][k]
+             for k, v in (("rank_multiple", args.rank_multiple), ("rank_cost", args.rank_cost))}
     return RSparseConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation,
-                         alpha=args.alpha, score=args.score, factors=args.factors)
+                         alpha=args.alpha, score=args.score, factors=args.factors, **ranks)
 
 
 def _sparsified(args, model, tok, progress=True):

@@ -10,7 +10,8 @@ import contextlib
 import torch
 
 from .families import locate, set_group
-from .kernels.module import TritonRSparseLinear
+from .budget import allocate
+from .kernels.module import RANK_ALIGN, TritonRSparseLinear
 from .linear import RSparseLinear
 
 MODELS = {
@@ -64,20 +65,9 @@ def attached(model, groups):
             set_group(model, i, name, None)
 
 
-def aligned_allocation(out_f: int, in_f: int, sparsity: float, alpha: float):
-    """`budget.allocate` with the rank rounded down to the Triton modules' stored multiple (RANK_ALIGN);
-    the columns saved go to kept channels, so the bytes stay the budget's."""
-    from .budget import Allocation, allocate
-    from .kernels.module import RANK_ALIGN
-
-    al = allocate(out_f, in_f, sparsity, alpha)
-    r = al.rank - al.rank % RANK_ALIGN
-    return Allocation(al.keep + (al.rank - r) * (in_f + out_f) / (in_f * out_f), r)
-
-
 def modules_at(projs, sparsity, alpha, decide_rows=True):
     """Triton modules for every projection, r = 0 (alpha = 1) or, for alpha < 1, with the rank the
-    budget gives (`aligned_allocation`) and random factors of that rank (speed does not depend on
+    budget gives (`budget.allocate` at the modules' stored multiple, RANK_ALIGN) and random factors of that rank (speed does not depend on
     their values); and {key: quantile of |x| that keeps that projection's fraction} (empty for
     alpha = 1: the sparsity itself). decide_rows: the modules know their kept fraction, so batches
     past their `max_rows` run dense, as a calibrated plan's would (off: every batch on the kernels,
@@ -88,7 +78,7 @@ def modules_at(projs, sparsity, alpha, decide_rows=True):
         if alpha >= 1.0:
             mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, keep=1.0 - sparsity if decide_rows else None))
             continue
-        al = aligned_allocation(out_f, in_f, sparsity, alpha)
+        al = allocate(out_f, in_f, sparsity, alpha, RANK_ALIGN)
         U = (torch.randn(out_f, al.rank, device=lin.weight.device) / 8).to(lin.weight.dtype) if al.rank else None
         A = (torch.randn(al.rank, in_f, device=lin.weight.device) / in_f**0.5).to(lin.weight.dtype) if al.rank else None
         mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, "abs", U, A, al.keep if decide_rows else None))

@@ -98,13 +98,15 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     collection = collection_for(config)
     scores = collection["scores"]
     identity = {"model": fingerprint(model), "method": config.method, "scores": list(scores), "factors": config.factors}
+    if not teal and (config.rank_multiple, config.rank_cost) != (1, 1.0):  # absent at the defaults: older searches resume
+        identity["ranks"] = {"multiple": config.rank_multiple, "cost": config.rank_cost}
     refuse_other(directory, search_identity(search_config, config.sparsity, **identity))  # before minutes of calibration
     if stats is None:
         stats = observe(model, tokenizer, progress=progress is not None, **{**collection, **observe_kw})
     elif not teal:
         need_ranks(stats)
     shapes = shapes_of(model)
-    space = Space(stats, shapes, config.sparsity, scores, 0 if teal else None, search_config.min_keep)
+    space = Space(stats, shapes, config.sparsity, scores, config.rank_rule(), search_config.min_keep)
     fitness = Fitness(model, search_windows(tokenizer, stats, search_config, stats.config.get("source", "wiki")))
     cache: OrderedDict = OrderedDict()
 

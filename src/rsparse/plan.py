@@ -6,6 +6,9 @@ Methods (`RSparseConfig.method`):
   each block, choose every projection's kept fraction kappa, rank r and channel score to minimise
   the block's sensitivity-weighted relative output errors (calibration error tables) under the
   block's byte budget (`_lagrangian`). Rank is spent only where it buys more than channels.
+  `rank_multiple` and `rank_cost` (`budget.RankRule`) restrict the ranks and price factor bytes
+  above kept-column bytes, for backends where they cost more time (the Triton modules: multiples
+  of 16, `rank_cost` ~3 on the H200; `rsparse calibrate --target gpu`).
 - "teal": |x| thresholding, r = 0; allocation "uniform" (kappa = 1 - s everywhere) or "greedy"
   (the same block-wise search restricted to r = 0 and score "abs": TEAL's block-wise greedy
   allocation, solved exactly on error tables instead of step by step).
@@ -21,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .budget import allocate, check_alpha, check_sparsity
+from .budget import RankRule, allocate, check_alpha, check_rank_rule, check_sparsity
 from .calibrate import KEEPS, SCORES, Stats
 from .errors import RSparseError
 from .families import locate
@@ -32,6 +35,11 @@ ALLOCATIONS = {"rsparse": ("auto", "uniform", "evo"), "teal": ("uniform", "greed
 _FINE = np.linspace(0.0, 1.0, 201)  # kept-fraction grid for the search
 _KEEPS0 = np.array((0.0,) + KEEPS)  # rows of `_table`
 ALPHA_GRID = (1.0, 0.975, 0.95, 0.9, 0.8)  # uniform plans: alphas tried when none is given
+# `rsparse calibrate --target`: how ranks are priced. "gpu": the Triton modules store ranks in
+# multiples of 16 (kernels.module.RANK_ALIGN), and on the H200 the ranked step took 0.51-0.81 ms more
+# than the r = 0 step for the same budget bytes at 40-70% (alpha 0.9, Llama-3-8B shapes; docs/perf-gpu.md
+# session 29): per budget byte, about 3x what a kept column costs in the same step.
+TARGETS = {"bytes": {"rank_multiple": 1, "rank_cost": 1.0}, "gpu": {"rank_multiple": 16, "rank_cost": 3.0}}
 
 
 @dataclass
@@ -42,6 +50,8 @@ class RSparseConfig:
     alpha: float | None = None  # uniform rsparse: channel share of each budget; None: best of ALPHA_GRID
     score: str = "abs"  # uniform allocations; "auto" lets the search pick per projection
     factors: str = "aware"  # "plain": SVD of W; "aware": SVD of W C^1/2 (C: dropped-channel moments)
+    rank_multiple: int = 1  # ranks chosen in multiples of this (uniform: rounded down; auto/evo: grid filtered)
+    rank_cost: float = 1.0  # auto/evo: a factor byte counts as this many kept-column bytes in the budget
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -59,6 +69,11 @@ class RSparseConfig:
             raise RSparseError(f"unknown score {self.score!r}; use abs, wnorm or auto")
         if self.factors not in ("plain", "aware"):
             raise RSparseError(f"unknown factors {self.factors!r}; use plain or aware")
+        check_rank_rule(self.rank_multiple, self.rank_cost)
+
+    def rank_rule(self) -> RankRule:
+        """The ranks the allocation may choose: none for TEAL and CATS."""
+        return RankRule(0 if self.method != "rsparse" else None, self.rank_multiple, self.rank_cost)
 
 
 @dataclass
@@ -136,17 +151,19 @@ def _table(st, score) -> np.ndarray:
     return np.concatenate([np.maximum(2 * tab[0] - tab[1], tab[0])[None], tab])
 
 
-def projection_options(st, shape, scores, max_rank):
-    """All (error, bytes, (keep, rank, score)) choices of one projection, kappa on a fine grid;
-    errors are sensitivity-weighted (st.weight)."""
+def projection_options(st, shape, scores, rule: RankRule | None):
+    """All (error, cost, (keep, rank, score)) choices of one projection, kappa on a fine grid, ranks
+    those of the error tables that `rule` allows (None: all, at their bytes); errors are
+    sensitivity-weighted (st.weight), costs in budget elements (factor bytes priced by the rule)."""
     o, i = shape
-    ranks = [r for r in st.ranks if max_rank is None or r <= max_rank]
+    rule = rule or RankRule()
     errs, cost, meta = [], [], []
     for score in scores:
-        tab = _table(st, score)[:, : len(ranks)]
-        for ri, r in enumerate(ranks):
+        tab = _table(st, score)
+        for ri in rule.allowed(st.ranks):
+            r = st.ranks[ri]
             errs.append(np.interp(_FINE, _KEEPS0, tab[:, ri]) * st.weight)
-            cost.append(_FINE * o * i + r * (o + i))
+            cost.append(_FINE * o * i + rule.elements(r, o, i))
             meta.extend((float(k), r, score) for k in _FINE)
     return np.concatenate(errs), np.concatenate(cost), meta
 
@@ -207,7 +224,7 @@ def block_keys(keys) -> dict:
     return out
 
 
-def block_picks(stats: Stats, shapes: dict, block_sparsity: dict, scores, max_rank: int | None,
+def block_picks(stats: Stats, shapes: dict, block_sparsity: dict, scores, rule: RankRule | None,
                 mult: dict | None = None, options: dict | None = None) -> dict:
     """(keep, rank, score) of every projection of the blocks in `block_sparsity` ({block: s_b}):
     block b reads at most (1 - s_b) x its dense bytes, split among its projections by
@@ -216,30 +233,30 @@ def block_picks(stats: Stats, shapes: dict, block_sparsity: dict, scores, max_ra
     for b, keys in block_keys(stats.proj).items():
         if b not in block_sparsity:
             continue
-        opts = {k: options[k] if options else projection_options(stats.proj[k], shapes[k], scores, max_rank) for k in keys}
+        opts = {k: options[k] if options else projection_options(stats.proj[k], shapes[k], scores, rule) for k in keys}
         budget = (1.0 - block_sparsity[b]) * sum(shapes[k][0] * shapes[k][1] for k in keys)
         picks.update(solve_block(opts, budget, mult))
     return picks
 
 
-def _lagrangian(stats: Stats, shapes: dict, sparsity: float, scores, max_rank: int | None) -> dict:
+def _lagrangian(stats: Stats, shapes: dict, sparsity: float, scores, rule: RankRule) -> dict:
     """Blocks share the model sparsity uniformly, as in TEAL's block-wise greedy allocation;
     inside each block the allocation minimises the summed sensitivity-weighted relative errors."""
-    return block_picks(stats, shapes, {b: sparsity for b in block_keys(stats.proj)}, scores, max_rank)
+    return block_picks(stats, shapes, {b: sparsity for b in block_keys(stats.proj)}, scores, rule)
 
 
-def _uniform(shapes: dict, s: float, alpha: float, score: str) -> dict:
+def _uniform(shapes: dict, s: float, alpha: float, score: str, multiple: int = 1) -> dict:
     picks = {}
     for key, (o, i) in shapes.items():
-        a = allocate(o, i, s, alpha)
+        a = allocate(o, i, s, alpha, multiple)
         picks[key] = (a.keep, a.rank, score)
     return picks
 
 
-def _uniform_error(stats: Stats, shapes: dict, s: float, alpha: float, score: str) -> float:
+def _uniform_error(stats: Stats, shapes: dict, s: float, alpha: float, score: str, multiple: int = 1) -> float:
     """Sum of sensitivity-weighted relative errors of a uniform plan, read off the error tables."""
     total = 0.0
-    for key, (keep, rank, _) in _uniform(shapes, s, alpha, score).items():
+    for key, (keep, rank, _) in _uniform(shapes, s, alpha, score, multiple).items():
         st = stats.proj[key]
         tab = _table(st, score)
         r_idx = max(i for i, r in enumerate(st.ranks) if r <= rank)  # nearest tabulated rank below
@@ -270,20 +287,20 @@ def config_picks(stats: Stats, shapes: dict, config: RSparseConfig) -> tuple[dic
     if config.allocation == "evo":
         raise RSparseError("evo allocations come from the search: rsparse calibrate --search evo (rsparse.search_plan)")
     if config.method == "teal" and config.allocation == "greedy":
-        return _lagrangian(stats, shapes, s, ("abs",), max_rank=0), None
+        return _lagrangian(stats, shapes, s, ("abs",), RankRule(max_rank=0)), None
     if config.method == "rsparse" and config.allocation == "auto":
         scores = SCORES if config.score == "auto" else (config.score,)
         missing = [sc for sc in scores if sc not in stats.config.get("scores", SCORES)]
         if missing:
             raise RSparseError(f"calibration statistics lack error tables for score {missing[0]!r}")
         need_ranks(stats)
-        return _lagrangian(stats, shapes, s, scores, max_rank=None), None
+        return _lagrangian(stats, shapes, s, scores, config.rank_rule()), None
     score = "abs" if config.method == "teal" else ("abs" if config.score == "auto" else config.score)
     alpha, chosen = (1.0 if config.method == "teal" else config.alpha), None
     if alpha is None:  # the alpha of the grid with the least weighted calibration error
         need_ranks(stats)
-        alpha = chosen = min(ALPHA_GRID, key=lambda a: _uniform_error(stats, shapes, s, a, score))
-    return _uniform(shapes, s, alpha, score), chosen
+        alpha = chosen = min(ALPHA_GRID, key=lambda a: _uniform_error(stats, shapes, s, a, score, config.rank_multiple))
+    return _uniform(shapes, s, alpha, score, config.rank_multiple), chosen
 
 
 def layers_from_picks(stats: Stats, picks: dict) -> dict:
@@ -349,6 +366,8 @@ def build_plan(model, stats: Stats, config: RSparseConfig, picks: dict | None = 
 
 def summarize(plan: Plan) -> str:
     lines = [f"method={plan.config['method']} target={plan.config['sparsity']:.2f} expected={plan.expected_sparsity():.4f}"]
+    if plan.config.get("rank_cost", 1.0) != 1.0 or plan.config.get("rank_multiple", 1) != 1:
+        lines[0] += f" (ranks in multiples of {plan.config['rank_multiple']}, factor bytes priced x{plan.config['rank_cost']:g})"
     by_proj = {}
     for key, lp in plan.layers.items():
         by_proj.setdefault(key.split(".")[1], []).append(lp)

@@ -95,13 +95,13 @@ class SearchConfig:
 class Space:
     """Genomes (s per block, w per projection) of one model, budget and option set."""
 
-    def __init__(self, stats, shapes: dict, sparsity: float, scores, max_rank, min_keep: float = 0.0):
+    def __init__(self, stats, shapes: dict, sparsity: float, scores, rule, min_keep: float = 0.0):
         self.stats, self.shapes, self.sparsity = stats, shapes, sparsity
         self.keys = list(stats.proj)
         self.by_block = block_keys(self.keys)
         self.blocks = sorted(self.by_block)
         self.dense = np.array([sum(shapes[k][0] * shapes[k][1] for k in self.by_block[b]) for b in self.blocks], dtype=np.float64)
-        self.options = {k: _floor(projection_options(stats.proj[k], shapes[k], scores, max_rank), min_keep) for k in self.keys}
+        self.options = {k: _floor(projection_options(stats.proj[k], shapes[k], scores, rule), min_keep) for k in self.keys}
 
     def seed(self) -> dict:
         return {"s": [self.sparsity] * len(self.blocks), "w": [0.0] * len(self.keys)}

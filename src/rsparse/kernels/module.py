@@ -14,6 +14,8 @@ sum into the next kernel.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -213,11 +215,18 @@ def to_triton_(model, fuse: bool = True) -> dict:
     from ..apply import sparse_modules
     from ..families import set_group, set_module
 
-    out = {}
+    out, padded, dense = {}, 0, 0
     for key, m in sparse_modules(model).items():
         if type(m) is RSparseLinear:
             out[key] = TritonRSparseLinear(m)
             set_module(model, key, out[key])
+            padded += (-m.rank % RANK_ALIGN) * (m.in_features + m.out_features)
+            dense += m.in_features * m.out_features
+    if padded:
+        warnings.warn(f"the plan's ranks are not all multiples of {RANK_ALIGN}: the Triton modules store them padded "
+                      f"with zeros and read {100 * padded / dense:.1f}% of the projections' dense bytes more per token "
+                      f"than planned (plans from `rsparse calibrate --target gpu` choose ranks in multiples of {RANK_ALIGN})",
+                      stacklevel=2)
     if fuse:
         for (i, name), g in triton_groups(model, out).items():
             set_group(model, i, name, g)
