@@ -100,7 +100,8 @@ def cmd_eval(args):
     res = {"model": args.model, "method": plan.config["method"] if plan else "dense",
            "sparsity_target": plan.config["sparsity"] if plan else 0.0}
     if plan:
-        res["plan"] = {k: plan.config[k] for k in ("allocation", "alpha", "score", "factors")}
+        res["plan"] = {k: plan.config.get(k, d) for k, d in (("allocation", None), ("alpha", None), ("score", None),
+                                                               ("factors", None), ("rank_multiple", 1), ("rank_cost", 1.0))}
         res["sparsity_expected"] = round(plan.expected_sparsity(), 5)
     if win is not None:
         if plan:
