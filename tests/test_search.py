@@ -153,6 +153,33 @@ def test_budget_property_random_shapes(seed, n_blocks, hidden, ratio, groups, s)
         assert math.isclose(float(((1 - np.array(g["s"])) * space.dense).sum()), budget, rel_tol=1e-9)
 
 
+def test_rank_rule_bounds_every_genome(tmp_path):
+    """A search under `--target gpu`'s rule: every genome the operators produce decodes to ranks in
+    multiples of 16, each block's charged cost (factor bytes x3) within its share, so the bytes read
+    stay under the model budget; the rule's price makes the seed's ranks no larger than the free rule's."""
+    from rsparse.budget import RankRule
+
+    rng = np.random.default_rng(5)
+    stats, shp = synthetic_stats(rng, 6, 256, 704, 64)
+    rule = RankRule(multiple=16, cost=3.0)
+    space, free = Space(stats, shp, 0.5, ("abs",), rule), Space(stats, shp, 0.5, ("abs",), None)
+    search = Search(space, SearchConfig(population=4, groups=2, seed=1), tmp_path / "s", lambda *a: 0.0)
+    g = space.seed()
+    for _ in range(10):
+        group = search.groups[int(rng.integers(len(search.groups)))]
+        mask = np.array([b >= group[0] for b in space.blocks], dtype=np.float64)
+        g = search._mutate(rng, search._crossover(rng, g, search._mutate(rng, g, group, mask), group), group, mask)
+        picks = space.decode(g)
+        assert all(r % 16 == 0 for _, r, _ in picks.values())
+        for b, s_b in zip(space.blocks, g["s"]):
+            keys = [k for k in space.keys if int(k.split(".")[0]) == b]
+            charged = sum(picks[k][0] * shp[k][0] * shp[k][1] + 3.0 * picks[k][1] * sum(shp[k]) for k in keys)
+            assert charged <= (1 - s_b) * sum(shp[k][0] * shp[k][1] for k in keys) * (1 + 1e-9) + 1e-6
+        assert space.read_elements(picks) <= 0.5 * space.dense.sum() * (1 + 1e-9)
+    seed_ranks = [sum(r * sum(shp[k]) for k, (_, r, _) in sp.decode(sp.seed()).items()) for sp in (space, free)]
+    assert seed_ranks[0] <= seed_ranks[1] and seed_ranks[1] > 0
+
+
 def test_search_config_rejects_bad_values():
     with pytest.raises(RSparseError, match="population"):
         SearchConfig(population=1)
