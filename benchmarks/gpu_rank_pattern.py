@@ -9,7 +9,7 @@ weights, every projection at `--sparsity` by the budget, the rank of `--alpha` o
 pattern names and r = 0 elsewhere (a q|k|v group is ranked when q is). Graphed eager steps (the
 kernels a compiled step runs, within 1-3% of it in sessions 24-29), batch 1, patterns alternated
 over rounds, medians.
-Prints a table, ends with one JSON line; writes $OUT/gpu_rank_pattern.json.
+Prints a table, ends with one JSON line; writes $OUT/gpu_rank_pattern_a<alpha>.json.
     PYTHONPATH=src:benchmarks python3 benchmarks/gpu_rank_pattern.py [--sparsity 0.5 --alpha 0.9 --rounds 3]
 """
 import argparse
@@ -27,7 +27,9 @@ from rsparse.gpubench import MAX_LEN, REPEATS, capture, time_graph
 from rsparse.gpumodel import attached, build, input_samples, modules_at, set_thresholds
 from rsparse.kernels.module import triton_groups
 
-PATTERNS = {"r = 0": lambda p: False, "q ranked": lambda p: p == "q", "every projection ranked": lambda p: True}
+PATTERNS = {"r = 0": lambda p: False, "q ranked": lambda p: p == "q",
+            "attention ranked (q, k, v, o)": lambda p: p in ("q", "k", "v", "o"),
+            "MLP ranked (gate, up, down)": lambda p: p in ("gate", "up", "down"), "every projection ranked": lambda p: True}
 
 
 @torch.inference_mode()
@@ -66,7 +68,7 @@ def main():
     dense_ms = statistics.median(times["dense"]) * 1e3
     rows = []
     print(f"{args.model}, batch 1, sparsity {args.sparsity}, alpha {args.alpha} where ranked; graphed eager step")
-    print(f"{'pattern':26s} {'ranked calls':>12s} {'ms/step':>8s} {'tok/s':>7s} {'x dense':>7s} {'vs r = 0':>8s}")
+    print(f"{'pattern':30s} {'ranked calls':>12s} {'ms/step':>8s} {'tok/s':>7s} {'x dense':>7s} {'vs r = 0':>8s}")
     for name in times:
         ms = statistics.median(times[name]) * 1e3
         n = 0 if name == "dense" else sum(1 for k in projs if sets[name][k] is ranked[k] and ranked[k].rank > 0)
@@ -74,10 +76,10 @@ def main():
     base = next(r["ms"] for r in rows if r["pattern"] == "r = 0")
     for r in rows:
         r["ms_over_r0"] = r["ms"] - base
-        print(f"{r['pattern']:26s} {r['ranked_projections']:12d} {r['ms']:8.3f} {r['tok_s']:7.1f} {r['x_dense']:7.2f} {r['ms_over_r0']:+8.3f}")
+        print(f"{r['pattern']:30s} {r['ranked_projections']:12d} {r['ms']:8.3f} {r['tok_s']:7.1f} {r['x_dense']:7.2f} {r['ms_over_r0']:+8.3f}")
     result = {"model": args.model, "sparsity": args.sparsity, "alpha": args.alpha, "rounds": args.rounds, "rows": rows}
     if os.environ.get("OUT"):
-        write_json(os.path.join(os.environ["OUT"], "gpu_rank_pattern.json"), result)
+        write_json(os.path.join(os.environ["OUT"], f"gpu_rank_pattern_a{args.alpha:g}.json"), result)
     print(json.dumps(result))
 
 
