@@ -68,7 +68,7 @@ def main():
     dense_ms = statistics.median(times["dense"]) * 1e3
     rows = []
     print(f"{args.model}, batch 1, sparsity {args.sparsity}, alpha {args.alpha} where ranked; graphed eager step")
-    print(f"{'pattern':30s} {'ranked calls':>12s} {'ms/step':>8s} {'tok/s':>7s} {'x dense':>7s} {'vs r = 0':>8s}")
+    print(f"{'pattern':30s} {'ranked projs':>12s} {'ms/step':>8s} {'tok/s':>7s} {'x dense':>7s} {'vs r = 0':>8s}")
     for name in times:
         ms = statistics.median(times[name]) * 1e3
         n = 0 if name == "dense" else sum(1 for k in projs if sets[name][k] is ranked[k] and ranked[k].rank > 0)
