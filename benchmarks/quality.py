@@ -41,7 +41,8 @@ LEVERS = {  # at 50% only
     "rsparse-uniform-wnorm-a1": dict(method="rsparse", allocation="uniform", alpha=1.0, score="wnorm"),
     "rsparse-auto-plain": dict(method="rsparse", factors="plain"),
     "rsparse-auto-score-auto": dict(method="rsparse", score="auto"),
-    # ranks priced for the GPU (session 29): multiples of 16 alone, 3x factor bytes alone, both (--target gpu)
+}
+RANK_RULES = {  # ranks priced for the GPU (session 29): multiples of 16 alone, 3x factor bytes alone, both (--target gpu)
     "rsparse-control-s29": dict(method="rsparse"),  # the default plan again, calibrated in the same run as the three
     "rsparse-rank16": dict(method="rsparse", rank_multiple=16),
     "rsparse-rankcost3": dict(method="rsparse", rank_cost=3.0),
@@ -64,6 +65,7 @@ def main():
     ap.add_argument("--calib-tokens", type=int, default=65536)
     ap.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
     ap.add_argument("--task-sparsities", default="0.5", help="sparsities of the 8-task rows")
+    ap.add_argument("--rank-rule-sparsities", default="0.5", help="sparsities of the rank-rule rows (RANK_RULES)")
     ap.add_argument("--task-methods", default=",".join(TASK_METHODS), help="methods of the 8-task rows")
     ap.add_argument("--report", action="store_true", help="only print the tables (markdown) from quality.json")
     args = ap.parse_args()
@@ -84,6 +86,8 @@ def main():
     for s in map(float, args.sparsities.split(",")):
         jobs += [(n, kw, s, "ppl") for n, kw in SWEEP.items()]
     jobs += [(n, kw, 0.5, "ppl") for n, kw in LEVERS.items()]
+    for s in map(float, args.rank_rule_sparsities.split(",")):
+        jobs += [(n, kw, s, "ppl") for n, kw in RANK_RULES.items()]
     for s in map(float, args.task_sparsities.split(",")):
         jobs += [(n, ({"method": "dense"} if n == "dense" else SWEEP[n]), s if n != "dense" else 0.0, "tasks")
                  for n in args.task_methods.split(",")]
