@@ -48,6 +48,10 @@ RANK_RULES = {  # ranks priced for the GPU (session 29): multiples of 16 alone, 
     "rsparse-rankcost3": dict(method="rsparse", rank_cost=3.0),
     "rsparse-target-gpu": dict(method="rsparse", rank_multiple=16, rank_cost=3.0),
 }
+FLOORS = {  # a keep floor against the 70% collapse of allocations without small ranks (session 29)
+    "rsparse-target-gpu-floor0.1": dict(method="rsparse", rank_multiple=16, rank_cost=3.0, min_keep=0.1),
+    "teal-greedy-floor0.1": dict(method="teal", allocation="greedy", min_keep=0.1),
+}
 TASK_METHODS = ("dense", "rsparse", "teal-uniform", "teal-greedy", "cats", "rsparse-paper")  # most wanted first
 
 
@@ -66,6 +70,7 @@ def main():
     ap.add_argument("--sparsities", default="0.4,0.5,0.6,0.7")
     ap.add_argument("--task-sparsities", default="0.5", help="sparsities of the 8-task rows")
     ap.add_argument("--rank-rule-sparsities", default="0.5", help="sparsities of the rank-rule rows (RANK_RULES)")
+    ap.add_argument("--floor-sparsities", default="0.7", help="sparsities of the keep-floor rows (FLOORS)")
     ap.add_argument("--task-methods", default=",".join(TASK_METHODS), help="methods of the 8-task rows")
     ap.add_argument("--report", action="store_true", help="only print the tables (markdown) from quality.json")
     args = ap.parse_args()
@@ -88,6 +93,8 @@ def main():
     jobs += [(n, kw, 0.5, "ppl") for n, kw in LEVERS.items()]
     for s in map(float, args.rank_rule_sparsities.split(",")):
         jobs += [(n, kw, s, "ppl") for n, kw in RANK_RULES.items()]
+    for s in map(float, args.floor_sparsities.split(",")):
+        jobs += [(n, kw, s, "ppl") for n, kw in FLOORS.items()]
     for s in map(float, args.task_sparsities.split(",")):
         jobs += [(n, ({"method": "dense"} if n == "dense" else SWEEP[n]), s if n != "dense" else 0.0, "tasks")
                  for n in args.task_methods.split(",")]

@@ -93,6 +93,20 @@ def test_rank_rule_in_the_allocation(smol, smol_stats):
         assert all(got >= 0.5 - 1e-9 for got in _block_sparsities(layers_from_picks(smol_stats, picks[name]), shapes))
 
 
+@pytest.mark.parametrize("method,kw", [("teal", {"allocation": "greedy"}), ("rsparse", {"rank_multiple": 16, "rank_cost": 3.0})])
+def test_min_keep_floor_in_the_allocation(smol, smol_stats, method, kw):
+    """At 70% the allocation alone gives some projections extreme kept fractions (the ones that drift on
+    new text); with min_keep none keeps less, and every block still meets its budget."""
+    from rsparse.plan import config_picks, layers_from_picks, shapes_of
+
+    model, _ = smol()
+    shapes = shapes_of(model)
+    free, _ = config_picks(smol_stats, shapes, RSparseConfig(method=method, sparsity=0.7, **kw))
+    floored, _ = config_picks(smol_stats, shapes, RSparseConfig(method=method, sparsity=0.7, min_keep=0.1, **kw))
+    assert min(k for k, _, _ in free.values()) < 0.1 <= min(k for k, _, _ in floored.values()) + 1e-9
+    assert all(got >= 0.7 - 1e-9 for got in _block_sparsities(layers_from_picks(smol_stats, floored), shapes))
+
+
 def test_cats_reports_true_model_sparsity(smol, smol_stats):
     model, _ = smol()
     plan = build_plan(model, smol_stats, RSparseConfig(method="cats", sparsity=0.5))
@@ -187,7 +201,8 @@ def test_artifact_round_trip_and_bad_input(smol, smol_plan50, tmp_path):
 
 @pytest.mark.parametrize("kw,match", [({"sparsity": 1.0}, "sparsity"), ({"method": "magic"}, "method"),
                                       ({"method": "cats", "allocation": "greedy"}, "allocation"), ({"alpha": 2}, "alpha"),
-                                      ({"rank_multiple": 0}, "rank_multiple"), ({"rank_cost": 0.9}, "rank_cost")])
+                                      ({"rank_multiple": 0}, "rank_multiple"), ({"rank_cost": 0.9}, "rank_cost"),
+                                      ({"min_keep": 1.0}, "min_keep"), ({"min_keep": float("nan")}, "min_keep")])
 def test_bad_config(kw, match):
     with pytest.raises(RSparseError, match=match):
         RSparseConfig(**kw)

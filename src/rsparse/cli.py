@@ -39,6 +39,9 @@ def _add_method(p, default_method="rsparse"):
                    help="how rank terms are priced: bytes (the method's accounting) or gpu (ranks in multiples of 16, as "
                         "the Triton modules store them, and factor bytes at 3x a kept column's: their decode time on an H200)")
     p.add_argument("--rank-multiple", type=int, default=None, help="ranks in multiples of this (overrides --target)")
+    p.add_argument("--min-keep", type=float, default=0.0,
+                   help="auto/greedy allocations and the search: no projection keeps fewer than this fraction of its "
+                        "channels (extreme ones drift on new text; try 0.1 at 70%%)")
     p.add_argument("--rank-cost", type=float, default=None,
                    help="auto/evo allocations: a factor byte counts as this many kept-column bytes (>= 1; overrides --target)")
     p.add_argument("--calib-text", default="wiki", help="calibration text: wiki (bundled) or a file")
@@ -57,7 +60,7 @@ def _config(args):
     ranks = {k: v if v is not None else TARGETS[args.target][k]
              for k, v in (("rank_multiple", args.rank_multiple), ("rank_cost", args.rank_cost))}
     return RSparseConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation,
-                         alpha=args.alpha, score=args.score, factors=args.factors, **ranks)
+                         alpha=args.alpha, score=args.score, factors=args.factors, min_keep=args.min_keep, **ranks)
 
 
 def _sparsified(args, model, tok, progress=True):
@@ -274,8 +277,6 @@ def build_parser():
     c.add_argument("--fitness-tokens", type=int, default=2048)
     c.add_argument("--val-tokens", type=int, default=2048)
     c.add_argument("--budget-minutes", type=float, default=None, help="stop the search after this many minutes")
-    c.add_argument("--min-keep", type=float, default=0.0,
-                   help="search: no projection keeps fewer than this fraction of its channels (try 0.1 at 70%%)")
     c.add_argument("--fitness", default="kl", choices=["kl", "ce"],
                    help="search objective on calibration windows: KL to the dense model or cross-entropy (log perplexity)")
     c.add_argument("--no-baselines", action="store_true", help="skip the fitness of the standard allocations on the same windows")

@@ -106,7 +106,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     elif not teal:
         need_ranks(stats)
     shapes = shapes_of(model)
-    space = Space(stats, shapes, config.sparsity, scores, config.rank_rule(), search_config.min_keep)
+    space = Space(stats, shapes, config.sparsity, scores, config.rank_rule(), max(search_config.min_keep, config.min_keep))
     fitness = Fitness(model, search_windows(tokenizer, stats, search_config, stats.config.get("source", "wiki")))
     cache: OrderedDict = OrderedDict()
 

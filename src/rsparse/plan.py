@@ -52,6 +52,7 @@ class RSparseConfig:
     factors: str = "aware"  # "plain": SVD of W; "aware": SVD of W C^1/2 (C: dropped-channel moments)
     rank_multiple: int = 1  # ranks chosen in multiples of this (uniform: rounded down; auto/evo: grid filtered)
     rank_cost: float = 1.0  # auto/evo: a factor byte counts as this many kept-column bytes in the budget
+    min_keep: float = 0.0  # auto/greedy/evo: no projection keeps fewer than this fraction of its channels
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,6 +71,8 @@ class RSparseConfig:
         if self.factors not in ("plain", "aware"):
             raise RSparseError(f"unknown factors {self.factors!r}; use plain or aware")
         check_rank_rule(self.rank_multiple, self.rank_cost)
+        if not 0.0 <= self.min_keep < 1.0:  # also false for nan
+            raise RSparseError(f"min_keep must be in [0, 1), got {self.min_keep}")
 
     def rank_rule(self) -> RankRule:
         """The ranks the allocation may choose: none for TEAL and CATS."""
@@ -168,6 +171,17 @@ def projection_options(st, shape, scores, rule: RankRule | None):
     return np.concatenate(errs), np.concatenate(cost), meta
 
 
+def floor_options(options, min_keep: float):
+    """The options of one projection that keep at least `min_keep` of its channels. Why: extreme kept
+    fractions drift most on new text (absolute thresholds), and at 70% allocations that use them
+    collapse (docs/results.md)."""
+    if min_keep <= 0:
+        return options
+    errs, cost, meta = options
+    ok = np.array([m[0] >= min_keep - 1e-9 for m in meta])
+    return errs[ok], cost[ok], [m for m, o in zip(meta, ok) if o]
+
+
 def solve_block(opts: dict, budget: float, mult: dict | None = None) -> dict:
     """Lagrangian allocation inside one block: each projection k takes argmin mult_k * err + lambda
     * bytes, lambda bisected until the block's bytes fit `budget` (never above it). `mult` scales a
@@ -225,7 +239,7 @@ def block_keys(keys) -> dict:
 
 
 def block_picks(stats: Stats, shapes: dict, block_sparsity: dict, scores, rule: RankRule | None,
-                mult: dict | None = None, options: dict | None = None) -> dict:
+                mult: dict | None = None, options: dict | None = None, min_keep: float = 0.0) -> dict:
     """(keep, rank, score) of every projection of the blocks in `block_sparsity` ({block: s_b}):
     block b reads at most (1 - s_b) x its dense bytes, split among its projections by
     `solve_block`. `options` may carry precomputed `projection_options` (the search reuses them)."""
@@ -233,16 +247,17 @@ def block_picks(stats: Stats, shapes: dict, block_sparsity: dict, scores, rule: 
     for b, keys in block_keys(stats.proj).items():
         if b not in block_sparsity:
             continue
-        opts = {k: options[k] if options else projection_options(stats.proj[k], shapes[k], scores, rule) for k in keys}
+        opts = {k: options[k] if options else floor_options(projection_options(stats.proj[k], shapes[k], scores, rule), min_keep)
+                for k in keys}
         budget = (1.0 - block_sparsity[b]) * sum(shapes[k][0] * shapes[k][1] for k in keys)
         picks.update(solve_block(opts, budget, mult))
     return picks
 
 
-def _lagrangian(stats: Stats, shapes: dict, sparsity: float, scores, rule: RankRule) -> dict:
+def _lagrangian(stats: Stats, shapes: dict, sparsity: float, scores, rule: RankRule, min_keep: float = 0.0) -> dict:
     """Blocks share the model sparsity uniformly, as in TEAL's block-wise greedy allocation;
     inside each block the allocation minimises the summed sensitivity-weighted relative errors."""
-    return block_picks(stats, shapes, {b: sparsity for b in block_keys(stats.proj)}, scores, rule)
+    return block_picks(stats, shapes, {b: sparsity for b in block_keys(stats.proj)}, scores, rule, min_keep=min_keep)
 
 
 def _uniform(shapes: dict, s: float, alpha: float, score: str, multiple: int = 1) -> dict:
@@ -287,14 +302,14 @@ def config_picks(stats: Stats, shapes: dict, config: RSparseConfig) -> tuple[dic
     if config.allocation == "evo":
         raise RSparseError("evo allocations come from the search: rsparse calibrate --search evo (rsparse.search_plan)")
     if config.method == "teal" and config.allocation == "greedy":
-        return _lagrangian(stats, shapes, s, ("abs",), RankRule(max_rank=0)), None
+        return _lagrangian(stats, shapes, s, ("abs",), RankRule(max_rank=0), config.min_keep), None
     if config.method == "rsparse" and config.allocation == "auto":
         scores = SCORES if config.score == "auto" else (config.score,)
         missing = [sc for sc in scores if sc not in stats.config.get("scores", SCORES)]
         if missing:
             raise RSparseError(f"calibration statistics lack error tables for score {missing[0]!r}")
         need_ranks(stats)
-        return _lagrangian(stats, shapes, s, scores, config.rank_rule()), None
+        return _lagrangian(stats, shapes, s, scores, config.rank_rule(), config.min_keep), None
     score = "abs" if config.method == "teal" else ("abs" if config.score == "auto" else config.score)
     alpha, chosen = (1.0 if config.method == "teal" else config.alpha), None
     if alpha is None:  # the alpha of the grid with the least weighted calibration error

@@ -41,7 +41,7 @@ import numpy as np
 
 from .atomic import write_json
 from .errors import RSparseError
-from .plan import block_keys, block_picks, projection_options
+from .plan import block_keys, block_picks, floor_options, projection_options
 
 S_MAX = 0.98  # a block keeps at least 2% of its bytes
 LEGACY = {"min_keep": 0.0, "fitness": "kl"}  # SearchConfig fields added later: their value in older saved searches
@@ -101,7 +101,7 @@ class Space:
         self.by_block = block_keys(self.keys)
         self.blocks = sorted(self.by_block)
         self.dense = np.array([sum(shapes[k][0] * shapes[k][1] for k in self.by_block[b]) for b in self.blocks], dtype=np.float64)
-        self.options = {k: _floor(projection_options(stats.proj[k], shapes[k], scores, rule), min_keep) for k in self.keys}
+        self.options = {k: floor_options(projection_options(stats.proj[k], shapes[k], scores, rule), min_keep) for k in self.keys}
 
     def seed(self) -> dict:
         return {"s": [self.sparsity] * len(self.blocks), "w": [0.0] * len(self.keys)}
@@ -132,15 +132,6 @@ class Space:
 
     def read_elements(self, picks: dict) -> float:
         return sum(keep * self.shapes[k][0] * self.shapes[k][1] + r * sum(self.shapes[k]) for k, (keep, r, _) in picks.items())
-
-
-def _floor(options, min_keep: float):
-    """The options of one projection that keep at least `min_keep` of its channels."""
-    if min_keep <= 0:
-        return options
-    errs, cost, meta = options
-    ok = np.array([m[0] >= min_keep - 1e-9 for m in meta])
-    return errs[ok], cost[ok], [m for m, o in zip(meta, ok) if o]
 
 
 def _groups(blocks: list, n: int) -> list:
