@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from quality import rank_use
 from rsparse.atomic import write_json
 from rsparse.bench import PROMPT, _step_times, fastest_dense_, sparse_model
 from rsparse.models import load
@@ -58,10 +59,8 @@ def main():
     for k, t in times.items():
         s = statistics.median(t)
         plan = plans.get(k)
-        layers = plan.layers if plan else {}
-        read = sum(lp.keep * plan.shapes[q][0] * plan.shapes[q][1] + lp.rank * sum(plan.shapes[q]) for q, lp in layers.items())
-        fac = sum(lp.rank * sum(plan.shapes[q]) for q, lp in layers.items())
-        row = {"plan": k, "ranked": sum(lp.rank > 0 for lp in layers.values()), "factor_share": fac / read if read else 0.0,
+        use = rank_use(plan) if plan else {"ranked": 0, "rank_share": 0.0}
+        row = {"plan": k, "ranked": use["ranked"], "factor_share": use["rank_share"],
                "expected": plan.expected_sparsity() if plan else 0.0, "ms": s * 1e3, "tok_s": 1 / s, "x_dense": dense_s / s}
         rows.append(row)
         print(f"{k:14s} {row['ranked']:6d} {100 * row['factor_share']:11.2f}% {row['expected']:8.4f} {row['ms']:8.2f} "

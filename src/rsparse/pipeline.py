@@ -97,6 +97,8 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     teal = config.method == "teal"
     collection = collection_for(config)
     scores = collection["scores"]
+    # one floor, from either config, so that the search's identity records the one it searched under
+    search_config = replace(search_config, min_keep=max(search_config.min_keep, config.min_keep))
     identity = {"model": fingerprint(model), "method": config.method, "scores": list(scores), "factors": config.factors}
     if not teal and (config.rank_multiple, config.rank_cost) != (1, 1.0):  # absent at the defaults: older searches resume
         identity["ranks"] = {"multiple": config.rank_multiple, "cost": config.rank_cost}
@@ -106,7 +108,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     elif not teal:
         need_ranks(stats)
     shapes = shapes_of(model)
-    space = Space(stats, shapes, config.sparsity, scores, config.rank_rule(), max(search_config.min_keep, config.min_keep))
+    space = Space(stats, shapes, config.sparsity, scores, config.rank_rule(), search_config.min_keep)
     fitness = Fitness(model, search_windows(tokenizer, stats, search_config, stats.config.get("source", "wiki")))
     cache: OrderedDict = OrderedDict()
 

@@ -302,7 +302,7 @@ def config_picks(stats: Stats, shapes: dict, config: RSparseConfig) -> tuple[dic
     if config.allocation == "evo":
         raise RSparseError("evo allocations come from the search: rsparse calibrate --search evo (rsparse.search_plan)")
     if config.method == "teal" and config.allocation == "greedy":
-        return _lagrangian(stats, shapes, s, ("abs",), RankRule(max_rank=0), config.min_keep), None
+        return _lagrangian(stats, shapes, s, ("abs",), config.rank_rule(), config.min_keep), None
     if config.method == "rsparse" and config.allocation == "auto":
         scores = SCORES if config.score == "auto" else (config.score,)
         missing = [sc for sc in scores if sc not in stats.config.get("scores", SCORES)]
