@@ -48,7 +48,8 @@ RANK_RULES = {  # ranks priced for the GPU (session 29): multiples of 16 alone, 
     "rsparse-rankcost3": dict(method="rsparse", rank_cost=3.0),
     "rsparse-target-gpu": dict(method="rsparse", rank_multiple=16, rank_cost=3.0),
 }
-FLOORS = {  # a keep floor against the 70% collapse of allocations without small ranks (session 29)
+FLOORS = {  # a keep floor against the 70% collapse of allocations without small ranks (session 29); on the default plan (session 30)
+    "rsparse-floor0.1": dict(method="rsparse", min_keep=0.1),
     "rsparse-target-gpu-floor0.1": dict(method="rsparse", rank_multiple=16, rank_cost=3.0, min_keep=0.1),
     "teal-greedy-floor0.1": dict(method="teal", allocation="greedy", min_keep=0.1),
 }

@@ -118,6 +118,19 @@ def test_bad_input_one_line_exit_2(args, msg, capsys):
     assert code == 2 and len(lines) == 1 and msg in lines[0], err
 
 
+@pytest.mark.parametrize("flags,want", [([], (1, 1.0, 0.0)), (["--target", "gpu"], (16, 3.0, 0.1)),
+                                         (["--target", "gpu", "--min-keep", "0"], (16, 3.0, 0.0)),
+                                         (["--target", "gpu", "--rank-cost", "2"], (16, 2.0, 0.1)),
+                                         (["--min-keep", "0.2"], (1, 1.0, 0.2))])
+def test_target_sets_the_rank_rule_and_floor_unless_given(flags, want):
+    """The config a calibrating command builds: --target's rank rule and keep floor, each overridden
+    by its own flag (0 included: an explicit --min-keep 0 removes the gpu target's floor)."""
+    from rsparse.cli import _config, build_parser
+
+    cfg = _config(build_parser().parse_args(["calibrate", "--out", "unused", *flags]))
+    assert (cfg.rank_multiple, cfg.rank_cost, cfg.min_keep) == want
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine this starts the real benchmark")
 def test_gpu_bench_without_a_gpu_says_so():
     r = run("bench", "--device", "cuda")

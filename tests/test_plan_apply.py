@@ -206,3 +206,16 @@ def test_artifact_round_trip_and_bad_input(smol, smol_plan50, tmp_path):
 def test_bad_config(kw, match):
     with pytest.raises(RSparseError, match=match):
         RSparseConfig(**kw)
+
+
+def test_config_for_target():
+    """--target's configs: "gpu" prices ranks (x16, 3x bytes) and floors the kept fraction at 0.1,
+    "bytes" is the dataclass's defaults; keyword fields override the target's own; an unknown target
+    is refused by name."""
+    gpu = RSparseConfig.for_target("gpu", sparsity=0.7)
+    assert (gpu.rank_multiple, gpu.rank_cost, gpu.min_keep, gpu.sparsity) == (16, 3.0, 0.1, 0.7)
+    assert RSparseConfig.for_target("bytes") == RSparseConfig()
+    assert RSparseConfig.for_target("gpu", min_keep=0.0, rank_cost=2.0).min_keep == 0.0
+    assert RSparseConfig.for_target("gpu", min_keep=0.0, rank_cost=2.0).rank_cost == 2.0
+    with pytest.raises(RSparseError, match="unknown target 'tpu'"):
+        RSparseConfig.for_target("tpu")

@@ -37,11 +37,13 @@ def _add_method(p, default_method="rsparse"):
     p.add_argument("--factors", default="aware", choices=["aware", "plain"])
     p.add_argument("--target", default="bytes", choices=["bytes", "gpu"],
                    help="how rank terms are priced: bytes (the method's accounting) or gpu (ranks in multiples of 16, as "
-                        "the Triton modules store them, and factor bytes at 3x a kept column's: their decode time on an H200)")
+                        "the Triton modules store them, factor bytes at 3x a kept column's: their decode time on an H200, "
+                        "and a keep floor of 0.1)")
     p.add_argument("--rank-multiple", type=int, default=None, help="ranks in multiples of this (overrides --target)")
-    p.add_argument("--min-keep", type=float, default=0.0,
+    p.add_argument("--min-keep", type=float, default=None,
                    help="auto/greedy allocations and the search: no projection keeps fewer than this fraction of its "
-                        "channels (extreme ones drift on new text; try 0.1 at 70%%)")
+                        "channels (extreme ones drift on new text; default: the target's, 0 for bytes, 0.1 for gpu; "
+                        "try 0.1 at 70%%)")
     p.add_argument("--rank-cost", type=float, default=None,
                    help="auto/evo allocations: a factor byte counts as this many kept-column bytes (>= 1; overrides --target)")
     p.add_argument("--calib-text", default="wiki", help="calibration text: wiki (bundled) or a file")
@@ -55,12 +57,12 @@ def _positive(name, v):
 
 
 def _config(args):
-    from .plan import TARGETS, RSparseConfig
+    from .plan import RSparseConfig
 
-    ranks = {k: v if v is not None else TARGETS[args.target][k]
-             for k, v in (("rank_multiple", args.rank_multiple), ("rank_cost", args.rank_cost))}
-    return RSparseConfig(method=args.method, sparsity=args.sparsity, allocation=args.allocation,
-                         alpha=args.alpha, score=args.score, factors=args.factors, min_keep=args.min_keep, **ranks)
+    given = {k: v for k, v in (("rank_multiple", args.rank_multiple), ("rank_cost", args.rank_cost),
+                               ("min_keep", args.min_keep)) if v is not None}
+    return RSparseConfig.for_target(args.target, method=args.method, sparsity=args.sparsity, allocation=args.allocation,
+                                    alpha=args.alpha, score=args.score, factors=args.factors, **given)
 
 
 def _sparsified(args, model, tok, progress=True):
@@ -104,7 +106,8 @@ def cmd_eval(args):
            "sparsity_target": plan.config["sparsity"] if plan else 0.0}
     if plan:
         res["plan"] = {k: plan.config.get(k, d) for k, d in (("allocation", None), ("alpha", None), ("score", None),
-                                                               ("factors", None), ("rank_multiple", 1), ("rank_cost", 1.0))}
+                                                               ("factors", None), ("rank_multiple", 1), ("rank_cost", 1.0),
+                                                               ("min_keep", 0.0))}
         res["sparsity_expected"] = round(plan.expected_sparsity(), 5)
     if win is not None:
         if plan:
@@ -136,7 +139,7 @@ def cmd_calibrate(args):
 
         scfg = SearchConfig(population=args.population, generations=args.generations, groups=args.groups,
                             fitness_tokens=args.fitness_tokens, val_tokens=args.val_tokens, seed=args.seed,
-                            budget_minutes=args.budget_minutes, min_keep=args.min_keep, fitness=args.fitness)
+                            budget_minutes=args.budget_minutes, min_keep=config.min_keep, fitness=args.fitness)
         model, tok = load(args.model, args.dtype)
         plan = search_plan(model, tok, config, scfg, args.out, baselines=not args.no_baselines,
                            source=args.calib_text, tokens=args.calib_tokens, seed=args.seed)
