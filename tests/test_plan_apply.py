@@ -219,3 +219,18 @@ def test_config_for_target():
     assert RSparseConfig.for_target("gpu", min_keep=0.0, rank_cost=2.0).rank_cost == 2.0
     with pytest.raises(RSparseError, match="unknown target 'tpu'"):
         RSparseConfig.for_target("tpu")
+
+
+def test_summary_names_the_pricing_and_floor(smol_plan50):
+    """The summary `calibrate` prints: the rank rule and the keep floor appear when they are not the
+    defaults, and one line per projection kind with its mean kept fraction."""
+    from dataclasses import replace
+
+    from rsparse.plan import summarize
+
+    plan = smol_plan50()
+    plain = summarize(plan).splitlines()
+    assert "multiples" not in plain[0] and "keeps >=" not in plain[0]
+    assert [line.split()[0] for line in plain[1:]] == ["q", "k", "v", "o", "gate", "up", "down"]
+    gpu = summarize(replace(plan, config={**plan.config, "rank_multiple": 16, "rank_cost": 3.0, "min_keep": 0.1}))
+    assert "ranks in multiples of 16, factor bytes priced x3" in gpu and "every projection keeps >= 0.1 of its channels" in gpu

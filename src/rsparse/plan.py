@@ -395,6 +395,8 @@ def summarize(plan: Plan) -> str:
     lines = [f"method={plan.config['method']} target={plan.config['sparsity']:.2f} expected={plan.expected_sparsity():.4f}"]
     if plan.config.get("rank_cost", 1.0) != 1.0 or plan.config.get("rank_multiple", 1) != 1:
         lines[0] += f" (ranks in multiples of {plan.config['rank_multiple']}, factor bytes priced x{plan.config['rank_cost']:g})"
+    if plan.config.get("min_keep", 0.0) > 0:
+        lines[0] += f" (every projection keeps >= {plan.config['min_keep']:g} of its channels)"
     by_proj = {}
     for key, lp in plan.layers.items():
         by_proj.setdefault(key.split(".")[1], []).append(lp)
