@@ -50,6 +50,7 @@ RANK_RULES = {  # ranks priced for the GPU (session 29): multiples of 16 alone, 
 }
 FLOORS = {  # a keep floor against the 70% collapse of allocations without small ranks (session 29); on the default plan (session 30)
     "rsparse-floor0.1": dict(method="rsparse", min_keep=0.1),
+    "rsparse-x16-floor0.1": dict(method="rsparse", rank_multiple=16, min_keep=0.1),
     "rsparse-target-gpu-floor0.1": dict(method="rsparse", rank_multiple=16, rank_cost=3.0, min_keep=0.1),
     "teal-greedy-floor0.1": dict(method="teal", allocation="greedy", min_keep=0.1),
 }
