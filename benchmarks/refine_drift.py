@@ -2,7 +2,8 @@
 activations (`rsparse.refine`). Usage: PYTHONPATH=src:benchmarks python benchmarks/refine_drift.py 0.7 16384
 (sparsities, refinement tokens); prints realised sparsity on calibration and evaluation windows and
 Wikipedia perplexity (24 windows) per sparsity."""
-import torch, sys, time
+import sys
+import time
 import rsparse
 from rsparse import data, evaluate
 from rsparse.apply import measure_sparsity
