@@ -29,7 +29,7 @@ import triton.language as tl
 
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.splitk import launch_splitk
-from rsparse.kernels.tl_common import BB, _store_partial, _tile_acc
+from rsparse.kernels.tl_common import BB, _store_partial, _tile_acc, gather_grid
 
 EPS = 1e-5
 COPIES = 4
@@ -63,8 +63,7 @@ def normed_gather(h, g, wt, c, tau, cfg, xn, ypart):
     B, IN = h.shape
     OUT = wt.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
-    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
-    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=h.device)
+    ntile, nchunk, scratch = gather_grid(IN, OUT, cfg, h.device)
     _normed_gather[(ntile, nchunk)](h, g, xn, c, tau, wt, scratch, ypart, B, IN, OUT, wt.stride(0), EPS,
                                     CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, NP2=triton.next_power_of_2(IN),
                                     num_warps=cfg["warps"], num_stages=cfg["stages"])

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from gpu_kernels import device_bandwidth, finish, time_grid
 from gpu_offsets import configured_case, limit_acc, offsets_partials
-from rsparse.kernels.tl_common import BB, _store_partial
+from rsparse.kernels.tl_common import BB, _store_partial, gather_grid
 
 SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
 FRACTIONS = (16, 8, 4)  # pool = chunk / F
@@ -57,8 +57,7 @@ def pooled_partials(x, wt, col_scale, tau, cfg, pool, counter):
     B, IN = x.shape
     OUT = wt.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
-    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
-    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
+    ntile, nchunk, scratch = gather_grid(IN, OUT, cfg, x.device)
     ypart = torch.empty(2 * nchunk, B, OUT, dtype=torch.float32, device=x.device)
     _pooled_gather[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, counter, B, IN, OUT, wt.stride(0), ntile, nchunk,
                                     CHUNK=ch, POOL=pool, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn,

@@ -34,7 +34,7 @@ from gpu_rank_modes import bounds, build
 from gpu_timeline import _smid, _stamp, time_alternately, timed_launch
 from rsparse.kernels import lowrank, triton_gemv as tg
 from rsparse.kernels.lowrank import _lowrank, _member, _member_z
-from rsparse.kernels.tl_common import BB, _store_partial, _tile_acc
+from rsparse.kernels.tl_common import BB, _store_partial, _tile_acc, gather_grid
 
 FIELDS = 6  # start, mid (z written / gather multiplied), wait over, end, SM, role (1: z program)
 CALLS = [("gate|up", (14336, 14336), 4096), ("down", (4096,), 14336)]
@@ -91,10 +91,9 @@ def timed_ranked(x, wt, at, u, cs, tau, cfg, seg1, seg2, roff1, roff2, logs):
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
-    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
+    ntile, nchunk, scratch = gather_grid(IN, OUT, cfg, x.device)
     ypart = torch.empty(nchunk, B, OUT, dtype=torch.float32, device=x.device)
     members = 1 + (seg1 < OUT) + (seg2 < OUT)
-    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
     zc = lowrank.z_chunk(IN, OUT)
     nzchunk = triton.cdiv(IN, zc)
     zpart = torch.empty(nzchunk * B * R, dtype=torch.float32, device=x.device)

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from gpu_timeline import H, LAYERS, calls, capture_chains, config, layer_weights, run_chain, time_alternately
 from rsparse.gpubench import copy_bandwidth
-from rsparse.kernels.tl_common import BB, _store_partial, _tile_acc
+from rsparse.kernels.tl_common import BB, _store_partial, _tile_acc, gather_grid
 
 VARIANTS = {"twin": ("bulk", 0.0), "bulk 1/8": ("bulk", 1 / 8), "bulk 1/4": ("bulk", 1 / 4), "bulk 1/2": ("bulk", 1 / 2),
             "lines 1/4": ("lines", 1 / 4)}
@@ -79,13 +79,12 @@ def prefetching_gather(nexts, mode, frac):
         B, IN = x.shape
         OUT = wt.shape[1]
         ch, bn = cfg["chunk"], cfg["block_n"]
-        nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
+        ntile, nchunk, scratch = gather_grid(IN, OUT, cfg, x.device)
         nwt, nch = nexts[wt.data_ptr()]
         rowbytes = nwt.stride(0) * nwt.element_size()
         f = int(nch * frac)
         units = triton.cdiv(nwt.shape[0], nch) * f * (rowbytes // 128 if mode == "lines" else 1)
         per = triton.next_power_of_2(max(1, triton.cdiv(units, ntile * nchunk)))
-        scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
         _gather_pf[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, wt.stride(0), seg1, seg2,
                                     nwt, nwt.shape[0] if f else 0, rowbytes, nch, max(f, 1),
                                     CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, PER=per if f else 1,

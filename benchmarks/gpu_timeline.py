@@ -42,7 +42,7 @@ import triton.language as tl
 
 from rsparse.gpubench import copy_bandwidth
 from rsparse.kernels import triton_gemv as tg
-from rsparse.kernels.tl_common import BB, _compact_chunk, _gather_rows, _store_partial
+from rsparse.kernels.tl_common import BB, _compact_chunk, _gather_rows, _store_partial, gather_grid
 
 H, I, KV = 4096, 14336, 1024
 LAYERS, FIELDS = 8, 5
@@ -113,8 +113,7 @@ def timed_launch(logs):
         B, IN = x.shape
         OUT = wt.shape[1]
         ch, bn = cfg["chunk"], cfg["block_n"]
-        nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
-        scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
+        ntile, nchunk, scratch = gather_grid(IN, OUT, cfg, x.device)
         log = torch.zeros(ntile * nchunk * FIELDS, dtype=torch.int64, device=x.device)
         logs.append(log)
         _timed_gather[(ntile, nchunk)](x, col_scale, tau, wt, scratch, ypart, log, B, IN, OUT, wt.stride(0), seg1, seg2,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .counters import check_counters
-from .tl_common import BB, _keep, _store_partial, _sum_partials, _tile_acc
+from .tl_common import BB, _keep, _store_partial, _sum_partials, _tile_acc, gather_grid
 
 
 @triton.jit
@@ -260,12 +260,11 @@ def _ranked_gather(x, wt, at, u, col_scale, tau, cfg, seg1, seg2, roff1, roff2, 
     B, IN = x.shape
     OUT, R = wt.shape[1], at.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
-    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
+    ntile, nchunk, scratch = gather_grid(IN, OUT, cfg, x.device)
     if ypart is None:
         ypart = torch.empty(nchunk, B, OUT, dtype=torch.float32, device=x.device)
     assert ypart.numel() == nchunk * B * OUT, (ypart.shape, nchunk)
     members = 1 + (seg1 < OUT) + (seg2 < OUT)
-    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
     one_launch = mode == "one-launch"
     if one_launch:
         nzchunk = triton.cdiv(IN, z_chunk(IN, OUT))

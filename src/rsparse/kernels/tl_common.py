@@ -4,7 +4,8 @@ A program compacts the indices of one chunk's kept channels (|x_j| c_j > tau for
 scratch row (`_compact_chunk`), then gathers only those Wt rows (`_gather_rows`; each K step
 `_rows_product`, tl.dot with the rows padded to BB); `_tile_acc` does both for one output tile and
 chunk, `_store_partial` stores its float32 partial, `_sum_partials` sums such partials over the chunks.
-`_silu_mul` rounds SiLU(gate) * up like the unfused module path.
+`_silu_mul` rounds SiLU(gate) * up like the unfused module path; `gather_grid` (host) sizes a gather's
+launch and scratch.
 
 Device functions return products, never loaded tensors in a tuple: one that did made torch's kernel
 analysis report x_ptr and c_ptr as written, so inductor would copy them on every call (session 10's
@@ -19,10 +20,19 @@ A program's channel offsets stay `start + tl.arange(...)`, limits in the load ma
 `tl.where` (lanes past a limit sent to IN) cost 0.39-0.63x per gather on their own (session 20,
 `benchmarks/gpu_offsets.py`).
 """
+import torch
 import triton
 import triton.language as tl
 
 BB = 16  # rows padded to the smallest tl.dot M; decode batches are 1..8
+
+
+def gather_grid(in_f: int, out_f: int, cfg: dict, device):
+    """(ntile, nchunk, scratch) of a gather launch over (out_f / block_n tiles, in_f / chunk chunks):
+    its grid and the programs' private index rows for `_compact_chunk` (int32, one chunk each)."""
+    ch = cfg["chunk"]
+    nchunk, ntile = triton.cdiv(in_f, ch), triton.cdiv(out_f, cfg["block_n"])
+    return ntile, nchunk, torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=device)
 
 
 @triton.jit

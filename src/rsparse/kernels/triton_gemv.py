@@ -36,7 +36,7 @@ import triton.language as tl
 from .lowrank import _group_z_launch, _lowrank, _member, _rank_block, _ranked_gather, _z_chunk
 from .counters import counters
 from .splitk import launch_splitk
-from .tl_common import BB, _gather_rows, _keep, _silu_mul, _store_partial, _sum_partials, _tile_acc
+from .tl_common import BB, gather_grid, _gather_rows, _keep, _silu_mul, _store_partial, _sum_partials, _tile_acc
 
 CHUNK = 256
 
@@ -188,8 +188,7 @@ def _gather(x, wt, col_scale, tau, ypart, cfg, seg1, seg2):
     B, IN = x.shape
     OUT = wt.shape[1]
     ch, bn = cfg["chunk"], cfg["block_n"]
-    nchunk, ntile = triton.cdiv(IN, ch), triton.cdiv(OUT, bn)
-    scratch = torch.empty(ntile * nchunk * ch, dtype=torch.int32, device=x.device)
+    ntile, nchunk, scratch = gather_grid(IN, OUT, cfg, x.device)
     torch.library.wrap_triton(_fused_gather_gemv)[(ntile, nchunk)](
         x, col_scale, tau, wt, scratch, ypart, B, IN, OUT, wt.stride(0), seg1, seg2,
         CHUNK=ch, BB=BB, BLOCK_K=cfg["block_k"], BLOCK_N=bn, num_warps=cfg["warps"],
