@@ -54,10 +54,9 @@ def main():
         torch.manual_seed(0)
         model = gm.build(key)
         projs = locate(model)
-        samples = gm.input_samples(model)
         sparse, _ = gm.modules_at(projs, args.sparsity, 1.0, decide_rows=False)
         groups = triton_groups(model, sparse)
-        gm.set_thresholds({k: m.tau for k, m in sparse.items()}, samples, {}, args.sparsity)
+        samples = gm.sparse_samples(model, sparse, {}, args.sparsity)  # sets the thresholds
         for B in map(int, args.batches.split(",")):
             dec = GraphDecoder(model, max_len=gb.MAX_LEN, batch=B, attention="triton")
             g_dense, out_dense = gb.capture(dec.step, B)

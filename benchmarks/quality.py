@@ -1,6 +1,8 @@
 """Quality sweep on the bundled model: perplexity vs model-level sparsity for dense, TEAL
 (uniform, greedy), CATS and R-Sparse (the paper's uniform recipe and our default plan), the
-levers tried at 50%, and the 8 zero-shot tasks at 50% (decode protocol).
+levers tried at 50%, and the 8 zero-shot tasks at 50% (decode protocol). Rows named "-refined" have
+their thresholds refined on the sparse model's own activations (`rsparse.pipeline.refine`, what
+`calibrate` does by default since session 31); the others keep the dense-activation thresholds.
 
 One calibration pass (64k Wikipedia calibration tokens, both channel scores) feeds every plan.
 Perplexity: every token sparse, non-overlapping 1024-token windows of the Wikipedia evaluation
@@ -23,6 +25,7 @@ import torch
 import rsparse
 from rsparse import data, evaluate
 from rsparse.apply import measure_sparsity
+from rsparse.pipeline import refine
 from rsparse.plan import RSparseConfig, build_plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +57,11 @@ FLOORS = {  # a keep floor against the 70% collapse of allocations without small
     "rsparse-target-gpu-floor0.1": dict(method="rsparse", rank_multiple=16, rank_cost=3.0, min_keep=0.1),
     "teal-greedy-floor0.1": dict(method="teal", allocation="greedy", min_keep=0.1),
 }
+REFINED = {  # thresholds refined on the sparse model's own activations (`pipeline.refine`, session 31: `calibrate`'s default)
+    "rsparse-refined": dict(method="rsparse"),
+    "teal-uniform-refined": dict(method="teal", allocation="uniform"),
+    "teal-greedy-refined": dict(method="teal", allocation="greedy"),
+}
 TASK_METHODS = ("dense", "rsparse", "teal-uniform", "teal-greedy", "cats", "rsparse-paper")  # most wanted first
 
 
@@ -73,6 +81,7 @@ def main():
     ap.add_argument("--task-sparsities", default="0.5", help="sparsities of the 8-task rows")
     ap.add_argument("--rank-rule-sparsities", default="0.5", help="sparsities of the rank-rule rows (RANK_RULES)")
     ap.add_argument("--floor-sparsities", default="0.7", help="sparsities of the keep-floor rows (FLOORS)")
+    ap.add_argument("--refined-sparsities", default="0.4,0.5,0.6,0.7", help="sparsities of the refined rows (REFINED)")
     ap.add_argument("--task-methods", default=",".join(TASK_METHODS), help="methods of the 8-task rows")
     ap.add_argument("--report", action="store_true", help="only print the tables (markdown) from quality.json")
     args = ap.parse_args()
@@ -97,8 +106,10 @@ def main():
         jobs += [(n, kw, s, "ppl") for n, kw in RANK_RULES.items()]
     for s in map(float, args.floor_sparsities.split(",")):
         jobs += [(n, kw, s, "ppl") for n, kw in FLOORS.items()]
+    for s in map(float, args.refined_sparsities.split(",")):
+        jobs += [(n, kw, s, "ppl") for n, kw in REFINED.items()]
     for s in map(float, args.task_sparsities.split(",")):
-        jobs += [(n, ({"method": "dense"} if n == "dense" else SWEEP[n]), s if n != "dense" else 0.0, "tasks")
+        jobs += [(n, ({"method": "dense"} if n == "dense" else {**SWEEP, **REFINED}[n]), s if n != "dense" else 0.0, "tasks")
                  for n in args.task_methods.split(",")]
 
     for name, kw, s, kind in jobs:
@@ -110,6 +121,8 @@ def main():
             stats = cached_stats(model, tok, args.calib_tokens, results)
         t = time.time()
         plan = build_plan(m, stats, cfg) if stats else rsparse.calibrate(m, tok, cfg)
+        if name in REFINED:
+            plan = refine(m, tok, plan, stats=stats)  # min(16384, calibration) tokens of the calibration text
         rsparse.sparsify_(m, plan)
         row = {"name": name, "target": s, "kind": kind, "config": plan.config,
                "expected": plan.expected_sparsity(), "plan_seconds": round(time.time() - t, 1), **rank_use(plan)}

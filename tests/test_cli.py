@@ -26,6 +26,7 @@ def test_calibrate_eval_generate(tmp_path):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["method"] == "teal" and res["tokens"] == 255 and 1 < res["ppl"] < 1000
     assert abs(res["sparsity_expected"] - 0.5) < 0.01 and set(res["tasks"]["piqa"]) == {"acc", "acc_norm", "n"}
+    assert res["plan"]["refine_tokens"] == 1024  # thresholds refined on the calibration's tokens by default
     r = run("generate", "--plan", str(out), "--max-new-tokens", "5", "Hello")
     assert r.returncode == 0 and r.stdout.strip()
     r = run("plot-plan", str(out), "--out", str(tmp_path / "heat.png"))
@@ -101,6 +102,7 @@ def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
     (["bench", "--device", "cuda", "--dtype", "float32"], "runs bfloat16 or float16 weights, got --dtype 'float32'"),
     (["generate", "--device", "tpu", "Hi"], "--device must be cpu or cuda"),
     (["calibrate", "--rank-cost", "0.5", "--out", "/tmp/never-written"], "rank_cost must be a finite number >= 1"),
+    (["calibrate", "--refine-tokens", "-5", "--out", "/tmp/never-written"], "--refine-tokens must be >= 0"),
     (["eval", "--method", "rsparse", "--target", "gpu", "--rank-multiple", "0"], "rank_multiple must be a whole number >= 1"),
     (["generate", "--plan", "/no/such/plan", "--backend", "oracle", "--compile", "Hi"], "it needs --backend cpp, not oracle"),
 ])

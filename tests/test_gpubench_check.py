@@ -81,3 +81,35 @@ def test_compiled_vs_eager_compares_with_every_channel_kept_and_restores_the_thr
     with pytest.raises(RuntimeError, match="replay failed"):
         compiled_vs_eager((SimpleNamespace(replay=broken), out_sparse), (g_dense, out_dense), taus)
     assert all(torch.equal(taus[k], before[k]) for k in taus)
+
+
+def test_sparse_samples_thresholds_keep_the_target_in_the_sparse_model(tiny_llama):
+    """The bench's thresholds come from the sparse model's own prefill (`sparse_samples`): re-running that
+    prefill through the thresholded modules and counting, at every projection, the sampled channels
+    above its tau gives each one the target's kept fraction (0.3 at 70%), and `set_thresholds` on the
+    returned samples sets the same thresholds again. With 4 layers and 70% the dense model's samples
+    would give different thresholds from the second block on (the drift this replaces)."""
+    from rsparse.apply import swapped
+    from rsparse.gpumodel import _prefill_ids, set_thresholds, sparse_samples
+
+    torch.manual_seed(5)
+    model = tiny_llama(num_hidden_layers=4).to(DEV)
+    sparse, _ = modules_at(locate(model), 0.7, 1.0, decide_rows=False)
+    samples = sparse_samples(model, sparse, {}, 0.7, tokens=256)
+    taus = {k: m.tau.clone() for k, m in sparse.items()}
+    seen, hooks = {}, []
+    for k, m in sparse.items():
+        hooks.append(m.register_forward_pre_hook(lambda mod, args, k=k: seen.__setitem__(k, args[0].reshape(-1, args[0].shape[-1])[::4].abs())))
+    with torch.inference_mode(), swapped(model, sparse):
+        model(_prefill_ids(model, 256), use_cache=False)
+    for h in hooks:
+        h.remove()
+    for k, x in seen.items():
+        assert abs((x > taus[k]).float().mean().item() - 0.3) < 0.01, k
+    dense = input_samples(model, tokens=256)
+    assert any(abs(torch.quantile(dense[k].reshape(-1), 0.7).item() - taus[k].item()) > 1e-3 * taus[k].item()
+               for k in taus if not k.startswith("0."))
+    for t in (m.tau for m in sparse.values()):
+        t.fill_(0.0)
+    set_thresholds({k: m.tau for k, m in sparse.items()}, samples, {}, 0.7)
+    assert all(torch.equal(sparse[k].tau, taus[k]) for k in taus)

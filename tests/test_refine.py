@@ -1,8 +1,13 @@
 """Thresholds refined on the sparsified model's own activations: each module then keeps its planned
-fraction on the refinement windows, counted directly with the modules' own keep rule."""
+fraction on the refinement windows, counted directly with the modules' own keep rule; `calibrate`
+refines by default and leaves the model dense."""
+import pytest
 import torch
 
-from rsparse.apply import measure_sparsity, sparsify_
+from rsparse.apply import measure_sparsity, sparse_modules, sparsify_
+from rsparse.errors import RSparseError
+from rsparse.pipeline import calibrate, calibration_windows, refine
+from rsparse.plan import RSparseConfig, build_plan
 from rsparse.refine import refine_thresholds_
 
 
@@ -19,4 +24,37 @@ def test_refined_thresholds_keep_the_planned_fractions(smol, smol_plan50):
     for k, lp in refined.layers.items():
         assert abs(got[k] - lp.keep) < 0.03, (k, got[k], lp.keep)
         assert lp.keep in (0.0, 1.0) or lp.tau != plan.layers[k].tau
-    assert refined.calibration["refined"]["passes"] == 4
+    assert refined.calibration["refined"] == {"tokens": 192, "windows": [2, 96]}
+
+
+def test_calibrate_refines_on_calibration_text_and_leaves_the_model_dense(smol, smol_stats):
+    """At 70% the dense-activation thresholds keep fewer channels than planned once earlier blocks are
+    sparse; the refined plan, applied to a fresh model, keeps the planned fractions on its refinement
+    text (the first calibration window), and the model given to `calibrate` stays dense."""
+    model, tok = smol()
+    cfg = RSparseConfig(method="teal", sparsity=0.7, allocation="uniform")  # rank 0: no SVDs
+    raw = calibrate(model, tok, cfg, stats=smol_stats, refine_tokens=0)
+    assert "refined" not in raw.calibration
+    assert {k: lp.tau for k, lp in raw.layers.items()} == {k: lp.tau for k, lp in build_plan(model, smol_stats, cfg).layers.items()}
+    plan = calibrate(model, tok, cfg, stats=smol_stats, refine_tokens=1024)
+    assert not sparse_modules(model) and plan.calibration["refined"]["tokens"] == 1024
+    window = calibration_windows(tok, "wiki", 1024, 1024, 0)
+    realised = {}
+    for p in (raw, plan):
+        m, _ = smol()
+        sparsify_(m, p)
+        realised[id(p)] = measure_sparsity(m, window, p.shapes)["sparsity"]
+    assert realised[id(raw)] > 0.71, realised  # the drift refinement exists for
+    assert abs(realised[id(plan)] - plan.expected_sparsity()) < 0.005, (realised, plan.expected_sparsity())
+
+
+def test_refine_defaults_and_bad_input(smol, smol_stats):
+    model, tok = smol()
+    cats = calibrate(model, tok, RSparseConfig(method="cats", sparsity=0.5), stats=smol_stats)
+    assert "refined" not in cats.calibration  # no projection thresholds to refine
+    teal = build_plan(model, smol_stats, RSparseConfig(method="teal", sparsity=0.5, allocation="uniform"))
+    with pytest.raises(RSparseError, match="must be >= 0"):
+        refine(model, tok, teal, -1, smol_stats)
+    sparsify_(model, teal)
+    with pytest.raises(RSparseError, match="already sparsified"):
+        refine(model, tok, teal, 1024, smol_stats)

@@ -48,6 +48,10 @@ def _add_method(p, default_method="rsparse"):
                    help="auto/evo allocations: a factor byte counts as this many kept-column bytes (>= 1; overrides --target)")
     p.add_argument("--calib-text", default="wiki", help="calibration text: wiki (bundled) or a file")
     p.add_argument("--calib-tokens", type=int, default=65536)
+    p.add_argument("--refine-tokens", type=int, default=None,
+                   help="rsparse/teal: re-derive thresholds on this many calibration tokens run through the sparse model "
+                        "itself, so the realised sparsity is the planned one (default: the calibration's, at most 16384; "
+                        "0: off; --search evo: off unless given)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -59,10 +63,16 @@ def _positive(name, v):
 def _config(args):
     from .plan import RSparseConfig
 
+    if getattr(args, "refine_tokens", None) is not None and args.refine_tokens < 0:
+        raise RSparseError(f"--refine-tokens must be >= 0 (0: no refinement), got {args.refine_tokens}")
     given = {k: v for k, v in (("rank_multiple", args.rank_multiple), ("rank_cost", args.rank_cost),
                                ("min_keep", args.min_keep)) if v is not None}
     return RSparseConfig.for_target(args.target, method=args.method, sparsity=args.sparsity, allocation=args.allocation,
                                     alpha=args.alpha, score=args.score, factors=args.factors, **given)
+
+
+def _refine(args) -> dict:
+    return {} if args.refine_tokens is None else {"refine_tokens": args.refine_tokens}  # None: the pipeline's default
 
 
 def _sparsified(args, model, tok, progress=True):
@@ -79,7 +89,8 @@ def _sparsified(args, model, tok, progress=True):
     if config.method == "dense":
         return None
     _positive("--calib-tokens", args.calib_tokens)
-    plan = calibrate(model, tok, config, source=args.calib_text, tokens=args.calib_tokens, seed=args.seed, progress=progress)
+    plan = calibrate(model, tok, config, source=args.calib_text, tokens=args.calib_tokens, seed=args.seed, progress=progress,
+                     **_refine(args))
     sparsify_(model, plan)
     return plan
 
@@ -108,6 +119,7 @@ def cmd_eval(args):
         res["plan"] = {k: plan.config.get(k, d) for k, d in (("allocation", None), ("alpha", None), ("score", None),
                                                                ("factors", None), ("rank_multiple", 1), ("rank_cost", 1.0),
                                                                ("min_keep", 0.0))}
+        res["plan"]["refine_tokens"] = plan.calibration.get("refined", {}).get("tokens", 0)
         res["sparsity_expected"] = round(plan.expected_sparsity(), 5)
     if win is not None:
         if plan:
@@ -141,7 +153,7 @@ def cmd_calibrate(args):
                             fitness_tokens=args.fitness_tokens, val_tokens=args.val_tokens, seed=args.seed,
                             budget_minutes=args.budget_minutes, min_keep=config.min_keep, fitness=args.fitness)
         model, tok = load(args.model, args.dtype)
-        plan = search_plan(model, tok, config, scfg, args.out, baselines=not args.no_baselines,
+        plan = search_plan(model, tok, config, scfg, args.out, baselines=not args.no_baselines, **_refine(args),
                            source=args.calib_text, tokens=args.calib_tokens, seed=args.seed)
         s = plan.calibration["search"]
         f = s["fitness"].upper()

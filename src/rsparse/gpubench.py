@@ -3,8 +3,10 @@ random bf16 weights (--dtype float16: fp16; Llama-3-8B and Llama-2-7B shapes), s
 CUDA graph (`decode.GraphDecoder`), batch 1/2/4/8, sparsity 40-70%.
 
 Thresholds come from the model's own forward passes (|x| at every projection input over a prefill
-of random tokens; per-projection quantile for a uniform plan at the target byte sparsity, r = 0),
-so the kept fractions are what these activations give. Dense and sparse steps are replayed
+of random tokens through the sparse model, each threshold set before its projection runs, as
+`gpumodel.sparse_samples`; per-projection quantile for a uniform plan at the target byte sparsity, r = 0),
+so the kept fractions are what these activations give (from session 31; before, the samples came from
+the dense model's prefill, and the sparse steps ran at slightly more sparsity than the labels). Dense and sparse steps are replayed
 alternately (median of repeats, each repeat = `STEPS` replays timed with CUDA events). A
 torch.compile(mode="reduce-overhead") step is timed too at batch 1 (it fuses the elementwise ops
 the manual graph runs one by one). Compiled, dense has two baselines: cuBLAS matmuls under inductor's
@@ -22,6 +24,7 @@ Prints a table, ends with one JSON line, writes --out (default $OUT/gpu_decode.j
 (benchmarks/gpu_decode.py runs the same with the same flags.)
 """
 import copy
+import functools
 import json
 import os
 import statistics
@@ -43,7 +46,7 @@ from .gpuvariants import (compile_options, compiled_variants, inductor_patches, 
 from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
 from .models import parse_dtype
-from .gpumodel import MODELS, attached, build, input_samples, modules_at, set_thresholds
+from .gpumodel import MODELS, attached, build, modules_at, set_thresholds, sparse_samples
 
 MAX_LEN, STEPS, REPEATS = 512, 32, 7
 
@@ -168,10 +171,10 @@ def run_gpu_bench(args):
         torch.manual_seed(0)
         model = build(name, dtype)
         projs = locate(model)
-        samples = input_samples(model)
         sparse, quantile = modules_at(projs, sparsities[0], alpha, decide_rows=len(sparsities) == 1)
         groups = triton_groups(model, sparse) if args.fused else {}  # built, attached per capture
         taus = {k: m.tau for k, m in sparse.items()}  # updated in place per sparsity (graphs see them; group views too)
+        samples = functools.partial(_samples_at, {}, model, sparse, taus, quantile)  # sparsity -> samples; sets taus
         lin_bytes = {k: m.weight.numel() * 2 for k, m in projs.items()}
         other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                           if "proj" not in n and "embed_tokens" not in n)
@@ -206,7 +209,7 @@ def run_gpu_bench(args):
                         print(f"  {label} compiled vs eager, every channel kept: rel err {err:.2e}"
                               + ("   MISMATCH" if not err < 0.1 else ""), flush=True)
             if B == 1:
-                checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse, quantile))
+                checks.append(check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples(0.5), sparse, quantile))
                 if groups:
                     g_fused.replay()
                     g_sparse.replay()
@@ -215,8 +218,7 @@ def run_gpu_bench(args):
                     print("fused vs unfused step:", checks[-1]["fused_vs_unfused_rel_err"], flush=True)
             for s in sparsities:
                 kept = {}
-                set_thresholds(taus, samples, quantile, s)
-                for k, x in samples.items():
+                for k, x in samples(s).items():
                     xb = x[: x.shape[0] // B * B].reshape(-1, B, x.shape[1])  # B rows at a time: union of kept channels
                     kept[k] = (xb > taus[k]).any(1).float().mean().item()
                 d, sp, fu, ng, ct = [], [], [], [], {}
@@ -284,7 +286,7 @@ def run_gpu_bench(args):
             del comp
             if args.compile and getattr(args, "reduce_overhead", True) and B == 1 and time.time() - t_start < args.time_limit:
                 s_ro = 0.5 if 0.5 in sparsities else sparsities[0]  # the issue's headline, else what was asked
-                compiled.append(compiled_step(name, model, sparse, taus, samples, dec, quantile, groups, t_start + args.time_limit, s_ro,
+                compiled.append(compiled_step(name, model, sparse, taus, samples(s_ro), dec, quantile, groups, t_start + args.time_limit, s_ro,
                                               getattr(args, "tuned_dense", True)))
                 save()
             del dec
@@ -336,6 +338,15 @@ def _factors(m):
 
 
 @torch.inference_mode()
+def _samples_at(cache, model, sparse, taus, quantile, s):
+    """The sparse model's prefill samples at sparsity `s` (`sparse_samples`, computed once per model and
+    sparsity in `cache`), with the thresholds they give set."""
+    if s not in cache:
+        cache[s] = sparse_samples(model, sparse, quantile, s)
+    set_thresholds(taus, cache[s], quantile, s)  # the same thresholds again, when revisited
+    return cache[s]
+
+
 def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse, quantile):
     """The graph-captured Triton step vs the same step on eager RSparseLinear oracles, at 50% (with
     rank terms: at the kept fractions `quantile` gives), all on the token and position the graph was

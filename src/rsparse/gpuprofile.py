@@ -17,7 +17,7 @@ from .atomic import write_json
 from .decode import GraphDecoder
 from .families import locate
 from .gpubench import MAX_LEN, REPEATS, capture, time_graph
-from .gpumodel import attached, build, input_samples, modules_at, set_thresholds
+from .gpumodel import attached, build, modules_at, sparse_samples
 from .gpuvariants import compile_options, uncached_compiles
 from .kernels.module import triton_groups
 
@@ -50,9 +50,8 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
     uncached_compiles()
     model = build(name, dtype)
     projs = locate(model)
-    samples = input_samples(model)
     sparse, quantile = modules_at(projs, sparsity, alpha)
-    set_thresholds({k: m.tau for k, m in sparse.items()}, samples, quantile, sparsity)
+    sparse_samples(model, sparse, quantile, sparsity)  # sets the thresholds
     dec = GraphDecoder(model, max_len=MAX_LEN, batch=1, attention=attention)
     ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
     pos = torch.tensor([MAX_LEN // 2], device="cuda")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from . import artifact, data
-from .apply import sparsify_
+from .apply import sparsify_, swapped
 from .atomic import write_json
 from .calibrate import Stats, collect
 from .errors import RSparseError
@@ -18,6 +18,7 @@ from .plan import SCORES, Plan, RSparseConfig, build_plan
 
 DEFAULT_CALIB_TOKENS = 65536
 DEFAULT_CALIB_LENGTH = 1024
+DEFAULT_REFINE_TOKENS = 16384  # at most; ~50 s on 2 cores for SmolLM2 (session 31)
 
 
 def calibration_windows(tokenizer, source: str = "wiki", tokens: int = DEFAULT_CALIB_TOKENS,
@@ -44,13 +45,43 @@ def collection_for(config: RSparseConfig) -> dict:
     return {"scores": scores} if config.method == "rsparse" else {"scores": scores, "ranks": (0,)}
 
 
-def calibrate(model, tokenizer, config: RSparseConfig, stats: Stats | None = None, **observe_kw) -> Plan:
-    """A plan for `model` under `config`; pass `stats` to reuse one calibration for many plans."""
+def calibrate(model, tokenizer, config: RSparseConfig, stats: Stats | None = None,
+              refine_tokens: int | None = None, **observe_kw) -> Plan:
+    """A plan for `model` under `config`; pass `stats` to reuse one calibration for many plans.
+    The thresholds of rsparse and TEAL plans are then refined on `refine_tokens` tokens (default:
+    the calibration's own, at most DEFAULT_REFINE_TOKENS) of the calibration text pushed through the
+    sparse model itself (`refine`; 0: the dense-activation thresholds as they are, which keep fewer
+    channels than planned at high sparsity)."""
     if config.method == "dense":
         stats = stats or Stats(proj={}, act={}, tokens=0, config={})
     elif stats is None:
         stats = observe(model, tokenizer, **{**collection_for(config), **observe_kw})
-    return build_plan(model, stats, config)
+    plan = build_plan(model, stats, config)
+    return refine(model, tokenizer, plan, refine_tokens, stats)
+
+
+def refine(model, tokenizer, plan: Plan, tokens: int | None = None, stats: Stats | None = None) -> Plan:
+    """`plan` with its thresholds re-derived on the activations of the model it sparsifies, so that each
+    projection keeps its planned fraction given the sparse blocks before it (`refine.refine_thresholds_`).
+    The text is the first `tokens` tokens (default: min(DEFAULT_REFINE_TOKENS, the calibration's)) of
+    the calibration text, seed and window length `stats` were collected with. `model` is sparsified
+    only while this runs. Plans without thresholds to refine (dense, CATS) pass through."""
+    from .apply import modules_for, sparse_modules
+    from .refine import refine_thresholds_
+
+    cfg = stats.config if stats is not None else {}
+    if tokens is None:
+        tokens = min(DEFAULT_REFINE_TOKENS, stats.tokens) if stats is not None and stats.tokens else DEFAULT_REFINE_TOKENS
+    if tokens < 0:
+        raise RSparseError(f"refinement tokens must be >= 0 (0: no refinement), got {tokens}")
+    if plan.config["method"] not in ("rsparse", "teal") or not plan.layers or tokens == 0:
+        return plan
+    if sparse_modules(model):
+        raise RSparseError("refine needs the dense model the plan was calibrated on; this one is already sparsified")
+    length = cfg.get("windows", (0, DEFAULT_CALIB_LENGTH))[1]
+    windows = calibration_windows(tokenizer, cfg.get("source", "wiki"), max(tokens, length), length, cfg.get("seed", 0))
+    with swapped(model, modules_for(model, plan.layers, plan.factors)):
+        return refine_thresholds_(model, plan, windows)
 
 
 def save_plan(plan: Plan, directory):
@@ -79,9 +110,11 @@ def search_windows(tokenizer, stats: Stats, cfg, source: str = "wiki") -> dict:
 
 
 def search_plan(model, tokenizer, config: RSparseConfig, search_config, directory, stats: Stats | None = None,
-                baselines: bool = True, progress=print, **observe_kw) -> Plan:
+                baselines: bool = True, progress=print, refine_tokens: int = 0, **observe_kw) -> Plan:
     """Evolutionary per-layer allocation (see `search`), written to `directory` as a plan
-    artifact; the search state beside it makes a rerun resume where it stopped."""
+    artifact; the search state beside it makes a rerun resume where it stopped. The candidates are
+    scored with the dense-activation thresholds, so by default the found plan keeps them (its recorded
+    fitness is then its own); `refine_tokens` > 0 refines them afterwards as `calibrate` does."""
     import json
     from collections import OrderedDict
     from dataclasses import replace
@@ -149,7 +182,8 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     state = Search(space, search_config, directory, evaluate, lambda picks, a, b: fitness.advance(modules(picks), b),
                    identity, progress=progress or (lambda *_: None)).run()
     out_cfg = replace(config, allocation="evo")
-    plan = build_plan(model, stats, out_cfg, picks=space.decode(state["incumbent"]), basis=basis)
+    plan = refine(model, tokenizer, build_plan(model, stats, out_cfg, picks=space.decode(state["incumbent"]), basis=basis),
+                  refine_tokens, stats)
     plan.calibration["search"] = {"config": search_config.identity(), "seconds": round(state["seconds"], 1),
                                   "evaluations": state["evaluations"], "fitness": search_config.fitness,
                                   "fit": state["incumbent_fit"], "val": state["incumbent_val"],

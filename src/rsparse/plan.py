@@ -397,6 +397,8 @@ def summarize(plan: Plan) -> str:
         lines[0] += f" (ranks in multiples of {plan.config['rank_multiple']}, factor bytes priced x{plan.config['rank_cost']:g})"
     if plan.config.get("min_keep", 0.0) > 0:
         lines[0] += f" (every projection keeps >= {plan.config['min_keep']:g} of its channels)"
+    if "refined" in plan.calibration:
+        lines[0] += f" (thresholds refined on {plan.calibration['refined']['tokens']} tokens through the sparse model)"
     by_proj = {}
     for key, lp in plan.layers.items():
         by_proj.setdefault(key.split(".")[1], []).append(lp)

@@ -32,7 +32,7 @@ def main_job(args):
     }
     plans, stats = {}, None
     for name, cfg in configs.items():
-        d = cache_dir() / "plans" / f"{fp[:16]}-{name}-{args.sparsity:.2f}-{args.calib_tokens}"
+        d = cache_dir() / "plans" / f"{fp[:16]}-{name}-{args.sparsity:.2f}-{args.calib_tokens}-refined"
         try:
             plans[name] = artifact.load(d)
             continue
@@ -41,7 +41,7 @@ def main_job(args):
         if cfg.method != "dense" and stats is None:
             print(f"calibrating on {args.calib_tokens} tokens of Wikipedia (once; cached afterwards)")
             stats = observe(model, tok, tokens=args.calib_tokens, scores=("abs",))
-        plans[name] = calibrate(model, tok, cfg, stats=stats)  # dense needs no statistics
+        plans[name] = calibrate(model, tok, cfg, stats=stats)  # dense needs no statistics; thresholds refined
         artifact.save(plans[name], d)
 
     texts = {"wiki": data.token_windows(tok, "wiki", "eval", 1024, n=args.windows),
