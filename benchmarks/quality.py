@@ -226,10 +226,11 @@ def plot(results):
     dense = next(r for r in rows if r["name"] == "dense")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, text in zip(axes, ("wiki", "lambada")):
-        for name in SWEEP:
+        for name in (*SWEEP, *REFINED):  # refined rows dashed
             pts = sorted((r["realized"], r[f"ppl_{text}"]) for r in rows if r["name"] == name)
             if pts:
-                ax.plot([0.0] + [p[0] for p in pts], [dense[f"ppl_{text}"]] + [p[1] for p in pts], marker="o", label=name)
+                ax.plot([0.0] + [p[0] for p in pts], [dense[f"ppl_{text}"]] + [p[1] for p in pts], marker="o", label=name,
+                        linestyle="--" if name in REFINED else "-")
         ax.set_yscale("log")
         ax.set_xlabel("realised model-level sparsity (fraction of weight bytes not read)")
         ax.set_ylabel("perplexity (every token sparse)")
