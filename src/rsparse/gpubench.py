@@ -337,16 +337,17 @@ def _factors(m):
     return (m.U, m.A) if m.rank else (None, None)
 
 
-@torch.inference_mode()
 def _samples_at(cache, model, sparse, taus, quantile, s):
     """The sparse model's prefill samples at sparsity `s` (`sparse_samples`, computed once per model and
     sparsity in `cache`), with the thresholds they give set."""
     if s not in cache:
-        cache[s] = sparse_samples(model, sparse, quantile, s)
-    set_thresholds(taus, cache[s], quantile, s)  # the same thresholds again, when revisited
+        cache[s] = sparse_samples(model, sparse, quantile, s)  # sets the thresholds as it samples
+    else:
+        set_thresholds(taus, cache[s], quantile, s)  # the same thresholds again, when revisited
     return cache[s]
 
 
+@torch.inference_mode()
 def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, samples, sparse, quantile):
     """The graph-captured Triton step vs the same step on eager RSparseLinear oracles, at 50% (with
     rank terms: at the kept fractions `quantile` gives), all on the token and position the graph was
