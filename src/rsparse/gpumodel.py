@@ -46,7 +46,7 @@ def input_samples(model, tokens=1024):
     projs, samples, hooks = locate(model), {}, []
     def hook_for(key):
         def hook(_mod, args):  # returns None: the module's input is left alone
-            samples[key] = args[0].reshape(-1, args[0].shape[-1])[::4].float().abs()
+            samples[key] = _sampled_rows(args[0])
         return hook
 
     for key, mod in projs.items():
@@ -59,6 +59,11 @@ def input_samples(model, tokens=1024):
     return samples
 
 
+def _sampled_rows(x):
+    """|x| of every 4th token row, float32: what a projection's threshold is a quantile of."""
+    return x.reshape(-1, x.shape[-1])[::4].float().abs()
+
+
 def _prefill_ids(model, tokens):
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, model.config.vocab_size, (4, tokens // 4), generator=gen).to(next(model.parameters()).device)
@@ -67,7 +72,7 @@ def _prefill_ids(model, tokens):
 @torch.inference_mode()
 def sparse_samples(model, sparse: dict, quantile: dict, sparsity: float, tokens=1024) -> dict:
     """Every module of `sparse` gets its threshold, in place, from the sparse model's own prefill: a
-    pre-hook takes |x| rows at the module's input ([::4], as `input_samples`) and sets tau to the
+    pre-hook takes |x| rows at the module's input (`_sampled_rows`, as `input_samples`) and sets tau to the
     quantile that keeps the module's fraction (`quantile`, else `sparsity`) before the module runs, so
     each projection sees inputs that already went through the thresholded ones before it. Returns
     those samples ({key: rows}); `set_thresholds(taus, samples, quantile, sparsity)` sets the same
@@ -78,8 +83,7 @@ def sparse_samples(model, sparse: dict, quantile: dict, sparsity: float, tokens=
 
     def hook_for(key, q):
         def hook(mod, args):  # returns None: the module's input is left alone
-            x = args[0].reshape(-1, args[0].shape[-1])[::4].float().abs()
-            samples[key] = x
+            x = samples[key] = _sampled_rows(args[0])
             mod.tau.fill_(torch.quantile(x.reshape(-1), q).item())
         return hook
 
