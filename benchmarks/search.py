@@ -7,7 +7,7 @@ optionally the 8 tasks (decode protocol). Rows "rsparse-evo" are appended to qua
 the standard allocations on the same fitness/validation windows comes from the search itself.
 
     python benchmarks/search.py [--sparsities 0.5,0.7] [--budget-minutes 25] [--tasks-at 0.5] [--limit 100]
-                                [--method rsparse|teal] [--min-keep 0.1] [--fitness kl|ce]
+                                [--method rsparse|teal] [--min-keep 0.1] [--fitness kl|ce] [--refine-tokens 16384]
 """
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--method", default="rsparse", choices=["rsparse", "teal"])
     ap.add_argument("--min-keep", type=float, default=0.0, help="floor on every projection's kept fraction")
     ap.add_argument("--fitness", default="kl", choices=["kl", "ce"])
+    ap.add_argument("--refine-tokens", type=int, default=0,
+                    help="refine the found plan's thresholds on the sparse model (rows named ...-refined)")
     args = ap.parse_args()
     results = json.loads(OUT.read_text())
     setup = results["setup"]
@@ -43,13 +45,15 @@ def main():
     texts = {"wiki": data.token_windows(tok, "wiki", "eval", 1024, n=setup["wiki_windows"]),
              "lambada": data.token_windows(tok, "lambada", "eval", 1024, n=setup["lambada_windows"])}
     name = f"{args.method}-evo" + (f"-minkeep{args.min_keep:g}" if args.min_keep else "") + ("-ce" if args.fitness == "ce" else "")
+    name += "-refined" if args.refine_tokens else ""
     task_at = {float(s) for s in args.tasks_at.split(",") if s}
     for s in map(float, args.sparsities.split(",")):
         directory = cache_dir() / "search" / f"{model.rsparse_model_id}-{name}-{s}"
         t0 = time.time()
         m, _ = rsparse.load()
         plan = rsparse.search_plan(m, tok, RSparseConfig(method=args.method, sparsity=s),
-                                   SearchConfig(budget_minutes=args.budget_minutes, min_keep=args.min_keep, fitness=args.fitness), directory, stats=stats)
+                                   SearchConfig(budget_minutes=args.budget_minutes, min_keep=args.min_keep, fitness=args.fitness), directory, stats=stats,
+                                   refine_tokens=args.refine_tokens)
         search_s = time.time() - t0
         rsparse.sparsify_(m, plan)
         kinds = ["ppl"] + (["tasks"] if s in task_at else [])
