@@ -27,6 +27,7 @@ def test_calibrate_eval_generate(tmp_path):
     assert res["method"] == "teal" and res["tokens"] == 255 and 1 < res["ppl"] < 1000
     assert abs(res["sparsity_expected"] - 0.5) < 0.01 and set(res["tasks"]["piqa"]) == {"acc", "acc_norm", "n"}
     assert res["plan"]["refine_tokens"] == 1024  # thresholds refined on the calibration's tokens by default
+    assert abs(res["sparsity_realized"] - 0.5) < 0.1  # counted on the 255 scored tokens themselves
     r = run("generate", "--plan", str(out), "--max-new-tokens", "5", "Hello")
     assert r.returncode == 0 and r.stdout.strip()
     r = run("plot-plan", str(out), "--out", str(tmp_path / "heat.png"))

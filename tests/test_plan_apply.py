@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rsparse import artifact
-from rsparse.apply import dense_view, measure_sparsity, sparse_modules, sparsify_
+from rsparse.apply import counting_kept, dense_view, measure_sparsity, sparse_modules, sparsify_
 from rsparse.errors import RSparseError
 from rsparse.linear import RSparseLinear
 from rsparse.plan import RSparseConfig, block_keys, build_plan, expected_sparsity
@@ -139,6 +139,39 @@ def test_sparse_model_differs_and_dense_view_restores(smol, smol_plan50):
     assert torch.equal(_logits(model), out)
     real = measure_sparsity(model, IDS, plan.shapes)["sparsity"]
     assert 0.35 < real < 0.65
+
+
+def test_counting_kept_matches_a_hand_count_and_skips_dense_prefills(smol, smol_plan50):
+    """The realised sparsity counted during an evaluation equals one computed by hand from the
+    inputs each module saw (|x_j| c_j > tau, bytes of the true shapes, factors included), and forwards
+    through `dense_view` (the decode protocol's dense prompts) are not counted."""
+    model, _ = smol()
+    plan = smol_plan50()
+    sparsify_(model, plan)
+    mods = sparse_modules(model)
+    seen = {k: [] for k in mods}
+    taps = [m.register_forward_pre_hook(lambda mod, a, k=k: seen[k].append(a[0].detach().float().reshape(-1, a[0].shape[-1])))
+            for k, m in mods.items()]
+    ids = torch.randint(0, 49152, (2, 23))
+    with torch.inference_mode(), counting_kept(model, plan.shapes) as real:
+        for w in ids:
+            model(w[None])
+        with dense_view(model):
+            model(ids[:1])  # sparse modules swapped out: neither counted nor tapped
+    for t in taps:
+        t.remove()
+    read = dense = 0.0
+    for k, (o, i) in plan.shapes.items():
+        m = mods[k]
+        x = torch.cat(seen[k])
+        assert x.shape[0] == ids.numel()
+        # the score in float32 as the rule defines it (exact decisions), the counting in float64
+        keep = ((x.abs() * m.col_scale.float()) > m.tau.float()).double().mean().item()
+        assert real["keep"][k] == pytest.approx(keep, abs=1e-9)
+        read += keep * o * i + m.rank * (o + i)
+        dense += o * i
+    assert real["sparsity"] == pytest.approx(1 - read / dense, abs=1e-9)
+    assert 0.3 < real["sparsity"] < 0.7
 
 
 def test_artifact_round_trip_and_bad_input(smol, smol_plan50, tmp_path):

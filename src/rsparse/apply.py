@@ -83,31 +83,42 @@ def dense_view(model):
             set_group(model, i, name, m)
 
 
-@torch.inference_mode()
-def measure_sparsity(model, windows: torch.Tensor, shapes: dict) -> dict:
-    """Realised kept fractions on `windows` and the model-level byte sparsity they give."""
+@contextlib.contextmanager
+def counting_kept(model, shapes: dict):
+    """Within the block, every sparse module counts the channels it keeps on the tokens it sees (dense
+    prefills through `dense_view` are not seen); on exit the yielded dict gets "sparsity" (the realised
+    model-level byte sparsity) and "keep" (each module's kept fraction). Wrapping an evaluation in it
+    measures the realised sparsity on all of the evaluated text at no extra forward pass: on a handful of
+    windows it is noisy (SmolLM2, TEAL-greedy at 70%: 0.66-0.74 over 4,096-token chunks, session 32)."""
     mods = sparse_modules(model)
-    kept = {k: [0.0, 0] for k in mods}
+    kept = {k: [0, 0] for k in mods}
 
     def hook_for(key):
         def hook(mod, args):
             mask = mod.keep_mask(args[0])
-            kept[key][0] += mask.float().sum().item()
+            kept[key][0] += mask.sum()  # a tensor: no host sync per call
             kept[key][1] += mask.numel()
 
         return hook
 
+    out: dict = {}
     hooks = [m.register_forward_pre_hook(hook_for(k)) for k, m in mods.items()]
     try:
-        for w in windows:
-            model(w[None])
+        yield out
     finally:
         for h in hooks:
             h.remove()
     from .plan import LayerPlan, expected_sparsity
 
-    layers = {}
-    for k, m in mods.items():
-        frac = kept[k][0] / max(kept[k][1], 1)
-        layers[k] = LayerPlan(tau=float(m.tau), keep=frac, rank=getattr(m, "rank", 0))
-    return {"sparsity": expected_sparsity(layers, shapes), "keep": {k: v.keep for k, v in layers.items()}}
+    layers = {k: LayerPlan(tau=float(m.tau), keep=float(kept[k][0]) / max(kept[k][1], 1), rank=getattr(m, "rank", 0))
+              for k, m in mods.items()}
+    out.update(sparsity=expected_sparsity(layers, shapes), keep={k: v.keep for k, v in layers.items()})
+
+
+@torch.inference_mode()
+def measure_sparsity(model, windows: torch.Tensor, shapes: dict) -> dict:
+    """Realised kept fractions on `windows` and the model-level byte sparsity they give."""
+    with counting_kept(model, shapes) as real:
+        for w in windows:
+            model(w[None])
+    return real

@@ -6,6 +6,7 @@ last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -97,7 +98,7 @@ def _sparsified(args, model, tok, progress=True):
 
 def cmd_eval(args):
     from . import data, evaluate
-    from .apply import measure_sparsity
+    from .apply import counting_kept
     from .models import load
 
     _positive("--limit", args.limit)
@@ -122,9 +123,11 @@ def cmd_eval(args):
         res["plan"]["refine_tokens"] = plan.calibration.get("refined", {}).get("tokens", 0)
         res["sparsity_expected"] = round(plan.expected_sparsity(), 5)
     if win is not None:
+        counting = counting_kept(model, plan.shapes) if plan else contextlib.nullcontext({})
+        with counting as real:  # the realised sparsity on every sparse token of the text
+            r = evaluate.perplexity(model, win, protocol=args.protocol)
         if plan:
-            res["sparsity_realized"] = round(measure_sparsity(model, win[: min(4, len(win))], plan.shapes)["sparsity"], 5)
-        r = evaluate.perplexity(model, win, protocol=args.protocol)
+            res["sparsity_realized"] = round(real["sparsity"], 5)
         res.update(text=source, ppl=r["ppl"], tokens=r["tokens"], ppl_protocol=r["protocol"], window=args.length)
         print(f"perplexity on {source}: {r['ppl']:.3f} over {r['tokens']} tokens ({r['protocol']} tokens sparse)")
     if tasks:
