@@ -3,8 +3,9 @@
 `sparsify_(model, plan)` replaces each planned projection by `RSparseLinear.from_linear` (or the
 MLP activation by `ThresholdedActivation` for CATS) in place; nothing else in the model changes.
 `dense_view(model)` temporarily swaps every sparse module back to its dense twin (same weight
-storage): the decode protocol prefills prompts through it. `measure_sparsity` counts the kept
-channels the plan really gets on some text: the realised model-level byte sparsity.
+storage): the decode protocol prefills prompts through it. `counting_kept` (around any evaluation) and
+`measure_sparsity` (its own forwards) count the kept channels the plan really gets on some text: the
+realised model-level byte sparsity.
 """
 from __future__ import annotations
 
