@@ -10,7 +10,6 @@ Prints a table and one JSON line; writes benchmarks/results/realised_spread.json
 """
 import argparse
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 import rsparse
 from rsparse import data
 from rsparse.apply import measure_sparsity
+from rsparse.atomic import write_json
 from rsparse.pipeline import calibration_windows
 from rsparse.plan import RSparseConfig, build_plan
 from rsparse.refine import refine_thresholds_
@@ -59,9 +59,7 @@ def main():
             print(f"{name:14s} {s:.2f}  calib {r['calib_mean']:.4f}  eval {r['eval_mean']:.4f} "
                   f"sd {r['eval_sd']:.4f}  range {r['eval_min']:.3f}-{r['eval_max']:.3f}", flush=True)
     result = {"refine_tokens": args.refine_tokens, "chunk_tokens": 4096, "rows": rows}
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, OUT)
+    write_json(OUT, result)
     print(json.dumps({f"{r['plan']}_{r['target']:g}_eval_sd": round(r["eval_sd"], 4) for r in rows}))
 
 
