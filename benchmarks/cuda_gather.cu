@@ -120,6 +120,29 @@ __global__ void rs_reduce(const float* __restrict__ part, __nv_bfloat16* __restr
   y[i] = __float2bfloat16(s);
 }
 
+// The plainest one-call read of n bytes: every thread streams 16-byte pieces (UNR in flight), the block
+// sums them, one float per block. What any single kernel reading that many bytes can reach.
+template <int UNR>
+__global__ void __launch_bounds__(256) rs_read(const uint4* __restrict__ p, long long n16, float* __restrict__ out) {
+  float s = 0.f;
+  const long long stride = (long long)gridDim.x * 256;
+  for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < n16; i += stride * UNR) {
+    uint4 r[UNR];
+#pragma unroll
+    for (int u = 0; u < UNR; ++u) r[u] = i + u * stride < n16 ? ld_stream(p + i + u * stride) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int u = 0; u < UNR; ++u) s += __uint_as_float(r[u].x) + __uint_as_float(r[u].y) + __uint_as_float(r[u].z) + __uint_as_float(r[u].w);
+  }
+  __shared__ float red[256];
+  red[threadIdx.x] = s;
+  __syncthreads();
+  for (int k = 128; k > 0; k >>= 1) {
+    if (threadIdx.x < k) red[threadIdx.x] += red[threadIdx.x + k];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = red[0];
+}
+
 #ifndef KERNELS_ONLY
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -162,6 +185,19 @@ torch::Tensor gather(torch::Tensor x, torch::Tensor c, torch::Tensor tau, torch:
     default: TORCH_CHECK(false, "cfg 0..7");
   }
   return torch::Tensor();
+}
+
+// blocks: grid size (blocks per SM x SMs); unr: 4 or 8 pieces in flight per thread
+torch::Tensor read(torch::Tensor buf, int64_t blocks, int64_t unr) {
+  TORCH_CHECK(buf.is_cuda() && buf.is_contiguous() && buf.nbytes() % 16 == 0, "buf: contiguous, a multiple of 16 bytes");
+  auto out = torch::empty({blocks}, buf.options().dtype(torch::kFloat32));
+  const long long n16 = buf.nbytes() / 16;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (unr == 8)
+    rs_read<8><<<blocks, 256, 0, stream>>>((const uint4*)buf.data_ptr(), n16, out.data_ptr<float>());
+  else
+    rs_read<4><<<blocks, 256, 0, stream>>>((const uint4*)buf.data_ptr(), n16, out.data_ptr<float>());
+  return out;
 }
 
 torch::Tensor reduce(torch::Tensor part) {
