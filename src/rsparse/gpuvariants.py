@@ -24,7 +24,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
     `triton_gemv.RANK_TERMS`); --rank-ab (the sparse step with other rank-path knobs,
     `lowrank.knobs`); --compare-attention (dense and sparse with the other decode attention,
-    `decode.GraphDecoder`); --retune N (the tuned dense and the sparse step compiled N times each, every
+    `decode.GraphDecoder`); --compare-gather (the sparse step with the CUDA C++ gather,
+    `kernels.module.GATHER`); --retune N (the tuned dense and the sparse step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
     out.append((label_c, sparse, groups, {}))
@@ -39,6 +40,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     for tag, values in rank_patches(args):
         out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
+    if getattr(args, "compare_gather", False):
+        out.append((f"{label_c}-cuda-gather", sparse, groups, {"gather": "cuda"}))
     compare = getattr(args, "compare_attention", False)
     if compare:
         other = compare if isinstance(compare, str) else "fused" if getattr(args, "attention", "fused") == "sdpa" else "sdpa"
@@ -152,7 +155,7 @@ def uncached_compiles() -> None:
 
 @contextlib.contextmanager
 def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None, rank_terms=None, attention=None,
-                    fresh_kernels=False, rank_knobs=None, norm=None):
+                    fresh_kernels=False, rank_knobs=None, norm=None, gather=None):
     """Set while dec's compiled step is traced and captured (all are read at trace time only; norm
     also at every eager call); fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`)."""
     from .kernels import lowrank
@@ -162,12 +165,17 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
         from torch._inductor.codecache import PyCodeCache
 
         PyCodeCache.cache_clear()  # in memory only: compiled steps keep the modules they hold
-    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention, lowrank.knobs(), dec.norm
-    dec.use_norm(norm or saved[5])  # first: a bad name raises before any switch is set
+    saved = km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS, dec.attention, lowrank.knobs(), dec.norm, km.GATHER
+    try:
+        km.use_gather(gather or saved[6])  # first: one that cannot run raises before any switch is set
+    except ValueError as e:
+        raise RSparseError(str(e)) from None
+    dec.use_norm(norm or saved[5])
     try:
         dec.use_attention(attention or saved[3])
     except ValueError:
         dec.use_norm(saved[5])
+        km.GATHER = saved[6]
         raise
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
@@ -180,6 +188,7 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
             yield
     finally:
         km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
+        km.GATHER = saved[6]
         lowrank.set_knobs(saved[4])
         dec.use_attention(saved[3])
         dec.use_norm(saved[5])
