@@ -84,7 +84,7 @@ def test_compiled_groups_take_the_cuda_gather(monkeypatch):
     monkeypatch.setattr(km, "GATHER", "triton")
     torch.manual_seed(3)
     lins = [torch.nn.Linear(640, o, bias=False) for o in (512, 256, 256, 768, 768)]
-    refs = [RSparseLinear.from_linear(lin, t, "wnorm") for lin, t in zip(lins, (0.3, 0.6, 0.1, 0.4, 0.5))]
+    refs = [RSparseLinear.from_linear(lin, t, "wnorm") for lin, t in zip(lins, (0.25, 0.5, 0.125, 0.375, 0.5))]  # exact in bf16
     qkv = TritonGroup([TritonRSparseLinear(r).to("cuda", torch.bfloat16) for r in refs[:3]])
     mlp = TritonGroup([TritonRSparseLinear(r).to("cuda", torch.bfloat16) for r in refs[3:]])
     x = torch.randn(1, 640, dtype=torch.bfloat16)
@@ -105,7 +105,10 @@ def test_compiled_groups_take_the_cuda_gather(monkeypatch):
 
     (y_qkv, y_mlp), ops = run("cuda")
     assert sum("cuda_partials" in o for o in ops) == 2 and not any("rsparse_partials" in o for o in ops), ops
-    for got, ref in ((y_qkv, ref_qkv), (y_mlp, ref_mlp)):
-        assert ((got.float().cpu() - ref).norm() / ref.norm()).item() < 3e-2
-    _, ops = run("triton")
-    assert not any("cuda_partials" in o for o in ops) and any("rsparse_partials" in o for o in ops), ops
+    (t_qkv, t_mlp), t_ops = run("triton")
+    assert not any("cuda_partials" in o for o in t_ops) and any("rsparse_partials" in o for o in t_ops), t_ops
+    for got, tri, ref in ((y_qkv, t_qkv, ref_qkv), (y_mlp, t_mlp, ref_mlp)):
+        # the same kept channels (bf16 modules) as the Triton gather; the float32 oracle keeps by its own
+        # float32 scales and thresholds, a few channels apart
+        assert ((got.float() - tri.float()).norm() / tri.float().norm()).item() < 1e-2
+        assert ((got.float().cpu() - ref).norm() / ref.norm()).item() < 5e-2

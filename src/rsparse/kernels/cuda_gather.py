@@ -72,7 +72,7 @@ gather(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict
 #pragma unroll
   for (int b = 0; b < BM; ++b) {
     xv[b] = (b < B && j < IN) ? one(x[(size_t)b * IN + j]) : 0.f;
-    const bool k = fabsf(xv[b]) * cj > t;
+    const bool k = b < B && j < IN && fabsf(xv[b]) * cj > t;  // (a padded lane's 0 > tau where tau < 0)
     if (!k) xv[b] = 0.f;  // a row multiplies only its own kept entries of the union
     any |= k;
   }
