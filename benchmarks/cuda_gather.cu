@@ -188,7 +188,7 @@ torch::Tensor gather(torch::Tensor x, torch::Tensor c, torch::Tensor tau, torch:
 }
 
 // blocks: grid size (blocks per SM x SMs); unr: 4 or 8 pieces in flight per thread
-torch::Tensor read(torch::Tensor buf, int64_t blocks, int64_t unr) {
+torch::Tensor read_bytes(torch::Tensor buf, int64_t blocks, int64_t unr) {
   TORCH_CHECK(buf.is_cuda() && buf.is_contiguous() && buf.nbytes() % 16 == 0, "buf: contiguous, a multiple of 16 bytes");
   auto out = torch::empty({blocks}, buf.options().dtype(torch::kFloat32));
   const long long n16 = buf.nbytes() / 16;

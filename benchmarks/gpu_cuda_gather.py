@@ -10,8 +10,9 @@ Times, per Llama-3-8B / Llama-2-7B projection shape, bf16, batch 1, 50% of chann
 - "cuda cfg k": the gather written in CUDA C++ (`benchmarks/cuda_gather.cu`: ballot compaction inside
   each warp, no index list, small self-balancing blocks), alone and with its partial-sum kernel.
 `--ceiling`: instead, the plainest one-call read of the same byte counts (`rs_read`: 16-byte streaming
-loads, 2-16 blocks per SM, 4 or 8 in flight per thread) and inductor's tuned GEMV on the "dense half"
-weights, against larger reads (235 MB, 1 GiB): what any single kernel reading that many bytes reaches.
+loads, 2-16 blocks per SM, 8 in flight per thread; with `--gemv` also 4, and inductor's tuned GEMV on the
+"dense half" weights), against larger reads (235 MB, 1 GiB): what any single kernel reading that many
+bytes reaches.
 Every CUDA configuration is first checked against the float32 oracle (`rsparse_linear_ref`); a wrong one
 is reported and skipped. BW = the kept rows' bytes / time / copy bandwidth measured in the same run.
 Prints a table and one JSON line; writes $OUT/gpu_cuda_gather.json. Needs nvcc (the H200 image has it).
@@ -36,7 +37,7 @@ CFGS = {0: (8, 2, 2, 8), 1: (4, 2, 1, 8), 2: (8, 1, 1, 8), 3: (4, 2, 2, 8), 4: (
 DECL = """
 torch::Tensor gather(torch::Tensor x, torch::Tensor c, torch::Tensor tau, torch::Tensor wt, int64_t cfg, int64_t smem);
 torch::Tensor reduce(torch::Tensor part);
-torch::Tensor read(torch::Tensor buf, int64_t blocks, int64_t unr);
+torch::Tensor read_bytes(torch::Tensor buf, int64_t blocks, int64_t unr);
 """
 
 
@@ -44,7 +45,7 @@ def build():
     from torch.utils.cpp_extension import load_inline
 
     src = (Path(__file__).parent / "cuda_gather.cu").read_text()
-    return load_inline(name="rs_cuda_gather", cpp_sources=DECL, cuda_sources=src, functions=["gather", "reduce", "read"],
+    return load_inline(name="rs_cuda_gather", cpp_sources=DECL, cuda_sources=src, functions=["gather", "reduce", "read_bytes"],
                        extra_cuda_cflags=["-O3", "-gencode=arch=compute_90,code=sm_90"], verbose=False)
 
 
@@ -102,17 +103,17 @@ def ceiling(ext, bw):
     for label, nbytes in [("4096x4096", 2 * 4096 * 2048), ("11008x4096", 2 * 11008 * 2048), ("14336x4096", 2 * 14336 * 2048),
                           ("28672x4096", 2 * 28672 * 2048), ("235 MB", 2 * 28672 * 4096), ("1 GiB", 2**30)]:
         bufs = [torch.randn(nbytes // 2, device="cuda").to(torch.bfloat16) for _ in range(COPIES)]
-        ref = sum(ext.read(bufs[0], b, 8).sum().item() for b in (sms,))  # the read's sum must not depend on its grid
+        ref = sum(ext.read_bytes(bufs[0], b, 8).sum().item() for b in (sms,))  # the read's sum must not depend on its grid
         row = {"what": label, "bytes": nbytes, "floor_us": nbytes / bw * 1e6}
         for per_sm in (2, 4, 8, 16):
-            for unr in (4, 8):
-                got = ext.read(bufs[0], per_sm * sms, unr).sum().item()
+            for unr in (4, 8) if "--gemv" in sys.argv else (8,):
+                got = ext.read_bytes(bufs[0], per_sm * sms, unr).sum().item()
                 assert abs(got - ref) <= 1e-2 * max(1.0, abs(ref)), (label, per_sm, unr, got, ref)
-                row[f"read_{per_sm}x{unr}_us"] = bench(lambda: [ext.read(b, per_sm * sms, unr) for b in bufs])
+                row[f"read_{per_sm}x{unr}_us"] = bench(lambda: [ext.read_bytes(b, per_sm * sms, unr) for b in bufs])
         best = min((k for k in row if k.startswith("read_")), key=row.get)
         row.update(best_read=best, best_read_us=row[best], best_read_bw=row["floor_us"] / row[best])
         bufs.clear()
-        if "x" in label and label != "4096x4096":
+        if "--gemv" in sys.argv and "x" in label and label != "4096x4096":
             out_f, in_f = map(int, label.split("x"))
             halves = [(torch.randn(out_f, in_f // 2, device="cuda") / in_f**0.5).to(torch.bfloat16) for _ in range(COPIES)]
             x = torch.randn(1, in_f // 2, device="cuda").to(torch.bfloat16)
