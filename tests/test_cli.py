@@ -148,6 +148,8 @@ def test_gpu_generate_without_a_gpu_says_so():
     r = subprocess.run([sys.executable, "-m", "rsparse", "generate", "--plan", "/no/such/dir", "--backend", "triton", "Hi"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2 and "runs on --device cuda" in r.stderr, r.stderr
+    r = run("generate", "--gather", "cuda", "Hi")
+    assert r.returncode == 2 and "--gather cuda is the compiled GPU step's gather" in r.stderr, r.stderr
 
 
 def test_generate_with_the_triton_backend_on_a_model_directory(tmp_path):

@@ -1,6 +1,6 @@
 """The CUDA C++ gather (`rsparse::cuda_partials`) against the float64 oracle. GPU only: it needs a CUDA
-device and nvcc (skipped elsewhere, so CI on the CPU skips it; the Triton kernels' tests cover the
-default path there). Fresh random inputs, widths not multiples of the 256-channel blocks, groups of
+device and nvcc (skipped elsewhere, so CI on the CPU runs only the switch's checks; the Triton
+kernels' tests cover the default path there). Fresh random inputs, widths not multiples of the 256-channel blocks, groups of
 members with their own scales and thresholds, batch 1..8, sparsity 0..1, and the allocator's blocks
 filled with NaN before each call so an unwritten partial fails."""
 import pytest
@@ -10,7 +10,22 @@ from rsparse.linear import rsparse_linear_ref
 from thresholds import tau_between
 
 cuda_gather = pytest.importorskip("rsparse.kernels.cuda_gather")
-pytestmark = pytest.mark.skipif(not cuda_gather.available(), reason="needs a CUDA GPU and nvcc")
+gpu = pytest.mark.skipif(not cuda_gather.available(), reason="needs a CUDA GPU and nvcc")
+
+
+def test_the_switch_names_what_is_missing(monkeypatch):
+    """`use_gather` refuses an unknown name, and "cuda" where it cannot build or run (naming why),
+    leaving the Triton gather in place; `fits` refuses CPU tensors (runs everywhere, CI included)."""
+    from rsparse.kernels import module as km
+
+    monkeypatch.setattr(km, "GATHER", "triton")
+    with pytest.raises(ValueError, match="gather must be triton or cuda"):
+        km.use_gather("cutlass")
+    if not cuda_gather.available():
+        with pytest.raises(ValueError, match="the CUDA gather cannot run here"):
+            km.use_gather("cuda")
+    assert km.GATHER == "triton"
+    assert not cuda_gather.fits(torch.zeros(256, 512, dtype=torch.bfloat16), 0, 512, 512)
 
 
 def _poison_allocator(shape):
@@ -19,6 +34,7 @@ def _poison_allocator(shape):
     del t
 
 
+@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,IN,outs,sparsities", [
     (1, 805, (296,), (0.5,)), (3, 4096, (512, 256, 256), (0.5, 0.3, 0.8)), (8, 300, (256, 40), (0.0, 0.95)),
@@ -54,6 +70,7 @@ def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities):
     assert ((lone.sum(0).double().cpu() - refs[0]).norm() / max(refs[0].norm().item(), 1e-6)).item() < 1e-5
 
 
+@gpu
 def test_cuda_partials_compile_and_misfits():
     """The op traces under torch.compile (fake shapes right) and agrees with eager; shapes it does not
     take are refused by `fits` (a member off the 256-column tiles, a rank term, float32) and bad rows
@@ -73,6 +90,7 @@ def test_cuda_partials_compile_and_misfits():
         torch.ops.rsparse.cuda_partials(torch.randn(9, IN, device="cuda", dtype=torch.bfloat16), wt, c, tau, OUT, OUT)
 
 
+@gpu
 def test_compiled_groups_take_the_cuda_gather(monkeypatch):
     """With `use_gather("cuda")`, a compiled step's q|k|v-like group and gate|up group (SiLU(gate) * up)
     trace `cuda_partials` (not the Triton gather) and agree with the float32 oracle modules; the switch
