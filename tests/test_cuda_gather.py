@@ -26,6 +26,11 @@ def test_the_switch_names_what_is_missing(monkeypatch):
             km.use_gather("cuda")
     assert km.GATHER == "triton"
     assert not cuda_gather.fits(torch.zeros(256, 512, dtype=torch.bfloat16), 0, 512, 512)
+    wt, x = torch.zeros(256, 512, dtype=torch.bfloat16), torch.zeros(1, 256, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="col_scale must be torch.bfloat16"):  # checked before any launch
+        torch.ops.rsparse.cuda_partials(x, wt, torch.ones(256), torch.tensor(0.5), 512, 512)
+    with pytest.raises(ValueError, match="1..8 rows"):
+        torch.ops.rsparse.cuda_partials(x.float(), wt, torch.ones(256, dtype=torch.bfloat16), torch.tensor(0.5), 512, 512)
 
 
 def _poison_allocator(shape):

@@ -214,6 +214,8 @@ def cuda_partials(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, ta
     IN = wt.shape[0]
     if not 1 <= x.shape[0] <= 8 or x.shape[1] != IN or x.dtype != wt.dtype:
         raise ValueError(f"cuda_partials: x must be 1..8 rows of {IN} {wt.dtype} values, got {tuple(x.shape)} {x.dtype}")
+    if col_scale.dtype != wt.dtype:  # the kernel reads the scales in the weights' type (as the modules store them)
+        raise ValueError(f"cuda_partials: col_scale must be {wt.dtype} like the weights, got {col_scale.dtype}")
     return _ext().partials(x.contiguous(), wt, col_scale.reshape(-1, IN).contiguous(), tau.reshape(-1).float().contiguous(),
                            seg1, seg2)
 
