@@ -15,6 +15,8 @@ compares grids of launch configurations with v2 and writes the best per shape;
 `--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
 `--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
 `--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
+Rows without rank terms also time the gathers alone, as compiled steps run them: Triton's and, where nvcc
+builds it, the CUDA C++ one (`kernels/cuda_gather.py`; "triton_gather_us", "cuda_gather_us").
 (`benchmarks/gpu_gather_grid.py` grid-searches the gather alone, as compiled steps run it, on 22 shapes.)
 """
 import json
@@ -452,6 +454,27 @@ def dense_gemv_us(x, Ws):
         return None, f"{type(e).__name__}: {str(e)[:200]}"
 
 
+def gather_columns(x, Wts, ones, tau, ref) -> dict:
+    """µs of the r = 0 gather alone (float32 partials, no sum), Triton's (`rsparse_partials`) and, where nvcc
+    builds it, the CUDA one (`cuda_partials`), each checked against the oracle through its partials' sum."""
+    from rsparse.kernels import cuda_gather
+
+    out_f = Wts[0].shape[1]
+    at, u = Wts[0].new_empty(Wts[0].shape[0], 0), Wts[0].new_empty(out_f, 0)
+    lk = tg.tile_locks(out_f, "cuda")
+    calls = {"triton_gather_us": lambda Wt: torch.ops.rsparse.rsparse_partials(x, Wt, at, u, ones, tau, lk, out_f, out_f, 0, 0)}
+    if cuda_gather.ensure_built():
+        calls["cuda_gather_us"] = lambda Wt: torch.ops.rsparse.cuda_partials(x, Wt, ones, tau, out_f, out_f)
+    else:
+        print("cuda gather skipped:", cuda_gather.build_error() or "no nvcc", flush=True)
+    cols = {}
+    for name, call in calls.items():
+        err = ((call(Wts[0]).sum(0) - ref.float()).norm() / ref.norm()).item()
+        assert err < 1e-2, (name, err)
+        cols[name] = bench(lambda: [call(Wt) for Wt in Wts])
+    return cols
+
+
 def main():
     torch.manual_seed(0)
     try:
@@ -527,6 +550,8 @@ def main():
                         assert ((yz.float() - ref).norm() / ref.norm()).item() < 1e-2, (mode, out_f, in_f)
                         row[f"rank_{mode}_us"] = bench(lambda: [tg._launch(x, Wt, At, U, ones, tau, None, zcfg)
                                                                 for Wt, At, U in zip(Wts, Ats, Us)])
+                    if R == 0:  # the gathers alone, as compiled steps run them: Triton's and the CUDA one (session 33)
+                        row.update(gather_columns(x, Wts, ones, tau, ref))
                     if B == 1 and R == 0:
                         yt = teal_gemv(x[0], Wts[0], tau, **tcfg)
                         errt = ((yt.float() - ref[0]).norm() / ref.norm()).item()
