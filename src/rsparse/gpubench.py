@@ -142,6 +142,12 @@ def run_gpu_bench(args):
     dtype = gpu_dtype(getattr(args, "dtype", None))
     if not torch.cuda.is_available():
         raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
+    if getattr(args, "compare_gather", False):  # builds the CUDA gather now: no nvcc fails before any work
+        from .kernels import cuda_gather
+
+        if not cuda_gather.ensure_built():
+            raise RSparseError("--compare-gather: the CUDA gather cannot run here: "
+                               + (cuda_gather.build_error() or "no nvcc (torch finds no CUDA_HOME)"))
     if args.profile:
         from .gpuprofile import profile
 
