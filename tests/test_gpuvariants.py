@@ -41,6 +41,8 @@ def test_variants_follow_the_flags():
     assert [(v[0], v[1], v[3]) for v in ab] == [("dense-attn-fused", {}, {"attention": "fused", **TUNED}),
                                                 ("fused-attn-fused", "S", {"attention": "fused", **TUNED})]
     assert compiled_variants(_args(compare_attention=True, attention="triton"), "fused", "S", "G", 1)[-1][3] == {"attention": "sdpa", **TUNED}
+    cg = compiled_variants(_args(compare_gather=True), "fused", "S", "G", 2)[2:]
+    assert [(v[0], v[1], v[3]) for v in cg] == [("fused-cuda-gather", "S", {"gather": "cuda", **TUNED})]
     named = compiled_variants(_args(compare_attention="fused", attention="triton"), "fused", "S", "G", 1)[2:]
     assert [(v[0], v[3]) for v in named] == [("dense-attn-fused", {"attention": "fused", **TUNED}),
                                              ("fused-attn-fused", {"attention": "fused", **TUNED})]
@@ -84,6 +86,11 @@ def test_compile_options_set_and_restore_the_switches(tiny_llama):
         with compile_options(dec, norm="layer"):
             pass
     assert dec.attention == "sdpa"
+    if not km.cuda_gather.available():  # the CUDA gather where it cannot run: refused before any switch is set
+        with pytest.raises(RSparseError, match="the CUDA gather cannot run here"):
+            with compile_options(dec, gather="cuda", rank_terms="gather"):
+                pass
+        assert km.GATHER == "triton" and tg.RANK_TERMS == before[0]
 
 
 def test_inductor_ab_adds_a_pair_per_setting_and_patches_only_while_traced(tiny_llama):
