@@ -10,7 +10,8 @@ exact); more than 8 rows (all-tokens evaluation) run the eager oracle on the sam
 gate|up's SiLU(gate) * up with the activation in the epilogue (`rsparse::rsparse_glu_gemv`). Under
 torch.compile, calls without a rank term (and with one, where `triton_gemv.RANK_TERMS` lets the
 gather add it) run the gather alone (`rsparse::rsparse_partials`), and inductor fuses the partials'
-sum into the next kernel.
+sum into the next kernel; with `use_gather("cuda")` the r = 0 ones run the CUDA C++ gather instead
+(`rsparse::cuda_partials`, `cuda_gather.py`), the same partials for the consumer to sum.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ from . import cuda_gather, triton_gemv  # registers torch.ops.rsparse.cuda_parti
 REDUCE_IN_CONSUMER = "all"
 
 # The gather of r = 0 calls whose partials the consumer sums (compiled steps): "triton" (our Triton
-# gather, `rsparse_partials`) or "cuda" (`cuda_gather.cuda_partials`, built with nvcc; 8-24% faster
-# than the Triton gather alone on an H200 at 50%, session 33), on the calls it takes (`cuda_gather.fits`;
+# gather, `rsparse_partials`) or "cuda" (`cuda_gather.cuda_partials`, built with nvcc; alone 7-24% faster
+# than the Triton gather on an H200 at 50%, a compiled batch-1 step 7.5% faster, session 33), on the calls it takes (`cuda_gather.fits`;
 # the others keep the Triton gather). Set it with `use_gather`, which builds the CUDA kernel first.
 GATHER = "triton"
 
