@@ -15,6 +15,7 @@ printed and the plot docs/ppl_vs_sparsity.png is drawn.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -24,7 +25,7 @@ import torch
 
 import rsparse
 from rsparse import data, evaluate
-from rsparse.apply import measure_sparsity
+from rsparse.apply import counting_kept, measure_sparsity
 from rsparse.pipeline import refine
 from rsparse.plan import RSparseConfig, build_plan
 
@@ -147,13 +148,18 @@ def rank_use(plan) -> dict:
 
 
 def evaluate_row(m, tok, plan, texts: dict, kind: str, limit: int) -> dict:
-    """The measured fields of one row for a sparsified model: realised sparsity on 4 Wikipedia windows,
-    then perplexity on every text (kind "ppl") or the 8 tasks, decode protocol (kind "tasks")."""
+    """The measured fields of one row for a sparsified model: realised sparsity on 4 Wikipedia windows
+    ("realized", as every row since session 1, so rows stay comparable), then perplexity on every text
+    (kind "ppl"; "realized_<text>": the realised sparsity counted on all of that text's scored tokens,
+    `apply.counting_kept`, rows from session 33 on) or the 8 tasks, decode protocol (kind "tasks")."""
     row = {"realized": measure_sparsity(m, texts["wiki"][:4], plan.shapes)["sparsity"] if plan.layers else 0.0}
     if kind == "ppl":
         for tname, w in texts.items():
-            r = evaluate.perplexity(m, w)
+            with counting_kept(m, plan.shapes) if plan.layers else contextlib.nullcontext({}) as seen:
+                r = evaluate.perplexity(m, w)
             row[f"ppl_{tname}"], row[f"tokens_{tname}"] = r["ppl"], r["tokens"]
+            if plan.layers:
+                row[f"realized_{tname}"] = seen["sparsity"]
     else:
         row["tasks"] = evaluate.zero_shot(m, tok, limit=limit, protocol="decode")
     return row
