@@ -6,6 +6,7 @@ filled with NaN before each call so an unwritten partial fails."""
 import pytest
 import torch
 
+from rsparse.kernels.module import TritonGroup
 from rsparse.linear import rsparse_linear_ref
 from thresholds import tau_between
 
@@ -53,7 +54,7 @@ def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities):
     cs = torch.stack([(torch.rand(IN) + 0.5).to(dtype) for _ in outs])
     taus = torch.stack([tau_between(x.double().abs() * c.double(), s).float() for c, s in zip(cs, sparsities)])
     wt = torch.cat([W.T for W in Ws], 1).contiguous().cuda()
-    bounds = ([sum(outs[:i + 1]) for i in range(len(outs))] + [sum(outs)] * 2)[:2]
+    bounds = TritonGroup._segments(list(outs))  # the member boundaries as a group passes them
     empty = torch.empty(0, IN, dtype=torch.float64)
     refs = [rsparse_linear_ref(x.double(), W.double(), None, t.double(), c.double(), torch.empty(W.shape[0], 0, dtype=torch.float64),
                                empty) for W, c, t in zip(Ws, cs, taus)]
@@ -101,7 +102,7 @@ def test_compiled_groups_take_the_cuda_gather(monkeypatch):
     trace `cuda_partials` (not the Triton gather) and agree with the float32 oracle modules; the switch
     back restores the Triton op."""
     from rsparse.kernels import module as km
-    from rsparse.kernels.module import TritonGroup, TritonRSparseLinear
+    from rsparse.kernels.module import TritonRSparseLinear
     from rsparse.linear import RSparseLinear
 
     monkeypatch.setattr(km, "GATHER", "triton")

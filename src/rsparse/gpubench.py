@@ -145,9 +145,10 @@ def run_gpu_bench(args):
     if getattr(args, "compare_gather", False):  # builds the CUDA gather now: no nvcc fails before any work
         from .kernels import cuda_gather
 
-        if not cuda_gather.ensure_built():
-            raise RSparseError("--compare-gather: the CUDA gather cannot run here: "
-                               + (cuda_gather.build_error() or "no nvcc (torch finds no CUDA_HOME)"))
+        try:
+            cuda_gather.require()
+        except ValueError as e:
+            raise RSparseError(f"--compare-gather: {e}") from None
     if args.profile:
         from .gpuprofile import profile
 

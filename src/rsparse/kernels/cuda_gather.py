@@ -195,6 +195,12 @@ def ensure_built() -> bool:
     return True
 
 
+def require() -> None:
+    """`ensure_built`, raising ValueError that names why the CUDA gather cannot run here."""
+    if not ensure_built():
+        raise ValueError("the CUDA gather cannot run here: " + (build_error() or "no CUDA GPU, or no nvcc (torch finds no CUDA_HOME)"))
+
+
 def fits(wt: torch.Tensor, rank: int, seg1: int, seg2: int) -> bool:
     """Shapes this kernel takes: r = 0, bf16/fp16, 16-byte aligned rows of a width divisible by 8,
     group members starting on 256-column tiles. Shapes and strides only, so that it can be asked while

@@ -46,8 +46,8 @@ def use_gather(name: str) -> None:
     global GATHER
     if name not in ("triton", "cuda"):
         raise ValueError(f"gather must be triton or cuda, got {name!r}")
-    if name == "cuda" and not cuda_gather.ensure_built():
-        raise ValueError("the CUDA gather cannot run here: " + (cuda_gather.build_error() or "no CUDA GPU or no nvcc"))
+    if name == "cuda":
+        cuda_gather.require()
     GATHER = name
 
 
