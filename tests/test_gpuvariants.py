@@ -130,6 +130,10 @@ def test_retune_repeats_both_tuned_steps_with_fresh_kernels_while_traced(tiny_ll
         ("fused-2", "S", fresh), ("dense-tuned-3", {}, fresh), ("fused-3", "S", fresh)]
     # without the tuned dense only the sparse step repeats
     assert [v[0] for v in compiled_variants(_args(retune=2), "fused", "S", "G", 1)] == ["dense", "fused", "fused-2"]
+    # --compare-gather repeats too: each gather's best compile against the other's
+    both = compiled_variants(_args(retune=2, compare_gather=True), "fused", "S", "G", 1)
+    assert [(v[0], v[3]) for v in both[1:]] == [("fused", TUNED), ("fused-cuda-gather", {"gather": "cuda", **TUNED}),
+                                                ("fused-2", fresh), ("fused-cuda-gather-2", {"gather": "cuda", **fresh})]
     dec = GraphDecoder(tiny_llama(), max_len=8)
     before = inductor_config.autotune_local_cache
     PyCodeCache.modules_no_attr["/stand/in.py"] = object()

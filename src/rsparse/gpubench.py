@@ -269,6 +269,11 @@ def run_gpu_bench(args):
                     if len(repeats) > 1:  # --retune: the best compile of each against the best of the other
                         tsb = min(statistics.median(ct[label]) for label in repeats if label in ct)
                         row.update(best_sparse_compiled_tok_s=B / tsb, best_compiled_speedup_vs_best_dense=tbest / tsb)
+                        cg = [f"{label_c}-cuda-gather{r[len(label_c):]}" for r in repeats]  # named as gpuvariants does
+                        cg = [label for label in cg if label in ct]
+                        if cg:  # --compare-gather: its best compile too, both gathers tuned as often
+                            tgb = min(statistics.median(ct[label]) for label in cg)
+                            row.update(best_cuda_gather_compiled_tok_s=B / tgb, best_cuda_gather_speedup_vs_best_dense=tbest / tgb)
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
             if B == 1 and time.time() - t_start < args.time_limit:  # the dense model's own generate: a reference row
@@ -317,7 +322,9 @@ def run_gpu_bench(args):
                   + (f"   best dense {r['best_dense_compiled_tok_s']:.1f} tok/s: {r['compiled_speedup_vs_best_dense']:.2f}x"
                      if "best_dense_compiled_tok_s" in r else "")
                   + (f"   best of the --retune compiles: sparse {r['best_sparse_compiled_tok_s']:.1f} tok/s, "
-                     f"{r['best_compiled_speedup_vs_best_dense']:.2f}x" if "best_sparse_compiled_tok_s" in r else ""))
+                     f"{r['best_compiled_speedup_vs_best_dense']:.2f}x" if "best_sparse_compiled_tok_s" in r else "")
+                  + (f", with the CUDA gather {r['best_cuda_gather_compiled_tok_s']:.1f} tok/s, "
+                     f"{r['best_cuda_gather_speedup_vs_best_dense']:.2f}x" if "best_cuda_gather_compiled_tok_s" in r else ""))
     for r in rows:
         ab = {k[9:-6]: v for k, v in r.items() if k.startswith("compiled_") and k.endswith("_tok_s") and k != "compiled_tok_s"}
         if ab:

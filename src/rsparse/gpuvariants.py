@@ -49,6 +49,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     for i in range(2, getattr(args, "retune", 1) + 1):
         out += [(f"dense-tuned-{i}", {}, {}, RETUNE)] if getattr(args, "tuned_dense", True) else []
         out.append((f"{label_c}-{i}", sparse, groups, RETUNE))
+        if getattr(args, "compare_gather", False):  # an A/B of one compile each would compare tuning luck too
+            out.append((f"{label_c}-cuda-gather-{i}", sparse, groups, {**RETUNE, "gather": "cuda"}))
     tuned = gpu_inductor()  # every step but "dense", an A/B's own settings on top
     return [("dense", {}, {}, {})] + [(label, mods, grp, {**opts, "inductor": {**tuned, **opts.get("inductor", {})}})
                                       for label, mods, grp, opts in out]
