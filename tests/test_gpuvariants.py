@@ -8,7 +8,8 @@ pytest.importorskip("triton")
 
 from rsparse.decode import GPU_INDUCTOR, GraphDecoder, gpu_inductor  # noqa: E402
 from rsparse.errors import RSparseError  # noqa: E402
-from rsparse.gpuvariants import compile_options, compiled_variants, inductor_patches, rank_modes, rank_patches  # noqa: E402
+from rsparse.gpuvariants import (compile_options, compiled_variants, inductor_patches, private_inductor_cache,  # noqa: E402
+                                 rank_modes, rank_patches)
 from rsparse.kernels import lowrank  # noqa: E402
 from rsparse.kernels import module as km  # noqa: E402
 from rsparse.kernels import triton_gemv as tg  # noqa: E402
@@ -169,3 +170,29 @@ def test_fresh_step_is_traced_again_where_the_same_step_is_not(tiny_llama):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(b, dec.step(ids, pos), rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+def test_private_inductor_cache_is_fresh_and_removed_unless_the_user_named_one(tmp_path, monkeypatch):
+    """Each bench run tunes in a directory of its own (a run on a machine an earlier run had tuned read
+    its picks, session 34); a directory the user names is used as it is; inductor's own default, which
+    inductor writes into the variable itself, counts as unnamed."""
+    import os
+
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with private_inductor_cache() as a:
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == a and os.path.isdir(a) and not os.listdir(a)
+        (tmp_path / "x").write_text("x")
+        open(os.path.join(a, "best_config"), "w").close()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not os.path.exists(a)
+    with private_inductor_cache() as b:
+        assert b != a
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    with private_inductor_cache() as mine:
+        assert mine == str(tmp_path) == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert (tmp_path / "x").exists()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    with private_inductor_cache() as c:
+        assert c != default_cache_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == c
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir() and not os.path.exists(c)

@@ -41,8 +41,8 @@ from .errors import RSparseError
 from .families import locate
 from .kernels import triton_gemv as tg
 from .kernels.module import triton_groups
-from .gpuvariants import (compile_options, compiled_variants, inductor_patches, rank_modes, rank_patches,
-                          uncached_compiles)
+from .gpuvariants import (compile_options, compiled_variants, inductor_patches, private_inductor_cache, rank_modes,
+                          rank_patches, uncached_compiles)
 from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
 from .models import parse_dtype
@@ -110,7 +110,13 @@ def time_graph(g):
 
 def run_gpu_bench(args):
     """args: shapes, batches, sparsities (comma lists), tuned (JSON path or None), compile, fused,
-    reduce_overhead, time_limit (s), profile, out (path or None)."""
+    reduce_overhead, time_limit (s), profile, out (path or None). Inductor tunes afresh in a private
+    cache directory (`gpuvariants.private_inductor_cache`) unless TORCHINDUCTOR_CACHE_DIR names one."""
+    with private_inductor_cache():
+        return _run_gpu_bench(args)
+
+
+def _run_gpu_bench(args):
     names = args.shapes.split(",")
     unknown = [n for n in names if n not in MODELS]
     if unknown:
@@ -153,7 +159,8 @@ def run_gpu_bench(args):
         from .gpuprofile import profile
 
         return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args), out=args.out,
-                       attention=getattr(args, "attention", "fused"), dtype=dtype)
+                       attention=getattr(args, "attention", "fused"), dtype=dtype,
+                       compare_gather=getattr(args, "compare_gather", False))
     uncached_compiles()
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):

@@ -14,7 +14,7 @@ import torch._dynamo
 
 from .apply import swapped
 from .atomic import write_json
-from .decode import GraphDecoder
+from .decode import GraphDecoder, gpu_inductor
 from .families import locate
 from .gpubench import MAX_LEN, REPEATS, capture, time_graph
 from .gpumodel import attached, build, modules_at, sparse_samples
@@ -37,12 +37,25 @@ def kernel_table(events, steps: int, top: int = 25):
 
 
 @torch.inference_mode()
-def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, attention="fused", dtype=torch.bfloat16):
+def _explain(step, ids, pos) -> dict:
+    """Does dynamo see the step as one graph? (graphs, breaks, the first reasons)"""
+    try:
+        ex = torch._dynamo.explain(step)(ids, pos)
+        return {"graphs": ex.graph_count, "breaks": ex.graph_break_count,
+                "reasons": [str(b.reason)[:160] for b in ex.break_reasons[:8]]}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, attention="fused", dtype=torch.bfloat16,
+            compare_gather=False):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
     same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
     mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
     one's CUDA-graph replay time; rank_modes: the compiled sparse step again with each of these
-    `triton_gemv.RANK_MODES` (launch counts and kernel time against graph time: the launch gaps)."""
+    `triton_gemv.RANK_MODES` (launch counts and kernel time against graph time: the launch gaps);
+    compare_gather: the compiled sparse step under `decode.GPU_INDUCTOR` (as the bench compiles it) with
+    each gather, Triton's and the CUDA one, and dynamo's graph count of the latter."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -57,18 +70,20 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
     pos = torch.tensor([MAX_LEN // 2], device="cuda")
     groups = triton_groups(model, sparse)
     result = {}
-    try:  # does dynamo see the dense step as one graph?
-        ex = torch._dynamo.explain(dec.step)(ids, pos)
-        result["explain"] = {"graphs": ex.graph_count, "breaks": ex.graph_break_count,
-                             "reasons": [str(b.reason)[:160] for b in ex.break_reasons[:8]]}
-    except Exception as e:
-        result["explain"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    result["explain"] = _explain(dec.step, ids, pos)
     print("explain:", result["explain"], flush=True)
     # the eager steps again with the PyTorch norm (the default on CUDA fuses residual add + norm): A/B in one run
     steps_ = [("dense", {}, {}, False, {}), ("fused", sparse, groups, False, {}),
               ("dense-torch-norm", {}, {}, False, {"norm": "torch"}), ("fused-torch-norm", sparse, groups, False, {"norm": "torch"}),
               ("dense-compiled", {}, {}, True, {}), ("fused-compiled", sparse, groups, True, {})]
     steps_ += [(f"fused-compiled-rank-{m}", sparse, groups, True, {"rank_terms": m}) for m in rank_modes]
+    if compare_gather:  # the e2e A/B's two steps, kernel by kernel (the CUDA one ran 4-8% slower there, session 34)
+        steps_ += [("fused-compiled-tuned", sparse, groups, True, {"inductor": gpu_inductor()}),
+                   ("fused-compiled-cuda-gather", sparse, groups, True, {"inductor": gpu_inductor(), "gather": "cuda"})]
+        with swapped(model, sparse), attached(model, groups), compile_options(dec, gather="cuda"):
+            torch._dynamo.reset()
+            result["explain_cuda_gather"] = _explain(dec.step, ids, pos)
+        print("explain, sparse step with the CUDA gather:", result["explain_cuda_gather"], flush=True)
     for label, mods, grp, compiled, opts in steps_:
         torch._dynamo.reset()
         with swapped(model, mods), attached(model, grp), compile_options(dec, **opts):
