@@ -32,6 +32,16 @@ def test_the_switch_names_what_is_missing(monkeypatch):
         torch.ops.rsparse.cuda_partials(x, wt, torch.ones(256), torch.tensor(0.5), 512, 512)
     with pytest.raises(ValueError, match="1..8 rows"):
         torch.ops.rsparse.cuda_partials(x.float(), wt, torch.ones(256, dtype=torch.bfloat16), torch.tensor(0.5), 512, 512)
+    with pytest.raises(ValueError, match="chunks .* must be >= 1, got 0"):
+        torch.ops.rsparse.cuda_partials(x, wt, torch.ones(256, dtype=torch.bfloat16), torch.tensor(0.5), 512, 512, 0)
+    # what torch.compile traces: one partial per 256 * chunks channels, rounded up (805 = 3 * 256 + 37)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        wt = torch.empty(805, 512, dtype=torch.float16)
+        x, c = torch.empty(3, 805, dtype=torch.float16), torch.empty(805, dtype=torch.float16)
+        shapes = [tuple(torch.ops.rsparse.cuda_partials(x, wt, c, torch.empty(()), 512, 512, k).shape) for k in (1, 2, 3, 4)]
+    assert shapes == [(4, 3, 512), (2, 3, 512), (2, 3, 512), (1, 3, 512)]
 
 
 def _poison_allocator(shape):
@@ -41,12 +51,13 @@ def _poison_allocator(shape):
 
 
 @gpu
+@pytest.mark.parametrize("chunks", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,IN,outs,sparsities", [
     (1, 805, (296,), (0.5,)), (3, 4096, (512, 256, 256), (0.5, 0.3, 0.8)), (8, 300, (256, 40), (0.0, 0.95)),
     (2, 1100, (768, 768), (0.7, 0.5)), (5, 257, (1024,), (1.0,)), (7, 513, (256, 256, 8), (0.4, 0.6, 0.5)),
 ])
-def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities):
+def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities, chunks):
     assert cuda_gather.ensure_built(), cuda_gather.build_error()
     torch.manual_seed(B * IN + len(outs))
     x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).to(dtype)
@@ -60,9 +71,9 @@ def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities):
                                empty) for W, c, t in zip(Ws, cs, taus)]
     ref = torch.cat(refs, 1)
     assert cuda_gather.fits(wt, 0, *bounds)
-    shape = (-(-IN // cuda_gather.TILE), B, sum(outs))
+    shape = (-(-IN // (256 * chunks)), B, sum(outs))  # (chunks > 1: a block walks several 256-channel chunks)
     _poison_allocator(shape)
-    parts = torch.ops.rsparse.cuda_partials(x.cuda(), wt, cs.cuda(), taus.cuda(), *bounds)
+    parts = torch.ops.rsparse.cuda_partials(x.cuda(), wt, cs.cuda(), taus.cuda(), *bounds, chunks)
     assert parts.shape == shape and parts.dtype == torch.float32
     assert torch.isfinite(parts).all(), "partial element left unwritten"
     y = parts.sum(0).double().cpu()
@@ -71,7 +82,7 @@ def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities):
     # a lone module: 1-d scales, 0-d tau, seg1 = seg2 = out, its weight a column view of the group's
     o = outs[0]
     _poison_allocator((shape[0], B, o))
-    lone = torch.ops.rsparse.cuda_partials(x.cuda(), wt[:, :o], cs[0].cuda(), taus[0].cuda(), o, o)
+    lone = torch.ops.rsparse.cuda_partials(x.cuda(), wt[:, :o], cs[0].cuda(), taus[0].cuda(), o, o, chunks)
     assert torch.isfinite(lone).all()
     assert ((lone.sum(0).double().cpu() - refs[0]).norm() / max(refs[0].norm().item(), 1e-6)).item() < 1e-5
 

@@ -18,7 +18,7 @@ from .decode import GraphDecoder, gpu_inductor
 from .families import locate
 from .gpubench import MAX_LEN, REPEATS, capture, time_graph
 from .gpumodel import attached, build, modules_at, sparse_samples
-from .gpuvariants import compile_options, uncached_compiles
+from .gpuvariants import compile_options, cuda_gather_label, uncached_compiles
 from .kernels.module import triton_groups
 
 
@@ -48,14 +48,15 @@ def _explain(step, ids, pos) -> dict:
 
 
 def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, attention="fused", dtype=torch.bfloat16,
-            compare_gather=False):
+            gather_chunks=()):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
     same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
     mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
     one's CUDA-graph replay time; rank_modes: the compiled sparse step again with each of these
     `triton_gemv.RANK_MODES` (launch counts and kernel time against graph time: the launch gaps);
-    compare_gather: the compiled sparse step under `decode.GPU_INDUCTOR` (as the bench compiles it) with
-    each gather, Triton's and the CUDA one, and dynamo's graph count of the latter."""
+    gather_chunks: the compiled sparse step under `decode.GPU_INDUCTOR` (as the bench compiles it) with
+    the Triton gather and with the CUDA one at each of these chunks per block (`cuda_gather.CHUNKS`), and
+    dynamo's graph count with the CUDA one."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -77,9 +78,10 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
               ("dense-torch-norm", {}, {}, False, {"norm": "torch"}), ("fused-torch-norm", sparse, groups, False, {"norm": "torch"}),
               ("dense-compiled", {}, {}, True, {}), ("fused-compiled", sparse, groups, True, {})]
     steps_ += [(f"fused-compiled-rank-{m}", sparse, groups, True, {"rank_terms": m}) for m in rank_modes]
-    if compare_gather:  # the e2e A/B's two steps, kernel by kernel (the CUDA one ran 4-8% slower there, session 34)
-        steps_ += [("fused-compiled-tuned", sparse, groups, True, {"inductor": gpu_inductor()}),
-                   ("fused-compiled-cuda-gather", sparse, groups, True, {"inductor": gpu_inductor(), "gather": "cuda"})]
+    if gather_chunks:  # the e2e A/B's steps, kernel by kernel (the CUDA one ran 4-8% slower there, session 34)
+        steps_ += [("fused-compiled-tuned", sparse, groups, True, {"inductor": gpu_inductor()})]
+        steps_ += [(cuda_gather_label("fused-compiled", k), sparse, groups, True,
+                    {"inductor": gpu_inductor(), "gather": "cuda", "cuda_chunks": k}) for k in gather_chunks]
         with swapped(model, sparse), attached(model, groups), compile_options(dec, gather="cuda"):
             torch._dynamo.reset()
             result["explain_cuda_gather"] = _explain(dec.step, ids, pos)

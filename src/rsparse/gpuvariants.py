@@ -27,8 +27,9 @@ def compiled_variants(args, label_c, sparse, groups, B):
     instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
     `triton_gemv.RANK_TERMS`); --rank-ab (the sparse step with other rank-path knobs,
     `lowrank.knobs`); --compare-attention (dense and sparse with the other decode attention,
-    `decode.GraphDecoder`); --compare-gather (the sparse step with the CUDA C++ gather,
-    `kernels.module.GATHER`); --retune N (the tuned dense and the sparse step compiled N times each, every
+    `decode.GraphDecoder`); --compare-gather [CHUNKS] (the sparse step with the CUDA C++ gather,
+    `kernels.module.GATHER`, once per listed count of 256-channel chunks per block, `cuda_gather.CHUNKS`);
+    --retune N (the tuned dense, the sparse step and each CUDA-gather step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
     out.append((label_c, sparse, groups, {}))
@@ -43,8 +44,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     for tag, values in rank_patches(args):
         out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
-    if getattr(args, "compare_gather", False):
-        out.append((f"{label_c}-cuda-gather", sparse, groups, {"gather": "cuda"}))
+    for k in gather_chunks(args):
+        out.append((cuda_gather_label(label_c, k), sparse, groups, {"gather": "cuda", "cuda_chunks": k}))
     compare = getattr(args, "compare_attention", False)
     if compare:
         other = compare if isinstance(compare, str) else "fused" if getattr(args, "attention", "fused") == "sdpa" else "sdpa"
@@ -52,8 +53,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
     for i in range(2, getattr(args, "retune", 1) + 1):
         out += [(f"dense-tuned-{i}", {}, {}, RETUNE)] if getattr(args, "tuned_dense", True) else []
         out.append((f"{label_c}-{i}", sparse, groups, RETUNE))
-        if getattr(args, "compare_gather", False):  # an A/B of one compile each would compare tuning luck too
-            out.append((f"{label_c}-cuda-gather-{i}", sparse, groups, {**RETUNE, "gather": "cuda"}))
+        for k in gather_chunks(args):  # an A/B of one compile each would compare tuning luck too
+            out.append((f"{cuda_gather_label(label_c, k)}-{i}", sparse, groups, {**RETUNE, "gather": "cuda", "cuda_chunks": k}))
     tuned = gpu_inductor()  # every step but "dense", an A/B's own settings on top
     return [("dense", {}, {}, {})] + [(label, mods, grp, {**opts, "inductor": {**tuned, **opts.get("inductor", {})}})
                                       for label, mods, grp, opts in out]
@@ -66,6 +67,27 @@ def compiled_variants(args, label_c, sparse, groups, B):
 # autotune cache, and its in-memory cache of loaded kernel modules, whose autotuners keep their pick
 # (same kernel source, same module); both are bypassed here.
 RETUNE = {"inductor": {"autotune_local_cache": False}, "fresh_kernels": True}
+
+
+def gather_chunks(args) -> list:
+    """--compare-gather's comma list of the CUDA gather's 256-channel chunks per block (`cuda_gather.CHUNKS`;
+    the flag alone: 1); [] without the flag."""
+    value = getattr(args, "compare_gather", None)
+    if not value:
+        return []
+    if value is True:
+        return [1]
+    try:
+        chunks = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        chunks = []
+    if not chunks or any(not 1 <= k <= 64 for k in chunks):
+        raise RSparseError(f"--compare-gather takes a comma list of 256-channel chunks per block, each 1..64, got {value!r}")
+    return list(dict.fromkeys(chunks))
+
+
+def cuda_gather_label(label_c: str, chunks: int) -> str:
+    return f"{label_c}-cuda-gather" + (f"-kc{chunks}" if chunks != 1 else "")
 
 
 def rank_modes(args) -> list:
@@ -186,10 +208,10 @@ def private_inductor_cache():
 
 @contextlib.contextmanager
 def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None, rank_terms=None, attention=None,
-                    fresh_kernels=False, rank_knobs=None, norm=None, gather=None):
+                    fresh_kernels=False, rank_knobs=None, norm=None, gather=None, cuda_chunks=None):
     """Set while dec's compiled step is traced and captured (all are read at trace time only; norm
     also at every eager call); fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`)."""
-    from .kernels import lowrank
+    from .kernels import cuda_gather, lowrank
     from .kernels import module as km
 
     if fresh_kernels:
@@ -208,6 +230,8 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
         dec.use_norm(saved[5])
         km.GATHER = saved[6]
         raise
+    chunks = cuda_gather.CHUNKS
+    cuda_gather.CHUNKS = chunks if cuda_chunks is None else cuda_chunks
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
@@ -219,7 +243,7 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
             yield
     finally:
         km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
-        km.GATHER = saved[6]
+        km.GATHER, cuda_gather.CHUNKS = saved[6], chunks
         lowrank.set_knobs(saved[4])
         dec.use_attention(saved[3])
         dec.use_norm(saved[5])

@@ -20,7 +20,14 @@ from __future__ import annotations
 
 import torch
 
-TILE = 256  # output columns per block (one 16-byte piece per lane) and input channels per block
+TILE = 256  # output columns per block (one 16-byte piece per lane) and input channels per block chunk
+
+# 256-channel chunks each block walks (read where the modules call the op, i.e. when a step is traced):
+# the op writes in / (256 CHUNKS) partials for the consumer to sum. 1 is the configuration timed alone
+# in session 33; with it the compiled step sums 4-8x as many partials as with the Triton gather (whose
+# chunks are 1024-2048 channels), the first suspect for session 34's end-to-end loss (an A/B:
+# `rsparse bench --compare-gather 1,4`).
+CHUNKS = 1
 _EXT = None
 _ERROR: str | None = None
 
@@ -54,52 +61,55 @@ __device__ __forceinline__ void fma8(float* a, uint4 v, float s) {
 
 constexpr int NW = 8, U = 8, TW = 256;
 
-// grid (out tiles, in / 256); block NW warps; warp w owns channels split * 256 + w * 32 + [0, 32)
+// grid (out tiles, in / (256 kc)); block NW warps; in its chunk k < kc warp w owns channels
+// (split * kc + k) * 256 + w * 32 + [0, 32); one partial per block: kc sets how many the consumer sums
 template <typename T, int BM>
 __global__ void __launch_bounds__(NW * 32)
 gather(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict__ tau, const T* __restrict__ wt,
-       float* __restrict__ part, int B, int IN, int OUT, int ldw, int seg1, int seg2) {
+       float* __restrict__ part, int B, int IN, int OUT, int ldw, int seg1, int seg2, int kc) {
   __shared__ float red[NW][TW];
   const int tile = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int col0 = tile * TW, col = col0 + lane * 8;  // OUT % 8 == 0: a piece is all in or all out
   const int p = col0 >= seg2 ? 2 : col0 >= seg1 ? 1 : 0;  // the member of this tile
   const float t = tau[p];
-  const int g = split * TW + warp * 32, j = g + lane;
-  float xv[BM];
-  bool any = false;
-  const float cj = j < IN ? one(c[(size_t)p * IN + j]) : 0.f;
-#pragma unroll
-  for (int b = 0; b < BM; ++b) {
-    xv[b] = (b < B && j < IN) ? one(x[(size_t)b * IN + j]) : 0.f;
-    const bool k = b < B && j < IN && fabsf(xv[b]) * cj > t;  // (a padded lane's 0 > tau where tau < 0)
-    if (!k) xv[b] = 0.f;  // a row multiplies only its own kept entries of the union
-    any |= k;
-  }
-  unsigned mask = __ballot_sync(0xffffffffu, any);  // warp-uniform: every branch below is the whole warp's
   float acc[BM][8];
 #pragma unroll
   for (int b = 0; b < BM; ++b)
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[b][i] = 0.f;
   const bool vok = col < OUT;
-  const T* wg = wt + (size_t)g * ldw + col;
-  while (mask) {
-    int s[U];
+  for (int k = 0; k < kc; ++k) {
+    const int g = (split * kc + k) * TW + warp * 32, j = g + lane;
+    float xv[BM];
+    bool any = false;
+    const float cj = j < IN ? one(c[(size_t)p * IN + j]) : 0.f;
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      s[u] = mask ? __ffs(mask) - 1 : -1;
-      mask &= mask - 1;
+    for (int b = 0; b < BM; ++b) {
+      xv[b] = (b < B && j < IN) ? one(x[(size_t)b * IN + j]) : 0.f;
+      const bool kept = b < B && j < IN && fabsf(xv[b]) * cj > t;  // (a padded lane's 0 > tau where tau < 0)
+      if (!kept) xv[b] = 0.f;  // a row multiplies only its own kept entries of the union
+      any |= kept;
     }
-    uint4 r[U];
+    unsigned mask = __ballot_sync(0xffffffffu, any);  // warp-uniform: every branch below is the whole warp's
+    const T* wg = wt + (size_t)g * ldw + col;
+    while (mask) {
+      int s[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) r[u] = (s[u] >= 0 && vok) ? ld_stream(wg + (size_t)s[u] * ldw) : make_uint4(0, 0, 0, 0);
+      for (int u = 0; u < U; ++u) {
+        s[u] = mask ? __ffs(mask) - 1 : -1;
+        mask &= mask - 1;
+      }
+      uint4 r[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < U; ++u) r[u] = (s[u] >= 0 && vok) ? ld_stream(wg + (size_t)s[u] * ldw) : make_uint4(0, 0, 0, 0);
 #pragma unroll
-      for (int b = 0; b < BM; ++b) {
-        const float xs = __shfl_sync(0xffffffffu, xv[b], s[u] & 31);
-        if (s[u] >= 0) fma8<T>(acc[b], r[u], xs);
+      for (int u = 0; u < U; ++u) {
+#pragma unroll
+        for (int b = 0; b < BM; ++b) {
+          const float xs = __shfl_sync(0xffffffffu, xv[b], s[u] & 31);
+          if (s[u] >= 0) fma8<T>(acc[b], r[u], xs);
+        }
       }
     }
   }
@@ -123,9 +133,9 @@ gather(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict
 
 template <typename T>
 static void launch_t(const torch::Tensor& x, const torch::Tensor& c, const torch::Tensor& tau, const torch::Tensor& wt,
-                     torch::Tensor& part, int seg1, int seg2) {
+                     torch::Tensor& part, int seg1, int seg2, int kc) {
   const int B = x.size(0), IN = wt.size(0), OUT = wt.size(1);
-  const dim3 grid((OUT + TW - 1) / TW, (IN + TW - 1) / TW);
+  const dim3 grid((OUT + TW - 1) / TW, part.size(0));  // one block row per partial
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   const T* cp = reinterpret_cast<const T*>(c.data_ptr());
@@ -133,7 +143,7 @@ static void launch_t(const torch::Tensor& x, const torch::Tensor& c, const torch
   const float* tp = tau.data_ptr<float>();
   float* pp = part.data_ptr<float>();
   const int ldw = wt.stride(0);
-#define RS_LAUNCH(BM) gather<T, BM><<<grid, NW * 32, 0, stream>>>(xp, cp, tp, wp, pp, B, IN, OUT, ldw, seg1, seg2)
+#define RS_LAUNCH(BM) gather<T, BM><<<grid, NW * 32, 0, stream>>>(xp, cp, tp, wp, pp, B, IN, OUT, ldw, seg1, seg2, kc)
   if (B == 1) RS_LAUNCH(1);
   else if (B == 2) RS_LAUNCH(2);
   else if (B <= 4) RS_LAUNCH(4);
@@ -142,17 +152,20 @@ static void launch_t(const torch::Tensor& x, const torch::Tensor& c, const torch
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-torch::Tensor partials(torch::Tensor x, torch::Tensor wt, torch::Tensor c, torch::Tensor tau, int64_t seg1, int64_t seg2) {
+torch::Tensor partials(torch::Tensor x, torch::Tensor wt, torch::Tensor c, torch::Tensor tau, int64_t seg1, int64_t seg2,
+                       int64_t kc) {
   const int B = x.size(0), IN = wt.size(0), OUT = wt.size(1);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(wt.data_ptr()) % 16 == 0, "cuda_partials: wt must start 16-byte aligned");
-  auto part = torch::empty({(IN + TW - 1) / TW, B, OUT}, x.options().dtype(torch::kFloat32));
-  if (x.scalar_type() == torch::kBFloat16) launch_t<__nv_bfloat16>(x, c, tau, wt, part, seg1, seg2);
-  else launch_t<__half>(x, c, tau, wt, part, seg1, seg2);
+  TORCH_CHECK(kc >= 1, "cuda_partials: chunks per block must be >= 1");
+  auto part = torch::empty({(IN + TW * kc - 1) / (TW * kc), B, OUT}, x.options().dtype(torch::kFloat32));
+  if (x.scalar_type() == torch::kBFloat16) launch_t<__nv_bfloat16>(x, c, tau, wt, part, seg1, seg2, kc);
+  else launch_t<__half>(x, c, tau, wt, part, seg1, seg2, kc);
   return part;
 }
 """
 
-_DECL = "torch::Tensor partials(torch::Tensor x, torch::Tensor wt, torch::Tensor c, torch::Tensor tau, int64_t seg1, int64_t seg2);"
+_DECL = ("torch::Tensor partials(torch::Tensor x, torch::Tensor wt, torch::Tensor c, torch::Tensor tau, int64_t seg1, "
+         "int64_t seg2, int64_t kc);")
 
 
 def _ext():
@@ -213,19 +226,26 @@ def fits(wt: torch.Tensor, rank: int, seg1: int, seg2: int) -> bool:
 
 @torch.library.custom_op("rsparse::cuda_partials", mutates_args=())
 def cuda_partials(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, tau: torch.Tensor, seg1: int,
-                  seg2: int) -> torch.Tensor:
-    """float32 partials (in / 256, rows, out) of the r = 0 sparse product of x (1..8 rows) with wt (in,
-    out) (a group's: members at [0, seg1), [seg1, seg2), [seg2, out) with col_scale (P, in), tau (P,);
-    one module: seg1 = seg2 = out, col_scale (in,), tau ())."""
+                  seg2: int, chunks: int = 1) -> torch.Tensor:
+    """float32 partials (in / (256 chunks), rows, out) of the r = 0 sparse product of x (1..8 rows) with
+    wt (in, out) (a group's: members at [0, seg1), [seg1, seg2), [seg2, out) with col_scale (P, in), tau
+    (P,); one module: seg1 = seg2 = out, col_scale (in,), tau ()); chunks: 256-channel chunks per block."""
     IN = wt.shape[0]
+    if chunks < 1:
+        raise ValueError(f"cuda_partials: chunks (256-channel chunks per block) must be >= 1, got {chunks}")
     if not 1 <= x.shape[0] <= 8 or x.shape[1] != IN or x.dtype != wt.dtype:
         raise ValueError(f"cuda_partials: x must be 1..8 rows of {IN} {wt.dtype} values, got {tuple(x.shape)} {x.dtype}")
     if col_scale.dtype != wt.dtype:  # the kernel reads the scales in the weights' type (as the modules store them)
         raise ValueError(f"cuda_partials: col_scale must be {wt.dtype} like the weights, got {col_scale.dtype}")
     return _ext().partials(x.contiguous(), wt, col_scale.reshape(-1, IN).contiguous(), tau.reshape(-1).float().contiguous(),
-                           seg1, seg2)
+                           seg1, seg2, chunks)
 
 
 @cuda_partials.register_fake
-def _(x, wt, col_scale, tau, seg1, seg2):
-    return x.new_empty(((wt.shape[0] + TILE - 1) // TILE, x.shape[0], wt.shape[1]), dtype=torch.float32)
+def _(x, wt, col_scale, tau, seg1, seg2, chunks=1):
+    return x.new_empty((n_partials(wt.shape[0], chunks), x.shape[0], wt.shape[1]), dtype=torch.float32)
+
+
+def n_partials(in_features: int, chunks: int = 1) -> int:
+    """Partials the op writes: one per block row of 256 * chunks input channels."""
+    return -(-in_features // (TILE * chunks))
