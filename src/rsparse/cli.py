@@ -326,8 +326,8 @@ def build_parser():
                    "step compiles for ~1-1.5 min, later runs reuse inductor's on-disk cache)")
     g.add_argument("--gather", choices=["triton", "cuda"], default="triton",
                    help="with --device cuda --compile --backend triton: the gather of the plan's r = 0 calls; cuda: the CUDA "
-                   "C++ gather (kernels/cuda_gather.py, built with nvcc on first use; a 50%% Llama-3-8B-shaped step 7.5%% "
-                   "faster than with the Triton gather on an H200, session 33)")
+                   "C++ gather (kernels/cuda_gather.py, built with nvcc on first use; faster alone, but a 50%% "
+                   "Llama-3-8B-shaped step 4.4%% slower than with the Triton gather on an H200, session 34)")
     g.add_argument("prompt")
     g.set_defaults(fn=cmd_generate)
 

@@ -3,18 +3,20 @@ step's `rsparse::rsparse_partials`, built with nvcc on first use (torch.utils.cp
 
 Math and layout as `triton_gemv`: Wt = W^T (in, out) row-major, a kept input channel j (|x_j| c_j > tau
 for any of the 1..8 rows, float32) is one contiguous row Wt[j, :], and each row multiplies only its own
-kept entries. Output: float32 partials (in / 256, rows, out) whose sum over the first axis is the
-product; under torch.compile inductor sums them inside the consumer's kernel (`sum_partials`).
+kept entries. Output: float32 partials (in / (256 CHUNKS), rows, out) whose sum over the first axis
+is the product; under torch.compile inductor sums them inside the consumer's kernel (`sum_partials`).
 
 Why a second backend (docs/perf-gpu.md, session 33): the Triton gather compacts each chunk's kept
 indices into a scratch row (cumsum, store, barrier) before its first weight load and then follows an
 index -> row chain per K step. Here a warp loads x and c of 32 channels, one ballot gives the kept bits,
 and it walks the set bits itself, 8 rows in flight, 16 bytes per lane (512 contiguous bytes per row
-piece): no index list and no compaction pass. A block is 8 warps over 256 channels and one 256-column
-tile, small enough that the hardware balances the grid. Lone calls on an H200 (bf16, batch 1, 50%,
+piece): no index list and no compaction pass. A block is 8 warps over one 256-column tile and
+CHUNKS chunks of 256 channels (1: small enough that the hardware balances the grid). Lone calls on an H200 (bf16, batch 1, 50%,
 `benchmarks/gpu_cuda_gather.py`): the gather alone 7-11% faster than the Triton gather on the MLP
-shapes, 24% on 4096x4096, 8% slower on 1024x4096; a compiled 50% step 7.5% faster (session 33). Group members (q|k|v, gate|up side by side, `seg1`, `seg2`) must start on a
-256-column tile; each tile thresholds with its member's c and tau.
+shapes, 24% on 4096x4096, 8% slower on 1024x4096 (session 33); yet a compiled 50% step with it ran 4.4%
+slower than with the Triton gather (session 34; session 33's +7.5% had a graph break per call). Group
+members (q|k|v, gate|up side by side, `seg1`, `seg2`) must start on a 256-column tile; each tile
+thresholds with its member's c and tau.
 """
 from __future__ import annotations
 

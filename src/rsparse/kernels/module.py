@@ -35,7 +35,8 @@ REDUCE_IN_CONSUMER = "all"
 
 # The gather of r = 0 calls whose partials the consumer sums (compiled steps): "triton" (our Triton
 # gather, `rsparse_partials`) or "cuda" (`cuda_gather.cuda_partials`, built with nvcc; alone 7-24% faster
-# than the Triton gather on an H200 at 50%, a compiled batch-1 step 7.5% faster, session 33), on the calls it takes (`cuda_gather.fits`;
+# than the Triton gather on an H200 at 50%, session 33, but a compiled batch-1 step 4.4% slower, session 34:
+# see `cuda_gather.CHUNKS`), on the calls it takes (`cuda_gather.fits`;
 # the others keep the Triton gather). Set it with `use_gather`, which builds the CUDA kernel first.
 GATHER = "triton"
 
