@@ -7,7 +7,7 @@
 #   3. the CLI in three dtypes x three backends (gpu_generate_check.json / .log; needs gpu_check carried,
 #      made on the CPU by `python3 benchmarks/gpu_generate_check.py prepare gpu_check`),
 #   4. `cuda`: the CUDA C++ gather's tests (gpu_pytest_cuda.log; nvcc builds it first, ~60 s; ~150 s in all,
-#      session 33; not in the default list).
+#      session 33, before the oracle cases doubled for chunks 1 and 3 in session 34; not in the default list).
 # Usage on the device machine (the run tool, carry ["gpu_check"], timeout 600):
 #   bash benchmarks/gpu_checks.sh [tests|ranked|profile|cli|cuda ...]   (default: all three, up to 670 s together, past one
 #   600 s run: run `tests` alone (~250 s, session 24) and `profile cli` in a second run)
@@ -41,7 +41,7 @@ for step in "${steps[@]}"; do
       echo "cli check exit status $?"
       tail -11 "$OUT/gpu_generate_check.log" ;;
     cuda)
-      timeout 200 python -m pytest -q -p no:warnings -p no:logging tests/test_cuda_gather.py > "$OUT/gpu_pytest_cuda.log" 2>&1
+      timeout 260 python -m pytest -q -p no:warnings -p no:logging tests/test_cuda_gather.py > "$OUT/gpu_pytest_cuda.log" 2>&1
       echo "pytest exit status $?" >> "$OUT/gpu_pytest_cuda.log"
       tail -3 "$OUT/gpu_pytest_cuda.log" ;;
     *)
