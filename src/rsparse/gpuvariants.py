@@ -185,7 +185,7 @@ def private_inductor_cache():
     """Inductor's on-disk caches in a fresh directory for this run, removed after it, unless
     TORCHINDUCTOR_CACHE_DIR is set (then that one, as the user asked). Its autotune cache keeps each
     kernel's coordinate-descent pick across processes, and `uncached_compiles` leaves it on: a run after
-    another on the same machine loaded the earlier run's picks and timed the compiled 50% step at
+    another on the same machine, on the cache it left (most likely its picks), timed the compiled 50% step at
     299.5 tok/s where fresh tuning read 319.9-323.0 with the same code, and the CUDA-gather step at
     271.9 against 308.8 (session 34). A fresh directory makes every run tune as on a fresh machine."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
