@@ -407,7 +407,8 @@ def build_parser():
                    "fused where --attention is sdpa) (A/B, timed side by side)")
     g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
     g.add_argument("--profile", action="store_true", help="only: per-kernel GPU time of one dense and one sparse step "
-                   "(at the one --sparsities value, else 0.5; with --alpha's rank terms; --compare-rank: each mode's too)")
+                   "(at the one --sparsities value, else 0.5; with --alpha's rank terms; --compare-rank: each mode's too; "
+                   "--compare-gather: instead, the compiled sparse step with the Triton gather and with each CUDA one)")
     b.set_defaults(fn=cmd_bench)
 
     f = sub.add_parser("fetch", help="fetch and verify every bundled asset now (otherwise done on first use)")
