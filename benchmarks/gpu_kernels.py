@@ -16,7 +16,8 @@ compares grids of launch configurations with v2 and writes the best per shape;
 `--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
 `--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
 Rows without rank terms also time the gathers alone, as compiled steps run them: Triton's and, where nvcc
-builds it, the CUDA C++ one (`kernels/cuda_gather.py`; "triton_gather_us", "cuda_gather_us").
+builds it, the CUDA C++ one (`kernels/cuda_gather.py`; "triton_gather_us", "cuda_gather_us", and
+"cuda_gather_kc4_us" with 4 chunks of 256 channels per block).
 (`benchmarks/gpu_gather_grid.py` grid-searches the gather alone, as compiled steps run it, on 22 shapes.)
 """
 import json
@@ -465,6 +466,8 @@ def gather_columns(x, Wts, ones, tau, ref) -> dict:
     calls = {"triton_gather_us": lambda Wt: torch.ops.rsparse.rsparse_partials(x, Wt, at, u, ones, tau, lk, out_f, out_f, 0, 0)}
     if cuda_gather.ensure_built():
         calls["cuda_gather_us"] = lambda Wt: torch.ops.rsparse.cuda_partials(x, Wt, ones, tau, out_f, out_f)
+        # fewer, larger blocks: a quarter of the partials for the consumer (session 34's suspect), at what cost alone
+        calls["cuda_gather_kc4_us"] = lambda Wt: torch.ops.rsparse.cuda_partials(x, Wt, ones, tau, out_f, out_f, 4)
     else:
         print("cuda gather skipped:", cuda_gather.build_error() or "no nvcc", flush=True)
     cols = {}
