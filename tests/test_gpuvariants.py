@@ -188,11 +188,14 @@ def test_private_inductor_cache_is_fresh_and_removed_unless_the_user_named_one(t
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     with private_inductor_cache() as a:
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == a and os.path.isdir(a) and not os.listdir(a)
         (tmp_path / "x").write_text("x")
         open(os.path.join(a, "best_config"), "w").close()
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(a, "triton", "0")  # as inductor sets it on first use
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not os.path.exists(a)
+    assert "TRITON_CACHE_DIR" not in os.environ  # not left naming a removed directory
     with private_inductor_cache() as b:
         assert b != a
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))

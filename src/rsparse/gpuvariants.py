@@ -195,14 +195,16 @@ def private_inductor_cache():
         yield before
         return
     path = tempfile.mkdtemp(prefix="rsparse-inductor-")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}  # inductor points
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # Triton's into its own on first use: both are put back
     try:
         yield path
     finally:
-        if before is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         shutil.rmtree(path, ignore_errors=True)
 
 
