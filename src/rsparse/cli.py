@@ -405,7 +405,9 @@ def build_parser():
     g.add_argument("--compare-attention", nargs="?", const=True, default=False, metavar="NAME",
                    help="also compile dense and sparse steps with attention NAME (triton, fused, sdpa; alone: sdpa, or "
                    "fused where --attention is sdpa) (A/B, timed side by side)")
-    g.add_argument("--time-limit", type=float, default=420.0, help="seconds; skip the remaining work after this")
+    g.add_argument("--time-limit", type=float, default=420.0,
+                   help="seconds; skip the remaining work after this, and an A/B compile that would end past it "
+                   "(judged by the longest compile so far)")
     g.add_argument("--profile", action="store_true", help="only: per-kernel GPU time of one dense and one sparse step "
                    "(at the one --sparsities value, else 0.5; with --alpha's rank terms; --compare-rank: each mode's too; "
                    "--compare-gather: instead, the compiled sparse step with the Triton gather and with each CUDA one)")

@@ -171,13 +171,13 @@ def _run_gpu_bench(args):
     tg.load_tuned(tuned)
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {bw / 1e12:.2f} TB/s  {dtype}  tuned shapes: {sorted(tg.TUNED)}", flush=True)
-    rows, compiled, checks, compiled_err = [], [], [], {}
+    rows, compiled, checks, compiled_err, skipped = [], [], [], {}, []
     out = args.out or (os.path.join(os.environ["OUT"], "gpu_decode.json") if os.environ.get("OUT") else None)
 
     def save():  # after every batch size too: a run stopped by its time limit keeps what it measured
         if out:
             write_json(out, {"dtype": str(dtype).removeprefix("torch."), "checks": checks, "compiled_vs_eager_rel_err": compiled_err, "copy_bw_TBps": bw / 1e12, "max_len": MAX_LEN, "steps": STEPS, "repeats": REPEATS,
-                             "tuned": {f"{o}x{i}": c for (o, i), c in tg.TUNED.items()}, "compiled": compiled, "rows": rows,
+                             "tuned": {f"{o}x{i}": c for (o, i), c in tg.TUNED.items()}, "compiled": compiled, "rows": rows, "skipped_steps": skipped,
                              "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
                              "seconds": time.time() - t_start})
     for name in names:
@@ -212,11 +212,19 @@ def _run_gpu_bench(args):
             # in our graphs; no dynamo reset in between, so both compiled steps' kernels stay loaded
             comp, label_c = {}, "fused" if groups else "sparse"
             if args.compile and time.time() - t_start < args.time_limit:
+                longest = 0.0  # an A/B compile that would end past the time limit is skipped: a run killed while
+                # compiling loses every row (session 34: a fresh machine compiled steps 1.5-1.7x slower than before)
                 for label, mods, grp, opts in compiled_variants(args, label_c, sparse, groups, B):
+                    if label not in ("dense", label_c) and time.time() - t_start + longest > args.time_limit:
+                        print(f"skipped the {label} step (B={B}): it would end past --time-limit "
+                              f"({longest:.0f}s, the longest compile so far)", flush=True)
+                        skipped.append(f"B{B}.{label}")
+                        continue
                     with swapped(model, mods), attached(model, grp), compile_options(dec, **opts):
                         t0 = time.time()
                         step = fresh_step(dec)  # a code object of its own: else dynamo could reuse another variant's code
                         comp[label], out_c = capture(torch.compile(step), B)
+                        longest = max(longest, time.time() - t0)
                         print(f"compiled {label} step (B={B}) in {time.time() - t0:.0f}s", flush=True)
                         ref = (g_dense, out_dense) if not mods else (g_fused, out_fused) if grp else (g_sparse, out_sparse)
                         err = compiled_vs_eager((comp[label], out_c), ref, taus)
