@@ -9,7 +9,7 @@ pytest.importorskip("triton")
 from rsparse.decode import GPU_INDUCTOR, GraphDecoder, gpu_inductor  # noqa: E402
 from rsparse.errors import RSparseError  # noqa: E402
 from rsparse.gpuvariants import (compile_options, compiled_variants, inductor_patches, private_inductor_cache,  # noqa: E402
-                                 rank_modes, rank_patches)
+                                 rank_modes, rank_patches, skip_compile)
 from rsparse.kernels import lowrank  # noqa: E402
 from rsparse.kernels import module as km  # noqa: E402
 from rsparse.kernels import triton_gemv as tg  # noqa: E402
@@ -206,3 +206,12 @@ def test_private_inductor_cache_is_fresh_and_removed_unless_the_user_named_one(t
     with private_inductor_cache() as c:
         assert c != default_cache_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == c
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir() and not os.path.exists(c)
+
+
+def test_skip_compile_only_for_ab_steps_that_would_end_past_the_limit():
+    """Session 34's first run: 590 s in, still compiling its 5th step, killed, nothing saved."""
+    assert not skip_compile("dense", "fused", 500, 120, 540) and not skip_compile("fused", "fused", 500, 120, 540)
+    assert skip_compile("fused-2", "fused", 450, 117, 540)  # 450 + 117 > 540
+    assert not skip_compile("fused-2", "fused", 400, 117, 540)
+    assert skip_compile("dense-tuned", "sparse", 541, 0, 540)  # already past it
+    assert not skip_compile("fused-cuda-gather", "fused", 100, 117, 540)

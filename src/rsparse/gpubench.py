@@ -42,7 +42,7 @@ from .families import locate
 from .kernels import triton_gemv as tg
 from .kernels.module import triton_groups
 from .gpuvariants import (compile_options, compiled_variants, gather_chunks, inductor_patches, private_inductor_cache,
-                          rank_modes, rank_patches, uncached_compiles)
+                          rank_modes, rank_patches, skip_compile, uncached_compiles)
 from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
 from .models import parse_dtype
@@ -212,10 +212,9 @@ def _run_gpu_bench(args):
             # in our graphs; no dynamo reset in between, so both compiled steps' kernels stay loaded
             comp, label_c = {}, "fused" if groups else "sparse"
             if args.compile and time.time() - t_start < args.time_limit:
-                longest = 0.0  # an A/B compile that would end past the time limit is skipped: a run killed while
-                # compiling loses every row (session 34: a fresh machine compiled steps 1.5-1.7x slower than before)
+                longest = 0.0
                 for label, mods, grp, opts in compiled_variants(args, label_c, sparse, groups, B):
-                    if label not in ("dense", label_c) and time.time() - t_start + longest > args.time_limit:
+                    if skip_compile(label, label_c, time.time() - t_start, longest, args.time_limit):
                         print(f"skipped the {label} step (B={B}): it would end past --time-limit "
                               f"({longest:.0f}s, the longest compile so far)", flush=True)
                         skipped.append(f"B{B}.{label}")

@@ -69,6 +69,13 @@ def compiled_variants(args, label_c, sparse, groups, B):
 RETUNE = {"inductor": {"autotune_local_cache": False}, "fresh_kernels": True}
 
 
+def skip_compile(label: str, label_c: str, elapsed: float, longest: float, limit: float) -> bool:
+    """Whether to skip compiling an A/B step: it would end past the time limit if it took as long as the
+    longest compile so far. The dense and the main sparse step are never skipped (every row needs them).
+    A run killed while compiling loses every row (session 34: a fresh machine compiled 1.5-1.7x slower)."""
+    return label not in ("dense", label_c) and elapsed + longest > limit
+
+
 def gather_chunks(args) -> list:
     """--compare-gather's comma list of the CUDA gather's 256-channel chunks per block (`cuda_gather.CHUNKS`;
     the flag alone: 1); [] without the flag."""
