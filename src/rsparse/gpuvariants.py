@@ -31,6 +31,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     `kernels.module.GATHER`, once per listed count of 256-channel chunks per block, `cuda_gather.CHUNKS`);
     --retune N (the tuned dense, the sparse step and each CUDA-gather step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
+    chunks = gather_chunks(args)
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
     out.append((label_c, sparse, groups, {}))
     if getattr(args, "compare_reduce", False) and B == 1:
@@ -44,7 +45,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     for tag, values in rank_patches(args):
         out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
-    for k in gather_chunks(args):
+    for k in chunks:
         out.append((cuda_gather_label(label_c, k), sparse, groups, {"gather": "cuda", "cuda_chunks": k}))
     compare = getattr(args, "compare_attention", False)
     if compare:
@@ -53,7 +54,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     for i in range(2, getattr(args, "retune", 1) + 1):
         out += [(f"dense-tuned-{i}", {}, {}, RETUNE)] if getattr(args, "tuned_dense", True) else []
         out.append((f"{label_c}-{i}", sparse, groups, RETUNE))
-        for k in gather_chunks(args):  # an A/B of one compile each would compare tuning luck too
+        for k in chunks:  # an A/B of one compile each would compare tuning luck too
             out.append((f"{cuda_gather_label(label_c, k)}-{i}", sparse, groups, {**RETUNE, "gather": "cuda", "cuda_chunks": k}))
     tuned = gpu_inductor()  # every step but "dense", an A/B's own settings on top
     return [("dense", {}, {}, {})] + [(label, mods, grp, {**opts, "inductor": {**tuned, **opts.get("inductor", {})}})
@@ -197,13 +198,13 @@ def private_inductor_cache():
     271.9 against 308.8 (session 34). A fresh directory makes every run tune as on a fresh machine."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if before and os.path.abspath(before) != os.path.abspath(default_cache_dir()):  # (inductor writes its default there)
-        yield before
+    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}  # inductor points
+    named = saved["TORCHINDUCTOR_CACHE_DIR"]  # Triton's into its own on first use: both are put back
+    if named and os.path.abspath(named) != os.path.abspath(default_cache_dir()):  # (inductor writes its default there)
+        yield named
         return
     path = tempfile.mkdtemp(prefix="rsparse-inductor-")
-    saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}  # inductor points
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path  # Triton's into its own on first use: both are put back
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
     try:
         yield path
     finally:
