@@ -43,6 +43,16 @@ def test_the_switch_names_what_is_missing(monkeypatch):
         shapes = [tuple(torch.ops.rsparse.cuda_partials(x, wt, c, torch.empty(()), 512, 512, k).shape) for k in (1, 2, 3, 4)]
     assert shapes == [(4, 3, 512), (2, 3, 512), (2, 3, 512), (1, 3, 512)]
 
+    # which calls the modules hand it (fake CUDA tensors: shapes, strides and dtypes only, as when traced)
+    with FakeTensorMode():
+        wt = torch.empty(640, 512, dtype=torch.bfloat16, device="cuda")
+        assert cuda_gather.fits(wt, 0, 256, 512, rows=1) and cuda_gather.fits(wt, 0, 512, 512)
+        assert not cuda_gather.fits(wt, 0, 512, 512, rows=2)  # batch 2+: slower than the Triton gather (session 35)
+        assert not cuda_gather.fits(wt, 16, 512, 512)  # a rank term
+        assert not cuda_gather.fits(wt, 0, 128, 512)  # a member off the 256-column tiles
+        assert not cuda_gather.fits(wt.float(), 0, 512, 512)
+        assert not cuda_gather.fits(torch.empty(640, 516, dtype=torch.bfloat16, device="cuda"), 0, 516, 516)  # width % 8
+
 
 def _poison_allocator(shape):
     """The next float32 allocation of this shape most likely reuses this NaN-filled block."""
@@ -126,7 +136,7 @@ def test_compiled_groups_take_the_cuda_gather(monkeypatch):
     ref_qkv = torch.cat([r(x.float()) for r in refs[:3]], 1)
     ref_mlp = torch.nn.functional.silu(refs[3](x.float())) * refs[4](x.float())
 
-    def run(gather):
+    def run(gather, x=x):
         km.use_gather(gather)
         ops = []
 
@@ -142,6 +152,8 @@ def test_compiled_groups_take_the_cuda_gather(monkeypatch):
     assert sum("cuda_partials" in o for o in ops) == 2 and not any("rsparse_partials" in o for o in ops), ops
     (t_qkv, t_mlp), t_ops = run("triton")
     assert not any("cuda_partials" in o for o in t_ops) and any("rsparse_partials" in o for o in t_ops), t_ops
+    _, b2_ops = run("cuda", torch.cat([x, x]))  # batch 2: above cuda_gather.MAX_ROWS, the Triton gather
+    assert not any("cuda_partials" in o for o in b2_ops) and any("rsparse_partials" in o for o in b2_ops), b2_ops
     for got, tri, ref in ((y_qkv, t_qkv, ref_qkv), (y_mlp, t_mlp, ref_mlp)):
         # the same kept channels (bf16 modules) as the Triton gather; the float32 oracle keeps by its own
         # float32 scales and thresholds, a few channels apart

@@ -13,8 +13,9 @@ and it walks the set bits itself, 8 rows in flight, 16 bytes per lane (512 conti
 piece): no index list and no compaction pass. A block is 8 warps over one 256-column tile and
 CHUNKS chunks of 256 channels (1: small enough that the hardware balances the grid). Lone calls on an H200 (bf16, batch 1, 50%,
 `benchmarks/gpu_cuda_gather.py`): the gather alone 7-11% faster than the Triton gather on the MLP
-shapes, 24% on 4096x4096, 8% slower on 1024x4096 (session 33); yet a compiled 50% step with it ran 4.4%
-slower than with the Triton gather (session 34; session 33's +7.5% had a graph break per call). Group
+shapes, 24% on 4096x4096, 8% slower on 1024x4096 (session 33); yet a compiled 50% step with it runs no
+faster than with the Triton gather: 0.96x in session 34, 1.00x (1.02x with CHUNKS 4) in session 35, within
+what one compile's autotuning picks move a step (session 33's +7.5% had a graph break per call). Group
 members (q|k|v, gate|up side by side, `seg1`, `seg2`) must start on a 256-column tile; each tile
 thresholds with its member's c and tau.
 """
@@ -216,14 +217,23 @@ def require() -> None:
         raise ValueError("the CUDA gather cannot run here: " + (build_error() or "no CUDA GPU, or no nvcc (torch finds no CUDA_HOME)"))
 
 
-def fits(wt: torch.Tensor, rank: int, seg1: int, seg2: int) -> bool:
-    """Shapes this kernel takes: r = 0, bf16/fp16, 16-byte aligned rows of a width divisible by 8,
-    group members starting on 256-column tiles. Shapes and strides only, so that it can be asked while
-    torch.compile traces (dynamo breaks the graph at `storage_offset()`: session 33); the op itself checks
-    the data pointer's alignment."""
+# Batch sizes the modules hand this kernel (the op itself takes 1..8 rows). Each kept row costs a lane B
+# shuffles and 8 B FMAs on the CUDA cores, where the Triton gather uses tl.dot. On an H200 at 50%
+# (session 35, `gpu_kernels_s35.json`) the gather alone took 0.72-0.94x the Triton gather's time at
+# batch 1, 0.79-1.19x at 2, 1.0-1.68x at 4 and 1.47-2.32x at 8; compiled Llama-3-8B-shaped 50% steps with
+# it (4 chunks) ran 0.94x (batch 2) and 0.73x (batch 4) as fast as the Triton step (`gpu_decode_s35_kc4_b24.json`).
+MAX_ROWS = 1
+
+
+def fits(wt: torch.Tensor, rank: int, seg1: int, seg2: int, rows: int = 1) -> bool:
+    """Calls the modules hand this kernel: r = 0, bf16/fp16, 16-byte aligned rows of a width divisible
+    by 8, group members starting on 256-column tiles, at most MAX_ROWS rows of x. Shapes and strides only,
+    so that it can be asked while torch.compile traces (dynamo breaks the graph at `storage_offset()`:
+    session 33); the op itself checks the data pointer's alignment."""
     out = wt.shape[1]
-    return (rank == 0 and wt.dtype in (torch.bfloat16, torch.float16) and wt.is_cuda and wt.stride(1) == 1
-            and out % 8 == 0 and wt.stride(0) % 8 == 0 and all(s % TILE == 0 for s in (seg1, seg2) if s < out))
+    return (rank == 0 and rows <= MAX_ROWS and wt.dtype in (torch.bfloat16, torch.float16) and wt.is_cuda
+            and wt.stride(1) == 1 and out % 8 == 0 and wt.stride(0) % 8 == 0
+            and all(s % TILE == 0 for s in (seg1, seg2) if s < out))
 
 
 @torch.library.custom_op("rsparse::cuda_partials", mutates_args=())

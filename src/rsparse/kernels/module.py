@@ -34,9 +34,9 @@ from . import cuda_gather, triton_gemv  # registers torch.ops.rsparse.cuda_parti
 REDUCE_IN_CONSUMER = "all"
 
 # The gather of r = 0 calls whose partials the consumer sums (compiled steps): "triton" (our Triton
-# gather, `rsparse_partials`) or "cuda" (`cuda_gather.cuda_partials`, built with nvcc; alone 7-24% faster
-# than the Triton gather on an H200 at 50%, session 33, but a compiled batch-1 step 4.4% slower, session 34:
-# see `cuda_gather.CHUNKS`), on the calls it takes (`cuda_gather.fits`;
+# gather, `rsparse_partials`) or "cuda" (`cuda_gather.cuda_partials`, built with nvcc; alone 6-28% faster
+# than the Triton gather on an H200 at 50% and batch 1, but a compiled batch-1 step no faster: 1.00x, and
+# 1.02x with `cuda_gather.CHUNKS` 4, session 35), on the calls it takes (`cuda_gather.fits`: batch 1 only;
 # the others keep the Triton gather). Set it with `use_gather`, which builds the CUDA kernel first.
 GATHER = "triton"
 
@@ -55,7 +55,7 @@ def use_gather(name: str) -> None:
 def _partials(rows, wt, at, u, col_scale, tau, locks, seg1, seg2, roff1, roff2):
     """The gather alone, its float32 partials for the consumer to sum: the CUDA kernel where GATHER asks
     for it and it takes the call (r = 0, members on its tiles), else the Triton gather."""
-    if GATHER == "cuda" and cuda_gather.fits(wt, at.shape[1], seg1, seg2):
+    if GATHER == "cuda" and cuda_gather.fits(wt, at.shape[1], seg1, seg2, rows.shape[0]):
         return torch.ops.rsparse.cuda_partials(rows, wt, col_scale, tau, seg1, seg2, cuda_gather.CHUNKS)
     return torch.ops.rsparse.rsparse_partials(rows, wt, at, u, col_scale, tau, locks, seg1, seg2, roff1, roff2,
                                                triton_gemv.RANK_TERMS)
