@@ -55,8 +55,8 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
     one's CUDA-graph replay time; rank_modes: the compiled sparse step again with each of these
     `triton_gemv.RANK_MODES` (launch counts and kernel time against graph time: the launch gaps);
     gather_chunks: instead, only the compiled sparse step under `decode.GPU_INDUCTOR` (as the bench
-    compiles it) with the Triton gather and with the CUDA one at each of these chunks per block
-    (`cuda_gather.CHUNKS`), and dynamo's graph count with the CUDA one."""
+    compiles it) with the Triton gather and with the CUDA one at each of these (chunks per block, block
+    rows per partial) layouts (`cuda_gather.CHUNKS`, `.GROUP`), and dynamo's graph count with the CUDA one."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -81,8 +81,8 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
     if gather_chunks:  # only the e2e A/B's steps, kernel by kernel (the CUDA one ran 4-8% slower there, session 34;
         # a fresh machine compiles a step in ~100 s: the other steps would not leave room in one 600 s call)
         steps_ = [("fused-compiled-tuned", sparse, groups, True, {"inductor": gpu_inductor()})]
-        steps_ += [(cuda_gather_label("fused-compiled", k), sparse, groups, True,
-                    {"inductor": gpu_inductor(), "gather": "cuda", "cuda_chunks": k}) for k in gather_chunks]
+        steps_ += [(cuda_gather_label("fused-compiled", k, g), sparse, groups, True,
+                    {"inductor": gpu_inductor(), "gather": "cuda", "cuda_chunks": k, "cuda_group": g}) for k, g in gather_chunks]
         with swapped(model, sparse), attached(model, groups), compile_options(dec, gather="cuda"):
             torch._dynamo.reset()
             result["explain_cuda_gather"] = _explain(dec.step, ids, pos)

@@ -27,11 +27,12 @@ def compiled_variants(args, label_c, sparse, groups, B):
     instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
     `triton_gemv.RANK_TERMS`); --rank-ab (the sparse step with other rank-path knobs,
     `lowrank.knobs`); --compare-attention (dense and sparse with the other decode attention,
-    `decode.GraphDecoder`); --compare-gather [CHUNKS] (the sparse step with the CUDA C++ gather,
-    `kernels.module.GATHER`, once per listed count of 256-channel chunks per block, `cuda_gather.CHUNKS`);
+    `decode.GraphDecoder`); --compare-gather [SPECS] (the sparse step with the CUDA C++ gather,
+    `kernels.module.GATHER`, once per listed layout: K 256-channel chunks per block, `cuda_gather.CHUNKS`,
+    and with KgG, G block rows summed into each partial in the kernel, `cuda_gather.GROUP`);
     --retune N (the tuned dense, the sparse step and each CUDA-gather step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
-    chunks = gather_chunks(args)
+    layouts = gather_chunks(args)
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
     out.append((label_c, sparse, groups, {}))
     if getattr(args, "compare_reduce", False) and B == 1:
@@ -45,8 +46,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     for tag, values in rank_patches(args):
         out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
-    for k in chunks:
-        out.append((cuda_gather_label(label_c, k), sparse, groups, {"gather": "cuda", "cuda_chunks": k}))
+    for k, g in layouts:
+        out.append((cuda_gather_label(label_c, k, g), sparse, groups, {"gather": "cuda", "cuda_chunks": k, "cuda_group": g}))
     compare = getattr(args, "compare_attention", False)
     if compare:
         other = compare if isinstance(compare, str) else "fused" if getattr(args, "attention", "fused") == "sdpa" else "sdpa"
@@ -54,8 +55,9 @@ def compiled_variants(args, label_c, sparse, groups, B):
     for i in range(2, getattr(args, "retune", 1) + 1):
         out += [(f"dense-tuned-{i}", {}, {}, RETUNE)] if getattr(args, "tuned_dense", True) else []
         out.append((f"{label_c}-{i}", sparse, groups, RETUNE))
-        for k in chunks:  # an A/B of one compile each would compare tuning luck too
-            out.append((f"{cuda_gather_label(label_c, k)}-{i}", sparse, groups, {**RETUNE, "gather": "cuda", "cuda_chunks": k}))
+        for k, g in layouts:  # an A/B of one compile each would compare tuning luck too
+            out.append((f"{cuda_gather_label(label_c, k, g)}-{i}", sparse, groups,
+                        {**RETUNE, "gather": "cuda", "cuda_chunks": k, "cuda_group": g}))
     tuned = gpu_inductor()  # every step but "dense", an A/B's own settings on top
     return [("dense", {}, {}, {})] + [(label, mods, grp, {**opts, "inductor": {**tuned, **opts.get("inductor", {})}})
                                       for label, mods, grp, opts in out]
@@ -78,24 +80,27 @@ def skip_compile(label: str, label_c: str, elapsed: float, longest: float, limit
 
 
 def gather_chunks(args) -> list:
-    """--compare-gather's comma list of the CUDA gather's 256-channel chunks per block (`cuda_gather.CHUNKS`;
-    the flag alone: 1); [] without the flag."""
+    """--compare-gather's comma list of CUDA gather layouts as (chunks, group) pairs: K (256-channel chunks
+    per block, `cuda_gather.CHUNKS`, 1..64) or KgG (and G block rows summed into each partial in the kernel,
+    `cuda_gather.GROUP`, 1..256); the flag alone: [(1, 1)]; [] without the flag."""
     value = getattr(args, "compare_gather", None)
     if not value:
         return []
     if value is True:
-        return [1]
+        return [(1, 1)]
     try:
-        chunks = [int(v) for v in str(value).split(",") if v.strip()]
+        layouts = [tuple(int(p) for p in (v.strip().split("g") + ["1"])[:2]) if v.strip().count("g") <= 1 else (0, 0)
+                   for v in str(value).split(",") if v.strip()]
     except ValueError:
-        chunks = []
-    if not chunks or any(not 1 <= k <= 64 for k in chunks):
-        raise RSparseError(f"--compare-gather takes a comma list of 256-channel chunks per block, each 1..64, got {value!r}")
-    return list(dict.fromkeys(chunks))
+        layouts = []
+    if not layouts or any(not (1 <= k <= 64 and 1 <= g <= 256) for k, g in layouts):
+        raise RSparseError("--compare-gather takes a comma list of CUDA gather layouts, K or KgG: K 256-channel "
+                           f"chunks per block (1..64), G block rows summed per partial (1..256), e.g. 1,4,1g4; got {value!r}")
+    return list(dict.fromkeys(layouts))
 
 
-def cuda_gather_label(label_c: str, chunks: int) -> str:
-    return f"{label_c}-cuda-gather" + (f"-kc{chunks}" if chunks != 1 else "")
+def cuda_gather_label(label_c: str, chunks: int, group: int = 1) -> str:
+    return f"{label_c}-cuda-gather" + (f"-kc{chunks}" if chunks != 1 else "") + (f"-g{group}" if group != 1 else "")
 
 
 def rank_modes(args) -> list:
@@ -218,7 +223,7 @@ def private_inductor_cache():
 
 @contextlib.contextmanager
 def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None, rank_terms=None, attention=None,
-                    fresh_kernels=False, rank_knobs=None, norm=None, gather=None, cuda_chunks=None):
+                    fresh_kernels=False, rank_knobs=None, norm=None, gather=None, cuda_chunks=None, cuda_group=None):
     """Set while dec's compiled step is traced and captured (all are read at trace time only; norm
     also at every eager call); fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`)."""
     from .kernels import cuda_gather, lowrank
@@ -240,8 +245,9 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
         dec.use_norm(saved[5])
         km.GATHER = saved[6]
         raise
-    chunks = cuda_gather.CHUNKS
+    chunks, group = cuda_gather.CHUNKS, cuda_gather.GROUP
     cuda_gather.CHUNKS = chunks if cuda_chunks is None else cuda_chunks
+    cuda_gather.GROUP = group if cuda_group is None else cuda_group
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
@@ -253,7 +259,7 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
             yield
     finally:
         km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
-        km.GATHER, cuda_gather.CHUNKS = saved[6], chunks
+        km.GATHER, cuda_gather.CHUNKS, cuda_gather.GROUP = saved[6], chunks, group
         lowrank.set_knobs(saved[4])
         dec.use_attention(saved[3])
         dec.use_norm(saved[5])
