@@ -165,7 +165,9 @@ def test_compiled_groups_take_the_cuda_gather(monkeypatch):
     assert not any("cuda_partials" in o for o in t_ops) and any("rsparse_partials" in o for o in t_ops), t_ops
     _, b2_ops = run("cuda", torch.cat([x, x]))  # batch 2: above cuda_gather.MAX_ROWS, the Triton gather
     assert not any("cuda_partials" in o for o in b2_ops) and any("rsparse_partials" in o for o in b2_ops), b2_ops
-    for got, tri, ref in ((y_qkv, t_qkv, ref_qkv), (y_mlp, t_mlp, ref_mlp)):
+    monkeypatch.setattr(cuda_gather, "GROUP", 2)  # the modules pass it on: 640 channels, 3 block rows -> 2 partials
+    (g_qkv, g_mlp), _ = run("cuda")
+    for got, tri, ref in ((y_qkv, t_qkv, ref_qkv), (y_mlp, t_mlp, ref_mlp), (g_qkv, t_qkv, ref_qkv), (g_mlp, t_mlp, ref_mlp)):
         # the same kept channels (bf16 modules) as the Triton gather; the float32 oracle keeps by its own
         # float32 scales and thresholds, a few channels apart
         assert ((got.float() - tri.float()).norm() / tri.float().norm()).item() < 1e-2

@@ -3,8 +3,9 @@ step's `rsparse::rsparse_partials`, built with nvcc on first use (torch.utils.cp
 
 Math and layout as `triton_gemv`: Wt = W^T (in, out) row-major, a kept input channel j (|x_j| c_j > tau
 for any of the 1..8 rows, float32) is one contiguous row Wt[j, :], and each row multiplies only its own
-kept entries. Output: float32 partials (in / (256 CHUNKS), rows, out) whose sum over the first axis
-is the product; under torch.compile inductor sums them inside the consumer's kernel (`sum_partials`).
+kept entries. Output: float32 partials (in / (256 CHUNKS GROUP), rows, out) whose sum over the first axis
+is the product (GROUP > 1: the last-arriving block of each run of GROUP block rows sums theirs); under
+torch.compile inductor sums them inside the consumer's kernel (`sum_partials`).
 
 Why a second backend (docs/perf-gpu.md, session 33): the Triton gather compacts each chunk's kept
 indices into a scratch row (cumsum, store, barrier) before its first weight load and then follows an
