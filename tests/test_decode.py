@@ -207,3 +207,19 @@ def test_graphed_decode_gives_the_static_decoders_tokens(compile):
     assert torch.equal(got, ref)
     with pytest.raises(ValueError, match="cache holds 20 positions"):
         next(GraphDecoder(m, max_len=20).stream_graphed(ids, 15))
+
+
+def test_tensor_mb_counts_each_storage_once():
+    """Hand-computed: a 4x3 float32 weight (48 bytes), the same storage tied again and viewed, a 5-element
+    float64 buffer (40 bytes); a transposed copy is a storage of its own."""
+    from rsparse.bench import TransposedLinear, tensor_mb
+
+    m = torch.nn.Module()
+    m.a = torch.nn.Linear(3, 4, bias=False)
+    m.b = torch.nn.Linear(3, 4, bias=False)
+    m.b.weight = m.a.weight  # tied
+    m.register_buffer("v", m.a.weight.detach()[1:])  # a view of the same storage
+    m.register_buffer("d", torch.zeros(5, dtype=torch.float64))
+    assert tensor_mb(m) * 2**20 == 48 + 40
+    m.t = TransposedLinear(m.a)
+    assert tensor_mb(m) * 2**20 == 2 * 48 + 40

@@ -227,6 +227,16 @@ def agreement(candidates: dict, reference, text_ids: torch.Tensor, prompt, greed
     return out
 
 
+def tensor_mb(model: torch.nn.Module) -> float:
+    """MB of the model's parameters and buffers, each storage counted once (tied weights, views): what it
+    holds, against the peak resident memory, which adds the runtime and what loading left behind."""
+    storages = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values()) / 2**20
+
+
 def peak_rss_mb(args_list) -> float:
     """Peak resident memory (MB, VmHWM) of a fresh process running `python -m rsparse.bench _rss ...`."""
     out = subprocess.run([sys.executable, "-m", "rsparse.bench", "_rss", *args_list], capture_output=True, text=True, check=True)
@@ -331,6 +341,7 @@ def run_bench(args):
               f"{b_['greedy_equal_tokens']}/{n_check}; {args.dtype} oracle KL {o_['mean_kl']:.2e} top-1 {o_['top1_agreement']:.3f} "
               f"NLL {o_['nll']:.4f} greedy equal {o_['greedy_equal_tokens']}/{n_check} -> {'within' if ok else 'OUTSIDE'} "
               "2x the oracle's own spread", flush=True)
+        row["dense_tensor_mb"], row["sparse_tensor_mb"] = tensor_mb(dense), tensor_mb(sparse)
         if args.out or args.memory:
             import tempfile
 
@@ -360,7 +371,7 @@ def _rss_child(model_name, dtype, kind, plan_dir, backend, layout):
         model, tok = load(model_name, dtype)
         fastest_dense_(model, choice=json.loads(layout))
     else:
-        _, tok = load(model_name, "float32")
+        tok = load(model_name, "float32")[1]  # the model it loads is freed here: it must not count in the peak
         model = sparse_model(model_name, dtype, load_plan(plan_dir), backend)
         fastest_dense_(model, only_head=True, choice=json.loads(layout))
     prompt = torch.tensor([tok(PROMPT, add_special_tokens=False)["input_ids"]])
