@@ -101,6 +101,7 @@ def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
     (["bench", "--device", "cuda", "--inductor-ab", "no_such_knob=1"], "inductor has no option 'no_such_knob'"),
     (["bench", "--device", "cuda", "--retune", "0"], "--retune must be 1..4"),
     (["bench", "--device", "cuda", "--compare-gather", "1,0"], "--compare-gather takes a comma list of CUDA gather layouts"),
+    (["bench", "--device", "cuda", "--compare-gather", "1,1g"], "G block rows summed per partial (1..256), e.g. 1,4,1g4; got '1,1g'"),
     (["bench", "--device", "cuda", "--dtype", "float32"], "runs bfloat16 or float16 weights, got --dtype 'float32'"),
     (["generate", "--device", "tpu", "Hi"], "--device must be cpu or cuda"),
     (["calibrate", "--rank-cost", "0.5", "--out", "/tmp/never-written"], "rank_cost must be a finite number >= 1"),

@@ -32,7 +32,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
     and with KgG, G block rows summed into each partial in the kernel, `cuda_gather.GROUP`);
     --retune N (the tuned dense, the sparse step and each CUDA-gather step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
-    layouts = gather_chunks(args)
+    layouts = gather_layouts(args)
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
     out.append((label_c, sparse, groups, {}))
     if getattr(args, "compare_reduce", False) and B == 1:
@@ -79,7 +79,7 @@ def skip_compile(label: str, label_c: str, elapsed: float, longest: float, limit
     return label not in ("dense", label_c) and elapsed + longest > limit
 
 
-def gather_chunks(args) -> list:
+def gather_layouts(args) -> list:
     """--compare-gather's comma list of CUDA gather layouts as (chunks, group) pairs: K (256-channel chunks
     per block, `cuda_gather.CHUNKS`, 1..64) or KgG (and G block rows summed into each partial in the kernel,
     `cuda_gather.GROUP`, 1..256); the flag alone: [(1, 1)]; [] without the flag."""
@@ -88,9 +88,12 @@ def gather_chunks(args) -> list:
         return []
     if value is True:
         return [(1, 1)]
+    def layout(spec: str) -> tuple:  # "K" or "KgG" ("1g", "g4", "1g4g2": ValueError)
+        k, sep, g = spec.partition("g")
+        return (int(k), int(g)) if sep else (int(k), 1)
+
     try:
-        layouts = [tuple(int(p) for p in (v.strip().split("g") + ["1"])[:2]) if v.strip().count("g") <= 1 else (0, 0)
-                   for v in str(value).split(",") if v.strip()]
+        layouts = [layout(v.strip()) for v in str(value).split(",") if v.strip()]
     except ValueError:
         layouts = []
     if not layouts or any(not (1 <= k <= 64 and 1 <= g <= 256) for k, g in layouts):
