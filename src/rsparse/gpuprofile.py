@@ -18,7 +18,7 @@ from .decode import GraphDecoder, gpu_inductor
 from .families import locate
 from .gpubench import MAX_LEN, REPEATS, capture, time_graph
 from .gpumodel import attached, build, modules_at, sparse_samples
-from .gpuvariants import compile_options, cuda_gather_label, uncached_compiles
+from .gpuvariants import compile_options, cuda_gather_step, uncached_compiles
 from .kernels.module import triton_groups
 
 
@@ -81,8 +81,8 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
     if gather_layouts:  # only the e2e A/B's steps, kernel by kernel (the CUDA one, 6-28% faster per call alone, ties there, sessions 34-35;
         # a fresh machine compiles a step in ~100 s: the other steps would not leave room in one 600 s call)
         steps_ = [("fused-compiled-tuned", sparse, groups, True, {"inductor": gpu_inductor()})]
-        steps_ += [(cuda_gather_label("fused-compiled", k, g), sparse, groups, True,
-                    {"inductor": gpu_inductor(), "gather": "cuda", "cuda_chunks": k, "cuda_group": g}) for k, g in gather_layouts]
+        steps_ += [(label, sparse, groups, True, {"inductor": gpu_inductor(), **opts})
+                   for label, opts in (cuda_gather_step("fused-compiled", layout) for layout in gather_layouts)]
         with swapped(model, sparse), attached(model, groups), compile_options(dec, gather="cuda"):
             torch._dynamo.reset()
             result["explain_cuda_gather"] = _explain(dec.step, ids, pos)

@@ -46,8 +46,8 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     for tag, values in rank_patches(args):
         out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
-    for k, g in layouts:
-        out.append((cuda_gather_label(label_c, k, g), sparse, groups, {"gather": "cuda", "cuda_chunks": k, "cuda_group": g}))
+    for label, opts in (cuda_gather_step(label_c, layout) for layout in layouts):
+        out.append((label, sparse, groups, opts))
     compare = getattr(args, "compare_attention", False)
     if compare:
         other = compare if isinstance(compare, str) else "fused" if getattr(args, "attention", "fused") == "sdpa" else "sdpa"
@@ -55,9 +55,9 @@ def compiled_variants(args, label_c, sparse, groups, B):
     for i in range(2, getattr(args, "retune", 1) + 1):
         out += [(f"dense-tuned-{i}", {}, {}, RETUNE)] if getattr(args, "tuned_dense", True) else []
         out.append((f"{label_c}-{i}", sparse, groups, RETUNE))
-        for k, g in layouts:  # an A/B of one compile each would compare tuning luck too
-            out.append((f"{cuda_gather_label(label_c, k, g)}-{i}", sparse, groups,
-                        {**RETUNE, "gather": "cuda", "cuda_chunks": k, "cuda_group": g}))
+        # the CUDA steps repeated too: an A/B of one compile each would compare tuning luck too
+        for label, opts in (cuda_gather_step(label_c, layout) for layout in layouts):
+            out.append((f"{label}-{i}", sparse, groups, {**RETUNE, **opts}))
     tuned = gpu_inductor()  # every step but "dense", an A/B's own settings on top
     return [("dense", {}, {}, {})] + [(label, mods, grp, {**opts, "inductor": {**tuned, **opts.get("inductor", {})}})
                                       for label, mods, grp, opts in out]
@@ -102,8 +102,12 @@ def gather_layouts(args) -> list:
     return list(dict.fromkeys(layouts))
 
 
-def cuda_gather_label(label_c: str, chunks: int, group: int = 1) -> str:
-    return f"{label_c}-cuda-gather" + (f"-kc{chunks}" if chunks != 1 else "") + (f"-g{group}" if group != 1 else "")
+def cuda_gather_step(label_c: str, layout: tuple) -> tuple:
+    """(label, `compile_options` keywords) of the sparse step with the CUDA gather at this (chunks, group)
+    layout; labels `{label_c}-cuda-gather[-kcK][-gG]` (gpubench finds every one by that prefix)."""
+    chunks, group = layout
+    label = f"{label_c}-cuda-gather" + (f"-kc{chunks}" if chunks != 1 else "") + (f"-g{group}" if group != 1 else "")
+    return label, {"gather": "cuda", "cuda_chunks": chunks, "cuda_group": group}
 
 
 def rank_modes(args) -> list:

@@ -310,8 +310,7 @@ def cuda_partials(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, ta
     if chunks < 1 or group < 1:
         raise ValueError(f"cuda_partials: chunks (256-channel chunks per block) and group (block rows per partial) "
                          f"must be >= 1, got {chunks} and {group}")
-    need = -(-wt.shape[1] // TILE) * n_partials(IN, chunks, group)
-    if group > 1 and need > COUNTERS:
+    if group > 1 and (need := -(-wt.shape[1] // TILE) * n_partials(IN, chunks, group)) > COUNTERS:
         raise ValueError(f"cuda_partials: {need} arrival counts needed, the buffer has {COUNTERS}: a larger group")
     if not 1 <= x.shape[0] <= 8 or x.shape[1] != IN or x.dtype != wt.dtype:
         raise ValueError(f"cuda_partials: x must be 1..8 rows of {IN} {wt.dtype} values, got {tuple(x.shape)} {x.dtype}")
