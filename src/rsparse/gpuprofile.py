@@ -89,7 +89,9 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
         print("explain, sparse step with the CUDA gather:", result["explain_cuda_gather"], flush=True)
     for label, mods, grp, compiled, opts in steps_:
         torch._dynamo.reset()
-        with swapped(model, mods), attached(model, grp), compile_options(dec, **opts):
+        # inference mode as the bench compiles: outside it, a step under gpu_inductor() traced the
+        # backward of the partials op and failed (session 36)
+        with swapped(model, mods), attached(model, grp), compile_options(dec, **opts), torch.inference_mode():
             step = torch.compile(dec.step) if compiled else dec.step
             for _ in range(3):
                 step(ids, pos)
