@@ -36,7 +36,8 @@ CHUNKS = 1
 # an atomic count) sums the run's partials, so the consumer sums in / (256 CHUNKS GROUP) partials while the
 # grid keeps CHUNKS 1's many small blocks. Session 35: chunks 4 cut the partials 4x and sped the step only
 # 2% because its fewer blocks slowed the gather on the attention shapes (up to 2.5x alone); GROUP keeps
-# those blocks. Untimed (next session: `rsparse bench --compare-gather 1,1g4,1g64`).
+# those blocks. Session 36: it ties or loses end to end (1g4 1.00x / 0.95x of the Triton step at 50 / 70%,
+# 1g64 0.92x / 0.87x): the in-kernel sum's serial tail adds ~2.6 us a call, about what the consumers saved.
 GROUP = 1
 # The groups' arrival counts: int32, zero between launches (each run's last block zeroes its count), one
 # buffer per device shared by every call (calls on one stream never overlap). Hidden from the op's schema:
