@@ -21,7 +21,7 @@ for step in "${steps[@]}"; do
   start=$(date +%s)
   case "$step" in
     tests)
-      timeout 260 python -m pytest -q -p no:warnings tests/test_attention.py tests/test_rmsnorm.py \
+      timeout 330 python -m pytest -q -p no:warnings tests/test_attention.py tests/test_rmsnorm.py \
         tests/test_kernels.py -k "attention or rms or fused_groups_in_decoder or trace_as or split3 or registered_op or group_kernel or glu_kernel" \
         > "$OUT/gpu_pytest.log" 2>&1
       echo "pytest exit status $?" >> "$OUT/gpu_pytest.log"

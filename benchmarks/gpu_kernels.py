@@ -17,8 +17,7 @@ compares grids of launch configurations with v2 and writes the best per shape;
 `--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
 Rows without rank terms also time the gathers alone, as compiled steps run them: Triton's and, where nvcc
 builds it, the CUDA C++ one at batch 1 (`kernels/cuda_gather.py`; "triton_gather_us", "cuda_gather_us", and
-"cuda_gather_kc4_us" with 4 chunks of 256 channels per block; "cuda_gather_g4_us" / "_g256_us": the last block
-of each 4 / of all block rows sums their partials in the kernel).
+"cuda_gather_kc4_us" with 4 chunks of 256 channels per block).
 (`benchmarks/gpu_gather_grid.py` grid-searches the gather alone, as compiled steps run it, on 22 shapes.)
 """
 import json
@@ -470,9 +469,6 @@ def gather_columns(x, Wts, ones, tau, ref) -> dict:
         calls["cuda_gather_us"] = lambda Wt: torch.ops.rsparse.cuda_partials(x, Wt, ones, tau, out_f, out_f)
         # fewer, larger blocks: a quarter of the partials for the consumer (session 34's suspect), at what cost alone
         calls["cuda_gather_kc4_us"] = lambda Wt: torch.ops.rsparse.cuda_partials(x, Wt, ones, tau, out_f, out_f, 4)
-        # as few partials with the small blocks kept: the last of each 4 (or of all) block rows sums them (session 35)
-        calls["cuda_gather_g4_us"] = lambda Wt: torch.ops.rsparse.cuda_partials(x, Wt, ones, tau, out_f, out_f, 1, 4)
-        calls["cuda_gather_g256_us"] = lambda Wt: torch.ops.rsparse.cuda_partials(x, Wt, ones, tau, out_f, out_f, 1, 256)
     elif cuda:
         print("cuda gather skipped:", cuda_gather.build_error() or "no nvcc", flush=True)
     cols = {}

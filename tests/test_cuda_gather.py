@@ -3,8 +3,6 @@ device and nvcc (skipped elsewhere, so CI on the CPU runs only the switch's chec
 kernels' tests cover the default path there). Fresh random inputs, widths not multiples of the 256-channel blocks, groups of
 members with their own scales and thresholds, batch 1..8, sparsity 0..1, and the allocator's blocks
 filled with NaN before each call so an unwritten partial fails."""
-import math
-
 import pytest
 import torch
 
@@ -34,10 +32,8 @@ def test_the_switch_names_what_is_missing(monkeypatch):
         torch.ops.rsparse.cuda_partials(x, wt, torch.ones(256), torch.tensor(0.5), 512, 512)
     with pytest.raises(ValueError, match="1..8 rows"):
         torch.ops.rsparse.cuda_partials(x.float(), wt, torch.ones(256, dtype=torch.bfloat16), torch.tensor(0.5), 512, 512)
-    with pytest.raises(ValueError, match="chunks .* and group .* must be >= 1, got 0 and 1"):
+    with pytest.raises(ValueError, match="chunks .* must be >= 1, got 0"):
         torch.ops.rsparse.cuda_partials(x, wt, torch.ones(256, dtype=torch.bfloat16), torch.tensor(0.5), 512, 512, 0)
-    with pytest.raises(ValueError, match="must be >= 1, got 1 and 0"):
-        torch.ops.rsparse.cuda_partials(x, wt, torch.ones(256, dtype=torch.bfloat16), torch.tensor(0.5), 512, 512, 1, 0)
     # what torch.compile traces: one partial per 256 * chunks channels, rounded up (805 = 3 * 256 + 37)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -45,10 +41,7 @@ def test_the_switch_names_what_is_missing(monkeypatch):
         wt = torch.empty(805, 512, dtype=torch.float16)
         x, c = torch.empty(3, 805, dtype=torch.float16), torch.empty(805, dtype=torch.float16)
         shapes = [tuple(torch.ops.rsparse.cuda_partials(x, wt, c, torch.empty(()), 512, 512, k).shape) for k in (1, 2, 3, 4)]
-        # group G: one partial per G block rows (4 of them at chunks 1), rounded up; G past them: one
-        grouped = [torch.ops.rsparse.cuda_partials(x, wt, c, torch.empty(()), 512, 512, 1, g).shape[0] for g in (2, 3, 4, 9)]
     assert shapes == [(4, 3, 512), (2, 3, 512), (2, 3, 512), (1, 3, 512)]
-    assert grouped == [2, 2, 1, 1] and [cuda_gather.n_partials(14336, 1, g) for g in (1, 4, 64)] == [56, 14, 1]
 
     # which calls the modules hand it (fake CUDA tensors: shapes, strides and dtypes only, as when traced)
     with FakeTensorMode():
@@ -68,13 +61,13 @@ def _poison_allocator(shape):
 
 
 @gpu
-@pytest.mark.parametrize("chunks,group", [(1, 1), (3, 1), (1, 2), (1, 64), (2, 3)])
+@pytest.mark.parametrize("chunks", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,IN,outs,sparsities", [
     (1, 805, (296,), (0.5,)), (3, 4096, (512, 256, 256), (0.5, 0.3, 0.8)), (8, 300, (256, 40), (0.0, 0.95)),
     (2, 1100, (768, 768), (0.7, 0.5)), (5, 257, (1024,), (1.0,)), (7, 513, (256, 256, 8), (0.4, 0.6, 0.5)),
 ])
-def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities, chunks, group):
+def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities, chunks):
     assert cuda_gather.ensure_built(), cuda_gather.build_error()
     torch.manual_seed(B * IN + len(outs))
     x = torch.distributions.Laplace(0.0, 1.0).sample((B, IN)).to(dtype)
@@ -88,10 +81,9 @@ def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities, ch
                                empty) for W, c, t in zip(Ws, cs, taus)]
     ref = torch.cat(refs, 1)
     assert cuda_gather.fits(wt, 0, *bounds)
-    # chunks > 1: a block walks several 256-channel chunks; group > 1: the kernel sums runs of block rows
-    shape = (math.ceil(math.ceil(IN / (256 * chunks)) / group), B, sum(outs))
+    shape = (-(-IN // (256 * chunks)), B, sum(outs))  # (chunks > 1: a block walks several 256-channel chunks)
     _poison_allocator(shape)
-    parts = torch.ops.rsparse.cuda_partials(x.cuda(), wt, cs.cuda(), taus.cuda(), *bounds, chunks, group)
+    parts = torch.ops.rsparse.cuda_partials(x.cuda(), wt, cs.cuda(), taus.cuda(), *bounds, chunks)
     assert parts.shape == shape and parts.dtype == torch.float32
     assert torch.isfinite(parts).all(), "partial element left unwritten"
     y = parts.sum(0).double().cpu()
@@ -100,11 +92,8 @@ def test_cuda_partials_sum_to_members_oracles(dtype, B, IN, outs, sparsities, ch
     # a lone module: 1-d scales, 0-d tau, seg1 = seg2 = out, its weight a column view of the group's
     o = outs[0]
     _poison_allocator((shape[0], B, o))
-    lone = torch.ops.rsparse.cuda_partials(x.cuda(), wt[:, :o], cs[0].cuda(), taus[0].cuda(), o, o, chunks, group)
+    lone = torch.ops.rsparse.cuda_partials(x.cuda(), wt[:, :o], cs[0].cuda(), taus[0].cuda(), o, o, chunks)
     assert torch.isfinite(lone).all()
-    if group > 1:  # every run's last block left its count at zero: the next call sums the same again
-        again = torch.ops.rsparse.cuda_partials(x.cuda(), wt[:, :o], cs[0].cuda(), taus[0].cuda(), o, o, chunks, group)
-        assert torch.equal(again, lone) and not cuda_gather._counts(wt.device).any()
     assert ((lone.sum(0).double().cpu() - refs[0]).norm() / max(refs[0].norm().item(), 1e-6)).item() < 1e-5
 
 
@@ -165,9 +154,7 @@ def test_compiled_groups_take_the_cuda_gather(monkeypatch):
     assert not any("cuda_partials" in o for o in t_ops) and any("rsparse_partials" in o for o in t_ops), t_ops
     _, b2_ops = run("cuda", torch.cat([x, x]))  # batch 2: above cuda_gather.MAX_ROWS, the Triton gather
     assert not any("cuda_partials" in o for o in b2_ops) and any("rsparse_partials" in o for o in b2_ops), b2_ops
-    monkeypatch.setattr(cuda_gather, "GROUP", 2)  # the modules pass it on: 640 channels, 3 block rows -> 2 partials
-    (g_qkv, g_mlp), _ = run("cuda")
-    for got, tri, ref in ((y_qkv, t_qkv, ref_qkv), (y_mlp, t_mlp, ref_mlp), (g_qkv, t_qkv, ref_qkv), (g_mlp, t_mlp, ref_mlp)):
+    for got, tri, ref in ((y_qkv, t_qkv, ref_qkv), (y_mlp, t_mlp, ref_mlp)):
         # the same kept channels (bf16 modules) as the Triton gather; the float32 oracle keeps by its own
         # float32 scales and thresholds, a few channels apart
         assert ((got.float() - tri.float()).norm() / tri.float().norm()).item() < 1e-2

@@ -43,15 +43,12 @@ def test_variants_follow_the_flags():
                                                 ("fused-attn-fused", "S", {"attention": "fused", **TUNED})]
     assert compiled_variants(_args(compare_attention=True, attention="triton"), "fused", "S", "G", 1)[-1][3] == {"attention": "sdpa", **TUNED}
     cg = compiled_variants(_args(compare_gather=True), "fused", "S", "G", 2)[2:]
-    cuda = {"gather": "cuda", "cuda_chunks": 1, "cuda_group": 1}
-    assert [(v[0], v[1], v[3]) for v in cg] == [("fused-cuda-gather", "S", {**cuda, **TUNED})]
-    kc = compiled_variants(_args(compare_gather="1, 4,4,1g4, 2g64,1g1"), "fused", "S", "G", 1)[2:]  # as the CLI passes it
-    assert [(v[0], v[3]) for v in kc] == [("fused-cuda-gather", {**cuda, **TUNED}),
-                                          ("fused-cuda-gather-kc4", {**cuda, "cuda_chunks": 4, **TUNED}),
-                                          ("fused-cuda-gather-g4", {**cuda, "cuda_group": 4, **TUNED}),
-                                          ("fused-cuda-gather-kc2-g64", {**cuda, "cuda_chunks": 2, "cuda_group": 64, **TUNED})]
-    for bad in ("0", "1,x", "65", ",", "1g0", "1g257", "g4", "1g4g2", "1g"):
-        with pytest.raises(RSparseError, match="--compare-gather takes a comma list of CUDA gather layouts, K or KgG"):
+    assert [(v[0], v[1], v[3]) for v in cg] == [("fused-cuda-gather", "S", {"gather": "cuda", "cuda_chunks": 1, **TUNED})]
+    kc = compiled_variants(_args(compare_gather="1, 4,4"), "fused", "S", "G", 1)[2:]  # as the CLI passes it
+    assert [(v[0], v[3]) for v in kc] == [("fused-cuda-gather", {"gather": "cuda", "cuda_chunks": 1, **TUNED}),
+                                          ("fused-cuda-gather-kc4", {"gather": "cuda", "cuda_chunks": 4, **TUNED})]
+    for bad in ("0", "1,x", "65", ","):
+        with pytest.raises(RSparseError, match="--compare-gather takes a comma list of 256-channel chunks per block"):
             compiled_variants(_args(compare_gather=bad), "fused", "S", "G", 1)
     named = compiled_variants(_args(compare_attention="fused", attention="triton"), "fused", "S", "G", 1)[2:]
     assert [(v[0], v[3]) for v in named] == [("dense-attn-fused", {"attention": "fused", **TUNED}),
@@ -77,18 +74,18 @@ def test_compile_options_set_and_restore_the_switches(tiny_llama):
     before = (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention, dec.attend)
     knobs = lowrank.knobs()
     with compile_options(dec, consumer_reduce="none", kernel_rows=2, rank_terms="gather", attention="triton",
-                         rank_knobs={"ZCHUNK_WIDE": 0}, norm="fused", cuda_chunks=4, cuda_group=8):
+                         rank_knobs={"ZCHUNK_WIDE": 0}, norm="fused", cuda_chunks=4):
         assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == ("gather", "none", 2, "triton")
-        assert (km.cuda_gather.CHUNKS, km.cuda_gather.GROUP) == (4, 8)
+        assert km.cuda_gather.CHUNKS == 4
         assert dec.norm == "fused"
         assert dec.attend is not before[4]
         assert lowrank.z_chunk(4096, 14336) == lowrank.RANKED_TILES["ZCHUNK"]
-    assert lowrank.knobs() == knobs and dec.norm == "torch" and (km.cuda_gather.CHUNKS, km.cuda_gather.GROUP) == (1, 1)
+    assert lowrank.knobs() == knobs and dec.norm == "torch" and km.cuda_gather.CHUNKS == 1
     assert (tg.RANK_TERMS, km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, dec.attention) == before[:4] == (*before[:3], "sdpa")
     with pytest.raises(ZeroDivisionError):
-        with compile_options(dec, rank_terms="epilogue", attention="triton", cuda_chunks=2, cuda_group=3):
+        with compile_options(dec, rank_terms="epilogue", attention="triton", cuda_chunks=2):
             1 / 0
-    assert (tg.RANK_TERMS, dec.attention, km.cuda_gather.CHUNKS, km.cuda_gather.GROUP) == (before[0], "sdpa", 1, 1)
+    assert (tg.RANK_TERMS, dec.attention, km.cuda_gather.CHUNKS) == (before[0], "sdpa", 1)
     with pytest.raises(ValueError, match="attention must be one of"):
         with compile_options(dec, attention="flash", norm="fused"):
             pass
@@ -143,9 +140,8 @@ def test_retune_repeats_both_tuned_steps_with_fresh_kernels_while_traced(tiny_ll
     assert [v[0] for v in compiled_variants(_args(retune=2), "fused", "S", "G", 1)] == ["dense", "fused", "fused-2"]
     # --compare-gather repeats too: each gather's best compile against the other's
     both = compiled_variants(_args(retune=2, compare_gather=True), "fused", "S", "G", 1)
-    cuda = {"gather": "cuda", "cuda_chunks": 1, "cuda_group": 1}
-    assert [(v[0], v[3]) for v in both[1:]] == [("fused", TUNED), ("fused-cuda-gather", {**cuda, **TUNED}),
-                                                ("fused-2", fresh), ("fused-cuda-gather-2", {**cuda, **fresh})]
+    assert [(v[0], v[3]) for v in both[1:]] == [("fused", TUNED), ("fused-cuda-gather", {"gather": "cuda", "cuda_chunks": 1, **TUNED}),
+                                                ("fused-2", fresh), ("fused-cuda-gather-2", {"gather": "cuda", "cuda_chunks": 1, **fresh})]
     dec = GraphDecoder(tiny_llama(), max_len=8)
     before = inductor_config.autotune_local_cache
     PyCodeCache.modules_no_attr["/stand/in.py"] = object()

@@ -377,12 +377,11 @@ def build_parser():
     g.add_argument("--rank-ab", action="append", metavar="KEY=VALUE[,...]",
                    help="with --alpha < 1: also compile the sparse step with these rank-path knobs (each occurrence one "
                    "more step): ZCHUNK_WIDE (channels per z program on the MLP's calls, 0: 128 everywhere) (A/B)")
-    g.add_argument("--compare-gather", nargs="?", const="1", default=None, metavar="LAYOUTS",
+    g.add_argument("--compare-gather", nargs="?", const="1", default=None, metavar="CHUNKS",
                    help="also compile the sparse step with the CUDA C++ gather (kernels/cuda_gather.py, built with nvcc) "
-                   "on its batch-1 r = 0 calls instead of the Triton gather, once per listed layout (comma list; alone: 1): "
-                   "K, 256-channel chunks per block (fewer, larger blocks leave fewer partials for the consumer to sum), "
-                   "or KgG, the last of each G block rows summing their partials in the kernel (as few partials, "
-                   "blocks kept small) (A/B; with --profile: the compiled sparse steps kernel by kernel)")
+                   "on its batch-1 r = 0 calls instead of the Triton gather, once per listed count of 256-channel chunks per "
+                   "block (comma list; alone: 1): fewer, larger blocks leave fewer partials for the consumer to sum "
+                   "(A/B; with --profile: the compiled sparse steps kernel by kernel)")
     g.add_argument("--no-tuned-dense", dest="tuned_dense", action="store_false",
                    help="skip the second dense baseline: the dense step under the sparse step's inductor settings "
                    "(decode.GPU_INDUCTOR; at batch 1 inductor's own Triton GEMV, 21%% faster than cuBLAS on an H200 "

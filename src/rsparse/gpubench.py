@@ -41,7 +41,7 @@ from .errors import RSparseError
 from .families import locate
 from .kernels import triton_gemv as tg
 from .kernels.module import triton_groups
-from .gpuvariants import (compile_options, compiled_variants, gather_layouts, inductor_patches, private_inductor_cache,
+from .gpuvariants import (compile_options, compiled_variants, gather_chunks, inductor_patches, private_inductor_cache,
                           rank_modes, rank_patches, skip_compile, uncached_compiles)
 from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
@@ -146,10 +146,10 @@ def _run_gpu_bench(args):
     if not 1 <= getattr(args, "retune", 1) <= 4:
         raise RSparseError(f"--retune must be 1..4 (compiles of each tuned step), got {args.retune}")
     dtype = gpu_dtype(getattr(args, "dtype", None))
-    layouts = gather_layouts(args)  # a bad list fails before any work, on any machine
+    chunks = gather_chunks(args)  # a bad list fails before any work, on any machine
     if not torch.cuda.is_available():
         raise RSparseError("rsparse bench --device cuda needs a CUDA GPU (none is visible); use --device cpu here")
-    if layouts:  # builds the CUDA gather now: no nvcc fails before any work
+    if chunks:  # builds the CUDA gather now: no nvcc fails before any work
         from .kernels import cuda_gather
 
         try:
@@ -161,7 +161,7 @@ def _run_gpu_bench(args):
 
         return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args), out=args.out,
                        attention=getattr(args, "attention", "fused"), dtype=dtype,
-                       gather_layouts=layouts)
+                       gather_chunks=chunks)
     uncached_compiles()
     torch._dynamo.config.automatic_dynamic_shapes = False  # batch sizes compile as separate static graphs
     for name in ("recompile_limit", "cache_size_limit"):

@@ -48,15 +48,15 @@ def _explain(step, ids, pos) -> dict:
 
 
 def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, attention="fused", dtype=torch.bfloat16,
-            gather_layouts=()):
+            gather_chunks=()):
     """Where a decode step's GPU time goes: kernels grouped by name, batch 1, for the eager step (the
     same kernels a graph replays, without the launch gaps) and the torch.compile'd step (default
     mode), dense and sparse (fused groups; rank terms for alpha < 1, as `modules_at`), plus each
     one's CUDA-graph replay time; rank_modes: the compiled sparse step again with each of these
     `triton_gemv.RANK_MODES` (launch counts and kernel time against graph time: the launch gaps);
-    gather_layouts: instead, only the compiled sparse step under `decode.GPU_INDUCTOR` (as the bench
-    compiles it) with the Triton gather and with the CUDA one at each of these (chunks per block, block
-    rows per partial) layouts (`cuda_gather.CHUNKS`, `.GROUP`), and dynamo's graph count with the CUDA one."""
+    gather_chunks: instead, only the compiled sparse step under `decode.GPU_INDUCTOR` (as the bench
+    compiles it) with the Triton gather and with the CUDA one at each of these chunks per block
+    (`cuda_gather.CHUNKS`), and dynamo's graph count with the CUDA one."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -78,11 +78,11 @@ def profile(name, sparsity=0.5, alpha=1.0, steps=5, rank_modes=(), out=None, att
               ("dense-torch-norm", {}, {}, False, {"norm": "torch"}), ("fused-torch-norm", sparse, groups, False, {"norm": "torch"}),
               ("dense-compiled", {}, {}, True, {}), ("fused-compiled", sparse, groups, True, {})]
     steps_ += [(f"fused-compiled-rank-{m}", sparse, groups, True, {"rank_terms": m}) for m in rank_modes]
-    if gather_layouts:  # only the e2e A/B's steps, kernel by kernel (the CUDA one, 6-28% faster per call alone, ties there, sessions 34-35;
+    if gather_chunks:  # only the e2e A/B's steps, kernel by kernel (the CUDA one, 6-28% faster per call alone, ties there, sessions 34-36;
         # a fresh machine compiles a step in ~100 s: the other steps would not leave room in one 600 s call)
         steps_ = [("fused-compiled-tuned", sparse, groups, True, {"inductor": gpu_inductor()})]
         steps_ += [(label, sparse, groups, True, {"inductor": gpu_inductor(), **opts})
-                   for label, opts in (cuda_gather_step("fused-compiled", layout) for layout in gather_layouts)]
+                   for label, opts in (cuda_gather_step("fused-compiled", k) for k in gather_chunks)]
         with swapped(model, sparse), attached(model, groups), compile_options(dec, gather="cuda"):
             torch._dynamo.reset()
             result["explain_cuda_gather"] = _explain(dec.step, ids, pos)

@@ -27,12 +27,11 @@ def compiled_variants(args, label_c, sparse, groups, B):
     instead of the gather kernels); --compare-rank MODES (the rank terms computed each listed way,
     `triton_gemv.RANK_TERMS`); --rank-ab (the sparse step with other rank-path knobs,
     `lowrank.knobs`); --compare-attention (dense and sparse with the other decode attention,
-    `decode.GraphDecoder`); --compare-gather [SPECS] (the sparse step with the CUDA C++ gather,
-    `kernels.module.GATHER`, once per listed layout: K 256-channel chunks per block, `cuda_gather.CHUNKS`,
-    and with KgG, G block rows summed into each partial in the kernel, `cuda_gather.GROUP`);
+    `decode.GraphDecoder`); --compare-gather [CHUNKS] (the sparse step with the CUDA C++ gather,
+    `kernels.module.GATHER`, once per listed count of 256-channel chunks per block, `cuda_gather.CHUNKS`);
     --retune N (the tuned dense, the sparse step and each CUDA-gather step compiled N times each, every
     repeat tuning afresh: `RETUNE`)."""
-    layouts = gather_layouts(args)
+    chunks = gather_chunks(args)
     out = [("dense-tuned", {}, {}, {})] if getattr(args, "tuned_dense", True) else []
     out.append((label_c, sparse, groups, {}))
     if getattr(args, "compare_reduce", False) and B == 1:
@@ -46,7 +45,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out.append((f"{label_c}-rank-{mode}", sparse, groups, {"rank_terms": mode}))
     for tag, values in rank_patches(args):
         out.append((f"{label_c}-{tag}", sparse, groups, {"rank_knobs": values}))
-    for label, opts in (cuda_gather_step(label_c, layout) for layout in layouts):
+    for label, opts in (cuda_gather_step(label_c, k) for k in chunks):
         out.append((label, sparse, groups, opts))
     compare = getattr(args, "compare_attention", False)
     if compare:
@@ -56,7 +55,7 @@ def compiled_variants(args, label_c, sparse, groups, B):
         out += [(f"dense-tuned-{i}", {}, {}, RETUNE)] if getattr(args, "tuned_dense", True) else []
         out.append((f"{label_c}-{i}", sparse, groups, RETUNE))
         # the CUDA steps repeated too: an A/B of one compile each would compare tuning luck too
-        for label, opts in (cuda_gather_step(label_c, layout) for layout in layouts):
+        for label, opts in (cuda_gather_step(label_c, k) for k in chunks):
             out.append((f"{label}-{i}", sparse, groups, {**RETUNE, **opts}))
     tuned = gpu_inductor()  # every step but "dense", an A/B's own settings on top
     return [("dense", {}, {}, {})] + [(label, mods, grp, {**opts, "inductor": {**tuned, **opts.get("inductor", {})}})
@@ -79,35 +78,27 @@ def skip_compile(label: str, label_c: str, elapsed: float, longest: float, limit
     return label not in ("dense", label_c) and elapsed + longest > limit
 
 
-def gather_layouts(args) -> list:
-    """--compare-gather's comma list of CUDA gather layouts as (chunks, group) pairs: K (256-channel chunks
-    per block, `cuda_gather.CHUNKS`, 1..64) or KgG (and G block rows summed into each partial in the kernel,
-    `cuda_gather.GROUP`, 1..256); the flag alone: [(1, 1)]; [] without the flag."""
+def gather_chunks(args) -> list:
+    """--compare-gather's comma list of the CUDA gather's 256-channel chunks per block (`cuda_gather.CHUNKS`,
+    1..64; the flag alone: 1); [] without the flag."""
     value = getattr(args, "compare_gather", None)
     if not value:
         return []
     if value is True:
-        return [(1, 1)]
-    def layout(spec: str) -> tuple:  # "K" or "KgG" ("1g", "g4", "1g4g2": ValueError)
-        k, sep, g = spec.partition("g")
-        return (int(k), int(g)) if sep else (int(k), 1)
-
+        return [1]
     try:
-        layouts = [layout(v.strip()) for v in str(value).split(",") if v.strip()]
+        chunks = [int(v) for v in str(value).split(",") if v.strip()]
     except ValueError:
-        layouts = []
-    if not layouts or any(not (1 <= k <= 64 and 1 <= g <= 256) for k, g in layouts):
-        raise RSparseError("--compare-gather takes a comma list of CUDA gather layouts, K or KgG: K 256-channel "
-                           f"chunks per block (1..64), G block rows summed per partial (1..256), e.g. 1,4,1g4; got {value!r}")
-    return list(dict.fromkeys(layouts))
+        chunks = []
+    if not chunks or any(not 1 <= k <= 64 for k in chunks):
+        raise RSparseError(f"--compare-gather takes a comma list of 256-channel chunks per block, each 1..64, got {value!r}")
+    return list(dict.fromkeys(chunks))
 
 
-def cuda_gather_step(label_c: str, layout: tuple) -> tuple:
-    """(label, `compile_options` keywords) of the sparse step with the CUDA gather at this (chunks, group)
-    layout; labels `{label_c}-cuda-gather[-kcK][-gG]` (gpubench finds every one by that prefix)."""
-    chunks, group = layout
-    label = f"{label_c}-cuda-gather" + (f"-kc{chunks}" if chunks != 1 else "") + (f"-g{group}" if group != 1 else "")
-    return label, {"gather": "cuda", "cuda_chunks": chunks, "cuda_group": group}
+def cuda_gather_step(label_c: str, chunks: int) -> tuple:
+    """(label, `compile_options` keywords) of the sparse step with the CUDA gather at this many chunks per
+    block; labels `{label_c}-cuda-gather[-kcK]` (gpubench finds every one by that prefix)."""
+    return f"{label_c}-cuda-gather" + (f"-kc{chunks}" if chunks != 1 else ""), {"gather": "cuda", "cuda_chunks": chunks}
 
 
 def rank_modes(args) -> list:
@@ -230,7 +221,7 @@ def private_inductor_cache():
 
 @contextlib.contextmanager
 def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None, rank_terms=None, attention=None,
-                    fresh_kernels=False, rank_knobs=None, norm=None, gather=None, cuda_chunks=None, cuda_group=None):
+                    fresh_kernels=False, rank_knobs=None, norm=None, gather=None, cuda_chunks=None):
     """Set while dec's compiled step is traced and captured (all are read at trace time only; norm
     also at every eager call); fresh_kernels: forget the kernel modules inductor loaded so far (see `RETUNE`)."""
     from .kernels import cuda_gather, lowrank
@@ -252,9 +243,8 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
         dec.use_norm(saved[5])
         km.GATHER = saved[6]
         raise
-    chunks, group = cuda_gather.CHUNKS, cuda_gather.GROUP
+    chunks = cuda_gather.CHUNKS
     cuda_gather.CHUNKS = chunks if cuda_chunks is None else cuda_chunks
-    cuda_gather.GROUP = group if cuda_group is None else cuda_group
     km.REDUCE_IN_CONSUMER = consumer_reduce
     km.KERNEL_MAX_ROWS = saved[1] if kernel_rows is None else kernel_rows
     tg.RANK_TERMS = saved[2] if rank_terms is None else rank_terms
@@ -266,7 +256,7 @@ def compile_options(dec, consumer_reduce="all", inductor=None, kernel_rows=None,
             yield
     finally:
         km.REDUCE_IN_CONSUMER, km.KERNEL_MAX_ROWS, tg.RANK_TERMS = saved[:3]
-        km.GATHER, cuda_gather.CHUNKS, cuda_gather.GROUP = saved[6], chunks, group
+        km.GATHER, cuda_gather.CHUNKS = saved[6], chunks
         lowrank.set_knobs(saved[4])
         dec.use_attention(saved[3])
         dec.use_norm(saved[5])

@@ -3,9 +3,8 @@ step's `rsparse::rsparse_partials`, built with nvcc on first use (torch.utils.cp
 
 Math and layout as `triton_gemv`: Wt = W^T (in, out) row-major, a kept input channel j (|x_j| c_j > tau
 for any of the 1..8 rows, float32) is one contiguous row Wt[j, :], and each row multiplies only its own
-kept entries. Output: float32 partials (in / (256 CHUNKS GROUP), rows, out) whose sum over the first axis
-is the product (GROUP > 1: the last-arriving block of each run of GROUP block rows sums theirs); under
-torch.compile inductor sums them inside the consumer's kernel (`sum_partials`).
+kept entries. Output: float32 partials (in / (256 CHUNKS), rows, out) whose sum over the first axis
+is the product; under torch.compile inductor sums them inside the consumer's kernel (`sum_partials`).
 
 Why a second backend (docs/perf-gpu.md, session 33): the Triton gather compacts each chunk's kept
 indices into a scratch row (cumsum, store, barrier) before its first weight load and then follows an
@@ -29,21 +28,12 @@ TILE = 256  # output columns per block (one 16-byte piece per lane) and input ch
 # 256-channel chunks each block walks (read where the modules call the op, i.e. when a step is traced):
 # the op writes in / (256 CHUNKS) partials for the consumer to sum. 1 is the configuration timed alone
 # in session 33; with it the compiled step sums 4-8x as many partials as with the Triton gather (whose
-# chunks are 1024-2048 channels), the first suspect for session 34's end-to-end loss (an A/B:
-# `rsparse bench --compare-gather 1,4`).
+# chunks are 1024-2048 channels). End to end (sessions 35-36) chunks 4 gained 2% (inside the spread) and
+# chunks 8 lost 16%. The profile (session 36) shows the balance: chunks 1's gathers save 281 us a step and
+# the consumers summing their partials pay 274 us back. Summing runs of block rows inside the kernel
+# instead (the last-arriving block of each run, threadFenceReduction; commit 05e653b, removed in session 36)
+# cut the consumers' share back but added ~2.6 us of serial tail a call: 1.00x / 0.95x the Triton step.
 CHUNKS = 1
-# Splits per output partial: the last block of each run of GROUP block rows (per 256-column tile; found by
-# an atomic count) sums the run's partials, so the consumer sums in / (256 CHUNKS GROUP) partials while the
-# grid keeps CHUNKS 1's many small blocks. Session 35: chunks 4 cut the partials 4x and sped the step only
-# 2% because its fewer blocks slowed the gather on the attention shapes (up to 2.5x alone); GROUP keeps
-# those blocks. Session 36: it ties or loses end to end (1g4 1.00x / 0.95x of the Triton step at 50 / 70%,
-# 1g64 0.92x / 0.87x): the in-kernel sum's serial tail adds ~2.6 us a call, about what the consumers saved.
-GROUP = 1
-# The groups' arrival counts: int32, zero between launches (each run's last block zeroes its count), one
-# buffer per device shared by every call (calls on one stream never overlap). Hidden from the op's schema:
-# before and after a call it holds zeros, so the op stays pure to torch.compile.
-COUNTERS = 1 << 20
-_COUNTS: dict = {}
 _EXT = None
 _ERROR: str | None = None
 
@@ -58,11 +48,6 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
   return r;
-}
-__device__ __forceinline__ float ld_l2(const float* p) {  // past L1 (not coherent): another block's partial
-  float v;
-  asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
-  return v;
 }
 __device__ __forceinline__ float2 pair(uint32_t v, __nv_bfloat16) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v)); }
 __device__ __forceinline__ float2 pair(uint32_t v, __half) { return __half22float2(*reinterpret_cast<__half2*>(&v)); }
@@ -83,13 +68,11 @@ __device__ __forceinline__ void fma8(float* a, uint4 v, float s) {
 constexpr int NW = 8, U = 8, TW = 256;
 
 // grid (out tiles, in / (256 kc)); block NW warps; in its chunk k < kc warp w owns channels
-// (split * kc + k) * 256 + w * 32 + [0, 32); one partial per block into part. group > 1: the last block
-// of each run of `group` splits (per tile, counted in cnt) sums the run's partials into out[split / group]
+// (split * kc + k) * 256 + w * 32 + [0, 32); one partial per block: kc sets how many the consumer sums
 template <typename T, int BM>
 __global__ void __launch_bounds__(NW * 32)
 gather(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict__ tau, const T* __restrict__ wt,
-       float* __restrict__ part, float* __restrict__ out, int* __restrict__ cnt, int B, int IN, int OUT, int ldw,
-       int seg1, int seg2, int kc, int group, int n_groups) {
+       float* __restrict__ part, int B, int IN, int OUT, int ldw, int seg1, int seg2, int kc) {
   __shared__ float red[NW][TW];
   const int tile = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -152,38 +135,11 @@ gather(const T* __restrict__ x, const T* __restrict__ c, const float* __restrict
     }
     __syncthreads();
   }
-  if (group > 1) {  // the threadFenceReduction pattern: publish, count, and the last one sums
-    const int g = split / group, s0 = g * group, s1 = min(s0 + group, (int)gridDim.y);
-    __shared__ bool last;
-    __threadfence();  // this block's partial is visible device-wide before the count says so
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int* ct = cnt + (size_t)tile * n_groups + g;
-      last = atomicAdd(ct, 1) == s1 - s0 - 1;
-      if (last) *ct = 0;  // every member has counted: zeroed for the next launch (kernel boundary orders it)
-    }
-    __syncthreads();
-    const int cc = col0 + threadIdx.x;
-    if (last && cc < OUT) {
-      __threadfence();
-      for (int b = 0; b < B; ++b) {
-        float sum = 0.f;
-        for (int s = s0; s < s1; s += 8) {  // 8 loads in flight, then their sum (in split order: deterministic)
-          float v[8];
-#pragma unroll
-          for (int u = 0; u < 8; ++u) v[u] = s + u < s1 ? ld_l2(part + ((size_t)(s + u) * B + b) * OUT + cc) : 0.f;
-#pragma unroll
-          for (int u = 0; u < 8; ++u) sum += v[u];
-        }
-        out[((size_t)g * B + b) * OUT + cc] = sum;
-      }
-    }
-  }
 }
 
 template <typename T>
 static void launch_t(const torch::Tensor& x, const torch::Tensor& c, const torch::Tensor& tau, const torch::Tensor& wt,
-                     torch::Tensor& part, torch::Tensor& out, torch::Tensor& cnt, int seg1, int seg2, int kc, int group) {
+                     torch::Tensor& part, int seg1, int seg2, int kc) {
   const int B = x.size(0), IN = wt.size(0), OUT = wt.size(1);
   const dim3 grid((OUT + TW - 1) / TW, part.size(0));  // one block row per partial
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -192,10 +148,8 @@ static void launch_t(const torch::Tensor& x, const torch::Tensor& c, const torch
   const T* wp = reinterpret_cast<const T*>(wt.data_ptr());
   const float* tp = tau.data_ptr<float>();
   float* pp = part.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  int* np = group > 1 ? cnt.data_ptr<int>() : nullptr;
-  const int ldw = wt.stride(0), ng = out.size(0);
-#define RS_LAUNCH(BM) gather<T, BM><<<grid, NW * 32, 0, stream>>>(xp, cp, tp, wp, pp, op, np, B, IN, OUT, ldw, seg1, seg2, kc, group, ng)
+  const int ldw = wt.stride(0);
+#define RS_LAUNCH(BM) gather<T, BM><<<grid, NW * 32, 0, stream>>>(xp, cp, tp, wp, pp, B, IN, OUT, ldw, seg1, seg2, kc)
   if (B == 1) RS_LAUNCH(1);
   else if (B == 2) RS_LAUNCH(2);
   else if (B <= 4) RS_LAUNCH(4);
@@ -205,25 +159,19 @@ static void launch_t(const torch::Tensor& x, const torch::Tensor& c, const torch
 }
 
 torch::Tensor partials(torch::Tensor x, torch::Tensor wt, torch::Tensor c, torch::Tensor tau, int64_t seg1, int64_t seg2,
-                       int64_t kc, int64_t group, torch::Tensor cnt) {
+                       int64_t kc) {
   const int B = x.size(0), IN = wt.size(0), OUT = wt.size(1);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(wt.data_ptr()) % 16 == 0, "cuda_partials: wt must start 16-byte aligned");
-  TORCH_CHECK(kc >= 1 && group >= 1, "cuda_partials: chunks and group must be >= 1");
-  const int splits = (IN + TW * kc - 1) / (TW * kc), g = group < splits ? group : splits;
-  auto part = torch::empty({splits, B, OUT}, x.options().dtype(torch::kFloat32));
-  auto out = part;
-  if (g > 1) {
-    out = torch::empty({(splits + g - 1) / g, B, OUT}, x.options().dtype(torch::kFloat32));
-    TORCH_CHECK(cnt.numel() >= (int64_t)((OUT + TW - 1) / TW) * out.size(0), "cuda_partials: counter buffer too small");
-  }
-  if (x.scalar_type() == torch::kBFloat16) launch_t<__nv_bfloat16>(x, c, tau, wt, part, out, cnt, seg1, seg2, kc, g);
-  else launch_t<__half>(x, c, tau, wt, part, out, cnt, seg1, seg2, kc, g);
-  return out;
+  TORCH_CHECK(kc >= 1, "cuda_partials: chunks per block must be >= 1");
+  auto part = torch::empty({(IN + TW * kc - 1) / (TW * kc), B, OUT}, x.options().dtype(torch::kFloat32));
+  if (x.scalar_type() == torch::kBFloat16) launch_t<__nv_bfloat16>(x, c, tau, wt, part, seg1, seg2, kc);
+  else launch_t<__half>(x, c, tau, wt, part, seg1, seg2, kc);
+  return part;
 }
 """
 
 _DECL = ("torch::Tensor partials(torch::Tensor x, torch::Tensor wt, torch::Tensor c, torch::Tensor tau, int64_t seg1, "
-         "int64_t seg2, int64_t kc, int64_t group, torch::Tensor cnt);")
+         "int64_t seg2, int64_t kc);")
 
 
 def _ext():
@@ -254,8 +202,7 @@ def build_error() -> str | None:
 
 
 def ensure_built() -> bool:
-    """Build now, and zero this device's arrival counts (outside any compile or graph capture); False,
-    with the reason kept, if it fails."""
+    """Build now (outside any compile or graph capture); False, with the reason kept, if it fails."""
     global _ERROR
     if not available():
         return False
@@ -264,7 +211,6 @@ def ensure_built() -> bool:
     except Exception as e:  # nvcc missing or failing: the Triton gather stays in use
         _ERROR = f"{type(e).__name__}: {str(e)[:300]}"
         return False
-    _counts(torch.device("cuda", torch.cuda.current_device()))
     return True
 
 
@@ -293,40 +239,28 @@ def fits(wt: torch.Tensor, rank: int, seg1: int, seg2: int, rows: int = 1) -> bo
             and all(s % TILE == 0 for s in (seg1, seg2) if s < out))
 
 
-def _counts(device: torch.device) -> torch.Tensor:
-    t = _COUNTS.get(device)
-    if t is None:
-        t = _COUNTS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return t
-
-
 @torch.library.custom_op("rsparse::cuda_partials", mutates_args=())
 def cuda_partials(x: torch.Tensor, wt: torch.Tensor, col_scale: torch.Tensor, tau: torch.Tensor, seg1: int,
-                  seg2: int, chunks: int = 1, group: int = 1) -> torch.Tensor:
-    """float32 partials (n_partials(in, chunks, group), rows, out) of the r = 0 sparse product of x (1..8
-    rows) with wt (in, out) (a group's: members at [0, seg1), [seg1, seg2), [seg2, out) with col_scale
-    (P, in), tau (P,); one module: seg1 = seg2 = out, col_scale (in,), tau ()); chunks: 256-channel chunks
-    per block; group: block rows summed into one partial in the kernel (`GROUP`)."""
+                  seg2: int, chunks: int = 1) -> torch.Tensor:
+    """float32 partials (in / (256 chunks), rows, out) of the r = 0 sparse product of x (1..8 rows) with
+    wt (in, out) (a group's: members at [0, seg1), [seg1, seg2), [seg2, out) with col_scale (P, in), tau
+    (P,); one module: seg1 = seg2 = out, col_scale (in,), tau ()); chunks: 256-channel chunks per block."""
     IN = wt.shape[0]
-    if chunks < 1 or group < 1:
-        raise ValueError(f"cuda_partials: chunks (256-channel chunks per block) and group (block rows per partial) "
-                         f"must be >= 1, got {chunks} and {group}")
-    if group > 1 and (need := -(-wt.shape[1] // TILE) * n_partials(IN, chunks, group)) > COUNTERS:
-        raise ValueError(f"cuda_partials: {need} arrival counts needed, the buffer has {COUNTERS}: a larger group")
+    if chunks < 1:
+        raise ValueError(f"cuda_partials: chunks (256-channel chunks per block) must be >= 1, got {chunks}")
     if not 1 <= x.shape[0] <= 8 or x.shape[1] != IN or x.dtype != wt.dtype:
         raise ValueError(f"cuda_partials: x must be 1..8 rows of {IN} {wt.dtype} values, got {tuple(x.shape)} {x.dtype}")
     if col_scale.dtype != wt.dtype:  # the kernel reads the scales in the weights' type (as the modules store them)
         raise ValueError(f"cuda_partials: col_scale must be {wt.dtype} like the weights, got {col_scale.dtype}")
     return _ext().partials(x.contiguous(), wt, col_scale.reshape(-1, IN).contiguous(), tau.reshape(-1).float().contiguous(),
-                           seg1, seg2, chunks, group, _counts(x.device))
+                           seg1, seg2, chunks)
 
 
 @cuda_partials.register_fake
-def _(x, wt, col_scale, tau, seg1, seg2, chunks=1, group=1):
-    return x.new_empty((n_partials(wt.shape[0], chunks, group), x.shape[0], wt.shape[1]), dtype=torch.float32)
+def _(x, wt, col_scale, tau, seg1, seg2, chunks=1):
+    return x.new_empty((n_partials(wt.shape[0], chunks), x.shape[0], wt.shape[1]), dtype=torch.float32)
 
 
-def n_partials(in_features: int, chunks: int = 1, group: int = 1) -> int:
-    """Partials the op returns: one per block row of 256 * chunks input channels, or per run of `group` of them."""
-    rows = -(-in_features // (TILE * chunks))
-    return -(-rows // group)
+def n_partials(in_features: int, chunks: int = 1) -> int:
+    """Partials the op writes: one per block row of 256 * chunks input channels."""
+    return -(-in_features // (TILE * chunks))

@@ -56,7 +56,7 @@ def _partials(rows, wt, at, u, col_scale, tau, locks, seg1, seg2, roff1, roff2):
     """The gather alone, its float32 partials for the consumer to sum: the CUDA kernel where GATHER asks
     for it and it takes the call (r = 0, members on its tiles), else the Triton gather."""
     if GATHER == "cuda" and cuda_gather.fits(wt, at.shape[1], seg1, seg2, rows.shape[0]):
-        return torch.ops.rsparse.cuda_partials(rows, wt, col_scale, tau, seg1, seg2, cuda_gather.CHUNKS, cuda_gather.GROUP)
+        return torch.ops.rsparse.cuda_partials(rows, wt, col_scale, tau, seg1, seg2, cuda_gather.CHUNKS)
     return torch.ops.rsparse.rsparse_partials(rows, wt, at, u, col_scale, tau, locks, seg1, seg2, roff1, roff2,
                                                triton_gemv.RANK_TERMS)
 
