@@ -19,7 +19,7 @@ Methods (`RSparseConfig.method`):
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ class Plan:
         return expected_sparsity(self.layers, self.shapes)
 
     def to_json(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, factors={}))  # asdict deep-copies every field: not the factor tensors
         d.pop("factors")
         d["expected_sparsity"] = self.expected_sparsity()
         return d
@@ -358,7 +358,7 @@ def factors_of(model, stats: Stats, layers: dict, kind: str, basis=None) -> dict
     for key, lp in layers.items():
         if lp.rank == 0:
             continue
-        W = projs[key].weight
+        W = projs[key].weight.detach()  # weights of a model loaded by hand require grad; factors are values
         U, A = basis(key, W, lp) if basis else factor_basis(W, stats.proj[key], lp, kind)
         out[key] = (U[:, : lp.rank].to(W.dtype).contiguous(), A[: lp.rank].to(W.dtype).contiguous())
     return out
