@@ -181,6 +181,12 @@ def test_artifact_round_trip_and_bad_input(smol, smol_plan50, tmp_path):
     sparsify_(model, plan)
     m2, _ = smol()
     loaded = artifact.load(d)
+    sparsify_(m2, str(d))  # the directory itself: the same modules as the plan it holds
+    def swapped(m):
+        return {k: (mod.tau.item(), mod.rank) for k, mod in sparse_modules(m).items()}
+
+    assert swapped(m2) == swapped(model) and len(swapped(m2)) == len(plan.layers)
+    m2, _ = smol()
     assert loaded.layers == plan.layers and loaded.factors.keys() == plan.factors.keys()
     for k, (U, A) in plan.factors.items():  # bit-identical buffers
         assert torch.equal(loaded.factors[k][0], U) and torch.equal(loaded.factors[k][1], A)
@@ -230,6 +236,12 @@ def test_artifact_round_trip_and_bad_input(smol, smol_plan50, tmp_path):
         artifact.load(d)
     with pytest.raises(RSparseError, match="no plan.json"):
         artifact.load(tmp_path)
+    # the wrong kind of argument: named, and nothing written
+    with pytest.raises(RSparseError, match="sparsify_ takes a Plan or a plan directory, got NoneType"):
+        sparsify_(smol()[0], None)
+    with pytest.raises(RSparseError, match="save_plan takes a Plan, got str"):
+        artifact.save("plans/rs50", tmp_path / "never")
+    assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.parametrize("kw,match", [({"sparsity": 1.0}, "sparsity"), ({"method": "magic"}, "method"),

@@ -10,6 +10,7 @@ realised model-level byte sparsity.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -30,8 +31,15 @@ def sparse_modules(model) -> dict:
     return out
 
 
-def sparsify_(model, plan: Plan, check: bool = True):
-    """Swap the planned modules of `model` in place; returns the model."""
+def sparsify_(model, plan: Plan | str | os.PathLike, check: bool = True):
+    """Swap the planned modules of `model` in place; `plan`: a Plan or the directory `save_plan` wrote.
+    Returns the model."""
+    if isinstance(plan, (str, os.PathLike)):
+        from .artifact import load as load_plan
+
+        plan = load_plan(plan)
+    elif not isinstance(plan, Plan):
+        raise RSparseError(f"sparsify_ takes a Plan or a plan directory, got {type(plan).__name__}")
     if sparse_modules(model):
         raise RSparseError("model is already sparsified; load a fresh copy")
     if check and not plan_fits(plan, model):

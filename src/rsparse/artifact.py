@@ -24,6 +24,8 @@ def _sha(path: Path) -> str:
 def save(plan: Plan, directory) -> Path:
     from safetensors.torch import save_file
 
+    if not isinstance(plan, Plan):  # before anything is written
+        raise RSparseError(f"save_plan takes a Plan, got {type(plan).__name__}")
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise RSparseError(f"{d}: exists and is not a directory")
