@@ -1,5 +1,6 @@
 """Plans: budgets, exact dense at sparsity 0, artifacts round trip, bad input."""
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -247,10 +248,29 @@ def test_artifact_round_trip_and_bad_input(smol, smol_plan50, tmp_path):
 @pytest.mark.parametrize("kw,match", [({"sparsity": 1.0}, "sparsity"), ({"method": "magic"}, "method"),
                                       ({"method": "cats", "allocation": "greedy"}, "allocation"), ({"alpha": 2}, "alpha"),
                                       ({"rank_multiple": 0}, "rank_multiple"), ({"rank_cost": 0.9}, "rank_cost"),
-                                      ({"min_keep": 1.0}, "min_keep"), ({"min_keep": float("nan")}, "min_keep")])
+                                      ({"min_keep": 1.0}, "min_keep"), ({"min_keep": float("nan")}, "min_keep"),
+                                      ({"sparsity": "0.5"}, "sparsity must be a number, got '0.5'"),
+                                      ({"sparsity": None}, "sparsity must be a number"), ({"alpha": "x"}, "alpha must be a number")])
 def test_bad_config(kw, match):
     with pytest.raises(RSparseError, match=match):
         RSparseConfig(**kw)
+
+
+def test_config_numbers_become_floats_and_calibrate_refuses_bad_arguments_before_work(tiny_llama):
+    """A 0-d tensor or an int sparsity is stored as a float (the plan's JSON stays plain); calibrate
+    names a config of the wrong type and negative refinement tokens before it reads any text (the
+    tokenizer here is None: reaching the calibration pass would fail otherwise)."""
+    from rsparse import calibrate
+
+    cfg = RSparseConfig(sparsity=torch.tensor(0.25), alpha=1)
+    assert type(cfg.sparsity) is float and cfg.sparsity == 0.25 and type(cfg.alpha) is float
+    assert json.loads(json.dumps(asdict(cfg)))["sparsity"] == 0.25
+    model = tiny_llama()
+    with pytest.raises(RSparseError, match="calibrate takes an RSparseConfig .* got dict"):
+        calibrate(model, None, {"sparsity": 0.5})
+    for bad in (-1, 2.5, True):
+        with pytest.raises(RSparseError, match="refinement tokens must be a whole number >= 0"):
+            calibrate(model, None, RSparseConfig(method="teal"), refine_tokens=bad)
 
 
 def test_config_for_target():

@@ -53,7 +53,7 @@ def test_refine_defaults_and_bad_input(smol, smol_stats):
     cats = calibrate(model, tok, RSparseConfig(method="cats", sparsity=0.5), stats=smol_stats)
     assert "refined" not in cats.calibration  # no projection thresholds to refine
     teal = build_plan(model, smol_stats, RSparseConfig(method="teal", sparsity=0.5, allocation="uniform"))
-    with pytest.raises(RSparseError, match="must be >= 0"):
+    with pytest.raises(RSparseError, match="must be a whole number >= 0"):
         refine(model, tok, teal, -1, smol_stats)
     sparsify_(model, teal)
     with pytest.raises(RSparseError, match="already sparsified"):

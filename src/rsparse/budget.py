@@ -29,15 +29,24 @@ from dataclasses import dataclass
 from .errors import RSparseError
 
 
+def _number(v, what: str) -> float:
+    if isinstance(v, (bool, str)):  # float("0.5") would pass a string through a config unnoticed
+        raise RSparseError(f"{what} must be a number, got {v!r}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise RSparseError(f"{what} must be a number, got {v!r}") from None
+
+
 def check_sparsity(s: float, what: str = "sparsity") -> float:
-    s = float(s)
+    s = _number(s, what)
     if not (0.0 <= s < 1.0) or math.isnan(s):
         raise RSparseError(f"{what} must be in [0, 1), got {s}")
     return s
 
 
 def check_alpha(a: float) -> float:
-    a = float(a)
+    a = _number(a, "alpha")
     if not (0.0 <= a <= 1.0) or math.isnan(a):
         raise RSparseError(f"alpha must be in [0, 1], got {a}")
     return a

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 from . import artifact, data
 from .apply import sparsify_, swapped
@@ -52,12 +53,21 @@ def calibrate(model, tokenizer, config: RSparseConfig, stats: Stats | None = Non
     the calibration's own, at most DEFAULT_REFINE_TOKENS) of the calibration text pushed through the
     sparse model itself (`refine`; 0: the dense-activation thresholds as they are, which keep fewer
     channels than planned at high sparsity)."""
+    if not isinstance(config, RSparseConfig):
+        raise RSparseError(f"calibrate takes an RSparseConfig (e.g. rsparse.RSparseConfig(sparsity=0.5)), "
+                           f"got {type(config).__name__}")
+    _check_refine_tokens(refine_tokens)  # before the calibration pass, not after it
     if config.method == "dense":
         stats = stats or Stats(proj={}, act={}, tokens=0, config={})
     elif stats is None:
         stats = observe(model, tokenizer, **{**collection_for(config), **observe_kw})
     plan = build_plan(model, stats, config)
     return refine(model, tokenizer, plan, refine_tokens, stats)
+
+
+def _check_refine_tokens(tokens) -> None:
+    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, numbers.Integral) or tokens < 0):
+        raise RSparseError(f"refinement tokens must be a whole number >= 0 (0: no refinement), got {tokens!r}")
 
 
 def refine(model, tokenizer, plan: Plan, tokens: int | None = None, stats: Stats | None = None) -> Plan:
@@ -72,8 +82,7 @@ def refine(model, tokenizer, plan: Plan, tokens: int | None = None, stats: Stats
     cfg = stats.config if stats is not None else {}
     if tokens is None:
         tokens = min(DEFAULT_REFINE_TOKENS, stats.tokens) if stats is not None and stats.tokens else DEFAULT_REFINE_TOKENS
-    if tokens < 0:
-        raise RSparseError(f"refinement tokens must be >= 0 (0: no refinement), got {tokens}")
+    _check_refine_tokens(tokens)
     if plan.config["method"] not in ("rsparse", "teal") or not plan.layers or tokens == 0:
         return plan
     if sparse_modules(model):

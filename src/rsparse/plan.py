@@ -67,9 +67,9 @@ class RSparseConfig:
                 self.allocation = allowed[0]
             else:
                 raise RSparseError(f"allocation {self.allocation!r} is not available for {self.method}; use {allowed}")
-        check_sparsity(self.sparsity)
+        self.sparsity = check_sparsity(self.sparsity)  # a float from here on (a numpy or 0-d tensor value too)
         if self.alpha is not None:
-            check_alpha(self.alpha)
+            self.alpha = check_alpha(self.alpha)
         if self.score not in SCORES + ("auto",):
             raise RSparseError(f"unknown score {self.score!r}; use abs, wnorm or auto")
         if self.factors not in ("plain", "aware"):
