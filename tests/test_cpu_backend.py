@@ -1,6 +1,8 @@
 """The C++ CPU decode kernel against a float64 oracle on the same buffers: odd shapes, float32 and
 bfloat16 storage, 1..8 rows, ranks 0 and r, sparsity 0..0.95, groups of members sharing an input,
 outputs poisoned with NaN; the fused decoder path against the per-module one."""
+import warnings
+
 import pytest
 import torch
 
@@ -115,6 +117,11 @@ def test_fused_decoder_equals_per_module(smol, smol_plan50):
     sparsify_(model, plan)
     to_cpu_backend_(model)
     assert len(attached_groups(model)) == 2 * model.config.num_hidden_layers
+    with warnings.catch_warnings():  # a second call: every module already swapped, no warning, nothing more
+        warnings.simplefilter("error")
+        assert to_cpu_backend_(model) == {}
+    with pytest.warns(UserWarning, match="to_cpu_backend_: the model has no sparse modules"):
+        assert to_cpu_backend_(smol()[0]) == {}  # a dense model would otherwise decode dense, silently
     ids = torch.tensor([tok("The river flows into", add_special_tokens=False)["input_ids"]])
     fused = StaticDecoder(model, 32).greedy(ids, 8)
     plain, _ = smol()

@@ -469,6 +469,8 @@ def test_fused_groups_in_decoder_match_per_module_steps(monkeypatch):
             to_triton_(m, fuse=fuse)
         models.append(m)
     assert len(attached_groups(models[0])) == 4 and not attached_groups(models[1])
+    with pytest.warns(UserWarning, match="to_triton_: the model has no sparse modules"):
+        assert to_triton_(LlamaForCausalLM(cfg).eval()) == {}  # dense: named, not silently left dense
     joined = []
     real = attention.decode_attention_rope_qkv
     monkeypatch.setattr(attention, "decode_attention_rope_qkv", lambda qkv, *a: joined.append(qkv.shape) or real(qkv, *a))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -28,6 +29,16 @@ def sparse_modules(model) -> dict:
         act = get_act(model, b)
         if isinstance(act, SPARSE_TYPES):
             out[f"{b}.act"] = act
+    return out
+
+
+def backend_candidates(model, backend: str) -> dict:
+    """`sparse_modules(model)` for a backend swap, with a warning where there are none: a dense model
+    given to `to_cpu_backend_` / `to_triton_` would otherwise run dense, silently."""
+    out = sparse_modules(model)
+    if not out:
+        warnings.warn(f"{backend}: the model has no sparse modules (sparsify_ it with a plan first); nothing swapped",
+                      stacklevel=3)
     return out
 
 

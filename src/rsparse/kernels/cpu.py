@@ -276,11 +276,11 @@ class CpuGroup(nn.Module):
 def to_cpu_backend_(model, dtype: torch.dtype | None = None, fuse: bool = True) -> dict:
     """Swap every RSparseLinear of `model` for the C++ backend in place and, with `fuse`, attach one
     CpuGroup per block for q/k/v and gate/up when all members are sparse; returns {key: module}."""
-    from ..apply import sparse_modules
+    from ..apply import backend_candidates
     from ..families import group_members, set_group, set_module
 
     out = {}
-    for key, m in sparse_modules(model).items():
+    for key, m in backend_candidates(model, "to_cpu_backend_").items():
         if type(m) is RSparseLinear:
             out[key] = CpuRSparseLinear(m, dtype)
             set_module(model, key, out[key])

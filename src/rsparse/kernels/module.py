@@ -243,11 +243,11 @@ def triton_groups(model, modules: dict) -> dict:
 def to_triton_(model, fuse: bool = True) -> dict:
     """Swap every RSparseLinear of `model` for its Triton twin in place and, with `fuse`, attach the
     q/k/v and gate/up groups that fit; returns {key: module}."""
-    from ..apply import sparse_modules
+    from ..apply import backend_candidates
     from ..families import set_group, set_module
 
     out, padded, dense = {}, 0, 0
-    for key, m in sparse_modules(model).items():
+    for key, m in backend_candidates(model, "to_triton_").items():
         if type(m) is RSparseLinear:
             out[key] = TritonRSparseLinear(m)
             set_module(model, key, out[key])
