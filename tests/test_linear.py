@@ -1,4 +1,6 @@
 """RSparseLinear against hand-computed float64 references."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -72,10 +74,22 @@ def test_aware_factors_beat_plain_on_their_own_distribution():
     torch.testing.assert_close(U @ A, W, rtol=1e-8, atol=1e-8)
 
 
-def test_bad_factor_shapes_rejected():
+def test_bad_arguments_rejected_by_name():
     lin = nn.Linear(8, 6)
     with pytest.raises(ValueError, match="do not fit"):
         RSparseLinear.from_linear(lin, 0.1, "abs", torch.zeros(6, 2), torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="give both or neither"):
+        RSparseLinear.from_linear(lin, 0.1, "abs", torch.zeros(6, 2), None)
+    with pytest.raises(ValueError, match="score must be 'abs' or 'wnorm', got 'l2'"):
+        RSparseLinear.from_linear(lin, 0.1, "l2")
+    with pytest.raises(ValueError, match="tau is nan"):
+        RSparseLinear.from_linear(lin, float("nan"))
+    with pytest.raises(ValueError, match="a 2-d weight\\), got Conv1d"):
+        RSparseLinear.from_linear(nn.Conv1d(8, 6, 1), 0.1)
+    # the infinite thresholds are the two ends, not errors: every channel kept / none kept (rank 0: zero but bias)
+    x = torch.randn(3, 8)
+    assert torch.equal(RSparseLinear.from_linear(lin, -math.inf)(x), lin(x))
+    assert torch.equal(RSparseLinear.from_linear(lin, math.inf)(x), lin.bias.detach().expand(3, 6))
 
 
 def test_thresholded_activation():

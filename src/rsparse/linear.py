@@ -45,6 +45,8 @@ class RSparseLinear(nn.Module):
         out_f, in_f = weight.shape
         if U.shape != (out_f, A.shape[0]) or A.shape[1] != in_f or col_scale.shape != (in_f,):
             raise ValueError(f"factor shapes U{tuple(U.shape)} A{tuple(A.shape)} c{tuple(col_scale.shape)} do not fit W{tuple(weight.shape)}")
+        if float(tau) != float(tau):  # -inf keeps every channel, +inf none; nan would keep none, unnoticed
+            raise ValueError("tau is nan")
         self.in_features, self.out_features = in_f, out_f
         self.weight = weight  # shared with the dense layer it replaces, never copied
         self.bias = bias
@@ -63,7 +65,13 @@ class RSparseLinear(nn.Module):
                     keep: float | None = None) -> "RSparseLinear":
         """Wrap `linear` with threshold `tau`; `U`, `A` are the rank-r factors (None: r = 0); `keep` the
         expected kept fraction (fast backends use it to decide which batch sizes sparsity pays at)."""
-        W = linear.weight
+        W = getattr(linear, "weight", None)
+        if not isinstance(W, torch.Tensor) or W.dim() != 2:
+            raise ValueError(f"from_linear wraps a linear layer (a 2-d weight), got {type(linear).__name__}")
+        if score not in ("abs", "wnorm"):
+            raise ValueError(f"score must be 'abs' or 'wnorm', got {score!r}")
+        if (U is None) != (A is None):
+            raise ValueError("U and A are the two rank-r factors: give both or neither")
         col_scale = torch.ones(W.shape[1], dtype=W.dtype, device=W.device) if score == "abs" else column_norms(W).to(W.dtype)
         if U is None:
             U, A = W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
