@@ -1,9 +1,12 @@
 """Thresholds refined on the sparsified model's own activations: each module then keeps its planned
 fraction on the refinement windows, counted directly with the modules' own keep rule; `calibrate`
 refines by default and leaves the model dense."""
+import json
+
 import pytest
 import torch
 
+from rsparse import artifact, save_plan
 from rsparse.apply import measure_sparsity, sparse_modules, sparsify_
 from rsparse.errors import RSparseError
 from rsparse.pipeline import calibrate, calibration_windows, refine
@@ -84,10 +87,7 @@ def test_the_same_model_and_text_give_the_same_plan_bit_for_bit(tiny_llama, tmp_
     assert all(torch.equal(u, b.factors[k][0]) and torch.equal(v, b.factors[k][1]) for k, (u, v) in a.factors.items())
     other = plan_from(other_text)
     assert other.to_json() != a.to_json()
-    import json
-
-    from rsparse import artifact, save_plan
-
     save_plan(a, tmp_path / "plan")
     back = artifact.load(tmp_path / "plan")
-    assert json.loads(json.dumps(back.to_json())) == json.loads(json.dumps(a.to_json())) and all(torch.equal(back.factors[k][0], u) for k, (u, _) in a.factors.items())
+    assert json.loads(json.dumps(back.to_json())) == json.loads(json.dumps(a.to_json()))
+    assert all(torch.equal(back.factors[k][0], u) for k, (u, _) in a.factors.items())

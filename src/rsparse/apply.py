@@ -15,6 +15,7 @@ import warnings
 
 import torch
 
+from .artifact import load as load_plan
 from .errors import RSparseError
 from .families import attached_groups, get_act, locate, set_group, set_module
 from .linear import RSparseLinear, ThresholdedActivation
@@ -46,8 +47,6 @@ def sparsify_(model, plan: Plan | str | os.PathLike, check: bool = True):
     """Swap the planned modules of `model` in place; `plan`: a Plan or the directory `save_plan` wrote.
     Returns the model."""
     if isinstance(plan, (str, os.PathLike)):
-        from .artifact import load as load_plan
-
         plan = load_plan(plan)
     elif not isinstance(plan, Plan):
         raise RSparseError(f"sparsify_ takes a Plan or a plan directory, got {type(plan).__name__}")

@@ -25,9 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .families import PROJECTIONS, blocks, get_act, locate
-from .linear import column_norms
+from .linear import SCORES, column_norms
 
-SCORES = ("abs", "wnorm")
 KEEPS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
 RANKS = (0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 

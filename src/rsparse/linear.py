@@ -16,6 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+SCORES = ("abs", "wnorm")  # the channel scores c_j: 1, or the weight column's norm
+
+
 def _score_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -68,8 +71,8 @@ class RSparseLinear(nn.Module):
         W = getattr(linear, "weight", None)
         if not isinstance(W, torch.Tensor) or W.dim() != 2:
             raise ValueError(f"from_linear wraps a linear layer (a 2-d weight), got {type(linear).__name__}")
-        if score not in ("abs", "wnorm"):
-            raise ValueError(f"score must be 'abs' or 'wnorm', got {score!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be {' or '.join(map(repr, SCORES))}, got {score!r}")
         if (U is None) != (A is None):
             raise ValueError("U and A are the two rank-r factors: give both or neither")
         col_scale = torch.ones(W.shape[1], dtype=W.dtype, device=W.device) if score == "abs" else column_norms(W).to(W.dtype)
