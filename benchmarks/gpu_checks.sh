@@ -9,7 +9,7 @@
 #   4. `cuda`: the CUDA C++ gather's tests (gpu_pytest_cuda.log; nvcc builds it first, ~60 s; ~150 s in all,
 #      session 33, before the oracle cases doubled for chunks 1 and 3 in session 34; not in the default list).
 # Usage on the device machine (the run tool, carry ["gpu_check"], timeout 600):
-#   bash benchmarks/gpu_checks.sh [tests|ranked|profile|cli|cuda ...]   (default: all three, up to 670 s together, past one
+#   bash benchmarks/gpu_checks.sh [tests|ranked|profile|cli|cuda ...]   (default: all three, up to 810 s together, past one
 #   600 s run: run `tests` alone (~250 s, session 24) and `profile cli` in a second run)
 set -u
 export PYTHONPATH="$PWD/src:$PWD/benchmarks"
@@ -32,7 +32,7 @@ for step in "${steps[@]}"; do
       echo "pytest exit status $?" >> "$OUT/gpu_pytest_ranked.log"
       tail -3 "$OUT/gpu_pytest_ranked.log" ;;
     profile)
-      timeout 190 python -m rsparse bench --device cuda --shapes llama3-8b --sparsities 0.5 --profile \
+      timeout 260 python -m rsparse bench --device cuda --shapes llama3-8b --sparsities 0.5 --profile \
         --out "$OUT/gpu_profile.json" > "$OUT/gpu_profile.log" 2>&1
       echo "profile exit status $?"
       grep -E "launches" "$OUT/gpu_profile.log" ;;
