@@ -250,7 +250,10 @@ def test_artifact_round_trip_and_bad_input(smol, smol_plan50, tmp_path):
                                       ({"rank_multiple": 0}, "rank_multiple"), ({"rank_cost": 0.9}, "rank_cost"),
                                       ({"min_keep": 1.0}, "min_keep"), ({"min_keep": float("nan")}, "min_keep"),
                                       ({"sparsity": "0.5"}, "sparsity must be a number, got '0.5'"),
-                                      ({"sparsity": None}, "sparsity must be a number"), ({"alpha": "x"}, "alpha must be a number")])
+                                      ({"sparsity": None}, "sparsity must be a number"), ({"alpha": "x"}, "alpha must be a number"),
+                                      ({"min_keep": "0.1"}, "min_keep must be a number, got '0.1'"), ({"min_keep": None}, "min_keep must be a number"),
+                                      ({"rank_multiple": 2.5}, "rank_multiple must be a whole number"), ({"rank_multiple": "16"}, "rank_multiple"),
+                                      ({"rank_cost": "3"}, "rank_cost"), ({"rank_cost": float("inf")}, "rank_cost")])
 def test_bad_config(kw, match):
     with pytest.raises(RSparseError, match=match):
         RSparseConfig(**kw)

@@ -1,6 +1,7 @@
 """The evolutionary allocation search: budget, determinism, resume, and a real run on the bundled model."""
 import json
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from rsparse.calibrate import KEEPS, RANKS, ProjStats, Stats
 from rsparse.errors import RSparseError
 from rsparse.families import PROJECTIONS
+from rsparse.plan import RSparseConfig
 from rsparse.search import S_MAX, Search, SearchConfig, Space, refuse_other, search_identity
 
 
@@ -187,6 +189,23 @@ def test_search_config_rejects_bad_values():
         SearchConfig(budget_minutes=0)
     with pytest.raises(RSparseError, match="fitness must be"):
         SearchConfig(fitness="ppl")
+    for kw, match in [({"population": "8"}, "search population must be a whole number"), ({"groups": 2.5}, "search groups"),
+                      ({"generations": None}, "search generations"), ({"seed": -1}, "search seed"),
+                      ({"min_keep": "0.1"}, "search min_keep must be a number"), ({"p_s": 1.5}, r"search p_s must be .* \[0, 1\]"),
+                      ({"sigma_w": float("nan")}, "search sigma_w"), ({"budget_minutes": "5"}, "budget-minutes must be a number")]:
+        with pytest.raises(RSparseError, match=match):
+            SearchConfig(**kw)
+
+
+def test_configs_store_plain_json_types():
+    """numpy scalars (what a sweep over np.arange hands in) are stored as int / float, so the plan's
+    and the search state's JSON can be written."""
+    cfg = RSparseConfig(sparsity=np.float32(0.5), rank_multiple=np.int64(16), rank_cost=np.int64(3), min_keep=np.float64(0.1))
+    scfg = SearchConfig(population=np.int64(4), seed=np.int32(3), p_s=np.float32(0.25))
+    for c in (cfg, scfg):
+        back = json.loads(json.dumps(asdict(c)))
+        assert back == asdict(c)
+    assert (type(cfg.rank_multiple), type(cfg.rank_cost), type(scfg.population), type(scfg.seed)) == (int, float, int, int)
 
 
 def test_partial_identity_refused_before_any_work(tmp_path):

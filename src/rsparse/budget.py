@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import RSparseError
 
 
@@ -36,6 +38,21 @@ def _number(v, what: str) -> float:
         return float(v)
     except (TypeError, ValueError):
         raise RSparseError(f"{what} must be a number, got {v!r}") from None
+
+
+def check_whole(v, what: str, least: int = 1) -> int:
+    """`v` as a whole number of at least `least` (a bool or 2.5 is refused, not truncated)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+        raise RSparseError(f"{what} must be a whole number >= {least}, got {v!r}")
+    return int(v)
+
+
+def check_range(v, what: str, lo: float, hi: float) -> float:
+    """`v` as a finite float in [lo, hi] (nan and inf refused; hi may be inf)."""
+    v = _number(v, what)
+    if not (lo <= v <= hi and math.isfinite(v)):  # also false for nan
+        raise RSparseError(f"{what} must be a finite number in [{lo:g}, {hi:g}], got {v}")
+    return v
 
 
 def check_sparsity(s: float, what: str = "sparsity") -> float:
@@ -100,9 +117,15 @@ class RankRule:
         return self.cost * rank * (in_f + out_f)
 
 
-def check_rank_rule(multiple, cost) -> None:
-    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise RSparseError(f"rank_multiple must be a whole number >= 1, got {multiple!r}")
-    if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not (1.0 <= cost < math.inf):
+def check_rank_rule(multiple, cost) -> tuple[int, float]:
+    """(multiple, cost) as plain int and float, or a clear refusal."""
+    multiple = check_whole(multiple, "rank_multiple")
+    c = None if isinstance(cost, (bool, str)) else cost
+    try:
+        c = float(c)
+    except (TypeError, ValueError):
+        c = math.nan
+    if not 1.0 <= c < math.inf:
         raise RSparseError(f"rank_cost must be a finite number >= 1 (a factor byte never costs less than a kept "
                            f"column's: the plan would read more than its budget), got {cost!r}")
+    return multiple, c

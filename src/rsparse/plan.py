@@ -74,9 +74,8 @@ class RSparseConfig:
             raise RSparseError(f"unknown score {self.score!r}; use abs, wnorm or auto")
         if self.factors not in ("plain", "aware"):
             raise RSparseError(f"unknown factors {self.factors!r}; use plain or aware")
-        check_rank_rule(self.rank_multiple, self.rank_cost)
-        if not 0.0 <= self.min_keep < 1.0:  # also false for nan
-            raise RSparseError(f"min_keep must be in [0, 1), got {self.min_keep}")
+        self.rank_multiple, self.rank_cost = check_rank_rule(self.rank_multiple, self.rank_cost)  # plain JSON types
+        self.min_keep = check_sparsity(self.min_keep, "min_keep")  # same range, same refusals as a sparsity
 
     @classmethod
     def for_target(cls, target: str = "bytes", **kw) -> "RSparseConfig":

@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import write_json
+from .budget import check_range, check_sparsity, check_whole
 from .errors import RSparseError
 from .plan import block_keys, block_picks, floor_options, projection_options
 
@@ -76,15 +77,18 @@ class SearchConfig:
 
     def __post_init__(self):
         for name in ("population", "generations", "groups", "fitness_tokens", "val_tokens", "window"):
-            if int(getattr(self, name)) < 1:
-                raise RSparseError(f"search {name} must be at least 1, got {getattr(self, name)}")
+            setattr(self, name, check_whole(getattr(self, name), f"search {name}"))
         if self.population < 2:
             raise RSparseError(f"search population must be at least 2, got {self.population}")
-        if not 0.0 <= self.min_keep < 1.0:
-            raise RSparseError(f"search min_keep must be in [0, 1), got {self.min_keep}")
+        self.seed = check_whole(self.seed, "search seed", least=0)
+        self.min_keep = check_sparsity(self.min_keep, "search min_keep")
+        for name in ("sigma_s", "sigma_w"):
+            setattr(self, name, check_range(getattr(self, name), f"search {name}", 0.0, math.inf))
+        for name in ("p_s", "p_w"):
+            setattr(self, name, check_range(getattr(self, name), f"search {name}", 0.0, 1.0))
         if self.fitness not in ("kl", "ce"):
             raise RSparseError(f"search fitness must be 'kl' or 'ce', got {self.fitness!r}")
-        if self.budget_minutes is not None and not self.budget_minutes > 0:
+        if self.budget_minutes is not None and not check_range(self.budget_minutes, "--budget-minutes", 0.0, math.inf) > 0:
             raise RSparseError(f"--budget-minutes must be positive, got {self.budget_minutes}")
 
     def identity(self) -> dict:
