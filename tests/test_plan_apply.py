@@ -261,8 +261,9 @@ def test_bad_config(kw, match):
 
 def test_config_numbers_become_floats_and_calibrate_refuses_bad_arguments_before_work(tiny_llama):
     """A 0-d tensor or an int sparsity is stored as a float (the plan's JSON stays plain); calibrate
-    names a config of the wrong type and negative refinement tokens before it reads any text (the
-    tokenizer here is None: reaching the calibration pass would fail otherwise)."""
+    names a config of the wrong type, negative refinement tokens and an evo allocation (the search's
+    own) before it reads any text (the tokenizer here is None: reaching the calibration pass would
+    fail otherwise)."""
     from rsparse import calibrate
 
     cfg = RSparseConfig(sparsity=torch.tensor(0.25), alpha=1)
@@ -274,6 +275,8 @@ def test_config_numbers_become_floats_and_calibrate_refuses_bad_arguments_before
     for bad in (-1, 2.5, True):
         with pytest.raises(RSparseError, match="refinement tokens must be a whole number >= 0"):
             calibrate(model, None, RSparseConfig(method="teal"), refine_tokens=bad)
+    with pytest.raises(RSparseError, match="evo allocations come from the search"):
+        calibrate(model, None, RSparseConfig(allocation="evo"))
 
 
 def test_config_for_target():

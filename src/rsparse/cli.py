@@ -142,11 +142,13 @@ def cmd_eval(args):
 def cmd_calibrate(args):
     from .artifact import save
     from .models import load
-    from .plan import summarize
+    from .plan import refuse_search_only, summarize
 
     config = _config(args)
     if config.method == "dense":
         raise RSparseError("--method dense has nothing to calibrate")
+    if args.search != "evo":
+        refuse_search_only(config)  # before the model loads
     t0 = time.time()
     if args.search == "evo":
         from .pipeline import search_plan

@@ -15,7 +15,7 @@ from .apply import sparsify_, swapped
 from .atomic import write_json
 from .calibrate import Stats, collect
 from .errors import RSparseError
-from .plan import SCORES, Plan, RSparseConfig, build_plan
+from .plan import SCORES, Plan, RSparseConfig, build_plan, refuse_search_only
 
 DEFAULT_CALIB_TOKENS = 65536
 DEFAULT_CALIB_LENGTH = 1024
@@ -57,6 +57,7 @@ def calibrate(model, tokenizer, config: RSparseConfig, stats: Stats | None = Non
         raise RSparseError(f"calibrate takes an RSparseConfig (e.g. rsparse.RSparseConfig(sparsity=0.5)), "
                            f"got {type(config).__name__}")
     _check_refine_tokens(refine_tokens)  # before the calibration pass, not after it
+    refuse_search_only(config)
     if config.method == "dense":
         stats = stats or Stats(proj={}, act={}, tokens=0, config={})
     elif stats is None:

@@ -306,12 +306,17 @@ def need_ranks(stats: Stats) -> None:
                            "rank terms); collect them with the default ranks for an rsparse plan")
 
 
+def refuse_search_only(config: RSparseConfig) -> None:
+    """An evo allocation is what the search writes into its plan's config: no calibration builds one."""
+    if config.allocation == "evo":
+        raise RSparseError("evo allocations come from the search: rsparse calibrate --search evo (rsparse.search_plan)")
+
+
 def config_picks(stats: Stats, shapes: dict, config: RSparseConfig) -> tuple[dict, float | None]:
     """(keep, rank, score) per projection for a teal/rsparse config, and the alpha a uniform
     R-Sparse plan chose from ALPHA_GRID (None otherwise)."""
     s = config.sparsity
-    if config.allocation == "evo":
-        raise RSparseError("evo allocations come from the search: rsparse calibrate --search evo (rsparse.search_plan)")
+    refuse_search_only(config)
     if config.method == "teal" and config.allocation == "greedy":
         return _lagrangian(stats, shapes, s, ("abs",), config.rank_rule(), config.min_keep), None
     if config.method == "rsparse" and config.allocation == "auto":
