@@ -79,6 +79,7 @@ def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
     (["eval", "--windows", "0", "--dataset", "wiki"], "at least 1"),
     (["calibrate", "--search", "evo", "--population", "1", "--out", "/tmp/x"], "population must be at least 2"),
     (["calibrate", "--allocation", "evo", "--out", "/tmp/never-written"], "evo allocations come from the search"),
+    (["eval", "--method", "rsparse", "--allocation", "evo", "--dataset", "wiki"], "evo allocations come from the search"),
     (["plot-plan", "/no/such/dir"], "no plan.json"),
     (["bench", "--device", "tpu"], "unknown --device 'tpu'"),
     (["bench", "--batches", "2"], "decodes batch 1"),

@@ -62,14 +62,17 @@ def _positive(name, v):
 
 
 def _config(args):
-    from .plan import RSparseConfig
+    from .plan import RSparseConfig, refuse_search_only
 
     if getattr(args, "refine_tokens", None) is not None and args.refine_tokens < 0:
         raise RSparseError(f"--refine-tokens must be >= 0 (0: no refinement), got {args.refine_tokens}")
     given = {k: v for k, v in (("rank_multiple", args.rank_multiple), ("rank_cost", args.rank_cost),
                                ("min_keep", args.min_keep)) if v is not None}
-    return RSparseConfig.for_target(args.target, method=args.method, sparsity=args.sparsity, allocation=args.allocation,
-                                    alpha=args.alpha, score=args.score, factors=args.factors, **given)
+    config = RSparseConfig.for_target(args.target, method=args.method, sparsity=args.sparsity, allocation=args.allocation,
+                                      alpha=args.alpha, score=args.score, factors=args.factors, **given)
+    if getattr(args, "search", None) != "evo":
+        refuse_search_only(config)  # eval and calibrate call this before the model loads
+    return config
 
 
 def _refine(args) -> dict:
@@ -142,13 +145,11 @@ def cmd_eval(args):
 def cmd_calibrate(args):
     from .artifact import save
     from .models import load
-    from .plan import refuse_search_only, summarize
+    from .plan import summarize
 
     config = _config(args)
     if config.method == "dense":
         raise RSparseError("--method dense has nothing to calibrate")
-    if args.search != "evo":
-        refuse_search_only(config)  # before the model loads
     t0 = time.time()
     if args.search == "evo":
         from .pipeline import search_plan
