@@ -12,6 +12,9 @@ The cache is one K and one V tensor per layer, [batch, kv_heads, max_len, head_d
 of one big tensor: torch.compile turns an in-place write into a view of a graph input into a copy
 of the whole base tensor, 32 x 33 MB per step on Llama-3-8B shapes); attention uses SDPA with GQA.
 Prompts are prefilled through `dense_view` (prefill is compute-bound: it stays dense).
+What a family changes in that block comes from its row in `families.FAMILIES` (Qwen3's and OLMo2's
+q/k norms, OLMo2's norms on the sublayers' outputs, Granite's scalars). A sliding attention window
+shorter than the cache is refused (this loop attends to every cached position).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .apply import dense_view
-from .families import blocks, family_of, get_group
+from .errors import RSparseError
+from .families import blocks, family_of, get_group, scalars, submodule
 from .kernels.counters import counters  # torch only: Triton stays optional here
 from .linear import ThresholdedActivation
 
@@ -63,6 +67,19 @@ def fresh_step(dec):
     return types.MethodType(fresh, dec)
 
 
+def _check_window(model, max_len: int) -> None:
+    """Refuse attention that slides over fewer positions than the cache holds: the loops attend to
+    all of them (within the window the two agree)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types_ = getattr(cfg, "layer_types", None)
+    slides = window and getattr(cfg, "use_sliding_window", True) and (types_ is None or "sliding_attention" in types_)
+    if slides and max_len > window:
+        raise RSparseError(f"this {cfg.model_type!r} model's attention slides over the last {window} positions; "
+                           f"rsparse's decode loops attend to every cached one, so they decode at most {window} "
+                           f"positions (asked for {max_len}: a shorter prompt or fewer new tokens)")
+
+
 def _rope(x, cos, sin):
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -81,6 +98,13 @@ class StaticDecoder:
         self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.max_len, self.pos, self.batch = max_len, 0, batch
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
+        _check_window(model, max_len)
+        self.qk_norm, self.post_norm = self.family.qk_norm, self.family.post_norm
+        self.scalars = scalars(model)
+        # Granite's attention scale as a factor on q (before the rotation, which is linear), so every
+        # attention path (SDPA, the Triton kernels) keeps its default 1/sqrt(head dim)
+        a = self.scalars.attention
+        self.q_scale = 1.0 if a is None else a * self.head_dim ** 0.5
 
     def _qkv(self, layer, x, joined: bool = False):
         """q, k, v [batch, heads, T, head_dim] of the normed input x, before the rotary embedding; with
@@ -89,14 +113,22 @@ class StaticDecoder:
         B, T, _ = x.shape
         attn = layer.self_attn
         fused = get_group(self.family, layer, "qkv")
-        y = fused.joined(x) if joined and hasattr(fused, "joined") else None
+        plain = not self.qk_norm and self.q_scale == 1.0  # the joined buffer goes to attention as it is
+        y = fused.joined(x) if joined and plain and hasattr(fused, "joined") else None
         if y is not None:
             return y
         q, k, v = fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
-        q = q.view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        whole = self.qk_norm and not self.family.qk_norm_per_head
+        if whole:
+            q, k = submodule(layer, self.qk_norm[0])(q), submodule(layer, self.qk_norm[1])(k)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        if self.qk_norm and not whole:
+            q, k = submodule(layer, self.qk_norm[0])(q), submodule(layer, self.qk_norm[1])(k)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        return q, k, v
+        return q.transpose(1, 2), k.transpose(1, 2), v
 
     @staticmethod
     def _o(layer, o):
@@ -116,7 +148,7 @@ class StaticDecoder:
         return mlp.down_proj(mlp.act_fn(g) * u)
 
     def _block(self, i, layer, h, cos, sin):
-        q, k, v = self._qkv(layer, layer.input_layernorm(h))
+        q, k, v = self._qkv(layer, h if self.post_norm else layer.input_layernorm(h))
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         T = h.shape[1]
         end = self.pos + T
@@ -124,8 +156,24 @@ class StaticDecoder:
         self.v_cache[i][:, :, self.pos:end] = v
         o = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end],
                                            is_causal=T > 1 and self.pos == 0, enable_gqa=True)
-        h = h + self._o(layer, o)
-        return h + self._mlp(layer, layer.post_attention_layernorm(h))
+        h = h + self._residual(self._o(layer, o), layer, 0)
+        x = h if self.post_norm else layer.post_attention_layernorm(h)
+        return h + self._residual(self._mlp(layer, x), layer, 1)
+
+    def _residual(self, d, layer, which: int):
+        """Sublayer `which`'s (0 attention, 1 MLP) output d as added to the residual stream: normed
+        where the family norms outputs (OLMo2), scaled where it scales them (Granite)."""
+        if self.post_norm:
+            d = submodule(layer, self.post_norm[which])(d)
+        return d if self.scalars.residual == 1.0 else d * self.scalars.residual
+
+    def _embed(self, ids):
+        h = self.model.model.embed_tokens(ids)
+        return h if self.scalars.embed == 1.0 else h * self.scalars.embed
+
+    def _logits(self, x):
+        y = self.model.lm_head(x)
+        return y if self.scalars.logits == 1.0 else y / self.scalars.logits
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -136,13 +184,13 @@ class StaticDecoder:
         if self.pos + T > self.max_len:
             raise ValueError(f"cache holds {self.max_len} positions; {self.pos + T} needed")
         inner = self.model.model
-        h = inner.embed_tokens(ids)
+        h = self._embed(ids)
         cos, sin = inner.rotary_emb(h, torch.arange(self.pos, self.pos + T, device=ids.device)[None])
         cos, sin = cos[:, None], sin[:, None]
         for i, layer in enumerate(self.layers):
             h = self._block(i, layer, h, cos, sin)
         self.pos += T
-        return self.model.lm_head(inner.norm(h[:, -1]))
+        return self._logits(inner.norm(h[:, -1]))
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.pos = 0
@@ -254,6 +302,8 @@ def _norms_fit(model) -> str | None:
         from .kernels.rmsnorm import MAX_WIDTH
     except ImportError:
         return "Triton is not installed"
+    if family_of(model).post_norm:
+        return f"{model.config.model_type!r} norms its sublayers' outputs (the kernel norms the residual sum)"
     dtype = next(model.parameters()).dtype
     for m in _step_norms(blocks(model), model.model.norm):
         if type(m).__name__ not in RMS_NORMS or m.weight.dtype != dtype or m.weight.shape[0] > MAX_WIDTH:
@@ -346,11 +396,13 @@ class GraphDecoder(StaticDecoder):
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits for ids [batch, 1] at position `pos` (long tensor [1]); `prefill` first."""
         inner = self.model.model
-        h = inner.embed_tokens(ids)
+        h = self._embed(ids)
         cos, sin = inner.rotary_emb(h, pos[None])
         cos, sin = cos[:, None], sin[:, None]
         ctx = self.step_context(pos)
-        norms = _step_norms(self.layers, inner.norm)
+        # each block's input norm and post-attention norm, then the final one: after each residual add
+        # the norm of what comes next (post-norm families: the sublayers read the stream itself)
+        norms = [None] * 2 * len(self.layers) + [inner.norm] if self.post_norm else _step_norms(self.layers, inner.norm)
         h, x = self._add_norm(h, None, norms[0])
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, x, joined=self.attend_qkv is not None)
@@ -358,9 +410,9 @@ class GraphDecoder(StaticDecoder):
                 o = self.attend_qkv(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
             else:
                 o = self.attend(*qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
-            h, x = self._add_norm(h, self._o(layer, o), norms[2 * i + 1])
-            h, x = self._add_norm(h, self._mlp(layer, x), norms[2 * i + 2])  # the next block's input norm, or the final one
-        return self.model.lm_head(x[:, -1])
+            h, x = self._add_norm(h, self._residual(self._o(layer, o), layer, 0), norms[2 * i + 1])
+            h, x = self._add_norm(h, self._residual(self._mlp(layer, x), layer, 1), norms[2 * i + 2])  # the next block's input norm, or the final one
+        return self._logits(x[:, -1])
 
     def _add_norm(self, h, d, norm):
         """(s, norm(s)) for s = h + d (d None: s = h). With the fused norm, eager calls run one launch
@@ -373,7 +425,7 @@ class GraphDecoder(StaticDecoder):
                 return h, rms_norm(h, norm.weight, norm.variance_epsilon)
             return add_rms_norm(h, d, norm.weight, norm.variance_epsilon)
         s = h if d is None else h + d
-        return s, norm(s)
+        return s, s if norm is None else norm(s)
 
     def compile_step(self, backend: str = "inductor"):
         """`step` compiled by torch.compile for static shapes. On the CPU with inductor's C++ wrapper:

@@ -5,10 +5,14 @@ nothing else, so supporting a new Llama-like family is one row in `FAMILIES`. Na
 to the decoder block. `act` is the MLP activation module (CATS thresholds its output).
 `groups` names the projections that read the same input (q/k/v; gate/up) and where a backend may
 attach one fused module for them (`set_group`); decoders call it instead of the members when present.
+The last fields say what rsparse's decode loops (`decode.py`) must change in a pre-norm Llama block
+for the family: q/k norms before the rotary embedding, per head (Qwen3) or over the whole projection
+(OLMo2), norms on each sublayer's output instead of its input (OLMo2), the config's scalar
+multipliers (Granite). Calibration and evaluation run the model's own forward and need none of them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn as nn
 
@@ -25,6 +29,10 @@ class Family:
     norm: str = "model.norm"
     # group name -> (member projections, attribute path of the fused module inside a block)
     groups: tuple = (("qkv", ("q", "k", "v"), "self_attn.rsparse_qkv"), ("gate_up", ("gate", "up"), "mlp.rsparse_gate_up"))
+    qk_norm: tuple = ()  # (q norm, k norm) paths inside a block, applied before the rotary embedding
+    qk_norm_per_head: bool = True  # each head's q and k normed alone (Qwen3), or q and k whole (OLMo2)
+    post_norm: tuple = ()  # (attention, MLP) output norms: h += norm(sublayer(h)), no input norms (OLMo2)
+    multipliers: bool = False  # the config's embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling
 
 
 _LLAMA = Family(
@@ -41,11 +49,19 @@ _LLAMA = Family(
     act="mlp.act_fn",
 )
 
-# model_type (from the HF config) -> family. Llama-style gated-MLP decoders share one layout.
-FAMILIES = {name: _LLAMA for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2", "granite")}
+# model_type (from the HF config) -> family. Llama-style gated-MLP decoders share one layout; each
+# row is checked against the family's own forward in float64 (tests/test_families.py).
+FAMILIES = {
+    **{name: _LLAMA for name in ("llama", "mistral", "qwen2", "gemma")},
+    "qwen3": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
+    "granite": replace(_LLAMA, multipliers=True),
+    "olmo2": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm"), qk_norm_per_head=False,
+                     post_norm=("post_attention_layernorm", "post_feedforward_layernorm")),
+}
 
 
-def _get(root: nn.Module, path: str):
+def submodule(root: nn.Module, path: str):
+    """The module at dotted `path` under `root`, or None."""
     obj = root
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -67,7 +83,7 @@ def family_of(model: nn.Module) -> Family:
 
 def blocks(model: nn.Module) -> nn.ModuleList:
     fam = family_of(model)
-    layers = _get(model, fam.blocks)
+    layers = submodule(model, fam.blocks)
     if not isinstance(layers, nn.ModuleList):
         raise RSparseError(f"model of type {model.config.model_type!r} has no decoder blocks at {fam.blocks!r}")
     return layers
@@ -79,7 +95,7 @@ def locate(model: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for i, block in enumerate(blocks(model)):
         for short, path in fam.proj.items():
-            mod = _get(block, path)
+            mod = submodule(block, path)
             if mod is None:
                 raise RSparseError(f"block {i} has no projection {path!r} ({short}); the model layout is not Llama-like")
             out[f"{i}.{short}"] = mod
@@ -92,26 +108,26 @@ def set_module(model: nn.Module, key: str, new: nn.Module) -> nn.Module:
     i, short = key.split(".")
     path = fam.act if short == "act" else fam.proj[short]
     parent_path, _, attr = path.rpartition(".")
-    parent = _get(blocks(model)[int(i)], parent_path)
+    parent = submodule(blocks(model)[int(i)], parent_path)
     old = getattr(parent, attr)
     setattr(parent, attr, new)
     return old
 
 
 def get_act(model: nn.Module, i: int) -> nn.Module:
-    return _get(blocks(model)[i], family_of(model).act)
+    return submodule(blocks(model)[i], family_of(model).act)
 
 
 def get_group(family: Family, block: nn.Module, name: str):
     """The fused module attached for group `name` in `block`, or None."""
-    return _get(block, next(path for n, _, path in family.groups if n == name))
+    return submodule(block, next(path for n, _, path in family.groups if n == name))
 
 
 def set_group(model: nn.Module, i: int, name: str, module) -> None:
     """Attach (module) or detach (None) the fused module of group `name` in block i."""
     path = next(path for n, _, path in family_of(model).groups if n == name)
     parent_path, _, attr = path.rpartition(".")
-    parent = _get(blocks(model)[i], parent_path)
+    parent = submodule(blocks(model)[i], parent_path)
     if module is None:
         if hasattr(parent, attr):
             delattr(parent, attr)
@@ -141,3 +157,22 @@ def attached_groups(model: nn.Module) -> dict:
             if m is not None:
                 out[(i, name)] = m
     return out
+
+
+@dataclass(frozen=True)
+class Scalars:
+    """The scalar multipliers of a family's forward (Granite's config; 1 elsewhere): embeddings times
+    `embed`, each sublayer's output times `residual` before its residual add, attention scores times
+    `attention` instead of 1/sqrt(head dim) (None: that default), logits divided by `logits`."""
+    embed: float = 1.0
+    residual: float = 1.0
+    attention: float | None = None
+    logits: float = 1.0
+
+
+def scalars(model: nn.Module) -> Scalars:
+    if not family_of(model).multipliers:
+        return Scalars()
+    cfg = model.config
+    return Scalars(float(getattr(cfg, "embedding_multiplier", 1.0)), float(getattr(cfg, "residual_multiplier", 1.0)),
+                   getattr(cfg, "attention_multiplier", None), float(getattr(cfg, "logits_scaling", 1.0)))

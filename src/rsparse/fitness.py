@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .apply import swapped
 from .calibrate import block_inputs, layer_out
-from .families import _get, blocks, family_of
+from .families import blocks, family_of, scalars, submodule
 
 
 class Fitness:
@@ -34,8 +34,9 @@ class Fitness:
     def __init__(self, model, windows: dict, batch: int = 4):
         self.model = model
         self.layers = blocks(model)
-        self.norm = _get(model, family_of(model).norm)
+        self.norm = submodule(model, family_of(model).norm)
         self.head = model.get_output_embeddings()
+        self.logits_div = scalars(model).logits  # Granite divides its logits; 1 elsewhere
         self.targets = {k: [w[i : i + batch] for i in range(0, len(w), batch)] for k, w in windows.items()}
         self.inputs = {k: block_inputs(model, w, batch) for k, w in windows.items()}
         self.reset()
@@ -52,7 +53,7 @@ class Fitness:
         return hs
 
     def _logp(self, hs):
-        return F.log_softmax(self.head(self.norm(hs)).float(), dim=-1)
+        return F.log_softmax(self.head(self.norm(hs)).float() / self.logits_div, dim=-1)
 
     @torch.inference_mode()
     def advance(self, modules: dict, to_block: int) -> None:

@@ -1,0 +1,82 @@
+"""Every row of the family table, on a small random model of that family (built from its transformers
+config, no download): the decode loops against the model's own forward in float64, and calibration +
+module swap finding and replacing all seven projections."""
+import pytest
+import torch
+
+from rsparse.errors import RSparseError
+from rsparse.families import FAMILIES, locate
+
+SHAPE = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+# Granite's scalars, chosen far from 1 (and from 1/sqrt(head dim)) so that a decoder ignoring one fails
+EXTRA = {"granite": dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0)}
+
+
+def family_model(model_type: str, **overrides):
+    """A 2-block random model of `model_type`, its norm weights drawn away from their init (a decoder
+    that skips a norm, or applies it at the wrong place, then gives other logits)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, **{**SHAPE, **EXTRA.get(model_type, {}), **overrides})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if model_type == "gemma" else 1.0))  # Gemma norms scale by 1 + w
+    return model
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits[0]
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_decode_loops_match_the_familys_own_forward(model_type):
+    from rsparse.decode import GraphDecoder, StaticDecoder
+
+    torch.manual_seed(1)
+    model = family_model(model_type).double()
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 11))
+    ref = hf_logits(model, ids)[6:]  # the logits after a 7-token prompt, then 4 decode steps
+    static = StaticDecoder(model, max_len=12)
+    got = [static.prefill(ids[:, :7])[0]] + [static.forward(ids[:, t:t + 1])[0] for t in range(7, 11)]
+    graph = GraphDecoder(model, max_len=12, attention="sdpa", norm="torch")  # the compiled and graphed steps' code
+    graphed = [graph.prefill(ids[:, :7])[0]]
+    for t in range(7, 11):
+        graphed.append(graph.step(ids[:, t:t + 1], torch.tensor([t]))[0])
+        graph.pos += 1
+    assert ref.abs().max() > 1e-3  # logits that say something
+    torch.testing.assert_close(torch.stack(got), ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.stack(graphed), ref, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_calibration_and_swap_cover_every_projection(model_type):
+    from rsparse.apply import sparse_modules, sparsify_
+    from rsparse.calibrate import collect
+    from rsparse.plan import RSparseConfig, build_plan
+
+    torch.manual_seed(2)
+    model = family_model(model_type)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 16))
+    dense = hf_logits(model, ids)
+    stats = collect(model, torch.randint(0, SHAPE["vocab_size"], (4, 24)), sample_tokens=48, progress=False)
+    sparsify_(model, build_plan(model, stats, RSparseConfig(sparsity=0.5)))
+    mods = sparse_modules(model)
+    assert sorted(mods) == sorted(locate(model)) and len(mods) == 7 * SHAPE["num_hidden_layers"]
+    assert (hf_logits(model, ids) - dense).abs().max() > 1e-3 * dense.abs().max()  # the plan drops channels (float32 noise: ~1e-6)
+    for m in mods.values():
+        m.tau.fill_(-1.0)  # every channel kept: the swapped modules compute the dense product again
+    torch.testing.assert_close(hf_logits(model, ids), dense, rtol=1e-4, atol=1e-5)
+
+
+def test_a_sliding_window_shorter_than_the_cache_is_refused():
+    from rsparse.decode import StaticDecoder
+
+    model = family_model("mistral", sliding_window=8)
+    with pytest.raises(RSparseError, match="slides over the last 8 positions"):
+        StaticDecoder(model, max_len=9)
+    StaticDecoder(model, max_len=8)  # within the window the loops and the model agree
+    StaticDecoder(family_model("qwen2", sliding_window=8, use_sliding_window=False), max_len=16)  # not sliding
