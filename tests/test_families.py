@@ -10,7 +10,7 @@ from rsparse.families import FAMILIES, locate
 SHAPE = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
 # Granite's scalars, chosen far from 1 (and from 1/sqrt(head dim)) so that a decoder ignoring one fails
-EXTRA = {"granite": dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=0.05, logits_scaling=4.0)}
+EXTRA = {"granite": dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=1.5, logits_scaling=4.0)}
 
 
 def family_model(model_type: str, **overrides):
@@ -80,3 +80,62 @@ def test_a_sliding_window_shorter_than_the_cache_is_refused():
         StaticDecoder(model, max_len=9)
     StaticDecoder(model, max_len=8)  # within the window the loops and the model agree
     StaticDecoder(family_model("qwen2", sliding_window=8, use_sliding_window=False), max_len=16)  # not sliding
+
+
+@pytest.mark.parametrize("attention", ["triton", "fused"])
+@pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "granite"])
+def test_triton_attention_steps_match_the_familys_forward(model_type, attention):
+    """The families whose q and k differ from the projections' (normed, scaled) through the Triton
+    attention kernels (the interpreter on the CPU), float32."""
+    pytest.importorskip("triton")
+    from rsparse.decode import GraphDecoder
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(3)
+    model = family_model(model_type).to(dev)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 9), device=dev)
+    ref = hf_logits(model, ids)[6:]
+    dec = GraphDecoder(model, max_len=12, attention=attention)
+    with torch.inference_mode():
+        got = [dec.prefill(ids[:, :7])[0]]
+        for t in (7, 8):
+            got.append(dec.step(ids[:, t:t + 1], torch.tensor([t], device=dev))[0])
+            dec.pos += 1
+    got = torch.stack(got)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "granite"])
+def test_grouped_triton_modules_give_the_static_decoders_logits(model_type):
+    """A sparse model on the Triton modules with q|k|v fused: the graphed step with the fused attention
+    (which takes the group's joined output only where q and k go to attention as projected) against
+    StaticDecoder on the same modules."""
+    pytest.importorskip("triton")
+    import warnings
+
+    from rsparse.apply import sparsify_
+    from rsparse.calibrate import collect
+    from rsparse.decode import GraphDecoder, StaticDecoder
+    from rsparse.families import attached_groups
+    from rsparse.kernels.module import to_triton_
+    from rsparse.plan import RSparseConfig, build_plan
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(4)
+    model = family_model(model_type)
+    stats = collect(model, torch.randint(0, SHAPE["vocab_size"], (4, 24)), sample_tokens=48, progress=False)
+    sparsify_(model, build_plan(model, stats, RSparseConfig(sparsity=0.5)))
+    model = model.to(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ranks that are not multiples of 16 are padded, with a warning
+        to_triton_(model)
+    assert attached_groups(model)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 6), device=dev)
+    static, graph = StaticDecoder(model, 12), GraphDecoder(model, 12, attention="fused")
+    with torch.inference_mode():
+        ls, lg = static.prefill(ids), graph.prefill(ids)
+        for t in range(3):
+            tok = ls.argmax(-1, keepdim=True)
+            ls = static.forward(tok)
+            lg = graph.step(tok, torch.tensor([6 + t], device=dev))
+            assert ((lg - ls).norm() / ls.norm()).item() < 1e-4, t
