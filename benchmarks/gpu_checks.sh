@@ -6,10 +6,12 @@
 #   2. the per-kernel profile of the dense and 50% sparse steps (gpu_profile.json / .log),
 #   3. the CLI in three dtypes x three backends (gpu_generate_check.json / .log; needs gpu_check carried,
 #      made on the CPU by `python3 benchmarks/gpu_generate_check.py prepare gpu_check`),
+#   3b. `families`: every model family's decode loops against its own forward, on the GPU's Triton kernels
+#      (gpu_pytest_families.log; tests/test_families.py, session 39; not in the default list),
 #   4. `cuda`: the CUDA C++ gather's tests (gpu_pytest_cuda.log; nvcc builds it first, ~60 s; ~150 s in all,
 #      session 33, before the oracle cases doubled for chunks 1 and 3 in session 34; not in the default list).
 # Usage on the device machine (the run tool, carry ["gpu_check"], timeout 600):
-#   bash benchmarks/gpu_checks.sh [tests|ranked|profile|cli|cuda ...]   (default: all three, up to 810 s together, past one
+#   bash benchmarks/gpu_checks.sh [tests|ranked|profile|cli|families|cuda ...]   (default: all three, up to 810 s together, past one
 #   600 s run: run `tests` alone (~250 s, session 24) and `profile cli` in a second run)
 set -u
 export PYTHONPATH="$PWD/src:$PWD/benchmarks"
@@ -40,12 +42,16 @@ for step in "${steps[@]}"; do
       timeout 220 python benchmarks/gpu_generate_check.py run gpu_check > "$OUT/gpu_generate_check.log" 2>&1
       echo "cli check exit status $?"
       tail -11 "$OUT/gpu_generate_check.log" ;;
+    families)
+      timeout 200 python -m pytest -q -p no:warnings tests/test_families.py > "$OUT/gpu_pytest_families.log" 2>&1
+      echo "pytest exit status $?" >> "$OUT/gpu_pytest_families.log"
+      tail -3 "$OUT/gpu_pytest_families.log" ;;
     cuda)
       timeout 260 python -m pytest -q -p no:warnings -p no:logging tests/test_cuda_gather.py > "$OUT/gpu_pytest_cuda.log" 2>&1
       echo "pytest exit status $?" >> "$OUT/gpu_pytest_cuda.log"
       tail -3 "$OUT/gpu_pytest_cuda.log" ;;
     *)
-      echo "unknown step $step (tests, ranked, profile, cli, cuda)"; exit 2 ;;
+      echo "unknown step $step (tests, ranked, profile, cli, families, cuda)"; exit 2 ;;
   esac
   echo "$step took $(( $(date +%s) - start )) s"
 done
