@@ -10,7 +10,8 @@ from rsparse.families import FAMILIES, locate
 SHAPE = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
 # Granite's scalars, chosen far from 1 (and from 1/sqrt(head dim)) so that a decoder ignoring one fails
-EXTRA = {"granite": dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=1.5, logits_scaling=4.0)}
+EXTRA = {"granite": dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=1.5, logits_scaling=4.0),
+         "smollm3": dict(no_rope_layer_interval=2, pad_token_id=None)}  # block 1 of 2 without the rotary embedding
 
 
 def family_model(model_type: str, **overrides):
@@ -83,7 +84,7 @@ def test_a_sliding_window_shorter_than_the_cache_is_refused():
 
 
 @pytest.mark.parametrize("attention", ["triton", "fused"])
-@pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "granite"])
+@pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "granite", "smollm3"])
 def test_triton_attention_steps_match_the_familys_forward(model_type, attention):
     """The families whose q and k differ from the projections' (normed, scaled) through the Triton
     attention kernels (the interpreter on the CPU), float32."""
@@ -105,7 +106,7 @@ def test_triton_attention_steps_match_the_familys_forward(model_type, attention)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "granite"])
+@pytest.mark.parametrize("model_type", ["qwen3", "granite", "smollm3"])
 def test_grouped_triton_modules_give_the_static_decoders_logits(model_type):
     """A sparse model on the Triton modules with q|k|v fused: the graphed step with the fused attention
     (which takes the group's joined output only where q and k go to attention as projected) against

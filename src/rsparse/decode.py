@@ -13,8 +13,9 @@ of one big tensor: torch.compile turns an in-place write into a view of a graph 
 of the whole base tensor, 32 x 33 MB per step on Llama-3-8B shapes); attention uses SDPA with GQA.
 Prompts are prefilled through `dense_view` (prefill is compute-bound: it stays dense).
 What a family changes in that block comes from its row in `families.FAMILIES` (Qwen3's and OLMo2's
-q/k norms, OLMo2's norms on the sublayers' outputs, Granite's scalars). A sliding attention window
-shorter than the cache is refused (this loop attends to every cached position).
+q/k norms, OLMo2's norms on the sublayers' outputs, Granite's scalars, SmolLM3's blocks without the
+rotary embedding). A sliding attention window shorter than the cache is refused
+(`families.check_window`: this loop attends to every cached position).
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .apply import dense_view
-from .errors import RSparseError
-from .families import blocks, family_of, get_group, scalars, submodule
+from .families import blocks, check_window, family_of, get_group, rotates, scalars, submodule
 from .kernels.counters import counters  # torch only: Triton stays optional here
 from .linear import ThresholdedActivation
 
@@ -67,19 +67,6 @@ def fresh_step(dec):
     return types.MethodType(fresh, dec)
 
 
-def _check_window(model, max_len: int) -> None:
-    """Refuse attention that slides over fewer positions than the cache holds: the loops attend to
-    all of them (within the window the two agree)."""
-    cfg = model.config
-    window = getattr(cfg, "sliding_window", None)
-    types_ = getattr(cfg, "layer_types", None)
-    slides = window and getattr(cfg, "use_sliding_window", True) and (types_ is None or "sliding_attention" in types_)
-    if slides and max_len > window:
-        raise RSparseError(f"this {cfg.model_type!r} model's attention slides over the last {window} positions; "
-                           f"rsparse's decode loops attend to every cached one, so they decode at most {window} "
-                           f"positions (asked for {max_len}: a shorter prompt or fewer new tokens)")
-
-
 def _rope(x, cos, sin):
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -98,7 +85,8 @@ class StaticDecoder:
         self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.max_len, self.pos, self.batch = max_len, 0, batch
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
-        _check_window(model, max_len)
+        check_window(model, max_len)
+        self.rotates = rotates(model)  # False: a block without the rotary embedding (SmolLM3)
         self.qk_norm, self.post_norm = self.family.qk_norm, self.family.post_norm
         self.scalars = scalars(model)
         # Granite's attention scale as a factor on q (before the rotation, which is linear), so every
@@ -149,7 +137,8 @@ class StaticDecoder:
 
     def _block(self, i, layer, h, cos, sin):
         q, k, v = self._qkv(layer, h if self.post_norm else layer.input_layernorm(h))
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if self.rotates[i]:
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         T = h.shape[1]
         end = self.pos + T
         self.k_cache[i][:, :, self.pos:end] = k
@@ -400,16 +389,19 @@ class GraphDecoder(StaticDecoder):
         cos, sin = inner.rotary_emb(h, pos[None])
         cos, sin = cos[:, None], sin[:, None]
         ctx = self.step_context(pos)
+        # a block without the rotary embedding gets the identity rotation, which every attention path takes
+        still = None if all(self.rotates) else (torch.ones_like(cos), torch.zeros_like(sin))
         # each block's input norm and post-attention norm, then the final one: after each residual add
         # the norm of what comes next (post-norm families: the sublayers read the stream itself)
         norms = [None] * 2 * len(self.layers) + [inner.norm] if self.post_norm else _step_norms(self.layers, inner.norm)
         h, x = self._add_norm(h, None, norms[0])
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, x, joined=self.attend_qkv is not None)
+            c, s = (cos, sin) if self.rotates[i] else still
             if torch.is_tensor(qkv):  # one buffer: compiled, one kernel writes it instead of one per view
-                o = self.attend_qkv(qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
+                o = self.attend_qkv(qkv, c, s, self.k_cache[i], self.v_cache[i], pos, ctx)
             else:
-                o = self.attend(*qkv, cos, sin, self.k_cache[i], self.v_cache[i], pos, ctx)
+                o = self.attend(*qkv, c, s, self.k_cache[i], self.v_cache[i], pos, ctx)
             h, x = self._add_norm(h, self._residual(self._o(layer, o), layer, 0), norms[2 * i + 1])
             h, x = self._add_norm(h, self._residual(self._mlp(layer, x), layer, 1), norms[2 * i + 2])  # the next block's input norm, or the final one
         return self._logits(x[:, -1])

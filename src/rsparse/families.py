@@ -8,7 +8,8 @@ attach one fused module for them (`set_group`); decoders call it instead of the 
 The last fields say what rsparse's decode loops (`decode.py`) must change in a pre-norm Llama block
 for the family: q/k norms before the rotary embedding, per head (Qwen3) or over the whole projection
 (OLMo2), norms on each sublayer's output instead of its input (OLMo2), the config's scalar
-multipliers (Granite). Calibration and evaluation run the model's own forward and need none of them.
+multipliers (Granite), blocks without the rotary embedding (SmolLM3). Calibration and evaluation run
+the model's own forward and need none of them.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Family:
     qk_norm_per_head: bool = True  # each head's q and k normed alone (Qwen3), or q and k whole (OLMo2)
     post_norm: tuple = ()  # (attention, MLP) output norms: h += norm(sublayer(h)), no input norms (OLMo2)
     multipliers: bool = False  # the config's embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling
+    rope_switch: str = ""  # attribute inside a block saying whether it rotates q and k (SmolLM3's NoPE blocks: False)
 
 
 _LLAMA = Family(
@@ -55,6 +57,7 @@ FAMILIES = {
     **{name: _LLAMA for name in ("llama", "mistral", "qwen2", "gemma")},
     "qwen3": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
     "granite": replace(_LLAMA, multipliers=True),
+    "smollm3": replace(_LLAMA, rope_switch="self_attn.use_rope"),
     "olmo2": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm"), qk_norm_per_head=False,
                      post_norm=("post_attention_layernorm", "post_feedforward_layernorm")),
 }
@@ -176,3 +179,22 @@ def scalars(model: nn.Module) -> Scalars:
     cfg = model.config
     return Scalars(float(getattr(cfg, "embedding_multiplier", 1.0)), float(getattr(cfg, "residual_multiplier", 1.0)),
                    getattr(cfg, "attention_multiplier", None), float(getattr(cfg, "logits_scaling", 1.0)))
+
+
+def rotates(model: nn.Module) -> list:
+    """Per block, whether it applies the rotary embedding to q and k (`Family.rope_switch`)."""
+    switch = family_of(model).rope_switch
+    return [bool(submodule(b, switch)) if switch else True for b in blocks(model)]
+
+
+def check_window(model: nn.Module, max_len: int) -> None:
+    """Refuse a decode cache longer than the model's sliding attention window: rsparse's decode loops
+    attend to every cached position (within the window the two agree)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types_ = getattr(cfg, "layer_types", None)
+    slides = window and getattr(cfg, "use_sliding_window", True) and (types_ is None or "sliding_attention" in types_)
+    if slides and max_len > window:
+        raise RSparseError(f"this {cfg.model_type!r} model's attention slides over the last {window} positions; "
+                           f"rsparse's decode loops attend to every cached one, so they decode at most {window} "
+                           f"positions (asked for {max_len}: a shorter prompt or fewer new tokens)")
