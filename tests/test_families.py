@@ -140,3 +140,13 @@ def test_grouped_triton_modules_give_the_static_decoders_logits(model_type):
             ls = static.forward(tok)
             lg = graph.step(tok, torch.tensor([6 + t], device=dev))
             assert ((lg - ls).norm() / ls.norm()).item() < 1e-4, t
+
+
+def test_the_fused_norm_is_refused_for_norms_on_sublayer_outputs():
+    """The fused norm kernel adds the residual and norms the sum: OLMo2 norms what it adds instead."""
+    pytest.importorskip("triton")
+    from rsparse.decode import GraphDecoder
+
+    with pytest.raises(ValueError, match="norms its sublayers' outputs"):
+        GraphDecoder(family_model("olmo2"), max_len=8, norm="fused")
+    assert GraphDecoder(family_model("olmo2"), max_len=8).norm == "torch"  # auto: the model's own norms
