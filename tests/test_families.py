@@ -11,7 +11,8 @@ SHAPE = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_lay
              num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
 # Granite's scalars, chosen far from 1 (and from 1/sqrt(head dim)) so that a decoder ignoring one fails
 EXTRA = {"granite": dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=1.5, logits_scaling=4.0),
-         "smollm3": dict(no_rope_layer_interval=2, pad_token_id=None)}  # block 1 of 2 without the rotary embedding
+         "smollm3": dict(no_rope_layer_interval=2, pad_token_id=None),  # block 1 of 2 without the rotary embedding
+         "phi3": dict(pad_token_id=None)}
 
 
 def family_model(model_type: str, **overrides):
@@ -84,7 +85,7 @@ def test_a_sliding_window_shorter_than_the_cache_is_refused():
 
 
 @pytest.mark.parametrize("attention", ["triton", "fused"])
-@pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "granite", "smollm3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "granite", "smollm3", "phi3"])
 def test_triton_attention_steps_match_the_familys_forward(model_type, attention):
     """The families whose q and k differ from the projections' (normed, scaled) through the Triton
     attention kernels (the interpreter on the CPU), float32."""
@@ -106,7 +107,7 @@ def test_triton_attention_steps_match_the_familys_forward(model_type, attention)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "granite", "smollm3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "granite", "smollm3", "phi3"])
 def test_grouped_triton_modules_give_the_static_decoders_logits(model_type):
     """A sparse model on the Triton modules with q|k|v fused: the graphed step with the fused attention
     (which takes the group's joined output only where q and k go to attention as projected) against
@@ -150,3 +151,26 @@ def test_the_fused_norm_is_refused_for_norms_on_sublayer_outputs():
     with pytest.raises(ValueError, match="norms its sublayers' outputs"):
         GraphDecoder(family_model("olmo2"), max_len=8, norm="fused")
     assert GraphDecoder(family_model("olmo2"), max_len=8).norm == "torch"  # auto: the model's own norms
+
+
+def test_a_partial_rotary_embedding_decodes_as_the_model_does():
+    """Phi-4-mini-style: the rotary embedding turns only the first half of each head's dims. The fused
+    attention kernel rotates whole heads, so it is refused by name and "auto" does not pick it."""
+    from rsparse.decode import GraphDecoder, StaticDecoder
+
+    torch.manual_seed(5)
+    model = family_model("phi3", partial_rotary_factor=0.5).double()
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 10))
+    ref = hf_logits(model, ids)[6:]
+    static = StaticDecoder(model, max_len=12)
+    got = [static.prefill(ids[:, :7])[0]] + [static.forward(ids[:, t:t + 1])[0] for t in range(7, 10)]
+    torch.testing.assert_close(torch.stack(got), ref, rtol=0, atol=1e-10)
+    graph = GraphDecoder(model, max_len=12, attention="sdpa", norm="torch")
+    graphed = [graph.prefill(ids[:, :7])[0]]
+    for t in range(7, 10):
+        graphed.append(graph.step(ids[:, t:t + 1], torch.tensor([t]))[0])
+        graph.pos += 1
+    torch.testing.assert_close(torch.stack(graphed), ref, rtol=0, atol=1e-10)
+    if pytest.importorskip("triton"):
+        with pytest.raises(ValueError, match="rotates 8 of each head's 16 dims"):
+            GraphDecoder(model, max_len=12, attention="fused")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .apply import dense_view
-from .families import blocks, check_window, family_of, get_group, rotates, scalars, submodule
+from .families import blocks, check_window, family_of, get_group, rotary_dim, rotates, scalars, submodule
 from .kernels.counters import counters  # torch only: Triton stays optional here
 from .linear import ThresholdedActivation
 
@@ -68,6 +68,11 @@ def fresh_step(dec):
 
 
 def _rope(x, cos, sin):
+    """The rotary embedding of x's last dim; where cos is narrower (a partial rotary embedding, e.g.
+    Phi-4-mini's), of its first cos.shape[-1] dims, the rest passed through."""
+    rd = cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat((_rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rot * sin
@@ -87,6 +92,7 @@ class StaticDecoder:
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
         check_window(model, max_len)
         self.rotates = rotates(model)  # False: a block without the rotary embedding (SmolLM3)
+        self.rotary_dim = rotary_dim(model, self.head_dim)
         self.qk_norm, self.post_norm = self.family.qk_norm, self.family.post_norm
         self.scalars = scalars(model)
         # Granite's attention scale as a factor on q (before the rotation, which is linear), so every
@@ -99,13 +105,12 @@ class StaticDecoder:
         `joined`, where the layer's q|k|v group gives one (`TritonGroup.joined`), its unsplit output
         [batch, T, (heads + 2 kv_heads) * head_dim] instead."""
         B, T, _ = x.shape
-        attn = layer.self_attn
         fused = get_group(self.family, layer, "qkv")
         plain = not self.qk_norm and self.q_scale == 1.0  # the joined buffer goes to attention as it is
         y = fused.joined(x) if joined and plain and hasattr(fused, "joined") else None
         if y is not None:
             return y
-        q, k, v = fused(x) if fused is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        q, k, v = fused(x) if fused is not None else (self._proj(layer, p)(x) for p in "qkv")
         whole = self.qk_norm and not self.family.qk_norm_per_head
         if whole:
             q, k = submodule(layer, self.qk_norm[0])(q), submodule(layer, self.qk_norm[1])(k)
@@ -118,11 +123,14 @@ class StaticDecoder:
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         return q.transpose(1, 2), k.transpose(1, 2), v
 
-    @staticmethod
-    def _o(layer, o):
+    def _proj(self, layer, short: str):
+        """Projection `short` ("q" .. "down") of a block, where the family table puts it."""
+        return submodule(layer, self.family.proj[short])
+
+    def _o(self, layer, o):
         """The attention's output projection of o [batch, heads, T, head_dim]."""
         B, _, T, _ = o.shape
-        return layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return self._proj(layer, "o")(o.transpose(1, 2).reshape(B, T, -1))
 
     def _mlp(self, layer, x):
         """The MLP's output for the normed input x (the residual add is the caller's)."""
@@ -130,10 +138,11 @@ class StaticDecoder:
         fused = get_group(self.family, layer, "gate_up")
         if fused is None:
             return mlp(x)
-        if self.silu and hasattr(fused, "silu_mul") and not isinstance(mlp.act_fn, ThresholdedActivation):
-            return mlp.down_proj(fused.silu_mul(x))
+        act, down = submodule(layer, self.family.act), self._proj(layer, "down")
+        if self.silu and hasattr(fused, "silu_mul") and not isinstance(act, ThresholdedActivation):
+            return down(fused.silu_mul(x))
         g, u = fused(x)
-        return mlp.down_proj(mlp.act_fn(g) * u)
+        return down(act(g) * u)
 
     def _block(self, i, layer, h, cos, sin):
         q, k, v = self._qkv(layer, h if self.post_norm else layer.input_layernorm(h))
@@ -345,7 +354,10 @@ class GraphDecoder(StaticDecoder):
         # died with a replaced attend (use_attention) had their memory reused while graphs still
         # replayed onto it (session 23: a position tensor overwritten, every step garbage)
         self.attn_lock = counters(batch * self.kv_heads, cache.device)
-        self.use_attention(default_attention(cache.device, self.head_dim, cache.dtype) if attention == "auto" else attention)
+        if attention == "auto":  # the fused kernel rotates whole heads: a partial rotary embedding takes "triton"
+            attention = default_attention(cache.device, self.head_dim, cache.dtype)
+            attention = "triton" if attention == "fused" and self.rotary_dim < self.head_dim else attention
+        self.use_attention(attention)
         # the step mutates the cache in place: marked static, inductor's CUDA graphs may capture it
         for t in self.k_cache + self.v_cache + [self.attn_lock]:
             torch._dynamo.mark_static_address(t)
@@ -369,6 +381,9 @@ class GraphDecoder(StaticDecoder):
         if attention != "sdpa" and not _kernel_head_dim(self.head_dim):
             raise ValueError(f"attention {attention!r} needs a head dim that is a power of two from 16, this model's is "
                              f"{self.head_dim}; use 'sdpa'")
+        if attention == "fused" and self.rotary_dim < self.head_dim:
+            raise ValueError(f"attention 'fused' rotates whole heads; this model rotates {self.rotary_dim} of each head's "
+                             f"{self.head_dim} dims; use 'triton' or 'sdpa'")
         previous, self.attention = getattr(self, "attention", None), attention
         splits = attention_splits(self.batch, self.kv_heads)
         self.attend_qkv = None  # attend_qkv(qkv, cos, sin, k_cache, v_cache, pos, ctx): q|k|v as one buffer

@@ -9,12 +9,14 @@ The last fields say what rsparse's decode loops (`decode.py`) must change in a p
 for the family: q/k norms before the rotary embedding, per head (Qwen3) or over the whole projection
 (OLMo2), norms on each sublayer's output instead of its input (OLMo2), the config's scalar
 multipliers (Granite), blocks without the rotary embedding (SmolLM3). Calibration and evaluation run
-the model's own forward and need none of them.
+the model's own forward and need none of them. `fused` names projections stored as one layer (Phi-3's
+q|k|v and gate|up), split into their parts (`SplitLinear`) the first time `locate` sees the model.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 import torch.nn as nn
 
 from .errors import RSparseError
@@ -35,6 +37,8 @@ class Family:
     post_norm: tuple = ()  # (attention, MLP) output norms: h += norm(sublayer(h)), no input norms (OLMo2)
     multipliers: bool = False  # the config's embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling
     rope_switch: str = ""  # attribute inside a block saying whether it rotates q and k (SmolLM3's NoPE blocks: False)
+    # fused projections split into their parts at first use (`unfuse_`): (path, part names, widths rule)
+    fused: tuple = ()
 
 
 _LLAMA = Family(
@@ -58,6 +62,11 @@ FAMILIES = {
     "qwen3": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
     "granite": replace(_LLAMA, multipliers=True),
     "smollm3": replace(_LLAMA, rope_switch="self_attn.use_rope"),
+    # Phi-3: q|k|v and gate|up are one nn.Linear each; split, their parts sit under the fused layer's name
+    "phi3": replace(_LLAMA, act="mlp.activation_fn", proj={
+        **_LLAMA.proj, "q": "self_attn.qkv_proj.q_proj", "k": "self_attn.qkv_proj.k_proj", "v": "self_attn.qkv_proj.v_proj",
+        "gate": "mlp.gate_up_proj.gate_proj", "up": "mlp.gate_up_proj.up_proj"},
+        fused=(("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"), "heads"), ("mlp.gate_up_proj", ("gate_proj", "up_proj"), "halves"))),
     "olmo2": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm"), qk_norm_per_head=False,
                      post_norm=("post_attention_layernorm", "post_feedforward_layernorm")),
 }
@@ -92,9 +101,55 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+class SplitLinear(nn.Module):
+    """A fused projection (Phi-3's qkv_proj, gate_up_proj) as its parts: each an nn.Linear of its own
+    over its rows of the fused weight (copied once; the fused layer is dropped), so every stage finds,
+    calibrates and swaps the parts like any other projection. forward: the parts' outputs side by
+    side, what the fused layer returned, so the model's own forward runs unchanged."""
+
+    def __init__(self, lin: nn.Linear, parts: dict):
+        super().__init__()
+        start = 0
+        for name, rows in parts.items():
+            part = nn.Linear(lin.in_features, rows, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
+            with torch.no_grad():
+                part.weight.copy_(lin.weight[start:start + rows])
+                if lin.bias is not None:
+                    part.bias.copy_(lin.bias[start:start + rows])
+            part.requires_grad_(lin.weight.requires_grad)
+            self.add_module(name, part)
+            start += rows
+        if start != lin.out_features:
+            raise RSparseError(f"a fused projection of {lin.out_features} outputs does not split into {dict(parts)}")
+
+    def forward(self, x):
+        return torch.cat([m(x) for m in self.children()], dim=-1)
+
+
+def _widths(cfg, names: tuple, rule: str, out_features: int) -> dict:
+    if rule == "heads":  # q, k, v of a grouped-query attention
+        d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return dict(zip(names, (cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_key_value_heads * d)))
+    return {n: out_features // len(names) for n in names}  # "halves": gate and up
+
+
+def unfuse_(model: nn.Module) -> None:
+    """Split the family's fused projections (`Family.fused`) into SplitLinear parts, in place; a no-op
+    where they are split already or the family has none. `locate` calls it, so every stage sees parts."""
+    fam = family_of(model)
+    for block in blocks(model) if fam.fused else ():
+        for path, names, rule in fam.fused:
+            lin = submodule(block, path)
+            if type(lin) is nn.Linear:
+                parent_path, _, attr = path.rpartition(".")
+                split = SplitLinear(lin, _widths(model.config, names, rule, lin.out_features))
+                setattr(submodule(block, parent_path) if parent_path else block, attr, split)
+
+
 def locate(model: nn.Module) -> dict[str, nn.Module]:
     """Return {"<block>.<proj>": module} for every projection, e.g. "3.gate"; checks all exist."""
     fam = family_of(model)
+    unfuse_(model)
     out = {}
     for i, block in enumerate(blocks(model)):
         for short, path in fam.proj.items():
@@ -198,3 +253,10 @@ def check_window(model: nn.Module, max_len: int) -> None:
         raise RSparseError(f"this {cfg.model_type!r} model's attention slides over the last {window} positions; "
                            f"rsparse's decode loops attend to every cached one, so they decode at most {window} "
                            f"positions (asked for {max_len}: a shorter prompt or fewer new tokens)")
+
+
+def rotary_dim(model: nn.Module, head_dim: int) -> int:
+    """How many of each head's dims the rotary embedding turns (all, but for a partial_rotary_factor)."""
+    cfg = model.config
+    factor = getattr(cfg, "partial_rotary_factor", None) or (getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor")
+    return int(head_dim * factor) if factor else head_dim
