@@ -111,8 +111,10 @@ class SplitLinear(nn.Module):
         super().__init__()
         start = 0
         for name, rows in parts.items():
-            part = nn.Linear(lin.in_features, rows, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
-            with torch.no_grad():
+            # normal tensors even when the first `locate` runs under inference mode (calibration does): an
+            # inference-tensor weight cannot be transposed into a backend's layout later (found on the GPU)
+            with torch.inference_mode(False), torch.no_grad():
+                part = nn.Linear(lin.in_features, rows, bias=lin.bias is not None, device=lin.weight.device, dtype=lin.weight.dtype)
                 part.weight.copy_(lin.weight[start:start + rows])
                 if lin.bias is not None:
                     part.bias.copy_(lin.bias[start:start + rows])
