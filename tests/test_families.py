@@ -175,3 +175,14 @@ def test_a_partial_rotary_embedding_decodes_as_the_model_does():
     if pytest.importorskip("triton"):
         with pytest.raises(ValueError, match="rotates 8 of each head's 16 dims"):
             GraphDecoder(model, max_len=12, attention="fused")
+
+
+def test_a_fresh_phi3_decodes_without_being_located_first():
+    """The decoder splits Phi-3's fused projections itself: nothing else has to call `locate` first."""
+    from rsparse.decode import StaticDecoder
+
+    torch.manual_seed(6)
+    model = family_model("phi3").double()
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 5))
+    ref = hf_logits(model, ids)[-1]
+    torch.testing.assert_close(StaticDecoder(model, 8).forward(ids)[0], ref, rtol=0, atol=1e-10)

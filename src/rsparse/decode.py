@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .apply import dense_view
-from .families import blocks, check_window, family_of, get_group, rotary_dim, rotates, scalars, submodule
+from .families import blocks, check_window, family_of, get_group, rotary_dim, rotates, scalars, submodule, unfuse_
 from .kernels.counters import counters  # torch only: Triton stays optional here
 from .linear import ThresholdedActivation
 
@@ -91,6 +91,7 @@ class StaticDecoder:
         self.max_len, self.pos, self.batch = max_len, 0, batch
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
         check_window(model, max_len)
+        unfuse_(model)  # Phi-3: the parts, where the family table (and a plan) expects them
         self.rotates = rotates(model)  # False: a block without the rotary embedding (SmolLM3)
         self.rotary_dim = rotary_dim(model, self.head_dim)
         self.qk_norm, self.post_norm = self.family.qk_norm, self.family.post_norm
