@@ -34,6 +34,26 @@ def hf_logits(model, ids):
         return model(ids).logits[0]
 
 
+PROMPT = 7  # tokens prefilled before the decode steps the tests compare
+
+
+def decoded(dec, ids):
+    """A decoder's logits after prefilling ids' first PROMPT tokens, then at each later token, one step
+    each: StaticDecoder.forward, or GraphDecoder.step (the compiled and graphed steps' code) at its
+    position. Compare with hf_logits(model, ids)[PROMPT - 1:]."""
+    from rsparse.decode import GraphDecoder
+
+    with torch.inference_mode():
+        out = [dec.prefill(ids[:, :PROMPT])[0]]
+        for t in range(PROMPT, ids.shape[1]):
+            if isinstance(dec, GraphDecoder):
+                out.append(dec.step(ids[:, t:t + 1], torch.tensor([t], device=ids.device))[0])
+                dec.pos += 1
+            else:
+                out.append(dec.forward(ids[:, t:t + 1])[0])
+    return torch.stack(out)
+
+
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_decode_loops_match_the_familys_own_forward(model_type):
     from rsparse.decode import GraphDecoder, StaticDecoder
@@ -41,17 +61,11 @@ def test_decode_loops_match_the_familys_own_forward(model_type):
     torch.manual_seed(1)
     model = family_model(model_type).double()
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 11))
-    ref = hf_logits(model, ids)[6:]  # the logits after a 7-token prompt, then 4 decode steps
-    static = StaticDecoder(model, max_len=12)
-    got = [static.prefill(ids[:, :7])[0]] + [static.forward(ids[:, t:t + 1])[0] for t in range(7, 11)]
-    graph = GraphDecoder(model, max_len=12, attention="sdpa", norm="torch")  # the compiled and graphed steps' code
-    graphed = [graph.prefill(ids[:, :7])[0]]
-    for t in range(7, 11):
-        graphed.append(graph.step(ids[:, t:t + 1], torch.tensor([t]))[0])
-        graph.pos += 1
+    ref = hf_logits(model, ids)[PROMPT - 1:]  # the logits after the prompt, then 4 decode steps
     assert ref.abs().max() > 1e-3  # logits that say something
-    torch.testing.assert_close(torch.stack(got), ref, rtol=0, atol=1e-10)
-    torch.testing.assert_close(torch.stack(graphed), ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(decoded(StaticDecoder(model, max_len=12), ids), ref, rtol=0, atol=1e-10)
+    graph = GraphDecoder(model, max_len=12, attention="sdpa", norm="torch")  # the compiled and graphed steps' code
+    torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -97,14 +111,8 @@ def test_triton_attention_steps_match_the_familys_forward(model_type, attention)
     torch.manual_seed(3)
     model = family_model(model_type).to(dev)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 9), device=dev)
-    ref = hf_logits(model, ids)[6:]
-    dec = GraphDecoder(model, max_len=12, attention=attention)
-    with torch.inference_mode():
-        got = [dec.prefill(ids[:, :7])[0]]
-        for t in (7, 8):
-            got.append(dec.step(ids[:, t:t + 1], torch.tensor([t], device=dev))[0])
-            dec.pos += 1
-    got = torch.stack(got)
+    ref = hf_logits(model, ids)[PROMPT - 1:]
+    got = decoded(GraphDecoder(model, max_len=12, attention=attention), ids)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
@@ -162,16 +170,10 @@ def test_a_partial_rotary_embedding_decodes_as_the_model_does():
     torch.manual_seed(5)
     model = family_model("phi3", partial_rotary_factor=0.5).double()
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 10))
-    ref = hf_logits(model, ids)[6:]
-    static = StaticDecoder(model, max_len=12)
-    got = [static.prefill(ids[:, :7])[0]] + [static.forward(ids[:, t:t + 1])[0] for t in range(7, 10)]
-    torch.testing.assert_close(torch.stack(got), ref, rtol=0, atol=1e-10)
+    ref = hf_logits(model, ids)[PROMPT - 1:]
+    torch.testing.assert_close(decoded(StaticDecoder(model, max_len=12), ids), ref, rtol=0, atol=1e-10)
     graph = GraphDecoder(model, max_len=12, attention="sdpa", norm="torch")
-    graphed = [graph.prefill(ids[:, :7])[0]]
-    for t in range(7, 10):
-        graphed.append(graph.step(ids[:, t:t + 1], torch.tensor([t]))[0])
-        graph.pos += 1
-    torch.testing.assert_close(torch.stack(graphed), ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=1e-10)
     if pytest.importorskip("triton"):
         with pytest.raises(ValueError, match="rotates 8 of each head's 16 dims"):
             GraphDecoder(model, max_len=12, attention="fused")

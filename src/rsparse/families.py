@@ -135,6 +135,15 @@ def _widths(cfg, names: tuple, rule: str, out_features: int) -> dict:
     return {n: out_features // len(names) for n in names}  # "halves": gate and up
 
 
+def _put(root: nn.Module, path: str, module) -> nn.Module:
+    """Set the module at dotted `path` under `root` to `module`; returns the one it replaces."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = submodule(root, parent_path) if parent_path else root
+    old = getattr(parent, attr)
+    setattr(parent, attr, module)
+    return old
+
+
 def unfuse_(model: nn.Module) -> None:
     """Split the family's fused projections (`Family.fused`) into SplitLinear parts, in place; a no-op
     where they are split already or the family has none. `locate` calls it, so every stage sees parts."""
@@ -143,9 +152,7 @@ def unfuse_(model: nn.Module) -> None:
         for path, names, rule in fam.fused:
             lin = submodule(block, path)
             if type(lin) is nn.Linear:
-                parent_path, _, attr = path.rpartition(".")
-                split = SplitLinear(lin, _widths(model.config, names, rule, lin.out_features))
-                setattr(submodule(block, parent_path) if parent_path else block, attr, split)
+                _put(block, path, SplitLinear(lin, _widths(model.config, names, rule, lin.out_features)))
 
 
 def locate(model: nn.Module) -> dict[str, nn.Module]:
@@ -166,12 +173,7 @@ def set_module(model: nn.Module, key: str, new: nn.Module) -> nn.Module:
     """Replace the module at a `locate` key ("3.gate") or an activation key ("3.act"); returns the old one."""
     fam = family_of(model)
     i, short = key.split(".")
-    path = fam.act if short == "act" else fam.proj[short]
-    parent_path, _, attr = path.rpartition(".")
-    parent = submodule(blocks(model)[int(i)], parent_path)
-    old = getattr(parent, attr)
-    setattr(parent, attr, new)
-    return old
+    return _put(blocks(model)[int(i)], fam.act if short == "act" else fam.proj[short], new)
 
 
 def get_act(model: nn.Module, i: int) -> nn.Module:
