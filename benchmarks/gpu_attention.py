@@ -20,7 +20,7 @@ import statistics
 import torch
 
 from gpu_kernels import _print_row, _write, bench, time_grid
-from rsparse.decode import _sdpa, _slot_mask, attention_splits, masked_attention
+from rsparse.attend import _slot_mask, attention, attention_splits, masked_attention
 from rsparse.kernels.attention import decode_attention
 
 H, HKV, D, SLOTS, LAYERS = 32, 8, 128, 512, 32
@@ -39,7 +39,7 @@ def main():
             pos = torch.tensor([n - 1], device="cuda")
             ref = masked_attention(q.float(), caches[0][0].float(), caches[0][1].float(), pos)
             mask = _slot_mask(SLOTS, pos)
-            row = dict(batch=batch, filled=n, sdpa_us=bench(lambda: [_sdpa(q, k, v, mask) for k, v in caches], rep=200, copies=LAYERS))
+            row = dict(batch=batch, filled=n, sdpa_us=bench(lambda: [attention(q, k, v, mask) for k, v in caches], rep=200, copies=LAYERS))
             # GRID's (splits, slots per step), each checked against ref on the first cache, then timed over all
             times = {GRID[i]: us for i, us in time_grid(GRID, lambda cfg, kv: decode_attention(q, *kv, pos, *cfg), ref, caches,
                                                         rep=200, tag=f"B={batch} filled={n}").items()}

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from gpu_kernels import _write, bench
-from rsparse.decode import attention_splits
+from rsparse.attend import attention_splits
 from rsparse.kernels import triton_gemv as tg
 from rsparse.kernels.attention import decode_attention
 from rsparse.linear import rsparse_linear_ref

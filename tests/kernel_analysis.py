@@ -31,7 +31,7 @@ SCALARS = dict(B=1, IN=512, OUT=256, LDW=256, LDA=32, R=32, RT=32, SEG1=128, SEG
                K_PER=256, NCHUNK=2, NZCHUNK=2, NTILE=4, NZ=2, NW=4,
                HKV=2, sqb=256, sqh=64, skb=4096, skh=2048, skl=64, svb=4096, svh=2048, svl=64, sob=256, soh=64,
                kno=256, sknb=384, sknh=64, vno=320, svnb=384, svnh=64, scb=0,
-               N=4000, shr=4096, sdr=4096, ssr=4096, syr=4096)
+               N=4000, shr=4096, sdr=4096, ssr=4096, syr=4096, WINDOW=4096)
 EPI = dict(BB=16, BLOCK_N=64, RB=32, HAS_BIAS=True, NCP=2, NZP=2)
 KERNELS = {  # label: (kernel, constexprs)
     "select": (tg._select, dict(CHUNK=256, BB=16, RB=32, HAS_R=True)),
@@ -44,8 +44,8 @@ KERNELS = {  # label: (kernel, constexprs)
     "epilogue": (tg._epilogue, dict(EPI, HAS_R=True)),
     "glu_epilogue": (tg._glu_epilogue, dict(EPI, HAS_R=True)),
     "teal": (teal._teal_kernel, dict(BLOCK_K=32, BLOCK_N=64)),
-    "attention": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2, SCALE=0.125, ROPE=False)),
-    "attention_rope": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2, SCALE=0.125, ROPE=True)),
+    "attention": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2, SCALE=0.125, ROPE=False, SOFTCAP=0.0)),
+    "attention_rope": (attention._decode_attention, dict(G=4, GP=16, D=64, BLOCK_L=64, SPLITS=2, SCALE=0.125, ROPE=True, SOFTCAP=50.0)),
     "add_rms_norm": (rmsnorm._add_rms_norm, dict(EPS=1e-5, HAS_D=True, BLOCK=4096)),
 }
 

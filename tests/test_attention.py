@@ -7,7 +7,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from rsparse.decode import GraphDecoder, _rope, default_attention, masked_attention  # noqa: E402
+from rsparse.attend import default_attention, masked_attention, rope  # noqa: E402
+from rsparse.decode import GraphDecoder  # noqa: E402
 from rsparse.kernels.attention import attention_lock, decode_attention, decode_attention_rope, decode_attention_rope_qkv  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -54,8 +55,8 @@ def test_fused_attention_rotates_writes_the_slot_and_attends(B, H, HKV, D, L, po
         q, k_new, v_new = (t.view(B, 1, -1, D).transpose(1, 2) for t in qkv.split([H * D, HKV * D, HKV * D], -1))
         angle = torch.rand(cos_rows, 1, 1, D // 2).repeat(1, 1, 1, 2) * 6.0
         cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
-        rk[:, :, p:p + 1], rv[:, :, p:p + 1] = _rope(k_new.double(), cos.double(), sin.double()), v_new.double()
-        ref = masked_attention(_rope(q.double(), cos.double(), sin.double()), rk, rv, torch.tensor([p]))
+        rk[:, :, p:p + 1], rv[:, :, p:p + 1] = rope(k_new.double(), cos.double(), sin.double()), v_new.double()
+        ref = masked_attention(rope(q.double(), cos.double(), sin.double()), rk, rv, torch.tensor([p]))
         pt, cs, sn = torch.tensor([p], device=DEV), cos.to(DEV), sin.to(DEV)
         if joined:
             o = decode_attention_rope_qkv(qkv.to(DEV), cs, sn, kc, vc, pt, lock, splits, block_l).cpu()
@@ -138,7 +139,7 @@ def test_switching_attention_keeps_the_decoders_counters(tiny_llama, monkeypatch
     from rsparse.kernels import attention
 
     seen, real = [], attention.decode_attention_rope
-    monkeypatch.setattr(attention, "decode_attention_rope", lambda *a: seen.append(a[8]) or real(*a))
+    monkeypatch.setattr(attention, "decode_attention_rope", lambda *a, **kw: seen.append(a[8]) or real(*a, **kw))
     torch.manual_seed(0)
     dec = GraphDecoder(tiny_llama().to(DEV), max_len=12, attention="fused")
     lock = dec.attn_lock

@@ -4,7 +4,6 @@ module swap finding and replacing all seven projections."""
 import pytest
 import torch
 
-from rsparse.errors import RSparseError
 from rsparse.families import FAMILIES, locate
 
 SHAPE = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -12,7 +11,17 @@ SHAPE = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_lay
 # Granite's scalars, chosen far from 1 (and from 1/sqrt(head dim)) so that a decoder ignoring one fails
 EXTRA = {"granite": dict(embedding_multiplier=6.0, residual_multiplier=0.3, attention_multiplier=1.5, logits_scaling=4.0),
          "smollm3": dict(no_rope_layer_interval=2, pad_token_id=None),  # block 1 of 2 without the rotary embedding
-         "phi3": dict(pad_token_id=None)}
+         "phi3": dict(pad_token_id=None),
+         # Gemma 2's caps low enough to bite on small random scores; its blocks alternate sliding and full
+         "gemma2": dict(attn_logit_softcapping=0.5, final_logit_softcapping=2.0),
+         # a sliding block and a full one: the two rotary bases (10^4, 10^6) both in use
+         "gemma3_text": dict(layer_types=["sliding_attention", "full_attention"])}
+# Gemma 2's own (eager) attention takes its softmax in float32 even in a float64 model: its logits carry
+# float32 rounding (~1e-7 here; the decoders' softmax is float64's own)
+ATOL = {"gemma2": 1e-6}
+# sliding windows on some blocks (`families.windows`), where the config does not already alternate them
+SLIDING = {"qwen2": dict(use_sliding_window=True, max_window_layers=1), "qwen3": dict(use_sliding_window=True, max_window_layers=1),
+           "smollm3": dict(layer_types=["full_attention", "sliding_attention"])}
 
 
 def family_model(model_type: str, **overrides):
@@ -63,9 +72,10 @@ def test_decode_loops_match_the_familys_own_forward(model_type):
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 11))
     ref = hf_logits(model, ids)[PROMPT - 1:]  # the logits after the prompt, then 4 decode steps
     assert ref.abs().max() > 1e-3  # logits that say something
-    torch.testing.assert_close(decoded(StaticDecoder(model, max_len=12), ids), ref, rtol=0, atol=1e-10)
+    atol = ATOL.get(model_type, 1e-10)
+    torch.testing.assert_close(decoded(StaticDecoder(model, max_len=12), ids), ref, rtol=0, atol=atol)
     graph = GraphDecoder(model, max_len=12, attention="sdpa", norm="torch")  # the compiled and graphed steps' code
-    torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -89,14 +99,73 @@ def test_calibration_and_swap_cover_every_projection(model_type):
     torch.testing.assert_close(hf_logits(model, ids), dense, rtol=1e-4, atol=1e-5)
 
 
-def test_a_sliding_window_shorter_than_the_cache_is_refused():
-    from rsparse.decode import StaticDecoder
+WINDOWED = sorted(t for t, f in FAMILIES.items() if f.window)
 
-    model = family_model("mistral", sliding_window=8)
-    with pytest.raises(RSparseError, match="slides over the last 8 positions"):
-        StaticDecoder(model, max_len=9)
-    StaticDecoder(model, max_len=8)  # within the window the loops and the model agree
-    StaticDecoder(family_model("qwen2", sliding_window=8, use_sliding_window=False), max_len=16)  # not sliding
+
+@pytest.mark.parametrize("model_type", WINDOWED)
+def test_sliding_windows_decode_as_the_familys_own_forward(model_type):
+    """A window of 4 positions, shorter than the prompt (7) and the decode (13): the prefill's banded
+    mask and each step's slice (StaticDecoder) or masked slots (GraphDecoder) against the model's own
+    forward, float64; the window must change the logits for the comparison to say anything."""
+    from rsparse.decode import GraphDecoder, StaticDecoder
+    from rsparse.families import windows
+
+    torch.manual_seed(7)
+    model = family_model(model_type, sliding_window=4, **SLIDING.get(model_type, {})).double()
+    assert 4 in windows(model)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 13))
+    ref = hf_logits(model, ids)[PROMPT - 1:]
+    model.config.sliding_window = 64  # the same weights with a window longer than the text
+    assert (hf_logits(model, ids)[PROMPT - 1:] - ref).abs().max() > 1e-3
+    model.config.sliding_window = 4
+    atol = ATOL.get(model_type, 1e-10)
+    torch.testing.assert_close(decoded(StaticDecoder(model, max_len=16), ids), ref, rtol=0, atol=atol)
+    graph = GraphDecoder(model, max_len=16, attention="sdpa", norm="torch")
+    torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "qwen2"])
+def test_block_by_block_calibration_gives_each_block_its_own_masks_and_rotary_tables(model_type):
+    """What calibration and the search's fitness run (`calibrate.block_inputs`, then one block at a
+    time) gives the model's own logits: each block gets its layer type's mask (window 4 of 12
+    positions) and rotary table (Gemma 3's two bases). With block 0's for every block it does not."""
+    from rsparse.calibrate import block_inputs, layer_out
+    from rsparse.families import blocks, final_logits, scalars
+
+    torch.manual_seed(9)
+    model = family_model(model_type, sliding_window=4, **SLIDING.get(model_type, {})).double()
+    ids = torch.randint(0, SHAPE["vocab_size"], (2, 12))
+    ref = hf_logits(model, ids[:1]), hf_logits(model, ids[1:])
+    ((hs, kws),) = block_inputs(model, ids, batch=2)
+    assert len(kws) == 2 and kws[0] is not kws[1]
+
+    def logits(kw_of):
+        h = hs
+        for i, layer in enumerate(blocks(model)):
+            h = layer_out(layer, h, kw_of(i))
+        return final_logits(scalars(model), model.lm_head(model.model.norm(h)))
+
+    with torch.no_grad():
+        got, first_only = logits(lambda i: kws[i]), logits(lambda i: kws[0])
+    torch.testing.assert_close(got, torch.stack(ref), rtol=0, atol=1e-10)
+    assert (first_only - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attention", ["triton", "fused"])
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gemma3_text"])
+def test_the_triton_attention_kernels_take_windows_and_caps(model_type, attention):
+    """The kernels' window and soft-cap (Gemma 2) in the graphed step, the interpreter on the CPU,
+    float32, window 4 of up to 13 positions."""
+    pytest.importorskip("triton")
+    from rsparse.decode import GraphDecoder
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(8)
+    model = family_model(model_type, sliding_window=4).to(dev)
+    ids = torch.randint(0, SHAPE["vocab_size"], (1, 13), device=dev)
+    ref = hf_logits(model, ids)[PROMPT - 1:]
+    got = decoded(GraphDecoder(model, max_len=16, attention=attention), ids)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
 @pytest.mark.parametrize("attention", ["triton", "fused"])

@@ -473,7 +473,7 @@ def test_fused_groups_in_decoder_match_per_module_steps(monkeypatch):
         assert to_triton_(LlamaForCausalLM(cfg).eval()) == {}  # dense: named, not silently left dense
     joined = []
     real = attention.decode_attention_rope_qkv
-    monkeypatch.setattr(attention, "decode_attention_rope_qkv", lambda qkv, *a: joined.append(qkv.shape) or real(qkv, *a))
+    monkeypatch.setattr(attention, "decode_attention_rope_qkv", lambda qkv, *a, **kw: joined.append(qkv.shape) or real(qkv, *a, **kw))
     ids = torch.randint(0, 97, (1, 5), device=DEV)
     a, b = StaticDecoder(models[0], 16), StaticDecoder(models[1], 16)
     ga, gb = GraphDecoder(models[0], 16, attention="fused"), GraphDecoder(models[1], 16, attention="fused")

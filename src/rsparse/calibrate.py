@@ -1,7 +1,8 @@
 """Observe: calibration statistics, streamed block by block.
 
 The calibration windows are embedded once, then pushed through one decoder block at a time
-(inputs captured at block 0, outputs of block i become inputs of block i+1), so only one block's
+(inputs captured at block 0 with every block's keyword arguments, outputs of block i become inputs
+of block i+1), so only one block's
 activations exist at a time. For every projection p of the block we collect:
 - log-binned histograms of the channel scores |x_j| ("abs") and |x_j| * ||W[:, j]|| ("wnorm")
   over all calibration tokens: a threshold tau for any kept fraction is a histogram quantile;
@@ -22,6 +23,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .families import PROJECTIONS, blocks, get_act, locate
@@ -171,28 +173,51 @@ def _sensitivities(model, b: int, layer, probe, stats: dict) -> None:
         st.weight = block_err / max(own.item(), 1e-30)
 
 
+class _Recorder(nn.Module):
+    """Stands in for a decoder block while `block_inputs` runs the model: keeps the block's keyword
+    arguments and passes the hidden states on (the last one stops the forward)."""
+
+    def __init__(self, index: int, last: bool, sink: list):
+        super().__init__()
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.sink.append((hidden_states, kwargs))
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+class _Stop(Exception):
+    pass
+
+
 @torch.inference_mode()
 def block_inputs(model, windows: torch.Tensor, batch: int = 4) -> list:
-    """[(hidden states, keyword arguments)] that block 0 receives for each batch of `windows`
-    (the kwargs carry the causal mask and rotary embeddings); the forward stops there."""
+    """[(hidden states of block 0, (keyword arguments of block 0, 1, ...))] for each batch of
+    `windows`: the kwargs carry the masks and rotary tables, which differ by layer type (Gemma 2/3's
+    sliding and full blocks, Gemma 3's two rotary bases), so every block keeps its own. The blocks are
+    swapped for recorders while the model's forward runs up to the last one (no block computes)."""
+    layers = blocks(model)
+    originals = list(layers)
     captured = []
-
-    class _Stop(Exception):
-        pass
-
-    def grab(_mod, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    h = blocks(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
+        for i in range(len(layers)):
+            sink: list = []
+            layers[i] = _Recorder(i, i == len(layers) - 1, sink)
         for i in range(0, len(windows), batch):
+            for j in range(len(layers)):
+                layers[j].sink.clear()
             try:
                 model(windows[i : i + batch], use_cache=False)
             except _Stop:
                 pass
+            first = layers[0].sink[0]
+            captured.append((first[0], tuple({k: v for k, v in layers[j].sink[0][1].items() if k != "hidden_states"}
+                                             for j in range(len(layers)))))
     finally:
-        h.remove()
+        for i, block in enumerate(originals):
+            layers[i] = block
     return captured
 
 
@@ -211,8 +236,9 @@ def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 7
 
     captured = block_inputs(model, windows, batch)
 
-    # a probe batch (one window) on which each projection's effect on its block output is measured
-    probe = (captured[0][0][:1].clone(), captured[0][1])
+    # a probe batch (one window) on which each projection's effect on its block output is measured;
+    # captured apart, so that its masks have the probe's batch size
+    probe = block_inputs(model, windows[:1], 1)[0]
     proj_stats, act_stats = {}, {}
     for b, layer in enumerate(tqdm(layers, desc="calibrate", disable=not progress, leave=False)):
         hooks = []
@@ -225,8 +251,8 @@ def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 7
         act_stats[f"{b}.act"] = Histogram()
         hooks.append(get_act(model, b).register_forward_hook(_act_hook(act_stats[f"{b}.act"])))
         try:
-            for j, (hs, kw) in enumerate(captured):
-                captured[j] = (layer_out(layer, hs, kw), kw)
+            for j, (hs, kws) in enumerate(captured):
+                captured[j] = (layer_out(layer, hs, kws[b]), kws)
         finally:
             for hk in hooks:
                 hk.remove()
@@ -240,7 +266,7 @@ def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 7
             for score in scores:  # error tables are the costly part: only the scores asked for
                 c = col if score == "wnorm" else torch.ones_like(col)
                 st.err[score] = error_table(W, st.sample[0], st.hist[score], c, st.ranks, svd)
-        _sensitivities(model, b, layer, probe, {p: proj_stats[f"{b}.{p}"] for p in PROJECTIONS})
-        probe = (layer_out(layer, probe[0], probe[1]), probe[1])
+        _sensitivities(model, b, layer, (probe[0], probe[1][b]), {p: proj_stats[f"{b}.{p}"] for p in PROJECTIONS})
+        probe = (layer_out(layer, probe[0], probe[1][b]), probe[1])
     config = {"windows": list(windows.shape), "sample_every": every, "scores": list(scores), "ranks": sorted(ranks)}
     return Stats(proj=proj_stats, act=act_stats, tokens=n_tok, config=config)

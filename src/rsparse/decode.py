@@ -13,9 +13,9 @@ of one big tensor: torch.compile turns an in-place write into a view of a graph 
 of the whole base tensor, 32 x 33 MB per step on Llama-3-8B shapes); attention uses SDPA with GQA.
 Prompts are prefilled through `dense_view` (prefill is compute-bound: it stays dense).
 What a family changes in that block comes from its row in `families.FAMILIES` (Qwen3's and OLMo2's
-q/k norms, OLMo2's norms on the sublayers' outputs, Granite's scalars, SmolLM3's blocks without the
-rotary embedding). A sliding attention window shorter than the cache is refused
-(`families.check_window`: this loop attends to every cached position).
+q/k norms, which norms sit before and after each sublayer (OLMo2, Gemma 2/3), Granite's and Gemma's
+scalars and soft-capping, SmolLM3's blocks without the rotary embedding, Gemma 3's rotary tables per
+layer type) and each block's sliding window (`families.windows`). Attention itself is `attend.py`.
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ import itertools
 import types
 
 import torch
-import torch.nn.functional as F
 
 from .apply import dense_view
-from .families import blocks, check_window, family_of, get_group, rotary_dim, rotates, scalars, submodule, unfuse_
+from .attend import ATTENTION, attention, attention_splits, default_attention, kernel_head_dim, paths, rope, window_mask
+from .families import (blocks, family_of, final_logits, get_group, rope_types, rotary_dim, rotates, scalars, submodule,
+                       unfuse_, windows)
 from .kernels.counters import counters  # torch only: Triton stays optional here
 from .linear import ThresholdedActivation
 
@@ -67,17 +68,6 @@ def fresh_step(dec):
     return types.MethodType(fresh, dec)
 
 
-def _rope(x, cos, sin):
-    """The rotary embedding of x's last dim; where cos is narrower (a partial rotary embedding, e.g.
-    Phi-4-mini's), of its first cos.shape[-1] dims, the rest passed through."""
-    rd = cos.shape[-1]
-    if rd < x.shape[-1]:
-        return torch.cat((_rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
-
-
 class StaticDecoder:
     def __init__(self, model, max_len: int = 512, batch: int = 1):
         cfg = model.config
@@ -90,14 +80,14 @@ class StaticDecoder:
         self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.max_len, self.pos, self.batch = max_len, 0, batch
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
-        check_window(model, max_len)
+        self.windows, self.rope_types = windows(model), rope_types(model)  # per block
         unfuse_(model)  # Phi-3: the parts, where the family table (and a plan) expects them
         self.rotates = rotates(model)  # False: a block without the rotary embedding (SmolLM3)
         self.rotary_dim = rotary_dim(model, self.head_dim)
-        self.qk_norm, self.post_norm = self.family.qk_norm, self.family.post_norm
+        self.qk_norm, self.pre_norm, self.post_norm = self.family.qk_norm, self.family.pre_norm, self.family.post_norm
         self.scalars = scalars(model)
-        # Granite's attention scale as a factor on q (before the rotation, which is linear), so every
-        # attention path (SDPA, the Triton kernels) keeps its default 1/sqrt(head dim)
+        # Granite's and Gemma's attention scale as a factor on q (before the rotation, which is linear),
+        # so every attention path (SDPA, the Triton kernels) keeps its default 1/sqrt(head dim)
         a = self.scalars.attention
         self.q_scale = 1.0 if a is None else a * self.head_dim ** 0.5
 
@@ -145,23 +135,30 @@ class StaticDecoder:
         g, u = fused(x)
         return down(act(g) * u)
 
+    def _pre(self, layer, which: int, h):
+        """The input of sublayer `which` (0 attention, 1 MLP): the residual stream h, normed where the
+        family norms sublayer inputs (all but OLMo2)."""
+        return submodule(layer, self.pre_norm[which])(h) if self.pre_norm else h
+
     def _block(self, i, layer, h, cos, sin):
-        q, k, v = self._qkv(layer, h if self.post_norm else layer.input_layernorm(h))
+        q, k, v = self._qkv(layer, self._pre(layer, 0, h))
         if self.rotates[i]:
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
         T = h.shape[1]
         end = self.pos + T
         self.k_cache[i][:, :, self.pos:end] = k
         self.v_cache[i][:, :, self.pos:end] = v
-        o = F.scaled_dot_product_attention(q, self.k_cache[i][:, :, :end], self.v_cache[i][:, :, :end],
-                                           is_causal=T > 1 and self.pos == 0, enable_gqa=True)
+        w, cap = self.windows[i], self.scalars.attn_softcap
+        first = 0 if w is None or T > 1 else max(0, end - w)  # one query: its window is a slice of the cache
+        mask = window_mask(self.pos, T, end, w, h.device) if w is not None and T > 1 else None
+        o = attention(q, self.k_cache[i][:, :, first:end], self.v_cache[i][:, :, first:end], mask, cap,
+                      causal=T > 1 and self.pos == 0)
         h = h + self._residual(self._o(layer, o), layer, 0)
-        x = h if self.post_norm else layer.post_attention_layernorm(h)
-        return h + self._residual(self._mlp(layer, x), layer, 1)
+        return h + self._residual(self._mlp(layer, self._pre(layer, 1, h)), layer, 1)
 
     def _residual(self, d, layer, which: int):
         """Sublayer `which`'s (0 attention, 1 MLP) output d as added to the residual stream: normed
-        where the family norms outputs (OLMo2), scaled where it scales them (Granite)."""
+        where the family norms outputs (OLMo2, Gemma 2/3), scaled where it scales them (Granite)."""
         if self.post_norm:
             d = submodule(layer, self.post_norm[which])(d)
         return d if self.scalars.residual == 1.0 else d * self.scalars.residual
@@ -171,8 +168,17 @@ class StaticDecoder:
         return h if self.scalars.embed == 1.0 else h * self.scalars.embed
 
     def _logits(self, x):
-        y = self.model.lm_head(x)
-        return y if self.scalars.logits == 1.0 else y / self.scalars.logits
+        return final_logits(self.scalars, self.model.lm_head(x))
+
+    def _rotary(self, h, positions):
+        """{layer type: (cos, sin)} per block kind (`rope_types`; one entry, None, but for Gemma 3),
+        each [1, 1, T, rotary dims] for positions [1, T]."""
+        rot = self.model.model.rotary_emb
+        out = {}
+        for t in dict.fromkeys(self.rope_types):
+            cos, sin = rot(h, positions) if t is None else rot(h, positions, t)
+            out[t] = cos[:, None], sin[:, None]
+        return out
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -184,10 +190,9 @@ class StaticDecoder:
             raise ValueError(f"cache holds {self.max_len} positions; {self.pos + T} needed")
         inner = self.model.model
         h = self._embed(ids)
-        cos, sin = inner.rotary_emb(h, torch.arange(self.pos, self.pos + T, device=ids.device)[None])
-        cos, sin = cos[:, None], sin[:, None]
+        tables = self._rotary(h, torch.arange(self.pos, self.pos + T, device=ids.device)[None])
         for i, layer in enumerate(self.layers):
-            h = self._block(i, layer, h, cos, sin)
+            h = self._block(i, layer, h, *tables[self.rope_types[i]])
         self.pos += T
         return self._logits(inner.norm(h[:, -1]))
 
@@ -225,74 +230,16 @@ def cuda_graph(step, *inputs):
     return g, out
 
 
-def _slot_mask(slots: int, pos):
-    """[1, 1, 1, slots]: the cache slots up to pos, once per step for every layer's SDPA."""
-    return (torch.arange(slots, device=pos.device) <= pos)[None, None, None, :]
-
-
-def _sdpa(q, k_cache, v_cache, mask):
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
-
-
-def masked_attention(q, k_cache, v_cache, pos):
-    """The graphed step's attention: SDPA over every cache slot, slots after pos masked."""
-    return _sdpa(q, k_cache, v_cache, _slot_mask(k_cache.shape[2], pos))
-
-
-def _triton_attention(splits: int):
-    from .kernels.attention import decode_attention  # here: Triton is an optional dependency
-
-    return lambda q, k_cache, v_cache, pos: decode_attention(q, k_cache, v_cache, pos, splits)
-
-
-def _written_then_attended(attend):
-    """attend(q, k, v, cos, sin, k_cache, v_cache, pos, ctx) of the graphed step from an attention over
-    the cache: rotary embedding, K and V written to slot pos (index_copy_), then attend(q, caches, ctx)."""
-    def step(q, k, v, cos, sin, k_cache, v_cache, pos, ctx):
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        k_cache.index_copy_(2, pos, k)
-        v_cache.index_copy_(2, pos, v)
-        return attend(q, k_cache, v_cache, ctx)
-    return step
-
-
-def _fused_attention(splits: int, lock: torch.Tensor):
-    """(attend, attend_qkv) on `kernels.attention`'s rotating kernel with the split counters `lock`."""
-    from .kernels.attention import decode_attention_rope, decode_attention_rope_qkv
-
-    def attend(q, k, v, cos, sin, k_cache, v_cache, pos, ctx):
-        return decode_attention_rope(q, k, v, cos, sin, k_cache, v_cache, pos, lock, splits)
-
-    def attend_qkv(qkv, cos, sin, k_cache, v_cache, pos, ctx):
-        return decode_attention_rope_qkv(qkv, cos, sin, k_cache, v_cache, pos, lock, splits)
-    return attend, attend_qkv
-
-
-ATTENTION = ("sdpa", "triton", "fused")
-
-
-def default_attention(device: torch.device, head_dim: int, dtype: torch.dtype) -> str:
-    """"fused" on a CUDA device when Triton is installed and the cache suits the kernel (head dim a
-    power of two from 16, float16/bfloat16/float32), else "sdpa". On an H200 (Llama-3-8B shapes, batch
-    1): the kernel made the compiled dense step 2.6% and the 50% sparse step 3.7% faster than SDPA over
-    the masked cache (session 14, one run); fusing the rotation and the cache write into it took the
-    graphed eager 50% step from 1301 to 917 launches and 4.96 to 4.09 ms (sessions 21 and 22, two
-    runs) and left the compiled steps within their compile-to-compile spread (session 22 A/B: sparse
-    322.8 -> 325.0 tok/s, tuned dense 224.1 -> 232.0; one compile each)."""
-    import importlib.util
-
-    ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-    return "fused" if ok and _kernel_head_dim(head_dim) and dtype in (torch.float16, torch.bfloat16, torch.float32) else "sdpa"
-
-
 NORMS = ("torch", "fused")
 # norms whose forward is `weight * (x * rsqrt(mean(x^2) + variance_epsilon)).to(dtype)` (the fused kernel's math)
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
-def _step_norms(layers, final) -> list:
-    """The norms of a decode step in order: each block's input and post-attention norm, then the final one."""
-    return [m for layer in layers for m in (layer.input_layernorm, layer.post_attention_layernorm)] + [final]
+def _step_norms(family, layers, final) -> list:
+    """The norms of a decode step in order: each block's attention and MLP input norms (None where the
+    family has none), then the final one."""
+    pre = family.pre_norm
+    return [submodule(layer, pre[w]) if pre else None for layer in layers for w in (0, 1)] + [final]
 
 
 def _norms_fit(model) -> str | None:
@@ -304,7 +251,7 @@ def _norms_fit(model) -> str | None:
     if family_of(model).post_norm:
         return f"{model.config.model_type!r} norms its sublayers' outputs (the kernel norms the residual sum)"
     dtype = next(model.parameters()).dtype
-    for m in _step_norms(blocks(model), model.model.norm):
+    for m in _step_norms(family_of(model), blocks(model), model.model.norm):
         if type(m).__name__ not in RMS_NORMS or m.weight.dtype != dtype or m.weight.shape[0] > MAX_WIDTH:
             return f"{type(m).__name__} {tuple(m.weight.shape)} {m.weight.dtype} (fused: {', '.join(RMS_NORMS)} in the model dtype)"
     return None
@@ -317,16 +264,6 @@ def default_norm(model, device: torch.device) -> str:
 
     ok = device.type == "cuda" and importlib.util.find_spec("triton") is not None
     return "fused" if ok and _norms_fit(model) is None else "torch"
-
-
-def _kernel_head_dim(d: int) -> bool:
-    return d >= 16 and d & (d - 1) == 0  # tl.dot's smallest K; the kernel's aranges need a power of two
-
-
-def attention_splits(batch: int, kv_heads: int) -> int:
-    """Splits of the cache slots per KV head for `kernels.attention` in the graphed step: about 128
-    programs in all, 1 to 16 splits."""
-    return max(1, min(16, 128 // (batch * kv_heads)))
 
 
 class GraphDecoder(StaticDecoder):
@@ -375,45 +312,39 @@ class GraphDecoder(StaticDecoder):
     def use_attention(self, attention: str) -> str:
         """Switch the attention the next trace or capture of `step` uses (graphs captured before keep
         theirs); returns the previous one. attend(q, k, v, cos, sin, k_cache, v_cache, pos, ctx), q and k
-        unrotated, writes the new K and V to slot pos and returns the attention; ctx = step_context(pos),
-        computed once per step."""
+        unrotated, writes the new K and V to slot pos and returns the attention; ctx = step_context(pos,
+        window), computed once per step for each window the blocks have (`attend.paths`)."""
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
-        if attention != "sdpa" and not _kernel_head_dim(self.head_dim):
+        if attention != "sdpa" and not kernel_head_dim(self.head_dim):
             raise ValueError(f"attention {attention!r} needs a head dim that is a power of two from 16, this model's is "
                              f"{self.head_dim}; use 'sdpa'")
         if attention == "fused" and self.rotary_dim < self.head_dim:
             raise ValueError(f"attention 'fused' rotates whole heads; this model rotates {self.rotary_dim} of each head's "
                              f"{self.head_dim} dims; use 'triton' or 'sdpa'")
         previous, self.attention = getattr(self, "attention", None), attention
-        splits = attention_splits(self.batch, self.kv_heads)
-        self.attend_qkv = None  # attend_qkv(qkv, cos, sin, k_cache, v_cache, pos, ctx): q|k|v as one buffer
-        if attention == "sdpa":
-            slots = self.max_len
-            self.step_context, self.attend = (lambda pos: _slot_mask(slots, pos)), _written_then_attended(_sdpa)
-        elif attention == "triton":
-            self.step_context, self.attend = (lambda pos: pos), _written_then_attended(_triton_attention(splits))
-        else:
-            self.step_context = lambda pos: pos
-            self.attend, self.attend_qkv = _fused_attention(splits, self.attn_lock)
+        # attend_qkv(qkv, cos, sin, k_cache, v_cache, pos, ctx), fused only: q|k|v as one buffer
+        self.step_context, self.attend, self.attend_qkv = paths(
+            attention, self.max_len, attention_splits(self.batch, self.kv_heads), self.attn_lock, self.scalars.attn_softcap)
         return previous
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits for ids [batch, 1] at position `pos` (long tensor [1]); `prefill` first."""
         inner = self.model.model
         h = self._embed(ids)
-        cos, sin = inner.rotary_emb(h, pos[None])
-        cos, sin = cos[:, None], sin[:, None]
-        ctx = self.step_context(pos)
+        tables = self._rotary(h, pos[None])
+        ctxs = {w: self.step_context(pos, w) for w in dict.fromkeys(self.windows)}
         # a block without the rotary embedding gets the identity rotation, which every attention path takes
-        still = None if all(self.rotates) else (torch.ones_like(cos), torch.zeros_like(sin))
-        # each block's input norm and post-attention norm, then the final one: after each residual add
-        # the norm of what comes next (post-norm families: the sublayers read the stream itself)
-        norms = [None] * 2 * len(self.layers) + [inner.norm] if self.post_norm else _step_norms(self.layers, inner.norm)
+        cos = next(iter(tables.values()))[0]
+        still = None if all(self.rotates) else (torch.ones_like(cos), torch.zeros_like(cos))
+        # each block's attention and MLP input norms, then the final one: after each residual add the
+        # norm of what comes next (families without input norms: the sublayers read the stream itself)
+        norms = _step_norms(self.family, self.layers, inner.norm)
         h, x = self._add_norm(h, None, norms[0])
         for i, layer in enumerate(self.layers):
             qkv = self._qkv(layer, x, joined=self.attend_qkv is not None)
-            c, s = (cos, sin) if self.rotates[i] else still
+            c, s = tables[self.rope_types[i]] if self.rotates[i] else still
+            ctx = ctxs[self.windows[i]]
             if torch.is_tensor(qkv):  # one buffer: compiled, one kernel writes it instead of one per view
                 o = self.attend_qkv(qkv, c, s, self.k_cache[i], self.v_cache[i], pos, ctx)
             else:

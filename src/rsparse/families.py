@@ -6,11 +6,16 @@ to the decoder block. `act` is the MLP activation module (CATS thresholds its ou
 `groups` names the projections that read the same input (q/k/v; gate/up) and where a backend may
 attach one fused module for them (`set_group`); decoders call it instead of the members when present.
 The last fields say what rsparse's decode loops (`decode.py`) must change in a pre-norm Llama block
-for the family: q/k norms before the rotary embedding, per head (Qwen3) or over the whole projection
-(OLMo2), norms on each sublayer's output instead of its input (OLMo2), the config's scalar
-multipliers (Granite), blocks without the rotary embedding (SmolLM3). Calibration and evaluation run
-the model's own forward and need none of them. `fused` names projections stored as one layer (Phi-3's
-q|k|v and gate|up), split into their parts (`SplitLinear`) the first time `locate` sees the model.
+for the family: q/k norms before the rotary embedding, per head (Qwen3, Gemma 3) or over the whole
+projection (OLMo2), which norms sit before each sublayer (none in OLMo2) and which on its output
+(OLMo2; Gemma 2/3 have both: "sandwich" norms), the config's scalar multipliers (Granite), blocks
+without the rotary embedding (SmolLM3), the config's sliding attention window (per block where the
+config lists `layer_types`), Gemma's attention scale and tanh soft-capping of attention scores and
+logits, and rotary tables per layer type (Gemma 3: local and global bases). Calibration and
+evaluation run the model's own forward and need none of them, except that the blocks' keyword
+arguments (masks, rotary tables) differ by layer type: `calibrate.block_inputs` keeps each block's.
+`fused` names projections stored as one layer (Phi-3's q|k|v and gate|up), split into their parts
+(`SplitLinear`) the first time `locate` sees the model.
 """
 from __future__ import annotations
 
@@ -34,9 +39,13 @@ class Family:
     groups: tuple = (("qkv", ("q", "k", "v"), "self_attn.rsparse_qkv"), ("gate_up", ("gate", "up"), "mlp.rsparse_gate_up"))
     qk_norm: tuple = ()  # (q norm, k norm) paths inside a block, applied before the rotary embedding
     qk_norm_per_head: bool = True  # each head's q and k normed alone (Qwen3), or q and k whole (OLMo2)
-    post_norm: tuple = ()  # (attention, MLP) output norms: h += norm(sublayer(h)), no input norms (OLMo2)
+    pre_norm: tuple = ("input_layernorm", "post_attention_layernorm")  # (attention, MLP) input norms; () none
+    post_norm: tuple = ()  # (attention, MLP) output norms: h += norm(sublayer(x)) (OLMo2, Gemma 2/3)
     multipliers: bool = False  # the config's embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling
     rope_switch: str = ""  # attribute inside a block saying whether it rotates q and k (SmolLM3's NoPE blocks: False)
+    window: bool = False  # the config's sliding_window applies (to the blocks `layer_types` marks, if it has them)
+    gemma: bool = False  # attention scale query_pre_attn_scalar^-1/2, the config's attention and logit soft-capping
+    rope_by_type: bool = False  # the rotary embedding takes the block's layer type (Gemma 3: two bases)
     # fused projections split into their parts at first use (`unfuse_`): (path, part names, widths rule)
     fused: tuple = ()
 
@@ -55,21 +64,33 @@ _LLAMA = Family(
     act="mlp.act_fn",
 )
 
+_SANDWICH = dict(pre_norm=("input_layernorm", "pre_feedforward_layernorm"),
+                 post_norm=("post_attention_layernorm", "post_feedforward_layernorm"))
+
 # model_type (from the HF config) -> family. Llama-style gated-MLP decoders share one layout; each
 # row is checked against the family's own forward in float64 (tests/test_families.py).
 FAMILIES = {
-    **{name: _LLAMA for name in ("llama", "mistral", "qwen2", "gemma")},
-    "qwen3": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
+    **{name: _LLAMA for name in ("llama", "gemma")},
+    **{name: replace(_LLAMA, window=True) for name in ("mistral", "qwen2")},
+    "qwen3": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm"), window=True),
     "granite": replace(_LLAMA, multipliers=True),
-    "smollm3": replace(_LLAMA, rope_switch="self_attn.use_rope"),
+    "smollm3": replace(_LLAMA, rope_switch="self_attn.use_rope", window=True),
     # Phi-3: q|k|v and gate|up are one nn.Linear each; split, their parts sit under the fused layer's name
     "phi3": replace(_LLAMA, act="mlp.activation_fn", proj={
         **_LLAMA.proj, "q": "self_attn.qkv_proj.q_proj", "k": "self_attn.qkv_proj.k_proj", "v": "self_attn.qkv_proj.v_proj",
         "gate": "mlp.gate_up_proj.gate_proj", "up": "mlp.gate_up_proj.up_proj"},
-        fused=(("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"), "heads"), ("mlp.gate_up_proj", ("gate_proj", "up_proj"), "halves"))),
-    "olmo2": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm"), qk_norm_per_head=False,
+        fused=(("self_attn.qkv_proj", ("q_proj", "k_proj", "v_proj"), "heads"), ("mlp.gate_up_proj", ("gate_proj", "up_proj"), "halves")),
+        window=True),
+    "olmo2": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm"), qk_norm_per_head=False, pre_norm=(),
                      post_norm=("post_attention_layernorm", "post_feedforward_layernorm")),
+    "gemma2": replace(_LLAMA, **_SANDWICH, window=True, gemma=True),
+    "gemma3_text": replace(_LLAMA, **_SANDWICH, window=True, gemma=True, rope_by_type=True,
+                           qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
 }
+
+
+_HINTS = {"gemma3": "; this is a Gemma 3 vision-language checkpoint: rsparse takes text-only Gemma 3 models "
+                     "(model_type 'gemma3_text', Gemma3ForCausalLM: the 270M and 1B ones)"}
 
 
 def submodule(root: nn.Module, path: str):
@@ -88,7 +109,7 @@ def family_of(model: nn.Module) -> Family:
     if fam is None:
         raise RSparseError(
             f"unsupported architecture {mtype!r}: rsparse knows {sorted(FAMILIES)} "
-            "(decoder blocks at model.layers with q/k/v/o_proj and gate/up/down_proj)"
+            "(decoder blocks at model.layers with q/k/v/o_proj and gate/up/down_proj)" + _HINTS.get(mtype, "")
         )
     return fam
 
@@ -223,21 +244,39 @@ def attached_groups(model: nn.Module) -> dict:
 
 @dataclass(frozen=True)
 class Scalars:
-    """The scalar multipliers of a family's forward (Granite's config; 1 elsewhere): embeddings times
-    `embed`, each sublayer's output times `residual` before its residual add, attention scores times
-    `attention` instead of 1/sqrt(head dim) (None: that default), logits divided by `logits`."""
+    """The scalars of a family's forward (1 / None elsewhere): Granite's config multipliers (embeddings
+    times `embed`, each sublayer's output times `residual` before its residual add, logits divided by
+    `logits`), the attention scores' scale `attention` instead of 1/sqrt(head dim) (Granite's
+    attention_multiplier, Gemma's query_pre_attn_scalar^-1/2; None: that default), and Gemma 2's
+    soft-capping c * tanh(s / c) of attention scores (`attn_softcap`) and logits (`logit_softcap`)."""
     embed: float = 1.0
     residual: float = 1.0
     attention: float | None = None
     logits: float = 1.0
+    attn_softcap: float | None = None
+    logit_softcap: float | None = None
 
 
 def scalars(model: nn.Module) -> Scalars:
-    if not family_of(model).multipliers:
-        return Scalars()
-    cfg = model.config
-    return Scalars(float(getattr(cfg, "embedding_multiplier", 1.0)), float(getattr(cfg, "residual_multiplier", 1.0)),
-                   getattr(cfg, "attention_multiplier", None), float(getattr(cfg, "logits_scaling", 1.0)))
+    fam, cfg = family_of(model), model.config
+    if fam.multipliers:
+        return Scalars(float(getattr(cfg, "embedding_multiplier", 1.0)), float(getattr(cfg, "residual_multiplier", 1.0)),
+                       getattr(cfg, "attention_multiplier", None), float(getattr(cfg, "logits_scaling", 1.0)))
+    if fam.gemma:
+        q = getattr(cfg, "query_pre_attn_scalar", None)
+        return Scalars(attention=None if q is None else float(q) ** -0.5,
+                       attn_softcap=getattr(cfg, "attn_logit_softcapping", None) or None,
+                       logit_softcap=getattr(cfg, "final_logit_softcapping", None) or None)
+    return Scalars()
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def final_logits(s: Scalars, y: torch.Tensor) -> torch.Tensor:
+    """The lm_head's output y as the family's forward returns it (Granite's division, Gemma 2's cap)."""
+    return softcap(y if s.logits == 1.0 else y / s.logits, s.logit_softcap)
 
 
 def rotates(model: nn.Module) -> list:
@@ -246,17 +285,25 @@ def rotates(model: nn.Module) -> list:
     return [bool(submodule(b, switch)) if switch else True for b in blocks(model)]
 
 
-def check_window(model: nn.Module, max_len: int) -> None:
-    """Refuse a decode cache longer than the model's sliding attention window: rsparse's decode loops
-    attend to every cached position (within the window the two agree)."""
-    cfg = model.config
-    window = getattr(cfg, "sliding_window", None)
+def rope_types(model: nn.Module) -> list:
+    """Per block, the layer type its rotary table is computed for (`Family.rope_by_type`), else None."""
+    n = len(blocks(model))
+    return list(model.config.layer_types) if family_of(model).rope_by_type else [None] * n
+
+
+def windows(model: nn.Module) -> list:
+    """Per block, the number of latest positions (itself included) its attention sees, or None for
+    all: the config's sliding_window where the family applies it (`Family.window`), on the blocks its
+    `layer_types` marks "sliding_attention" or, without them, on every block unless use_sliding_window
+    is False."""
+    cfg, n = model.config, len(blocks(model))
+    w = getattr(cfg, "sliding_window", None)
+    if not (family_of(model).window and w):
+        return [None] * n
     types_ = getattr(cfg, "layer_types", None)
-    slides = window and getattr(cfg, "use_sliding_window", True) and (types_ is None or "sliding_attention" in types_)
-    if slides and max_len > window:
-        raise RSparseError(f"this {cfg.model_type!r} model's attention slides over the last {window} positions; "
-                           f"rsparse's decode loops attend to every cached one, so they decode at most {window} "
-                           f"positions (asked for {max_len}: a shorter prompt or fewer new tokens)")
+    if types_ is None:
+        return [int(w) if getattr(cfg, "use_sliding_window", True) else None] * n
+    return [int(w) if t == "sliding_attention" else None for t in types_[:n]]
 
 
 def rotary_dim(model: nn.Module, head_dim: int) -> int:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .apply import swapped
 from .calibrate import block_inputs, layer_out
-from .families import blocks, family_of, scalars, submodule
+from .families import blocks, family_of, final_logits, scalars, submodule
 
 
 class Fitness:
@@ -36,7 +36,7 @@ class Fitness:
         self.layers = blocks(model)
         self.norm = submodule(model, family_of(model).norm)
         self.head = model.get_output_embeddings()
-        self.logits_div = scalars(model).logits  # Granite divides its logits; 1 elsewhere
+        self.scalars = scalars(model)  # Granite divides its logits, Gemma 2 caps them
         self.targets = {k: [w[i : i + batch] for i in range(0, len(w), batch)] for k, w in windows.items()}
         self.inputs = {k: block_inputs(model, w, batch) for k, w in windows.items()}
         self.reset()
@@ -47,13 +47,13 @@ class Fitness:
         self.start = 0
         self.prefix = {k: [hs for hs, _ in v] for k, v in self.inputs.items()}
 
-    def _run(self, hs, kw, a, b=None):
-        for layer in self.layers[a:b]:
-            hs = layer_out(layer, hs, kw)
+    def _run(self, hs, kws, a, b=None):
+        for i, layer in enumerate(self.layers[a:b], start=a):
+            hs = layer_out(layer, hs, kws[i])
         return hs
 
     def _logp(self, hs):
-        return F.log_softmax(self.head(self.norm(hs)).float() / self.logits_div, dim=-1)
+        return F.log_softmax(final_logits(self.scalars, self.head(self.norm(hs)).float()), dim=-1)
 
     @torch.inference_mode()
     def advance(self, modules: dict, to_block: int) -> None:

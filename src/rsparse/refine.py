@@ -52,7 +52,7 @@ def refine_thresholds_(model, plan, windows: torch.Tensor, batch: int = 4):
         own = {k: m for k, m in mods.items() if int(k.split(".")[0]) == b}
         hooks = [m.register_forward_pre_hook(hook_for(k)) for k, m in own.items()]
         try:
-            captured = [(layer_out(layer, hs, kw), kw) for hs, kw in captured]
+            captured = [(layer_out(layer, hs, kws[b]), kws) for hs, kws in captured]
         finally:
             for h in hooks:
                 h.remove()

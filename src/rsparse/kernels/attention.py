@@ -1,10 +1,11 @@
 """Decode attention over a static KV cache (one query position), for `decode.GraphDecoder`.
 
-o[b, h] = softmax(q[b, h] K[b, h // G, :n]^T * scale) V[b, h // G, :n], n = pos + 1, G = H / HKV
-(grouped-query heads share their KV head). SDPA in the graphed step reads the whole cache under a mask
-(every slot, every step: the shapes must stay static for CUDA graphs); this kernel reads the valid
-length from the `pos` tensor inside the kernel, so it reads only the n filled slots and the graph
-still replays the same launch every step.
+o[b, h] = softmax(cap(q[b, h] K[b, h // G, a:n]^T * scale)) V[b, h // G, a:n], n = pos + 1, G = H / HKV
+(grouped-query heads share their KV head), a = max(0, n - window) for a sliding window (0: none, a = 0),
+cap(s) = softcap * tanh(s / softcap) (Gemma 2; softcap 0: none). SDPA in the graphed step reads the
+whole cache under a mask (every slot, every step: the shapes must stay static for CUDA graphs); this
+kernel reads the valid length from the `pos` tensor inside the kernel, so it reads only the n - a
+slots in use and the graph still replays the same launch every step.
 
 Layout: q (B, H, 1, D), caches (B, HKV, L, D), any strides with D contiguous; D a power of two (64,
 128). Grid (B * HKV, SPLITS): a program takes one KV head's G query heads (padded to 16 rows, the
@@ -25,8 +26,8 @@ takes q, k and v as one buffer side by side (a fused q|k|v call's output): compi
 writes that buffer (the sum of the gather's partials) in one kernel, where three views of it as
 separate inputs cost one kernel each (session 22's output code). The rotation is computed in
 float32 and rounded once to the cache dtype (as inductor's fused kernels do).
-Eager reference: `decode.masked_attention` (SDPA, mask). The graphed step's default on CUDA
-(`decode.default_attention`): session 14's end-to-end A/B, one run, Llama-3-8B shapes, batch 1,
+Eager reference: `attend.masked_attention` (SDPA, mask). The graphed step's default on CUDA
+(`attend.default_attention`): session 14's end-to-end A/B, one run, Llama-3-8B shapes, batch 1,
 compiled: dense 186.3 -> 191.2 tok/s, 50% sparse 304.3 -> 315.5 against SDPA over the masked cache.
 """
 import torch
@@ -46,10 +47,10 @@ def _rotate(x_ptr, cs, sn, d, D: tl.constexpr):
 
 
 @triton.jit
-def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, HKV,
+def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, HKV, WINDOW,
                       sqb, sqh, skb, skh, skl, svb, svh, svl, sob, soh, kno, sknb, sknh, vno, svnb, svnh, scb,
                       G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-                      SCALE: tl.constexpr, ROPE: tl.constexpr):
+                      SCALE: tl.constexpr, ROPE: tl.constexpr, SOFTCAP: tl.constexpr):
     head, split = tl.program_id(0), tl.program_id(1)
     b, kvh = head // HKV, head % HKV
     g = tl.arange(0, GP)
@@ -63,9 +64,10 @@ def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, k
         q = tl.where(gm[:, None], _rotate(rows, cs, sn, d[None, :], D), 0.0).to(k_ptr.dtype.element_ty)
     else:
         q = tl.load(q_ptr + b * sqb + (kvh * G + g)[:, None] * sqh + d[None, :], mask=gm[:, None], other=0.0)
-    per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_L) * BLOCK_L  # slots per split, whole steps
-    used = tl.cdiv(n, per)  # splits with slots; the rest return at once (no stores, no ticket)
-    lo = split * per
+    first = tl.maximum(n - WINDOW, 0)  # the oldest slot the query sees (no window: WINDOW = 2^30)
+    per = tl.cdiv(tl.cdiv(n - first, SPLITS), BLOCK_L) * BLOCK_L  # slots per split, whole steps
+    used = tl.cdiv(n - first, per)  # splits with slots; the rest return at once (no stores, no ticket)
+    lo = first + split * per
     if lo < n:
         hi = tl.minimum(lo + per, n)
         if ROPE:
@@ -86,6 +88,9 @@ def _decode_attention(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, part_ptr, lock_ptr, k
             k = tl.load(kb + s[:, None] * skl + d[None, :], mask=sm[:, None], other=0.0)
             v = tl.load(vb + s[:, None] * svl + d[None, :], mask=sm[:, None], other=0.0)
             sc = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
+            if SOFTCAP > 0:  # tanh from one exp of -2|s/c| (no overflow): sign(s) (1 - e) / (1 + e)
+                e = tl.exp(-2.0 * tl.abs(sc) / SOFTCAP)
+                sc = tl.where(sc < 0, -SOFTCAP, SOFTCAP) * (1.0 - e) / (1.0 + e)
             sc = tl.where(sm[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, axis=1))
             p = tl.exp(sc - m_new[:, None])
@@ -154,7 +159,7 @@ def attention_lock(batch: int, kv_heads: int, device) -> torch.Tensor:
     return counters(batch * kv_heads, device)
 
 
-def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None, lock=None, joined=None):
+def _launch(q, k_cache, v_cache, pos, splits, block_l, window, softcap, new=None, lock=None, joined=None):
     """joined (qkv, k offset, v offset): q, k_new and v_new are views of qkv, which the kernel gets as
     its one input at those element offsets (views passed apart would each become an input buffer)."""
     B, H, _, D = q.shape
@@ -169,46 +174,48 @@ def _launch(q, k_cache, v_cache, pos, splits, block_l, new=None, lock=None, join
     cos_b = cos.stride(0) if new is not None and cos.numel() > D else 0
     q_in, kn_in, vn_in, kno, vno = (joined[0],) * 3 + joined[1:] if joined is not None else (q, k_new, v_new, 0, 0)
     torch.library.wrap_triton(_decode_attention)[(B * HKV, splits)](
-        q_in, k_cache, v_cache, pos, o, part, lock, kn_in, vn_in, cos, sin, HKV,
+        q_in, k_cache, v_cache, pos, o, part, lock, kn_in, vn_in, cos, sin, HKV, window if window > 0 else 1 << 30,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
         kno, k_new.stride(0), k_new.stride(1), vno, v_new.stride(0), v_new.stride(1), cos_b,
-        G=G, GP=GP, D=D, BLOCK_L=block_l, SPLITS=splits, SCALE=D**-0.5, ROPE=new is not None)
+        G=G, GP=GP, D=D, BLOCK_L=block_l, SPLITS=splits, SCALE=D**-0.5, ROPE=new is not None,
+        SOFTCAP=float(softcap))
     return o
 
 
-def _rope_launch(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, lock, splits, block_l, joined=None):
+def _rope_launch(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, lock, splits, block_l, window, softcap, joined=None):
     _check(q, k_cache, v_cache, pos)
     _check_new(q, k_new, v_new, cos, sin, k_cache)
     need = q.shape[0] * k_cache.shape[1]
     check_counters(lock, need, "lock", f"batch * KV heads = {need}", q.device, "attention_lock")
-    return _launch(q, k_cache, v_cache, pos, splits, block_l, (k_new, v_new, cos, sin), lock, joined)
+    return _launch(q, k_cache, v_cache, pos, splits, block_l, window, softcap, (k_new, v_new, cos, sin), lock, joined)
 
 
 @torch.library.triton_op("rsparse::decode_attention", mutates_args={})
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     splits: int = 1, block_l: int = 64) -> torch.Tensor:
-    """Attention of the query at position pos[0] over cache slots 0..pos[0] (`decode.masked_attention`);
-    returns (B, H, 1, D) in q's dtype."""
+                     splits: int = 1, block_l: int = 64, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """Attention of the query at position pos[0] over cache slots 0..pos[0] (`attend.masked_attention`),
+    the last `window` of them (0: all), scores soft-capped at `softcap` (0: not); returns (B, H, 1, D)
+    in q's dtype."""
     _check(q, k_cache, v_cache, pos)
-    return _launch(q, k_cache, v_cache, pos, splits, block_l)
+    return _launch(q, k_cache, v_cache, pos, splits, block_l, window, softcap)
 
 
 @torch.library.triton_op("rsparse::decode_attention_rope", mutates_args={"k_cache", "v_cache", "lock"})
 def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, lock: torch.Tensor,
-                          splits: int = 1, block_l: int = 64) -> torch.Tensor:
+                          splits: int = 1, block_l: int = 64, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """`decode_attention` of the unrotated query q after writing the new position's K (rotated) and V
     (k_new, v_new (B, HKV, 1, D), unrotated) to slot pos[0] of the caches: cos / sin the position's
     rotary rows (D values, or one row per batch row); lock the split counters (`attention_lock`).
     Returns (B, H, 1, D) in q's dtype."""
-    return _rope_launch(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, lock, splits, block_l)
+    return _rope_launch(q, k_new, v_new, cos, sin, k_cache, v_cache, pos, lock, splits, block_l, window, softcap)
 
 
 @torch.library.triton_op("rsparse::decode_attention_rope_qkv", mutates_args={"k_cache", "v_cache", "lock"})
 def decode_attention_rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, pos: torch.Tensor, lock: torch.Tensor, splits: int = 1,
-                              block_l: int = 64) -> torch.Tensor:
+                              block_l: int = 64, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """`decode_attention_rope` of the q|k|v projections' outputs side by side, qkv (B, 1, (H + 2 HKV) D)
     (a fused q|k|v call's one output): one input buffer, so a compiler that computes it (the sum of the
     gather's partials) writes it in one kernel rather than one per view: the kernel gets qkv itself, with
@@ -221,4 +228,4 @@ def decode_attention_rope_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.T
                          f"contiguous, got {tuple(qkv.shape)}")
     y = qkv.unflatten(-1, (-1, D)).transpose(1, 2)  # (B, H + 2 HKV, 1, D): the decoder's per-head views
     return _rope_launch(y[:, :heads], y[:, heads:heads + HKV], y[:, heads + HKV:], cos, sin, k_cache, v_cache, pos, lock,
-                        splits, block_l, (qkv, heads * D, (heads + HKV) * D))
+                        splits, block_l, window, softcap, (qkv, heads * D, (heads + HKV) * D))
