@@ -30,7 +30,8 @@ def family_model(model_type: str, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(model_type, **{**SHAPE, **EXTRA.get(model_type, {}), **overrides})
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    # Gemma 2's soft-capping exists only in transformers' eager attention (5.17 picked SDPA and dropped the cap)
+    model = AutoModelForCausalLM.from_config(cfg, **({"attn_implementation": "eager"} if model_type == "gemma2" else {})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import RSparseError
-from .families import locate
+from .families import locate, scalars
 
 BUNDLED = {"smollm2-135m": "smollm2-135m"}  # user-facing name -> asset name
 DEFAULT_MODEL = "smollm2-135m"
@@ -116,5 +116,9 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="float32"):
     model.eval()
     model.requires_grad_(False)
     locate(model)  # fail now, with a clear message, if the layout is not one we know
+    if scalars(model).attn_softcap is not None and getattr(model.config, "_attn_implementation", "eager") != "eager":
+        # SDPA has no soft-capping: transformers 5.17 ran Gemma 2 through it with the cap dropped (found on the
+        # GPU machine, session 40); its eager attention is the model as specified, and what the decoders compute
+        model.set_attn_implementation("eager")
     model.rsparse_model_id = model_id(name_or_path)
     return model, tok
