@@ -258,3 +258,28 @@ def test_a_fresh_phi3_decodes_without_being_located_first():
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 5))
     ref = hf_logits(model, ids)[-1]
     torch.testing.assert_close(StaticDecoder(model, 8).forward(ids)[0], ref, rtol=0, atol=1e-10)
+
+
+def test_gemma_models_of_an_older_transformers_layout_are_refused_by_name():
+    """transformers 4.x scaled Gemma's embeddings in the model's forward (a plain nn.Embedding) and gave
+    Gemma 3 one rotary embedding per base; the decode loops follow transformers 5, so such a model is
+    refused with a message rather than decoded without its embedding scale."""
+    import torch.nn as nn
+
+    from rsparse.decode import StaticDecoder
+    from rsparse.errors import RSparseError
+
+    for model_type in ("gemma", "gemma2"):
+        model = family_model(model_type)
+        model.model.embed_tokens = nn.Embedding(SHAPE["vocab_size"], SHAPE["hidden_size"])
+        with pytest.raises(RSparseError, match="embeddings scaled in the model's forward"):
+            StaticDecoder(model, max_len=8)
+    model = family_model("gemma3_text")
+
+    class OneBase(nn.Module):
+        def forward(self, x, position_ids):
+            raise AssertionError("not called")
+
+    model.model.rotary_emb = OneBase()
+    with pytest.raises(RSparseError, match="one rotary embedding per base"):
+        StaticDecoder(model, max_len=8)

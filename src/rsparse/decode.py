@@ -26,8 +26,8 @@ import torch
 
 from .apply import dense_view
 from .attend import ATTENTION, attention, attention_splits, default_attention, kernel_head_dim, paths, rope, window_mask
-from .families import (blocks, family_of, final_logits, get_group, rope_types, rotary_dim, rotates, scalars, submodule,
-                       unfuse_, windows)
+from .families import (blocks, check_decodable, family_of, final_logits, get_group, rope_types, rotary_dim, rotates,
+                       scalars, submodule, unfuse_, windows)
 from .kernels.counters import counters  # torch only: Triton stays optional here
 from .linear import ThresholdedActivation
 
@@ -80,6 +80,7 @@ class StaticDecoder:
         self.v_cache = [torch.zeros(shape, dtype=p.dtype, device=p.device) for _ in self.layers]
         self.max_len, self.pos, self.batch = max_len, 0, batch
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
+        check_decodable(model)
         self.windows, self.rope_types = windows(model), rope_types(model)  # per block
         unfuse_(model)  # Phi-3: the parts, where the family table (and a plan) expects them
         self.rotates = rotates(model)  # False: a block without the rotary embedding (SmolLM3)

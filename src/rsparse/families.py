@@ -44,7 +44,9 @@ class Family:
     multipliers: bool = False  # the config's embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling
     rope_switch: str = ""  # attribute inside a block saying whether it rotates q and k (SmolLM3's NoPE blocks: False)
     window: bool = False  # the config's sliding_window applies (to the blocks `layer_types` marks, if it has them)
-    gemma: bool = False  # attention scale query_pre_attn_scalar^-1/2, the config's attention and logit soft-capping
+    # Gemma: embeddings times sqrt(hidden) by the embedding module itself (transformers 5; 4.x did it in the model's
+    # forward), attention scale query_pre_attn_scalar^-1/2, the config's attention and logit soft-capping
+    gemma: bool = False
     rope_by_type: bool = False  # the rotary embedding takes the block's layer type (Gemma 3: two bases)
     # fused projections split into their parts at first use (`unfuse_`): (path, part names, widths rule)
     fused: tuple = ()
@@ -70,7 +72,8 @@ _SANDWICH = dict(pre_norm=("input_layernorm", "pre_feedforward_layernorm"),
 # model_type (from the HF config) -> family. Llama-style gated-MLP decoders share one layout; each
 # row is checked against the family's own forward in float64 (tests/test_families.py).
 FAMILIES = {
-    **{name: _LLAMA for name in ("llama", "gemma")},
+    "llama": _LLAMA,
+    "gemma": replace(_LLAMA, gemma=True),
     **{name: replace(_LLAMA, window=True) for name in ("mistral", "qwen2")},
     "qwen3": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm"), window=True),
     "granite": replace(_LLAMA, multipliers=True),
@@ -304,6 +307,24 @@ def windows(model: nn.Module) -> list:
     if types_ is None:
         return [int(w) if getattr(cfg, "use_sliding_window", True) else None] * n
     return [int(w) if t == "sliding_attention" else None for t in types_[:n]]
+
+
+def check_decodable(model: nn.Module) -> None:
+    """Refuse, by name, a model whose transformers version lays out what the decode loops call differently
+    from transformers 5 (which they follow): Gemma's embedding scale inside the embedding module, and Gemma
+    3's rotary embedding taking the layer type. Calibration and evaluation run the model's own forward
+    and need neither."""
+    import inspect
+
+    fam, inner = family_of(model), model.model
+    old = None
+    if fam.gemma and not hasattr(inner.embed_tokens, "embed_scale"):
+        old = "embeddings scaled in the model's forward, not by the embedding module"
+    elif fam.rope_by_type and "layer_type" not in inspect.signature(inner.rotary_emb.forward).parameters:
+        old = "one rotary embedding per base, not one taking the layer type"
+    if old:
+        raise RSparseError(f"rsparse's decode loops follow transformers 5's {model.config.model_type!r} model; this one "
+                           f"({old}) is from an older transformers: upgrade it to decode (calibrate and eval work as they are)")
 
 
 def rotary_dim(model: nn.Module, head_dim: int) -> int:
