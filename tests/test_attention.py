@@ -1,7 +1,8 @@
 """Decode attention kernel (`kernels/attention.py`) against SDPA in float64, on the CPU through Triton's
 interpreter (GPU when present): grouped-query heads (G = 1, 3, 4), head dims 32/64, valid lengths that are
-not multiples of the slot block, 1-4 splits, and cache slots after pos poisoned with NaN (the kernel must
-never read them)."""
+not multiples of the slot block, 1-4 splits, sliding windows (spanning several splits, equal to or longer
+than the filled length) and soft-caps, and cache slots after pos, or before the window, poisoned with NaN
+(the kernel must never read them)."""
 import pytest
 import torch
 
@@ -14,40 +15,49 @@ from rsparse.kernels.attention import attention_lock, decode_attention, decode_a
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("B,H,HKV,D,L,pos,splits,block_l,dtype", [
-    (1, 4, 2, 64, 37, 20, 1, 16, torch.float32), (2, 6, 2, 64, 50, 49, 3, 16, torch.float32),
-    (3, 8, 8, 32, 17, 0, 2, 16, torch.float16), (1, 12, 3, 64, 130, 100, 4, 32, torch.float32),
-    (2, 4, 1, 32, 40, 5, 4, 16, torch.float16),  # more splits than filled blocks: empty splits merge as nothing
+@pytest.mark.parametrize("B,H,HKV,D,L,pos,splits,block_l,dtype,window,cap", [
+    (1, 4, 2, 64, 37, 20, 1, 16, torch.float32, 0, 0.0), (2, 6, 2, 64, 50, 49, 3, 16, torch.float32, 0, 0.0),
+    (3, 8, 8, 32, 17, 0, 2, 16, torch.float16, 0, 0.0), (1, 12, 3, 64, 130, 100, 4, 32, torch.float32, 0, 0.0),
+    (2, 4, 1, 32, 40, 5, 4, 16, torch.float16, 0, 0.0),  # more splits than filled blocks: empty splits merge as nothing
+    (1, 4, 2, 64, 130, 100, 4, 16, torch.float32, 37, 0.0),  # the window's 37 slots over 3 splits (merged)
+    (2, 6, 2, 64, 50, 49, 3, 16, torch.float32, 50, 0.7),  # window = filled length; a cap that bites
+    (2, 4, 1, 32, 90, 80, 4, 16, torch.float16, 20, 2.0), (1, 12, 3, 64, 130, 10, 2, 16, torch.float32, 64, 0.0),
 ])
-def test_decode_attention_matches_masked_sdpa(B, H, HKV, D, L, pos, splits, block_l, dtype):
-    torch.manual_seed(hash((B, H, HKV, D, L, pos, splits)) % 2**31)
+def test_decode_attention_matches_masked_sdpa(B, H, HKV, D, L, pos, splits, block_l, dtype, window, cap):
+    torch.manual_seed(hash((B, H, HKV, D, L, pos, splits, window)) % 2**31)
     q = torch.randn(B, 1, H, D).transpose(1, 2).to(dtype)  # the decoder's (B, H, 1, D) view
     k, v = torch.randn(B, HKV, L, D).to(dtype), torch.randn(B, HKV, L, D).to(dtype)
     p = torch.tensor([pos])
-    ref = masked_attention(q.double(), k.double(), v.double(), p)
+    ref = masked_attention(q.double(), k.double(), v.double(), p, window or None, cap or None)
     k[:, :, pos + 1:], v[:, :, pos + 1:] = float("nan"), float("nan")
-    o = decode_attention(q.to(DEV), k.to(DEV), v.to(DEV), p.to(DEV), splits, block_l).cpu()
+    if window:
+        k[:, :, :max(0, pos + 1 - window)], v[:, :, :max(0, pos + 1 - window)] = float("nan"), float("nan")
+    o = decode_attention(q.to(DEV), k.to(DEV), v.to(DEV), p.to(DEV), splits, block_l, window=window, softcap=cap).cpu()
     assert o.shape == ref.shape and o.dtype == dtype
     assert torch.isfinite(o).all(), "a slot after pos was read, or an output left unwritten"
     err = ((o.double() - ref).norm() / ref.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 2e-3), err
 
 
-@pytest.mark.parametrize("B,H,HKV,D,L,pos,splits,block_l,dtype,cos_rows", [
-    (1, 4, 2, 64, 37, 20, 1, 16, torch.float32, 1), (2, 6, 2, 64, 51, 49, 3, 16, torch.float32, 2),  # then the last slot
-    (3, 12, 4, 32, 17, 0, 2, 16, torch.float16, 1), (2, 4, 1, 32, 70, 33, 4, 16, torch.float16, 2),
+@pytest.mark.parametrize("B,H,HKV,D,L,pos,splits,block_l,dtype,cos_rows,window,cap", [
+    (1, 4, 2, 64, 37, 20, 1, 16, torch.float32, 1, 0, 0.0), (2, 6, 2, 64, 51, 49, 3, 16, torch.float32, 2, 0, 0.0),  # then the last slot
+    (3, 12, 4, 32, 17, 0, 2, 16, torch.float16, 1, 0, 0.0), (2, 4, 1, 32, 70, 33, 4, 16, torch.float16, 2, 0, 0.0),
+    (2, 6, 2, 64, 71, 60, 3, 16, torch.float32, 2, 25, 1.5),  # a window over 2 splits, and a cap
 ])
 @pytest.mark.parametrize("joined", [False, True])
-def test_fused_attention_rotates_writes_the_slot_and_attends(B, H, HKV, D, L, pos, splits, block_l, dtype, cos_rows, joined):
+def test_fused_attention_rotates_writes_the_slot_and_attends(B, H, HKV, D, L, pos, splits, block_l, dtype, cos_rows, window, cap,
+                                                             joined):
     """decode_attention_rope (q, k and v apart, or side by side in one buffer: `_qkv`) against the graphed
     step's unfused path in float64 (rotate q and k, index_copy_ K and V to slot pos, masked SDPA): slot
     pos and every later slot poisoned before the call; afterwards slot pos holds the rotated K and the V,
     the later slots are untouched, no NaN reaches the output, and the split counters are zero again, so
     a second call at the next position on the same counters is right too."""
-    torch.manual_seed(hash((B, H, HKV, D, L, pos, splits, cos_rows, joined)) % 2**31)
+    torch.manual_seed(hash((B, H, HKV, D, L, pos, splits, cos_rows, joined, window)) % 2**31)
     k_cache, v_cache = torch.randn(B, HKV, L, D).to(dtype), torch.randn(B, HKV, L, D).to(dtype)
     rk, rv = k_cache.double().clone(), v_cache.double().clone()
     k_cache[:, :, pos:], v_cache[:, :, pos:] = float("nan"), float("nan")
+    if window:  # slots before the first call's window: never read (the second call's window starts later)
+        k_cache[:, :, :pos + 1 - window], v_cache[:, :, :pos + 1 - window] = float("nan"), float("nan")
     kc, vc, lock = k_cache.to(DEV), v_cache.to(DEV), attention_lock(B, HKV, DEV)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     for p in (pos, pos + 1):
@@ -56,12 +66,13 @@ def test_fused_attention_rotates_writes_the_slot_and_attends(B, H, HKV, D, L, po
         angle = torch.rand(cos_rows, 1, 1, D // 2).repeat(1, 1, 1, 2) * 6.0
         cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
         rk[:, :, p:p + 1], rv[:, :, p:p + 1] = rope(k_new.double(), cos.double(), sin.double()), v_new.double()
-        ref = masked_attention(rope(q.double(), cos.double(), sin.double()), rk, rv, torch.tensor([p]))
+        ref = masked_attention(rope(q.double(), cos.double(), sin.double()), rk, rv, torch.tensor([p]), window or None, cap or None)
         pt, cs, sn = torch.tensor([p], device=DEV), cos.to(DEV), sin.to(DEV)
         if joined:
-            o = decode_attention_rope_qkv(qkv.to(DEV), cs, sn, kc, vc, pt, lock, splits, block_l).cpu()
+            o = decode_attention_rope_qkv(qkv.to(DEV), cs, sn, kc, vc, pt, lock, splits, block_l, window, cap).cpu()
         else:
-            o = decode_attention_rope(q.to(DEV), k_new.to(DEV), v_new.to(DEV), cs, sn, kc, vc, pt, lock, splits, block_l).cpu()
+            o = decode_attention_rope(q.to(DEV), k_new.to(DEV), v_new.to(DEV), cs, sn, kc, vc, pt, lock, splits, block_l,
+                                      window, cap).cpu()
         assert o.shape == ref.shape and o.dtype == dtype and torch.isfinite(o).all()
         assert ((o.double() - ref).norm() / ref.norm()).item() < tol
         assert not lock.any(), "the merging program must leave its counter at zero"
@@ -69,7 +80,7 @@ def test_fused_attention_rotates_writes_the_slot_and_attends(B, H, HKV, D, L, po
         assert ((got_k[:, :, p].double() - rk[:, :, p]).norm() / rk[:, :, p].norm()).item() < tol
         assert torch.equal(got_v[:, :, p], v_new[:, :, 0])
         assert got_k[:, :, p + 1:].isnan().all() and got_v[:, :, p + 1:].isnan().all()  # later slots untouched
-        assert torch.equal(got_k[:, :, :pos], k_cache[:, :, :pos])
+        torch.testing.assert_close(got_k[:, :, :pos], k_cache[:, :, :pos], rtol=0, atol=0, equal_nan=True)  # earlier slots untouched
 
 
 def test_decode_attention_refuses_bad_shapes():
