@@ -29,7 +29,12 @@ def family_model(model_type: str, **overrides):
     that skips a norm, or applies it at the wrong place, then gives other logits)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(model_type, **{**SHAPE, **EXTRA.get(model_type, {}), **overrides})
+    if model_type == "gemma3":  # the vision-language model: its text decoder from text_config, a tiny vision tower
+        cfg = AutoConfig.for_model("gemma3", text_config={**SHAPE, **EXTRA["gemma3_text"], **overrides}, mm_tokens_per_image=4,
+                                   vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=2, image_size=28, patch_size=14))
+    else:
+        cfg = AutoConfig.for_model(model_type, **{**SHAPE, **EXTRA.get(model_type, {}), **overrides})
     # Gemma 2's soft-capping exists only in transformers' eager attention (5.17 picked SDPA and dropped the cap)
     model = AutoModelForCausalLM.from_config(cfg, **({"attn_implementation": "eager"} if model_type == "gemma2" else {})).eval()
     with torch.no_grad():
@@ -109,29 +114,29 @@ def test_sliding_windows_decode_as_the_familys_own_forward(model_type):
     mask and each step's slice (StaticDecoder) or masked slots (GraphDecoder) against the model's own
     forward, float64; the window must change the logits for the comparison to say anything."""
     from rsparse.decode import GraphDecoder, StaticDecoder
-    from rsparse.families import windows
+    from rsparse.families import text_config, windows
 
     torch.manual_seed(7)
     model = family_model(model_type, sliding_window=4, **SLIDING.get(model_type, {})).double()
     assert 4 in windows(model)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 13))
     ref = hf_logits(model, ids)[PROMPT - 1:]
-    model.config.sliding_window = 64  # the same weights with a window longer than the text
+    text_config(model).sliding_window = 64  # the same weights with a window longer than the text
     assert (hf_logits(model, ids)[PROMPT - 1:] - ref).abs().max() > 1e-3
-    model.config.sliding_window = 4
+    text_config(model).sliding_window = 4
     atol = ATOL.get(model_type, 1e-10)
     torch.testing.assert_close(decoded(StaticDecoder(model, max_len=16), ids), ref, rtol=0, atol=atol)
     graph = GraphDecoder(model, max_len=16, attention="sdpa", norm="torch")
     torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "qwen2"])
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "gemma3", "qwen2"])
 def test_block_by_block_calibration_gives_each_block_its_own_masks_and_rotary_tables(model_type):
     """What calibration and the search's fitness run (`calibrate.block_inputs`, then one block at a
     time) gives the model's own logits: each block gets its layer type's mask (window 4 of 12
     positions) and rotary table (Gemma 3's two bases). With block 0's for every block it does not."""
     from rsparse.calibrate import block_inputs, layer_out
-    from rsparse.families import blocks, final_logits, scalars
+    from rsparse.families import blocks, final_logits, scalars, text_model
 
     torch.manual_seed(9)
     model = family_model(model_type, sliding_window=4, **SLIDING.get(model_type, {})).double()
@@ -144,7 +149,7 @@ def test_block_by_block_calibration_gives_each_block_its_own_masks_and_rotary_ta
         h = hs
         for i, layer in enumerate(blocks(model)):
             h = layer_out(layer, h, kw_of(i))
-        return final_logits(scalars(model), model.lm_head(model.model.norm(h)))
+        return final_logits(scalars(model), model.lm_head(text_model(model).norm(h)))
 
     with torch.no_grad():
         got, first_only = logits(lambda i: kws[i]), logits(lambda i: kws[0])
@@ -153,7 +158,7 @@ def test_block_by_block_calibration_gives_each_block_its_own_masks_and_rotary_ta
 
 
 @pytest.mark.parametrize("attention", ["triton", "fused"])
-@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gemma3_text", "gemma3"])
 def test_the_triton_attention_kernels_take_windows_and_caps(model_type, attention):
     """The kernels' window and soft-cap (Gemma 2) in the graphed step, the interpreter on the CPU,
     float32, window 4 of up to 13 positions."""

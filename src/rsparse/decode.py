@@ -27,7 +27,7 @@ import torch
 from .apply import dense_view
 from .attend import ATTENTION, attention, attention_splits, default_attention, kernel_head_dim, paths, rope, window_mask
 from .families import (blocks, check_decodable, family_of, final_logits, get_group, rope_types, rotary_dim, rotates,
-                       scalars, submodule, unfuse_, windows)
+                       scalars, submodule, text_config, text_model, unfuse_, windows)
 from .kernels.counters import counters  # torch only: Triton stays optional here
 from .linear import ThresholdedActivation
 
@@ -70,8 +70,9 @@ def fresh_step(dec):
 
 class StaticDecoder:
     def __init__(self, model, max_len: int = 512, batch: int = 1):
-        cfg = model.config
+        cfg = text_config(model)
         self.model, self.layers, self.family = model, blocks(model), family_of(model)
+        self.inner = text_model(model)  # embed_tokens, rotary_emb, norm (a VLM's language_model)
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         p = next(model.parameters())
@@ -165,7 +166,7 @@ class StaticDecoder:
         return d if self.scalars.residual == 1.0 else d * self.scalars.residual
 
     def _embed(self, ids):
-        h = self.model.model.embed_tokens(ids)
+        h = self.inner.embed_tokens(ids)
         return h if self.scalars.embed == 1.0 else h * self.scalars.embed
 
     def _logits(self, x):
@@ -174,7 +175,7 @@ class StaticDecoder:
     def _rotary(self, h, positions):
         """{layer type: (cos, sin)} per block kind (`rope_types`; one entry, None, but for Gemma 3),
         each [1, 1, T, rotary dims] for positions [1, T]."""
-        rot = self.model.model.rotary_emb
+        rot = self.inner.rotary_emb
         out = {}
         for t in dict.fromkeys(self.rope_types):
             cos, sin = rot(h, positions) if t is None else rot(h, positions, t)
@@ -189,7 +190,7 @@ class StaticDecoder:
             raise ValueError("multi-token input is supported only as a prefill at position 0")
         if self.pos + T > self.max_len:
             raise ValueError(f"cache holds {self.max_len} positions; {self.pos + T} needed")
-        inner = self.model.model
+        inner = self.inner
         h = self._embed(ids)
         tables = self._rotary(h, torch.arange(self.pos, self.pos + T, device=ids.device)[None])
         for i, layer in enumerate(self.layers):
@@ -252,7 +253,7 @@ def _norms_fit(model) -> str | None:
     if family_of(model).post_norm:
         return f"{model.config.model_type!r} norms its sublayers' outputs (the kernel norms the residual sum)"
     dtype = next(model.parameters()).dtype
-    for m in _step_norms(family_of(model), blocks(model), model.model.norm):
+    for m in _step_norms(family_of(model), blocks(model), text_model(model).norm):
         if type(m).__name__ not in RMS_NORMS or m.weight.dtype != dtype or m.weight.shape[0] > MAX_WIDTH:
             return f"{type(m).__name__} {tuple(m.weight.shape)} {m.weight.dtype} (fused: {', '.join(RMS_NORMS)} in the model dtype)"
     return None
@@ -331,7 +332,7 @@ class GraphDecoder(StaticDecoder):
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits for ids [batch, 1] at position `pos` (long tensor [1]); `prefill` first."""
-        inner = self.model.model
+        inner = self.inner
         h = self._embed(ids)
         tables = self._rotary(h, pos[None])
         ctxs = {w: self.step_context(pos, w) for w in dict.fromkeys(self.windows)}

@@ -11,7 +11,9 @@ projection (OLMo2), which norms sit before each sublayer (none in OLMo2) and whi
 (OLMo2; Gemma 2/3 have both: "sandwich" norms), the config's scalar multipliers (Granite), blocks
 without the rotary embedding (SmolLM3), the config's sliding attention window (per block where the
 config lists `layer_types`), Gemma's attention scale and tanh soft-capping of attention scores and
-logits, and rotary tables per layer type (Gemma 3: local and global bases). Calibration and
+logits, and rotary tables per layer type (Gemma 3: local and global bases). `inner` is the text
+decoder (embeddings, rotary embedding, final norm, blocks): a vision-language model's language_model
+(Gemma 3 from 4B up), whose config is `text_config`; it is run on text alone. Calibration and
 evaluation run the model's own forward and need none of them, except that the blocks' keyword
 arguments (masks, rotary tables) differ by layer type: `calibrate.block_inputs` keeps each block's.
 `fused` names projections stored as one layer (Phi-3's q|k|v and gate|up), split into their parts
@@ -35,6 +37,7 @@ class Family:
     proj: dict  # short name -> path inside a block
     act: str  # path of the MLP activation module inside a block
     norm: str = "model.norm"
+    inner: str = "model"  # the text decoder: embed_tokens, rotary_emb, norm and the blocks (a VLM's language_model)
     # group name -> (member projections, attribute path of the fused module inside a block)
     groups: tuple = (("qkv", ("q", "k", "v"), "self_attn.rsparse_qkv"), ("gate_up", ("gate", "up"), "mlp.rsparse_gate_up"))
     qk_norm: tuple = ()  # (q norm, k norm) paths inside a block, applied before the rotary embedding
@@ -69,6 +72,8 @@ _LLAMA = Family(
 _SANDWICH = dict(pre_norm=("input_layernorm", "pre_feedforward_layernorm"),
                  post_norm=("post_attention_layernorm", "post_feedforward_layernorm"))
 
+_GEMMA3 = replace(_LLAMA, **_SANDWICH, window=True, gemma=True, rope_by_type=True, qk_norm=("self_attn.q_norm", "self_attn.k_norm"))
+
 # model_type (from the HF config) -> family. Llama-style gated-MLP decoders share one layout; each
 # row is checked against the family's own forward in float64 (tests/test_families.py).
 FAMILIES = {
@@ -87,13 +92,11 @@ FAMILIES = {
     "olmo2": replace(_LLAMA, qk_norm=("self_attn.q_norm", "self_attn.k_norm"), qk_norm_per_head=False, pre_norm=(),
                      post_norm=("post_attention_layernorm", "post_feedforward_layernorm")),
     "gemma2": replace(_LLAMA, **_SANDWICH, window=True, gemma=True),
-    "gemma3_text": replace(_LLAMA, **_SANDWICH, window=True, gemma=True, rope_by_type=True,
-                           qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
+    "gemma3_text": _GEMMA3,
+    # Gemma 3 4B and up: a vision-language model whose text decoder is model.language_model (text in, text out)
+    "gemma3": replace(_GEMMA3, blocks="model.language_model.layers", norm="model.language_model.norm",
+                      inner="model.language_model"),
 }
-
-
-_HINTS = {"gemma3": "; this is a Gemma 3 vision-language checkpoint: rsparse takes text-only Gemma 3 models "
-                     "(model_type 'gemma3_text', Gemma3ForCausalLM: the 270M and 1B ones)"}
 
 
 def submodule(root: nn.Module, path: str):
@@ -112,9 +115,20 @@ def family_of(model: nn.Module) -> Family:
     if fam is None:
         raise RSparseError(
             f"unsupported architecture {mtype!r}: rsparse knows {sorted(FAMILIES)} "
-            "(decoder blocks at model.layers with q/k/v/o_proj and gate/up/down_proj)" + _HINTS.get(mtype, "")
+            "(decoder blocks at model.layers with q/k/v/o_proj and gate/up/down_proj)"
         )
     return fam
+
+
+def text_config(model: nn.Module):
+    """The text decoder's config: the model's own, or a vision-language model's text_config."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """The text decoder module (embed_tokens, rotary_emb, norm, layers): `Family.inner`."""
+    return submodule(model, family_of(model).inner)
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
@@ -176,7 +190,7 @@ def unfuse_(model: nn.Module) -> None:
         for path, names, rule in fam.fused:
             lin = submodule(block, path)
             if type(lin) is nn.Linear:
-                _put(block, path, SplitLinear(lin, _widths(model.config, names, rule, lin.out_features)))
+                _put(block, path, SplitLinear(lin, _widths(text_config(model), names, rule, lin.out_features)))
 
 
 def locate(model: nn.Module) -> dict[str, nn.Module]:
@@ -261,7 +275,7 @@ class Scalars:
 
 
 def scalars(model: nn.Module) -> Scalars:
-    fam, cfg = family_of(model), model.config
+    fam, cfg = family_of(model), text_config(model)
     if fam.multipliers:
         return Scalars(float(getattr(cfg, "embedding_multiplier", 1.0)), float(getattr(cfg, "residual_multiplier", 1.0)),
                        getattr(cfg, "attention_multiplier", None), float(getattr(cfg, "logits_scaling", 1.0)))
@@ -291,7 +305,7 @@ def rotates(model: nn.Module) -> list:
 def rope_types(model: nn.Module) -> list:
     """Per block, the layer type its rotary table is computed for (`Family.rope_by_type`), else None."""
     n = len(blocks(model))
-    return list(model.config.layer_types) if family_of(model).rope_by_type else [None] * n
+    return list(text_config(model).layer_types)[:n] if family_of(model).rope_by_type else [None] * n
 
 
 def windows(model: nn.Module) -> list:
@@ -299,7 +313,7 @@ def windows(model: nn.Module) -> list:
     all: the config's sliding_window where the family applies it (`Family.window`), on the blocks its
     `layer_types` marks "sliding_attention" or, without them, on every block unless use_sliding_window
     is False."""
-    cfg, n = model.config, len(blocks(model))
+    cfg, n = text_config(model), len(blocks(model))
     w = getattr(cfg, "sliding_window", None)
     if not (family_of(model).window and w):
         return [None] * n
@@ -316,7 +330,7 @@ def check_decodable(model: nn.Module) -> None:
     and need neither."""
     import inspect
 
-    fam, inner = family_of(model), model.model
+    fam, inner = family_of(model), text_model(model)
     old = None
     if fam.gemma and not hasattr(inner.embed_tokens, "embed_scale"):
         old = "embeddings scaled in the model's forward, not by the embedding module"
@@ -329,6 +343,6 @@ def check_decodable(model: nn.Module) -> None:
 
 def rotary_dim(model: nn.Module, head_dim: int) -> int:
     """How many of each head's dims the rotary embedding turns (all, but for a partial_rotary_factor)."""
-    cfg = model.config
+    cfg = text_config(model)
     factor = getattr(cfg, "partial_rotary_factor", None) or (getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor")
     return int(head_dim * factor) if factor else head_dim
