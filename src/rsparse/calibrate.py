@@ -2,8 +2,7 @@
 
 The calibration windows are embedded once, then pushed through one decoder block at a time
 (inputs captured at block 0 with every block's keyword arguments, outputs of block i become inputs
-of block i+1), so only one block's
-activations exist at a time. For every projection p of the block we collect:
+of block i+1), so only one block's activations exist at a time. For every projection p of the block we collect:
 - log-binned histograms of the channel scores |x_j| ("abs") and |x_j| * ||W[:, j]|| ("wnorm")
   over all calibration tokens: a threshold tau for any kept fraction is a histogram quantile;
 - error tables on a token sample: for kept fraction kappa (grid KEEPS) and rank r (grid RANKS, or
@@ -177,12 +176,12 @@ class _Recorder(nn.Module):
     """Stands in for a decoder block while `block_inputs` runs the model: keeps the block's keyword
     arguments and passes the hidden states on (the last one stops the forward)."""
 
-    def __init__(self, index: int, last: bool, sink: list):
+    def __init__(self, last: bool):
         super().__init__()
-        self.index, self.last, self.sink = index, last, sink
+        self.last, self.seen = last, None
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.sink.append((hidden_states, kwargs))
+        self.seen = hidden_states, {k: v for k, v in kwargs.items() if k != "hidden_states"}
         if self.last:
             raise _Stop
         return hidden_states
@@ -200,21 +199,17 @@ def block_inputs(model, windows: torch.Tensor, batch: int = 4) -> list:
     swapped for recorders while the model's forward runs up to the last one (no block computes)."""
     layers = blocks(model)
     originals = list(layers)
+    recorders = [_Recorder(i == len(layers) - 1) for i in range(len(layers))]
     captured = []
     try:
-        for i in range(len(layers)):
-            sink: list = []
-            layers[i] = _Recorder(i, i == len(layers) - 1, sink)
+        for i, rec in enumerate(recorders):
+            layers[i] = rec
         for i in range(0, len(windows), batch):
-            for j in range(len(layers)):
-                layers[j].sink.clear()
             try:
                 model(windows[i : i + batch], use_cache=False)
             except _Stop:
                 pass
-            first = layers[0].sink[0]
-            captured.append((first[0], tuple({k: v for k, v in layers[j].sink[0][1].items() if k != "hidden_states"}
-                                             for j in range(len(layers)))))
+            captured.append((recorders[0].seen[0], tuple(rec.seen[1] for rec in recorders)))
     finally:
         for i, block in enumerate(originals):
             layers[i] = block
