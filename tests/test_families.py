@@ -69,19 +69,24 @@ def decoded(dec, ids):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
-def test_decode_loops_match_the_familys_own_forward(model_type):
+def assert_decoders_give(model, ids, ref, max_len: int, atol: float):
+    """StaticDecoder and GraphDecoder's step (the compiled and graphed steps' code, SDPA, the model's own
+    norms) give the logits ref (the model's forward after the prompt) to atol."""
     from rsparse.decode import GraphDecoder, StaticDecoder
 
+    torch.testing.assert_close(decoded(StaticDecoder(model, max_len=max_len), ids), ref, rtol=0, atol=atol)
+    graph = GraphDecoder(model, max_len=max_len, attention="sdpa", norm="torch")
+    torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_decode_loops_match_the_familys_own_forward(model_type):
     torch.manual_seed(1)
     model = family_model(model_type).double()
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 11))
     ref = hf_logits(model, ids)[PROMPT - 1:]  # the logits after the prompt, then 4 decode steps
     assert ref.abs().max() > 1e-3  # logits that say something
-    atol = ATOL.get(model_type, 1e-10)
-    torch.testing.assert_close(decoded(StaticDecoder(model, max_len=12), ids), ref, rtol=0, atol=atol)
-    graph = GraphDecoder(model, max_len=12, attention="sdpa", norm="torch")  # the compiled and graphed steps' code
-    torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=atol)
+    assert_decoders_give(model, ids, ref, 12, ATOL.get(model_type, 1e-10))
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
@@ -113,7 +118,6 @@ def test_sliding_windows_decode_as_the_familys_own_forward(model_type):
     """A window of 4 positions, shorter than the prompt (7) and the decode (13): the prefill's banded
     mask and each step's slice (StaticDecoder) or masked slots (GraphDecoder) against the model's own
     forward, float64; the window must change the logits for the comparison to say anything."""
-    from rsparse.decode import GraphDecoder, StaticDecoder
     from rsparse.families import text_config, windows
 
     torch.manual_seed(7)
@@ -124,10 +128,7 @@ def test_sliding_windows_decode_as_the_familys_own_forward(model_type):
     text_config(model).sliding_window = 64  # the same weights with a window longer than the text
     assert (hf_logits(model, ids)[PROMPT - 1:] - ref).abs().max() > 1e-3
     text_config(model).sliding_window = 4
-    atol = ATOL.get(model_type, 1e-10)
-    torch.testing.assert_close(decoded(StaticDecoder(model, max_len=16), ids), ref, rtol=0, atol=atol)
-    graph = GraphDecoder(model, max_len=16, attention="sdpa", norm="torch")
-    torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=atol)
+    assert_decoders_give(model, ids, ref, 16, ATOL.get(model_type, 1e-10))
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "gemma3", "qwen2"])
@@ -240,15 +241,13 @@ def test_the_fused_norm_is_refused_for_norms_on_sublayer_outputs():
 def test_a_partial_rotary_embedding_decodes_as_the_model_does():
     """Phi-4-mini-style: the rotary embedding turns only the first half of each head's dims. The fused
     attention kernel rotates whole heads, so it is refused by name and "auto" does not pick it."""
-    from rsparse.decode import GraphDecoder, StaticDecoder
+    from rsparse.decode import GraphDecoder
 
     torch.manual_seed(5)
     model = family_model("phi3", partial_rotary_factor=0.5).double()
     ids = torch.randint(0, SHAPE["vocab_size"], (1, 10))
     ref = hf_logits(model, ids)[PROMPT - 1:]
-    torch.testing.assert_close(decoded(StaticDecoder(model, max_len=12), ids), ref, rtol=0, atol=1e-10)
-    graph = GraphDecoder(model, max_len=12, attention="sdpa", norm="torch")
-    torch.testing.assert_close(decoded(graph, ids), ref, rtol=0, atol=1e-10)
+    assert_decoders_give(model, ids, ref, 12, 1e-10)
     if pytest.importorskip("triton"):
         with pytest.raises(ValueError, match="rotates 8 of each head's 16 dims"):
             GraphDecoder(model, max_len=12, attention="fused")

@@ -44,21 +44,20 @@ def attention(q, k, v, mask=None, softcap: float | None = None, causal: bool = F
     return torch.softmax(s, dim=-1, dtype=torch.promote_types(s.dtype, torch.float32)).to(q.dtype) @ v
 
 
-def window_mask(first: int, rows: int, slots: int, window: int | None, device):
-    """[rows, slots]: query positions first..first+rows-1 against key positions 0..slots-1."""
-    i = torch.arange(first, first + rows, device=device)[:, None]
-    j = torch.arange(slots, device=device)[None, :]
+def _sees(i, j, window: int | None):
+    """Whether query position i sees key position j (broadcast): j <= i, and within the window."""
     keep = j <= i
     return keep if window is None else keep & (j > i - window)
 
 
+def window_mask(first: int, rows: int, slots: int, window: int | None, device):
+    """[rows, slots]: query positions first..first+rows-1 against key positions 0..slots-1."""
+    return _sees(torch.arange(first, first + rows, device=device)[:, None], torch.arange(slots, device=device)[None, :], window)
+
+
 def _slot_mask(slots: int, pos, window: int | None = None):
     """[1, 1, 1, slots]: the cache slots up to pos (and within the window), once per step and window."""
-    j = torch.arange(slots, device=pos.device)
-    keep = j <= pos
-    if window is not None:
-        keep = keep & (j > pos - window)
-    return keep[None, None, None, :]
+    return _sees(pos, torch.arange(slots, device=pos.device), window)[None, None, None, :]
 
 
 def masked_attention(q, k_cache, v_cache, pos, window: int | None = None, softcap: float | None = None):

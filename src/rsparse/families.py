@@ -33,10 +33,8 @@ PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 
 @dataclass(frozen=True)
 class Family:
-    blocks: str  # attribute path of the ModuleList of decoder blocks
     proj: dict  # short name -> path inside a block
     act: str  # path of the MLP activation module inside a block
-    norm: str = "model.norm"
     inner: str = "model"  # the text decoder: embed_tokens, rotary_emb, norm and the blocks (a VLM's language_model)
     # group name -> (member projections, attribute path of the fused module inside a block)
     groups: tuple = (("qkv", ("q", "k", "v"), "self_attn.rsparse_qkv"), ("gate_up", ("gate", "up"), "mlp.rsparse_gate_up"))
@@ -54,9 +52,12 @@ class Family:
     # fused projections split into their parts at first use (`unfuse_`): (path, part names, widths rule)
     fused: tuple = ()
 
+    @property
+    def blocks(self) -> str:  # attribute path of the ModuleList of decoder blocks
+        return f"{self.inner}.layers"
+
 
 _LLAMA = Family(
-    blocks="model.layers",
     proj={
         "q": "self_attn.q_proj",
         "k": "self_attn.k_proj",
@@ -94,8 +95,7 @@ FAMILIES = {
     "gemma2": replace(_LLAMA, **_SANDWICH, window=True, gemma=True),
     "gemma3_text": _GEMMA3,
     # Gemma 3 4B and up: a vision-language model whose text decoder is model.language_model (text in, text out)
-    "gemma3": replace(_GEMMA3, blocks="model.language_model.layers", norm="model.language_model.norm",
-                      inner="model.language_model"),
+    "gemma3": replace(_GEMMA3, inner="model.language_model"),
 }
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .apply import swapped
 from .calibrate import block_inputs, layer_out
-from .families import blocks, family_of, final_logits, scalars, submodule
+from .families import blocks, final_logits, scalars, text_model
 
 
 class Fitness:
@@ -34,7 +34,7 @@ class Fitness:
     def __init__(self, model, windows: dict, batch: int = 4):
         self.model = model
         self.layers = blocks(model)
-        self.norm = submodule(model, family_of(model).norm)
+        self.norm = text_model(model).norm
         self.head = model.get_output_embeddings()
         self.scalars = scalars(model)  # Granite divides its logits, Gemma 2 caps them
         self.targets = {k: [w[i : i + batch] for i in range(0, len(w), batch)] for k, w in windows.items()}
