@@ -113,3 +113,29 @@ def test_sparse_samples_thresholds_keep_the_target_in_the_sparse_model(tiny_llam
         t.fill_(0.0)
     set_thresholds({k: m.tau for k, m in sparse.items()}, samples, {}, 0.7)
     assert all(torch.equal(sparse[k].tau, taus[k]) for k in taus)
+
+
+def test_check_covers_a_sparse_head(tiny_llama):
+    """`--head-sparsity`: the lm_head joins the projections (`gpumodel.with_head`), takes its threshold
+    from the sparse prefill at its own quantile, is in the step (the logits move) and in the oracle."""
+    from rsparse.families import HEAD
+    from rsparse.gpumodel import sparse_samples, with_head
+
+    torch.manual_seed(11)
+    model = tiny_llama(vocab_size=53).to(DEV)
+    projs = locate(model)
+    sparse, quantile = modules_at(projs, 0.5, 1.0)
+    with_head(projs, sparse, quantile, model, 0.4)
+    assert projs[HEAD] is model.lm_head and quantile[HEAD] == 0.4 and sparse[HEAD].keep == pytest.approx(0.6)
+    samples = sparse_samples(model, sparse, quantile, 0.5, tokens=64)
+    taus = {k: m.tau for k, m in sparse.items()}
+    dec = GraphDecoder(model, max_len=16)
+    ids, pos = torch.tensor([[9]], device=DEV), torch.tensor([5], device=DEV)
+    g, out = _graph_stand_in(model, sparse, dec, ids, pos)
+    got = check_against_oracle("tiny", model, projs, dec, g, out, taus, samples, sparse, quantile)
+    assert got["graph_vs_eager_triton_rel_err"] == 0.0 and got["rel_err"] < 1e-4 and got["argmax_equal"], got
+    assert got["triton_vs_oracle_f32_rel_err"] < 1e-4, got  # the float32 oracle has the sparse head too
+    x = samples[HEAD]
+    assert 0.5 < (x > taus[HEAD]).float().mean().item() < 0.7
+    _, out_dense_head = _graph_stand_in(model, {k: m for k, m in sparse.items() if k != HEAD}, dec, ids, pos)
+    assert ((out - out_dense_head).norm() / out_dense_head.norm()).item() > 1e-3

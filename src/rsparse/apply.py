@@ -17,7 +17,7 @@ import torch
 
 from .artifact import load as load_plan
 from .errors import RSparseError
-from .families import attached_groups, get_act, locate, set_group, set_module
+from .families import HEAD, attached_groups, get_act, locate, set_group, set_module
 from .linear import RSparseLinear, ThresholdedActivation
 from .plan import Plan, plan_fits
 
@@ -25,7 +25,10 @@ SPARSE_TYPES = (RSparseLinear, ThresholdedActivation)
 
 
 def sparse_modules(model) -> dict:
+    """{key: module} of every sparse module: projections "i.p", CATS activations "i.act", the lm_head "head"."""
     out = {k: m for k, m in locate(model).items() if isinstance(m, SPARSE_TYPES)}
+    if isinstance(getattr(model, "lm_head", None), RSparseLinear):
+        out[HEAD] = model.lm_head
     for b in range(len({k.split(".")[0] for k in locate(model)})):
         act = get_act(model, b)
         if isinstance(act, SPARSE_TYPES):
@@ -62,10 +65,10 @@ def sparsify_(model, plan: Plan | str | os.PathLike, check: bool = True):
 
 
 def modules_for(model, layers: dict, factors: dict) -> dict:
-    """{key: sparse module} for planned layers ("i.p" projections, "i.act" for CATS)."""
-    projs, out = locate(model), {}
+    """{key: sparse module} for planned layers ("i.p" projections, "i.act" for CATS, "head")."""
+    projs, out = {**locate(model), HEAD: getattr(model, "lm_head", None)}, {}
     for key, lp in layers.items():
-        block, p = key.split(".")
+        block, _, p = key.partition(".")
         if p == "act":
             out[key] = ThresholdedActivation(get_act(model, int(block)), lp.tau)
             continue
@@ -106,9 +109,9 @@ def dense_view(model):
 def counting_kept(model, shapes: dict):
     """Within the block, every sparse module counts the channels it keeps on the tokens it sees (dense
     prefills through `dense_view` are not seen); on exit the yielded dict gets "sparsity" (the realised
-    model-level byte sparsity) and "keep" (each module's kept fraction). Wrapping an evaluation in it
-    measures the realised sparsity on all of the evaluated text at no extra forward pass: on a handful of
-    windows it is noisy (SmolLM2, TEAL-greedy at 70%: 0.66-0.74 over 4,096-token chunks, session 32)."""
+    model-level byte sparsity), "keep" (each module's kept fraction) and "layers" (both as LayerPlans,
+    for `plan.total_sparsity`). Wrapping an evaluation in it measures the realised sparsity on all of
+    the evaluated text at no extra forward pass: on a handful of windows it is noisy (SmolLM2, TEAL-greedy at 70%: 0.66-0.74 over 4,096-token chunks, session 32)."""
     mods = sparse_modules(model)
     kept = {k: [0, 0] for k in mods}
 
@@ -131,7 +134,7 @@ def counting_kept(model, shapes: dict):
 
     layers = {k: LayerPlan(tau=float(m.tau), keep=float(kept[k][0]) / max(kept[k][1], 1), rank=getattr(m, "rank", 0))
               for k, m in mods.items()}
-    out.update(sparsity=expected_sparsity(layers, shapes), keep={k: v.keep for k, v in layers.items()})
+    out.update(sparsity=expected_sparsity(layers, shapes), keep={k: v.keep for k, v in layers.items()}, layers=layers)
 
 
 @torch.inference_mode()

@@ -61,7 +61,8 @@ def load(directory) -> Plan:
         factors = {k: (tensors[f"{k}.U"], tensors[f"{k}.A"]) for k, lp in layers.items() if lp.rank}
         plan = Plan(config=meta["config"], model_id=meta["model_id"], fingerprint=meta["fingerprint"],
                     shapes={k: tuple(v) for k, v in meta["shapes"].items()}, layers=layers,
-                    calibration=meta.get("calibration", {}), factors=factors, fingerprint_fp16=meta.get("fingerprint_fp16", ""))
+                    calibration=meta.get("calibration", {}), factors=factors, fingerprint_fp16=meta.get("fingerprint_fp16", ""),
+                    head_shape=list(meta.get("head_shape", [])))
     except (KeyError, TypeError) as e:
         raise RSparseError(f"{pj}: incomplete plan ({e})") from None
     from .budget import check_sparsity

@@ -267,6 +267,7 @@ def run_bench(args):
     if args.backend not in ("cpp", "oracle"):
         raise RSparseError(f"unknown backend {args.backend!r}; use cpp or oracle")
     sparsities = parse_sparsities(args.sparsities)
+    head_sparsity = RSparseConfig(head_sparsity=getattr(args, "head_sparsity", 0.0)).head_sparsity  # refused before loading
     dense, tok = load(args.model, args.dtype)
     layout = fastest_dense_(dense)
     print(f"dense baseline layouts: {layout}", flush=True)
@@ -279,7 +280,7 @@ def run_bench(args):
     compiled = getattr(args, "cpu_compile", False)
     rows = []
     for s in sparsities:
-        plan = build_plan(calib, stats, RSparseConfig(sparsity=s))
+        plan = build_plan(calib, stats, RSparseConfig(sparsity=s, head_sparsity=head_sparsity))
         sparse = sparse_model(args.model, args.dtype, plan, args.backend)
         oracle = sparse_model(args.model, args.dtype, plan, "oracle")
         ref64, _ = load(args.model, "float32")
@@ -290,7 +291,7 @@ def run_bench(args):
             cands["backend_compiled"], decs["backend_compiled"] = sparse, CompiledDecoder
         agree = agreement(cands, ref64, text_ids, prompt, n_check, decs)
         del oracle, ref64
-        if layout["lm_head"] != "F.linear":  # the same (unsparsified) lm_head layout as the dense baseline
+        if layout["lm_head"] != "F.linear" and not head_sparsity:  # the dense baseline's lm_head layout
             sparse.lm_head = TransposedLinear(sparse.lm_head)
         models = {"dense": dense, "sparse": sparse}
         if s == sparsities[0] and args.backend == "cpp":  # our kernel with every channel kept: kernel vs sparsity
@@ -298,7 +299,8 @@ def run_bench(args):
             for m in models["all_kept"].modules():
                 if hasattr(m, "decode_rows"):
                     m.tau.fill_(-1.0)
-            models["all_kept"].lm_head = sparse.lm_head
+            if not head_sparsity:  # a sparse head is the model's own (every channel kept above)
+                models["all_kept"].lm_head = sparse.lm_head
         timers = {k: (lambda m=m: _step_times(m, prompt, args.tokens)) for k, m in models.items()}
         compile_s = {}
         if compiled:  # the same models, each decode step compiled (inductor C++)
@@ -309,7 +311,8 @@ def run_bench(args):
         for _ in range(args.repeats):  # alternate so drift hits all equally
             for k, timer in timers.items():
                 times[k] += timer()
-        row = {"sparsity": s, "expected_sparsity": plan.expected_sparsity(), "dense_tok_s": 1 / statistics.median(times["dense"]),
+        row = {"sparsity": s, "expected_sparsity": plan.expected_sparsity(), "head_sparsity": head_sparsity,
+               "expected_total_sparsity": plan.expected_total_sparsity(), "dense_tok_s": 1 / statistics.median(times["dense"]),
                "sparse_tok_s": 1 / statistics.median(times["sparse"]), "agreement": agree}
         if "all_kept" in times:
             row["kernel_all_kept_tok_s"] = 1 / statistics.median(times["all_kept"])

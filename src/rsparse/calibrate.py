@@ -13,7 +13,9 @@ of block i+1), so only one block's activations exist at a time. For every projec
 - a sensitivity weight: the block-output error caused by sparsifying p alone at a probe setting
   (half the channels, r = 0), divided by p's own relative output error there. It puts the seven
   projections of a block on one scale for the allocation search (see `plan`);
-- for CATS, the histogram of |act(gate x)|.
+- for CATS, the histogram of |act(gate x)|;
+- for the lm_head, the score histograms of its input (the final norm of the last block's output),
+  from the hidden states the block stream ends with: no extra forward.
 `Stats` holds all of it (plus the token sample, kept in memory for activation-aware factors).
 """
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .families import PROJECTIONS, blocks, get_act, locate
+from .families import PROJECTIONS, blocks, get_act, locate, text_model
 from .linear import SCORES, column_norms
 
 KEEPS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05 .. 1.0
@@ -88,14 +90,20 @@ class Stats:
     act: dict  # "i.act" -> Histogram
     tokens: int
     config: dict
+    head: ProjStats | None = None  # the lm_head's input (histograms only)
+
+
+def _add_scores(store: ProjStats, x: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+    """Both score histograms of input rows x; returns x as float32 rows."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    store.hist["abs"].add(x.abs())
+    store.hist["wnorm"].add(x.abs() * col)
+    return x
 
 
 def _input_hook(store: ProjStats, col: torch.Tensor, every: int):
     def hook(_mod, args):
-        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-        store.hist["abs"].add(x.abs())
-        store.hist["wnorm"].add(x.abs() * col)
-        store.sample.append(x[::every].clone())
+        store.sample.append(_add_scores(store, args[0], col)[::every].clone())
 
     return hook
 
@@ -264,4 +272,15 @@ def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 7
         _sensitivities(model, b, layer, (probe[0], probe[1][b]), {p: proj_stats[f"{b}.{p}"] for p in PROJECTIONS})
         probe = (layer_out(layer, probe[0], probe[1][b]), probe[1])
     config = {"windows": list(windows.shape), "sample_every": every, "scores": list(scores), "ranks": sorted(ranks)}
-    return Stats(proj=proj_stats, act=act_stats, tokens=n_tok, config=config)
+    return Stats(proj=proj_stats, act=act_stats, tokens=n_tok, config=config, head=_head_stats(model, captured))
+
+
+def _head_stats(model, captured) -> ProjStats | None:
+    """The lm_head's input score histograms from the last block's outputs `captured`."""
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        return None
+    st, col, norm = ProjStats(shape=tuple(head.weight.shape)), column_norms(head.weight), text_model(model).norm
+    for hs, _ in captured:
+        _add_scores(st, norm(hs), col)  # no sample: the head's plan has no rank term to whiten
+    return st

@@ -47,6 +47,10 @@ def _add_method(p, default_method="rsparse"):
                         "try 0.1 at 70%%)")
     p.add_argument("--rank-cost", type=float, default=None,
                    help="auto/evo allocations: a factor byte counts as this many kept-column bytes (>= 1; overrides --target)")
+    p.add_argument("--head-sparsity", type=float, default=0.0,
+                   help="rsparse/teal: sparsify the lm_head too, at this byte sparsity (0: dense, the default). It is "
+                        "outside --sparsity, which covers the blocks' projections; the plan reports both and the share "
+                        "of every weight a token reads. On SmolLM2 the head is 21%% of those bytes")
     p.add_argument("--calib-text", default="wiki", help="calibration text: wiki (bundled) or a file")
     p.add_argument("--calib-tokens", type=int, default=65536)
     p.add_argument("--refine-tokens", type=int, default=None,
@@ -69,7 +73,8 @@ def _config(args):
     given = {k: v for k, v in (("rank_multiple", args.rank_multiple), ("rank_cost", args.rank_cost),
                                ("min_keep", args.min_keep)) if v is not None}
     config = RSparseConfig.for_target(args.target, method=args.method, sparsity=args.sparsity, allocation=args.allocation,
-                                      alpha=args.alpha, score=args.score, factors=args.factors, **given)
+                                      alpha=args.alpha, score=args.score, factors=args.factors,
+                                      head_sparsity=args.head_sparsity, **given)
     if getattr(args, "search", None) != "evo":
         refuse_search_only(config)  # eval and calibrate call this before the model loads
     return config
@@ -103,6 +108,7 @@ def cmd_eval(args):
     from . import data, evaluate
     from .apply import counting_kept
     from .models import load
+    from .plan import total_sparsity
 
     _positive("--limit", args.limit)
     _positive("--windows", args.windows)
@@ -122,15 +128,20 @@ def cmd_eval(args):
     if plan:
         res["plan"] = {k: plan.config.get(k, d) for k, d in (("allocation", None), ("alpha", None), ("score", None),
                                                                ("factors", None), ("rank_multiple", 1), ("rank_cost", 1.0),
-                                                               ("min_keep", 0.0))}
+                                                               ("min_keep", 0.0), ("head_sparsity", 0.0))}
         res["plan"]["refine_tokens"] = plan.calibration.get("refined", {}).get("tokens", 0)
         res["sparsity_expected"] = round(plan.expected_sparsity(), 5)
+        total = plan.expected_total_sparsity()
+        if total is not None:  # every weight a token reads, the lm_head included
+            res["sparsity_total_expected"] = round(total, 5)
     if win is not None:
         counting = counting_kept(model, plan.shapes) if plan else contextlib.nullcontext({})
         with counting as real:  # the realised sparsity on every sparse token of the text
             r = evaluate.perplexity(model, win, protocol=args.protocol)
         if plan:
             res["sparsity_realized"] = round(real["sparsity"], 5)
+            if plan.head_shape:
+                res["sparsity_total_realized"] = round(total_sparsity(real["layers"], plan.shapes, plan.head_shape), 5)
         res.update(text=source, ppl=r["ppl"], tokens=r["tokens"], ppl_protocol=r["protocol"], window=args.length)
         print(f"perplexity on {source}: {r['ppl']:.3f} over {r['tokens']} tokens ({r['protocol']} tokens sparse)")
     if tasks:
@@ -351,6 +362,8 @@ def build_parser():
     b.add_argument("--tokens", type=int, default=32, help="decoded tokens per repeat")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--calib-tokens", type=int, default=8192)
+    b.add_argument("--head-sparsity", type=float, default=0.0,
+                   help="--device cpu: the plans sparsify the lm_head too, at this byte sparsity (0: dense)")
     b.add_argument("--backend", default="cpp", help="cpp (C++ kernel, built on first use) or oracle (eager reference)")
     b.add_argument("--memory", action="store_true", help="also measure peak resident memory (subprocesses)")
     b.add_argument("--out", help="write the results JSON here (cpu: implies --memory)")

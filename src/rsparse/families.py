@@ -207,8 +207,14 @@ def locate(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+HEAD = "head"  # the lm_head's key beside the blocks' "i.p" (plans, sparse modules, calibration statistics)
+
+
 def set_module(model: nn.Module, key: str, new: nn.Module) -> nn.Module:
-    """Replace the module at a `locate` key ("3.gate") or an activation key ("3.act"); returns the old one."""
+    """Replace the module at a `locate` key ("3.gate"), an activation key ("3.act") or "head" (the
+    lm_head); returns the old one."""
+    if key == HEAD:
+        return _put(model, "lm_head", new)
     fam = family_of(model)
     i, short = key.split(".")
     return _put(blocks(model)[int(i)], fam.act if short == "act" else fam.proj[short], new)
@@ -239,7 +245,7 @@ def group_members(model: nn.Module, modules: dict) -> dict:
     """{(block, group name): [members]} for every block whose group members are all in `modules`
     ({"i.p": module}), in block order; backends build their fused module from each list."""
     out = {}
-    for i in sorted({int(k.split(".")[0]) for k in modules}):
+    for i in sorted({int(k.split(".")[0]) for k in modules if k != HEAD}):
         for name, members, _ in family_of(model).groups:
             mods = [modules.get(f"{i}.{p}") for p in members]
             if all(m is not None for m in mods):

@@ -35,7 +35,6 @@ class Fitness:
         self.model = model
         self.layers = blocks(model)
         self.norm = text_model(model).norm
-        self.head = model.get_output_embeddings()
         self.scalars = scalars(model)  # Granite divides its logits, Gemma 2 caps them
         self.targets = {k: [w[i : i + batch] for i in range(0, len(w), batch)] for k, w in windows.items()}
         self.inputs = {k: block_inputs(model, w, batch) for k, w in windows.items()}
@@ -53,7 +52,8 @@ class Fitness:
         return hs
 
     def _logp(self, hs):
-        return F.log_softmax(final_logits(self.scalars, self.head(self.norm(hs)).float()), dim=-1)
+        head = self.model.get_output_embeddings()  # looked up per call: a candidate may swap in a sparse head
+        return F.log_softmax(final_logits(self.scalars, head(self.norm(hs)).float()), dim=-1)
 
     @torch.inference_mode()
     def advance(self, modules: dict, to_block: int) -> None:

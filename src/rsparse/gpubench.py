@@ -17,7 +17,8 @@ fastest compiled dense step of the run. Every compiled step's output is checked 
 step over the same modules with every channel kept (`compiled_vs_eager`). Bandwidth: bytes that must be read per token (projection bytes
 x realised kept fraction, lm_head, norms, the whole KV cache) / time / measured copy bandwidth.
 At batch 1 the dense model's own Hugging Face `generate` is timed as a reference row, never the
-baseline (`hfreference`, --hf-reference).
+baseline (`hfreference`, --hf-reference). --head-sparsity H sparsifies the lm_head too (r = 0, its
+threshold from the same prefill; `gpumodel.with_head`): the rows' "sparsity" stays the blocks'.
 
     rsparse bench --device cuda [--shapes llama3-8b] [--batches 1] [--tuned FILE] [--out FILE] [--profile]
 Prints a table, ends with one JSON line, writes --out (default $OUT/gpu_decode.json when OUT is set).
@@ -38,7 +39,8 @@ from .atomic import write_json
 from .bench import parse_sparsities
 from .decode import ATTENTION, GraphDecoder, cuda_graph, fresh_step, gpu_inductor
 from .errors import RSparseError
-from .families import locate
+from .budget import check_sparsity
+from .families import HEAD, locate
 from .kernels import triton_gemv as tg
 from .kernels.module import triton_groups
 from .gpuvariants import (compile_options, compiled_variants, gather_chunks, inductor_patches, private_inductor_cache,
@@ -46,7 +48,7 @@ from .gpuvariants import (compile_options, compiled_variants, gather_chunks, ind
 from .hfreference import hf_generate_tok_s, hf_modes
 from .linear import RSparseLinear
 from .models import parse_dtype
-from .gpumodel import MODELS, attached, build, modules_at, set_thresholds, sparse_samples
+from .gpumodel import MODELS, attached, build, modules_at, set_thresholds, sparse_samples, with_head
 
 MAX_LEN, STEPS, REPEATS = 512, 32, 7
 
@@ -156,7 +158,10 @@ def _run_gpu_bench(args):
             cuda_gather.require()
         except ValueError as e:
             raise RSparseError(f"--compare-gather: {e}") from None
+    head_s = check_sparsity(getattr(args, "head_sparsity", 0.0), "--head-sparsity")
     if args.profile:
+        if head_s:
+            raise RSparseError("--profile times the steps with a dense lm_head; leave out --head-sparsity")
         from .gpuprofile import profile
 
         return profile(names[0], sparsities[0] if len(sparsities) == 1 else 0.5, alpha, rank_modes=rank_modes(args), out=args.out,
@@ -187,12 +192,13 @@ def _run_gpu_bench(args):
         model = build(name, dtype)
         projs = locate(model)
         sparse, quantile = modules_at(projs, sparsities[0], alpha, decide_rows=len(sparsities) == 1)
+        with_head(projs, sparse, quantile, model, head_s)
         groups = triton_groups(model, sparse) if args.fused else {}  # built, attached per capture
         taus = {k: m.tau for k, m in sparse.items()}  # updated in place per sparsity (graphs see them; group views too)
         samples = functools.partial(_samples_at, {}, model, sparse, taus, quantile)  # sparsity -> samples; sets taus
         lin_bytes = {k: m.weight.numel() * 2 for k, m in projs.items()}
         other_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-                          if "proj" not in n and "embed_tokens" not in n)
+                          if "proj" not in n and "embed_tokens" not in n and not (HEAD in projs and n.startswith("lm_head")))
         for B in batches:
             if time.time() - t_start > args.time_limit:
                 break
@@ -260,7 +266,7 @@ def _run_gpu_bench(args):
                 rank_read = sum(2 * sparse[k].rank * (sparse[k].out_features + (1 - kept[k]) * sparse[k].in_features)
                                 for k in projs if on[k])
                 sparse_read = sum(lin_bytes[k] * (kept[k] if on[k] else 1.0) for k in projs) + rank_read + other_bytes + kv_bytes
-                row = {"model": name, "batch": B, "sparsity": s, "alpha": alpha, "rank_bytes": rank_read, "dense_tok_s": B / td, "sparse_tok_s": B / ts,
+                row = {"model": name, "batch": B, "sparsity": s, "head_sparsity": head_s, "alpha": alpha, "rank_bytes": rank_read, "dense_tok_s": B / td, "sparse_tok_s": B / ts,
                        "speedup": td / ts, "dense_ms": td * 1e3, "sparse_ms": ts * 1e3,
                        "kept_union": sum(lin_bytes[k] * kept[k] for k in projs) / sum(lin_bytes.values()),
                        "on_kernels": sum(lin_bytes[k] for k in projs if on[k]) / sum(lin_bytes.values()),
@@ -406,7 +412,7 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     # of a hard-threshold model (decisions flip near tau), the yardstick for the rel_err above
     # (a float32 copy: converting the model in place would move the weights the captured graphs read)
     model32 = copy.deepcopy(model).float()
-    projs32 = locate(model32)
+    projs32 = {**locate(model32), **({HEAD: model32.lm_head} if HEAD in projs else {})}
     oracle32 = {k: RSparseLinear.from_linear(projs32[k], taus[k].item(), "abs", *(None if f is None else f.float() for f in _factors(sparse[k])))
                 for k in projs32}
     dec32 = GraphDecoder(model32, max_len=MAX_LEN, batch=1, attention="sdpa", norm="torch")  # the plainest float32 reference

@@ -1,5 +1,5 @@
 """The GPU benchmark's model: Llama-architecture shapes with random bf16 (or fp16) weights on the GPU, the
-activations its own prefill gives, and Triton modules for every projection with thresholds set from
+activations its own prefill gives, and Triton modules for every projection (and, with `with_head`, the lm_head) with thresholds set from
 those activations (`modules_at`, `sparse_samples`, `set_thresholds`).
 
 Speed depends on how many channels pass each threshold, not on the weights' values: thresholds
@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from .families import locate, set_group
+from .families import HEAD, locate, set_group
 from .budget import allocate
 from .kernels.module import RANK_ALIGN, TritonRSparseLinear
 from .linear import RSparseLinear
@@ -128,6 +128,16 @@ def modules_at(projs, sparsity, alpha, decide_rows=True):
         mods[k] = TritonRSparseLinear(RSparseLinear.from_linear(lin, 0.0, "abs", U, A, al.keep if decide_rows else None))
         quantile[k] = 1.0 - al.keep
     return mods, quantile
+
+
+def with_head(projs: dict, sparse: dict, quantile: dict, model, head_sparsity: float) -> None:
+    """Add the lm_head, in place, to the projections, their Triton modules and quantiles at
+    `head_sparsity` (r = 0, as `plan.head_layer` plans it); nothing at 0 (the head stays dense)."""
+    if not head_sparsity:
+        return
+    projs[HEAD] = model.lm_head
+    sparse[HEAD] = TritonRSparseLinear(RSparseLinear.from_linear(model.lm_head, 0.0, keep=1.0 - head_sparsity))
+    quantile[HEAD] = head_sparsity
 
 
 def set_thresholds(taus, samples, quantile: dict, sparsity: float) -> None:

@@ -132,7 +132,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
 
     from .apply import modules_for
     from .fitness import Fitness
-    from .plan import factor_basis, factors_of, fingerprint, layers_from_picks, need_ranks, shapes_of
+    from .plan import factor_basis, factors_of, fingerprint, head_layer, layers_from_picks, need_ranks, shapes_of
     from .search import Search, Space, refuse_other, search_identity
 
     if config.method not in ("rsparse", "teal") or config.sparsity <= 0:
@@ -145,6 +145,8 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
     identity = {"model": fingerprint(model), "method": config.method, "scores": list(scores), "factors": config.factors}
     if not teal and (config.rank_multiple, config.rank_cost) != (1, 1.0):  # absent at the defaults: older searches resume
         identity["ranks"] = {"multiple": config.rank_multiple, "cost": config.rank_cost}
+    if config.head_sparsity:  # absent with a dense head: older searches resume
+        identity["head_sparsity"] = config.head_sparsity
     refuse_other(directory, search_identity(search_config, config.sparsity, **identity))  # before minutes of calibration
     if stats is None:
         stats = observe(model, tokenizer, progress=progress is not None, **{**collection, **observe_kw})
@@ -174,8 +176,10 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
         cache.move_to_end(ck)
         return cache[ck]
 
+    head = head_layer(stats, config)  # fixed: every candidate is scored with the plan's own lm_head
+
     def modules(picks):
-        layers = layers_from_picks(stats, picks)
+        layers = {**layers_from_picks(stats, picks), **head}
         return modules_for(model, layers, factors_of(model, stats, layers, config.factors, basis))
 
     directory = Path(directory)
