@@ -14,7 +14,7 @@ float32 oracle. Prints a table, ends with one JSON line; writes $OUT/gpu_kernels
 compares grids of launch configurations with v2 and writes the best per shape;
 `--groups` times q|k|v and gate|up fused into one launch pair against the members one by one;
 `--splitk` times the one-launch v7 kernel's configurations against v5, TEAL-style and dense;
-`--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
+`--shapes OUTxIN,...` replaces the main table's shapes; `--fixed-cost` fits time = fixed + bytes / bandwidth per kernel over kept fractions 0.02..0.9.
 Rows without rank terms also time the gathers alone, as compiled steps run them: Triton's and, where nvcc
 builds it, the CUDA C++ one at batch 1 (`kernels/cuda_gather.py`; "triton_gather_us", "cuda_gather_us", and
 "cuda_gather_kc4_us" with 4 chunks of 256 channels per block).
@@ -51,6 +51,8 @@ TEAL_BEST = {(4096, 4096): dict(split_k=16, block_n=128, block_k=128, stages=4),
              (11008, 4096): dict(split_k=16, block_n=256, block_k=128, stages=4),
              (4096, 11008): dict(split_k=16, block_n=128, block_k=128, stages=4)}
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]  # (out, in)
+if "--shapes" in sys.argv[:-1]:  # e.g. --shapes 128256x4096 (Llama-3-8B's lm_head, session 41)
+    SHAPES = [tuple(int(v) for v in s.split("x")) for s in sys.argv[sys.argv.index("--shapes") + 1].split(",")]
 # the gather configurations before session 12's 128-row K steps (TUNED then): the "s11 cfg" column
 # times every call on them too, side by side (calls on the one-launch kernel, unchanged, are skipped)
 S11 = {(4096, 4096): dict(chunk=512, block_k=64, block_n=128, warps=4, stages=3, fused=True),
@@ -542,7 +544,7 @@ def main():
                         row.update(dense_gemv_us=gemv_us, speedup_vs_best_dense=min(dense_us, gemv_us) / ours)
                     elif gemv_err:
                         row["dense_gemv_error"] = gemv_err
-                    if R or not tg.config_for(out_f, 0, in_f).get("splits"):
+                    if (out_f, in_f) in S11 and (R or not tg.config_for(out_f, 0, in_f).get("splits")):
                         old = S11[(out_f, in_f)]
                         yo = tg._launch(x, Wts[0], Ats[0], Us[0], ones, tau, None, old)
                         assert ((yo.float() - ref).norm() / ref.norm()).item() < 1e-2, ("s11", out_f, in_f)
