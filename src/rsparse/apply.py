@@ -17,7 +17,7 @@ import torch
 
 from .artifact import load as load_plan
 from .errors import RSparseError
-from .families import HEAD, attached_groups, get_act, locate, set_group, set_module
+from .families import attached_groups, get_act, locate, set_group, set_module, swappable
 from .linear import RSparseLinear, ThresholdedActivation
 from .plan import Plan, plan_fits
 
@@ -26,9 +26,7 @@ SPARSE_TYPES = (RSparseLinear, ThresholdedActivation)
 
 def sparse_modules(model) -> dict:
     """{key: module} of every sparse module: projections "i.p", CATS activations "i.act", the lm_head "head"."""
-    out = {k: m for k, m in locate(model).items() if isinstance(m, SPARSE_TYPES)}
-    if isinstance(getattr(model, "lm_head", None), RSparseLinear):
-        out[HEAD] = model.lm_head
+    out = {k: m for k, m in swappable(model).items() if isinstance(m, SPARSE_TYPES)}
     for b in range(len({k.split(".")[0] for k in locate(model)})):
         act = get_act(model, b)
         if isinstance(act, SPARSE_TYPES):
@@ -66,7 +64,7 @@ def sparsify_(model, plan: Plan | str | os.PathLike, check: bool = True):
 
 def modules_for(model, layers: dict, factors: dict) -> dict:
     """{key: sparse module} for planned layers ("i.p" projections, "i.act" for CATS, "head")."""
-    projs, out = {**locate(model), HEAD: getattr(model, "lm_head", None)}, {}
+    projs, out = swappable(model), {}
     for key, lp in layers.items():
         block, _, p = key.partition(".")
         if p == "act":

@@ -275,12 +275,18 @@ def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 7
     return Stats(proj=proj_stats, act=act_stats, tokens=n_tok, config=config, head=_head_stats(model, captured))
 
 
+def head_inputs(model, captured):
+    """The lm_head's input for each batch of `captured` ([(last block's output, kwargs)]): the final norm."""
+    norm = text_model(model).norm
+    return (norm(hs) for hs, _ in captured)
+
+
 def _head_stats(model, captured) -> ProjStats | None:
     """The lm_head's input score histograms from the last block's outputs `captured`."""
     head = getattr(model, "lm_head", None)
     if head is None:
         return None
-    st, col, norm = ProjStats(shape=tuple(head.weight.shape)), column_norms(head.weight), text_model(model).norm
-    for hs, _ in captured:
-        _add_scores(st, norm(hs), col)  # no sample: the head's plan has no rank term to whiten
+    st, col = ProjStats(shape=tuple(head.weight.shape)), column_norms(head.weight)
+    for x in head_inputs(model, captured):
+        _add_scores(st, x, col)  # no sample: the head's plan has no rank term to whiten
     return st

@@ -210,6 +210,12 @@ def locate(model: nn.Module) -> dict[str, nn.Module]:
 HEAD = "head"  # the lm_head's key beside the blocks' "i.p" (plans, sparse modules, calibration statistics)
 
 
+def swappable(model: nn.Module) -> dict[str, nn.Module]:
+    """`locate(model)` and the lm_head under HEAD, where the model has one: every module a plan may swap."""
+    head = getattr(model, "lm_head", None)
+    return {**locate(model), **({HEAD: head} if head is not None else {})}
+
+
 def set_module(model: nn.Module, key: str, new: nn.Module) -> nn.Module:
     """Replace the module at a `locate` key ("3.gate"), an activation key ("3.act") or "head" (the
     lm_head); returns the old one."""

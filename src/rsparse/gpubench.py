@@ -40,7 +40,7 @@ from .bench import parse_sparsities
 from .decode import ATTENTION, GraphDecoder, cuda_graph, fresh_step, gpu_inductor
 from .errors import RSparseError
 from .budget import check_sparsity
-from .families import HEAD, locate
+from .families import HEAD, locate, swappable
 from .kernels import triton_gemv as tg
 from .kernels.module import triton_groups
 from .gpuvariants import (compile_options, compiled_variants, gather_chunks, inductor_patches, private_inductor_cache,
@@ -412,7 +412,7 @@ def check_against_oracle(name, model, projs, dec, g_sparse, out_sparse, taus, sa
     # of a hard-threshold model (decisions flip near tau), the yardstick for the rel_err above
     # (a float32 copy: converting the model in place would move the weights the captured graphs read)
     model32 = copy.deepcopy(model).float()
-    projs32 = {**locate(model32), **({HEAD: model32.lm_head} if HEAD in projs else {})}
+    projs32 = {k: m for k, m in swappable(model32).items() if k in projs}
     oracle32 = {k: RSparseLinear.from_linear(projs32[k], taus[k].item(), "abs", *(None if f is None else f.float() for f in _factors(sparse[k])))
                 for k in projs32}
     dec32 = GraphDecoder(model32, max_len=MAX_LEN, batch=1, attention="sdpa", norm="torch")  # the plainest float32 reference

@@ -373,8 +373,8 @@ def head_layer(stats: Stats, config: RSparseConfig) -> dict:
     if stats.head is None:
         raise RSparseError("these calibration statistics have no lm_head histogram (collected before session 41 or "
                            "for a model without an lm_head); collect them again to sparsify the head")
-    keep = 1.0 - config.head_sparsity
-    return {HEAD: LayerPlan(tau=stats.head.hist[HEAD_SCORE].quantile(1.0 - keep), keep=keep, score=HEAD_SCORE)}
+    h = config.head_sparsity
+    return {HEAD: LayerPlan(tau=stats.head.hist[HEAD_SCORE].quantile(h), keep=1.0 - h, score=HEAD_SCORE)}
 
 
 def layers_from_picks(stats: Stats, picks: dict) -> dict:

@@ -26,8 +26,8 @@ import dataclasses
 import torch
 
 from .apply import sparse_modules
-from .calibrate import Histogram, block_inputs, layer_out
-from .families import HEAD, blocks, text_model
+from .calibrate import Histogram, block_inputs, head_inputs, layer_out
+from .families import HEAD, blocks
 from .linear import RSparseLinear, channel_scores
 
 
@@ -60,9 +60,9 @@ def refine_thresholds_(model, plan, windows: torch.Tensor, batch: int = 4):
         for k, m in own.items():
             layers[k] = dataclasses.replace(layers[k], tau=float(m.tau))
     if HEAD in mods:  # its input: the final norm of the refined blocks' output
-        hook, norm = hook_for(HEAD), text_model(model).norm
-        for hs, _ in captured:
-            hook(mods[HEAD], (norm(hs),))
+        hook = hook_for(HEAD)
+        for x in head_inputs(model, captured):
+            hook(mods[HEAD], (x,))
         layers[HEAD] = dataclasses.replace(layers[HEAD], tau=float(mods[HEAD].tau))
     calibration = {**plan.calibration, "refined": {"tokens": int(windows.numel()), "windows": list(windows.shape)}}
     return dataclasses.replace(plan, layers=layers, calibration=calibration)
