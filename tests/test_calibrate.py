@@ -43,11 +43,13 @@ def test_error_table_matches_brute_force():
 
 
 def test_rank_zero_statistics_serve_teal_and_refuse_rsparse(tiny_llama):
-    """collect(ranks=(0,)) (what TEAL/CATS calibrations and TEAL searches collect): the same rank-0
+    """collect(ranks=(0,)) (what greedy TEAL calibrations and TEAL searches collect): the same rank-0
     errors as a full collection, no rank columns, and an rsparse allocation that would choose ranks
-    from them is refused instead of silently choosing rank 0 everywhere."""
+    from them is refused instead of silently choosing rank 0 everywhere. collect(scores=()) (CATS,
+    uniform TEAL, uniform R-Sparse at a given alpha): no tables, and those plans come out the same."""
     from rsparse.calibrate import collect
     from rsparse.errors import RSparseError
+    from rsparse.pipeline import collection_for
     from rsparse.plan import RSparseConfig, build_plan
 
     torch.manual_seed(0)
@@ -67,9 +69,19 @@ def test_rank_zero_statistics_serve_teal_and_refuse_rsparse(tiny_llama):
     # CATS's collection (what pipeline.calibrate asks for it): no error tables; its plan reads the
     # activation histograms alone
     bare = collect(model, windows, sample_tokens=64, progress=False, scores=(), ranks=(0,))
-    assert all(not st.err for st in bare.proj.values())
+    assert all(not st.err and st.weight == 1.0 for st in bare.proj.values())  # no tables, no sensitivities
     cats = build_plan(model, bare, RSparseConfig(method="cats", sparsity=0.5))
     assert sorted(cats.layers) == ["0.act", "1.act"]
+    # the plans that read the histograms alone come out of it exactly as from the full collection
+    for cfg in (RSparseConfig(method="teal", sparsity=0.4), RSparseConfig(sparsity=0.6, allocation="uniform", alpha=0.9)):
+        assert collection_for(cfg) == {"scores": (), "ranks": (0,)}
+        assert build_plan(model, bare, cfg).layers == build_plan(model, full, cfg).layers
+    for cfg in (RSparseConfig(method="teal", sparsity=0.5, allocation="greedy"), RSparseConfig(sparsity=0.5),
+                RSparseConfig(sparsity=0.5, allocation="uniform")):  # these read the tables: refused by name
+        assert collection_for(cfg)["scores"]
+        with pytest.raises(RSparseError, match="lack error tables for score 'abs'"):
+            build_plan(model, bare, cfg)
+    assert collection_for(RSparseConfig(method="teal", sparsity=0.4), search=True) == {"scores": ("abs",), "ranks": (0,)}
     with pytest.raises(ValueError, match="must include 0"):
         collect(model, windows, progress=False, ranks=(4, 8))
 

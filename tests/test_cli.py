@@ -1,4 +1,5 @@
 """The command line end to end: calibrate -> eval --plan -> generate, and one-line errors."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,10 +15,11 @@ def run(*args):
 
 
 def test_calibrate_eval_generate(tmp_path):
-    # TEAL's greedy plan (rank 0): the commands without minutes of SVDs; R-Sparse plans with rank terms are
-    # calibrated, saved, loaded and evaluated by the main job's test below and by test_plan_apply.py
+    # TEAL's uniform plan (rank 0, histograms alone): the commands without minutes of error tables and SVDs;
+    # R-Sparse plans with rank terms are calibrated, saved, loaded and evaluated by the main job's test below
+    # and by test_plan_apply.py, greedy TEAL by the evo search's CLI test and test_calibrate.py
     out = tmp_path / "plan"
-    r = run("calibrate", "--method", "teal", "--allocation", "greedy", "--sparsity", "0.5", "--calib-tokens", "1024", "--out", str(out))
+    r = run("calibrate", "--method", "teal", "--sparsity", "0.5", "--calib-tokens", "1024", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert (out / "plan.json").is_file() and not list(out.glob(".*"))  # no temporary files left
     r = run("eval", "--plan", str(out), "--dataset", "wiki", "--windows", "1", "--length", "256",
@@ -197,7 +199,8 @@ def test_main_job_compares_dense_teal_and_rsparse(tmp_path, monkeypatch, capsys,
 
     def observe(model, tok, tokens, scores):
         asked.append((tokens, scores))
-        return smol_stats
+        # as many tokens as asked for, so the plans are refined on 1024 tokens as the real job's would be
+        return dataclasses.replace(smol_stats, tokens=tokens)
 
     monkeypatch.setattr(run_mod, "observe", observe)
     assert main(["run", "--calib-tokens", "1024", "--windows", "1", "--limit", "3"]) == 0

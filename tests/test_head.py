@@ -118,10 +118,30 @@ def test_refinement_sets_the_head_threshold_on_the_sparse_blocks_output(smol, sm
     assert refined.layers[HEAD].tau == model.lm_head.tau.item()
 
 
+def test_auto_head_puts_the_head_inside_the_budget(smol, smol_stats, tmp_path):
+    """head_sparsity='auto' in a table-driven plan: the head and the blocks each at the budget's
+    sparsity, so every weight a token reads is at it (bytes by hand); the plan says what its target
+    counts, and the config round-trips through the artifact."""
+    model, _ = smol()
+    plan = build_plan(model, smol_stats, RSparseConfig(method="teal", allocation="uniform", sparsity=0.4, head_sparsity="auto"))
+    lp = plan.layers[HEAD]
+    assert (lp.keep, lp.rank, lp.score) == (pytest.approx(0.6), 0, "wnorm")
+    assert lp.tau == pytest.approx(smol_stats.head.hist["wnorm"].quantile(0.4), rel=1e-12)
+    blocks, head = sum(o * i for o, i in plan.shapes.values()), 49152 * 576
+    assert plan.expected_sparsity() == pytest.approx(0.4, abs=1e-9)
+    assert plan.expected_total_sparsity() == pytest.approx(1 - (0.6 * blocks + 0.6 * head) / (blocks + head), abs=1e-9)
+    assert "target=0.40 (blocks and lm_head)" in summarize(plan)
+    loaded = artifact.load(artifact.save(plan, tmp_path / "p"))
+    assert loaded.config["head_sparsity"] == "auto" and loaded.layers == plan.layers
+    assert RSparseConfig(**loaded.config).head_share() == 0.4
+
+
 @pytest.mark.parametrize("kw,match", [
     ({"head_sparsity": 1.0}, "head_sparsity must be in"), ({"head_sparsity": "0.3"}, "head_sparsity must be a number"),
     ({"method": "cats", "head_sparsity": 0.3}, "head_sparsity is for rsparse and teal plans"),
     ({"method": "dense", "head_sparsity": 0.3}, "head_sparsity is for rsparse and teal plans"),
+    ({"method": "cats", "head_sparsity": "auto"}, "head_sparsity is for rsparse and teal plans"),
+    ({"head_sparsity": "Auto"}, "head_sparsity must be a number in \\[0, 1\\) or 'auto'"),
 ])
 def test_bad_head_config(kw, match):
     with pytest.raises(RSparseError, match=match):
@@ -141,6 +161,10 @@ def test_cli_refuses_a_bad_head_sparsity(capsys):
     assert main(["eval", "--method", "teal", "--head-sparsity", "1.5", "--dataset", "wiki"]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln]
     assert len(lines) == 1 and "head_sparsity must be in [0, 1)" in lines[0]
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--out", "x", "--head-sparsity", "half"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+    assert len(lines) == 1 and "--head-sparsity: a byte sparsity in [0, 1) or 'auto', got 'half'" in lines[0]
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton"])

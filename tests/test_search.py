@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from rsparse.calibrate import KEEPS, RANKS, ProjStats, Stats
 from rsparse.errors import RSparseError
-from rsparse.families import PROJECTIONS
+from rsparse.families import HEAD, PROJECTIONS
 from rsparse.plan import RSparseConfig
 from rsparse.search import S_MAX, Search, SearchConfig, Space, refuse_other, search_identity
 
@@ -74,9 +74,9 @@ def test_search_improves_on_seed_and_keeps_the_budget(tmp_path):
     decoded = []
     orig = space.decode
 
-    def spy(genome, blocks=None):
+    def spy(genome, blocks=None, **kw):
         decoded.append(json.dumps(genome))
-        return orig(genome, blocks)
+        return orig(genome, blocks, **kw)
 
     space.decode = spy
     state = search.run()
@@ -135,24 +135,65 @@ def test_resume_refuses_other_settings(tmp_path):
 
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), n_blocks=st.integers(1, 5), hidden=st.integers(8, 96), ratio=st.integers(1, 4),
-       groups=st.integers(1, 4), s=st.floats(0.05, 0.95))
-def test_budget_property_random_shapes(seed, n_blocks, hidden, ratio, groups, s):
-    """Random shapes (GQA-like k/v, odd sizes), sparsities and mutation streams: every genome the
-    operators produce decodes to a plan that meets the model budget."""
+       groups=st.integers(1, 4), s=st.floats(0.05, 0.95), vocab=st.sampled_from([0, 7, 301]))
+def test_budget_property_random_shapes(seed, n_blocks, hidden, ratio, groups, s, vocab):
+    """Random shapes (GQA-like k/v, odd sizes), sparsities, mutation streams and (vocab > 0) a searched
+    lm_head of [vocab, hidden]: every genome the operators produce decodes to a plan that meets the
+    budget, the head's bytes included."""
     rng = np.random.default_rng(seed)
     stats, shp = synthetic_stats(rng, n_blocks, hidden, hidden * ratio + 3, max(1, hidden // ratio))
-    space = Space(stats, shp, s, ("abs",), None)
+    space = Space(stats, shp, s, ("abs",), None, head=[vocab, hidden] if vocab else None)
     search = Search(space, SearchConfig(population=4, groups=groups, seed=seed), "/tmp/unused-search", lambda *a: 0.0)
-    budget = (1 - s) * space.dense.sum()
+    H = vocab * hidden
+    budget = (1 - s) * (space.dense.sum() + H)
     g = space.seed()
     for _ in range(12):
         group = search.groups[int(rng.integers(len(search.groups)))]
-        free = np.array([b >= group[0] for b in space.blocks], dtype=np.float64)
-        other = search._mutate(rng, g, group, free)
-        g = search._mutate(rng, search._crossover(rng, g, other, group), group, free)
-        read = space.read_elements(space.decode(g))
+        other = search._mutate(rng, g, group, space.free(group[0]))
+        g = search._mutate(rng, search._crossover(rng, g, other, group), group, space.free(group[0]))
+        picks = space.decode(g)
+        assert (HEAD in picks) == bool(vocab)
+        read = space.read_elements(picks)
         assert read <= budget * (1 + 1e-9) + 1e-6
-        assert math.isclose(float(((1 - np.array(g["s"])) * space.dense).sum()), budget, rel_tol=1e-9)
+        h = g["h"] if vocab else 0.0
+        assert 0 <= h <= S_MAX
+        assert math.isclose(float(((1 - np.array(g["s"])) * space.dense).sum()) + (1 - h) * H, budget, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("head_cost,side", [(50.0, -1), (1e-3, +1)])
+def test_searched_head_share_follows_its_cost_under_the_total_budget(tmp_path, head_cost, side):
+    """head_sparsity='auto': the genome's h starts at the budget's s and every candidate reads exactly
+    the total budget (blocks + head). With a hidden fitness in which a sparse head is dear (or cheap),
+    the found plan moves bytes into (out of) the head, and evaluation always sees the head's pick while
+    the blocks handed to `advance` never carry it."""
+    rng = np.random.default_rng(5)
+    stats, shp = synthetic_stats(rng, 6, 64, 160, 16)
+    head = [500, 64]
+    space = Space(stats, shp, 0.5, ("abs",), None, head=head)
+    f = truth(space, rng)
+    budget = 0.5 * (space.dense.sum() + 500 * 64)
+    fixed, seen_h = {}, set()
+
+    def evaluate(picks, start, split):
+        keep, rank, score = picks[HEAD]
+        assert rank == 0 and score == "wnorm"
+        assert space.read_elements({**{k: v for k, v in fixed.items() if int(k.split(".")[0]) < start}, **picks}) \
+            == pytest.approx(budget, rel=0.01, abs=0)
+        seen_h.add(round(1 - keep, 9))
+        blocks = {k: v for k, v in picks.items() if k != HEAD}
+        return f({**{k: v for k, v in fixed.items() if int(k.split(".")[0]) < start}, **blocks}) + head_cost * (1 - keep) ** 2
+
+    def advance(picks, a, b):
+        assert HEAD not in picks
+        fixed.update(picks)
+
+    seed = space.seed()
+    assert seed["h"] == 0.5 and space.decode(seed)[HEAD] == (0.5, 0, "wnorm")
+    cfg = SearchConfig(population=8, generations=4, groups=2, seed=1, p_s=0.5, sigma_s=0.08)
+    state = Search(space, cfg, tmp_path / "h", evaluate, advance, progress=lambda *_: None).run()
+    assert len(seen_h) > 5
+    assert state["incumbent_fit"] < state["seed_fit"]
+    assert side * (state["incumbent"]["h"] - 0.5) > 0.05  # side -1: a dear head ends denser; +1: sparser
 
 
 def test_rank_rule_bounds_every_genome(tmp_path):
@@ -231,8 +272,9 @@ def test_partial_identity_refused_before_any_work(tmp_path):
 
 
 def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):
-    """A tiny real search: the artifact loads, meets the budget, and the KL the cached block-wise
-    evaluator recorded equals the KL of a plain forward pass of the sparsified model."""
+    """A tiny real search with the lm_head's share as a gene (head_sparsity='auto'; without it the path
+    is the same minus the gene): the artifact loads, meets the whole-model budget, and the KL the cached
+    block-wise evaluator recorded equals the KL of a plain forward pass of the sparsified model."""
     import torch.nn.functional as F
 
     from rsparse import artifact
@@ -243,12 +285,16 @@ def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):
 
     model, tok = smol()
     cfg = SearchConfig(population=3, generations=1, groups=2, fitness_tokens=128, val_tokens=128, window=64, seed=3)
-    plan = search_plan(model, tok, RSparseConfig(sparsity=0.5), cfg, tmp_path / "p", stats=smol_stats, baselines=False, progress=None)
+    plan = search_plan(model, tok, RSparseConfig(sparsity=0.5, head_sparsity="auto"), cfg, tmp_path / "p", stats=smol_stats,
+                       baselines=False, progress=None)
     info = plan.calibration["search"]
     assert info["fitness"] == "kl" and info["fit"] <= info["seed_fit"] and info["val"] <= info["seed_val"]
     loaded = artifact.load(tmp_path / "p")
-    assert loaded.config["allocation"] == "evo"
-    assert 0.5 - 1e-9 <= loaded.expected_sparsity() <= 0.505
+    assert loaded.config["allocation"] == "evo" and loaded.config["head_sparsity"] == "auto"
+    state = json.loads((tmp_path / "p" / "search_state.json").read_text())
+    h = state["incumbent"]["h"]
+    assert h == pytest.approx(1 - loaded.layers[HEAD].keep) and loaded.layers[HEAD].rank == 0
+    assert 0.5 - 1e-9 <= loaded.expected_total_sparsity() <= 0.505
 
     w = search_windows(tok, smol_stats, cfg)["fit"]
     sparse, _ = smol()

@@ -240,8 +240,9 @@ def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 7
     captured = block_inputs(model, windows, batch)
 
     # a probe batch (one window) on which each projection's effect on its block output is measured;
-    # captured apart, so that its masks have the probe's batch size
-    probe = block_inputs(model, windows[:1], 1)[0]
+    # captured apart, so that its masks have the probe's batch size. Only the error tables read the
+    # sensitivities, so a collection without tables (scores=()) skips both.
+    probe = block_inputs(model, windows[:1], 1)[0] if scores else None
     proj_stats, act_stats = {}, {}
     for b, layer in enumerate(tqdm(layers, desc="calibrate", disable=not progress, leave=False)):
         hooks = []
@@ -269,8 +270,9 @@ def collect(model, windows: torch.Tensor, batch: int = 4, sample_tokens: int = 7
             for score in scores:  # error tables are the costly part: only the scores asked for
                 c = col if score == "wnorm" else torch.ones_like(col)
                 st.err[score] = error_table(W, st.sample[0], st.hist[score], c, st.ranks, svd)
-        _sensitivities(model, b, layer, (probe[0], probe[1][b]), {p: proj_stats[f"{b}.{p}"] for p in PROJECTIONS})
-        probe = (layer_out(layer, probe[0], probe[1][b]), probe[1])
+        if probe is not None:
+            _sensitivities(model, b, layer, (probe[0], probe[1][b]), {p: proj_stats[f"{b}.{p}"] for p in PROJECTIONS})
+            probe = (layer_out(layer, probe[0], probe[1][b]), probe[1])
     config = {"windows": list(windows.shape), "sample_every": every, "scores": list(scores), "ranks": sorted(ranks)}
     return Stats(proj=proj_stats, act=act_stats, tokens=n_tok, config=config, head=_head_stats(model, captured))
 

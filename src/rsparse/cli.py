@@ -47,10 +47,12 @@ def _add_method(p, default_method="rsparse"):
                         "try 0.1 at 70%%)")
     p.add_argument("--rank-cost", type=float, default=None,
                    help="auto/evo allocations: a factor byte counts as this many kept-column bytes (>= 1; overrides --target)")
-    p.add_argument("--head-sparsity", type=float, default=0.0,
+    p.add_argument("--head-sparsity", type=head_sparsity, default=0.0,
                    help="rsparse/teal: sparsify the lm_head too, at this byte sparsity (0: dense, the default). It is "
                         "outside --sparsity, which covers the blocks' projections; the plan reports both and the share "
-                        "of every weight a token reads. On SmolLM2 the head is 21%% of those bytes")
+                        "of every weight a token reads. On SmolLM2 the head is 21%% of those bytes. 'auto': the head "
+                        "joins the budget (--sparsity counts every weight a token reads) and its share is chosen: "
+                        "--sparsity for the head and the blocks alike, or searched with --search evo")
     p.add_argument("--calib-text", default="wiki", help="calibration text: wiki (bundled) or a file")
     p.add_argument("--calib-tokens", type=int, default=65536)
     p.add_argument("--refine-tokens", type=int, default=None,
@@ -58,6 +60,16 @@ def _add_method(p, default_method="rsparse"):
                         "itself, so the realised sparsity is the planned one (default: the calibration's, at most 16384; "
                         "0: off; --search evo: off unless given)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def head_sparsity(v: str):
+    """--head-sparsity: a number (checked with the config) or 'auto'."""
+    if v == "auto":
+        return v
+    try:
+        return float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a byte sparsity in [0, 1) or 'auto', got {v!r}") from None
 
 
 def _positive(name, v):
@@ -362,8 +374,9 @@ def build_parser():
     b.add_argument("--tokens", type=int, default=32, help="decoded tokens per repeat")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--calib-tokens", type=int, default=8192)
-    b.add_argument("--head-sparsity", type=float, default=0.0,
-                   help="--device cpu: the plans sparsify the lm_head too, at this byte sparsity (0: dense)")
+    b.add_argument("--head-sparsity", type=head_sparsity, default=0.0,
+                   help="the plans sparsify the lm_head too, at this byte sparsity (0: dense; --device cpu also takes "
+                        "'auto': each --sparsities value then counts the head, which takes it too)")
     b.add_argument("--backend", default="cpp", help="cpp (C++ kernel, built on first use) or oracle (eager reference)")
     b.add_argument("--memory", action="store_true", help="also measure peak resident memory (subprocesses)")
     b.add_argument("--out", help="write the results JSON here (cpu: implies --memory)")

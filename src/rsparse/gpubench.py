@@ -158,7 +158,11 @@ def _run_gpu_bench(args):
             cuda_gather.require()
         except ValueError as e:
             raise RSparseError(f"--compare-gather: {e}") from None
-    head_s = check_sparsity(getattr(args, "head_sparsity", 0.0), "--head-sparsity")
+    head_s = getattr(args, "head_sparsity", 0.0)
+    if head_s == "auto":
+        raise RSparseError("--device cuda takes a number for --head-sparsity (the head's sparsity beside the blocks'); "
+                           "'auto' is for plans of a real model (--device cpu, calibrate, eval)")
+    head_s = check_sparsity(head_s, "--head-sparsity")
     if args.profile:
         if head_s:
             raise RSparseError("--profile times the steps with a dense lm_head; leave out --head-sparsity")

@@ -132,7 +132,7 @@ def modules_at(projs, sparsity, alpha, decide_rows=True):
 
 def with_head(projs: dict, sparse: dict, quantile: dict, model, head_sparsity: float) -> None:
     """Add the lm_head, in place, to the projections, their Triton modules and quantiles at
-    `head_sparsity` (r = 0, as `plan.head_layer` plans it); nothing at 0 (the head stays dense)."""
+    `head_sparsity` (r = 0, as `plan.head_pick` plans it); nothing at 0 (the head stays dense)."""
     if not head_sparsity:
         return
     projs[HEAD] = model.lm_head

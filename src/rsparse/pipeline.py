@@ -36,11 +36,14 @@ def observe(model, tokenizer, source: str = "wiki", tokens: int = DEFAULT_CALIB_
     return stats
 
 
-def collection_for(config: RSparseConfig) -> dict:
+def collection_for(config: RSparseConfig, search: bool = False) -> dict:
     """The `collect` arguments for what a plan of `config` (or its search) reads: the error tables of
-    its scores (none for CATS, whose plan reads the activation histograms alone), at rank 0 alone
-    (no SVDs) for the methods without rank terms."""
-    if config.method == "cats":
+    its scores, at rank 0 alone (no SVDs) for the methods without rank terms; none (nor the
+    sensitivities that weight them) where the plan reads the histograms alone: CATS, uniform TEAL,
+    uniform R-Sparse with a given alpha. Tables are the costly part of a calibration (teal at 1024
+    tokens on SmolLM2: 167 s with them, session 42)."""
+    tableless = config.method == "cats" or (config.allocation == "uniform" and (config.method == "teal" or config.alpha is not None))
+    if tableless and not search:
         return {"scores": (), "ranks": (0,)}
     scores = ("abs",) if config.method == "teal" else (SCORES if config.score == "auto" else (config.score,))
     return {"scores": scores} if config.method == "rsparse" else {"scores": scores, "ranks": (0,)}
@@ -132,13 +135,14 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
 
     from .apply import modules_for
     from .fitness import Fitness
-    from .plan import factor_basis, factors_of, fingerprint, head_layer, layers_from_picks, need_ranks, shapes_of
+    from .plan import (AUTO, factor_basis, factors_of, fingerprint, head_pick, layers_from_picks, need_ranks, need_tables,
+                       shapes_of)
     from .search import Search, Space, refuse_other, search_identity
 
     if config.method not in ("rsparse", "teal") or config.sparsity <= 0:
         raise RSparseError("the search allocates rsparse or teal plans at a sparsity > 0")
     teal = config.method == "teal"
-    collection = collection_for(config)
+    collection = collection_for(config, search=True)
     scores = collection["scores"]
     # one floor, from either config, so that the search's identity records the one it searched under
     search_config = replace(search_config, min_keep=max(search_config.min_keep, config.min_keep))
@@ -147,13 +151,20 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
         identity["ranks"] = {"multiple": config.rank_multiple, "cost": config.rank_cost}
     if config.head_sparsity:  # absent with a dense head: older searches resume
         identity["head_sparsity"] = config.head_sparsity
+    auto = config.head_sparsity == AUTO
+    head_out = model.get_output_embeddings()
+    if auto and head_out is None:
+        raise RSparseError("head_sparsity='auto' searches the lm_head's share of the budget; this model has no lm_head")
     refuse_other(directory, search_identity(search_config, config.sparsity, **identity))  # before minutes of calibration
     if stats is None:
         stats = observe(model, tokenizer, progress=progress is not None, **{**collection, **observe_kw})
-    elif not teal:
-        need_ranks(stats)
+    else:
+        need_tables(stats, scores)
+        if not teal:
+            need_ranks(stats)
     shapes = shapes_of(model)
-    space = Space(stats, shapes, config.sparsity, scores, config.rank_rule(), search_config.min_keep)
+    space = Space(stats, shapes, config.sparsity, scores, config.rank_rule(), search_config.min_keep,
+                  head=list(head_out.weight.shape) if auto else None)
     fitness = Fitness(model, search_windows(tokenizer, stats, search_config, stats.config.get("source", "wiki")))
     cache: OrderedDict = OrderedDict()
 
@@ -176,10 +187,11 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
         cache.move_to_end(ck)
         return cache[ck]
 
-    head = head_layer(stats, config)  # fixed: every candidate is scored with the plan's own lm_head
+    # every candidate is scored with the plan's own lm_head: fixed, or (auto) the genome's, in the picks
+    fixed_head = {} if auto else head_pick(config.head_share())
 
     def modules(picks):
-        layers = {**layers_from_picks(stats, picks), **head}
+        layers = layers_from_picks(stats, {**fixed_head, **picks})
         return modules_for(model, layers, factors_of(model, stats, layers, config.factors, basis))
 
     directory = Path(directory)
@@ -227,7 +239,7 @@ def _baselines(directory, fitness, modules, stats, shapes, config, measure: str)
     import json
     from pathlib import Path
 
-    from .plan import config_picks
+    from .plan import config_picks, head_pick
 
     path = Path(directory) / "baselines.json"
     if path.is_file():
@@ -235,8 +247,8 @@ def _baselines(directory, fitness, modules, stats, shapes, config, measure: str)
     fitness.reset()
     out = {}
     for name, kw in BASELINES.items():
-        picks, _ = config_picks(stats, shapes, RSparseConfig(sparsity=config.sparsity, **kw))
-        mods = modules(picks)
+        cfg = RSparseConfig(sparsity=config.sparsity, head_sparsity=config.head_sparsity, **kw)
+        mods = modules({**head_pick(cfg.head_share()), **config_picks(stats, shapes, cfg)[0]})  # auto: the head at s too
         out[name] = {split: fitness(mods, split)[measure] for split in ("fit", "val")}
     write_json(path, out)
     return out

@@ -16,9 +16,13 @@ Methods (`RSparseConfig.method`):
   sparsity is lower (gate is read whole) and is what the plan reports.
 - "dense": no change.
 The lm_head (`head_sparsity`, rsparse and teal): its input channels thresholded at kept fraction
-1 - head_sparsity on the |x_j| ||W[:, j]|| score, rank 0. It sits outside the blocks' model-level
-sparsity (the method's definition covers the seven projections), so a plan reports both: the
-blocks' figure and the whole model's (`Plan.expected_total_sparsity`). Why it pays: on SmolLM2-135M the
+1 - head_sparsity on the |x_j| ||W[:, j]|| score, rank 0. A number h puts the head outside the
+blocks' model-level sparsity (the method's definition covers the seven projections), so a plan
+reports both: the blocks' figure and the whole model's (`Plan.expected_total_sparsity`).
+`head_sparsity="auto"` puts the head inside the budget instead: `sparsity` is then the byte
+sparsity of every weight a token reads, and the head's share is chosen: the table-driven plans
+give the head and the blocks that sparsity each (no error table prices the head against the
+blocks), and the search (`search.Space`) moves bytes between them as one more gene. Why it pays: on SmolLM2-135M the
 head is 21% of the bytes a token reads, and at equal bytes per token, blocks at 42% with the head at
 30% gave Wikipedia perplexity +18% where blocks at 50% with a dense head gave +35% (docs/results.md,
 session 41). Why rank 0: rank terms lost to kept columns at every split tried on the head (30-70%);
@@ -39,6 +43,7 @@ from .families import HEAD, locate
 from .linear import column_norms, svd_basis
 
 METHODS = ("dense", "rsparse", "teal", "cats")
+AUTO = "auto"  # head_sparsity: the lm_head inside the budget, its share chosen
 ALLOCATIONS = {"rsparse": ("auto", "uniform", "evo"), "teal": ("uniform", "greedy", "evo"), "cats": ("uniform",), "dense": ("uniform",)}
 _FINE = np.linspace(0.0, 1.0, 201)  # kept-fraction grid for the search
 _KEEPS0 = np.array((0.0,) + KEEPS)  # rows of `_table`
@@ -65,7 +70,7 @@ class RSparseConfig:
     rank_multiple: int = 1  # ranks chosen in multiples of this (uniform: rounded down; auto/evo: grid filtered)
     rank_cost: float = 1.0  # auto/evo: a factor byte counts as this many kept-column bytes in the budget
     min_keep: float = 0.0  # auto/greedy/evo: no projection keeps fewer than this fraction of its channels
-    head_sparsity: float = 0.0  # rsparse/teal: the lm_head's own byte sparsity (0: dense; see `head_layer`)
+    head_sparsity: float | str = 0.0  # rsparse/teal: the lm_head's byte sparsity (0: dense) or "auto" (`head_share`)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -85,8 +90,11 @@ class RSparseConfig:
             raise RSparseError(f"unknown factors {self.factors!r}; use plain or aware")
         self.rank_multiple, self.rank_cost = check_rank_rule(self.rank_multiple, self.rank_cost)  # plain JSON types
         self.min_keep = check_sparsity(self.min_keep, "min_keep")  # same range, same refusals as a sparsity
-        self.head_sparsity = check_sparsity(self.head_sparsity, "head_sparsity")
-        if self.head_sparsity > 0 and self.method not in ("rsparse", "teal"):
+        if isinstance(self.head_sparsity, str) and self.head_sparsity != AUTO:
+            raise RSparseError(f"head_sparsity must be a number in [0, 1) or 'auto', got {self.head_sparsity!r}")
+        if self.head_sparsity != AUTO:
+            self.head_sparsity = check_sparsity(self.head_sparsity, "head_sparsity")
+        if self.head_sparsity and self.method not in ("rsparse", "teal"):
             raise RSparseError(f"head_sparsity is for rsparse and teal plans (thresholded inputs); {self.method} has none")
 
     @classmethod
@@ -96,6 +104,11 @@ class RSparseConfig:
         if target not in TARGETS:
             raise RSparseError(f"unknown target {target!r}; use one of {', '.join(TARGETS)}")
         return cls(**{**TARGETS[target], **kw})
+
+    def head_share(self) -> float:
+        """The lm_head's byte sparsity in a table-driven plan: `head_sparsity`, or with "auto" the
+        budget's own sparsity (head and blocks alike; the search tunes the split)."""
+        return self.sparsity if self.head_sparsity == AUTO else self.head_sparsity
 
     def rank_rule(self) -> RankRule:
         """The ranks the allocation may choose: none for TEAL and CATS."""
@@ -335,6 +348,15 @@ def need_ranks(stats: Stats) -> None:
                            "rank terms); collect them with the default ranks for an rsparse plan")
 
 
+def need_tables(stats: Stats, scores) -> None:
+    """Refuse statistics without the error tables an allocation reads (collected for a plan that reads
+    the histograms alone: CATS, uniform TEAL, uniform R-Sparse with a given alpha)."""
+    missing = [sc for sc in scores if not all(sc in st.err for st in stats.proj.values())]
+    if missing or not stats.proj:
+        raise RSparseError(f"calibration statistics lack error tables for score {(missing or scores)[0]!r} (collected for a "
+                           "plan that reads the histograms alone); collect them again for this allocation")
+
+
 def refuse_search_only(config: RSparseConfig) -> None:
     """An evo allocation is what the search writes into its plan's config: no calibration builds one."""
     if config.allocation == "evo":
@@ -347,17 +369,17 @@ def config_picks(stats: Stats, shapes: dict, config: RSparseConfig) -> tuple[dic
     s = config.sparsity
     refuse_search_only(config)
     if config.method == "teal" and config.allocation == "greedy":
+        need_tables(stats, ("abs",))
         return _lagrangian(stats, shapes, s, ("abs",), config.rank_rule(), config.min_keep), None
     if config.method == "rsparse" and config.allocation == "auto":
         scores = SCORES if config.score == "auto" else (config.score,)
-        missing = [sc for sc in scores if sc not in stats.config.get("scores", SCORES)]
-        if missing:
-            raise RSparseError(f"calibration statistics lack error tables for score {missing[0]!r}")
+        need_tables(stats, scores)
         need_ranks(stats)
         return _lagrangian(stats, shapes, s, scores, config.rank_rule(), config.min_keep), None
     score = "abs" if config.method == "teal" else ("abs" if config.score == "auto" else config.score)
     alpha, chosen = (1.0 if config.method == "teal" else config.alpha), None
     if alpha is None:  # the alpha of the grid with the least weighted calibration error
+        need_tables(stats, (score,))
         need_ranks(stats)
         alpha = chosen = min(ALPHA_GRID, key=lambda a: _uniform_error(stats, shapes, s, a, score, config.rank_multiple))
     return _uniform(shapes, s, alpha, score, config.rank_multiple), chosen
@@ -366,24 +388,23 @@ def config_picks(stats: Stats, shapes: dict, config: RSparseConfig) -> tuple[dic
 HEAD_SCORE = "wnorm"
 
 
-def head_layer(stats: Stats, config: RSparseConfig) -> dict:
-    """{HEAD: LayerPlan} for a config that sparsifies the lm_head (module docstring), else {}."""
-    if not config.head_sparsity:
-        return {}
-    if stats.head is None:
-        raise RSparseError("these calibration statistics have no lm_head histogram (collected before session 41 or "
-                           "for a model without an lm_head); collect them again to sparsify the head")
-    h = config.head_sparsity
-    return {HEAD: LayerPlan(tau=stats.head.hist[HEAD_SCORE].quantile(h), keep=1.0 - h, score=HEAD_SCORE)}
+def head_pick(h: float) -> dict:
+    """{HEAD: (keep, rank, score)} of an lm_head at byte sparsity h (module docstring; at 0 a dense
+    head, which `layers_from_picks` leaves out like any dense pick)."""
+    return {HEAD: (1.0 - h, 0, HEAD_SCORE)}
 
 
 def layers_from_picks(stats: Stats, picks: dict) -> dict:
-    """LayerPlans (threshold from the score histogram) of the non-dense picks."""
+    """LayerPlans (threshold from the score histogram) of the non-dense picks, the lm_head's included."""
     layers = {}
     for key, (keep, rank, score) in picks.items():
         if keep >= 1.0 and rank == 0:
             continue  # dense: leave the nn.Linear untouched
-        layers[key] = LayerPlan(tau=stats.proj[key].hist[score].quantile(1.0 - keep), keep=keep, rank=rank, score=score)
+        if key == HEAD and stats.head is None:
+            raise RSparseError("these calibration statistics have no lm_head histogram (collected before session 41 or "
+                               "for a model without an lm_head); collect them again to sparsify the head")
+        st = stats.head if key == HEAD else stats.proj[key]
+        layers[key] = LayerPlan(tau=st.hist[score].quantile(1.0 - keep), keep=keep, rank=rank, score=score)
     return layers
 
 
@@ -413,7 +434,8 @@ def factors_of(model, stats: Stats, layers: dict, kind: str, basis=None) -> dict
 
 def build_plan(model, stats: Stats, config: RSparseConfig, picks: dict | None = None, basis=None) -> Plan:
     """The decide step: statistics + config -> Plan (with factors for ranked projections).
-    `picks` overrides the allocation (the search passes the one it found)."""
+    `picks` overrides the allocation (the search passes the one it found; without a HEAD pick the
+    lm_head follows the config)."""
     shapes = shapes_of(model)
     layers, chosen_alpha = {}, None
     if config.method == "cats":
@@ -422,7 +444,7 @@ def build_plan(model, stats: Stats, config: RSparseConfig, picks: dict | None = 
     elif config.method in ("teal", "rsparse") and config.sparsity > 0:
         if picks is None:
             picks, chosen_alpha = config_picks(stats, shapes, config)
-        layers = {**layers_from_picks(stats, picks), **head_layer(stats, config)}
+        layers = layers_from_picks(stats, {**head_pick(config.head_share()), **picks})
     head = getattr(model, "lm_head", None)
     plan = Plan(
         config=asdict(config),
@@ -441,7 +463,9 @@ def build_plan(model, stats: Stats, config: RSparseConfig, picks: dict | None = 
 
 
 def summarize(plan: Plan) -> str:
-    lines = [f"method={plan.config['method']} target={plan.config['sparsity']:.2f} expected={plan.expected_sparsity():.4f}"]
+    auto = plan.config.get("head_sparsity") == AUTO
+    lines = [f"method={plan.config['method']} target={plan.config['sparsity']:.2f}{' (blocks and lm_head)' if auto else ''} "
+             f"expected={plan.expected_sparsity():.4f}"]
     if plan.config.get("rank_cost", 1.0) != 1.0 or plan.config.get("rank_multiple", 1) != 1:
         lines[0] += f" (ranks in multiples of {plan.config['rank_multiple']}, factor bytes priced x{plan.config['rank_cost']:g})"
     if plan.config.get("min_keep", 0.0) > 0:

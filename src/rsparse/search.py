@@ -16,6 +16,13 @@ Budget. Every candidate meets the model budget by construction: a repair step sh
 blocks' s_b by one common offset c (bisection, s_b clipped to [0, S_MAX]) until
 sum_b (1 - s_b) D_b = (1 - s) D exactly, and each block's Lagrangian stays within its share.
 
+The lm_head inside the budget (`head_sparsity="auto"`, `Space(head=[out, in])`): the genome gains
+h, the head's byte sparsity (seed: s), which behaves as one more block of D_H elements that is free
+in every group (the head is scored with every candidate): the budget becomes
+sum_b (1 - s_b) D_b + (1 - h) D_H = (1 - s)(D + D_H), and the repair shifts h with the free blocks.
+Why a gene and not a table: no error table prices a logit error against a block's output error,
+and the best split moved with the budget (docs/results.md, "The lm_head in the budget").
+
 Group-wise, as in the R-Sparse paper: blocks are split into `groups` consecutive groups, searched
 first to last. While group g is searched, blocks before it are fixed (their outputs cached by
 `Fitness.advance`), mutations touch the genes of group g only, and the repair may move budget to or
@@ -42,7 +49,8 @@ import numpy as np
 from .atomic import write_json
 from .budget import check_range, check_sparsity, check_whole
 from .errors import RSparseError
-from .plan import block_keys, block_picks, floor_options, projection_options
+from .families import HEAD
+from .plan import block_keys, block_picks, floor_options, head_pick, projection_options
 
 S_MAX = 0.98  # a block keeps at least 2% of its bytes
 LEGACY = {"min_keep": 0.0, "fitness": "kl"}  # SearchConfig fields added later: their value in older saved searches
@@ -97,25 +105,40 @@ class SearchConfig:
 
 
 class Space:
-    """Genomes (s per block, w per projection) of one model, budget and option set."""
+    """Genomes (s per block, w per projection, and h for a searched lm_head) of one model, budget and option set."""
 
-    def __init__(self, stats, shapes: dict, sparsity: float, scores, rule, min_keep: float = 0.0):
+    def __init__(self, stats, shapes: dict, sparsity: float, scores, rule, min_keep: float = 0.0, head=None):
         self.stats, self.shapes, self.sparsity = stats, shapes, sparsity
         self.keys = list(stats.proj)
         self.by_block = block_keys(self.keys)
         self.blocks = sorted(self.by_block)
         self.dense = np.array([sum(shapes[k][0] * shapes[k][1] for k in self.by_block[b]) for b in self.blocks], dtype=np.float64)
         self.options = {k: floor_options(projection_options(stats.proj[k], shapes[k], scores, rule), min_keep) for k in self.keys}
+        self.head = list(head) if head else None  # the lm_head's [out, in] when its share is a gene
+        # the budget's elements: the blocks', then the head's (one more always-free entry of the s vector)
+        self.budget_dense = np.append(self.dense, float(np.prod(self.head))) if self.head else self.dense
 
     def seed(self) -> dict:
-        return {"s": [self.sparsity] * len(self.blocks), "w": [0.0] * len(self.keys)}
+        return {"s": [self.sparsity] * len(self.blocks), "w": [0.0] * len(self.keys), **({"h": self.sparsity} if self.head else {})}
+
+    def vector(self, genome: dict) -> np.ndarray:
+        """The genome's sparsities as one vector over `budget_dense` (the blocks', then h)."""
+        return np.array(genome["s"] + ([genome["h"]] if self.head else []), dtype=np.float64)
+
+    def genome(self, v: np.ndarray, w) -> dict:
+        n = len(self.blocks)
+        return {"s": [float(x) for x in v[:n]], "w": [float(x) for x in w], **({"h": float(v[n])} if self.head else {})}
+
+    def free(self, start: int) -> np.ndarray:
+        """1 for the entries a group starting at block `start` may move: its blocks, later ones, the head."""
+        return np.array([b >= start for b in self.blocks] + ([True] if self.head else []), dtype=np.float64)
 
     def repair(self, s: np.ndarray, free: np.ndarray) -> np.ndarray:
-        """s shifted on the free blocks by one offset so that the block budgets sum to the model's."""
-        target = (1.0 - self.sparsity) * self.dense.sum()
+        """s (a `vector`) shifted on the free entries by one offset so that the budgets sum to the model's."""
+        target = (1.0 - self.sparsity) * self.budget_dense.sum()
 
         def read(c):
-            return float(((1.0 - np.clip(s + c * free, 0.0, S_MAX)) * self.dense).sum())
+            return float(((1.0 - np.clip(s + c * free, 0.0, S_MAX)) * self.budget_dense).sum())
 
         if abs(read(0.0) - target) <= 1e-12 * target and np.all((s >= 0) & (s <= S_MAX)):
             return s.copy()
@@ -127,15 +150,20 @@ class Space:
             lo, hi = (lo, mid) if read(mid) <= target else (mid, hi)
         return np.clip(s + hi * free, 0.0, S_MAX)
 
-    def decode(self, genome: dict, blocks=None) -> dict:
-        """(keep, rank, score) for every projection of `blocks` (default: all)."""
+    def decode(self, genome: dict, blocks=None, head: bool = True) -> dict:
+        """(keep, rank, score) for every projection of `blocks` (default: all), and for a searched
+        lm_head under HEAD (even at h = 0: a dense head is a choice) unless `head` is False."""
         s = dict(zip(self.blocks, genome["s"]))
         wanted = {b: s[b] for b in (self.blocks if blocks is None else blocks)}
         mult = {k: math.exp(w) for k, w in zip(self.keys, genome["w"])}
-        return block_picks(self.stats, self.shapes, wanted, None, None, mult=mult, options=self.options)
+        picks = block_picks(self.stats, self.shapes, wanted, None, None, mult=mult, options=self.options)
+        if self.head and head:
+            picks.update(head_pick(genome["h"]))
+        return picks
 
     def read_elements(self, picks: dict) -> float:
-        return sum(keep * self.shapes[k][0] * self.shapes[k][1] + r * sum(self.shapes[k]) for k, (keep, r, _) in picks.items())
+        shapes = {**self.shapes, **({HEAD: self.head} if self.head else {})}
+        return sum(keep * shapes[k][0] * shapes[k][1] + r * sum(shapes[k]) for k, (keep, r, _) in picks.items())
 
 
 def _groups(blocks: list, n: int) -> list:
@@ -206,12 +234,15 @@ class Search:
 
     # ----- genetic operators -----
     def _mutate(self, rng, g: dict, group: list, free: np.ndarray) -> dict:
-        s, w = np.array(g["s"]), np.array(g["w"])
-        bidx = [self.space.blocks.index(b) for b in group]
+        """`free`: the space's `free(group[0])` (the blocks' entries alone are taken too: the head's is then appended)."""
+        s, w = self.space.vector(g), np.array(g["w"])
+        if len(free) < len(s):
+            free = np.append(free, 1.0)
+        sidx = [self.space.blocks.index(b) for b in group] + ([len(s) - 1] if self.space.head else [])
         kidx = [i for i, k in enumerate(self.space.keys) if int(k.split(".")[0]) in group]
         changed = False
         while not changed:  # at least one gene moves
-            for i in bidx:
+            for i in sidx:
                 if rng.random() < self.cfg.p_s:
                     s[i] += rng.normal(0.0, self.cfg.sigma_s)
                     changed = True
@@ -219,7 +250,7 @@ class Search:
                 if rng.random() < self.cfg.p_w:
                     w[i] += rng.normal(0.0, self.cfg.sigma_w)
                     changed = True
-        return {"s": self.space.repair(s, free).tolist(), "w": w.tolist()}
+        return self.space.genome(self.space.repair(s, free), w)
 
     def _crossover(self, rng, a: dict, b: dict, group: list) -> dict:
         s, w = np.array(a["s"]), np.array(a["w"])
@@ -230,7 +261,10 @@ class Search:
                 for j, k in enumerate(self.space.keys):
                     if int(k.split(".")[0]) == blk:
                         w[j] = b["w"][j]
-        return {"s": s.tolist(), "w": w.tolist()}
+        child = {"s": s.tolist(), "w": w.tolist()}
+        if self.space.head:
+            child["h"] = b["h"] if rng.random() < 0.5 else a["h"]
+        return child
 
     def _children(self, rng, ranked: list, group: list, free: np.ndarray) -> list:
         elite = max(1, self.cfg.population // 4)
@@ -268,7 +302,7 @@ class Search:
         for gi in range(state["group"], len(self.groups)):
             group = self.groups[gi]
             start = group[0]
-            free = np.array([b >= start for b in self.space.blocks], dtype=np.float64)
+            free = self.space.free(start)
             self._advance_to(state, start)
             if state["population"] is None:  # a new group: the incumbent and its mutants
                 gen, inc = 0, state["incumbent"]
@@ -316,7 +350,7 @@ class Search:
     def _advance_to(self, state, start: int) -> None:
         """Tell the evaluator that blocks before `start` follow the incumbent."""
         if start > self._fixed:
-            picks = self.space.decode(state["incumbent"], [b for b in self.space.blocks if self._fixed <= b < start])
+            picks = self.space.decode(state["incumbent"], [b for b in self.space.blocks if self._fixed <= b < start], head=False)
             self.advance(picks, self._fixed, start)
             self._fixed = start
 
