@@ -234,10 +234,8 @@ class Search:
 
     # ----- genetic operators -----
     def _mutate(self, rng, g: dict, group: list, free: np.ndarray) -> dict:
-        """`free`: the space's `free(group[0])` (the blocks' entries alone are taken too: the head's is then appended)."""
+        """`free`: the space's `free(group[0])`, the head's entry included where the head is a gene."""
         s, w = self.space.vector(g), np.array(g["w"])
-        if len(free) < len(s):
-            free = np.append(free, 1.0)
         sidx = [self.space.blocks.index(b) for b in group] + ([len(s) - 1] if self.space.head else [])
         kidx = [i for i, k in enumerate(self.space.keys) if int(k.split(".")[0]) in group]
         changed = False
