@@ -135,8 +135,7 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
 
     from .apply import modules_for
     from .fitness import Fitness
-    from .plan import (AUTO, factor_basis, factors_of, fingerprint, head_pick, layers_from_picks, need_ranks, need_tables,
-                       shapes_of)
+    from .plan import AUTO, factor_basis, factors_of, fingerprint, need_ranks, need_tables, plan_layers, shapes_of
     from .search import Search, Space, refuse_other, search_identity
 
     if config.method not in ("rsparse", "teal") or config.sparsity <= 0:
@@ -187,11 +186,8 @@ def search_plan(model, tokenizer, config: RSparseConfig, search_config, director
         cache.move_to_end(ck)
         return cache[ck]
 
-    # every candidate is scored with the plan's own lm_head: fixed, or (auto) the genome's, in the picks
-    fixed_head = {} if auto else head_pick(config.head_share())
-
-    def modules(picks):
-        layers = layers_from_picks(stats, {**fixed_head, **picks})
+    def modules(picks):  # every candidate is scored with the plan's own lm_head (auto: the genome's, in the picks)
+        layers = plan_layers(stats, config, picks)
         return modules_for(model, layers, factors_of(model, stats, layers, config.factors, basis))
 
     directory = Path(directory)
@@ -239,7 +235,7 @@ def _baselines(directory, fitness, modules, stats, shapes, config, measure: str)
     import json
     from pathlib import Path
 
-    from .plan import config_picks, head_pick
+    from .plan import config_picks
 
     path = Path(directory) / "baselines.json"
     if path.is_file():
@@ -247,8 +243,8 @@ def _baselines(directory, fitness, modules, stats, shapes, config, measure: str)
     fitness.reset()
     out = {}
     for name, kw in BASELINES.items():
-        cfg = RSparseConfig(sparsity=config.sparsity, head_sparsity=config.head_sparsity, **kw)
-        mods = modules({**head_pick(cfg.head_share()), **config_picks(stats, shapes, cfg)[0]})  # auto: the head at s too
+        picks, _ = config_picks(stats, shapes, RSparseConfig(sparsity=config.sparsity, **kw))
+        mods = modules(picks)  # with the config's lm_head (auto: at the budget's sparsity, as a table-driven plan has it)
         out[name] = {split: fitness(mods, split)[measure] for split in ("fit", "val")}
     write_json(path, out)
     return out

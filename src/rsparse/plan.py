@@ -408,6 +408,12 @@ def layers_from_picks(stats: Stats, picks: dict) -> dict:
     return layers
 
 
+def plan_layers(stats: Stats, config: RSparseConfig, picks: dict) -> dict:
+    """LayerPlans of `picks` with the config's lm_head laid under them (a HEAD pick of their own wins:
+    the search's, when the head's share is a gene)."""
+    return layers_from_picks(stats, {**head_pick(config.head_share()), **picks})
+
+
 def factor_basis(W: torch.Tensor, st, lp: LayerPlan, kind: str):
     """Full-rank (U, A) whose first r columns / rows are the rank-r factors of `lp` (see
     `linear.svd_basis`); "aware" whitens with the moments of the channels `lp` drops."""
@@ -444,7 +450,7 @@ def build_plan(model, stats: Stats, config: RSparseConfig, picks: dict | None = 
     elif config.method in ("teal", "rsparse") and config.sparsity > 0:
         if picks is None:
             picks, chosen_alpha = config_picks(stats, shapes, config)
-        layers = layers_from_picks(stats, {**head_pick(config.head_share()), **picks})
+        layers = plan_layers(stats, config, picks)
     head = getattr(model, "lm_head", None)
     plan = Plan(
         config=asdict(config),
