@@ -82,7 +82,13 @@ def _convert_once(name: str, directory: Path, gguf: str, target: Path) -> None:
         type(model.config).from_dict(config).save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process (a second test worker, a second command) converted it first: a
+            # directory cannot replace a non-empty one, and the copy already there is the same.
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
