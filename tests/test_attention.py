@@ -11,6 +11,7 @@ triton = pytest.importorskip("triton")
 from rsparse.attend import default_attention, masked_attention, rope  # noqa: E402
 from rsparse.decode import GraphDecoder  # noqa: E402
 from rsparse.kernels.attention import attention_lock, decode_attention, decode_attention_rope, decode_attention_rope_qkv  # noqa: E402
+from cases import slow_on_cpu  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -120,7 +121,7 @@ def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits(tiny_llama):
     assert GraphDecoder(odd, max_len=8, attention="auto").attention == "sdpa"
 
 
-@pytest.mark.parametrize("attention", ["triton", "fused"])
+@pytest.mark.parametrize("attention", [slow_on_cpu("triton"), "fused"])  # the triton kernel alone: test_families.py
 def test_graph_decoder_steps_agree_with_triton_attention(tiny_llama, attention):
     """A 2-layer Llama: the step with the kernel (alone, or also rotating and writing the cache) gives
     the SDPA step's logits at every position."""

@@ -79,6 +79,8 @@ def test_calibrate_search_evo_rerun_gives_the_same_plan(tmp_path):
     (["eval", "--plan", "/no/such/dir", "--dataset", "wiki"], "no plan.json"),
     (["calibrate", "--method", "dense", "--out", "/tmp/x"], "nothing to calibrate"),
     (["eval", "--windows", "0", "--dataset", "wiki"], "at least 1"),
+    (["run", "--length", "0"], "--length must be at least 1"),
+    (["run", "--sparsity", "1.5"], "sparsity must be in [0, 1)"),
     (["calibrate", "--search", "evo", "--population", "1", "--out", "/tmp/x"], "population must be at least 2"),
     (["calibrate", "--allocation", "evo", "--out", "/tmp/never-written"], "evo allocations come from the search"),
     (["eval", "--method", "rsparse", "--allocation", "evo", "--dataset", "wiki"], "evo allocations come from the search"),
@@ -189,7 +191,7 @@ def test_main_job_compares_dense_teal_and_rsparse(tmp_path, monkeypatch, capsys,
     """`rsparse run`, the README's main job, end to end on small settings (its plans cached under a
     temporary directory): three rows in order, each plan's measured sparsity near its target, and
     sparsity costing some perplexity but not most of the model. Its one calibration pass is the
-    session's shared statistics (`smol_stats`, the same `observe` on 4096 tokens): a second pass of
+    session's shared statistics (`smol_stats`, the same `observe` on 2048 tokens): a second pass of
     its own cost ~75 s of CI; the fake checks what the job asks for."""
     import importlib
 
@@ -205,7 +207,7 @@ def test_main_job_compares_dense_teal_and_rsparse(tmp_path, monkeypatch, capsys,
         return dataclasses.replace(smol_stats, tokens=tokens)
 
     monkeypatch.setattr(run_mod, "observe", observe)
-    assert main(["run", "--calib-tokens", "1024", "--windows", "1", "--limit", "2"]) == 0
+    assert main(["run", "--calib-tokens", "1024", "--windows", "1", "--length", "256", "--limit", "1"]) == 0
     out = capsys.readouterr().out
     rows = json.loads(out.strip().splitlines()[-1])["rows"]
     dense, teal, rs = rows

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rsparse.families import FAMILIES, locate
+from cases import grid, slow_on_cpu
 
 SHAPE = dict(vocab_size=61, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
@@ -158,8 +159,7 @@ def test_block_by_block_calibration_gives_each_block_its_own_masks_and_rotary_ta
     assert (first_only - got).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("attention", ["triton", "fused"])
-@pytest.mark.parametrize("model_type", ["mistral", "gemma2", "gemma3_text", "gemma3"])
+@pytest.mark.parametrize("model_type,attention", grid(["mistral", "gemma2", "gemma3_text", "gemma3"], ["triton", "fused"], reps=1))
 def test_the_triton_attention_kernels_take_windows_and_caps(model_type, attention):
     """The kernels' window and soft-cap (Gemma 2) in the graphed step, the interpreter on the CPU,
     float32, window 4 of up to 13 positions."""
@@ -175,8 +175,7 @@ def test_the_triton_attention_kernels_take_windows_and_caps(model_type, attentio
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("attention", ["triton", "fused"])
-@pytest.mark.parametrize("model_type", ["qwen3", "olmo2", "granite", "smollm3", "phi3"])
+@pytest.mark.parametrize("model_type,attention", grid(["qwen3", "olmo2", "granite", "smollm3", "phi3"], ["triton", "fused"], reps=1))
 def test_triton_attention_steps_match_the_familys_forward(model_type, attention):
     """The families whose q and k differ from the projections' (normed, scaled) through the Triton
     attention kernels (the interpreter on the CPU), float32."""
@@ -192,7 +191,7 @@ def test_triton_attention_steps_match_the_familys_forward(model_type, attention)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "granite", "smollm3", "phi3"])
+@pytest.mark.parametrize("model_type", ["qwen3", slow_on_cpu("granite"), slow_on_cpu("smollm3"), "phi3"])
 def test_grouped_triton_modules_give_the_static_decoders_logits(model_type):
     """A sparse model on the Triton modules with q|k|v fused: the graphed step with the fused attention
     (which takes the group's joined output only where q and k go to attention as projected) against

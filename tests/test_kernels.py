@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")  # on the CPU through the interpreter: TR
 from rsparse.kernels import lowrank, triton_gemv as tg  # noqa: E402
 from rsparse.kernels.teal import teal_gemv  # noqa: E402
 from rsparse.linear import rsparse_linear_ref  # noqa: E402
+from cases import grid  # noqa: E402
 from thresholds import tau_between  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,12 +33,10 @@ def _case(B, IN, OUT, R, sparsity, dtype, bias):
     return x, W, U, A, c, tau.float(), b
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,IN,OUT,R,sparsity", [
+@pytest.mark.parametrize("dtype,B,IN,OUT,R,sparsity,variant", grid(DTYPES, [
     (1, 300, 70, 0, 0.5), (1, 576, 192, 3, 0.95), (3, 513, 130, 0, 0.0), (8, 257, 65, 37, 0.7),
     (5, 1100, 96, 0, 0.4), (2, 129, 200, 9, 0.6), (7, 64, 33, 64, 0.5),
-])
-@pytest.mark.parametrize("variant", ["fused", "select", "gather", "one-launch", "split1", "split3", "k32"])
+], ["fused", "select", "gather", "one-launch", "split1", "split3", "k32"]))
 def test_gemv_matches_oracle(dtype, B, IN, OUT, R, sparsity, variant):
     """split1 / split3: the one-launch kernel (r = 0; with a rank term the call takes the partials
     path) with one range per tile (writes y itself) or 3 ranges (last ticket sums the partials);
@@ -135,10 +134,9 @@ def _group_case(B, IN, outs, ranks, sparsities, dtype):
     return x, wt, at, u, cs, taus, bias, refs, bounds(list(outs)), bounds(list(ranks))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,IN,outs,ranks", [(1, 300, (64, 32, 32), (0, 0, 0)), (3, 513, (96, 65), (5, 0)),
-                                             (8, 129, (32, 32, 7), (3, 0, 37)), (2, 77, (50,), (0,)), (1, 300, (64, 32, 32), (9, 4, 70))])
-@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize("dtype,B,IN,outs,ranks,splits", grid(DTYPES, [
+    (1, 300, (64, 32, 32), (0, 0, 0)), (3, 513, (96, 65), (5, 0)), (8, 129, (32, 32, 7), (3, 0, 37)), (2, 77, (50,), (0,)),
+    (1, 300, (64, 32, 32), (9, 4, 70))], SPLITS))
 def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, ranks, splits):
     """q|k|v-like members side by side, each with its own tau, scales and rank term (0 allowed), one
     call: every member's output equals its own oracle; alone on its column slices of the shared storage
@@ -164,9 +162,8 @@ def test_group_kernel_matches_members_oracles(dtype, B, IN, outs, ranks, splits)
     assert ((op.double() - torch.cat(refs, 1)).norm() / torch.cat(refs, 1).norm()).item() < tol
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,IN,half,ranks", [(1, 300, 96, (0, 0)), (3, 513, 64, (6, 0)), (8, 129, 160, (4, 33))])
-@pytest.mark.parametrize("splits", SPLITS)
+@pytest.mark.parametrize("dtype,B,IN,half,ranks,splits", grid(
+    DTYPES, [(1, 300, 96, (0, 0)), (3, 513, 64, (6, 0)), (8, 129, 160, (4, 33))], SPLITS))
 def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, splits):
     """gate|up side by side (rank terms allowed), SiLU(gate) * up in the epilogue: equals the float64
     oracle of the two members followed by the activation; (B, half) output poisoned; the registered op agrees."""
@@ -185,10 +182,9 @@ def test_glu_kernel_matches_silu_of_member_oracles(dtype, B, IN, half, ranks, sp
     assert op.shape == (B, half) and ((op.double() - ref).norm() / ref.norm()).item() < tol
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,IN,outs,ranks", [(1, 300, (64, 32, 32), (0, 0, 0)), (5, 513, (96, 65), (0, 0)), (8, 129, (70,), (0,)),
-                                             (3, 300, (64, 32, 32), (9, 0, 37)), (1, 1100, (70,), (16,)), (6, 257, (96, 65), (4, 64)),
-                                             (2, 129, (50,), (70,))])
+@pytest.mark.parametrize("dtype,B,IN,outs,ranks", grid(DTYPES, [
+    (1, 300, (64, 32, 32), (0, 0, 0)), (5, 513, (96, 65), (0, 0)), (8, 129, (70,), (0,)), (3, 300, (64, 32, 32), (9, 0, 37)),
+    (1, 1100, (70,), (16,)), (6, 257, (96, 65), (4, 64)), (2, 129, (50,), (70,))], reps=1))
 def test_partials_sum_to_members_oracles(dtype, B, IN, outs, ranks):
     """The gather alone (`rsparse_partials`; rank terms inside the launch, their rank blocks fewer or
     more than the chunks): its float32 partials (chunks, rows, out), poisoned before the launch, sum

@@ -21,6 +21,7 @@ def test_loads_offline_and_matches_float64(smol, monkeypatch):
     assert rel < 1e-4
 
 
+@pytest.mark.slow  # ~36 s: a second dequantisation of the GGUF; test_loads_offline_and_matches_float64 checks the cache's model
 def test_converted_cache_equals_gguf(smol):
     """The float32 cache of the bundled GGUF holds exactly the dequantized GGUF weights."""
     from transformers import AutoModelForCausalLM

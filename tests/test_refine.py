@@ -33,15 +33,16 @@ def test_refined_thresholds_keep_the_planned_fractions(smol, smol_plan50):
 def test_calibrate_refines_on_calibration_text_and_leaves_the_model_dense(smol, smol_stats):
     """At 70% the dense-activation thresholds keep fewer channels than planned once earlier blocks are
     sparse; the refined plan, applied to a fresh model, keeps the planned fractions on its refinement
-    text (the first calibration window), and the model given to `calibrate` stays dense."""
+    text (the first calibration window, 512 tokens), and the model given to `calibrate` stays dense."""
     model, tok = smol()
     cfg = RSparseConfig(method="teal", sparsity=0.7, allocation="uniform")  # rank 0: no SVDs
     raw = calibrate(model, tok, cfg, stats=smol_stats, refine_tokens=0)
     assert "refined" not in raw.calibration
     assert {k: lp.tau for k, lp in raw.layers.items()} == {k: lp.tau for k, lp in build_plan(model, smol_stats, cfg).layers.items()}
-    plan = calibrate(model, tok, cfg, stats=smol_stats, refine_tokens=1024)
-    assert not sparse_modules(model) and plan.calibration["refined"]["tokens"] == 1024
-    window = calibration_windows(tok, "wiki", 1024, 1024, 0)
+    length = smol_stats.config["windows"][1]
+    plan = calibrate(model, tok, cfg, stats=smol_stats, refine_tokens=length)
+    assert not sparse_modules(model) and plan.calibration["refined"]["tokens"] == length
+    window = calibration_windows(tok, "wiki", length, length, 0)
     realised = {}
     for p in (raw, plan):
         m, _ = smol()

@@ -271,6 +271,7 @@ def test_partial_identity_refused_before_any_work(tmp_path):
         refuse_other(tmp_path / "x", search_identity(SearchConfig(population=6, generations=3, groups=3, min_keep=0.1), 0.5))
 
 
+@pytest.mark.slow  # ~90 s; the search's steps, head gene and fitness run in the fast set on small models above
 def test_search_plan_on_the_bundled_model(smol, smol_stats, tmp_path):
     """A tiny real search with the lm_head's share as a gene (head_sparsity='auto'; without it the path
     is the same minus the gene): the artifact loads, meets the whole-model budget, and the KL the cached

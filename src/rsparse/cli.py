@@ -275,8 +275,12 @@ def cmd_generate(args):
 
 
 def cmd_run(args):
+    from .plan import RSparseConfig
     from .run import main_job
 
+    for name in ("windows", "length", "limit", "calib_tokens"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    RSparseConfig(sparsity=args.sparsity)  # a bad --sparsity is named before the model loads
     main_job(args)
 
 
@@ -361,8 +365,9 @@ def build_parser():
     r = sub.add_parser("run", help="the main job: calibrate R-Sparse at 50%% and compare with dense and TEAL")
     r.add_argument("--model", default="smollm2-135m")
     r.add_argument("--sparsity", type=float, default=0.5)
-    r.add_argument("--windows", type=int, default=8)
-    r.add_argument("--limit", type=int, default=50)
+    r.add_argument("--windows", type=int, default=8, help="perplexity windows per text")
+    r.add_argument("--length", type=int, default=1024, help="perplexity window length")
+    r.add_argument("--limit", type=int, default=50, help="documents per zero-shot task")
     r.add_argument("--calib-tokens", type=int, default=16384)
     r.set_defaults(fn=cmd_run)
 

@@ -44,8 +44,8 @@ def main_job(args):
         plans[name] = calibrate(model, tok, cfg, stats=stats)  # dense needs no statistics; thresholds refined
         artifact.save(plans[name], d)
 
-    texts = {"wiki": data.token_windows(tok, "wiki", "eval", 1024, n=args.windows),
-             "lambada": data.token_windows(tok, "lambada", "eval", 1024, n=args.windows)}
+    texts = {"wiki": data.token_windows(tok, "wiki", "eval", args.length, n=args.windows),
+             "lambada": data.token_windows(tok, "lambada", "eval", args.length, n=args.windows)}
     rows = []
     for name, plan in plans.items():
         m, _ = load(args.model)
@@ -61,7 +61,7 @@ def main_job(args):
         if name == "rsparse":
             sparse_model = m
     head = f"{'method':8s} {'target':>6s} {'real':>6s} {'ppl wiki':>9s} {'ppl lambada':>11s} " + " ".join(f"{t:>10s}" for t in TASKS)
-    print(f"\nSmolLM2-135M, {args.windows} windows x 1024 tokens per text (every token sparse); "
+    print(f"\n{args.model}, {args.windows} windows x {args.length} tokens per text (every token sparse); "
           f"tasks: first {args.limit} documents, acc, prompts dense and continuations sparse")
     print(head)
     for r in rows:
