@@ -14,26 +14,30 @@ def run(*args):
     return subprocess.run([sys.executable, "-m", "rsparse", *args], capture_output=True, text=True, timeout=900)
 
 
-def test_calibrate_eval_generate(tmp_path):
+def test_calibrate_eval_generate(tmp_path, capsys):
     # TEAL's uniform plan (rank 0, histograms alone): the commands without minutes of error tables and SVDs;
     # R-Sparse plans with rank terms are calibrated, saved, loaded and evaluated by the main job's test below
-    # and by test_plan_apply.py, greedy TEAL by the evo search's CLI test and test_calibrate.py
+    # and by test_plan_apply.py, greedy TEAL by the evo search's CLI test and test_calibrate.py.
+    # calibrate and generate through the entry point (subprocesses), eval and plot-plan in this process
+    # (~10 s of imports each saved)
+    from rsparse.cli import main
+
     out = tmp_path / "plan"
     r = run("calibrate", "--method", "teal", "--sparsity", "0.5", "--calib-tokens", "1024", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert (out / "plan.json").is_file() and not list(out.glob(".*"))  # no temporary files left
-    r = run("eval", "--plan", str(out), "--dataset", "wiki", "--windows", "1", "--length", "256",
-            "--tasks", "piqa", "--limit", "3", "--json")
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    assert main(["eval", "--plan", str(out), "--dataset", "wiki", "--windows", "1", "--length", "256",
+                 "--tasks", "piqa", "--limit", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["method"] == "teal" and res["tokens"] == 255 and 1 < res["ppl"] < 1000
     assert abs(res["sparsity_expected"] - 0.5) < 0.01 and set(res["tasks"]["piqa"]) == {"acc", "acc_norm", "n"}
     assert res["plan"]["refine_tokens"] == 1024  # thresholds refined on the calibration's tokens by default
     assert abs(res["sparsity_realized"] - 0.5) < 0.1  # counted on the 255 scored tokens themselves
     r = run("generate", "--plan", str(out), "--max-new-tokens", "5", "Hello")
     assert r.returncode == 0 and r.stdout.strip()
-    r = run("plot-plan", str(out), "--out", str(tmp_path / "heat.png"))
-    assert r.returncode == 0 and (tmp_path / "heat.png").stat().st_size > 1000, r.stderr
+    assert main(["plot-plan", str(out), "--out", str(tmp_path / "heat.png")]) == 0
+    assert (tmp_path / "heat.png").stat().st_size > 1000
 
 
 def _evo_args(out):
