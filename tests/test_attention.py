@@ -121,7 +121,9 @@ def test_default_attention_is_the_kernel_on_cuda_only_where_it_fits(tiny_llama):
     assert GraphDecoder(odd, max_len=8, attention="auto").attention == "sdpa"
 
 
-@pytest.mark.parametrize("attention", [slow_on_cpu("triton"), "fused"])  # the triton kernel alone: test_families.py
+# on the CPU both in the slow set: test_families.py runs each kernel in the graphed step, and
+# test_kernels.py's fused-groups test the fused one on a Llama
+@pytest.mark.parametrize("attention", [slow_on_cpu("triton"), slow_on_cpu("fused")])
 def test_graph_decoder_steps_agree_with_triton_attention(tiny_llama, attention):
     """A 2-layer Llama: the step with the kernel (alone, or also rotating and writing the cache) gives
     the SDPA step's logits at every position."""

@@ -18,7 +18,7 @@ def test_calibrate_eval_generate(tmp_path, capsys):
     # TEAL's uniform plan (rank 0, histograms alone): the commands without minutes of error tables and SVDs;
     # R-Sparse plans with rank terms are calibrated, saved, loaded and evaluated by the main job's test below
     # and by test_plan_apply.py, greedy TEAL by the evo search's CLI test and test_calibrate.py.
-    # calibrate and generate through the entry point (subprocesses), eval and plot-plan in this process
+    # calibrate through the entry point (a subprocess), eval, generate and plot-plan in this process
     # (~10 s of imports each saved)
     from rsparse.cli import main
 
@@ -34,8 +34,8 @@ def test_calibrate_eval_generate(tmp_path, capsys):
     assert abs(res["sparsity_expected"] - 0.5) < 0.01 and set(res["tasks"]["piqa"]) == {"acc", "acc_norm", "n"}
     assert res["plan"]["refine_tokens"] == 1024  # thresholds refined on the calibration's tokens by default
     assert abs(res["sparsity_realized"] - 0.5) < 0.1  # counted on the 255 scored tokens themselves
-    r = run("generate", "--plan", str(out), "--max-new-tokens", "5", "Hello")
-    assert r.returncode == 0 and r.stdout.strip()
+    assert main(["generate", "--plan", str(out), "--max-new-tokens", "5", "Hello"]) == 0
+    assert capsys.readouterr().out.strip()
     assert main(["plot-plan", str(out), "--out", str(tmp_path / "heat.png")]) == 0
     assert (tmp_path / "heat.png").stat().st_size > 1000
 
@@ -183,12 +183,14 @@ def test_generate_with_the_triton_backend_on_a_model_directory(tmp_path):
     assert "triton: 14 projections, 4 fused groups" in texts[1].stderr, texts[1].stderr
 
 
-def test_empty_text_file_one_line_exit_2(tmp_path):
+def test_empty_text_file_one_line_exit_2(tmp_path, capsys):
+    from rsparse.cli import main
+
     f = tmp_path / "empty.txt"
     f.write_text("", encoding="utf-8")
-    r = run("eval", "--text", str(f))
-    lines = [line for line in r.stderr.strip().splitlines() if line]
-    assert r.returncode == 2 and len(lines) == 1 and "empty" in lines[0], r.stderr
+    assert main(["eval", "--text", str(f)]) == 2
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if line]
+    assert len(lines) == 1 and "empty" in lines[0], lines
 
 
 def test_main_job_compares_dense_teal_and_rsparse(tmp_path, monkeypatch, capsys, smol_stats):
@@ -207,11 +209,11 @@ def test_main_job_compares_dense_teal_and_rsparse(tmp_path, monkeypatch, capsys,
 
     def observe(model, tok, tokens, scores):
         asked.append((tokens, scores))
-        # as many tokens as asked for, so the plans are refined on 1024 tokens as the real job's would be
+        # as many tokens as asked for, so the plans are refined on them (512) as the real job's would be
         return dataclasses.replace(smol_stats, tokens=tokens)
 
     monkeypatch.setattr(run_mod, "observe", observe)
-    assert main(["run", "--calib-tokens", "1024", "--windows", "1", "--length", "256", "--limit", "1"]) == 0
+    assert main(["run", "--calib-tokens", "512", "--windows", "1", "--length", "256", "--limit", "1"]) == 0
     out = capsys.readouterr().out
     rows = json.loads(out.strip().splitlines()[-1])["rows"]
     dense, teal, rs = rows
@@ -220,6 +222,6 @@ def test_main_job_compares_dense_teal_and_rsparse(tmp_path, monkeypatch, capsys,
     for r in (teal, rs):
         assert dense["ppl_wiki"] < r["ppl_wiki"] < 3 * dense["ppl_wiki"], rows
         assert all(0.0 <= r[t] <= 1.0 for t in ("piqa", "arc_easy", "winogrande"))
-    assert asked == [(1024, ("abs",))]  # one pass, shared by both plans
+    assert asked == [(512, ("abs",))]  # one pass, shared by both plans
     assert len(list((tmp_path / "plans").iterdir())) == 3  # the next run loads them instead of calibrating
     assert "R-Sparse at 50% (greedy): Photosynthesis" in out

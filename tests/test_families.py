@@ -191,7 +191,7 @@ def test_triton_attention_steps_match_the_familys_forward(model_type, attention)
     assert ((got - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", slow_on_cpu("granite"), slow_on_cpu("smollm3"), "phi3"])
+@pytest.mark.parametrize("model_type", ["qwen3", slow_on_cpu("granite"), slow_on_cpu("smollm3"), slow_on_cpu("phi3")])
 def test_grouped_triton_modules_give_the_static_decoders_logits(model_type):
     """A sparse model on the Triton modules with q|k|v fused: the graphed step with the fused attention
     (which takes the group's joined output only where q and k go to attention as projected) against
