@@ -35,8 +35,8 @@ def smol():
 @pytest.fixture(scope="session")
 def smol_stats(smol):
     """Calibration statistics from 4 windows x 512 tokens (128 sampled for error tables) of the Wikipedia
-    calibration split: ~4 x 1024 with 256 sampled took ~180 s on 2 cores here, 4 x 512 ~130 s (the
-    spectra, ~25 s, do not shrink)."""
+    calibration split (session 43 on 2 cores: 4 x 1024 with 256 sampled took 183 s, 4 x 512 with 256
+    sampled 127 s; the spectra, ~25 s, do not shrink)."""
     from rsparse.pipeline import observe
 
     model, tok = smol()

@@ -137,8 +137,8 @@ def test_fused_decoder_equals_per_module(smol, smol_plan50):
 def test_generate_on_the_cpp_backend_gives_the_oracle_tokens(smol, smol_plan50):
     """`rsparse generate --plan` (backend cpp): the C++ kernels through the lean decoder against the
     eager oracle through Hugging Face's forward (prompt dense, then sparse steps). The first steps'
-    logits agree to float32 sums in another order, and so their greedy tokens; `decoder_ids` and the text
-    stream follow the decoder's steps. Only the first 3 steps are compared: at the 4th a v_proj channel's
+    logits agree to float32 sums in another order, and so their greedy tokens, which are `decoder_ids`'s;
+    the text stream decodes those tokens. Only the first 3 steps are compared: at the 4th a v_proj channel's
     score lies 2.4e-7 (relative) from its threshold, within the two sums' rounding, so the kernel may
     keep it where the oracle does not; that value stays in the KV cache and later logits differ by ~1
     (session 43; the earlier fixture's plan had no such channel in 12 steps, and this test compared 12)."""
@@ -155,20 +155,18 @@ def test_generate_on_the_cpp_backend_gives_the_oracle_tokens(smol, smol_plan50):
     sparsify_(fast, plan)
     to_cpu_backend_(fast)
     ids = torch.tensor(tok("The history of the city", add_special_tokens=False)["input_ids"])
-    dec, picked = StaticDecoder(fast, len(ids) + 13), []
+    picked = list(decoder_ids(fast, ids, 12))
+    dec = StaticDecoder(fast, len(ids) + 4)
     with torch.inference_mode():
         got = dec.prefill(ids[None])[0]
         with dense_view(oracle):
             out = oracle(ids[None], use_cache=True)
-        for step in range(12):
-            if step < 4:  # the prefill's logits and three sparse steps'
-                ref = out.logits[0, -1]
-                assert (got - ref).abs().max() < 1e-4 * ref.abs().max(), step
-                assert int(got.argmax()) == int(ref.argmax()), step
-                out = _with_cache(oracle, got.argmax().view(1, 1), _cache_of(out))
-            picked.append(int(got.argmax()))
-            got = dec.forward(torch.tensor([[picked[-1]]]))[0]
-    assert list(decoder_ids(fast, ids, 12)) == picked
+        for step, nxt in enumerate(picked[:4]):  # the prefill's logits and three sparse steps'
+            ref = out.logits[0, -1]
+            assert (got - ref).abs().max() < 1e-4 * ref.abs().max(), step
+            assert int(got.argmax()) == int(ref.argmax()) == nxt, step
+            got = dec.forward(torch.tensor([[nxt]]))[0]
+            out = _with_cache(oracle, torch.tensor([[nxt]]), _cache_of(out))
     text = "".join(stream(fast, tok, "The history of the city", 12, decoder_ids))
     until_eos = picked[:picked.index(tok.eos_token_id)] if tok.eos_token_id in picked else picked
     assert text and text == tok.decode(until_eos, skip_special_tokens=True)

@@ -275,12 +275,12 @@ def cmd_generate(args):
 
 
 def cmd_run(args):
-    from .plan import RSparseConfig
     from .run import main_job
 
-    for name in ("windows", "length", "limit", "calib_tokens"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
-    RSparseConfig(sparsity=args.sparsity)  # a bad --sparsity is named before the model loads
+    _positive("--windows", args.windows)
+    _positive("--length", args.length)
+    _positive("--limit", args.limit)
+    _positive("--calib-tokens", args.calib_tokens)
     main_job(args)
 
 

@@ -23,13 +23,13 @@ PROMPT = "Photosynthesis is the process by which plants"
 
 def main_job(args):
     t0 = time.time()
-    model, tok = load(args.model)
-    fp = fingerprint(model)
-    configs = {
+    configs = {  # before the model loads: a bad --sparsity is named at once
         "dense": RSparseConfig(method="dense", sparsity=0.0),
         "teal": RSparseConfig(method="teal", sparsity=args.sparsity, allocation="uniform"),
         "rsparse": RSparseConfig(method="rsparse", sparsity=args.sparsity),
     }
+    model, tok = load(args.model)
+    fp = fingerprint(model)
     plans, stats = {}, None
     for name, cfg in configs.items():
         d = cache_dir() / "plans" / f"{fp[:16]}-{name}-{args.sparsity:.2f}-{args.calib_tokens}-refined"
